@@ -1,0 +1,578 @@
+//! The catalog: what one host should look like, fully resolved.
+//!
+//! One model, two spellings: YAML for people (`converge apply my.yaml`) and JSON on the wire.
+//! A resource is a mapping whose first key is its kind and whose value is its title:
+//!
+//! ```yaml
+//! - file: /etc/motd
+//!   content: "hello\n"
+//!   mode: "0644"
+//!   requires: [directory:/etc]
+//! ```
+//!
+//! An attribute a resource leaves out is unmanaged (the agent never touches it); only `ensure`
+//! and `backup` have defaults. This module holds the types and their serde spellings; checking a
+//! catalog as a whole is [`crate::validate`], reading a file is [`crate::load`].
+
+use crate::time::Timestamp;
+use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+/// The catalog format this build writes and the newest major it reads.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    /// The format major version; an agent refuses a newer one.
+    pub format: u32,
+    /// The node this catalog was compiled for. Hand-written catalogs may omit it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    #[serde(default)]
+    pub resources: Vec<Resource>,
+}
+
+impl Catalog {
+    pub fn new(resources: Vec<Resource>) -> Catalog {
+        Catalog {
+            format: FORMAT,
+            host: None,
+            serial: None,
+            issued_at: None,
+            expires_at: None,
+            source: None,
+            resources,
+        }
+    }
+}
+
+/// Where a compiled catalog came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub repository: String,
+    pub commit: String,
+}
+
+/// The kinds of resource this build knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    File,
+    Directory,
+    Symlink,
+}
+
+impl Kind {
+    pub const ALL: &'static [Kind] = &[Kind::File, Kind::Directory, Kind::Symlink];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Directory => "directory",
+            Kind::Symlink => "symlink",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// Kinds whose title is a path in the one shared namespace of paths.
+    pub fn is_path(self) -> bool {
+        matches!(self, Kind::File | Kind::Directory | Kind::Symlink)
+    }
+
+    pub fn names() -> String {
+        Kind::ALL
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `kind:title`, the identity of a resource. Path titles are normalised.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId {
+    pub kind: Kind,
+    pub title: String,
+}
+
+impl ResourceId {
+    /// Builds an id, normalising a path title; the error says what is wrong with the title.
+    pub fn new(kind: Kind, title: &str) -> Result<ResourceId, String> {
+        let title = if kind.is_path() {
+            normalize_path(title)?
+        } else if title.is_empty() {
+            return Err(format!("the {kind} title is empty"));
+        } else {
+            title.to_string()
+        };
+        Ok(ResourceId { kind, title })
+    }
+
+    /// Parses `kind:title`.
+    pub fn parse(s: &str) -> Result<ResourceId, String> {
+        let Some((kind, title)) = s.split_once(':') else {
+            return Err(format!(
+                "`{s}` is not a resource id: write `kind:title`, like `file:/etc/motd`"
+            ));
+        };
+        let Some(kind) = Kind::from_name(kind) else {
+            return Err(format!(
+                "`{s}`: unknown resource kind `{kind}` (known: {})",
+                Kind::names()
+            ));
+        };
+        ResourceId::new(kind, title).map_err(|e| format!("`{s}`: {e}"))
+    }
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind, self.title)
+    }
+}
+
+impl Serialize for ResourceId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ResourceId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        ResourceId::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// Normalises an absolute path: no trailing `/`, no `//`, no `.`; `..` and relative paths are
+/// refused rather than guessed at.
+pub fn normalize_path(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err(format!(
+            "path `{p}` is relative; write it from the root, like `/{}`",
+            p.trim_start_matches("./")
+        ));
+    }
+    if p.contains('\0') {
+        return Err("path contains a NUL byte".to_string());
+    }
+    let mut out = String::with_capacity(p.len());
+    for comp in p.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => return Err(format!("path `{p}` contains `..`; write the path it means")),
+            c => {
+                if c.len() > 255 {
+                    return Err(format!("path `{p}` has a component longer than 255 bytes"));
+                }
+                out.push('/');
+                out.push_str(c);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// File permission bits, written as an octal string: `"0644"`, `"2755"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mode(pub u32);
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Mode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an octal mode string like \"0644\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Mode, E> {
+                let ok =
+                    (3..=4).contains(&s.len()) && s.bytes().all(|b| (b'0'..=b'7').contains(&b));
+                if !ok {
+                    return Err(E::custom(format!(
+                        "mode `{s}` is not 3 or 4 octal digits like \"0644\""
+                    )));
+                }
+                Ok(Mode(u32::from_str_radix(s, 8).expect("checked octal")))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Whether the resource should exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Ensure {
+    #[default]
+    Present,
+    Absent,
+}
+
+/// Fields every kind shares: relations and sensitivity.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    /// Resources that must be converged before this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<ResourceId>,
+    /// Resources refreshed (a service restarted, a refresh-only exec run) when this one changes;
+    /// they also come after this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<ResourceId>,
+    /// Keeps the resource's content out of all output, diffs, logs, reports and backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitive: Option<bool>,
+}
+
+impl Meta {
+    pub const FIELDS: &'static [&'static str] = &["requires", "notify", "sensitive"];
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensure: Option<Ensure>,
+    /// The whole content, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// A file to take the content from; a loader resolves it into `content`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Keep replaced content in the local backup store [true].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<bool>,
+    /// A command run on the new content before it replaces the old: `%` is the temporary file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate: Option<Vec<String>>,
+    /// Allows replacing a directory or another type at the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectorySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensure: Option<Ensure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Remove unmanaged direct children [false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge: Option<bool>,
+    /// Fail instead of purging more than this many children [100].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge_limit: Option<u32>,
+    /// Keep the content of what is removed in the backup store [true].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<bool>,
+    /// Allows removing a non-empty directory, or replacing another type at the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SymlinkSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensure: Option<Ensure>,
+    /// What the link points to, written into the link as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Allows replacing a file or directory at the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+}
+
+pub const DEFAULT_PURGE_LIMIT: u32 = 100;
+
+/// The fields of a resource that depend on its kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spec {
+    File(FileSpec),
+    Directory(DirectorySpec),
+    Symlink(SymlinkSpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::File(_) => Kind::File,
+            Spec::Directory(_) => Kind::Directory,
+            Spec::Symlink(_) => Kind::Symlink,
+        }
+    }
+
+    /// `ensure`, with its default.
+    pub fn ensure(&self) -> Ensure {
+        match self {
+            Spec::File(s) => s.ensure,
+            Spec::Directory(s) => s.ensure,
+            Spec::Symlink(s) => s.ensure,
+        }
+        .unwrap_or_default()
+    }
+
+    /// Decodes the kind's fields from whatever serde deserializer carries them.
+    pub fn deserialize_kind<'de, D: Deserializer<'de>>(kind: Kind, d: D) -> Result<Spec, D::Error> {
+        Ok(match kind {
+            Kind::File => Spec::File(FileSpec::deserialize(d)?),
+            Kind::Directory => Spec::Directory(DirectorySpec::deserialize(d)?),
+            Kind::Symlink => Spec::Symlink(SymlinkSpec::deserialize(d)?),
+        })
+    }
+}
+
+/// One declared resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub id: ResourceId,
+    pub meta: Meta,
+    pub spec: Spec,
+}
+
+impl Resource {
+    pub fn new(id: ResourceId, meta: Meta, spec: Spec) -> Resource {
+        debug_assert_eq!(id.kind, spec.kind());
+        Resource { id, meta, spec }
+    }
+
+    pub fn sensitive(&self) -> bool {
+        self.meta.sensitive.unwrap_or(false)
+    }
+
+    /// The path of a path kind.
+    pub fn path(&self) -> Option<&str> {
+        self.id.kind.is_path().then_some(self.id.title.as_str())
+    }
+}
+
+/// A one-entry map `{kind: title}`, so that it can lead a flattened resource.
+struct Head<'a>(&'a ResourceId);
+
+impl Serialize for Head<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry(self.0.kind.name(), &self.0.title)?;
+        m.end()
+    }
+}
+
+#[derive(Serialize)]
+struct Flat<'a, S: Serialize> {
+    #[serde(flatten)]
+    head: Head<'a>,
+    #[serde(flatten)]
+    spec: &'a S,
+    #[serde(flatten)]
+    meta: &'a Meta,
+}
+
+impl Serialize for Resource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let head = Head(&self.id);
+        let meta = &self.meta;
+        match &self.spec {
+            Spec::File(spec) => Flat { head, spec, meta }.serialize(s),
+            Spec::Directory(spec) => Flat { head, spec, meta }.serialize(s),
+            Spec::Symlink(spec) => Flat { head, spec, meta }.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ResourceVisitor)
+    }
+}
+
+struct ResourceVisitor;
+
+impl<'de> Visitor<'de> for ResourceVisitor {
+    type Value = Resource;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a resource: a mapping whose first key is its kind, like `file: /etc/motd`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Resource, A::Error> {
+        let Some(first) = map.next_key::<String>()? else {
+            return Err(de::Error::custom(
+                "empty resource: its first key must be its kind, like `file: /etc/motd`",
+            ));
+        };
+        let kind = kind_from_first_key(&first).map_err(de::Error::custom)?;
+        let title: String = map.next_value()?;
+        let id = ResourceId::new(kind, &title).map_err(de::Error::custom)?;
+        let mut split = MetaSplitter {
+            inner: map,
+            meta: Meta::default(),
+            seen: Vec::new(),
+        };
+        let spec = Spec::deserialize_kind(kind, de::value::MapAccessDeserializer::new(&mut split))?;
+        Ok(Resource::new(id, split.meta, spec))
+    }
+}
+
+/// The kind named by a resource's first key, or why it is not one.
+pub fn kind_from_first_key(key: &str) -> Result<Kind, String> {
+    Kind::from_name(key).ok_or_else(|| {
+        format!(
+            "a resource's first key must be its kind ({}), found `{key}`",
+            Kind::names()
+        )
+    })
+}
+
+/// Passes a resource's keys through to its kind, keeping the shared [`Meta`] fields aside.
+struct MetaSplitter<A> {
+    inner: A,
+    meta: Meta,
+    seen: Vec<&'static str>,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for &mut MetaSplitter<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        loop {
+            let Some(key) = self.inner.next_key::<String>()? else {
+                return Ok(None);
+            };
+            let Some(&field) = Meta::FIELDS.iter().find(|f| **f == key) else {
+                let d: de::value::StringDeserializer<A::Error> = key.into_deserializer();
+                return seed.deserialize(d).map(Some);
+            };
+            if self.seen.contains(&field) {
+                return Err(de::Error::duplicate_field(field));
+            }
+            self.seen.push(field);
+            match field {
+                "requires" => self.meta.requires = self.inner.next_value()?,
+                "notify" => self.meta.notify = self.inner.next_value()?,
+                _ => self.meta.sensitive = self.inner.next_value()?,
+            }
+        }
+    }
+
+    fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
+        self.inner.next_value_seed(seed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalised() {
+        assert_eq!(
+            normalize_path("/etc//nginx/./conf.d/").unwrap(),
+            "/etc/nginx/conf.d"
+        );
+        assert_eq!(normalize_path("/").unwrap(), "/");
+        assert!(normalize_path("etc/motd").unwrap_err().contains("relative"));
+        assert!(normalize_path("/etc/../motd").unwrap_err().contains(".."));
+    }
+
+    #[test]
+    fn ids_parse_and_print() {
+        let id = ResourceId::parse("directory:/srv/app/").unwrap();
+        assert_eq!(id.to_string(), "directory:/srv/app");
+        assert!(
+            ResourceId::parse("service")
+                .unwrap_err()
+                .contains("kind:title")
+        );
+        assert!(
+            ResourceId::parse("widget:x")
+                .unwrap_err()
+                .contains("unknown resource kind")
+        );
+    }
+
+    #[test]
+    fn json_round_trip_keeps_kind_first() {
+        let r = Resource::new(
+            ResourceId::new(Kind::File, "/etc/motd").unwrap(),
+            Meta {
+                requires: vec![ResourceId::parse("directory:/etc").unwrap()],
+                ..Meta::default()
+            },
+            Spec::File(FileSpec {
+                content: Some("hi\n".into()),
+                mode: Some(Mode(0o644)),
+                ..FileSpec::default()
+            }),
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"file":"/etc/motd","content":"hi\n","mode":"0644","requires":["directory:/etc"]}"#
+        );
+        let back: Resource = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn json_refuses_unknown_and_duplicate_fields() {
+        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","mdoe":"0644"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `mdoe`"), "{e}");
+        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","requires":[],"requires":[]}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("duplicate field"), "{e}");
+        let e = serde_json::from_str::<Resource>(r#"{"mode":"0644","file":"/x"}"#).unwrap_err();
+        assert!(e.to_string().contains("first key must be its kind"), "{e}");
+        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","mode":420}"#).unwrap_err();
+        assert!(e.to_string().contains("octal mode"), "{e}");
+    }
+}

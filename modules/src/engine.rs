@@ -1,0 +1,382 @@
+//! The engine: converges a planned catalog, resource by resource.
+//!
+//! For each resource in plan order: if something it depends on failed or was skipped, it is
+//! skipped; otherwise inspect and diff ([`Providers::check`]), and unless this is a dry-run,
+//! apply the diff and check again: a diff left after apply is a failure. A changed resource
+//! refreshes the resources it notifies (once, after they are converged themselves). A panic in
+//! a provider becomes that resource's failure. The engine decides every status; providers only
+//! inspect and change.
+
+use crate::catalog::Resource;
+use crate::load::Loaded;
+use crate::report::{Change, Event, ResourceEvent, RunInfo, Sink, Status, Summary};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Instant;
+
+/// How each kind is inspected, changed and refreshed on some system.
+pub trait Providers {
+    /// What `check` observed, handed to `apply`.
+    type State;
+
+    /// Inspects the system (read only) and returns what differs from the resource. An `Err`
+    /// means the resource cannot be converged as declared (and a run would fail on it too).
+    fn check(&self, r: &Resource) -> Result<(Self::State, Vec<Change>), String>;
+
+    /// Makes the changes `check` found.
+    fn apply(&self, r: &Resource, state: &Self::State, changes: &[Change]) -> Result<(), String>;
+
+    /// Reacts to a notify (restart a service, run a refresh-only exec). `Ok(None)` when the
+    /// kind has nothing to do; otherwise what was done.
+    fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, String>;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub dry_run: bool,
+}
+
+/// Converges `loaded` through `providers`, emitting events to `sink`; returns the totals.
+pub fn run<P: Providers>(
+    loaded: &Loaded,
+    providers: &P,
+    options: Options,
+    info: RunInfo,
+    sink: &mut dyn Sink,
+) -> Summary {
+    let started = Instant::now();
+    let resources = &loaded.catalog.resources;
+    let plan = &loaded.plan;
+    sink.emit(Event::Started(&info));
+    let mut status: Vec<Option<Status>> = vec![None; resources.len()];
+    let mut notified_by: Vec<Option<usize>> = vec![None; resources.len()];
+    let mut summary = Summary {
+        dry_run: options.dry_run,
+        ..Summary::default()
+    };
+    for &i in &plan.order {
+        let r = &resources[i];
+        let t0 = Instant::now();
+        let mut event = converge_one(
+            r,
+            providers,
+            options,
+            plan.deps[i].iter().find_map(|&(j, _)| {
+                let s = status[j].as_ref()?;
+                matches!(s, Status::Failed | Status::Skipped).then(|| (&resources[j], s))
+            }),
+        );
+        if let (Some(by), Status::Unchanged | Status::Changed | Status::WouldChange) =
+            (notified_by[i], &event.status)
+        {
+            match guard(|| providers.refresh(r, options.dry_run)) {
+                Ok(None) => {}
+                Ok(Some(what)) => {
+                    event.refresh = Some(format!("{what} (notified by {})", resources[by].id));
+                }
+                Err(e) => {
+                    event.status = Status::Failed;
+                    event.message = Some(format!(
+                        "refresh (notified by {}) failed: {e}",
+                        resources[by].id
+                    ));
+                }
+            }
+        }
+        if matches!(event.status, Status::Changed | Status::WouldChange) {
+            for &t in &plan.notify[i] {
+                notified_by[t].get_or_insert(i);
+            }
+        }
+        event.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        summary.count(&event.status);
+        sink.emit(Event::Resource(&event));
+        status[i] = Some(event.status);
+    }
+    summary.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    sink.emit(Event::Finished(&summary));
+    summary
+}
+
+fn converge_one<P: Providers>(
+    r: &Resource,
+    providers: &P,
+    options: Options,
+    blocked_by: Option<(&Resource, &Status)>,
+) -> ResourceEvent {
+    let mut event = ResourceEvent {
+        id: r.id.to_string(),
+        status: Status::Unchanged,
+        changes: Vec::new(),
+        message: None,
+        refresh: None,
+        duration_ms: 0.0,
+    };
+    if let Some((dep, why)) = blocked_by {
+        let what = if *why == Status::Failed {
+            "failed"
+        } else {
+            "was skipped"
+        };
+        event.status = Status::Skipped;
+        event.message = Some(format!("depends on {}, which {what}", dep.id));
+        return event;
+    }
+    let fail = |mut event: ResourceEvent, message: String| {
+        event.status = Status::Failed;
+        event.message = Some(message);
+        event
+    };
+    let (state, changes) = match guard(|| providers.check(r)) {
+        Ok(x) => x,
+        Err(e) => return fail(event, e),
+    };
+    if changes.is_empty() {
+        return event;
+    }
+    event.changes = changes;
+    if options.dry_run {
+        event.status = Status::WouldChange;
+        return event;
+    }
+    if let Err(e) = guard(|| providers.apply(r, &state, &event.changes)) {
+        return fail(event, e);
+    }
+    match guard(|| providers.check(r)) {
+        Ok((_, left)) if left.is_empty() => {
+            event.status = Status::Changed;
+            event
+        }
+        Ok((_, left)) => {
+            let what: Vec<String> = left
+                .iter()
+                .map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to))
+                .collect();
+            fail(
+                event,
+                format!("still differs after apply: {}", what.join("; ")),
+            )
+        }
+        Err(e) => fail(event, format!("after apply: {e}")),
+    }
+}
+
+/// Runs a provider call, turning a panic into an error.
+fn guard<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(format!("provider panicked: {msg}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::load;
+    use crate::report::Collect;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// A scripted system: each path has a current and a desired "value" held in memory, with
+    /// per-path behaviours for the cases under test.
+    #[derive(Default)]
+    struct Script {
+        value: RefCell<HashMap<String, String>>,
+        fail_apply: Vec<&'static str>,
+        panic_check: Vec<&'static str>,
+        sticky: Vec<&'static str>,
+        refreshes: RefCell<Vec<String>>,
+        log: RefCell<Vec<String>>,
+    }
+
+    fn want(r: &Resource) -> String {
+        match &r.spec {
+            crate::catalog::Spec::File(f) => f.content.clone().unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
+    impl Providers for Script {
+        type State = ();
+
+        fn check(&self, r: &Resource) -> Result<((), Vec<Change>), String> {
+            let path = r.id.title.as_str();
+            if self.panic_check.contains(&path) {
+                panic!("boom in {path}");
+            }
+            self.log.borrow_mut().push(format!("check {path}"));
+            let have = self.value.borrow().get(path).cloned().unwrap_or_default();
+            let want = want(r);
+            Ok((
+                (),
+                if have == want {
+                    vec![]
+                } else {
+                    vec![Change::new("content", have, want)]
+                },
+            ))
+        }
+
+        fn apply(&self, r: &Resource, _: &(), _: &[Change]) -> Result<(), String> {
+            let path = r.id.title.as_str();
+            self.log.borrow_mut().push(format!("apply {path}"));
+            if self.fail_apply.contains(&path) {
+                return Err(format!("cannot write {path}"));
+            }
+            if !self.sticky.contains(&path) {
+                self.value.borrow_mut().insert(path.to_string(), want(r));
+            }
+            Ok(())
+        }
+
+        fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, String> {
+            if !dry_run {
+                self.refreshes.borrow_mut().push(r.id.to_string());
+            }
+            Ok(Some(if dry_run {
+                "would restart".into()
+            } else {
+                "restarted".into()
+            }))
+        }
+    }
+
+    const CATALOG: &str = "
+format: 1
+resources:
+  - file: /a
+    content: A
+    notify: [file:/svc]
+  - file: /b
+    content: B
+    requires: [file:/a]
+  - file: /c
+    content: C
+  - file: /svc
+    content: S
+  - file: /d
+    content: D
+    notify: [file:/svc]
+";
+
+    fn check(script: &Script, dry_run: bool) -> (Summary, HashMap<String, ResourceEvent>) {
+        let loaded = load("t.yaml", CATALOG, None).unwrap();
+        let mut sink = Collect::default();
+        let info = RunInfo {
+            catalog: "t.yaml".into(),
+            host: None,
+            serial: None,
+            commit: None,
+            dry_run,
+            resources: 5,
+        };
+        let summary = run(&loaded, script, Options { dry_run }, info, &mut sink);
+        let events = sink
+            .resources
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        (summary, events)
+    }
+
+    #[test]
+    fn converges_then_is_idempotent() {
+        let s = Script::default();
+        let (sum, ev) = check(&s, false);
+        assert_eq!((sum.changed, sum.failed), (5, 0));
+        assert_eq!(ev["file:/a"].changes, vec![Change::new("content", "", "A")]);
+        let (sum, _) = check(&s, false);
+        assert_eq!((sum.unchanged, sum.changed), (5, 0));
+    }
+
+    #[test]
+    fn a_failure_skips_its_dependents_and_nothing_else() {
+        let s = Script {
+            fail_apply: vec!["/a"],
+            ..Script::default()
+        };
+        let (sum, ev) = check(&s, false);
+        assert_eq!(ev["file:/a"].status, Status::Failed);
+        assert_eq!(ev["file:/a"].message.as_deref(), Some("cannot write /a"));
+        assert_eq!(ev["file:/b"].status, Status::Skipped);
+        assert_eq!(
+            ev["file:/b"].message.as_deref(),
+            Some("depends on file:/a, which failed")
+        );
+        assert_eq!(
+            ev["file:/svc"].status,
+            Status::Skipped,
+            "a notify target comes after, so it is skipped too"
+        );
+        assert_eq!(ev["file:/c"].status, Status::Changed);
+        assert_eq!(ev["file:/d"].status, Status::Changed);
+        assert_eq!((sum.failed, sum.skipped, sum.changed), (1, 2, 2));
+    }
+
+    #[test]
+    fn a_panic_is_that_resources_failure() {
+        let s = Script {
+            panic_check: vec!["/c"],
+            ..Script::default()
+        };
+        let (sum, ev) = check(&s, false);
+        assert_eq!(ev["file:/c"].status, Status::Failed);
+        assert_eq!(
+            ev["file:/c"].message.as_deref(),
+            Some("provider panicked: boom in /c")
+        );
+        assert_eq!(sum.changed, 4);
+    }
+
+    #[test]
+    fn a_diff_left_after_apply_is_a_failure() {
+        let s = Script {
+            sticky: vec!["/c"],
+            ..Script::default()
+        };
+        let (_, ev) = check(&s, false);
+        assert_eq!(ev["file:/c"].status, Status::Failed);
+        assert_eq!(
+            ev["file:/c"].message.as_deref(),
+            Some("still differs after apply: content:  -> C")
+        );
+    }
+
+    #[test]
+    fn dry_run_applies_nothing_and_predicts_refreshes() {
+        let s = Script::default();
+        let (sum, ev) = check(&s, true);
+        assert_eq!(sum.would_change, 5);
+        assert!(s.log.borrow().iter().all(|l| l.starts_with("check")));
+        assert_eq!(
+            ev["file:/svc"].refresh.as_deref(),
+            Some("would restart (notified by file:/a)")
+        );
+        assert!(s.refreshes.borrow().is_empty());
+    }
+
+    #[test]
+    fn notify_refreshes_once_after_the_target_converged() {
+        let s = Script::default();
+        check(&s, false);
+        assert_eq!(
+            *s.refreshes.borrow(),
+            vec!["file:/svc".to_string()],
+            "two notifiers, one refresh"
+        );
+        let log = s.log.borrow();
+        let applied = log.iter().position(|l| l == "apply /svc").unwrap();
+        let d = log.iter().position(|l| l == "apply /d").unwrap();
+        assert!(
+            d < applied,
+            "the notifier /d is ordered before its target: {log:?}"
+        );
+        drop(log);
+        // In sync: nothing changes, so nothing is refreshed.
+        check(&s, false);
+        assert_eq!(s.refreshes.borrow().len(), 1);
+    }
+}

@@ -1,0 +1,157 @@
+//! The `Host` boundary: the only way providers reach a system.
+//!
+//! Paths are the catalog's absolute, normalised paths; a host decides what they mean (the real
+//! one resolves them inside its root, the in-memory one in a map). No operation follows a
+//! symlink in the last component of a path. Every write is all-or-nothing for its path.
+
+use std::fmt;
+use std::io;
+
+pub mod memory;
+
+/// What is at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileType {
+    File,
+    Directory,
+    Symlink,
+    /// A fifo, socket or device: never replaced without `force`.
+    Other(&'static str),
+}
+
+impl FileType {
+    pub fn name(self) -> &'static str {
+        match self {
+            FileType::File => "file",
+            FileType::Directory => "directory",
+            FileType::Symlink => "symlink",
+            FileType::Other(what) => what,
+        }
+    }
+}
+
+/// The metadata of a path itself (as `lstat` reports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub file_type: FileType,
+    /// Permission bits, `0o7777` at most.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+}
+
+/// Attributes for something new: unset owner and group are left to the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewAttrs {
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// A failed host operation, with what was being done and where.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` {status}{}", tail_suffix(.output))]
+    Command {
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn tail_suffix(output: &str) -> String {
+    if output.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": {}", output.trim_end())
+    }
+}
+
+impl HostError {
+    pub fn io(op: &'static str, path: &str, source: io::Error) -> HostError {
+        HostError::Io {
+            op,
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    /// True when the path (or a parent) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, HostError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+pub type HostResult<T> = Result<T, HostError>;
+
+/// A regular file's metadata and, when it was no larger than asked, its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRead {
+    pub stat: Stat,
+    pub content: Option<Vec<u8>>,
+}
+
+/// The operations providers may perform. Implementations: the real OS (in the agent), and
+/// [`memory::MemHost`] for tests.
+pub trait Host {
+    /// The metadata of the path itself; `None` when nothing is there.
+    fn stat(&self, path: &str) -> HostResult<Option<Stat>>;
+
+    /// Metadata, and for a regular file of at most `limit` bytes its content. Never follows a
+    /// final symlink and never blocks on a fifo.
+    fn read_file(&self, path: &str, limit: u64) -> HostResult<Option<FileRead>>;
+
+    fn read_link(&self, path: &str) -> HostResult<String>;
+
+    /// Direct children with their types, sorted by name.
+    fn list_dir(&self, path: &str) -> HostResult<Vec<(String, FileType)>>;
+
+    /// Replaces whatever file or symlink is at `path` with a regular file, atomically: a crash
+    /// leaves either the old or the new one. When `validate` is given, it runs with `%`
+    /// replaced by the temporary file and a failure leaves the old file in place.
+    fn write_file(
+        &self,
+        path: &str,
+        content: &[u8],
+        attrs: NewAttrs,
+        validate: Option<&[String]>,
+    ) -> HostResult<()>;
+
+    fn mkdir(&self, path: &str, attrs: NewAttrs) -> HostResult<()>;
+
+    /// Replaces whatever file or symlink is at `path` with a symlink to `target`, atomically.
+    fn symlink(&self, path: &str, target: &str) -> HostResult<()>;
+
+    fn set_mode(&self, path: &str, mode: u32) -> HostResult<()>;
+
+    /// Changes owner and/or group of the path itself (never a symlink's target).
+    fn set_owner(&self, path: &str, uid: Option<u32>, gid: Option<u32>) -> HostResult<()>;
+
+    /// Removes a file, a symlink or an empty directory.
+    fn remove(&self, path: &str) -> HostResult<()>;
+
+    /// Keeps the current content of the regular file at `path` in the backup store and returns
+    /// its `sha256:` hash.
+    fn backup(&self, path: &str) -> HostResult<String>;
+
+    fn user_id(&self, name: &str) -> HostResult<Option<u32>>;
+    fn group_id(&self, name: &str) -> HostResult<Option<u32>>;
+    fn user_name(&self, uid: u32) -> Option<String>;
+    fn group_name(&self, gid: u32) -> Option<String>;
+}
+
+impl fmt::Display for FileType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

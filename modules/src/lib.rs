@@ -1,0 +1,24 @@
+//! The shared vocabulary of converge.
+//!
+//! - [`catalog`]: the catalog model and its two spellings (YAML for people, JSON on the wire).
+//! - [`load`]: text -> checked catalog and [`plan`], every problem with file:line:col.
+//! - [`validate`], [`plan`]: pure checks and the stable dependency order.
+//! - [`host`]: the boundary through which providers reach a system; [`host::memory`] for tests.
+//! - [`providers`]: inspect, diff and apply for each kind, over a [`host::Host`].
+//! - [`engine`]: runs a plan resource by resource and emits [`report`] events to a sink.
+//!
+//! Invariants: this crate never touches the OS itself (all system access goes through
+//! `Host`), never prints (output goes through `report::Sink`), and never panics on bad input.
+
+pub mod catalog;
+pub mod diag;
+pub mod engine;
+pub mod hash;
+pub mod host;
+pub mod load;
+pub mod plan;
+pub mod providers;
+pub mod report;
+pub mod time;
+pub mod validate;
+pub mod yaml;

@@ -1,0 +1,419 @@
+//! The plan: in which order to converge resources, what each depends on, and whom it notifies.
+//!
+//! Edges come from `requires`, from `notify` (the target comes after the notifier), and are
+//! implied between a path and its nearest managed ancestor directory. The order is a stable
+//! topological sort: among resources free to go, the one declared first goes first. Pure.
+
+use crate::catalog::{Ensure, Kind, Resource, ResourceId};
+use crate::validate::Problem;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+/// Why one resource comes after another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// It `requires` the other.
+    Requires,
+    /// The other `notify`s it.
+    NotifiedBy,
+    /// It lies inside the other, a managed directory.
+    Inside,
+    /// Both are absent and the other lies inside it: children go first.
+    Contains,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Resource indexes in the order to converge them.
+    pub order: Vec<usize>,
+    /// For each resource, those that must be converged (successfully) before it.
+    pub deps: Vec<Vec<(usize, Why)>>,
+    /// For each resource, those it refreshes when it changes.
+    pub notify: Vec<Vec<usize>>,
+}
+
+fn parent(path: &str) -> Option<&str> {
+    match path.rfind('/') {
+        _ if path == "/" => None,
+        Some(0) => Some("/"),
+        Some(i) => Some(&path[..i]),
+        None => None,
+    }
+}
+
+/// Builds the plan, or every problem found: a path declared as two kinds, a path inside a file
+/// or inside an absent directory, a relation to an undeclared resource, a cycle.
+pub fn plan(resources: &[Resource]) -> Result<Plan, Vec<Problem>> {
+    plan_partial(resources, &HashSet::new())
+}
+
+/// [`plan`], for a catalog of which some resources could not be read: relations to the ids in
+/// `unreadable` are not reported as undeclared (their own problem already is).
+pub fn plan_partial(
+    resources: &[Resource],
+    unreadable: &HashSet<ResourceId>,
+) -> Result<Plan, Vec<Problem>> {
+    let n = resources.len();
+    let mut problems = Vec::new();
+    let ids: HashMap<&ResourceId, usize> = resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (&r.id, i))
+        .collect();
+    let mut deps: Vec<Vec<(usize, Why)>> = vec![Vec::new(); n];
+    let mut notify: Vec<Vec<usize>> = vec![Vec::new(); n];
+
+    // One namespace of paths.
+    let mut paths: HashMap<&str, usize> = HashMap::with_capacity(n);
+    for (i, r) in resources.iter().enumerate() {
+        let Some(path) = r.path() else { continue };
+        if let Some(&j) = paths.get(path) {
+            problems.push(Problem {
+                at: i,
+                also: vec![j],
+                message: format!(
+                    "path {path} is declared as {} and as {}",
+                    resources[j].id.kind, r.id.kind
+                ),
+            });
+        } else {
+            paths.insert(path, i);
+        }
+    }
+    for (i, r) in resources.iter().enumerate() {
+        let Some(path) = r.path() else { continue };
+        let mut up = parent(path);
+        while let Some(p) = up {
+            if let Some(&j) = paths.get(p) {
+                let a = &resources[j];
+                let (outer_present, inner_present) = (
+                    a.spec.ensure() == Ensure::Present,
+                    r.spec.ensure() == Ensure::Present,
+                );
+                match (a.id.kind, outer_present, inner_present) {
+                    (Kind::Directory, true, _) => deps[i].push((j, Why::Inside)),
+                    (Kind::Directory, false, false) => deps[j].push((i, Why::Contains)),
+                    (Kind::Directory, false, true) => problems.push(Problem {
+                        at: i,
+                        also: vec![j],
+                        message: format!("{} is inside {}, which is `ensure: absent`", r.id, a.id),
+                    }),
+                    (_, _, true) => problems.push(Problem {
+                        at: i,
+                        also: vec![j],
+                        message: format!("{} is inside {}, which is not a directory", r.id, a.id),
+                    }),
+                    (_, _, false) => {}
+                }
+                break;
+            }
+            up = parent(p);
+        }
+    }
+
+    // Declared relations.
+    for (i, r) in resources.iter().enumerate() {
+        for (list, verb) in [(&r.meta.requires, "requires"), (&r.meta.notify, "notifies")] {
+            for target in list {
+                let Some(&j) = ids.get(target) else {
+                    if unreadable.contains(target) {
+                        continue;
+                    }
+                    problems.push(Problem::new(i, undeclared(&r.id, verb, target, resources)));
+                    continue;
+                };
+                if verb == "requires" {
+                    deps[i].push((j, Why::Requires));
+                } else {
+                    deps[j].push((i, Why::NotifiedBy));
+                    if !notify[i].contains(&j) {
+                        notify[i].push(j);
+                    }
+                }
+            }
+        }
+    }
+    for d in &mut deps {
+        let mut seen = Vec::with_capacity(d.len());
+        d.retain(|(j, _)| {
+            let new = !seen.contains(j);
+            seen.push(*j);
+            new
+        });
+    }
+
+    // Stable topological order.
+    let mut indegree: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, d) in deps.iter().enumerate() {
+        for &(j, _) in d {
+            dependents[j].push(i);
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> =
+        (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for &k in &dependents[i] {
+            indegree[k] -= 1;
+            if indegree[k] == 0 {
+                ready.push(Reverse(k));
+            }
+        }
+    }
+    if order.len() < n {
+        problems.push(cycle(resources, &deps, &indegree));
+    }
+    if problems.is_empty() {
+        Ok(Plan {
+            order,
+            deps,
+            notify,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+fn undeclared(
+    from: &ResourceId,
+    verb: &str,
+    target: &ResourceId,
+    resources: &[Resource],
+) -> String {
+    let same_title = resources.iter().find(|r| r.id.title == target.title);
+    match same_title {
+        Some(r) => format!(
+            "{from} {verb} {target}, which is not declared (did you mean {}?)",
+            r.id
+        ),
+        None => format!("{from} {verb} {target}, which is not declared"),
+    }
+}
+
+/// Finds one cycle among the resources left unordered and describes it.
+fn cycle(resources: &[Resource], deps: &[Vec<(usize, Why)>], left: &[usize]) -> Problem {
+    // Every resource left has a dependency that is also left, so walking those must revisit one.
+    let start = (0..left.len())
+        .find(|&i| left[i] > 0)
+        .expect("a resource is left");
+    let mut path = vec![start];
+    let mut whys = Vec::new();
+    loop {
+        let v = *path.last().unwrap();
+        let &(next, why) = deps[v]
+            .iter()
+            .find(|(j, _)| left[*j] > 0)
+            .expect("a left resource has a left dependency");
+        whys.push(why);
+        if let Some(pos) = path.iter().position(|&x| x == next) {
+            let members: Vec<usize> = path[pos..].to_vec();
+            let whys = &whys[pos..];
+            let steps: Vec<String> = members
+                .iter()
+                .zip(whys)
+                .enumerate()
+                .map(|(k, (&m, why))| {
+                    let other = &resources[members[(k + 1) % members.len()]].id;
+                    let this = &resources[m].id;
+                    match why {
+                        Why::Requires => format!("{this} requires {other}"),
+                        Why::NotifiedBy => format!("{this} is notified by {other}"),
+                        Why::Inside => format!("{this} is inside {other}"),
+                        Why::Contains => format!("{this} (absent) contains {other}"),
+                    }
+                })
+                .collect();
+            let at = *members.iter().min().unwrap();
+            let also = members.iter().copied().filter(|&m| m != at).collect();
+            return Problem {
+                at,
+                also,
+                message: format!("dependency cycle: {}", steps.join(", ")),
+            };
+        }
+        path.push(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{DirectorySpec, FileSpec, Meta, Spec, SymlinkSpec};
+
+    fn r(id: &str, requires: &[&str], notify: &[&str]) -> Resource {
+        let id = ResourceId::parse(id).unwrap();
+        let meta = Meta {
+            requires: requires
+                .iter()
+                .map(|s| ResourceId::parse(s).unwrap())
+                .collect(),
+            notify: notify
+                .iter()
+                .map(|s| ResourceId::parse(s).unwrap())
+                .collect(),
+            sensitive: None,
+        };
+        let spec = match id.kind {
+            Kind::File => Spec::File(FileSpec::default()),
+            Kind::Directory => Spec::Directory(DirectorySpec::default()),
+            Kind::Symlink => Spec::Symlink(SymlinkSpec {
+                target: Some("/x".into()),
+                ..Default::default()
+            }),
+        };
+        Resource::new(id, meta, spec)
+    }
+
+    fn absent(mut res: Resource) -> Resource {
+        match &mut res.spec {
+            Spec::File(s) => s.ensure = Some(Ensure::Absent),
+            Spec::Directory(s) => s.ensure = Some(Ensure::Absent),
+            Spec::Symlink(s) => s.ensure = Some(Ensure::Absent),
+        }
+        res
+    }
+
+    fn order(rs: &[Resource]) -> Vec<String> {
+        plan(rs)
+            .unwrap()
+            .order
+            .iter()
+            .map(|&i| rs[i].id.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn ties_keep_declaration_order() {
+        let rs = [
+            r("file:/b", &[], &[]),
+            r("file:/a", &[], &[]),
+            r("file:/c", &[], &[]),
+        ];
+        assert_eq!(order(&rs), ["file:/b", "file:/a", "file:/c"]);
+    }
+
+    #[test]
+    fn requires_and_notify_order_and_parents_come_first() {
+        let rs = [
+            r("file:/srv/app/conf", &[], &["file:/z"]),
+            r("file:/z", &[], &[]),
+            r("file:/y", &["file:/z"], &[]),
+            r("directory:/srv", &[], &[]),
+            r("directory:/srv/app", &[], &[]),
+        ];
+        assert_eq!(
+            order(&rs),
+            [
+                "directory:/srv",
+                "directory:/srv/app",
+                "file:/srv/app/conf",
+                "file:/z",
+                "file:/y"
+            ]
+        );
+        let p = plan(&rs).unwrap();
+        assert_eq!(p.notify[0], vec![1]);
+        assert_eq!(
+            p.deps[0],
+            vec![(4, Why::Inside)],
+            "nearest managed ancestor only"
+        );
+    }
+
+    #[test]
+    fn absent_trees_remove_children_first() {
+        let rs = [
+            absent(r("directory:/a", &[], &[])),
+            absent(r("file:/a/b", &[], &[])),
+        ];
+        assert_eq!(order(&rs), ["file:/a/b", "directory:/a"]);
+    }
+
+    #[test]
+    fn a_cycle_names_its_members() {
+        let rs = [
+            r("file:/ok", &[], &[]),
+            r("file:/a", &["file:/b"], &["file:/b"]),
+            r("file:/b", &[], &[]),
+        ];
+        let problems = plan(&rs).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].at, 1);
+        assert_eq!(problems[0].also, vec![2]);
+        assert_eq!(
+            problems[0].message,
+            "dependency cycle: file:/a requires file:/b, file:/b is notified by file:/a"
+        );
+    }
+
+    #[test]
+    fn a_cycle_through_an_implied_edge() {
+        let rs = [
+            r("directory:/a", &["file:/a/b"], &[]),
+            r("file:/a/b", &[], &[]),
+        ];
+        let problems = plan(&rs).unwrap_err();
+        assert!(
+            problems[0]
+                .message
+                .contains("file:/a/b is inside directory:/a"),
+            "{}",
+            problems[0].message
+        );
+    }
+
+    #[test]
+    fn undeclared_relations_suggest_the_declared_kind() {
+        let rs = [
+            r("file:/a", &["file:/srv"], &[]),
+            r("directory:/srv", &[], &[]),
+        ];
+        let problems = plan(&rs).unwrap_err();
+        assert_eq!(
+            problems[0].message,
+            "file:/a requires file:/srv, which is not declared (did you mean directory:/srv?)"
+        );
+    }
+
+    #[test]
+    fn path_conflicts() {
+        let rs = [
+            r("file:/a", &[], &[]),
+            r("directory:/a", &[], &[]),
+            r("file:/f/x", &[], &[]),
+            r("file:/f", &[], &[]),
+        ];
+        let msgs: Vec<String> = plan(&rs)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.message)
+            .collect();
+        assert_eq!(
+            msgs,
+            [
+                "path /a is declared as file and as directory",
+                "file:/f/x is inside file:/f, which is not a directory"
+            ]
+        );
+        let rs = [
+            absent(r("directory:/d", &[], &[])),
+            r("file:/d/x", &[], &[]),
+        ];
+        assert!(
+            plan(&rs).unwrap_err()[0]
+                .message
+                .contains("`ensure: absent`")
+        );
+    }
+
+    #[test]
+    fn self_requirement_is_a_cycle() {
+        let rs = [r("file:/a", &["file:/a"], &[])];
+        assert_eq!(
+            plan(&rs).unwrap_err()[0].message,
+            "dependency cycle: file:/a requires file:/a"
+        );
+    }
+}

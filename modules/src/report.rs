@@ -1,0 +1,425 @@
+//! The run's event stream and its sinks.
+//!
+//! The engine emits one [`Event`] when a run starts, one per resource, and one at the end; a
+//! [`Sink`] turns them into output. [`TextSink`] is for people (colour only when asked, which
+//! the agent does only on a terminal); [`JsonSink`] writes one JSON object per line.
+//! Sinks never fail a run: an output error (a closed pipe) is remembered, not raised.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt::Write as _;
+use std::io::Write;
+
+/// What happened to one resource. An open set: a reader shows values it does not know as they
+/// come ([`Status::Other`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Status {
+    Unchanged,
+    Changed,
+    WouldChange,
+    Failed,
+    Skipped,
+    Other(String),
+}
+
+impl Status {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Status::Unchanged => "unchanged",
+            Status::Changed => "changed",
+            Status::WouldChange => "would-change",
+            Status::Failed => "failed",
+            Status::Skipped => "skipped",
+            Status::Other(s) => s,
+        }
+    }
+
+    pub fn parse(s: &str) -> Status {
+        match s {
+            "unchanged" => Status::Unchanged,
+            "changed" => Status::Changed,
+            "would-change" => Status::WouldChange,
+            "failed" => Status::Failed,
+            "skipped" => Status::Skipped,
+            other => Status::Other(other.to_string()),
+        }
+    }
+}
+
+impl Serialize for Status {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Status::parse(&String::deserialize(d)?))
+    }
+}
+
+/// One attribute that differs (or differed) between the system and the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub attribute: String,
+    pub from: String,
+    pub to: String,
+    /// A unified diff, for content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+}
+
+impl Change {
+    pub fn new(attribute: &str, from: impl Into<String>, to: impl Into<String>) -> Change {
+        Change {
+            attribute: attribute.to_string(),
+            from: from.into(),
+            to: to.into(),
+            diff: None,
+        }
+    }
+}
+
+/// What a run is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// Where the catalog came from: a file name, or a server.
+    pub catalog: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    pub dry_run: bool,
+    pub resources: usize,
+}
+
+/// The outcome of one resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceEvent {
+    pub id: String,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+    /// Why it failed or was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// What a notify did to it ("restarted"), or would do in a dry-run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<String>,
+    pub duration_ms: f64,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub resources: usize,
+    pub unchanged: usize,
+    pub changed: usize,
+    pub would_change: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub dry_run: bool,
+    pub duration_ms: f64,
+}
+
+impl Summary {
+    pub fn count(&mut self, status: &Status) {
+        self.resources += 1;
+        match status {
+            Status::Unchanged => self.unchanged += 1,
+            Status::Changed => self.changed += 1,
+            Status::WouldChange => self.would_change += 1,
+            Status::Failed => self.failed += 1,
+            Status::Skipped => self.skipped += 1,
+            Status::Other(_) => {}
+        }
+    }
+
+    /// Puppet's detailed exit codes: 0 in sync, 2 changed or would change, 4 failures, 6 both.
+    pub fn detailed_exit_code(&self) -> i32 {
+        let changed = if self.changed + self.would_change > 0 {
+            2
+        } else {
+            0
+        };
+        let failed = if self.failed + self.skipped > 0 { 4 } else { 0 };
+        changed | failed
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    Started(&'a RunInfo),
+    Resource(&'a ResourceEvent),
+    Finished(&'a Summary),
+}
+
+/// Where events go.
+pub trait Sink {
+    fn emit(&mut self, event: Event<'_>);
+}
+
+/// Sends every event to several sinks.
+pub struct Tee<'a>(pub Vec<&'a mut dyn Sink>);
+
+impl Sink for Tee<'_> {
+    fn emit(&mut self, event: Event<'_>) {
+        for s in &mut self.0 {
+            s.emit(event);
+        }
+    }
+}
+
+/// Keeps every event: the whole report, for tests and for sending to a server.
+#[derive(Debug, Default)]
+pub struct Collect {
+    pub info: Option<RunInfo>,
+    pub resources: Vec<ResourceEvent>,
+    pub summary: Option<Summary>,
+}
+
+impl Sink for Collect {
+    fn emit(&mut self, event: Event<'_>) {
+        match event {
+            Event::Started(i) => self.info = Some(i.clone()),
+            Event::Resource(r) => self.resources.push(r.clone()),
+            Event::Finished(s) => self.summary = Some(s.clone()),
+        }
+    }
+}
+
+/// JSON Lines: `{"type":"start",...}`, `{"type":"resource",...}`, `{"type":"summary",...}`.
+pub struct JsonSink<W: Write> {
+    out: W,
+    pub error: Option<std::io::Error>,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> Self {
+        JsonSink { out, error: None }
+    }
+}
+
+#[derive(Serialize)]
+struct Tagged<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn emit(&mut self, event: Event<'_>) {
+        if self.error.is_some() {
+            return;
+        }
+        let line = match event {
+            Event::Started(i) => serde_json::to_string(&Tagged {
+                kind: "start",
+                body: i,
+            }),
+            Event::Resource(r) => serde_json::to_string(&Tagged {
+                kind: "resource",
+                body: r,
+            }),
+            Event::Finished(s) => serde_json::to_string(&Tagged {
+                kind: "summary",
+                body: s,
+            }),
+        }
+        .expect("report types serialize");
+        if let Err(e) = writeln!(self.out, "{line}").and_then(|_| self.out.flush()) {
+            self.error = Some(e);
+        }
+    }
+}
+
+/// Text for people. Unchanged resources are listed only when `verbose`.
+pub struct TextSink<W: Write> {
+    out: W,
+    color: bool,
+    verbose: bool,
+    pub error: Option<std::io::Error>,
+}
+
+impl<W: Write> TextSink<W> {
+    pub fn new(out: W, color: bool, verbose: bool) -> Self {
+        TextSink {
+            out,
+            color,
+            verbose,
+            error: None,
+        }
+    }
+
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+
+    fn status_word(&self, s: &Status) -> String {
+        let (code, word) = match s {
+            Status::Unchanged => ("2", "unchanged"),
+            Status::Changed => ("32", "changed"),
+            Status::WouldChange => ("33", "would change"),
+            Status::Failed => ("1;31", "FAILED"),
+            Status::Skipped => ("35", "skipped"),
+            Status::Other(o) => ("0", o.as_str()),
+        };
+        self.paint(code, &format!("{word:<12}"))
+    }
+
+    fn format(&self, event: Event<'_>) -> Option<String> {
+        let mut s = String::new();
+        match event {
+            Event::Started(i) => {
+                let _ = write!(s, "converge: {} ({} resources", i.catalog, i.resources);
+                if let Some(h) = &i.host {
+                    let _ = write!(s, ", host {h}");
+                }
+                if let Some(n) = i.serial {
+                    let _ = write!(s, ", serial {n}");
+                }
+                if let Some(c) = &i.commit {
+                    let _ = write!(s, ", commit {c}");
+                }
+                s.push_str(if i.dry_run { ", dry-run)" } else { ")" });
+            }
+            Event::Resource(r) => {
+                if r.status == Status::Unchanged && !self.verbose && r.refresh.is_none() {
+                    return None;
+                }
+                let _ = write!(s, "  {} {}", self.status_word(&r.status), r.id);
+                if let Some(m) = &r.message {
+                    let _ = write!(s, ": {m}");
+                }
+                for c in &r.changes {
+                    let _ = write!(s, "\n      {}: {} -> {}", c.attribute, c.from, c.to);
+                    if let Some(d) = &c.diff {
+                        for line in d.lines() {
+                            let colored = match line.as_bytes().first() {
+                                Some(b'+') if !line.starts_with("+++") => self.paint("32", line),
+                                Some(b'-') if !line.starts_with("---") => self.paint("31", line),
+                                Some(b'@') => self.paint("36", line),
+                                _ => line.to_string(),
+                            };
+                            let _ = write!(s, "\n        {colored}");
+                        }
+                    }
+                }
+                if let Some(rf) = &r.refresh {
+                    let _ = write!(s, "\n      refresh: {rf}");
+                }
+            }
+            Event::Finished(t) => {
+                let mut parts = vec![format!("{} unchanged", t.unchanged)];
+                if t.dry_run {
+                    parts.push(format!("{} would change", t.would_change));
+                } else {
+                    parts.push(format!("{} changed", t.changed));
+                }
+                parts.push(format!("{} failed", t.failed));
+                parts.push(format!("{} skipped", t.skipped));
+                let _ = write!(
+                    s,
+                    "summary: {} resources: {} in {:.3} s{}",
+                    t.resources,
+                    parts.join(", "),
+                    t.duration_ms / 1000.0,
+                    if t.dry_run {
+                        " (dry-run: nothing was changed)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        Some(s)
+    }
+}
+
+impl<W: Write> Sink for TextSink<W> {
+    fn emit(&mut self, event: Event<'_>) {
+        if self.error.is_some() {
+            return;
+        }
+        if let Some(text) = self.format(event)
+            && let Err(e) = writeln!(self.out, "{text}").and_then(|_| self.out.flush())
+        {
+            self.error = Some(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> ResourceEvent {
+        ResourceEvent {
+            id: "file:/etc/motd".into(),
+            status: Status::WouldChange,
+            changes: vec![
+                Change {
+                    diff: Some("--- a\n+++ b\n@@ -1 +1 @@\n-old\n+new\n".into()),
+                    ..Change::new("content", "x", "y")
+                },
+                Change::new("mode", "0600", "0644"),
+            ],
+            message: None,
+            refresh: None,
+            duration_ms: 1.5,
+        }
+    }
+
+    #[test]
+    fn text_shows_changes_and_diffs_without_colour_by_default() {
+        let mut out = Vec::new();
+        TextSink::new(&mut out, false, false).emit(Event::Resource(&event()));
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "  would change file:/etc/motd\n      content: x -> y\n        --- a\n        +++ b\n        @@ -1 +1 @@\n        -old\n        +new\n      mode: 0600 -> 0644\n"
+        );
+    }
+
+    #[test]
+    fn colour_only_when_asked() {
+        let mut out = Vec::new();
+        TextSink::new(&mut out, true, false).emit(Event::Resource(&event()));
+        assert!(String::from_utf8(out).unwrap().contains("\x1b[31m-old"));
+    }
+
+    #[test]
+    fn json_lines_are_tagged() {
+        let mut out = Vec::new();
+        JsonSink::new(&mut out).emit(Event::Resource(&event()));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["type"], "resource");
+        assert_eq!(v["status"], "would-change");
+        assert_eq!(v["changes"][1]["to"], "0644");
+    }
+
+    #[test]
+    fn unknown_statuses_are_kept() {
+        let s: Status = serde_json::from_str("\"stale\"").unwrap();
+        assert_eq!(s, Status::Other("stale".into()));
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"stale\"");
+    }
+
+    #[test]
+    fn exit_codes() {
+        let mut s = Summary::default();
+        assert_eq!(s.detailed_exit_code(), 0);
+        s.changed = 1;
+        assert_eq!(s.detailed_exit_code(), 2);
+        s.failed = 1;
+        assert_eq!(s.detailed_exit_code(), 6);
+        s.changed = 0;
+        assert_eq!(s.detailed_exit_code(), 4);
+    }
+}

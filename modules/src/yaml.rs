@@ -1,0 +1,870 @@
+//! A YAML reader that keeps the place of every node, and a serde `Deserializer` over it.
+//!
+//! Operators write catalogs and roles by hand; every mistake must be reported with its line and
+//! column, all at once. `yaml_serde` stops at the first error, so human input is first read into
+//! a tree of [`Node`]s (YAML 1.2 core schema, via `saphyr-parser`), then decoded with serde from
+//! that tree. The decoder reports every unknown field of a struct at once and attaches the place
+//! of the node that failed to every other error.
+//!
+//! Scalars are typed by what the reader asks for, as in YAML's core schema: a plain `0644` read
+//! as a string is the string `"0644"`, read as an integer it is 644. Quoted scalars are always
+//! strings. Anchors and aliases are expanded (with a bound); tags other than `!!str` are refused.
+
+use crate::diag::Mark;
+use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+use serde::de::{self, DeserializeSeed, Visitor};
+use std::collections::HashMap;
+use std::fmt;
+
+/// A YAML node and the place it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub mark: Mark,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `plain` is false for quoted, block and `!!str` scalars: those are always strings.
+    Scalar {
+        text: String,
+        plain: bool,
+    },
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+impl Node {
+    /// The text of a scalar node.
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            Value::Scalar { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(&self.value, Value::Scalar { text, plain: true } if is_null(text))
+    }
+
+    /// The entries of a mapping node.
+    pub fn as_map(&self) -> Option<&[(Node, Node)]> {
+        match &self.value {
+            Value::Map(entries) => Some(entries),
+            _ => None,
+        }
+    }
+
+    pub fn as_seq(&self) -> Option<&[Node]> {
+        match &self.value {
+            Value::Seq(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// What the node is, for messages: "a mapping", "a list", "the string \"x\"".
+    pub fn describe(&self) -> String {
+        match &self.value {
+            Value::Scalar { .. } if self.is_null() => "nothing (null)".to_string(),
+            Value::Scalar { text, .. } => format!("{text:?}"),
+            Value::Seq(_) => "a list".to_string(),
+            Value::Map(_) => "a mapping".to_string(),
+        }
+    }
+}
+
+/// A YAML syntax problem (or several duplicate keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntaxError {
+    pub problems: Vec<(Mark, String)>,
+}
+
+/// The most nodes a document may expand to (aliases included): a bound against alias bombs.
+pub const MAX_NODES: usize = 5_000_000;
+
+/// Reads one YAML document. An empty document is a null scalar.
+pub fn parse(src: &str) -> Result<Node, SyntaxError> {
+    let mut b = Builder {
+        parser: Parser::new_from_str(src),
+        anchors: HashMap::new(),
+        count: 0,
+        dups: Vec::new(),
+    };
+    let one = |m: Mark, s: String| SyntaxError {
+        problems: vec![(m, s)],
+    };
+    let mut doc: Option<Node> = None;
+    loop {
+        let (ev, span) = b.next()?;
+        match ev {
+            Event::StreamStart | Event::DocumentEnd | Event::Nothing => {}
+            Event::StreamEnd => break,
+            Event::DocumentStart(_) => {
+                if doc.is_some() {
+                    return Err(one(
+                        mark(&span),
+                        "only one YAML document is allowed here (remove this `---`)".into(),
+                    ));
+                }
+                let (ev, span) = b.next()?;
+                doc = Some(b.node(ev, span)?);
+            }
+            other => return Err(one(mark(&span), format!("unexpected YAML event {other:?}"))),
+        }
+    }
+    if !b.dups.is_empty() {
+        return Err(SyntaxError { problems: b.dups });
+    }
+    Ok(doc.unwrap_or(Node {
+        mark: Mark::new(1, 1),
+        value: Value::Scalar {
+            text: String::new(),
+            plain: true,
+        },
+    }))
+}
+
+fn mark(span: &Span) -> Mark {
+    Mark::new(span.start.line() as u32, span.start.col() as u32 + 1)
+}
+
+struct Builder<'a> {
+    parser: Parser<'a, saphyr_parser::StrInput<'a>>,
+    anchors: HashMap<usize, Node>,
+    count: usize,
+    dups: Vec<(Mark, String)>,
+}
+
+impl<'a> Builder<'a> {
+    fn next(&mut self) -> Result<(Event<'a>, Span), SyntaxError> {
+        match self.parser.next_event() {
+            Some(Ok(x)) => Ok(x),
+            Some(Err(e)) => {
+                let m = e.marker();
+                Err(SyntaxError {
+                    problems: vec![(
+                        Mark::new(m.line() as u32, m.col() as u32 + 1),
+                        format!("YAML syntax: {}", e.info()),
+                    )],
+                })
+            }
+            None => Err(SyntaxError {
+                problems: vec![(Mark::UNKNOWN, "YAML syntax: unexpected end of input".into())],
+            }),
+        }
+    }
+
+    fn bump(&mut self, n: usize, at: Mark) -> Result<(), SyntaxError> {
+        self.count += n;
+        if self.count > MAX_NODES {
+            return Err(SyntaxError {
+                problems: vec![(
+                    at,
+                    format!("document expands to more than {MAX_NODES} nodes (alias bomb?)"),
+                )],
+            });
+        }
+        Ok(())
+    }
+
+    fn node(&mut self, ev: Event<'a>, span: Span) -> Result<Node, SyntaxError> {
+        let at = mark(&span);
+        let refuse_tag = |what: &str| SyntaxError {
+            problems: vec![(
+                at,
+                format!("YAML tags are not supported here (found {what}); remove the tag"),
+            )],
+        };
+        self.bump(1, at)?;
+        let (node, anchor) = match ev {
+            Event::Scalar(text, style, anchor, tag) => {
+                let mut plain = style == ScalarStyle::Plain;
+                if let Some(tag) = tag {
+                    if tag.is_yaml_core_schema() && tag.suffix == "str" {
+                        plain = false;
+                    } else {
+                        return Err(refuse_tag(&tag.to_string()));
+                    }
+                }
+                (
+                    Node {
+                        mark: at,
+                        value: Value::Scalar {
+                            text: text.into_owned(),
+                            plain,
+                        },
+                    },
+                    anchor,
+                )
+            }
+            Event::SequenceStart(anchor, tag) => {
+                if let Some(tag) = tag {
+                    return Err(refuse_tag(&tag.to_string()));
+                }
+                let mut items = Vec::new();
+                loop {
+                    let (ev, span) = self.next()?;
+                    if ev == Event::SequenceEnd {
+                        break;
+                    }
+                    items.push(self.node(ev, span)?);
+                }
+                (
+                    Node {
+                        mark: at,
+                        value: Value::Seq(items),
+                    },
+                    anchor,
+                )
+            }
+            Event::MappingStart(anchor, tag) => {
+                if let Some(tag) = tag {
+                    return Err(refuse_tag(&tag.to_string()));
+                }
+                let mut entries: Vec<(Node, Node)> = Vec::new();
+                let mut seen: HashMap<String, Mark> = HashMap::new();
+                loop {
+                    let (ev, span) = self.next()?;
+                    if ev == Event::MappingEnd {
+                        break;
+                    }
+                    let key = self.node(ev, span)?;
+                    let (ev, span) = self.next()?;
+                    let value = self.node(ev, span)?;
+                    if let Some(k) = key.as_str() {
+                        if let Some(first) = seen.get(k) {
+                            self.dups.push((
+                                key.mark,
+                                format!("duplicate key `{k}` (first at line {})", first.line),
+                            ));
+                        } else {
+                            seen.insert(k.to_string(), key.mark);
+                        }
+                    }
+                    entries.push((key, value));
+                }
+                (
+                    Node {
+                        mark: at,
+                        value: Value::Map(entries),
+                    },
+                    anchor,
+                )
+            }
+            Event::Alias(id) => {
+                let Some(n) = self.anchors.get(&id) else {
+                    return Err(SyntaxError {
+                        problems: vec![(at, "alias to an unknown anchor".into())],
+                    });
+                };
+                let n = n.clone();
+                self.bump(count_nodes(&n), at)?;
+                return Ok(n);
+            }
+            other => {
+                return Err(SyntaxError {
+                    problems: vec![(at, format!("unexpected YAML event {other:?}"))],
+                });
+            }
+        };
+        if anchor > 0 {
+            self.anchors.insert(anchor, node.clone());
+        }
+        Ok(node)
+    }
+}
+
+fn count_nodes(n: &Node) -> usize {
+    match &n.value {
+        Value::Scalar { .. } => 1,
+        Value::Seq(items) => 1 + items.iter().map(count_nodes).sum::<usize>(),
+        Value::Map(entries) => {
+            1 + entries
+                .iter()
+                .map(|(k, v)| count_nodes(k) + count_nodes(v))
+                .sum::<usize>()
+        }
+    }
+}
+
+fn is_null(text: &str) -> bool {
+    matches!(text, "" | "~" | "null" | "Null" | "NULL")
+}
+
+fn parse_bool(text: &str) -> Option<bool> {
+    match text {
+        "true" | "True" | "TRUE" => Some(true),
+        "false" | "False" | "FALSE" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_int(text: &str) -> Option<i128> {
+    let (neg, digits) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let v = if let Some(h) = digits.strip_prefix("0x") {
+        i128::from_str_radix(h, 16).ok()?
+    } else if let Some(o) = digits.strip_prefix("0o") {
+        i128::from_str_radix(o, 8).ok()?
+    } else if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        digits.parse().ok()?
+    } else {
+        return None;
+    };
+    Some(if neg { -v } else { v })
+}
+
+fn parse_float(text: &str) -> Option<f64> {
+    match text {
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => return Some(f64::INFINITY),
+        "-.inf" | "-.Inf" | "-.INF" => return Some(f64::NEG_INFINITY),
+        ".nan" | ".NaN" | ".NAN" => return Some(f64::NAN),
+        _ => {}
+    }
+    let looks_numeric = text.bytes().any(|b| b.is_ascii_digit())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
+    if looks_numeric {
+        text.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// An error from decoding a [`Node`]: one or more problems, each with its place when known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeError(pub Vec<(Option<Mark>, String)>);
+
+impl DeError {
+    /// Gives a place to every problem that has none yet.
+    pub fn at(mut self, m: Mark) -> DeError {
+        for (place, _) in &mut self.0 {
+            if place.is_none() {
+                *place = Some(m);
+            }
+        }
+        self
+    }
+
+    fn merge(mut self, other: DeError) -> DeError {
+        self.0.extend(other.0);
+        self
+    }
+}
+
+impl fmt::Display for DeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<&str> = self.0.iter().map(|(_, m)| m.as_str()).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+impl std::error::Error for DeError {}
+
+impl de::Error for DeError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        DeError(vec![(None, msg.to_string())])
+    }
+}
+
+/// Decodes a value of type `T` from a node with serde.
+pub fn from_node<'a, T: de::Deserialize<'a>>(node: &'a Node) -> Result<T, DeError> {
+    T::deserialize(NodeDe(node))
+}
+
+/// A serde `Deserializer` over a borrowed [`Node`].
+#[derive(Clone, Copy)]
+pub struct NodeDe<'a>(pub &'a Node);
+
+impl<'a> NodeDe<'a> {
+    fn invalid<V: Visitor<'a>>(&self, v: &V) -> DeError {
+        let unexp = match &self.0.value {
+            Value::Scalar { text, .. } if self.0.is_null() => {
+                let _ = text;
+                de::Unexpected::Unit
+            }
+            Value::Scalar { text, .. } => de::Unexpected::Str(text),
+            Value::Seq(_) => de::Unexpected::Seq,
+            Value::Map(_) => de::Unexpected::Map,
+        };
+        <DeError as de::Error>::invalid_type(unexp, v).at(self.0.mark)
+    }
+
+    fn plain(&self) -> Option<&'a str> {
+        match &self.0.value {
+            Value::Scalar { text, plain: true } => Some(text),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! int_methods {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+            match self.plain().and_then(parse_int) {
+                Some(i) if i >= 0 && i <= u64::MAX as i128 => v.visit_u64(i as u64),
+                Some(i) if i >= i64::MIN as i128 && i < 0 => v.visit_i64(i as i64),
+                _ => Err(self.invalid(&v)),
+            }
+            .map_err(|e: DeError| e.at(self.0.mark))
+        }
+    )*};
+}
+
+impl<'a> de::Deserializer<'a> for NodeDe<'a> {
+    type Error = DeError;
+
+    fn deserialize_any<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        let m = self.0.mark;
+        match &self.0.value {
+            Value::Scalar { text, plain: true } => {
+                if is_null(text) {
+                    v.visit_unit()
+                } else if let Some(b) = parse_bool(text) {
+                    v.visit_bool(b)
+                } else if let Some(i) = parse_int(text) {
+                    if i >= 0 && i <= u64::MAX as i128 {
+                        v.visit_u64(i as u64)
+                    } else if i >= i64::MIN as i128 && i < 0 {
+                        v.visit_i64(i as i64)
+                    } else {
+                        v.visit_borrowed_str(text)
+                    }
+                } else if let Some(f) = parse_float(text) {
+                    v.visit_f64(f)
+                } else {
+                    v.visit_borrowed_str(text)
+                }
+            }
+            Value::Scalar { text, plain: false } => v.visit_borrowed_str(text),
+            Value::Seq(items) => visit_seq(items, v, m),
+            Value::Map(entries) => visit_map(entries, v, m),
+        }
+        .map_err(|e: DeError| e.at(m))
+    }
+
+    fn deserialize_bool<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        match self.plain().and_then(parse_bool) {
+            Some(b) => v.visit_bool(b).map_err(|e: DeError| e.at(self.0.mark)),
+            None => Err(self.invalid(&v)),
+        }
+    }
+
+    int_methods!(deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_i128
+                 deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64 deserialize_u128);
+
+    fn deserialize_f32<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        self.deserialize_f64(v)
+    }
+
+    fn deserialize_f64<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        match self
+            .plain()
+            .and_then(|t| parse_float(t).or_else(|| parse_int(t).map(|i| i as f64)))
+        {
+            Some(f) => v.visit_f64(f).map_err(|e: DeError| e.at(self.0.mark)),
+            None => Err(self.invalid(&v)),
+        }
+    }
+
+    fn deserialize_char<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(v)
+    }
+
+    fn deserialize_str<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        match &self.0.value {
+            Value::Scalar { text, .. } if !self.0.is_null() || text.is_empty() => v
+                .visit_borrowed_str(text)
+                .map_err(|e: DeError| e.at(self.0.mark)),
+            _ => Err(self.invalid(&v)),
+        }
+    }
+
+    fn deserialize_string<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(v)
+    }
+
+    fn deserialize_bytes<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(v)
+    }
+
+    fn deserialize_byte_buf<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(v)
+    }
+
+    fn deserialize_option<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        if self.0.is_null() {
+            v.visit_none()
+        } else {
+            v.visit_some(self)
+        }
+        .map_err(|e: DeError| e.at(self.0.mark))
+    }
+
+    fn deserialize_unit<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        if self.0.is_null() {
+            v.visit_unit().map_err(|e: DeError| e.at(self.0.mark))
+        } else {
+            Err(self.invalid(&v))
+        }
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'a>>(
+        self,
+        _: &'static str,
+        v: V,
+    ) -> Result<V::Value, DeError> {
+        self.deserialize_unit(v)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'a>>(
+        self,
+        _: &'static str,
+        v: V,
+    ) -> Result<V::Value, DeError> {
+        v.visit_newtype_struct(self)
+            .map_err(|e: DeError| e.at(self.0.mark))
+    }
+
+    fn deserialize_seq<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        match &self.0.value {
+            Value::Seq(items) => visit_seq(items, v, self.0.mark),
+            _ => Err(self.invalid(&v)),
+        }
+    }
+
+    fn deserialize_tuple<V: Visitor<'a>>(self, _: usize, v: V) -> Result<V::Value, DeError> {
+        self.deserialize_seq(v)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'a>>(
+        self,
+        _: &'static str,
+        _: usize,
+        v: V,
+    ) -> Result<V::Value, DeError> {
+        self.deserialize_seq(v)
+    }
+
+    fn deserialize_map<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        match &self.0.value {
+            Value::Map(entries) => visit_map(entries, v, self.0.mark),
+            _ => Err(self.invalid(&v)),
+        }
+    }
+
+    /// Reports every key that is not a field of the struct, then decodes the known ones.
+    fn deserialize_struct<V: Visitor<'a>>(
+        self,
+        _: &'static str,
+        fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, DeError> {
+        let Value::Map(entries) = &self.0.value else {
+            return Err(self.invalid(&v));
+        };
+        let mut unknown = Vec::new();
+        let known: Vec<&(Node, Node)> = entries
+            .iter()
+            .filter(|(k, _)| match k.as_str() {
+                Some(name) if fields.contains(&name) => true,
+                name => {
+                    unknown.push((
+                        Some(k.mark),
+                        unknown_field_message(name.unwrap_or("?"), fields),
+                    ));
+                    false
+                }
+            })
+            .collect();
+        let result = v.visit_map(MapAccess {
+            entries: known.into_iter(),
+            value: None,
+            last_key: None,
+        });
+        let result = result.map_err(|e: DeError| e.at(self.0.mark));
+        match (result, unknown.is_empty()) {
+            (Ok(x), true) => Ok(x),
+            (Ok(_), false) => Err(DeError(unknown)),
+            (Err(e), true) => Err(e),
+            (Err(e), false) => Err(DeError(unknown).merge(e)),
+        }
+    }
+
+    fn deserialize_enum<V: Visitor<'a>>(
+        self,
+        _: &'static str,
+        _: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, DeError> {
+        match &self.0.value {
+            Value::Scalar { text, .. } => {
+                let d: de::value::BorrowedStrDeserializer<'a, DeError> =
+                    de::value::BorrowedStrDeserializer::new(text);
+                v.visit_enum(d).map_err(|e: DeError| e.at(self.0.mark))
+            }
+            _ => Err(self.invalid(&v)),
+        }
+    }
+
+    fn deserialize_identifier<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(v)
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
+        v.visit_unit()
+    }
+}
+
+/// The message for a key that is not a field, with the fields that are.
+pub fn unknown_field_message(name: &str, fields: &[&str]) -> String {
+    let close = fields.iter().find(|f| similar_name(name, f));
+    match close {
+        Some(f) => format!("unknown field `{name}` (did you mean `{f}`?)"),
+        None if fields.is_empty() => format!("unknown field `{name}`: no fields are allowed here"),
+        None => format!(
+            "unknown field `{name}`; expected one of: {}",
+            fields.join(", ")
+        ),
+    }
+}
+
+/// True when `a` is within one edit (or one transposition) of `b`.
+fn similar_name(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 1 || a == b {
+        return false;
+    }
+    let mismatches: Vec<usize> = (0..a.len().min(b.len()))
+        .filter(|&i| a[i] != b[i])
+        .collect();
+    if a.len() == b.len() {
+        return mismatches.len() == 1
+            || (mismatches.len() == 2
+                && mismatches[1] == mismatches[0] + 1
+                && a[mismatches[0]] == b[mismatches[1]]
+                && a[mismatches[1]] == b[mismatches[0]]);
+    }
+    let (long, short) = if a.len() > b.len() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let i = (0..short.len())
+        .find(|&i| short[i] != long[i])
+        .unwrap_or(short.len());
+    short[i..] == long[i + 1..]
+}
+
+fn visit_seq<'a, V: Visitor<'a>>(items: &'a [Node], v: V, m: Mark) -> Result<V::Value, DeError> {
+    v.visit_seq(SeqAccess {
+        items: items.iter(),
+    })
+    .map_err(|e: DeError| e.at(m))
+}
+
+fn visit_map<'a, V: Visitor<'a>>(
+    entries: &'a [(Node, Node)],
+    v: V,
+    m: Mark,
+) -> Result<V::Value, DeError> {
+    let mut access = MapAccess {
+        entries: entries.iter().collect::<Vec<_>>().into_iter(),
+        value: None,
+        last_key: None,
+    };
+    let r = v.visit_map(&mut access);
+    let last = access.last_key;
+    r.map_err(|e: DeError| e.at(last.unwrap_or(m)))
+}
+
+struct SeqAccess<'a> {
+    items: std::slice::Iter<'a, Node>,
+}
+
+impl<'a> de::SeqAccess<'a> for SeqAccess<'a> {
+    type Error = DeError;
+
+    fn next_element_seed<T: DeserializeSeed<'a>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, DeError> {
+        match self.items.next() {
+            Some(n) => seed
+                .deserialize(NodeDe(n))
+                .map(Some)
+                .map_err(|e: DeError| e.at(n.mark)),
+            None => Ok(None),
+        }
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.items.len())
+    }
+}
+
+struct MapAccess<'a> {
+    entries: std::vec::IntoIter<&'a (Node, Node)>,
+    value: Option<&'a Node>,
+    /// The place of the last key handed out: errors raised by the visitor about a key (an
+    /// unknown field, a duplicate) are reported there.
+    last_key: Option<Mark>,
+}
+
+impl<'a> de::MapAccess<'a> for MapAccess<'a> {
+    type Error = DeError;
+
+    fn next_key_seed<K: DeserializeSeed<'a>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DeError> {
+        match self.entries.next() {
+            Some((k, v)) => {
+                self.value = Some(v);
+                self.last_key = Some(k.mark);
+                seed.deserialize(NodeDe(k))
+                    .map(Some)
+                    .map_err(|e: DeError| e.at(k.mark))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn next_value_seed<T: DeserializeSeed<'a>>(&mut self, seed: T) -> Result<T::Value, DeError> {
+        let v = self
+            .value
+            .take()
+            .expect("next_value_seed called before next_key_seed");
+        seed.deserialize(NodeDe(v))
+            .map_err(|e: DeError| e.at(v.mark))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.entries.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct T {
+        name: String,
+        mode: Option<String>,
+        count: Option<u32>,
+        on: Option<bool>,
+        list: Option<Vec<String>>,
+    }
+
+    fn decode(src: &str) -> Result<T, DeError> {
+        let n = parse(src).unwrap();
+        // Leak for the test's convenience: the node must outlive the borrow.
+        let n: &'static Node = Box::leak(Box::new(n));
+        from_node(n)
+    }
+
+    #[test]
+    fn plain_scalars_are_typed_by_the_reader() {
+        let t = decode("name: 0644\nmode: 0644\ncount: 0x10\non: true\nlist: [a, 1]\n").unwrap();
+        assert_eq!(t.name, "0644");
+        assert_eq!(t.mode.as_deref(), Some("0644"));
+        assert_eq!(t.count, Some(16));
+        assert_eq!(t.on, Some(true));
+        assert_eq!(t.list, Some(vec!["a".into(), "1".into()]));
+    }
+
+    #[test]
+    fn every_unknown_field_is_reported_with_its_place() {
+        let e = decode("name: x\nmdoe: 1\ncolour: red\n").unwrap_err();
+        assert_eq!(e.0.len(), 2);
+        assert_eq!(e.0[0].0, Some(Mark::new(2, 1)));
+        assert!(e.0[0].1.contains("did you mean `mode`"), "{}", e.0[0].1);
+        assert_eq!(e.0[1].0, Some(Mark::new(3, 1)));
+    }
+
+    #[test]
+    fn a_wrong_type_is_reported_at_the_value() {
+        let e = decode("name: x\ncount: many\n").unwrap_err();
+        assert_eq!(e.0[0].0, Some(Mark::new(2, 8)));
+        assert!(e.0[0].1.contains("invalid type"), "{}", e.0[0].1);
+        let e = decode("name: x\non: \"yes\"\n").unwrap_err();
+        assert_eq!(e.0[0].0, Some(Mark::new(2, 5)));
+    }
+
+    #[test]
+    fn quoted_scalars_are_strings() {
+        let e = decode("name: x\ncount: \"3\"\n").unwrap_err();
+        assert!(e.0[0].1.contains("string \"3\""), "{}", e.0[0].1);
+    }
+
+    #[test]
+    fn a_missing_field_is_reported_at_the_mapping() {
+        let e = decode("\nmode: x\n").unwrap_err();
+        assert_eq!(e.0[0].0, Some(Mark::new(2, 1)));
+        assert!(e.0[0].1.contains("missing field `name`"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_syntax_errors() {
+        let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
+        assert_eq!(
+            e.problems,
+            vec![(
+                Mark::new(3, 1),
+                "duplicate key `a` (first at line 1)".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_a_place() {
+        let e = parse("a: [1, 2\nb: 3\n").unwrap_err();
+        assert!(e.problems[0].0.is_known());
+    }
+
+    #[test]
+    fn aliases_expand_and_bombs_are_refused() {
+        let t = decode("name: &n hello\nmode: *n\n").unwrap();
+        assert_eq!(t.mode.as_deref(), Some("hello"));
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let prev = if i == 1 {
+                "a".to_string()
+            } else {
+                format!("a{}", i - 1)
+            };
+            bomb.push_str(&format!("a{i}: &a{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        }
+        let e = parse(&bomb).unwrap_err();
+        assert!(e.problems[0].1.contains("alias bomb"));
+    }
+
+    #[test]
+    fn unknown_tags_are_refused() {
+        assert!(parse("a: !!binary aGk=\n").is_err());
+        let n = parse("a: !!str 12\n").unwrap();
+        assert_eq!(
+            n.as_map().unwrap()[0].1.value,
+            Value::Scalar {
+                text: "12".into(),
+                plain: false
+            }
+        );
+    }
+
+    #[test]
+    fn similar_names() {
+        assert!(similar_name("mdoe", "mode"));
+        assert!(similar_name("mod", "mode"));
+        assert!(similar_name("modes", "mode"));
+        assert!(similar_name("node", "mode"));
+        assert!(!similar_name("owner", "mode"));
+    }
+}
