@@ -1,0 +1,414 @@
+//! The real OS behind the `Host` boundary, confined to a root (`/`, or `--root DIR`).
+//!
+//! Every operation works relative to a directory descriptor opened inside the root ([`Root`]),
+//! never on a path string the kernel would resolve from the host's `/`. Writes go to a
+//! temporary file in the same directory, are fsync'ed, renamed over the target, and the
+//! directory is fsync'ed: a crash leaves the old file or the new one, never a mix.
+
+use crate::backup::BackupStore;
+use crate::command;
+use crate::fs::{Root, absent, errno, file_type};
+use converge_modules::host::{FileRead, FileType, Host, HostError, HostResult, NewAttrs, Stat};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat, readlinkat, renameat};
+use nix::sys::stat::{FileStat, Mode, fchmod, fstat, fstatat, mkdirat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, fsync, symlinkat, unlinkat};
+use std::cell::OnceCell;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+/// How long a `validate` command may run.
+pub const VALIDATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct RealHost {
+    root: Root,
+    backups: BackupStore,
+    users: OnceCell<Vec<(String, u32)>>,
+    groups: OnceCell<Vec<(String, u32)>>,
+}
+
+fn to_stat(st: &FileStat) -> Stat {
+    Stat {
+        file_type: file_type(st),
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+    }
+}
+
+/// The name of the temporary file that stands in for `name` while it is written. Fixed per
+/// target, so a run killed half-way leaves at most one per file, and the next write of that
+/// file clears it.
+pub fn temp_name(name: &str) -> String {
+    if name.len() <= 200 {
+        format!(".{name}.converge-new")
+    } else {
+        let hash = converge_modules::hash::sha256_hex(name.as_bytes());
+        format!(".{}.converge-new", &hash[..32])
+    }
+}
+
+impl RealHost {
+    pub fn new(root: Root, backups: BackupStore) -> RealHost {
+        RealHost {
+            root,
+            backups,
+            users: OnceCell::new(),
+            groups: OnceCell::new(),
+        }
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    pub fn backups(&self) -> &BackupStore {
+        &self.backups
+    }
+
+    /// Opens an existing regular file or directory by name in `dir`, refusing anything else
+    /// (checked on the descriptor, so a swap between look and open cannot fool it).
+    fn open_existing(
+        dir: &OwnedFd,
+        name: &str,
+        op: &'static str,
+        path: &str,
+    ) -> HostResult<(OwnedFd, FileStat)> {
+        let flags = OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let fd = openat(dir, name, flags, Mode::empty())
+            .map_err(|e| HostError::io(op, path, errno(e)))?;
+        let st = fstat(&fd).map_err(|e| HostError::io(op, path, errno(e)))?;
+        match file_type(&st) {
+            FileType::File | FileType::Directory => Ok((fd, st)),
+            other => Err(HostError::io(
+                op,
+                path,
+                io::Error::other(format!("is a {other}")),
+            )),
+        }
+    }
+
+    fn write_temp(
+        &self,
+        dir: &OwnedFd,
+        tmp: &str,
+        content: &[u8],
+        attrs: NewAttrs,
+        path: &str,
+    ) -> HostResult<()> {
+        let io_err = |op, e: Errno| HostError::io(op, path, errno(e));
+        match unlinkat(dir, tmp, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(io_err("remove stale temporary file for", e)),
+        }
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(dir, tmp, flags, Mode::from_bits_truncate(0o600))
+            .map_err(|e| io_err("create temporary file for", e))?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(content)
+            .map_err(|e| HostError::io("write", path, e))?;
+        if attrs.uid.is_some() || attrs.gid.is_some() {
+            fchown(
+                &file,
+                attrs.uid.map(Uid::from_raw),
+                attrs.gid.map(Gid::from_raw),
+            )
+            .map_err(|e| io_err("chown", e))?;
+        }
+        fchmod(&file, Mode::from_bits_truncate(attrs.mode)).map_err(|e| io_err("chmod", e))?;
+        file.sync_all().map_err(|e| HostError::io("fsync", path, e))
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        cache: &'a OnceCell<Vec<(String, u32)>>,
+        file: &str,
+    ) -> &'a [(String, u32)] {
+        cache.get_or_init(|| {
+            let text = self.root.read_to_string(file).unwrap_or_default();
+            text.lines()
+                .filter_map(|l| {
+                    let mut f = l.split(':');
+                    let name = f.next()?;
+                    let id = f.nth(1)?.parse().ok()?;
+                    (!name.is_empty() && !name.starts_with('#')).then(|| (name.to_string(), id))
+                })
+                .collect()
+        })
+    }
+}
+
+impl Host for RealHost {
+    fn stat(&self, path: &str) -> HostResult<Option<Stat>> {
+        self.root
+            .lstat(path)
+            .map(|s| s.as_ref().map(to_stat))
+            .map_err(|e| HostError::io("stat", path, e))
+    }
+
+    fn read_file(&self, path: &str, limit: u64) -> HostResult<Option<FileRead>> {
+        let err = |e| HostError::io("read", path, e);
+        let (dir, name) = match self.root.parent(path) {
+            Ok(x) => x,
+            Err(e) if absent(&e) => return Ok(None),
+            Err(e) => return Err(err(e)),
+        };
+        let st = match fstatat(&*dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT | Errno::ENOTDIR) => return Ok(None),
+            Err(e) => return Err(err(errno(e))),
+        };
+        let stat = to_stat(&st);
+        if stat.file_type != FileType::File || stat.size > limit {
+            return Ok(Some(FileRead {
+                stat,
+                content: None,
+            }));
+        }
+        let (fd, st) = Self::open_existing(&dir, name, "read", path)?;
+        let stat = to_stat(&st);
+        if stat.file_type != FileType::File || stat.size > limit {
+            return Ok(Some(FileRead {
+                stat,
+                content: None,
+            }));
+        }
+        let mut content = Vec::with_capacity(stat.size as usize);
+        std::fs::File::from(fd)
+            .take(limit + 1)
+            .read_to_end(&mut content)
+            .map_err(err)?;
+        let content = (content.len() as u64 <= limit).then_some(content);
+        Ok(Some(FileRead { stat, content }))
+    }
+
+    fn read_link(&self, path: &str) -> HostResult<String> {
+        let err = |e| HostError::io("readlink", path, e);
+        let (dir, name) = self.root.parent(path).map_err(err)?;
+        let target = readlinkat(&*dir, name).map_err(|e| err(errno(e)))?;
+        target
+            .into_string()
+            .map_err(|_| err(io::Error::other("link target is not UTF-8")))
+    }
+
+    fn list_dir(&self, path: &str) -> HostResult<Vec<(String, FileType)>> {
+        let err = |e| HostError::io("list", path, e);
+        let fd = self
+            .root
+            .open_at(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)
+            .map_err(err)?;
+        let mut dir = nix::dir::Dir::from_fd(fd).map_err(|e| err(errno(e)))?;
+        let mut names = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(|e| err(errno(e)))?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            names.push(String::from_utf8_lossy(name).into_owned());
+        }
+        drop(dir);
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let child = if path == "/" {
+                format!("/{name}")
+            } else {
+                format!("{path}/{name}")
+            };
+            if let Some(st) = self.root.lstat(&child).map_err(err)? {
+                out.push((name, file_type(&st)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_file(
+        &self,
+        path: &str,
+        content: &[u8],
+        attrs: NewAttrs,
+        validate: Option<&[String]>,
+    ) -> HostResult<()> {
+        let (dir, name) = self
+            .root
+            .parent(path)
+            .map_err(|e| HostError::io("write", path, e))?;
+        let tmp = temp_name(name);
+        let result = self
+            .write_temp(&dir, &tmp, content, attrs, path)
+            .and_then(|()| {
+                if let Some(argv) = validate {
+                    let dir_path = &path[..path.len() - name.len()];
+                    let tmp_path = format!("{dir_path}{tmp}");
+                    let argv: Vec<String> =
+                        argv.iter().map(|a| a.replace('%', &tmp_path)).collect();
+                    let chroot = (!self.root.is_slash()).then(|| self.root.path());
+                    command::run(&argv, chroot, VALIDATE_TIMEOUT)?;
+                }
+                renameat(&*dir, tmp.as_str(), &*dir, name)
+                    .map_err(|e| HostError::io("rename into place", path, errno(e)))
+            });
+        if result.is_err() {
+            let _ = unlinkat(&*dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            return result;
+        }
+        fsync(&*dir).map_err(|e| HostError::io("fsync directory of", path, errno(e)))
+    }
+
+    fn mkdir(&self, path: &str, attrs: NewAttrs) -> HostResult<()> {
+        let io_err = |op, e: Errno| HostError::io(op, path, errno(e));
+        let (dir, name) = self
+            .root
+            .parent(path)
+            .map_err(|e| HostError::io("mkdir", path, e))?;
+        mkdirat(&*dir, name, Mode::from_bits_truncate(0o700)).map_err(|e| io_err("mkdir", e))?;
+        let (fd, _) = Self::open_existing(&dir, name, "mkdir", path)?;
+        if attrs.uid.is_some() || attrs.gid.is_some() {
+            fchown(
+                &fd,
+                attrs.uid.map(Uid::from_raw),
+                attrs.gid.map(Gid::from_raw),
+            )
+            .map_err(|e| io_err("chown", e))?;
+        }
+        fchmod(&fd, Mode::from_bits_truncate(attrs.mode)).map_err(|e| io_err("chmod", e))?;
+        fsync(&*dir).map_err(|e| io_err("fsync directory of", e))
+    }
+
+    fn symlink(&self, path: &str, target: &str) -> HostResult<()> {
+        let io_err = |op, e: Errno| HostError::io(op, path, errno(e));
+        let (dir, name) = self
+            .root
+            .parent(path)
+            .map_err(|e| HostError::io("symlink", path, e))?;
+        let tmp = temp_name(name);
+        match unlinkat(&*dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(io_err("remove stale temporary link for", e)),
+        }
+        symlinkat(target, &*dir, tmp.as_str()).map_err(|e| io_err("symlink", e))?;
+        if let Err(e) = renameat(&*dir, tmp.as_str(), &*dir, name) {
+            let _ = unlinkat(&*dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(io_err("rename into place", e));
+        }
+        fsync(&*dir).map_err(|e| io_err("fsync directory of", e))
+    }
+
+    fn set_mode(&self, path: &str, mode: u32) -> HostResult<()> {
+        let (dir, name) = self
+            .root
+            .parent(path)
+            .map_err(|e| HostError::io("chmod", path, e))?;
+        let (fd, _) = Self::open_existing(&dir, name, "chmod", path)?;
+        fchmod(&fd, Mode::from_bits_truncate(mode))
+            .map_err(|e| HostError::io("chmod", path, errno(e)))
+    }
+
+    fn set_owner(&self, path: &str, uid: Option<u32>, gid: Option<u32>) -> HostResult<()> {
+        let err = |e| HostError::io("chown", path, e);
+        let (dir, name) = self.root.parent(path).map_err(err)?;
+        fchownat(
+            &*dir,
+            name,
+            uid.map(Uid::from_raw),
+            gid.map(Gid::from_raw),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| err(errno(e)))
+    }
+
+    fn remove(&self, path: &str) -> HostResult<()> {
+        let err = |e| HostError::io("remove", path, e);
+        let (dir, name) = self.root.parent(path).map_err(err)?;
+        let st = fstatat(&*dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| err(errno(e)))?;
+        let is_dir = file_type(&st) == FileType::Directory;
+        let flag = if is_dir {
+            UnlinkatFlags::RemoveDir
+        } else {
+            UnlinkatFlags::NoRemoveDir
+        };
+        unlinkat(&*dir, name, flag).map_err(|e| err(errno(e)))?;
+        if is_dir {
+            self.root.forget_dirs();
+        }
+        Ok(())
+    }
+
+    fn backup(&self, path: &str) -> HostResult<String> {
+        let (dir, name) = self
+            .root
+            .parent(path)
+            .map_err(|e| HostError::io("backup", path, e))?;
+        let (fd, st) = Self::open_existing(&dir, name, "backup", path)?;
+        if file_type(&st) != FileType::File {
+            return Err(HostError::io(
+                "backup",
+                path,
+                io::Error::other("not a regular file"),
+            ));
+        }
+        self.backups
+            .save(&self.root, path, std::fs::File::from(fd))
+            .map_err(|e| HostError::io("back up", path, e))
+    }
+
+    fn user_id(&self, name: &str) -> HostResult<Option<u32>> {
+        if self.root.is_slash() {
+            return nix::unistd::User::from_name(name)
+                .map(|u| u.map(|u| u.uid.as_raw()))
+                .map_err(|e| HostError::io("look up user", name, errno(e)));
+        }
+        Ok(self
+            .lookup(&self.users, "/etc/passwd")
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id))
+    }
+
+    fn group_id(&self, name: &str) -> HostResult<Option<u32>> {
+        if self.root.is_slash() {
+            return nix::unistd::Group::from_name(name)
+                .map(|g| g.map(|g| g.gid.as_raw()))
+                .map_err(|e| HostError::io("look up group", name, errno(e)));
+        }
+        Ok(self
+            .lookup(&self.groups, "/etc/group")
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id))
+    }
+
+    fn user_name(&self, uid: u32) -> Option<String> {
+        if self.root.is_slash() {
+            return nix::unistd::User::from_uid(Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| u.name);
+        }
+        self.lookup(&self.users, "/etc/passwd")
+            .iter()
+            .find(|(_, id)| *id == uid)
+            .map(|(n, _)| n.clone())
+    }
+
+    fn group_name(&self, gid: u32) -> Option<String> {
+        if self.root.is_slash() {
+            return nix::unistd::Group::from_gid(Gid::from_raw(gid))
+                .ok()
+                .flatten()
+                .map(|g| g.name);
+        }
+        self.lookup(&self.groups, "/etc/group")
+            .iter()
+            .find(|(_, id)| *id == gid)
+            .map(|(n, _)| n.clone())
+    }
+}
