@@ -9,11 +9,11 @@ use crate::fs::{Root, errno};
 use crate::host::RealHost;
 use anyhow::{Context, Result, anyhow};
 use converge_modules::engine::{self, Options};
-use converge_modules::load::{Loaded, load};
+use converge_modules::load::{Loaded, load, load_decoded};
 use converge_modules::providers::System;
 use converge_modules::report::{JsonSink, RunInfo, Sink, Summary, TextSink};
 use nix::fcntl::{Flock, FlockArg, OFlag};
-use std::io::IsTerminal;
+use std::io::{BufRead, IsTerminal};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
@@ -59,20 +59,28 @@ pub struct ApplyArgs {
 }
 
 /// Reads and checks the catalog; the error is every problem, rendered with its source line.
+///
+/// JSON, the spelling agents receive, is streamed into the model so that the text and the
+/// catalog are never in memory at once; the text is read whole only for YAML, or to place the
+/// problems of a catalog that has some.
 pub fn read_catalog(file: &Path) -> Result<Loaded> {
     let name = file.display().to_string();
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read catalog {name}"))?;
+    let open = || std::fs::File::open(file).with_context(|| format!("cannot read catalog {name}"));
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let read_source =
-        |src: &str| std::fs::read_to_string(base.join(src)).map_err(|e| e.to_string());
+    let read_source = |src: &str| std::fs::read_to_string(base.join(src)).map_err(|e| e.to_string());
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, open()?);
+    let head = reader.fill_buf().with_context(|| format!("cannot read catalog {name}"))?;
+    if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        let streamed = converge_modules::stream::catalog_from_reader(reader).ok();
+        if let Some(Ok(loaded)) = streamed.map(|c| load_decoded(&name, c, Some(&read_source))) {
+            return Ok(loaded);
+        }
+    }
+    let text = std::io::read_to_string(open()?).with_context(|| format!("cannot read catalog {name}"))?;
     load(&name, &text, Some(&read_source)).map_err(|diags| {
         let n = diags.len();
-        anyhow!(
-            "{}\n\n{name}: {n} problem{}; nothing was changed",
-            diags.render(Some(&text)),
-            if n == 1 { "" } else { "s" }
-        )
+        let s = if n == 1 { "" } else { "s" };
+        anyhow!("{}\n\n{name}: {n} problem{s}; nothing was changed", diags.render(Some(&text)))
     })
 }
 
@@ -89,17 +97,12 @@ fn lock(root: &Root, dry_run: bool) -> Result<Option<Flock<OwnedFd>>> {
     let fd = root
         .open_at(STATE_DIR, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)
         .with_context(|| format!("cannot open state directory {}", shown.display()))?;
-    let arg = if dry_run {
-        FlockArg::LockSharedNonblock
-    } else {
-        FlockArg::LockExclusiveNonblock
-    };
+    let arg = if dry_run { FlockArg::LockSharedNonblock } else { FlockArg::LockExclusiveNonblock };
     match Flock::lock(fd, arg) {
         Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(anyhow!(
-            "another converge run holds the lock on {}; try again when it has finished",
-            shown.display()
-        )),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            Err(anyhow!("another converge run holds the lock on {}; try again when it has finished", shown.display()))
+        }
         Err((_, e)) => Err(errno(e)).with_context(|| format!("cannot lock {}", shown.display())),
     }
 }
@@ -107,8 +110,7 @@ fn lock(root: &Root, dry_run: bool) -> Result<Option<Flock<OwnedFd>>> {
 /// Runs `converge apply`; returns the process exit code.
 pub fn run(args: &ApplyArgs) -> Result<i32> {
     let loaded = read_catalog(&args.file)?;
-    let root = Root::open(&args.root)
-        .with_context(|| format!("cannot open root {}", args.root.display()))?;
+    let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
     let _lock = lock(&root, args.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let system = System::new(&host, &loaded.catalog.resources);
@@ -129,9 +131,7 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
         Format::Json => engine::run(
             &loaded,
             &system,
-            Options {
-                dry_run: args.dry_run,
-            },
+            Options { dry_run: args.dry_run },
             info,
             &mut JsonSink::new(stdout) as &mut dyn Sink,
         ),
@@ -139,20 +139,10 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
             let color = match args.color {
                 Color::Always => true,
                 Color::Never => false,
-                Color::Auto => {
-                    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
-                }
+                Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
             };
             let mut sink = TextSink::new(stdout, color, args.verbose);
-            engine::run(
-                &loaded,
-                &system,
-                Options {
-                    dry_run: args.dry_run,
-                },
-                info,
-                &mut sink,
-            )
+            engine::run(&loaded, &system, Options { dry_run: args.dry_run }, info, &mut sink)
         }
     };
     if host.backups().saved() > 0

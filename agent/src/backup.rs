@@ -39,10 +39,7 @@ pub struct BackupStore {
 
 impl BackupStore {
     pub fn new(state_dir: &str) -> BackupStore {
-        BackupStore {
-            dir: format!("{state_dir}/backups"),
-            saved: Cell::new(0),
-        }
+        BackupStore { dir: format!("{state_dir}/backups"), saved: Cell::new(0) }
     }
 
     /// How many backups this run made.
@@ -52,12 +49,7 @@ impl BackupStore {
 
     fn objects(&self, root: &Root) -> io::Result<OwnedFd> {
         root.create_dir_all(&format!("{}/objects", self.dir), 0o700)?;
-        root.open_at(
-            &format!("{}/objects", self.dir),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            0,
-            false,
-        )
+        root.open_at(&format!("{}/objects", self.dir), OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)
     }
 
     /// Copies `src` (the current content of `path`) into the store; returns `sha256:HEX`.
@@ -68,17 +60,9 @@ impl BackupStore {
             Ok(()) | Err(Errno::ENOENT) => {}
             Err(e) => return Err(errno(e)),
         }
-        let flags =
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let mut out = std::fs::File::from(
-            openat(
-                &objects,
-                tmp.as_str(),
-                flags,
-                Mode::from_bits_truncate(0o600),
-            )
-            .map_err(errno)?,
-        );
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let mut out =
+            std::fs::File::from(openat(&objects, tmp.as_str(), flags, Mode::from_bits_truncate(0o600)).map_err(errno)?);
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut size = 0u64;
@@ -108,13 +92,7 @@ impl BackupStore {
             false,
         )?;
         let mut index = std::fs::File::from(index);
-        index.write_all(
-            format!(
-                "{}\n",
-                serde_json::to_string(&entry).expect("entry serializes")
-            )
-            .as_bytes(),
-        )?;
+        index.write_all(format!("{}\n", serde_json::to_string(&entry).expect("entry serializes")).as_bytes())?;
         index.sync_all()?;
         self.saved.set(self.saved.get() + 1);
         Ok(format!("sha256:{sha}"))
@@ -123,10 +101,7 @@ impl BackupStore {
     /// Every entry of the index, oldest first (unreadable lines, from a crash, are skipped).
     pub fn entries(&self, root: &Root) -> io::Result<Vec<Entry>> {
         match root.read_to_string(&format!("{}/index", self.dir)) {
-            Ok(text) => Ok(text
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()),
+            Ok(text) => Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
         }
@@ -137,19 +112,11 @@ impl BackupStore {
         let entries = self.entries(root)?;
         let kept = bound(entries, KEEP_PER_PATH, MAX_BYTES);
         let objects = self.objects(root)?;
-        let text: String = kept
-            .iter()
-            .map(|e| serde_json::to_string(e).expect("entry serializes") + "\n")
-            .collect();
+        let text: String = kept.iter().map(|e| serde_json::to_string(e).expect("entry serializes") + "\n").collect();
         let dir = root.open_at(&self.dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)?;
-        let flags = OFlag::O_WRONLY
-            | OFlag::O_CREAT
-            | OFlag::O_TRUNC
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_CLOEXEC;
-        let mut f = std::fs::File::from(
-            openat(&dir, "index.new", flags, Mode::from_bits_truncate(0o600)).map_err(errno)?,
-        );
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let mut f =
+            std::fs::File::from(openat(&dir, "index.new", flags, Mode::from_bits_truncate(0o600)).map_err(errno)?);
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         renameat(&dir, "index.new", &dir, "index").map_err(errno)?;
@@ -184,11 +151,7 @@ pub fn bound(entries: Vec<Entry>, per_path: usize, max_bytes: u64) -> Vec<Entry>
             keep[i] = true;
         }
     }
-    let mut kept: Vec<Entry> = entries
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(e, k)| k.then_some(e))
-        .collect();
+    let mut kept: Vec<Entry> = entries.into_iter().zip(keep).filter_map(|(e, k)| k.then_some(e)).collect();
     let total = |kept: &[Entry]| {
         let mut sizes: HashMap<&str, u64> = HashMap::new();
         for e in kept {
@@ -207,12 +170,7 @@ mod tests {
     use super::*;
 
     fn e(time: i64, path: &str, sha: &str, size: u64) -> Entry {
-        Entry {
-            time,
-            path: path.into(),
-            sha256: sha.into(),
-            size,
-        }
+        Entry { time, path: path.into(), sha256: sha.into(), size }
     }
 
     #[test]
@@ -243,32 +201,16 @@ mod tests {
         let store = BackupStore::new("/var/lib/converge");
         for i in 0..5 {
             std::fs::write(t.path().join("f"), format!("v{i}")).unwrap();
-            let id = store
-                .save(
-                    &root,
-                    "/f",
-                    std::fs::File::open(t.path().join("f")).unwrap(),
-                )
-                .unwrap();
-            assert_eq!(
-                id,
-                converge_modules::hash::sha256_id(format!("v{i}").as_bytes())
-            );
+            let id = store.save(&root, "/f", std::fs::File::open(t.path().join("f")).unwrap()).unwrap();
+            assert_eq!(id, converge_modules::hash::sha256_id(format!("v{i}").as_bytes()));
         }
         store.prune(&root).unwrap();
         let entries = store.entries(&root).unwrap();
         assert_eq!(entries.len(), KEEP_PER_PATH);
-        let objects: Vec<_> = std::fs::read_dir(t.path().join("var/lib/converge/backups/objects"))
-            .unwrap()
-            .collect();
+        let objects: Vec<_> = std::fs::read_dir(t.path().join("var/lib/converge/backups/objects")).unwrap().collect();
         assert_eq!(objects.len(), KEEP_PER_PATH);
         let newest = &entries.last().unwrap().sha256;
-        let kept = std::fs::read_to_string(
-            t.path()
-                .join("var/lib/converge/backups/objects")
-                .join(newest),
-        )
-        .unwrap();
+        let kept = std::fs::read_to_string(t.path().join("var/lib/converge/backups/objects").join(newest)).unwrap();
         assert_eq!(kept, "v4");
     }
 }

@@ -17,21 +17,12 @@ pub const OUTPUT_TAIL: usize = 2048;
 /// and the tail of its output unless it exits 0 within `timeout`.
 pub fn run(argv: &[String], chroot: Option<&Path>, timeout: Duration) -> Result<(), HostError> {
     let shown = argv.join(" ");
-    let fail = |status: String, output: String| HostError::Command {
-        command: shown.clone(),
-        status,
-        output,
-    };
-    let (program, args) = argv
-        .split_first()
-        .ok_or_else(|| fail("is empty".into(), String::new()))?;
+    let fail = |status: String, output: String| HostError::Command { command: shown.clone(), status, output };
+    let (program, args) = argv.split_first().ok_or_else(|| fail("is empty".into(), String::new()))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -50,19 +41,11 @@ pub fn run(argv: &[String], chroot: Option<&Path>, timeout: Duration) -> Result<
         }
         cmd.current_dir("/");
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| fail(format!("could not start: {e}"), String::new()))?;
+    let mut child = cmd.spawn().map_err(|e| fail(format!("could not start: {e}"), String::new()))?;
     let mut readers = Vec::new();
     for pipe in [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -81,10 +64,7 @@ pub fn run(argv: &[String], chroot: Option<&Path>, timeout: Duration) -> Result<
             Ok(None) if started.elapsed() >= timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                break Err(format!(
-                    "timed out after {} s and was killed",
-                    timeout.as_secs()
-                ));
+                break Err(format!("timed out after {} s and was killed", timeout.as_secs()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => break Err(format!("could not be waited for: {e}")),
@@ -114,16 +94,8 @@ mod tests {
     #[test]
     fn success_failure_and_output_tail() {
         run(&argv(&["true"]), None, Duration::from_secs(10)).unwrap();
-        let e = run(
-            &argv(&["sh", "-c", "echo bad line 3 >&2; exit 3"]),
-            None,
-            Duration::from_secs(10),
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "`sh -c echo bad line 3 >&2; exit 3` exit status: 3: bad line 3"
-        );
+        let e = run(&argv(&["sh", "-c", "echo bad line 3 >&2; exit 3"]), None, Duration::from_secs(10)).unwrap_err();
+        assert_eq!(e.to_string(), "`sh -c echo bad line 3 >&2; exit 3` exit status: 3: bad line 3");
     }
 
     #[test]

@@ -49,31 +49,18 @@ const MAX_LINKS: usize = 40;
 impl Root {
     /// Opens `path` as a root, choosing the resolver this kernel supports.
     pub fn open(path: &Path) -> io::Result<Root> {
-        let fd = nix::fcntl::open(
-            path,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno)?;
-        let how = OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-            .resolve(ResolveFlag::RESOLVE_IN_ROOT);
+        let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(errno)?;
+        let how = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_IN_ROOT);
         let resolver = match openat2(&fd, ".", how) {
             // CONVERGE_RESOLVER=walk reproduces an old kernel's behaviour on a new one.
-            Ok(_) if std::env::var_os("CONVERGE_RESOLVER").is_some_and(|v| v == "walk") => {
-                Resolver::Walk
-            }
+            Ok(_) if std::env::var_os("CONVERGE_RESOLVER").is_some_and(|v| v == "walk") => Resolver::Walk,
             Ok(_) => Resolver::Openat2,
             Err(Errno::ENOSYS | Errno::EPERM) => Resolver::Walk,
             Err(e) => return Err(errno(e)),
         };
         tracing::debug!(?resolver, root = %path.display(), "opened root");
-        Ok(Root {
-            path: path.to_path_buf(),
-            fd,
-            resolver,
-            parent_cache: RefCell::new(None),
-        })
+        Ok(Root { path: path.to_path_buf(), fd, resolver, parent_cache: RefCell::new(None) })
     }
 
     /// The same root with another resolver (tests prove both).
@@ -93,13 +80,7 @@ impl Root {
 
     /// Opens `path`, resolving every component inside the root. The last component is followed
     /// only when `follow_last`.
-    pub fn open_at(
-        &self,
-        path: &str,
-        flags: OFlag,
-        mode: u32,
-        follow_last: bool,
-    ) -> io::Result<OwnedFd> {
+    pub fn open_at(&self, path: &str, flags: OFlag, mode: u32, follow_last: bool) -> io::Result<OwnedFd> {
         let rel = path.trim_start_matches('/');
         let rel = if rel.is_empty() { "." } else { rel };
         let mut flags = flags | OFlag::O_CLOEXEC;
@@ -122,25 +103,13 @@ impl Root {
     /// one before; a symlink's target is spliced into the components still to walk (from the
     /// root when absolute); `..` never goes above the root.
     fn walk(&self, rel: &str, flags: OFlag, mode: u32, follow_last: bool) -> io::Result<OwnedFd> {
-        let dup = || {
-            openat(
-                &self.fd,
-                ".",
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-        };
+        let dup = || openat(&self.fd, ".", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty());
         let mut stack: Vec<OwnedFd> = vec![dup().map_err(errno)?];
         let mut todo: VecDeque<Vec<u8>> = components(rel.as_bytes()).collect();
         let mut links = 0;
         let open_last = |dir: &OwnedFd, name: &[u8]| {
-            openat(
-                dir,
-                OsStr::from_bytes(name),
-                flags | OFlag::O_NOFOLLOW,
-                Mode::from_bits_truncate(mode),
-            )
-            .map_err(errno)
+            openat(dir, OsStr::from_bytes(name), flags | OFlag::O_NOFOLLOW, Mode::from_bits_truncate(mode))
+                .map_err(errno)
         };
         while let Some(comp) = todo.pop_front() {
             let last = todo.is_empty();
@@ -184,13 +153,8 @@ impl Root {
             stack.push(next);
         }
         // The path named the root itself, or ended in `..`.
-        openat(
-            stack.last().expect("root"),
-            ".",
-            flags & !OFlag::O_NOFOLLOW,
-            Mode::from_bits_truncate(mode),
-        )
-        .map_err(errno)
+        openat(stack.last().expect("root"), ".", flags & !OFlag::O_NOFOLLOW, Mode::from_bits_truncate(mode))
+            .map_err(errno)
     }
 
     /// The directory holding `path` (opened for reading, so it can be fsync'ed) and the last
@@ -200,17 +164,11 @@ impl Root {
             Some(0) => ("/", &path[1..]),
             Some(i) => (&path[..i], &path[i + 1..]),
             None => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "not an absolute path",
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an absolute path"));
             }
         };
         if name.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the root itself has no parent",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the root itself has no parent"));
         }
         if let Some((cached, fd)) = &*self.parent_cache.borrow()
             && cached == dir
@@ -251,9 +209,7 @@ impl Root {
                 return Ok(());
             }
             Some(_) => {
-                return Err(io::Error::other(format!(
-                    "{path} exists and is not a directory"
-                )));
+                return Err(io::Error::other(format!("{path} exists and is not a directory")));
             }
             None => {}
         }
@@ -281,9 +237,7 @@ pub fn absent(e: &io::Error) -> bool {
 }
 
 fn components(path: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
-    path.split(|b| *b == b'/')
-        .filter(|c| !c.is_empty() && *c != b".")
-        .map(<[u8]>::to_vec)
+    path.split(|b| *b == b'/').filter(|c| !c.is_empty() && *c != b".").map(<[u8]>::to_vec)
 }
 
 pub fn file_type(st: &FileStat) -> converge_modules::host::FileType {
@@ -323,28 +277,15 @@ mod tests {
         let root = Root::open(&root_path).unwrap().with_resolver(resolver);
         let read = |p: &str| root.read_to_string(p);
         assert_eq!(read("/etc/inside").unwrap(), "inside");
-        assert_eq!(
-            read("/abs/inside").unwrap(),
-            "inside",
-            "an absolute link resolves in the root"
-        );
-        assert!(
-            read("/up/outside").is_err(),
-            "an absolute link out of the root stays in the root"
-        );
+        assert_eq!(read("/abs/inside").unwrap(), "inside", "an absolute link resolves in the root");
+        assert!(read("/up/outside").is_err(), "an absolute link out of the root stays in the root");
         assert!(read("/etc/dots/outside").is_err(), "`..` stops at the root");
         assert!(read("/../outside").is_err());
         assert_eq!(read("/etc/dots/etc/inside").unwrap(), "inside");
         // The last component is never followed when asked not to.
-        assert!(
-            root.open_at("/abs", OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)
-                .is_err()
-        );
+        assert!(root.open_at("/abs", OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false).is_err());
         let e = root.parent("/up/outside").unwrap_err();
-        assert!(
-            absent(&e),
-            "the link's target is looked up in the root, where it does not exist: {e}"
-        );
+        assert!(absent(&e), "the link's target is looked up in the root, where it does not exist: {e}");
     }
 
     #[test]
@@ -364,11 +305,7 @@ mod tests {
         symlink("/a", t.path().join("b")).unwrap();
         for r in [Resolver::Openat2, Resolver::Walk] {
             let root = Root::open(t.path()).unwrap().with_resolver(r);
-            assert_eq!(
-                root.read_to_string("/a/x").unwrap_err().raw_os_error(),
-                Some(libc::ELOOP),
-                "{r:?}"
-            );
+            assert_eq!(root.read_to_string("/a/x").unwrap_err().raw_os_error(), Some(libc::ELOOP), "{r:?}");
         }
     }
 }

@@ -52,12 +52,7 @@ pub fn temp_name(name: &str) -> String {
 
 impl RealHost {
     pub fn new(root: Root, backups: BackupStore) -> RealHost {
-        RealHost {
-            root,
-            backups,
-            users: OnceCell::new(),
-            groups: OnceCell::new(),
-        }
+        RealHost { root, backups, users: OnceCell::new(), groups: OnceCell::new() }
     }
 
     pub fn root(&self) -> &Root {
@@ -70,67 +65,36 @@ impl RealHost {
 
     /// Opens an existing regular file or directory by name in `dir`, refusing anything else
     /// (checked on the descriptor, so a swap between look and open cannot fool it).
-    fn open_existing(
-        dir: &OwnedFd,
-        name: &str,
-        op: &'static str,
-        path: &str,
-    ) -> HostResult<(OwnedFd, FileStat)> {
-        let flags = OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_NOCTTY
-            | OFlag::O_CLOEXEC;
-        let fd = openat(dir, name, flags, Mode::empty())
-            .map_err(|e| HostError::io(op, path, errno(e)))?;
+    fn open_existing(dir: &OwnedFd, name: &str, op: &'static str, path: &str) -> HostResult<(OwnedFd, FileStat)> {
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let fd = openat(dir, name, flags, Mode::empty()).map_err(|e| HostError::io(op, path, errno(e)))?;
         let st = fstat(&fd).map_err(|e| HostError::io(op, path, errno(e)))?;
         match file_type(&st) {
             FileType::File | FileType::Directory => Ok((fd, st)),
-            other => Err(HostError::io(
-                op,
-                path,
-                io::Error::other(format!("is a {other}")),
-            )),
+            other => Err(HostError::io(op, path, io::Error::other(format!("is a {other}")))),
         }
     }
 
-    fn write_temp(
-        &self,
-        dir: &OwnedFd,
-        tmp: &str,
-        content: &[u8],
-        attrs: NewAttrs,
-        path: &str,
-    ) -> HostResult<()> {
+    fn write_temp(&self, dir: &OwnedFd, tmp: &str, content: &[u8], attrs: NewAttrs, path: &str) -> HostResult<()> {
         let io_err = |op, e: Errno| HostError::io(op, path, errno(e));
         match unlinkat(dir, tmp, UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(Errno::ENOENT) => {}
             Err(e) => return Err(io_err("remove stale temporary file for", e)),
         }
-        let flags =
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let fd = openat(dir, tmp, flags, Mode::from_bits_truncate(0o600))
             .map_err(|e| io_err("create temporary file for", e))?;
         let mut file = std::fs::File::from(fd);
-        file.write_all(content)
-            .map_err(|e| HostError::io("write", path, e))?;
+        file.write_all(content).map_err(|e| HostError::io("write", path, e))?;
         if attrs.uid.is_some() || attrs.gid.is_some() {
-            fchown(
-                &file,
-                attrs.uid.map(Uid::from_raw),
-                attrs.gid.map(Gid::from_raw),
-            )
-            .map_err(|e| io_err("chown", e))?;
+            fchown(&file, attrs.uid.map(Uid::from_raw), attrs.gid.map(Gid::from_raw))
+                .map_err(|e| io_err("chown", e))?;
         }
         fchmod(&file, Mode::from_bits_truncate(attrs.mode)).map_err(|e| io_err("chmod", e))?;
         file.sync_all().map_err(|e| HostError::io("fsync", path, e))
     }
 
-    fn lookup<'a>(
-        &'a self,
-        cache: &'a OnceCell<Vec<(String, u32)>>,
-        file: &str,
-    ) -> &'a [(String, u32)] {
+    fn lookup<'a>(&'a self, cache: &'a OnceCell<Vec<(String, u32)>>, file: &str) -> &'a [(String, u32)] {
         cache.get_or_init(|| {
             let text = self.root.read_to_string(file).unwrap_or_default();
             text.lines()
@@ -147,10 +111,7 @@ impl RealHost {
 
 impl Host for RealHost {
     fn stat(&self, path: &str) -> HostResult<Option<Stat>> {
-        self.root
-            .lstat(path)
-            .map(|s| s.as_ref().map(to_stat))
-            .map_err(|e| HostError::io("stat", path, e))
+        self.root.lstat(path).map(|s| s.as_ref().map(to_stat)).map_err(|e| HostError::io("stat", path, e))
     }
 
     fn read_file(&self, path: &str, limit: u64) -> HostResult<Option<FileRead>> {
@@ -167,24 +128,15 @@ impl Host for RealHost {
         };
         let stat = to_stat(&st);
         if stat.file_type != FileType::File || stat.size > limit {
-            return Ok(Some(FileRead {
-                stat,
-                content: None,
-            }));
+            return Ok(Some(FileRead { stat, content: None }));
         }
         let (fd, st) = Self::open_existing(&dir, name, "read", path)?;
         let stat = to_stat(&st);
         if stat.file_type != FileType::File || stat.size > limit {
-            return Ok(Some(FileRead {
-                stat,
-                content: None,
-            }));
+            return Ok(Some(FileRead { stat, content: None }));
         }
         let mut content = Vec::with_capacity(stat.size as usize);
-        std::fs::File::from(fd)
-            .take(limit + 1)
-            .read_to_end(&mut content)
-            .map_err(err)?;
+        std::fs::File::from(fd).take(limit + 1).read_to_end(&mut content).map_err(err)?;
         let content = (content.len() as u64 <= limit).then_some(content);
         Ok(Some(FileRead { stat, content }))
     }
@@ -193,17 +145,12 @@ impl Host for RealHost {
         let err = |e| HostError::io("readlink", path, e);
         let (dir, name) = self.root.parent(path).map_err(err)?;
         let target = readlinkat(&*dir, name).map_err(|e| err(errno(e)))?;
-        target
-            .into_string()
-            .map_err(|_| err(io::Error::other("link target is not UTF-8")))
+        target.into_string().map_err(|_| err(io::Error::other("link target is not UTF-8")))
     }
 
     fn list_dir(&self, path: &str) -> HostResult<Vec<(String, FileType)>> {
         let err = |e| HostError::io("list", path, e);
-        let fd = self
-            .root
-            .open_at(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)
-            .map_err(err)?;
+        let fd = self.root.open_at(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false).map_err(err)?;
         let mut dir = nix::dir::Dir::from_fd(fd).map_err(|e| err(errno(e)))?;
         let mut names = Vec::new();
         for entry in dir.iter() {
@@ -218,11 +165,7 @@ impl Host for RealHost {
         names.sort();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            let child = if path == "/" {
-                format!("/{name}")
-            } else {
-                format!("{path}/{name}")
-            };
+            let child = if path == "/" { format!("/{name}") } else { format!("{path}/{name}") };
             if let Some(st) = self.root.lstat(&child).map_err(err)? {
                 out.push((name, file_type(&st)));
             }
@@ -230,32 +173,19 @@ impl Host for RealHost {
         Ok(out)
     }
 
-    fn write_file(
-        &self,
-        path: &str,
-        content: &[u8],
-        attrs: NewAttrs,
-        validate: Option<&[String]>,
-    ) -> HostResult<()> {
-        let (dir, name) = self
-            .root
-            .parent(path)
-            .map_err(|e| HostError::io("write", path, e))?;
+    fn write_file(&self, path: &str, content: &[u8], attrs: NewAttrs, validate: Option<&[String]>) -> HostResult<()> {
+        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("write", path, e))?;
         let tmp = temp_name(name);
-        let result = self
-            .write_temp(&dir, &tmp, content, attrs, path)
-            .and_then(|()| {
-                if let Some(argv) = validate {
-                    let dir_path = &path[..path.len() - name.len()];
-                    let tmp_path = format!("{dir_path}{tmp}");
-                    let argv: Vec<String> =
-                        argv.iter().map(|a| a.replace('%', &tmp_path)).collect();
-                    let chroot = (!self.root.is_slash()).then(|| self.root.path());
-                    command::run(&argv, chroot, VALIDATE_TIMEOUT)?;
-                }
-                renameat(&*dir, tmp.as_str(), &*dir, name)
-                    .map_err(|e| HostError::io("rename into place", path, errno(e)))
-            });
+        let result = self.write_temp(&dir, &tmp, content, attrs, path).and_then(|()| {
+            if let Some(argv) = validate {
+                let dir_path = &path[..path.len() - name.len()];
+                let tmp_path = format!("{dir_path}{tmp}");
+                let argv: Vec<String> = argv.iter().map(|a| a.replace('%', &tmp_path)).collect();
+                let chroot = (!self.root.is_slash()).then(|| self.root.path());
+                command::run(&argv, chroot, VALIDATE_TIMEOUT)?;
+            }
+            renameat(&*dir, tmp.as_str(), &*dir, name).map_err(|e| HostError::io("rename into place", path, errno(e)))
+        });
         if result.is_err() {
             let _ = unlinkat(&*dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
             return result;
@@ -265,19 +195,11 @@ impl Host for RealHost {
 
     fn mkdir(&self, path: &str, attrs: NewAttrs) -> HostResult<()> {
         let io_err = |op, e: Errno| HostError::io(op, path, errno(e));
-        let (dir, name) = self
-            .root
-            .parent(path)
-            .map_err(|e| HostError::io("mkdir", path, e))?;
+        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("mkdir", path, e))?;
         mkdirat(&*dir, name, Mode::from_bits_truncate(0o700)).map_err(|e| io_err("mkdir", e))?;
         let (fd, _) = Self::open_existing(&dir, name, "mkdir", path)?;
         if attrs.uid.is_some() || attrs.gid.is_some() {
-            fchown(
-                &fd,
-                attrs.uid.map(Uid::from_raw),
-                attrs.gid.map(Gid::from_raw),
-            )
-            .map_err(|e| io_err("chown", e))?;
+            fchown(&fd, attrs.uid.map(Uid::from_raw), attrs.gid.map(Gid::from_raw)).map_err(|e| io_err("chown", e))?;
         }
         fchmod(&fd, Mode::from_bits_truncate(attrs.mode)).map_err(|e| io_err("chmod", e))?;
         fsync(&*dir).map_err(|e| io_err("fsync directory of", e))
@@ -285,10 +207,7 @@ impl Host for RealHost {
 
     fn symlink(&self, path: &str, target: &str) -> HostResult<()> {
         let io_err = |op, e: Errno| HostError::io(op, path, errno(e));
-        let (dir, name) = self
-            .root
-            .parent(path)
-            .map_err(|e| HostError::io("symlink", path, e))?;
+        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("symlink", path, e))?;
         let tmp = temp_name(name);
         match unlinkat(&*dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(Errno::ENOENT) => {}
@@ -303,26 +222,16 @@ impl Host for RealHost {
     }
 
     fn set_mode(&self, path: &str, mode: u32) -> HostResult<()> {
-        let (dir, name) = self
-            .root
-            .parent(path)
-            .map_err(|e| HostError::io("chmod", path, e))?;
+        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("chmod", path, e))?;
         let (fd, _) = Self::open_existing(&dir, name, "chmod", path)?;
-        fchmod(&fd, Mode::from_bits_truncate(mode))
-            .map_err(|e| HostError::io("chmod", path, errno(e)))
+        fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(|e| HostError::io("chmod", path, errno(e)))
     }
 
     fn set_owner(&self, path: &str, uid: Option<u32>, gid: Option<u32>) -> HostResult<()> {
         let err = |e| HostError::io("chown", path, e);
         let (dir, name) = self.root.parent(path).map_err(err)?;
-        fchownat(
-            &*dir,
-            name,
-            uid.map(Uid::from_raw),
-            gid.map(Gid::from_raw),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| err(errno(e)))
+        fchownat(&*dir, name, uid.map(Uid::from_raw), gid.map(Gid::from_raw), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| err(errno(e)))
     }
 
     fn remove(&self, path: &str) -> HostResult<()> {
@@ -330,11 +239,7 @@ impl Host for RealHost {
         let (dir, name) = self.root.parent(path).map_err(err)?;
         let st = fstatat(&*dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| err(errno(e)))?;
         let is_dir = file_type(&st) == FileType::Directory;
-        let flag = if is_dir {
-            UnlinkatFlags::RemoveDir
-        } else {
-            UnlinkatFlags::NoRemoveDir
-        };
+        let flag = if is_dir { UnlinkatFlags::RemoveDir } else { UnlinkatFlags::NoRemoveDir };
         unlinkat(&*dir, name, flag).map_err(|e| err(errno(e)))?;
         if is_dir {
             self.root.forget_dirs();
@@ -343,21 +248,12 @@ impl Host for RealHost {
     }
 
     fn backup(&self, path: &str) -> HostResult<String> {
-        let (dir, name) = self
-            .root
-            .parent(path)
-            .map_err(|e| HostError::io("backup", path, e))?;
+        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("backup", path, e))?;
         let (fd, st) = Self::open_existing(&dir, name, "backup", path)?;
         if file_type(&st) != FileType::File {
-            return Err(HostError::io(
-                "backup",
-                path,
-                io::Error::other("not a regular file"),
-            ));
+            return Err(HostError::io("backup", path, io::Error::other("not a regular file")));
         }
-        self.backups
-            .save(&self.root, path, std::fs::File::from(fd))
-            .map_err(|e| HostError::io("back up", path, e))
+        self.backups.save(&self.root, path, std::fs::File::from(fd)).map_err(|e| HostError::io("back up", path, e))
     }
 
     fn user_id(&self, name: &str) -> HostResult<Option<u32>> {
@@ -366,11 +262,7 @@ impl Host for RealHost {
                 .map(|u| u.map(|u| u.uid.as_raw()))
                 .map_err(|e| HostError::io("look up user", name, errno(e)));
         }
-        Ok(self
-            .lookup(&self.users, "/etc/passwd")
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, id)| *id))
+        Ok(self.lookup(&self.users, "/etc/passwd").iter().find(|(n, _)| n == name).map(|(_, id)| *id))
     }
 
     fn group_id(&self, name: &str) -> HostResult<Option<u32>> {
@@ -379,36 +271,20 @@ impl Host for RealHost {
                 .map(|g| g.map(|g| g.gid.as_raw()))
                 .map_err(|e| HostError::io("look up group", name, errno(e)));
         }
-        Ok(self
-            .lookup(&self.groups, "/etc/group")
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, id)| *id))
+        Ok(self.lookup(&self.groups, "/etc/group").iter().find(|(n, _)| n == name).map(|(_, id)| *id))
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
         if self.root.is_slash() {
-            return nix::unistd::User::from_uid(Uid::from_raw(uid))
-                .ok()
-                .flatten()
-                .map(|u| u.name);
+            return nix::unistd::User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
         }
-        self.lookup(&self.users, "/etc/passwd")
-            .iter()
-            .find(|(_, id)| *id == uid)
-            .map(|(n, _)| n.clone())
+        self.lookup(&self.users, "/etc/passwd").iter().find(|(_, id)| *id == uid).map(|(n, _)| n.clone())
     }
 
     fn group_name(&self, gid: u32) -> Option<String> {
         if self.root.is_slash() {
-            return nix::unistd::Group::from_gid(Gid::from_raw(gid))
-                .ok()
-                .flatten()
-                .map(|g| g.name);
+            return nix::unistd::Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name);
         }
-        self.lookup(&self.groups, "/etc/group")
-            .iter()
-            .find(|(_, id)| *id == gid)
-            .map(|(n, _)| n.clone())
+        self.lookup(&self.groups, "/etc/group").iter().find(|(_, id)| *id == gid).map(|(n, _)| n.clone())
     }
 }

@@ -15,12 +15,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "converge",
-    version,
-    about = "converge: converges this host to its catalog",
-    propagate_version = true
-)]
+#[command(name = "converge", version, about = "converge: converges this host to its catalog", propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,10 +33,7 @@ fn main() -> ExitCode {
     }));
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONVERGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

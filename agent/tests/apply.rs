@@ -35,39 +35,18 @@ fn apply_converges_then_changes_nothing() {
     let c = site(&s);
     let out = s.apply(&c, &[]);
     assert_eq!(out.code, 2, "changed: {}{}", out.stdout, out.stderr);
-    assert!(
-        out.stdout
-            .contains("summary: 6 resources: 0 unchanged, 6 changed, 0 failed, 0 skipped"),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains("summary: 6 resources: 0 unchanged, 6 changed, 0 failed, 0 skipped"), "{}", out.stdout);
     assert_eq!(s.read("/srv/app/config.ini"), "[main]\nport = 8080\n");
     assert_eq!(s.read("/etc/motd"), "welcome\n");
     assert!(!s.at("/etc/old.conf").exists());
-    assert_eq!(
-        std::fs::read_link(s.at("/srv/current")).unwrap().to_str(),
-        Some("/srv/app")
-    );
-    assert_eq!(
-        std::fs::metadata(s.at("/srv/app")).unwrap().mode() & 0o7777,
-        0o750
-    );
-    assert_eq!(
-        std::fs::metadata(s.at("/srv/app/config.ini"))
-            .unwrap()
-            .mode()
-            & 0o7777,
-        0o640
-    );
+    assert_eq!(std::fs::read_link(s.at("/srv/current")).unwrap().to_str(), Some("/srv/app"));
+    assert_eq!(std::fs::metadata(s.at("/srv/app")).unwrap().mode() & 0o7777, 0o750);
+    assert_eq!(std::fs::metadata(s.at("/srv/app/config.ini")).unwrap().mode() & 0o7777, 0o640);
 
     let before = listing(&s.root());
     let again = s.apply(&c, &[]);
     assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
-    assert!(
-        again.stdout.contains("6 unchanged, 0 changed"),
-        "{}",
-        again.stdout
-    );
+    assert!(again.stdout.contains("6 unchanged, 0 changed"), "{}", again.stdout);
     assert_eq!(listing(&s.root()), before, "a second run touches nothing");
 }
 
@@ -94,11 +73,7 @@ fn drift_is_previewed_without_touching_anything_then_repaired() {
         "target: /elsewhere -> /srv/app",
         "2 unchanged, 4 would change",
     ] {
-        assert!(
-            dry.stdout.contains(expected),
-            "missing {expected:?} in:\n{}",
-            dry.stdout
-        );
+        assert!(dry.stdout.contains(expected), "missing {expected:?} in:\n{}", dry.stdout);
     }
     let fix = s.apply(&c, &[]);
     assert_eq!(fix.code, 2);
@@ -113,19 +88,11 @@ fn replaced_content_goes_to_the_backup_store_under_the_root() {
     s.write("/srv/app/config.ini", "precious\n");
     s.apply(&c, &[]);
     let objects = s.at("/var/lib/converge/backups/objects");
-    let kept: Vec<String> = std::fs::read_dir(&objects)
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
-    assert!(
-        kept.contains(&"precious\n".to_string()) && kept.contains(&"stale\n".to_string()),
-        "{kept:?}"
-    );
+    let kept: Vec<String> =
+        std::fs::read_dir(&objects).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect();
+    assert!(kept.contains(&"precious\n".to_string()) && kept.contains(&"stale\n".to_string()), "{kept:?}");
     let index = std::fs::read_to_string(s.at("/var/lib/converge/backups/index")).unwrap();
-    assert!(
-        index.contains("\"path\":\"/srv/app/config.ini\""),
-        "{index}"
-    );
+    assert!(index.contains("\"path\":\"/srv/app/config.ini\""), "{index}");
 }
 
 /// Each bad input: exit 1, its message names file and line, nothing on disk changes.
@@ -142,11 +109,7 @@ fn bad_catalogs_change_nothing_and_say_where() {
             "format: 1\nresources:\n  - directory: /a\n    purge: sometimes\n",
             ":4:12: invalid type: string \"sometimes\", expected a boolean",
         ),
-        (
-            "relative path",
-            "format: 1\nresources:\n  - file: etc/motd\n",
-            ":3:11: path `etc/motd` is relative",
-        ),
+        ("relative path", "format: 1\nresources:\n  - file: etc/motd\n", ":3:11: path `etc/motd` is relative"),
         (
             "disagreeing duplicates",
             "format: 1\nresources:\n  - file: /a\n    mode: \"0644\"\n  - file: /a/\n    mode: \"0600\"\n",
@@ -162,11 +125,7 @@ fn bad_catalogs_change_nothing_and_say_where() {
             "format: 1\nresources:\n  - file: /a\n    requires: [file:/b]\n    notify: [file:/b]\n  - file: /b\n",
             ":3:5: dependency cycle: file:/a requires file:/b, file:/b is notified by file:/a (see line 6)",
         ),
-        (
-            "malformed yaml",
-            "format: 1\nresources:\n  - file: /a\n   content: x\n",
-            ":4:",
-        ),
+        ("malformed yaml", "format: 1\nresources:\n  - file: /a\n   content: x\n", ":4:"),
         (
             "protected path",
             "format: 1\nresources:\n  - file: /etc/converge/agent.toml\n    content: x\n",
@@ -186,16 +145,8 @@ fn bad_catalogs_change_nothing_and_say_where() {
         let out = s.apply(&c, &[]);
         assert_eq!(out.code, 1, "{what}: {}", out.stderr);
         let want = format!("{c}{expected}");
-        assert!(
-            out.stderr.contains(&want),
-            "{what}: expected {want:?} in:\n{}",
-            out.stderr
-        );
-        assert!(
-            out.stderr.contains("nothing was changed"),
-            "{what}: {}",
-            out.stderr
-        );
+        assert!(out.stderr.contains(&want), "{what}: expected {want:?} in:\n{}", out.stderr);
+        assert!(out.stderr.contains("nothing was changed"), "{what}: {}", out.stderr);
         assert_eq!(listing(&s.root()), before, "{what}: the root was touched");
         assert!(out.stdout.is_empty(), "{what}: {}", out.stdout);
     }
@@ -204,50 +155,28 @@ fn bad_catalogs_change_nothing_and_say_where() {
 #[test]
 fn every_problem_is_reported_in_one_run_with_the_offending_line() {
     let s = Scratch::new();
-    let c = s.catalog("bad.yaml", "format: 1\nresources:\n  - file: /a\n    mdoe: \"0644\"\n  - file: b\n  - file: /c\n    requires: [file:/d]\n");
+    let c = s.catalog(
+        "bad.yaml",
+        "format: 1\nresources:\n  - file: /a\n    mdoe: \"0644\"\n  - file: b\n  - file: /c\n    requires: [file:/d]\n",
+    );
     let out = s.apply(&c, &[]);
     assert_eq!(out.code, 1);
+    assert!(out.stderr.contains(&format!("{c}:4:5: unknown field `mdoe`")), "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("{c}:5:11: path `b` is relative")), "{}", out.stderr);
     assert!(
-        out.stderr
-            .contains(&format!("{c}:4:5: unknown field `mdoe`")),
+        out.stderr.contains(&format!("{c}:6:5: file:/c requires file:/d, which is not declared")),
         "{}",
         out.stderr
     );
-    assert!(
-        out.stderr
-            .contains(&format!("{c}:5:11: path `b` is relative")),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains(&format!(
-            "{c}:6:5: file:/c requires file:/d, which is not declared"
-        )),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("4 |     mdoe: \"0644\"\n  |     ^"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("3 problems; nothing was changed"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("4 |     mdoe: \"0644\"\n  |     ^"), "{}", out.stderr);
+    assert!(out.stderr.contains("3 problems; nothing was changed"), "{}", out.stderr);
 }
 
 #[test]
 fn an_unreadable_catalog_exits_1() {
     let out = converge(&["apply", "/nonexistent/catalog.yaml", "--detailed-exitcodes"]);
     assert_eq!(out.code, 1);
-    assert!(
-        out.stderr
-            .contains("cannot read catalog /nonexistent/catalog.yaml"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("cannot read catalog /nonexistent/catalog.yaml"), "{}", out.stderr);
     let out = converge(&["apply"]);
     assert_eq!(out.code, 1, "usage errors exit 1, never 2: {}", out.stderr);
 }
@@ -255,16 +184,9 @@ fn an_unreadable_catalog_exits_1() {
 #[test]
 fn json_and_catalogs_in_json() {
     let s = Scratch::new();
-    let c = s.catalog(
-        "c.json",
-        r#"{"format": 1, "resources": [{"file": "/hello", "content": "hi\n"}]}"#,
-    );
+    let c = s.catalog("c.json", r#"{"format": 1, "resources": [{"file": "/hello", "content": "hi\n"}]}"#);
     let out = s.apply(&c, &["--format", "json"]);
-    let lines: Vec<serde_json::Value> = out
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = out.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["type"], "start");
     assert_eq!(lines[1]["type"], "resource");
@@ -281,11 +203,7 @@ fn sensitive_values_never_appear_in_any_output() {
     let s = Scratch::new();
     s.write("/etc/secret", "old-password\n");
     let c = s.catalog("c.yaml", "format: 1\nresources:\n  - file: /etc/secret\n    content: \"new-password\\n\"\n    sensitive: true\n    mode: \"0600\"\n");
-    for args in [
-        &["--dry-run"][..],
-        &["--dry-run", "--format", "json"],
-        &["--format", "json", "-v"],
-    ] {
+    for args in [&["--dry-run"][..], &["--dry-run", "--format", "json"], &["--format", "json", "-v"]] {
         let out = s.apply(&c, args);
         let all = format!("{}{}", out.stdout, out.stderr);
         assert!(!all.contains("password"), "{args:?} leaked: {all}");
@@ -294,10 +212,7 @@ fn sensitive_values_never_appear_in_any_output() {
     assert_eq!(s.read("/etc/secret"), "new-password\n");
     assert!(
         !s.at("/var/lib/converge/backups/objects").exists()
-            || std::fs::read_dir(s.at("/var/lib/converge/backups/objects"))
-                .unwrap()
-                .count()
-                == 0,
+            || std::fs::read_dir(s.at("/var/lib/converge/backups/objects")).unwrap().count() == 0,
         "sensitive content is never backed up"
     );
 }
@@ -311,31 +226,26 @@ fn exit_codes_for_failures() {
     let c = s.catalog("c.yaml", "format: 1\nresources:\n  - file: /blocked\n    content: x\n  - file: /after\n    content: y\n    requires: [file:/blocked]\n  - file: /ok\n    content: z\n");
     let out = s.apply(&c, &[]);
     assert_eq!(out.code, 6, "changed and failed: {}", out.stdout);
-    assert!(out.stdout.contains("FAILED       file:/blocked: /blocked is a directory, not a file; set `force: true` to replace it"), "{}", out.stdout);
     assert!(
-        out.stdout
-            .contains("skipped      file:/after: depends on file:/blocked, which failed"),
+        out.stdout.contains(
+            "FAILED       file:/blocked: /blocked is a directory, not a file; set `force: true` to replace it"
+        ),
         "{}",
         out.stdout
     );
+    assert!(out.stdout.contains("skipped      file:/after: depends on file:/blocked, which failed"), "{}", out.stdout);
     assert_eq!(s.read("/ok"), "z");
     let out = s.apply(&c, &[]);
     assert_eq!(out.code, 4, "only failures now: {}", out.stdout);
     let root = s.root_str();
     let plain = converge(&["apply", &c, "--root", &root]);
-    assert_eq!(
-        plain.code, 1,
-        "without --detailed-exitcodes a failure exits 1"
-    );
+    assert_eq!(plain.code, 1, "without --detailed-exitcodes a failure exits 1");
 }
 
 #[test]
 fn owners_and_groups_resolve_against_the_roots_own_files() {
     let s = Scratch::new();
-    s.write(
-        "/etc/passwd",
-        "root:x:0:0:root:/root:/bin/sh\ndeploy:x:4242:4242::/home/deploy:/bin/sh\n",
-    );
+    s.write("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\ndeploy:x:4242:4242::/home/deploy:/bin/sh\n");
     s.write("/etc/group", "root:x:0:\nwww-data:x:4343:\n");
     let c = s.catalog("c.yaml", "format: 1\nresources:\n  - file: /srv/x\n    content: x\n    owner: deploy\n    group: www-data\n  - directory: /srv\n");
     let out = s.apply(&c, &[]);
@@ -343,18 +253,10 @@ fn owners_and_groups_resolve_against_the_roots_own_files() {
     let m = std::fs::metadata(s.at("/srv/x")).unwrap();
     assert_eq!((m.uid(), m.gid()), (4242, 4343));
     // A user that exists on this machine but not in the root is unknown there.
-    let c = s.catalog(
-        "c2.yaml",
-        "format: 1\nresources:\n  - file: /srv/y\n    content: y\n    owner: daemon\n",
-    );
+    let c = s.catalog("c2.yaml", "format: 1\nresources:\n  - file: /srv/y\n    content: y\n    owner: daemon\n");
     let out = s.apply(&c, &[]);
     assert_eq!(out.code, 4);
-    assert!(
-        out.stdout
-            .contains("owner `daemon` does not exist on this system"),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains("owner `daemon` does not exist on this system"), "{}", out.stdout);
 }
 
 /// Symlinks planted inside the root, pointing out of it, absolute or relative: no read or write
@@ -375,16 +277,8 @@ fn no_symlink_inside_the_root_leads_outside() {
             "c.yaml",
             "format: 1\nresources:\n  - file: /abs/victim\n    content: pwned\n  - file: /rel/victim\n    content: pwned\n  - file: /etc/motd\n    content: pwned\n    force: true\n  - directory: /rel/newdir\n",
         );
-        let out = converge_env(
-            &["apply", &c, "--root", &s.root_str()],
-            &[("CONVERGE_RESOLVER", resolver)],
-        );
-        assert_eq!(
-            std::fs::read_to_string(outside.join("victim")).unwrap(),
-            "outside\n",
-            "{resolver}: {}",
-            out.stdout
-        );
+        let out = converge_env(&["apply", &c, "--root", &s.root_str()], &[("CONVERGE_RESOLVER", resolver)]);
+        assert_eq!(std::fs::read_to_string(outside.join("victim")).unwrap(), "outside\n", "{resolver}: {}", out.stdout);
         assert!(!outside.join("newdir").exists(), "{resolver}");
         let after = listing(s.dir.path());
         for (path, what) in &before {
@@ -398,12 +292,7 @@ fn no_symlink_inside_the_root_leads_outside() {
             "{resolver}: nothing new outside: {after:?}"
         );
         // The link at /etc/motd itself was replaced (force), inside the root.
-        assert_eq!(
-            std::fs::read_to_string(s.at("/etc/motd")).unwrap(),
-            "pwned",
-            "{resolver}: {}",
-            out.stdout
-        );
+        assert_eq!(std::fs::read_to_string(s.at("/etc/motd")).unwrap(), "pwned", "{resolver}: {}", out.stdout);
     }
 }
 
@@ -411,21 +300,14 @@ fn no_symlink_inside_the_root_leads_outside() {
 fn a_held_lock_refuses_a_second_run() {
     use std::os::fd::AsRawFd;
     let s = Scratch::new();
-    let c = s.catalog(
-        "c.yaml",
-        "format: 1\nresources:\n  - file: /x\n    content: x\n",
-    );
+    let c = s.catalog("c.yaml", "format: 1\nresources:\n  - file: /x\n    content: x\n");
     assert_eq!(s.apply(&c, &[]).code, 2);
     let dir = std::fs::File::open(s.at("/var/lib/converge")).unwrap();
     assert_eq!(unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) }, 0);
     std::fs::remove_file(s.at("/x")).unwrap();
     let out = s.apply(&c, &[]);
     assert_eq!(out.code, 1);
-    assert!(
-        out.stderr.contains("another converge run holds the lock"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("another converge run holds the lock"), "{}", out.stderr);
     assert!(!s.at("/x").exists());
     drop(dir);
     assert_eq!(s.apply(&c, &[]).code, 2);
@@ -434,25 +316,16 @@ fn a_held_lock_refuses_a_second_run() {
 #[test]
 fn a_dry_run_on_a_fresh_root_creates_nothing() {
     let s = Scratch::new();
-    let c = s.catalog(
-        "c.yaml",
-        "format: 1\nresources:\n  - file: /x\n    content: x\n",
-    );
+    let c = s.catalog("c.yaml", "format: 1\nresources:\n  - file: /x\n    content: x\n");
     let out = s.apply(&c, &["--dry-run"]);
     assert_eq!(out.code, 2);
-    assert!(
-        listing(&s.root()).is_empty(),
-        "not even the state directory"
-    );
+    assert!(listing(&s.root()).is_empty(), "not even the state directory");
 }
 
 /// Copies a host program and the libraries it loads into the root, so that a command can run
 /// chrooted there.
 fn install_program(s: &Scratch, program: &str) {
-    let ldd = std::process::Command::new("ldd")
-        .arg(program)
-        .output()
-        .unwrap();
+    let ldd = std::process::Command::new("ldd").arg(program).output().unwrap();
     let mut files = vec![program.to_string()];
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         let path = line.split_whitespace().find(|w| w.starts_with('/'));
@@ -478,17 +351,9 @@ fn validate_runs_inside_the_root_and_a_refusal_keeps_the_old_file() {
     let bad = s.catalog("bad.yaml", &decl("broken"));
     let out = s.apply(&bad, &[]);
     assert_eq!(out.code, 4, "{}{}", out.stdout, out.stderr);
-    assert!(
-        out.stdout
-            .contains("validate refused the new content, /etc/app.conf left as it was"),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains("validate refused the new content, /etc/app.conf left as it was"), "{}", out.stdout);
     assert_eq!(s.read("/etc/app.conf"), "valid=1\n");
-    assert!(
-        !s.at("/etc/.app.conf.converge-new").exists(),
-        "the temporary file is removed"
-    );
+    assert!(!s.at("/etc/.app.conf.converge-new").exists(), "the temporary file is removed");
     let good = s.catalog("good.yaml", &decl("valid=2"));
     assert_eq!(s.apply(&good, &[]).code, 2);
     assert_eq!(s.read("/etc/app.conf"), "valid=2\n");
@@ -501,12 +366,7 @@ fn purge_removes_strays_and_keeps_backups() {
     s.write("/etc/app.d/stray.conf", "stray\n");
     let c = s.catalog("c.yaml", "format: 1\nresources:\n  - directory: /etc/app.d\n    purge: true\n  - file: /etc/app.d/keep.conf\n    content: \"keep\\n\"\n");
     let dry = s.apply(&c, &["--dry-run"]);
-    assert!(
-        dry.stdout
-            .contains("purge: /etc/app.d/stray.conf (file) -> absent"),
-        "{}",
-        dry.stdout
-    );
+    assert!(dry.stdout.contains("purge: /etc/app.d/stray.conf (file) -> absent"), "{}", dry.stdout);
     assert!(s.at("/etc/app.d/stray.conf").exists());
     assert_eq!(s.apply(&c, &[]).code, 2);
     assert!(!s.at("/etc/app.d/stray.conf").exists());

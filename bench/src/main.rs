@@ -1,1 +1,243 @@
-fn main() {}
+//! Benchmarks of converge against a baseline measured in the same run (machines here are
+//! shared and noisy, so only ratios mean much).
+//!
+//! `converge-bench noop [N ...]`: for each N, a tree of N files of about 1 KiB, ten to a
+//! directory (mode 0644, root:root; directories 0755), converged once; then the median of
+//! several no-op `converge apply` runs beside the median of the baseline, a separate process
+//! that lstat()s, reads and SHA-256-hashes the same files. Prints both, the ratio and the peak
+//! RSS of each, then a drift run (1% of the files changed) for scale.
+//!
+//! `converge-bench baseline LIST`: the baseline itself, over the paths listed in LIST.
+
+use converge_modules::catalog::{Catalog, DirectorySpec, FileSpec, Kind, Meta, Mode, Resource, ResourceId, Spec};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const RUNS: usize = 9;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("baseline") => baseline(Path::new(&args[1])),
+        Some("launch") => launch(&args[1..]),
+        Some("noop") => {
+            let sizes: Vec<usize> = if args.len() > 1 {
+                args[1..].iter().map(|a| a.parse().expect("N")).collect()
+            } else {
+                vec![1_000, 10_000]
+            };
+            noop(&sizes);
+        }
+        _ => {
+            eprintln!("usage: converge-bench noop [N ...] | converge-bench baseline LIST");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// lstat, read and hash every listed file: the floor a correct agent is measured against.
+fn baseline(list: &Path) {
+    let list = std::fs::read_to_string(list).expect("read list");
+    let mut buf = Vec::with_capacity(4096);
+    let mut acc = 0u8;
+    for path in list.lines() {
+        let meta = std::fs::symlink_metadata(path).expect("lstat");
+        buf.clear();
+        std::fs::File::open(path).expect("open").read_to_end(&mut buf).expect("read");
+        let h = Sha256::digest(&buf);
+        acc ^= h[0] ^ (meta.len() as u8);
+    }
+    std::hint::black_box(acc);
+}
+
+fn content(i: usize, version: &str) -> String {
+    let line = format!("{version} line of file {i}: the quick brown fox jumps over the lazy dog\n");
+    line.repeat(1024 / line.len() + 1)
+}
+
+fn rel(i: usize) -> String {
+    format!("/srv/bench/d{:05}/f{:06}.conf", i / 10, i)
+}
+
+fn catalog(n: usize) -> Catalog {
+    let mut resources = Vec::with_capacity(n + n / 10 + 2);
+    let dir = |path: &str| {
+        let spec = DirectorySpec {
+            mode: Some(Mode(0o755)),
+            owner: Some("root".into()),
+            group: Some("root".into()),
+            ..Default::default()
+        };
+        Resource::new(ResourceId::new(Kind::Directory, path).unwrap(), Meta::default(), Spec::Directory(spec))
+    };
+    resources.push(dir("/srv"));
+    resources.push(dir("/srv/bench"));
+    for d in 0..n.div_ceil(10) {
+        resources.push(dir(&format!("/srv/bench/d{d:05}")));
+        for i in d * 10..(d * 10 + 10).min(n) {
+            let spec = FileSpec {
+                content: Some(content(i, "v1")),
+                mode: Some(Mode(0o644)),
+                owner: Some("root".into()),
+                group: Some("root".into()),
+                ..Default::default()
+            };
+            resources.push(Resource::new(
+                ResourceId::new(Kind::File, &rel(i)).unwrap(),
+                Meta::default(),
+                Spec::File(spec),
+            ));
+        }
+    }
+    Catalog::new(resources)
+}
+
+/// The same catalog in the YAML spelling people write.
+fn yaml(c: &Catalog) -> String {
+    let mut out = String::from("format: 1\nresources:\n");
+    for r in &c.resources {
+        out.push_str(&format!("  - {}: {}\n", r.id.kind, r.id.title));
+        match &r.spec {
+            Spec::File(f) => {
+                out.push_str(&format!(
+                    "    content: {}\n",
+                    serde_json::to_string(f.content.as_ref().unwrap()).unwrap()
+                ));
+                out.push_str("    mode: \"0644\"\n    owner: root\n    group: root\n");
+            }
+            _ => out.push_str("    mode: \"0755\"\n    owner: root\n    group: root\n"),
+        }
+    }
+    out
+}
+
+struct Run {
+    wall: Duration,
+    rss_kib: i64,
+    code: i32,
+}
+
+/// `launch CMD...`: runs CMD and prints `wall_ns rss_kib exit_code`. A peak RSS read by wait4
+/// includes the memory of whatever process forked the child (it survives exec), so measured
+/// commands are started from this small, fresh process rather than from the benchmark itself.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also reports its usage
+fn launch(argv: &[String]) {
+    let t = Instant::now();
+    let child =
+        Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("spawn");
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4");
+    let wall = t.elapsed();
+    let code = std::process::ExitStatus::from_raw(status).code().unwrap_or(-1);
+    println!("{} {} {code}", wall.as_nanos(), usage.ru_maxrss);
+}
+
+/// Runs a command through `launch` and reads its wall time and peak RSS.
+fn measure(cmd: &mut Command) -> Run {
+    let me = std::env::current_exe().unwrap();
+    let out = Command::new(me)
+        .arg("launch")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("launch");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let f: Vec<i64> = text.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    Run { wall: Duration::from_nanos(f[0] as u64), rss_kib: f[1], code: f[2] as i32 }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn agent() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let agent = exe.parent().unwrap().join("converge");
+    if !agent.exists() {
+        eprintln!(
+            "{} not found: build it first: cargo build --release -p converge-agent -p converge-bench",
+            agent.display()
+        );
+        std::process::exit(1);
+    }
+    agent
+}
+
+fn noop(sizes: &[usize]) {
+    let agent = agent();
+    let me = std::env::current_exe().unwrap();
+    println!(
+        "no-op converge apply vs a stat+read+SHA-256 baseline over the same files; medians of {RUNS} runs, whole processes"
+    );
+    println!(
+        "{:>7}  {:>9}  {:>10}  {:>10}  {:>6}  {:>9}  {:>12}",
+        "N", "spelling", "converge", "baseline", "ratio", "agent RSS", "baseline RSS"
+    );
+    for &n in sizes {
+        let dir = std::env::temp_dir().join(format!("converge-bench-{}-{n}", std::process::id()));
+        let root = dir.join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+        let cat = catalog(n);
+        let json_path = dir.join("catalog.json");
+        std::fs::write(&json_path, serde_json::to_string(&cat).unwrap()).unwrap();
+        let yaml_path = dir.join("catalog.yaml");
+        std::fs::write(&yaml_path, yaml(&cat)).unwrap();
+        let list: String = (0..n).map(|i| format!("{}{}\n", root.display(), rel(i))).collect();
+        let list_path = dir.join("files.list");
+        std::fs::write(&list_path, list).unwrap();
+
+        let apply = |catalog: &Path| {
+            let mut c = Command::new(&agent);
+            c.arg("apply").arg(catalog).arg("--root").arg(&root).arg("--detailed-exitcodes");
+            c
+        };
+        let first = measure(&mut apply(&json_path));
+        assert_eq!(first.code, 2, "the first run converges the tree");
+
+        for (spelling, path) in [("json", &json_path), ("yaml", &yaml_path)] {
+            let (mut ours, mut base) = (Vec::new(), Vec::new());
+            let (mut rss, mut base_rss) = (0, 0);
+            for _ in 0..RUNS {
+                let a = measure(&mut apply(path));
+                assert_eq!(a.code, 0, "a no-op run changes nothing");
+                ours.push(a.wall);
+                rss = rss.max(a.rss_kib);
+                let b = measure(Command::new(&me).arg("baseline").arg(&list_path));
+                base.push(b.wall);
+                base_rss = base_rss.max(b.rss_kib);
+            }
+            let (o, b) = (median(ours), median(base));
+            println!(
+                "{n:>7}  {spelling:>9}  {:>8.1}ms  {:>8.1}ms  {:>5.2}x  {:>6.1}MiB  {:>9.1}MiB",
+                o.as_secs_f64() * 1e3,
+                b.as_secs_f64() * 1e3,
+                o.as_secs_f64() / b.as_secs_f64(),
+                rss as f64 / 1024.0,
+                base_rss as f64 / 1024.0
+            );
+        }
+        // Drift: 1% of the files rewritten, then repaired (reported for scale).
+        for i in (0..n).step_by(100) {
+            std::fs::write(root.join(rel(i).trim_start_matches('/')), "drifted\n").unwrap();
+        }
+        let drift = measure(&mut apply(&json_path));
+        assert_eq!(drift.code, 2);
+        println!(
+            "{n:>7}  first run {:.1}ms, drift repair ({} files) {:.1}ms",
+            first.wall.as_secs_f64() * 1e3,
+            n.div_ceil(100),
+            drift.wall.as_secs_f64() * 1e3
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -45,15 +45,7 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(resources: Vec<Resource>) -> Catalog {
-        Catalog {
-            format: FORMAT,
-            host: None,
-            serial: None,
-            issued_at: None,
-            expires_at: None,
-            source: None,
-            resources,
-        }
+        Catalog { format: FORMAT, host: None, serial: None, issued_at: None, expires_at: None, source: None, resources }
     }
 }
 
@@ -94,11 +86,7 @@ impl Kind {
     }
 
     pub fn names() -> String {
-        Kind::ALL
-            .iter()
-            .map(|k| k.name())
-            .collect::<Vec<_>>()
-            .join(", ")
+        Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -131,15 +119,10 @@ impl ResourceId {
     /// Parses `kind:title`.
     pub fn parse(s: &str) -> Result<ResourceId, String> {
         let Some((kind, title)) = s.split_once(':') else {
-            return Err(format!(
-                "`{s}` is not a resource id: write `kind:title`, like `file:/etc/motd`"
-            ));
+            return Err(format!("`{s}` is not a resource id: write `kind:title`, like `file:/etc/motd`"));
         };
         let Some(kind) = Kind::from_name(kind) else {
-            return Err(format!(
-                "`{s}`: unknown resource kind `{kind}` (known: {})",
-                Kind::names()
-            ));
+            return Err(format!("`{s}`: unknown resource kind `{kind}` (known: {})", Kind::names()));
         };
         ResourceId::new(kind, title).map_err(|e| format!("`{s}`: {e}"))
     }
@@ -168,10 +151,7 @@ impl<'de> Deserialize<'de> for ResourceId {
 /// refused rather than guessed at.
 pub fn normalize_path(p: &str) -> Result<String, String> {
     if !p.starts_with('/') {
-        return Err(format!(
-            "path `{p}` is relative; write it from the root, like `/{}`",
-            p.trim_start_matches("./")
-        ));
+        return Err(format!("path `{p}` is relative; write it from the root, like `/{}`", p.trim_start_matches("./")));
     }
     if p.contains('\0') {
         return Err("path contains a NUL byte".to_string());
@@ -221,12 +201,9 @@ impl<'de> Deserialize<'de> for Mode {
                 f.write_str("an octal mode string like \"0644\"")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Mode, E> {
-                let ok =
-                    (3..=4).contains(&s.len()) && s.bytes().all(|b| (b'0'..=b'7').contains(&b));
+                let ok = (3..=4).contains(&s.len()) && s.bytes().all(|b| (b'0'..=b'7').contains(&b));
                 if !ok {
-                    return Err(E::custom(format!(
-                        "mode `{s}` is not 3 or 4 octal digits like \"0644\""
-                    )));
+                    return Err(E::custom(format!("mode `{s}` is not 3 or 4 octal digits like \"0644\"")));
                 }
                 Ok(Mode(u32::from_str_radix(s, 8).expect("checked octal")))
             }
@@ -443,18 +420,12 @@ impl<'de> Visitor<'de> for ResourceVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Resource, A::Error> {
         let Some(first) = map.next_key::<String>()? else {
-            return Err(de::Error::custom(
-                "empty resource: its first key must be its kind, like `file: /etc/motd`",
-            ));
+            return Err(de::Error::custom("empty resource: its first key must be its kind, like `file: /etc/motd`"));
         };
         let kind = kind_from_first_key(&first).map_err(de::Error::custom)?;
         let title: String = map.next_value()?;
         let id = ResourceId::new(kind, &title).map_err(de::Error::custom)?;
-        let mut split = MetaSplitter {
-            inner: map,
-            meta: Meta::default(),
-            seen: Vec::new(),
-        };
+        let mut split = MetaSplitter { inner: map, meta: Meta::default(), seen: Vec::new() };
         let spec = Spec::deserialize_kind(kind, de::value::MapAccessDeserializer::new(&mut split))?;
         Ok(Resource::new(id, split.meta, spec))
     }
@@ -462,12 +433,8 @@ impl<'de> Visitor<'de> for ResourceVisitor {
 
 /// The kind named by a resource's first key, or why it is not one.
 pub fn kind_from_first_key(key: &str) -> Result<Kind, String> {
-    Kind::from_name(key).ok_or_else(|| {
-        format!(
-            "a resource's first key must be its kind ({}), found `{key}`",
-            Kind::names()
-        )
-    })
+    Kind::from_name(key)
+        .ok_or_else(|| format!("a resource's first key must be its kind ({}), found `{key}`", Kind::names()))
 }
 
 /// Passes a resource's keys through to its kind, keeping the shared [`Meta`] fields aside.
@@ -480,10 +447,7 @@ struct MetaSplitter<A> {
 impl<'de, A: MapAccess<'de>> MapAccess<'de> for &mut MetaSplitter<A> {
     type Error = A::Error;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(
-        &mut self,
-        seed: K,
-    ) -> Result<Option<K::Value>, A::Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
         loop {
             let Some(key) = self.inner.next_key::<String>()? else {
                 return Ok(None);
@@ -515,10 +479,7 @@ mod tests {
 
     #[test]
     fn paths_are_normalised() {
-        assert_eq!(
-            normalize_path("/etc//nginx/./conf.d/").unwrap(),
-            "/etc/nginx/conf.d"
-        );
+        assert_eq!(normalize_path("/etc//nginx/./conf.d/").unwrap(), "/etc/nginx/conf.d");
         assert_eq!(normalize_path("/").unwrap(), "/");
         assert!(normalize_path("etc/motd").unwrap_err().contains("relative"));
         assert!(normalize_path("/etc/../motd").unwrap_err().contains(".."));
@@ -528,37 +489,19 @@ mod tests {
     fn ids_parse_and_print() {
         let id = ResourceId::parse("directory:/srv/app/").unwrap();
         assert_eq!(id.to_string(), "directory:/srv/app");
-        assert!(
-            ResourceId::parse("service")
-                .unwrap_err()
-                .contains("kind:title")
-        );
-        assert!(
-            ResourceId::parse("widget:x")
-                .unwrap_err()
-                .contains("unknown resource kind")
-        );
+        assert!(ResourceId::parse("service").unwrap_err().contains("kind:title"));
+        assert!(ResourceId::parse("widget:x").unwrap_err().contains("unknown resource kind"));
     }
 
     #[test]
     fn json_round_trip_keeps_kind_first() {
         let r = Resource::new(
             ResourceId::new(Kind::File, "/etc/motd").unwrap(),
-            Meta {
-                requires: vec![ResourceId::parse("directory:/etc").unwrap()],
-                ..Meta::default()
-            },
-            Spec::File(FileSpec {
-                content: Some("hi\n".into()),
-                mode: Some(Mode(0o644)),
-                ..FileSpec::default()
-            }),
+            Meta { requires: vec![ResourceId::parse("directory:/etc").unwrap()], ..Meta::default() },
+            Spec::File(FileSpec { content: Some("hi\n".into()), mode: Some(Mode(0o644)), ..FileSpec::default() }),
         );
         let json = serde_json::to_string(&r).unwrap();
-        assert_eq!(
-            json,
-            r#"{"file":"/etc/motd","content":"hi\n","mode":"0644","requires":["directory:/etc"]}"#
-        );
+        assert_eq!(json, r#"{"file":"/etc/motd","content":"hi\n","mode":"0644","requires":["directory:/etc"]}"#);
         let back: Resource = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
     }
@@ -567,8 +510,7 @@ mod tests {
     fn json_refuses_unknown_and_duplicate_fields() {
         let e = serde_json::from_str::<Resource>(r#"{"file":"/x","mdoe":"0644"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `mdoe`"), "{e}");
-        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","requires":[],"requires":[]}"#)
-            .unwrap_err();
+        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","requires":[],"requires":[]}"#).unwrap_err();
         assert!(e.to_string().contains("duplicate field"), "{e}");
         let e = serde_json::from_str::<Resource>(r#"{"mode":"0644","file":"/x"}"#).unwrap_err();
         assert!(e.to_string().contains("first key must be its kind"), "{e}");

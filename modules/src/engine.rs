@@ -49,10 +49,7 @@ pub fn run<P: Providers>(
     sink.emit(Event::Started(&info));
     let mut status: Vec<Option<Status>> = vec![None; resources.len()];
     let mut notified_by: Vec<Option<usize>> = vec![None; resources.len()];
-    let mut summary = Summary {
-        dry_run: options.dry_run,
-        ..Summary::default()
-    };
+    let mut summary = Summary { dry_run: options.dry_run, ..Summary::default() };
     for &i in &plan.order {
         let r = &resources[i];
         let t0 = Instant::now();
@@ -65,9 +62,7 @@ pub fn run<P: Providers>(
                 matches!(s, Status::Failed | Status::Skipped).then(|| (&resources[j], s))
             }),
         );
-        if let (Some(by), Status::Unchanged | Status::Changed | Status::WouldChange) =
-            (notified_by[i], &event.status)
-        {
+        if let (Some(by), Status::Unchanged | Status::Changed | Status::WouldChange) = (notified_by[i], &event.status) {
             match guard(|| providers.refresh(r, options.dry_run)) {
                 Ok(None) => {}
                 Ok(Some(what)) => {
@@ -75,10 +70,7 @@ pub fn run<P: Providers>(
                 }
                 Err(e) => {
                     event.status = Status::Failed;
-                    event.message = Some(format!(
-                        "refresh (notified by {}) failed: {e}",
-                        resources[by].id
-                    ));
+                    event.message = Some(format!("refresh (notified by {}) failed: {e}", resources[by].id));
                 }
             }
         }
@@ -112,11 +104,7 @@ fn converge_one<P: Providers>(
         duration_ms: 0.0,
     };
     if let Some((dep, why)) = blocked_by {
-        let what = if *why == Status::Failed {
-            "failed"
-        } else {
-            "was skipped"
-        };
+        let what = if *why == Status::Failed { "failed" } else { "was skipped" };
         event.status = Status::Skipped;
         event.message = Some(format!("depends on {}, which {what}", dep.id));
         return event;
@@ -147,14 +135,8 @@ fn converge_one<P: Providers>(
             event
         }
         Ok((_, left)) => {
-            let what: Vec<String> = left
-                .iter()
-                .map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to))
-                .collect();
-            fail(
-                event,
-                format!("still differs after apply: {}", what.join("; ")),
-            )
+            let what: Vec<String> = left.iter().map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to)).collect();
+            fail(event, format!("still differs after apply: {}", what.join("; ")))
         }
         Err(e) => fail(event, format!("after apply: {e}")),
     }
@@ -210,14 +192,7 @@ mod tests {
             self.log.borrow_mut().push(format!("check {path}"));
             let have = self.value.borrow().get(path).cloned().unwrap_or_default();
             let want = want(r);
-            Ok((
-                (),
-                if have == want {
-                    vec![]
-                } else {
-                    vec![Change::new("content", have, want)]
-                },
-            ))
+            Ok(((), if have == want { vec![] } else { vec![Change::new("content", have, want)] }))
         }
 
         fn apply(&self, r: &Resource, _: &(), _: &[Change]) -> Result<(), String> {
@@ -236,11 +211,7 @@ mod tests {
             if !dry_run {
                 self.refreshes.borrow_mut().push(r.id.to_string());
             }
-            Ok(Some(if dry_run {
-                "would restart".into()
-            } else {
-                "restarted".into()
-            }))
+            Ok(Some(if dry_run { "would restart".into() } else { "restarted".into() }))
         }
     }
 
@@ -265,20 +236,9 @@ resources:
     fn check(script: &Script, dry_run: bool) -> (Summary, HashMap<String, ResourceEvent>) {
         let loaded = load("t.yaml", CATALOG, None).unwrap();
         let mut sink = Collect::default();
-        let info = RunInfo {
-            catalog: "t.yaml".into(),
-            host: None,
-            serial: None,
-            commit: None,
-            dry_run,
-            resources: 5,
-        };
+        let info = RunInfo { catalog: "t.yaml".into(), host: None, serial: None, commit: None, dry_run, resources: 5 };
         let summary = run(&loaded, script, Options { dry_run }, info, &mut sink);
-        let events = sink
-            .resources
-            .into_iter()
-            .map(|e| (e.id.clone(), e))
-            .collect();
+        let events = sink.resources.into_iter().map(|e| (e.id.clone(), e)).collect();
         (summary, events)
     }
 
@@ -294,23 +254,13 @@ resources:
 
     #[test]
     fn a_failure_skips_its_dependents_and_nothing_else() {
-        let s = Script {
-            fail_apply: vec!["/a"],
-            ..Script::default()
-        };
+        let s = Script { fail_apply: vec!["/a"], ..Script::default() };
         let (sum, ev) = check(&s, false);
         assert_eq!(ev["file:/a"].status, Status::Failed);
         assert_eq!(ev["file:/a"].message.as_deref(), Some("cannot write /a"));
         assert_eq!(ev["file:/b"].status, Status::Skipped);
-        assert_eq!(
-            ev["file:/b"].message.as_deref(),
-            Some("depends on file:/a, which failed")
-        );
-        assert_eq!(
-            ev["file:/svc"].status,
-            Status::Skipped,
-            "a notify target comes after, so it is skipped too"
-        );
+        assert_eq!(ev["file:/b"].message.as_deref(), Some("depends on file:/a, which failed"));
+        assert_eq!(ev["file:/svc"].status, Status::Skipped, "a notify target comes after, so it is skipped too");
         assert_eq!(ev["file:/c"].status, Status::Changed);
         assert_eq!(ev["file:/d"].status, Status::Changed);
         assert_eq!((sum.failed, sum.skipped, sum.changed), (1, 2, 2));
@@ -318,31 +268,19 @@ resources:
 
     #[test]
     fn a_panic_is_that_resources_failure() {
-        let s = Script {
-            panic_check: vec!["/c"],
-            ..Script::default()
-        };
+        let s = Script { panic_check: vec!["/c"], ..Script::default() };
         let (sum, ev) = check(&s, false);
         assert_eq!(ev["file:/c"].status, Status::Failed);
-        assert_eq!(
-            ev["file:/c"].message.as_deref(),
-            Some("provider panicked: boom in /c")
-        );
+        assert_eq!(ev["file:/c"].message.as_deref(), Some("provider panicked: boom in /c"));
         assert_eq!(sum.changed, 4);
     }
 
     #[test]
     fn a_diff_left_after_apply_is_a_failure() {
-        let s = Script {
-            sticky: vec!["/c"],
-            ..Script::default()
-        };
+        let s = Script { sticky: vec!["/c"], ..Script::default() };
         let (_, ev) = check(&s, false);
         assert_eq!(ev["file:/c"].status, Status::Failed);
-        assert_eq!(
-            ev["file:/c"].message.as_deref(),
-            Some("still differs after apply: content:  -> C")
-        );
+        assert_eq!(ev["file:/c"].message.as_deref(), Some("still differs after apply: content:  -> C"));
     }
 
     #[test]
@@ -351,10 +289,7 @@ resources:
         let (sum, ev) = check(&s, true);
         assert_eq!(sum.would_change, 5);
         assert!(s.log.borrow().iter().all(|l| l.starts_with("check")));
-        assert_eq!(
-            ev["file:/svc"].refresh.as_deref(),
-            Some("would restart (notified by file:/a)")
-        );
+        assert_eq!(ev["file:/svc"].refresh.as_deref(), Some("would restart (notified by file:/a)"));
         assert!(s.refreshes.borrow().is_empty());
     }
 
@@ -362,18 +297,11 @@ resources:
     fn notify_refreshes_once_after_the_target_converged() {
         let s = Script::default();
         check(&s, false);
-        assert_eq!(
-            *s.refreshes.borrow(),
-            vec!["file:/svc".to_string()],
-            "two notifiers, one refresh"
-        );
+        assert_eq!(*s.refreshes.borrow(), vec!["file:/svc".to_string()], "two notifiers, one refresh");
         let log = s.log.borrow();
         let applied = log.iter().position(|l| l == "apply /svc").unwrap();
         let d = log.iter().position(|l| l == "apply /d").unwrap();
-        assert!(
-            d < applied,
-            "the notifier /d is ordered before its target: {log:?}"
-        );
+        assert!(d < applied, "the notifier /d is ordered before its target: {log:?}");
         drop(log);
         // In sync: nothing changes, so nothing is refreshed.
         check(&s, false);

@@ -60,30 +60,18 @@ pub enum HostError {
         source: io::Error,
     },
     #[error("`{command}` {status}{}", tail_suffix(.output))]
-    Command {
-        command: String,
-        status: String,
-        output: String,
-    },
+    Command { command: String, status: String, output: String },
     #[error("{0}")]
     Refused(String),
 }
 
 fn tail_suffix(output: &str) -> String {
-    if output.trim().is_empty() {
-        String::new()
-    } else {
-        format!(": {}", output.trim_end())
-    }
+    if output.trim().is_empty() { String::new() } else { format!(": {}", output.trim_end()) }
 }
 
 impl HostError {
     pub fn io(op: &'static str, path: &str, source: io::Error) -> HostError {
-        HostError::Io {
-            op,
-            path: path.to_string(),
-            source,
-        }
+        HostError::Io { op, path: path.to_string(), source }
     }
 
     /// True when the path (or a parent) does not exist.
@@ -119,13 +107,7 @@ pub trait Host {
     /// Replaces whatever file or symlink is at `path` with a regular file, atomically: a crash
     /// leaves either the old or the new one. When `validate` is given, it runs with `%`
     /// replaced by the temporary file and a failure leaves the old file in place.
-    fn write_file(
-        &self,
-        path: &str,
-        content: &[u8],
-        attrs: NewAttrs,
-        validate: Option<&[String]>,
-    ) -> HostResult<()>;
+    fn write_file(&self, path: &str, content: &[u8], attrs: NewAttrs, validate: Option<&[String]>) -> HostResult<()>;
 
     fn mkdir(&self, path: &str, attrs: NewAttrs) -> HostResult<()>;
 

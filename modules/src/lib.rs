@@ -19,6 +19,7 @@ pub mod load;
 pub mod plan;
 pub mod providers;
 pub mod report;
+pub mod stream;
 pub mod time;
 pub mod validate;
 pub mod yaml;

@@ -6,9 +6,7 @@
 //! YAML reader, so that every diagnostic has a place. Reading `source:` files is left to the
 //! caller's closure: this module does no I/O.
 
-use crate::catalog::{
-    Catalog, FORMAT, Kind, Meta, Resource, ResourceId, Spec, kind_from_first_key,
-};
+use crate::catalog::{Catalog, FORMAT, Kind, Meta, Resource, ResourceId, Spec, kind_from_first_key};
 use crate::diag::{Diagnostic, Diagnostics, Mark};
 use crate::plan::{self, Plan};
 use crate::validate::{self, Problem};
@@ -27,26 +25,21 @@ pub struct Loaded {
 pub type SourceReader<'a> = &'a dyn Fn(&str) -> Result<String, String>;
 
 /// Loads and checks a catalog. `name` is the file name used in diagnostics.
-pub fn load(
-    name: &str,
-    text: &str,
-    read_source: Option<SourceReader>,
-) -> Result<Loaded, Diagnostics> {
-    let fast = if text.trim_start().starts_with('{') {
-        serde_json::from_str::<Catalog>(text).ok()
-    } else {
-        None
-    };
+pub fn load(name: &str, text: &str, read_source: Option<SourceReader>) -> Result<Loaded, Diagnostics> {
+    let fast = if text.trim_start().starts_with('{') { serde_json::from_str::<Catalog>(text).ok() } else { None };
     let decoded = match fast {
-        Some(catalog) => Decoded {
-            catalog,
-            origins: None,
-            broken: HashSet::new(),
-            diags: Diagnostics::default(),
-        },
+        Some(catalog) => Decoded { catalog, origins: None, broken: HashSet::new(), diags: Diagnostics::default() },
         None => decode_located(name, text),
     };
-    check(name, text, decoded, read_source)
+    check(name, Some(text), decoded, read_source)
+}
+
+/// Checks a catalog already decoded (the agent streams JSON straight into the model, so as not
+/// to hold the text and the catalog at once). Problems come without places: a caller that
+/// wants them reloads the text with [`load`].
+pub fn load_decoded(name: &str, catalog: Catalog, read_source: Option<SourceReader>) -> Result<Loaded, Diagnostics> {
+    let decoded = Decoded { catalog, origins: None, broken: HashSet::new(), diags: Diagnostics::default() };
+    check(name, None, decoded, read_source)
 }
 
 /// A catalog as decoded, before merging and checks.
@@ -66,18 +59,8 @@ enum Space {
     Merged,
 }
 
-fn check(
-    name: &str,
-    text: &str,
-    d: Decoded,
-    read_source: Option<SourceReader>,
-) -> Result<Loaded, Diagnostics> {
-    let Decoded {
-        mut catalog,
-        mut origins,
-        broken,
-        mut diags,
-    } = d;
+fn check(name: &str, text: Option<&str>, d: Decoded, read_source: Option<SourceReader>) -> Result<Loaded, Diagnostics> {
+    let Decoded { mut catalog, mut origins, broken, mut diags } = d;
     if catalog.format > FORMAT || catalog.format == 0 {
         let msg = if catalog.format == 0 {
             "`format` must be 1 or more".to_string()
@@ -98,10 +81,7 @@ fn check(
         };
         let result = match read_source {
             Some(read) => read(src).map_err(|e| format!("{}: cannot read source {src}: {e}", r.id)),
-            None => Err(format!(
-                "{}: `source` cannot be read here; a compiled catalog carries `content`",
-                r.id
-            )),
+            None => Err(format!("{}: `source` cannot be read here; a compiled catalog carries `content`", r.id)),
         };
         match result {
             Ok(content) => {
@@ -113,23 +93,15 @@ fn check(
     }
     let (merged, origin_of, conflicts) = validate::merge(declared);
     problems.extend(conflicts.into_iter().map(|p| (p, Space::Declared)));
-    problems.extend(
-        validate::check_each(&merged)
-            .into_iter()
-            .map(|p| (p, Space::Merged)),
-    );
+    problems.extend(validate::check_each(&merged).into_iter().map(|p| (p, Space::Merged)));
     let plan = plan::plan_partial(&merged, &broken)
         .map_err(|ps| problems.extend(ps.into_iter().map(|p| (p, Space::Merged))))
         .ok();
     if problems.is_empty() && diags.is_empty() {
         catalog.resources = merged;
-        return Ok(Loaded {
-            catalog,
-            plan: plan.expect("a plan when there are no problems"),
-        });
+        return Ok(Loaded { catalog, plan: plan.expect("a plan when there are no problems") });
     }
-    let origins =
-        origins.get_or_insert_with(|| decode_located(name, text).origins.unwrap_or_default());
+    let origins = origins.get_or_insert_with(|| text.and_then(|t| decode_located(name, t).origins).unwrap_or_default());
     let place = |i: usize, space: Space| {
         let decl = match space {
             Space::Declared => i,
@@ -138,13 +110,8 @@ fn check(
         origins.get(decl).copied().unwrap_or(Mark::UNKNOWN)
     };
     for (p, space) in problems {
-        let also: Vec<String> = p
-            .also
-            .iter()
-            .map(|&j| place(j, space))
-            .filter(|m| m.is_known())
-            .map(|m| m.line.to_string())
-            .collect();
+        let also: Vec<String> =
+            p.also.iter().map(|&j| place(j, space)).filter(|m| m.is_known()).map(|m| m.line.to_string()).collect();
         let msg = match also.len() {
             0 => p.message,
             1 => format!("{} (see line {})", p.message, also[0]),
@@ -163,12 +130,7 @@ fn decode_located(name: &str, text: &str) -> Decoded {
             diags.push(Diagnostic::new(name, m.unwrap_or(Mark::UNKNOWN), msg));
         }
     };
-    let empty = |diags| Decoded {
-        catalog: Catalog::new(vec![]),
-        origins: Some(vec![]),
-        broken: HashSet::new(),
-        diags,
-    };
+    let empty = |diags| Decoded { catalog: Catalog::new(vec![]), origins: Some(vec![]), broken: HashSet::new(), diags };
     let root = match yaml::parse(text) {
         Ok(n) => n,
         Err(e) => {
@@ -179,35 +141,15 @@ fn decode_located(name: &str, text: &str) -> Decoded {
         }
     };
     let Value::Map(entries) = root.value else {
-        let msg = format!(
-            "a catalog is a mapping with `format` and `resources`, found {}",
-            root.describe()
-        );
+        let msg = format!("a catalog is a mapping with `format` and `resources`, found {}", root.describe());
         diags.push(Diagnostic::new(name, root.mark, msg));
         return empty(diags);
     };
-    let (items, header): (Vec<_>, Vec<_>) = entries
-        .into_iter()
-        .partition(|(k, _)| k.as_str() == Some("resources"));
+    let (items, header): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(k, _)| k.as_str() == Some("resources"));
     let mut header = header;
-    let empty_list = Node {
-        mark: root.mark,
-        value: Value::Seq(vec![]),
-    };
-    header.push((
-        Node {
-            mark: root.mark,
-            value: Value::Scalar {
-                text: "resources".into(),
-                plain: true,
-            },
-        },
-        empty_list,
-    ));
-    let header_node = Node {
-        mark: root.mark,
-        value: Value::Map(header),
-    };
+    let empty_list = Node { mark: root.mark, value: Value::Seq(vec![]) };
+    header.push((Node { mark: root.mark, value: Value::Scalar { text: "resources".into(), plain: true } }, empty_list));
+    let header_node = Node { mark: root.mark, value: Value::Map(header) };
     let mut catalog = match yaml::from_node::<Catalog>(&header_node) {
         Ok(c) => c,
         Err(e) => {
@@ -218,80 +160,56 @@ fn decode_located(name: &str, text: &str) -> Decoded {
     let mut origins = Vec::new();
     let mut broken = HashSet::new();
     if let Some((_, list)) = items.into_iter().next() {
-        match &list.value {
+        let (list_mark, described, is_null) = (list.mark, list.describe(), list.is_null());
+        match list.value {
             Value::Seq(nodes) => {
                 for node in nodes {
+                    let mark = node.mark;
                     match decode_resource(node) {
                         Ok(r) => {
                             catalog.resources.push(r);
-                            origins.push(node.mark);
+                            origins.push(mark);
                         }
                         Err((id, e)) => {
                             broken.extend(id);
-                            push(&mut diags, e.at(node.mark));
+                            push(&mut diags, e.at(mark));
                         }
                     }
                 }
             }
-            _ if list.is_null() => {}
-            _ => diags.push(Diagnostic::new(
-                name,
-                list.mark,
-                format!("`resources` must be a list, found {}", list.describe()),
-            )),
+            _ if is_null => {}
+            _ => diags.push(Diagnostic::new(name, list_mark, format!("`resources` must be a list, found {described}"))),
         }
     }
-    Decoded {
-        catalog,
-        origins: Some(origins),
-        broken,
-        diags,
-    }
+    Decoded { catalog, origins: Some(origins), broken, diags }
 }
 
 /// Decodes one resource node: its first key is the kind, its value the title; the shared
 /// fields go to [`Meta`], the rest to the kind, every unknown field reported. On failure,
 /// returns the id when it could be read.
-fn decode_resource(node: &Node) -> Result<Resource, (Option<ResourceId>, DeError)> {
+fn decode_resource(node: Node) -> Result<Resource, (Option<ResourceId>, DeError)> {
     let fail = |m: Mark, msg: String| (None, DeError(vec![(Some(m), msg)]));
-    let Some(entries) = node.as_map() else {
-        return Err(fail(
-            node.mark,
-            format!(
-                "a resource is a mapping like `file: /etc/motd`, found {}",
-                node.describe()
-            ),
-        ));
+    let mark = node.mark;
+    let Value::Map(entries) = node.value else {
+        let found = node.describe();
+        return Err(fail(mark, format!("a resource is a mapping like `file: /etc/motd`, found {found}")));
     };
-    let Some(((k, v), rest)) = entries.split_first() else {
-        return Err(fail(
-            node.mark,
-            "empty resource: its first key must be its kind, like `file: /etc/motd`".into(),
-        ));
+    let mut entries = entries.into_iter();
+    let Some((k, v)) = entries.next() else {
+        return Err(fail(mark, "empty resource: its first key must be its kind, like `file: /etc/motd`".into()));
     };
     let kind: Kind = kind_from_first_key(k.as_str().unwrap_or("?")).map_err(|m| fail(k.mark, m))?;
     let title = match v.as_str() {
         Some(t) if !v.is_null() => t,
         _ => {
-            return Err(fail(
-                v.mark,
-                format!("the {kind} title must be a string, found {}", v.describe()),
-            ));
+            return Err(fail(v.mark, format!("the {kind} title must be a string, found {}", v.describe())));
         }
     };
     let id = ResourceId::new(kind, title).map_err(|m| fail(v.mark, m))?;
-    let (meta_entries, spec_entries): (Vec<_>, Vec<_>) = rest
-        .iter()
-        .cloned()
-        .partition(|(k, _)| k.as_str().is_some_and(|k| Meta::FIELDS.contains(&k)));
-    let meta_node = Node {
-        mark: node.mark,
-        value: Value::Map(meta_entries),
-    };
-    let spec_node = Node {
-        mark: node.mark,
-        value: Value::Map(spec_entries),
-    };
+    let (meta_entries, spec_entries): (Vec<_>, Vec<_>) =
+        entries.partition(|(k, _)| k.as_str().is_some_and(|k| Meta::FIELDS.contains(&k)));
+    let meta_node = Node { mark, value: Value::Map(meta_entries) };
+    let spec_node = Node { mark, value: Value::Map(spec_entries) };
     let meta = yaml::from_node::<Meta>(&meta_node);
     let spec = Spec::deserialize_kind(kind, NodeDe(&spec_node));
     match (meta, spec) {
@@ -309,17 +227,13 @@ mod tests {
     fn check(text: &str) -> Vec<String> {
         match load("c.yaml", text, None) {
             Ok(_) => vec![],
-            Err(d) => d
-                .iter()
-                .map(|d| format!("{}:{}: {}", d.mark.line, d.mark.col, d.message))
-                .collect(),
+            Err(d) => d.iter().map(|d| format!("{}:{}: {}", d.mark.line, d.mark.col, d.message)).collect(),
         }
     }
 
     #[test]
     fn a_good_catalog_loads_in_both_spellings() {
-        let yaml =
-            "format: 1\nresources:\n  - directory: /srv\n  - file: /srv/a\n    content: hi\n";
+        let yaml = "format: 1\nresources:\n  - directory: /srv\n  - file: /srv/a\n    content: hi\n";
         let a = load("c.yaml", yaml, None).unwrap();
         let json = serde_json::to_string(&a.catalog).unwrap();
         let b = load("c.json", &json, None).unwrap();
@@ -380,14 +294,8 @@ resources:
             check("format: 1\nresources: [\n"),
             ["3:1: YAML syntax: while parsing a node, did not find expected node content"]
         );
-        assert_eq!(
-            check("- a\n"),
-            ["1:1: a catalog is a mapping with `format` and `resources`, found a list"]
-        );
-        assert_eq!(
-            check("format: 1\nresources: {}\n"),
-            ["2:12: `resources` must be a list, found a mapping"]
-        );
+        assert_eq!(check("- a\n"), ["1:1: a catalog is a mapping with `format` and `resources`, found a list"]);
+        assert_eq!(check("format: 1\nresources: {}\n"), ["2:12: `resources` must be a list, found a mapping"]);
         assert_eq!(check("resources: []\n"), ["1:1: missing field `format`"]);
         assert_eq!(
             check("format: 2\nresources: []\n"),
@@ -406,52 +314,23 @@ resources:
     #[test]
     fn json_problems_get_places_too() {
         let text = "{\"format\": 1, \"resources\": [\n {\"file\": \"/a\"},\n {\"file\": \"/a\", \"mode\": \"0600\"},\n {\"file\": \"/a\", \"mode\": \"0644\"}\n]}";
-        assert_eq!(
-            check(text),
-            ["4:2: file:/a is declared twice with different `mode` (see line 2)"]
-        );
+        assert_eq!(check(text), ["4:2: file:/a is declared twice with different `mode` (see line 2)"]);
         let text = "{\"format\": 1, \"resources\": [\n {\"file\": \"/a\", \"mdoe\": 1}]}";
-        assert_eq!(
-            check(text),
-            ["2:17: unknown field `mdoe` (did you mean `mode`?)"]
-        );
+        assert_eq!(check(text), ["2:17: unknown field `mdoe` (did you mean `mode`?)"]);
     }
 
     #[test]
     fn sources_are_read_by_the_caller() {
-        let text = "format: 1\nresources:\n  - file: /a\n    source: files/a\n  - file: /b\n    source: files/missing\n";
+        let text =
+            "format: 1\nresources:\n  - file: /a\n    source: files/a\n  - file: /b\n    source: files/missing\n";
         let read = |p: &str| {
-            if p == "files/a" {
-                Ok("A".to_string())
-            } else {
-                Err("No such file or directory".to_string())
-            }
+            if p == "files/a" { Ok("A".to_string()) } else { Err("No such file or directory".to_string()) }
         };
         let e = load("c.yaml", text, Some(&read)).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "c.yaml:5:5: file:/b: cannot read source files/missing: No such file or directory"
-        );
-        let ok = load(
-            "c.yaml",
-            "format: 1\nresources:\n  - file: /a\n    source: files/a\n",
-            Some(&read),
-        )
-        .unwrap();
-        let Spec::File(f) = &ok.catalog.resources[0].spec else {
-            panic!()
-        };
-        assert_eq!(
-            (f.content.as_deref(), f.source.as_deref()),
-            (Some("A"), None)
-        );
-        assert!(
-            load(
-                "c.yaml",
-                "format: 1\nresources:\n  - file: /a\n    source: files/a\n",
-                None
-            )
-            .is_err()
-        );
+        assert_eq!(e.to_string(), "c.yaml:5:5: file:/b: cannot read source files/missing: No such file or directory");
+        let ok = load("c.yaml", "format: 1\nresources:\n  - file: /a\n    source: files/a\n", Some(&read)).unwrap();
+        let Spec::File(f) = &ok.catalog.resources[0].spec else { panic!() };
+        assert_eq!((f.content.as_deref(), f.source.as_deref()), (Some("A"), None));
+        assert!(load("c.yaml", "format: 1\nresources:\n  - file: /a\n    source: files/a\n", None).is_err());
     }
 }

@@ -49,17 +49,10 @@ pub fn plan(resources: &[Resource]) -> Result<Plan, Vec<Problem>> {
 
 /// [`plan`], for a catalog of which some resources could not be read: relations to the ids in
 /// `unreadable` are not reported as undeclared (their own problem already is).
-pub fn plan_partial(
-    resources: &[Resource],
-    unreadable: &HashSet<ResourceId>,
-) -> Result<Plan, Vec<Problem>> {
+pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) -> Result<Plan, Vec<Problem>> {
     let n = resources.len();
     let mut problems = Vec::new();
-    let ids: HashMap<&ResourceId, usize> = resources
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (&r.id, i))
-        .collect();
+    let ids: HashMap<&ResourceId, usize> = resources.iter().enumerate().map(|(i, r)| (&r.id, i)).collect();
     let mut deps: Vec<Vec<(usize, Why)>> = vec![Vec::new(); n];
     let mut notify: Vec<Vec<usize>> = vec![Vec::new(); n];
 
@@ -71,10 +64,7 @@ pub fn plan_partial(
             problems.push(Problem {
                 at: i,
                 also: vec![j],
-                message: format!(
-                    "path {path} is declared as {} and as {}",
-                    resources[j].id.kind, r.id.kind
-                ),
+                message: format!("path {path} is declared as {} and as {}", resources[j].id.kind, r.id.kind),
             });
         } else {
             paths.insert(path, i);
@@ -86,10 +76,8 @@ pub fn plan_partial(
         while let Some(p) = up {
             if let Some(&j) = paths.get(p) {
                 let a = &resources[j];
-                let (outer_present, inner_present) = (
-                    a.spec.ensure() == Ensure::Present,
-                    r.spec.ensure() == Ensure::Present,
-                );
+                let (outer_present, inner_present) =
+                    (a.spec.ensure() == Ensure::Present, r.spec.ensure() == Ensure::Present);
                 match (a.id.kind, outer_present, inner_present) {
                     (Kind::Directory, true, _) => deps[i].push((j, Why::Inside)),
                     (Kind::Directory, false, false) => deps[j].push((i, Why::Contains)),
@@ -150,8 +138,7 @@ pub fn plan_partial(
             dependents[j].push(i);
         }
     }
-    let mut ready: BinaryHeap<Reverse<usize>> =
-        (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(Reverse(i)) = ready.pop() {
         order.push(i);
@@ -165,29 +152,13 @@ pub fn plan_partial(
     if order.len() < n {
         problems.push(cycle(resources, &deps, &indegree));
     }
-    if problems.is_empty() {
-        Ok(Plan {
-            order,
-            deps,
-            notify,
-        })
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(Plan { order, deps, notify }) } else { Err(problems) }
 }
 
-fn undeclared(
-    from: &ResourceId,
-    verb: &str,
-    target: &ResourceId,
-    resources: &[Resource],
-) -> String {
+fn undeclared(from: &ResourceId, verb: &str, target: &ResourceId, resources: &[Resource]) -> String {
     let same_title = resources.iter().find(|r| r.id.title == target.title);
     match same_title {
-        Some(r) => format!(
-            "{from} {verb} {target}, which is not declared (did you mean {}?)",
-            r.id
-        ),
+        Some(r) => format!("{from} {verb} {target}, which is not declared (did you mean {}?)", r.id),
         None => format!("{from} {verb} {target}, which is not declared"),
     }
 }
@@ -195,17 +166,12 @@ fn undeclared(
 /// Finds one cycle among the resources left unordered and describes it.
 fn cycle(resources: &[Resource], deps: &[Vec<(usize, Why)>], left: &[usize]) -> Problem {
     // Every resource left has a dependency that is also left, so walking those must revisit one.
-    let start = (0..left.len())
-        .find(|&i| left[i] > 0)
-        .expect("a resource is left");
+    let start = (0..left.len()).find(|&i| left[i] > 0).expect("a resource is left");
     let mut path = vec![start];
     let mut whys = Vec::new();
     loop {
         let v = *path.last().unwrap();
-        let &(next, why) = deps[v]
-            .iter()
-            .find(|(j, _)| left[*j] > 0)
-            .expect("a left resource has a left dependency");
+        let &(next, why) = deps[v].iter().find(|(j, _)| left[*j] > 0).expect("a left resource has a left dependency");
         whys.push(why);
         if let Some(pos) = path.iter().position(|&x| x == next) {
             let members: Vec<usize> = path[pos..].to_vec();
@@ -227,11 +193,7 @@ fn cycle(resources: &[Resource], deps: &[Vec<(usize, Why)>], left: &[usize]) -> 
                 .collect();
             let at = *members.iter().min().unwrap();
             let also = members.iter().copied().filter(|&m| m != at).collect();
-            return Problem {
-                at,
-                also,
-                message: format!("dependency cycle: {}", steps.join(", ")),
-            };
+            return Problem { at, also, message: format!("dependency cycle: {}", steps.join(", ")) };
         }
         path.push(next);
     }
@@ -245,23 +207,14 @@ mod tests {
     fn r(id: &str, requires: &[&str], notify: &[&str]) -> Resource {
         let id = ResourceId::parse(id).unwrap();
         let meta = Meta {
-            requires: requires
-                .iter()
-                .map(|s| ResourceId::parse(s).unwrap())
-                .collect(),
-            notify: notify
-                .iter()
-                .map(|s| ResourceId::parse(s).unwrap())
-                .collect(),
+            requires: requires.iter().map(|s| ResourceId::parse(s).unwrap()).collect(),
+            notify: notify.iter().map(|s| ResourceId::parse(s).unwrap()).collect(),
             sensitive: None,
         };
         let spec = match id.kind {
             Kind::File => Spec::File(FileSpec::default()),
             Kind::Directory => Spec::Directory(DirectorySpec::default()),
-            Kind::Symlink => Spec::Symlink(SymlinkSpec {
-                target: Some("/x".into()),
-                ..Default::default()
-            }),
+            Kind::Symlink => Spec::Symlink(SymlinkSpec { target: Some("/x".into()), ..Default::default() }),
         };
         Resource::new(id, meta, spec)
     }
@@ -276,21 +229,12 @@ mod tests {
     }
 
     fn order(rs: &[Resource]) -> Vec<String> {
-        plan(rs)
-            .unwrap()
-            .order
-            .iter()
-            .map(|&i| rs[i].id.to_string())
-            .collect()
+        plan(rs).unwrap().order.iter().map(|&i| rs[i].id.to_string()).collect()
     }
 
     #[test]
     fn ties_keep_declaration_order() {
-        let rs = [
-            r("file:/b", &[], &[]),
-            r("file:/a", &[], &[]),
-            r("file:/c", &[], &[]),
-        ];
+        let rs = [r("file:/b", &[], &[]), r("file:/a", &[], &[]), r("file:/c", &[], &[])];
         assert_eq!(order(&rs), ["file:/b", "file:/a", "file:/c"]);
     }
 
@@ -303,73 +247,38 @@ mod tests {
             r("directory:/srv", &[], &[]),
             r("directory:/srv/app", &[], &[]),
         ];
-        assert_eq!(
-            order(&rs),
-            [
-                "directory:/srv",
-                "directory:/srv/app",
-                "file:/srv/app/conf",
-                "file:/z",
-                "file:/y"
-            ]
-        );
+        assert_eq!(order(&rs), ["directory:/srv", "directory:/srv/app", "file:/srv/app/conf", "file:/z", "file:/y"]);
         let p = plan(&rs).unwrap();
         assert_eq!(p.notify[0], vec![1]);
-        assert_eq!(
-            p.deps[0],
-            vec![(4, Why::Inside)],
-            "nearest managed ancestor only"
-        );
+        assert_eq!(p.deps[0], vec![(4, Why::Inside)], "nearest managed ancestor only");
     }
 
     #[test]
     fn absent_trees_remove_children_first() {
-        let rs = [
-            absent(r("directory:/a", &[], &[])),
-            absent(r("file:/a/b", &[], &[])),
-        ];
+        let rs = [absent(r("directory:/a", &[], &[])), absent(r("file:/a/b", &[], &[]))];
         assert_eq!(order(&rs), ["file:/a/b", "directory:/a"]);
     }
 
     #[test]
     fn a_cycle_names_its_members() {
-        let rs = [
-            r("file:/ok", &[], &[]),
-            r("file:/a", &["file:/b"], &["file:/b"]),
-            r("file:/b", &[], &[]),
-        ];
+        let rs = [r("file:/ok", &[], &[]), r("file:/a", &["file:/b"], &["file:/b"]), r("file:/b", &[], &[])];
         let problems = plan(&rs).unwrap_err();
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].at, 1);
         assert_eq!(problems[0].also, vec![2]);
-        assert_eq!(
-            problems[0].message,
-            "dependency cycle: file:/a requires file:/b, file:/b is notified by file:/a"
-        );
+        assert_eq!(problems[0].message, "dependency cycle: file:/a requires file:/b, file:/b is notified by file:/a");
     }
 
     #[test]
     fn a_cycle_through_an_implied_edge() {
-        let rs = [
-            r("directory:/a", &["file:/a/b"], &[]),
-            r("file:/a/b", &[], &[]),
-        ];
+        let rs = [r("directory:/a", &["file:/a/b"], &[]), r("file:/a/b", &[], &[])];
         let problems = plan(&rs).unwrap_err();
-        assert!(
-            problems[0]
-                .message
-                .contains("file:/a/b is inside directory:/a"),
-            "{}",
-            problems[0].message
-        );
+        assert!(problems[0].message.contains("file:/a/b is inside directory:/a"), "{}", problems[0].message);
     }
 
     #[test]
     fn undeclared_relations_suggest_the_declared_kind() {
-        let rs = [
-            r("file:/a", &["file:/srv"], &[]),
-            r("directory:/srv", &[], &[]),
-        ];
+        let rs = [r("file:/a", &["file:/srv"], &[]), r("directory:/srv", &[], &[])];
         let problems = plan(&rs).unwrap_err();
         assert_eq!(
             problems[0].message,
@@ -379,41 +288,20 @@ mod tests {
 
     #[test]
     fn path_conflicts() {
-        let rs = [
-            r("file:/a", &[], &[]),
-            r("directory:/a", &[], &[]),
-            r("file:/f/x", &[], &[]),
-            r("file:/f", &[], &[]),
-        ];
-        let msgs: Vec<String> = plan(&rs)
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.message)
-            .collect();
+        let rs =
+            [r("file:/a", &[], &[]), r("directory:/a", &[], &[]), r("file:/f/x", &[], &[]), r("file:/f", &[], &[])];
+        let msgs: Vec<String> = plan(&rs).unwrap_err().into_iter().map(|p| p.message).collect();
         assert_eq!(
             msgs,
-            [
-                "path /a is declared as file and as directory",
-                "file:/f/x is inside file:/f, which is not a directory"
-            ]
+            ["path /a is declared as file and as directory", "file:/f/x is inside file:/f, which is not a directory"]
         );
-        let rs = [
-            absent(r("directory:/d", &[], &[])),
-            r("file:/d/x", &[], &[]),
-        ];
-        assert!(
-            plan(&rs).unwrap_err()[0]
-                .message
-                .contains("`ensure: absent`")
-        );
+        let rs = [absent(r("directory:/d", &[], &[])), r("file:/d/x", &[], &[])];
+        assert!(plan(&rs).unwrap_err()[0].message.contains("`ensure: absent`"));
     }
 
     #[test]
     fn self_requirement_is_a_cycle() {
         let rs = [r("file:/a", &["file:/a"], &[])];
-        assert_eq!(
-            plan(&rs).unwrap_err()[0].message,
-            "dependency cycle: file:/a requires file:/a"
-        );
+        assert_eq!(plan(&rs).unwrap_err()[0].message, "dependency cycle: file:/a requires file:/a");
     }
 }

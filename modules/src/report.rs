@@ -70,12 +70,7 @@ pub struct Change {
 
 impl Change {
     pub fn new(attribute: &str, from: impl Into<String>, to: impl Into<String>) -> Change {
-        Change {
-            attribute: attribute.to_string(),
-            from: from.into(),
-            to: to.into(),
-            diff: None,
-        }
+        Change { attribute: attribute.to_string(), from: from.into(), to: to.into(), diff: None }
     }
 }
 
@@ -138,11 +133,7 @@ impl Summary {
 
     /// Puppet's detailed exit codes: 0 in sync, 2 changed or would change, 4 failures, 6 both.
     pub fn detailed_exit_code(&self) -> i32 {
-        let changed = if self.changed + self.would_change > 0 {
-            2
-        } else {
-            0
-        };
+        let changed = if self.changed + self.would_change > 0 { 2 } else { 0 };
         let failed = if self.failed + self.skipped > 0 { 4 } else { 0 };
         changed | failed
     }
@@ -215,18 +206,9 @@ impl<W: Write> Sink for JsonSink<W> {
             return;
         }
         let line = match event {
-            Event::Started(i) => serde_json::to_string(&Tagged {
-                kind: "start",
-                body: i,
-            }),
-            Event::Resource(r) => serde_json::to_string(&Tagged {
-                kind: "resource",
-                body: r,
-            }),
-            Event::Finished(s) => serde_json::to_string(&Tagged {
-                kind: "summary",
-                body: s,
-            }),
+            Event::Started(i) => serde_json::to_string(&Tagged { kind: "start", body: i }),
+            Event::Resource(r) => serde_json::to_string(&Tagged { kind: "resource", body: r }),
+            Event::Finished(s) => serde_json::to_string(&Tagged { kind: "summary", body: s }),
         }
         .expect("report types serialize");
         if let Err(e) = writeln!(self.out, "{line}").and_then(|_| self.out.flush()) {
@@ -245,20 +227,11 @@ pub struct TextSink<W: Write> {
 
 impl<W: Write> TextSink<W> {
     pub fn new(out: W, color: bool, verbose: bool) -> Self {
-        TextSink {
-            out,
-            color,
-            verbose,
-            error: None,
-        }
+        TextSink { out, color, verbose, error: None }
     }
 
     fn paint(&self, code: &str, s: &str) -> String {
-        if self.color {
-            format!("\x1b[{code}m{s}\x1b[0m")
-        } else {
-            s.to_string()
-        }
+        if self.color { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
     }
 
     fn status_word(&self, s: &Status) -> String {
@@ -330,11 +303,7 @@ impl<W: Write> TextSink<W> {
                     t.resources,
                     parts.join(", "),
                     t.duration_ms / 1000.0,
-                    if t.dry_run {
-                        " (dry-run: nothing was changed)"
-                    } else {
-                        ""
-                    }
+                    if t.dry_run { " (dry-run: nothing was changed)" } else { "" }
                 );
             }
         }

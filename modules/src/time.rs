@@ -9,9 +9,7 @@ pub struct Timestamp(pub i64);
 
 impl Timestamp {
     pub fn now() -> Timestamp {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         Timestamp(d.as_secs() as i64)
     }
 
@@ -30,20 +28,9 @@ impl Timestamp {
         }
         let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
             let part = &s[r];
-            if part.bytes().all(|c| c.is_ascii_digit()) {
-                part.parse().map_err(|_| bad())
-            } else {
-                Err(bad())
-            }
+            if part.bytes().all(|c| c.is_ascii_digit()) { part.parse().map_err(|_| bad()) } else { Err(bad()) }
         };
-        let (y, mo, d, h, mi, sec) = (
-            num(0..4)?,
-            num(5..7)?,
-            num(8..10)?,
-            num(11..13)?,
-            num(14..16)?,
-            num(17..19)?,
-        );
+        let (y, mo, d, h, mi, sec) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
         let mut rest = &s[19..];
         if let Some(frac) = rest.strip_prefix('.') {
             let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
@@ -55,18 +42,10 @@ impl Timestamp {
         if !matches!(rest, "Z" | "z" | "+00:00") {
             return Err(bad());
         }
-        if !(1..=12).contains(&mo)
-            || d < 1
-            || d > days_in_month(y, mo)
-            || h > 23
-            || mi > 59
-            || sec > 60
-        {
+        if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 || sec > 60 {
             return Err(bad());
         }
-        Ok(Timestamp(
-            days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec,
-        ))
+        Ok(Timestamp(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec))
     }
 }
 
@@ -110,13 +89,7 @@ impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (days, secs) = (self.0.div_euclid(86_400), self.0.rem_euclid(86_400));
         let (y, m, d) = civil_from_days(days);
-        write!(
-            f,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-            secs / 3600,
-            secs / 60 % 60,
-            secs % 60
-        )
+        write!(f, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
     }
 }
 
@@ -140,20 +113,9 @@ mod tests {
 
     #[test]
     fn known_instants() {
-        assert_eq!(
-            Timestamp::parse("1970-01-01T00:00:00Z").unwrap(),
-            Timestamp(0)
-        );
-        assert_eq!(
-            Timestamp::parse("2026-11-30T03:50:07Z")
-                .unwrap()
-                .to_string(),
-            "2026-11-30T03:50:07Z"
-        );
-        assert_eq!(
-            Timestamp::parse("2000-02-29T12:00:00.123+00:00").unwrap(),
-            Timestamp(951_825_600)
-        );
+        assert_eq!(Timestamp::parse("1970-01-01T00:00:00Z").unwrap(), Timestamp(0));
+        assert_eq!(Timestamp::parse("2026-11-30T03:50:07Z").unwrap().to_string(), "2026-11-30T03:50:07Z");
+        assert_eq!(Timestamp::parse("2000-02-29T12:00:00.123+00:00").unwrap(), Timestamp(951_825_600));
         assert!(Timestamp::parse("2001-02-29T00:00:00Z").is_err());
         assert!(Timestamp::parse("2026-11-30T03:50:07+01:00").is_err());
         assert!(Timestamp::parse("2026-11-30 03:50:07").is_err());

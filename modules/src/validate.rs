@@ -17,11 +17,7 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(at: usize, message: impl Into<String>) -> Problem {
-        Problem {
-            at,
-            also: Vec::new(),
-            message: message.into(),
-        }
+        Problem { at, also: Vec::new(), message: message.into() }
     }
 }
 
@@ -43,9 +39,7 @@ pub const PROTECTED: &[&str] = &[
 pub fn is_within(path: &str, base: &str) -> bool {
     base == "/"
         || path == base
-        || (path.len() > base.len()
-            && path.starts_with(base)
-            && path.as_bytes()[base.len()] == b'/')
+        || (path.len() > base.len() && path.starts_with(base) && path.as_bytes()[base.len()] == b'/')
 }
 
 /// The protected path that `path` is, or lies under.
@@ -81,11 +75,7 @@ pub fn merge(declared: Vec<Resource>) -> (Vec<Resource>, Vec<usize>, Vec<Problem
                     message: format!(
                         "{} is declared twice with different {}",
                         r.id,
-                        fields
-                            .iter()
-                            .map(|f| format!("`{f}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
                     ),
                 }),
             },
@@ -98,36 +88,14 @@ pub fn merge(declared: Vec<Resource>) -> (Vec<Resource>, Vec<usize>, Vec<Problem
 fn merge_one(a: &Resource, b: &Resource) -> Result<Resource, Vec<String>> {
     let mut conflicts = Vec::new();
     let meta = Meta {
-        requires: pick(
-            &a.meta.requires,
-            &b.meta.requires,
-            "requires",
-            &mut conflicts,
-            Vec::is_empty,
-        ),
-        notify: pick(
-            &a.meta.notify,
-            &b.meta.notify,
-            "notify",
-            &mut conflicts,
-            Vec::is_empty,
-        ),
-        sensitive: pick(
-            &a.meta.sensitive,
-            &b.meta.sensitive,
-            "sensitive",
-            &mut conflicts,
-            Option::is_none,
-        ),
+        requires: pick(&a.meta.requires, &b.meta.requires, "requires", &mut conflicts, Vec::is_empty),
+        notify: pick(&a.meta.notify, &b.meta.notify, "notify", &mut conflicts, Vec::is_empty),
+        sensitive: pick(&a.meta.sensitive, &b.meta.sensitive, "sensitive", &mut conflicts, Option::is_none),
     };
     let spec = match (&a.spec, &b.spec) {
         (Spec::File(x), Spec::File(y)) => merge_fields(x, y, &mut conflicts).map(Spec::File),
-        (Spec::Directory(x), Spec::Directory(y)) => {
-            merge_fields(x, y, &mut conflicts).map(Spec::Directory)
-        }
-        (Spec::Symlink(x), Spec::Symlink(y)) => {
-            merge_fields(x, y, &mut conflicts).map(Spec::Symlink)
-        }
+        (Spec::Directory(x), Spec::Directory(y)) => merge_fields(x, y, &mut conflicts).map(Spec::Directory),
+        (Spec::Symlink(x), Spec::Symlink(y)) => merge_fields(x, y, &mut conflicts).map(Spec::Symlink),
         _ => unreachable!("one id has one kind"),
     };
     match spec {
@@ -136,13 +104,7 @@ fn merge_one(a: &Resource, b: &Resource) -> Result<Resource, Vec<String>> {
     }
 }
 
-fn pick<T: Clone + PartialEq>(
-    a: &T,
-    b: &T,
-    name: &str,
-    conflicts: &mut Vec<String>,
-    unset: fn(&T) -> bool,
-) -> T {
+fn pick<T: Clone + PartialEq>(a: &T, b: &T, name: &str, conflicts: &mut Vec<String>, unset: fn(&T) -> bool) -> T {
     if unset(a) {
         b.clone()
     } else {
@@ -155,11 +117,7 @@ fn pick<T: Clone + PartialEq>(
 
 /// Merges two kind specs field by field through their serialized form: a field set in one and
 /// not the other is taken; set in both, it must be equal.
-fn merge_fields<S: Serialize + serde::de::DeserializeOwned>(
-    a: &S,
-    b: &S,
-    conflicts: &mut Vec<String>,
-) -> Option<S> {
+fn merge_fields<S: Serialize + serde::de::DeserializeOwned>(a: &S, b: &S, conflicts: &mut Vec<String>) -> Option<S> {
     let (serde_json::Value::Object(mut x), serde_json::Value::Object(y)) =
         (serde_json::to_value(a).ok()?, serde_json::to_value(b).ok()?)
     else {
@@ -184,13 +142,8 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
         let mut say = |m: String| problems.push(Problem::new(i, m));
         if let Some(path) = r.path() {
             if let Some(p) = protected_by(path) {
-                say(format!(
-                    "{} is protected: converge never manages {p}, so no catalog can cut a host off",
-                    r.id
-                ));
-            } else if holds_protected(path)
-                && !(r.id.kind == Kind::Directory && r.spec.ensure() == Ensure::Present)
-            {
+                say(format!("{} is protected: converge never manages {p}, so no catalog can cut a host off", r.id));
+            } else if holds_protected(path) && !(r.id.kind == Kind::Directory && r.spec.ensure() == Ensure::Present) {
                 say(format!(
                     "{} would remove or replace a directory holding converge's own files; only a present directory may be declared here",
                     r.id
@@ -219,10 +172,7 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
 
 fn check_file(r: &Resource, f: &FileSpec, say: &mut impl FnMut(String)) {
     if f.content.is_some() && f.source.is_some() {
-        say(format!(
-            "{}: `content` and `source` cannot both be set",
-            r.id
-        ));
+        say(format!("{}: `content` and `source` cannot both be set", r.id));
     }
     for (name, v) in [("owner", &f.owner), ("group", &f.group)] {
         if v.as_deref() == Some("") {
@@ -231,17 +181,11 @@ fn check_file(r: &Resource, f: &FileSpec, say: &mut impl FnMut(String)) {
     }
     if let Some(argv) = &f.validate {
         if argv.is_empty() || argv[0].is_empty() {
-            say(
-                "`validate` is empty: give a command as a list, like [visudo, -cf, \"%\"]"
-                    .to_string(),
-            );
+            say("`validate` is empty: give a command as a list, like [visudo, -cf, \"%\"]".to_string());
         } else if !argv.iter().any(|a| a.contains('%')) {
             say(format!(
                 "`validate` needs `%` where the new file goes, like [{}, \"%\"]",
-                argv.iter()
-                    .map(|a| a.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                argv.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", ")
             ));
         }
     }
@@ -253,83 +197,38 @@ mod tests {
     use crate::catalog::{DirectorySpec, Mode};
 
     fn file(path: &str, spec: FileSpec) -> Resource {
-        Resource::new(
-            ResourceId::new(Kind::File, path).unwrap(),
-            Meta::default(),
-            Spec::File(spec),
-        )
+        Resource::new(ResourceId::new(Kind::File, path).unwrap(), Meta::default(), Spec::File(spec))
     }
 
     #[test]
     fn equal_or_complementary_declarations_merge() {
-        let a = file(
-            "/x",
-            FileSpec {
-                mode: Some(Mode(0o644)),
-                ..Default::default()
-            },
-        );
-        let b = file(
-            "/x",
-            FileSpec {
-                owner: Some("root".into()),
-                mode: Some(Mode(0o644)),
-                ..Default::default()
-            },
-        );
+        let a = file("/x", FileSpec { mode: Some(Mode(0o644)), ..Default::default() });
+        let b = file("/x", FileSpec { owner: Some("root".into()), mode: Some(Mode(0o644)), ..Default::default() });
         let (merged, origin, problems) = merge(vec![a, b]);
         assert!(problems.is_empty());
         assert_eq!(origin, vec![0]);
-        let Spec::File(f) = &merged[0].spec else {
-            panic!()
-        };
-        assert_eq!(
-            (f.mode, f.owner.as_deref()),
-            (Some(Mode(0o644)), Some("root"))
-        );
+        let Spec::File(f) = &merged[0].spec else { panic!() };
+        assert_eq!((f.mode, f.owner.as_deref()), (Some(Mode(0o644)), Some("root")));
     }
 
     #[test]
     fn disagreeing_declarations_name_both_places_and_fields() {
-        let a = file(
-            "/x",
-            FileSpec {
-                mode: Some(Mode(0o644)),
-                content: Some("a".into()),
-                ..Default::default()
-            },
-        );
+        let a = file("/x", FileSpec { mode: Some(Mode(0o644)), content: Some("a".into()), ..Default::default() });
         let b = file("/y", FileSpec::default());
-        let c = file(
-            "/x",
-            FileSpec {
-                mode: Some(Mode(0o600)),
-                content: Some("b".into()),
-                ..Default::default()
-            },
-        );
+        let c = file("/x", FileSpec { mode: Some(Mode(0o600)), content: Some("b".into()), ..Default::default() });
         let (merged, _, problems) = merge(vec![a, b, c]);
         assert_eq!(merged.len(), 2);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].at, 2);
         assert_eq!(problems[0].also, vec![0]);
-        assert_eq!(
-            problems[0].message,
-            "file:/x is declared twice with different `content`, `mode`"
-        );
+        assert_eq!(problems[0].message, "file:/x is declared twice with different `content`, `mode`");
     }
 
     #[test]
     fn protected_paths_are_refused() {
         let rs = vec![
             file("/etc/converge/agent.toml", FileSpec::default()),
-            file(
-                "/var/lib",
-                FileSpec {
-                    force: Some(true),
-                    ..Default::default()
-                },
-            ),
+            file("/var/lib", FileSpec { force: Some(true), ..Default::default() }),
             Resource::new(
                 ResourceId::new(Kind::Directory, "/var/lib").unwrap(),
                 Meta::default(),
@@ -352,13 +251,8 @@ mod tests {
 
     #[test]
     fn validate_needs_a_placeholder() {
-        let rs = vec![file(
-            "/x",
-            FileSpec {
-                validate: Some(vec!["visudo".into(), "-c".into()]),
-                ..Default::default()
-            },
-        )];
+        let rs =
+            vec![file("/x", FileSpec { validate: Some(vec!["visudo".into(), "-c".into()]), ..Default::default() })];
         assert!(check_each(&rs)[0].message.contains("needs `%`"));
     }
 }

@@ -84,15 +84,8 @@ pub const MAX_NODES: usize = 5_000_000;
 
 /// Reads one YAML document. An empty document is a null scalar.
 pub fn parse(src: &str) -> Result<Node, SyntaxError> {
-    let mut b = Builder {
-        parser: Parser::new_from_str(src),
-        anchors: HashMap::new(),
-        count: 0,
-        dups: Vec::new(),
-    };
-    let one = |m: Mark, s: String| SyntaxError {
-        problems: vec![(m, s)],
-    };
+    let mut b = Builder { parser: Parser::new_from_str(src), anchors: HashMap::new(), count: 0, dups: Vec::new() };
+    let one = |m: Mark, s: String| SyntaxError { problems: vec![(m, s)] };
     let mut doc: Option<Node> = None;
     loop {
         let (ev, span) = b.next()?;
@@ -101,10 +94,7 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
             Event::StreamEnd => break,
             Event::DocumentStart(_) => {
                 if doc.is_some() {
-                    return Err(one(
-                        mark(&span),
-                        "only one YAML document is allowed here (remove this `---`)".into(),
-                    ));
+                    return Err(one(mark(&span), "only one YAML document is allowed here (remove this `---`)".into()));
                 }
                 let (ev, span) = b.next()?;
                 doc = Some(b.node(ev, span)?);
@@ -115,13 +105,7 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
     if !b.dups.is_empty() {
         return Err(SyntaxError { problems: b.dups });
     }
-    Ok(doc.unwrap_or(Node {
-        mark: Mark::new(1, 1),
-        value: Value::Scalar {
-            text: String::new(),
-            plain: true,
-        },
-    }))
+    Ok(doc.unwrap_or(Node { mark: Mark::new(1, 1), value: Value::Scalar { text: String::new(), plain: true } }))
 }
 
 fn mark(span: &Span) -> Mark {
@@ -148,9 +132,7 @@ impl<'a> Builder<'a> {
                     )],
                 })
             }
-            None => Err(SyntaxError {
-                problems: vec![(Mark::UNKNOWN, "YAML syntax: unexpected end of input".into())],
-            }),
+            None => Err(SyntaxError { problems: vec![(Mark::UNKNOWN, "YAML syntax: unexpected end of input".into())] }),
         }
     }
 
@@ -158,10 +140,7 @@ impl<'a> Builder<'a> {
         self.count += n;
         if self.count > MAX_NODES {
             return Err(SyntaxError {
-                problems: vec![(
-                    at,
-                    format!("document expands to more than {MAX_NODES} nodes (alias bomb?)"),
-                )],
+                problems: vec![(at, format!("document expands to more than {MAX_NODES} nodes (alias bomb?)"))],
             });
         }
         Ok(())
@@ -170,10 +149,7 @@ impl<'a> Builder<'a> {
     fn node(&mut self, ev: Event<'a>, span: Span) -> Result<Node, SyntaxError> {
         let at = mark(&span);
         let refuse_tag = |what: &str| SyntaxError {
-            problems: vec![(
-                at,
-                format!("YAML tags are not supported here (found {what}); remove the tag"),
-            )],
+            problems: vec![(at, format!("YAML tags are not supported here (found {what}); remove the tag"))],
         };
         self.bump(1, at)?;
         let (node, anchor) = match ev {
@@ -186,16 +162,7 @@ impl<'a> Builder<'a> {
                         return Err(refuse_tag(&tag.to_string()));
                     }
                 }
-                (
-                    Node {
-                        mark: at,
-                        value: Value::Scalar {
-                            text: text.into_owned(),
-                            plain,
-                        },
-                    },
-                    anchor,
-                )
+                (Node { mark: at, value: Value::Scalar { text: text.into_owned(), plain } }, anchor)
             }
             Event::SequenceStart(anchor, tag) => {
                 if let Some(tag) = tag {
@@ -209,13 +176,7 @@ impl<'a> Builder<'a> {
                     }
                     items.push(self.node(ev, span)?);
                 }
-                (
-                    Node {
-                        mark: at,
-                        value: Value::Seq(items),
-                    },
-                    anchor,
-                )
+                (Node { mark: at, value: Value::Seq(items) }, anchor)
             }
             Event::MappingStart(anchor, tag) => {
                 if let Some(tag) = tag {
@@ -233,38 +194,25 @@ impl<'a> Builder<'a> {
                     let value = self.node(ev, span)?;
                     if let Some(k) = key.as_str() {
                         if let Some(first) = seen.get(k) {
-                            self.dups.push((
-                                key.mark,
-                                format!("duplicate key `{k}` (first at line {})", first.line),
-                            ));
+                            self.dups.push((key.mark, format!("duplicate key `{k}` (first at line {})", first.line)));
                         } else {
                             seen.insert(k.to_string(), key.mark);
                         }
                     }
                     entries.push((key, value));
                 }
-                (
-                    Node {
-                        mark: at,
-                        value: Value::Map(entries),
-                    },
-                    anchor,
-                )
+                (Node { mark: at, value: Value::Map(entries) }, anchor)
             }
             Event::Alias(id) => {
                 let Some(n) = self.anchors.get(&id) else {
-                    return Err(SyntaxError {
-                        problems: vec![(at, "alias to an unknown anchor".into())],
-                    });
+                    return Err(SyntaxError { problems: vec![(at, "alias to an unknown anchor".into())] });
                 };
                 let n = n.clone();
                 self.bump(count_nodes(&n), at)?;
                 return Ok(n);
             }
             other => {
-                return Err(SyntaxError {
-                    problems: vec![(at, format!("unexpected YAML event {other:?}"))],
-                });
+                return Err(SyntaxError { problems: vec![(at, format!("unexpected YAML event {other:?}"))] });
             }
         };
         if anchor > 0 {
@@ -278,12 +226,7 @@ fn count_nodes(n: &Node) -> usize {
     match &n.value {
         Value::Scalar { .. } => 1,
         Value::Seq(items) => 1 + items.iter().map(count_nodes).sum::<usize>(),
-        Value::Map(entries) => {
-            1 + entries
-                .iter()
-                .map(|(k, v)| count_nodes(k) + count_nodes(v))
-                .sum::<usize>()
-        }
+        Value::Map(entries) => 1 + entries.iter().map(|(k, v)| count_nodes(k) + count_nodes(v)).sum::<usize>(),
     }
 }
 
@@ -325,14 +268,8 @@ fn parse_float(text: &str) -> Option<f64> {
         _ => {}
     }
     let looks_numeric = text.bytes().any(|b| b.is_ascii_digit())
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
-    if looks_numeric {
-        text.parse().ok()
-    } else {
-        None
-    }
+        && text.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
+    if looks_numeric { text.parse().ok() } else { None }
 }
 
 /// An error from decoding a [`Node`]: one or more problems, each with its place when known.
@@ -462,10 +399,7 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
     }
 
     fn deserialize_f64<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
-        match self
-            .plain()
-            .and_then(|t| parse_float(t).or_else(|| parse_int(t).map(|i| i as f64)))
-        {
+        match self.plain().and_then(|t| parse_float(t).or_else(|| parse_int(t).map(|i| i as f64))) {
             Some(f) => v.visit_f64(f).map_err(|e: DeError| e.at(self.0.mark)),
             None => Err(self.invalid(&v)),
         }
@@ -477,9 +411,9 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
 
     fn deserialize_str<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
         match &self.0.value {
-            Value::Scalar { text, .. } if !self.0.is_null() || text.is_empty() => v
-                .visit_borrowed_str(text)
-                .map_err(|e: DeError| e.at(self.0.mark)),
+            Value::Scalar { text, .. } if !self.0.is_null() || text.is_empty() => {
+                v.visit_borrowed_str(text).map_err(|e: DeError| e.at(self.0.mark))
+            }
             _ => Err(self.invalid(&v)),
         }
     }
@@ -497,37 +431,19 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
     }
 
     fn deserialize_option<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
-        if self.0.is_null() {
-            v.visit_none()
-        } else {
-            v.visit_some(self)
-        }
-        .map_err(|e: DeError| e.at(self.0.mark))
+        if self.0.is_null() { v.visit_none() } else { v.visit_some(self) }.map_err(|e: DeError| e.at(self.0.mark))
     }
 
     fn deserialize_unit<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
-        if self.0.is_null() {
-            v.visit_unit().map_err(|e: DeError| e.at(self.0.mark))
-        } else {
-            Err(self.invalid(&v))
-        }
+        if self.0.is_null() { v.visit_unit().map_err(|e: DeError| e.at(self.0.mark)) } else { Err(self.invalid(&v)) }
     }
 
-    fn deserialize_unit_struct<V: Visitor<'a>>(
-        self,
-        _: &'static str,
-        v: V,
-    ) -> Result<V::Value, DeError> {
+    fn deserialize_unit_struct<V: Visitor<'a>>(self, _: &'static str, v: V) -> Result<V::Value, DeError> {
         self.deserialize_unit(v)
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'a>>(
-        self,
-        _: &'static str,
-        v: V,
-    ) -> Result<V::Value, DeError> {
-        v.visit_newtype_struct(self)
-            .map_err(|e: DeError| e.at(self.0.mark))
+    fn deserialize_newtype_struct<V: Visitor<'a>>(self, _: &'static str, v: V) -> Result<V::Value, DeError> {
+        v.visit_newtype_struct(self).map_err(|e: DeError| e.at(self.0.mark))
     }
 
     fn deserialize_seq<V: Visitor<'a>>(self, v: V) -> Result<V::Value, DeError> {
@@ -541,12 +457,7 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
         self.deserialize_seq(v)
     }
 
-    fn deserialize_tuple_struct<V: Visitor<'a>>(
-        self,
-        _: &'static str,
-        _: usize,
-        v: V,
-    ) -> Result<V::Value, DeError> {
+    fn deserialize_tuple_struct<V: Visitor<'a>>(self, _: &'static str, _: usize, v: V) -> Result<V::Value, DeError> {
         self.deserialize_seq(v)
     }
 
@@ -573,19 +484,12 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
             .filter(|(k, _)| match k.as_str() {
                 Some(name) if fields.contains(&name) => true,
                 name => {
-                    unknown.push((
-                        Some(k.mark),
-                        unknown_field_message(name.unwrap_or("?"), fields),
-                    ));
+                    unknown.push((Some(k.mark), unknown_field_message(name.unwrap_or("?"), fields)));
                     false
                 }
             })
             .collect();
-        let result = v.visit_map(MapAccess {
-            entries: known.into_iter(),
-            value: None,
-            last_key: None,
-        });
+        let result = v.visit_map(MapAccess { entries: known.into_iter(), value: None, last_key: None });
         let result = result.map_err(|e: DeError| e.at(self.0.mark));
         match (result, unknown.is_empty()) {
             (Ok(x), true) => Ok(x),
@@ -603,8 +507,7 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
     ) -> Result<V::Value, DeError> {
         match &self.0.value {
             Value::Scalar { text, .. } => {
-                let d: de::value::BorrowedStrDeserializer<'a, DeError> =
-                    de::value::BorrowedStrDeserializer::new(text);
+                let d: de::value::BorrowedStrDeserializer<'a, DeError> = de::value::BorrowedStrDeserializer::new(text);
                 v.visit_enum(d).map_err(|e: DeError| e.at(self.0.mark))
             }
             _ => Err(self.invalid(&v)),
@@ -626,10 +529,7 @@ pub fn unknown_field_message(name: &str, fields: &[&str]) -> String {
     match close {
         Some(f) => format!("unknown field `{name}` (did you mean `{f}`?)"),
         None if fields.is_empty() => format!("unknown field `{name}`: no fields are allowed here"),
-        None => format!(
-            "unknown field `{name}`; expected one of: {}",
-            fields.join(", ")
-        ),
+        None => format!("unknown field `{name}`; expected one of: {}", fields.join(", ")),
     }
 }
 
@@ -639,9 +539,7 @@ fn similar_name(a: &str, b: &str) -> bool {
     if a.len().abs_diff(b.len()) > 1 || a == b {
         return false;
     }
-    let mismatches: Vec<usize> = (0..a.len().min(b.len()))
-        .filter(|&i| a[i] != b[i])
-        .collect();
+    let mismatches: Vec<usize> = (0..a.len().min(b.len())).filter(|&i| a[i] != b[i]).collect();
     if a.len() == b.len() {
         return mismatches.len() == 1
             || (mismatches.len() == 2
@@ -649,34 +547,17 @@ fn similar_name(a: &str, b: &str) -> bool {
                 && a[mismatches[0]] == b[mismatches[1]]
                 && a[mismatches[1]] == b[mismatches[0]]);
     }
-    let (long, short) = if a.len() > b.len() {
-        (&a, &b)
-    } else {
-        (&b, &a)
-    };
-    let i = (0..short.len())
-        .find(|&i| short[i] != long[i])
-        .unwrap_or(short.len());
+    let (long, short) = if a.len() > b.len() { (&a, &b) } else { (&b, &a) };
+    let i = (0..short.len()).find(|&i| short[i] != long[i]).unwrap_or(short.len());
     short[i..] == long[i + 1..]
 }
 
 fn visit_seq<'a, V: Visitor<'a>>(items: &'a [Node], v: V, m: Mark) -> Result<V::Value, DeError> {
-    v.visit_seq(SeqAccess {
-        items: items.iter(),
-    })
-    .map_err(|e: DeError| e.at(m))
+    v.visit_seq(SeqAccess { items: items.iter() }).map_err(|e: DeError| e.at(m))
 }
 
-fn visit_map<'a, V: Visitor<'a>>(
-    entries: &'a [(Node, Node)],
-    v: V,
-    m: Mark,
-) -> Result<V::Value, DeError> {
-    let mut access = MapAccess {
-        entries: entries.iter().collect::<Vec<_>>().into_iter(),
-        value: None,
-        last_key: None,
-    };
+fn visit_map<'a, V: Visitor<'a>>(entries: &'a [(Node, Node)], v: V, m: Mark) -> Result<V::Value, DeError> {
+    let mut access = MapAccess { entries: entries.iter().collect::<Vec<_>>().into_iter(), value: None, last_key: None };
     let r = v.visit_map(&mut access);
     let last = access.last_key;
     r.map_err(|e: DeError| e.at(last.unwrap_or(m)))
@@ -689,15 +570,9 @@ struct SeqAccess<'a> {
 impl<'a> de::SeqAccess<'a> for SeqAccess<'a> {
     type Error = DeError;
 
-    fn next_element_seed<T: DeserializeSeed<'a>>(
-        &mut self,
-        seed: T,
-    ) -> Result<Option<T::Value>, DeError> {
+    fn next_element_seed<T: DeserializeSeed<'a>>(&mut self, seed: T) -> Result<Option<T::Value>, DeError> {
         match self.items.next() {
-            Some(n) => seed
-                .deserialize(NodeDe(n))
-                .map(Some)
-                .map_err(|e: DeError| e.at(n.mark)),
+            Some(n) => seed.deserialize(NodeDe(n)).map(Some).map_err(|e: DeError| e.at(n.mark)),
             None => Ok(None),
         }
     }
@@ -718,29 +593,20 @@ struct MapAccess<'a> {
 impl<'a> de::MapAccess<'a> for MapAccess<'a> {
     type Error = DeError;
 
-    fn next_key_seed<K: DeserializeSeed<'a>>(
-        &mut self,
-        seed: K,
-    ) -> Result<Option<K::Value>, DeError> {
+    fn next_key_seed<K: DeserializeSeed<'a>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
         match self.entries.next() {
             Some((k, v)) => {
                 self.value = Some(v);
                 self.last_key = Some(k.mark);
-                seed.deserialize(NodeDe(k))
-                    .map(Some)
-                    .map_err(|e: DeError| e.at(k.mark))
+                seed.deserialize(NodeDe(k)).map(Some).map_err(|e: DeError| e.at(k.mark))
             }
             None => Ok(None),
         }
     }
 
     fn next_value_seed<T: DeserializeSeed<'a>>(&mut self, seed: T) -> Result<T::Value, DeError> {
-        let v = self
-            .value
-            .take()
-            .expect("next_value_seed called before next_key_seed");
-        seed.deserialize(NodeDe(v))
-            .map_err(|e: DeError| e.at(v.mark))
+        let v = self.value.take().expect("next_value_seed called before next_key_seed");
+        seed.deserialize(NodeDe(v)).map_err(|e: DeError| e.at(v.mark))
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -814,13 +680,7 @@ mod tests {
     #[test]
     fn duplicate_keys_are_syntax_errors() {
         let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
-        assert_eq!(
-            e.problems,
-            vec![(
-                Mark::new(3, 1),
-                "duplicate key `a` (first at line 1)".to_string()
-            )]
-        );
+        assert_eq!(e.problems, vec![(Mark::new(3, 1), "duplicate key `a` (first at line 1)".to_string())]);
     }
 
     #[test]
@@ -835,11 +695,7 @@ mod tests {
         assert_eq!(t.mode.as_deref(), Some("hello"));
         let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..9 {
-            let prev = if i == 1 {
-                "a".to_string()
-            } else {
-                format!("a{}", i - 1)
-            };
+            let prev = if i == 1 { "a".to_string() } else { format!("a{}", i - 1) };
             bomb.push_str(&format!("a{i}: &a{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
         }
         let e = parse(&bomb).unwrap_err();
@@ -850,13 +706,7 @@ mod tests {
     fn unknown_tags_are_refused() {
         assert!(parse("a: !!binary aGk=\n").is_err());
         let n = parse("a: !!str 12\n").unwrap();
-        assert_eq!(
-            n.as_map().unwrap()[0].1.value,
-            Value::Scalar {
-                text: "12".into(),
-                plain: false
-            }
-        );
+        assert_eq!(n.as_map().unwrap()[0].1.value, Value::Scalar { text: "12".into(), plain: false });
     }
 
     #[test]

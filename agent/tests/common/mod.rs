@@ -16,12 +16,8 @@ pub struct Out {
 
 /// Runs `converge` with `args` and the environment pairs `env`.
 pub fn converge_env(args: &[&str], env: &[(&str, &str)]) -> Out {
-    let out = Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
-        .env_remove("NO_COLOR")
-        .output()
-        .expect("run converge");
+    let out =
+        Command::new(BIN).args(args).envs(env.iter().copied()).env_remove("NO_COLOR").output().expect("run converge");
     Out {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -78,13 +74,7 @@ impl Scratch {
     /// Applies `catalog` into the root with extra `args`.
     pub fn apply(&self, catalog: &str, args: &[&str]) -> Out {
         let root = self.root_str();
-        let mut all = vec![
-            "apply",
-            catalog,
-            "--root",
-            root.as_str(),
-            "--detailed-exitcodes",
-        ];
+        let mut all = vec!["apply", catalog, "--root", root.as_str(), "--detailed-exitcodes"];
         all.extend_from_slice(args);
         converge(&all)
     }
@@ -94,10 +84,7 @@ impl Scratch {
 /// compared before and after to prove nothing was touched.
 pub fn listing(dir: &Path) -> BTreeMap<String, String> {
     fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         entries.sort();
         for p in entries {
             let m = std::fs::symlink_metadata(&p).unwrap();

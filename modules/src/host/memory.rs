@@ -10,20 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemNode {
-    File {
-        content: Vec<u8>,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    },
-    Directory {
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    },
-    Symlink {
-        target: String,
-    },
+    File { content: Vec<u8>, mode: u32, uid: u32, gid: u32 },
+    Directory { mode: u32, uid: u32, gid: u32 },
+    Symlink { target: String },
     Fifo,
 }
 
@@ -69,19 +58,10 @@ impl MemHost {
     /// An empty root directory, with `root` (uid 0) and `root` (gid 0).
     pub fn new() -> MemHost {
         let mut inner = Inner::default();
-        inner.nodes.insert(
-            "/".into(),
-            MemNode::Directory {
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-            },
-        );
+        inner.nodes.insert("/".into(), MemNode::Directory { mode: 0o755, uid: 0, gid: 0 });
         inner.users.insert("root".into(), 0);
         inner.groups.insert("root".into(), 0);
-        MemHost {
-            inner: RefCell::new(inner),
-        }
+        MemHost { inner: RefCell::new(inner) }
     }
 
     pub fn with_user(self, name: &str, uid: u32) -> Self {
@@ -99,68 +79,35 @@ impl MemHost {
         let mut inner = self.inner.borrow_mut();
         let mut p = parent_of(path);
         while let Some(dir) = p {
-            inner
-                .nodes
-                .entry(dir.to_string())
-                .or_insert(MemNode::Directory {
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                });
+            inner.nodes.entry(dir.to_string()).or_insert(MemNode::Directory { mode: 0o755, uid: 0, gid: 0 });
             p = parent_of(dir);
         }
         inner.nodes.insert(path.to_string(), node);
     }
 
     pub fn with_file(self, path: &str, content: &str, mode: u32) -> Self {
-        self.put(
-            path,
-            MemNode::File {
-                content: content.as_bytes().to_vec(),
-                mode,
-                uid: 0,
-                gid: 0,
-            },
-        );
+        self.put(path, MemNode::File { content: content.as_bytes().to_vec(), mode, uid: 0, gid: 0 });
         self
     }
 
     pub fn with_dir(self, path: &str, mode: u32) -> Self {
-        self.put(
-            path,
-            MemNode::Directory {
-                mode,
-                uid: 0,
-                gid: 0,
-            },
-        );
+        self.put(path, MemNode::Directory { mode, uid: 0, gid: 0 });
         self
     }
 
     pub fn with_symlink(self, path: &str, target: &str) -> Self {
-        self.put(
-            path,
-            MemNode::Symlink {
-                target: target.into(),
-            },
-        );
+        self.put(path, MemNode::Symlink { target: target.into() });
         self
     }
 
     /// Makes every mutation of `path` fail with `message`.
     pub fn fail_on(self, path: &str, message: &str) -> Self {
-        self.inner
-            .borrow_mut()
-            .failures
-            .insert(path.into(), message.into());
+        self.inner.borrow_mut().failures.insert(path.into(), message.into());
         self
     }
 
     /// Decides the outcome of `validate` commands from their argv and the new content.
-    pub fn with_validator(
-        self,
-        f: impl Fn(&[String], &[u8]) -> Result<(), String> + 'static,
-    ) -> Self {
+    pub fn with_validator(self, f: impl Fn(&[String], &[u8]) -> Result<(), String> + 'static) -> Self {
         self.inner.borrow_mut().validator = Some(Box::new(f));
         self
     }
@@ -200,11 +147,7 @@ impl MemHost {
             None | Some(Some(MemNode::Directory { .. })) => {}
             Some(None) => return Err(enoent(op, path)),
             Some(Some(_)) => {
-                return Err(HostError::io(
-                    op,
-                    path,
-                    io::Error::from(io::ErrorKind::NotADirectory),
-                ));
+                return Err(HostError::io(op, path, io::Error::from(io::ErrorKind::NotADirectory)));
             }
         }
         inner.mutations += 1;
@@ -214,39 +157,16 @@ impl MemHost {
 
 fn stat_of(node: &MemNode) -> Stat {
     match node {
-        MemNode::File {
-            content,
-            mode,
-            uid,
-            gid,
-        } => Stat {
-            file_type: FileType::File,
-            mode: *mode,
-            uid: *uid,
-            gid: *gid,
-            size: content.len() as u64,
-        },
-        MemNode::Directory { mode, uid, gid } => Stat {
-            file_type: FileType::Directory,
-            mode: *mode,
-            uid: *uid,
-            gid: *gid,
-            size: 0,
-        },
-        MemNode::Symlink { target } => Stat {
-            file_type: FileType::Symlink,
-            mode: 0o777,
-            uid: 0,
-            gid: 0,
-            size: target.len() as u64,
-        },
-        MemNode::Fifo => Stat {
-            file_type: FileType::Other("fifo"),
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 0,
-        },
+        MemNode::File { content, mode, uid, gid } => {
+            Stat { file_type: FileType::File, mode: *mode, uid: *uid, gid: *gid, size: content.len() as u64 }
+        }
+        MemNode::Directory { mode, uid, gid } => {
+            Stat { file_type: FileType::Directory, mode: *mode, uid: *uid, gid: *gid, size: 0 }
+        }
+        MemNode::Symlink { target } => {
+            Stat { file_type: FileType::Symlink, mode: 0o777, uid: 0, gid: 0, size: target.len() as u64 }
+        }
+        MemNode::Fifo => Stat { file_type: FileType::Other("fifo"), mode: 0o644, uid: 0, gid: 0, size: 0 },
     }
 }
 
@@ -260,9 +180,7 @@ impl Host for MemHost {
         Ok(inner.nodes.get(path).map(|node| {
             let stat = stat_of(node);
             let content = match node {
-                MemNode::File { content, .. } if content.len() as u64 <= limit => {
-                    Some(content.clone())
-                }
+                MemNode::File { content, .. } if content.len() as u64 <= limit => Some(content.clone()),
                 _ => None,
             };
             FileRead { stat, content }
@@ -272,11 +190,7 @@ impl Host for MemHost {
     fn read_link(&self, path: &str) -> HostResult<String> {
         match self.inner.borrow().nodes.get(path) {
             Some(MemNode::Symlink { target }) => Ok(target.clone()),
-            Some(_) => Err(HostError::io(
-                "readlink",
-                path,
-                io::Error::from(io::ErrorKind::InvalidInput),
-            )),
+            Some(_) => Err(HostError::io("readlink", path, io::Error::from(io::ErrorKind::InvalidInput))),
             None => Err(enoent("readlink", path)),
         }
     }
@@ -286,19 +200,11 @@ impl Host for MemHost {
         match inner.nodes.get(path) {
             Some(MemNode::Directory { .. }) => {}
             Some(_) => {
-                return Err(HostError::io(
-                    "list",
-                    path,
-                    io::Error::from(io::ErrorKind::NotADirectory),
-                ));
+                return Err(HostError::io("list", path, io::Error::from(io::ErrorKind::NotADirectory)));
             }
             None => return Err(enoent("list", path)),
         }
-        let prefix = if path == "/" {
-            "/".to_string()
-        } else {
-            format!("{path}/")
-        };
+        let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
         Ok(inner
             .nodes
             .range(prefix.clone()..)
@@ -308,20 +214,10 @@ impl Host for MemHost {
             .collect())
     }
 
-    fn write_file(
-        &self,
-        path: &str,
-        content: &[u8],
-        attrs: NewAttrs,
-        validate: Option<&[String]>,
-    ) -> HostResult<()> {
+    fn write_file(&self, path: &str, content: &[u8], attrs: NewAttrs, validate: Option<&[String]>) -> HostResult<()> {
         let mut inner = self.mutate("write", path)?;
         if let Some(MemNode::Directory { .. }) = inner.nodes.get(path) {
-            return Err(HostError::io(
-                "rename onto",
-                path,
-                io::Error::from(io::ErrorKind::IsADirectory),
-            ));
+            return Err(HostError::io("rename onto", path, io::Error::from(io::ErrorKind::IsADirectory)));
         }
         if let Some(argv) = validate {
             let tmp = format!("{path}.converge-new");
@@ -329,11 +225,7 @@ impl Host for MemHost {
             if let Some(f) = &inner.validator
                 && let Err(output) = f(&argv, content)
             {
-                return Err(HostError::Command {
-                    command: argv.join(" "),
-                    status: "exited with 1".into(),
-                    output,
-                });
+                return Err(HostError::Command { command: argv.join(" "), status: "exited with 1".into(), output });
             }
         }
         let node = MemNode::File {
@@ -349,17 +241,9 @@ impl Host for MemHost {
     fn mkdir(&self, path: &str, attrs: NewAttrs) -> HostResult<()> {
         let mut inner = self.mutate("mkdir", path)?;
         if inner.nodes.contains_key(path) {
-            return Err(HostError::io(
-                "mkdir",
-                path,
-                io::Error::from(io::ErrorKind::AlreadyExists),
-            ));
+            return Err(HostError::io("mkdir", path, io::Error::from(io::ErrorKind::AlreadyExists)));
         }
-        let node = MemNode::Directory {
-            mode: attrs.mode,
-            uid: attrs.uid.unwrap_or(0),
-            gid: attrs.gid.unwrap_or(0),
-        };
+        let node = MemNode::Directory { mode: attrs.mode, uid: attrs.uid.unwrap_or(0), gid: attrs.gid.unwrap_or(0) };
         inner.nodes.insert(path.to_string(), node);
         Ok(())
     }
@@ -367,18 +251,9 @@ impl Host for MemHost {
     fn symlink(&self, path: &str, target: &str) -> HostResult<()> {
         let mut inner = self.mutate("symlink", path)?;
         if let Some(MemNode::Directory { .. }) = inner.nodes.get(path) {
-            return Err(HostError::io(
-                "rename onto",
-                path,
-                io::Error::from(io::ErrorKind::IsADirectory),
-            ));
+            return Err(HostError::io("rename onto", path, io::Error::from(io::ErrorKind::IsADirectory)));
         }
-        inner.nodes.insert(
-            path.to_string(),
-            MemNode::Symlink {
-                target: target.to_string(),
-            },
-        );
+        inner.nodes.insert(path.to_string(), MemNode::Symlink { target: target.to_string() });
         Ok(())
     }
 
@@ -409,17 +284,9 @@ impl Host for MemHost {
         let has_children = !self.list_dir(path).unwrap_or_default().is_empty();
         let mut inner = self.mutate("remove", path)?;
         if has_children {
-            return Err(HostError::io(
-                "remove",
-                path,
-                io::Error::from(io::ErrorKind::DirectoryNotEmpty),
-            ));
+            return Err(HostError::io("remove", path, io::Error::from(io::ErrorKind::DirectoryNotEmpty)));
         }
-        inner
-            .nodes
-            .remove(path)
-            .map(|_| ())
-            .ok_or_else(|| enoent("remove", path))
+        inner.nodes.remove(path).map(|_| ()).ok_or_else(|| enoent("remove", path))
     }
 
     fn backup(&self, path: &str) -> HostResult<String> {
@@ -442,31 +309,17 @@ impl Host for MemHost {
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
-        self.inner
-            .borrow()
-            .users
-            .iter()
-            .find(|(_, u)| **u == uid)
-            .map(|(n, _)| n.clone())
+        self.inner.borrow().users.iter().find(|(_, u)| **u == uid).map(|(n, _)| n.clone())
     }
 
     fn group_name(&self, gid: u32) -> Option<String> {
-        self.inner
-            .borrow()
-            .groups
-            .iter()
-            .find(|(_, g)| **g == gid)
-            .map(|(n, _)| n.clone())
+        self.inner.borrow().groups.iter().find(|(_, g)| **g == gid).map(|(n, _)| n.clone())
     }
 }
 
 impl MemHost {
     /// The names in a directory (for assertions).
     pub fn list_dir_names(&self, path: &str) -> Vec<String> {
-        self.list_dir(path)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect()
+        self.list_dir(path).unwrap_or_default().into_iter().map(|(n, _)| n).collect()
     }
 }

@@ -11,27 +11,17 @@ use crate::host::{FileType, NewAttrs};
 use crate::report::Change;
 use crate::validate::holds_protected;
 
-pub fn check(
-    sys: &System,
-    r: &Resource,
-    d: &DirectorySpec,
-) -> Result<(Observed, Vec<Change>), String> {
+pub fn check(sys: &System, r: &Resource, d: &DirectorySpec) -> Result<(Observed, Vec<Change>), String> {
     let path = r.id.title.as_str();
     let stat = sys.host.stat(path).map_err(fail)?;
-    let mut observed = Observed {
-        stat,
-        ..Observed::default()
-    };
+    let mut observed = Observed { stat, ..Observed::default() };
     let force = d.force.unwrap_or(false);
     if !present(r) {
         let changes = sys.absent_changes(path, stat.as_ref(), force)?;
         return Ok((observed, changes));
     }
     let attrs = sys.wanted(d.mode, d.owner.as_deref(), d.group.as_deref())?;
-    let mut changes: Vec<Change> = sys
-        .retype(path, stat.as_ref(), FileType::Directory, force)?
-        .into_iter()
-        .collect();
+    let mut changes: Vec<Change> = sys.retype(path, stat.as_ref(), FileType::Directory, force)?.into_iter().collect();
     let is_dir = stat.is_some_and(|s| s.file_type == FileType::Directory);
     changes.extend(sys.attr_changes(&attrs, stat.as_ref().filter(|_| is_dir)));
     if d.purge.unwrap_or(false) && is_dir {
@@ -44,10 +34,7 @@ pub fn check(
             let Some(cs) = sys.host.stat(&child).map_err(fail)? else {
                 continue;
             };
-            if cs.file_type == FileType::Directory
-                && !force
-                && !sys.host.list_dir(&child).map_err(fail)?.is_empty()
-            {
+            if cs.file_type == FileType::Directory && !force && !sys.host.list_dir(&child).map_err(fail)?.is_empty() {
                 return Err(format!(
                     "purge would remove {child}, a directory that is not empty; set `force: true` to allow it"
                 ));
@@ -61,23 +48,13 @@ pub fn check(
             ));
         }
         for (child, cs) in &observed.purge {
-            changes.push(Change::new(
-                "purge",
-                format!("{child} ({})", cs.file_type.name()),
-                "absent",
-            ));
+            changes.push(Change::new("purge", format!("{child} ({})", cs.file_type.name()), "absent"));
         }
     }
     Ok((observed, changes))
 }
 
-pub fn apply(
-    sys: &System,
-    r: &Resource,
-    d: &DirectorySpec,
-    seen: &Observed,
-    _: &[Change],
-) -> Result<(), String> {
+pub fn apply(sys: &System, r: &Resource, d: &DirectorySpec, seen: &Observed, _: &[Change]) -> Result<(), String> {
     let path = r.id.title.as_str();
     let backup = d.backup.unwrap_or(true) && !r.sensitive();
     if !present(r) {
@@ -93,11 +70,7 @@ pub fn apply(
             if let Some(s) = other {
                 sys.remove_tree(path, s, backup)?;
             }
-            let new = NewAttrs {
-                mode: attrs.mode.unwrap_or(0o755),
-                uid: attrs.uid,
-                gid: attrs.gid,
-            };
+            let new = NewAttrs { mode: attrs.mode.unwrap_or(0o755), uid: attrs.uid, gid: attrs.gid };
             sys.host.mkdir(path, new).map_err(fail_create)?;
         }
     }
@@ -117,18 +90,10 @@ mod tests {
 
     /// Converges `yaml` on `host` and returns every event.
     fn check(host: &MemHost, yaml: &str, dry_run: bool) -> Vec<ResourceEvent> {
-        let loaded =
-            load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
+        let loaded = load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
         let sys = System::new(host, &loaded.catalog.resources);
         let mut sink = Collect::default();
-        let info = RunInfo {
-            catalog: "t".into(),
-            host: None,
-            serial: None,
-            commit: None,
-            dry_run,
-            resources: 1,
-        };
+        let info = RunInfo { catalog: "t".into(), host: None, serial: None, commit: None, dry_run, resources: 1 };
         run(&loaded, &sys, Options { dry_run }, info, &mut sink);
         sink.resources
     }
@@ -138,18 +103,8 @@ mod tests {
         let host = MemHost::new();
         let e = check(&host, "  - directory: /srv\n    mode: \"0750\"\n", false);
         assert_eq!(e[0].status, Status::Changed);
-        assert_eq!(
-            host.node("/srv"),
-            Some(MemNode::Directory {
-                mode: 0o750,
-                uid: 0,
-                gid: 0
-            })
-        );
-        assert_eq!(
-            check(&host, "  - directory: /srv\n    mode: \"0750\"\n", false)[0].status,
-            Status::Unchanged
-        );
+        assert_eq!(host.node("/srv"), Some(MemNode::Directory { mode: 0o750, uid: 0, gid: 0 }));
+        assert_eq!(check(&host, "  - directory: /srv\n    mode: \"0750\"\n", false)[0].status, Status::Unchanged);
     }
 
     #[test]
@@ -164,65 +119,33 @@ mod tests {
         let e = check(&host, decl, true);
         assert_eq!(host.snapshot(), before);
         let purged: Vec<&str> = e[0].changes.iter().map(|c| c.from.as_str()).collect();
-        assert_eq!(
-            purged,
-            ["/etc/app/link (symlink)", "/etc/app/stray.conf (file)"]
-        );
+        assert_eq!(purged, ["/etc/app/link (symlink)", "/etc/app/stray.conf (file)"]);
         check(&host, decl, false);
         assert!(host.node("/etc/app/stray.conf").is_none());
         assert!(host.node("/etc/app/link").is_none());
-        assert_eq!(
-            host.content("/etc/shadow").unwrap(),
-            "secret",
-            "a symlink is removed, never followed"
-        );
-        assert_eq!(
-            host.backups(),
-            vec![("/etc/app/stray.conf".to_string(), b"s".to_vec())]
-        );
+        assert_eq!(host.content("/etc/shadow").unwrap(), "secret", "a symlink is removed, never followed");
+        assert_eq!(host.backups(), vec![("/etc/app/stray.conf".to_string(), b"s".to_vec())]);
         assert_eq!(check(&host, decl, false)[0].status, Status::Unchanged);
     }
 
     #[test]
     fn purge_limit_and_non_empty_children() {
-        let host = MemHost::new()
-            .with_file("/d/a", "", 0o644)
-            .with_file("/d/b", "", 0o644)
-            .with_file("/d/sub/x", "", 0o644);
+        let host =
+            MemHost::new().with_file("/d/a", "", 0o644).with_file("/d/b", "", 0o644).with_file("/d/sub/x", "", 0o644);
         let e = check(&host, "  - directory: /d\n    purge: true\n", false);
-        assert!(
-            e[0].message
-                .as_deref()
-                .unwrap()
-                .contains("/d/sub, a directory that is not empty")
-        );
-        let e = check(
-            &host,
-            "  - directory: /d\n    purge: true\n    purge_limit: 2\n    force: true\n",
-            false,
-        );
-        assert!(
-            e[0].message
-                .as_deref()
-                .unwrap()
-                .contains("more than purge_limit (2)"),
-            "{e:?}"
-        );
+        assert!(e[0].message.as_deref().unwrap().contains("/d/sub, a directory that is not empty"));
+        let e = check(&host, "  - directory: /d\n    purge: true\n    purge_limit: 2\n    force: true\n", false);
+        assert!(e[0].message.as_deref().unwrap().contains("more than purge_limit (2)"), "{e:?}");
         assert_eq!(host.mutations(), 0);
-        let e = check(
-            &host,
-            "  - directory: /d\n    purge: true\n    force: true\n",
-            false,
-        );
+        let e = check(&host, "  - directory: /d\n    purge: true\n    force: true\n", false);
         assert_eq!(e[0].status, Status::Changed);
         assert_eq!(host.list_dir_names("/d"), Vec::<String>::new());
     }
 
     #[test]
     fn purge_never_touches_converge_state() {
-        let host = MemHost::new()
-            .with_file("/var/lib/converge/state", "x", 0o600)
-            .with_file("/var/lib/junk", "", 0o644);
+        let host =
+            MemHost::new().with_file("/var/lib/converge/state", "x", 0o600).with_file("/var/lib/junk", "", 0o644);
         check(&host, "  - directory: /var/lib\n    purge: true\n", false);
         assert!(host.node("/var/lib/converge/state").is_some());
         assert!(host.node("/var/lib/junk").is_none());
@@ -232,17 +155,8 @@ mod tests {
     fn absent_non_empty_needs_force() {
         let host = MemHost::new().with_file("/old/x", "", 0o644);
         let e = check(&host, "  - directory: /old\n    ensure: absent\n", false);
-        assert!(
-            e[0].message
-                .as_deref()
-                .unwrap()
-                .contains("holding 1 entries")
-        );
-        let e = check(
-            &host,
-            "  - directory: /old\n    ensure: absent\n    force: true\n",
-            false,
-        );
+        assert!(e[0].message.as_deref().unwrap().contains("holding 1 entries"));
+        let e = check(&host, "  - directory: /old\n    ensure: absent\n    force: true\n", false);
         assert_eq!(e[0].status, Status::Changed);
         assert!(host.node("/old").is_none());
     }

@@ -15,51 +15,32 @@ pub fn check(sys: &System, r: &Resource, f: &FileSpec) -> Result<(Observed, Vec<
     let want = f.content.as_deref().map(str::as_bytes);
     let limit = want.map_or(0, |w| (w.len() as u64).max(super::DIFF_LIMIT));
     let read = sys.host.read_file(path, limit).map_err(fail)?;
-    let observed = Observed {
-        stat: read.as_ref().map(|r| r.stat),
-        content: read.and_then(|r| r.content),
-        purge: Vec::new(),
-    };
+    let observed =
+        Observed { stat: read.as_ref().map(|r| r.stat), content: read.and_then(|r| r.content), purge: Vec::new() };
     let force = f.force.unwrap_or(false);
     if !present(r) {
         let changes = sys.absent_changes(path, observed.stat.as_ref(), force)?;
         return Ok((observed, changes));
     }
     let attrs = sys.wanted(f.mode, f.owner.as_deref(), f.group.as_deref())?;
-    let mut changes: Vec<Change> = sys
-        .retype(path, observed.stat.as_ref(), FileType::File, force)?
-        .into_iter()
-        .collect();
+    let mut changes: Vec<Change> =
+        sys.retype(path, observed.stat.as_ref(), FileType::File, force)?.into_iter().collect();
     let is_file = observed.stat.is_some_and(|s| s.file_type == FileType::File);
     if let Some(want) = want {
         let differs = match (&observed.stat, &observed.content) {
-            (Some(s), Some(have)) if is_file => {
-                s.size != want.len() as u64 || have.as_slice() != want
-            }
+            (Some(s), Some(have)) if is_file => s.size != want.len() as u64 || have.as_slice() != want,
             (Some(s), None) if is_file => s.size != want.len() as u64 || s.size > 0,
             _ => !want.is_empty(),
         };
         if differs {
-            changes.push(content_change(
-                path,
-                r.sensitive(),
-                is_file,
-                &observed,
-                want,
-            ));
+            changes.push(content_change(path, r.sensitive(), is_file, &observed, want));
         }
     }
     changes.extend(sys.attr_changes(&attrs, observed.stat.as_ref().filter(|_| is_file)));
     Ok((observed, changes))
 }
 
-fn content_change(
-    path: &str,
-    sensitive: bool,
-    is_file: bool,
-    observed: &Observed,
-    want: &[u8],
-) -> Change {
+fn content_change(path: &str, sensitive: bool, is_file: bool, observed: &Observed, want: &[u8]) -> Change {
     let (from, old) = match (is_file, &observed.content, &observed.stat) {
         (true, Some(have), _) => (describe_content(have), Some(have.as_slice())),
         (true, None, Some(s)) => (format!("{} bytes (too large to show)", s.size), None),
@@ -72,13 +53,7 @@ fn content_change(
     change
 }
 
-pub fn apply(
-    sys: &System,
-    r: &Resource,
-    f: &FileSpec,
-    seen: &Observed,
-    changes: &[Change],
-) -> Result<(), String> {
+pub fn apply(sys: &System, r: &Resource, f: &FileSpec, seen: &Observed, changes: &[Change]) -> Result<(), String> {
     let path = r.id.title.as_str();
     let backup = f.backup.unwrap_or(true) && !r.sensitive();
     if !present(r) {
@@ -91,11 +66,7 @@ pub fn apply(
     let existing_file = seen.stat.filter(|s| s.file_type == FileType::File);
     let rewrite = existing_file.is_none() || changes.iter().any(|c| c.attribute == "content");
     if !rewrite {
-        return sys.apply_attrs(
-            path,
-            &attrs,
-            existing_file.as_ref().expect("an existing file"),
-        );
+        return sys.apply_attrs(path, &attrs, existing_file.as_ref().expect("an existing file"));
     }
     match &seen.stat {
         Some(s) if s.file_type == FileType::File && backup => {
@@ -107,10 +78,7 @@ pub fn apply(
         _ => {}
     }
     let new = NewAttrs {
-        mode: attrs
-            .mode
-            .or(existing_file.map(|s| s.mode))
-            .unwrap_or(0o644),
+        mode: attrs.mode.or(existing_file.map(|s| s.mode)).unwrap_or(0o644),
         uid: attrs.uid.or(existing_file.map(|s| s.uid)),
         gid: attrs.gid.or(existing_file.map(|s| s.gid)),
     };
@@ -138,18 +106,10 @@ mod tests {
 
     /// Loads `yaml`, converges it on `host` (dry-run or not) and returns the one event.
     fn check(host: &MemHost, yaml: &str, dry_run: bool) -> ResourceEvent {
-        let loaded =
-            load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
+        let loaded = load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
         let sys = System::new(host, &loaded.catalog.resources);
         let mut sink = Collect::default();
-        let info = RunInfo {
-            catalog: "t".into(),
-            host: None,
-            serial: None,
-            commit: None,
-            dry_run,
-            resources: 1,
-        };
+        let info = RunInfo { catalog: "t".into(), host: None, serial: None, commit: None, dry_run, resources: 1 };
         run(&loaded, &sys, Options { dry_run }, info, &mut sink);
         sink.resources.pop().unwrap()
     }
@@ -165,12 +125,7 @@ mod tests {
         assert_eq!(attrs, ["ensure", "content", "mode"]);
         assert_eq!(
             host.node("/etc/motd"),
-            Some(MemNode::File {
-                content: b"new\n".to_vec(),
-                mode: 0o644,
-                uid: 0,
-                gid: 0
-            })
+            Some(MemNode::File { content: b"new\n".to_vec(), mode: 0o644, uid: 0, gid: 0 })
         );
         assert_eq!(check(&host, MOTD, false).status, Status::Unchanged);
     }
@@ -185,16 +140,10 @@ mod tests {
         assert_eq!(host.mutations(), 0);
         let diff = e.changes[0].diff.as_deref().unwrap();
         assert!(diff.contains("-old\n+new"), "{diff}");
-        assert_eq!(
-            (e.changes[1].from.as_str(), e.changes[1].to.as_str()),
-            ("0600", "0644")
-        );
+        assert_eq!((e.changes[1].from.as_str(), e.changes[1].to.as_str()), ("0600", "0644"));
         assert_eq!(check(&host, MOTD, false).status, Status::Changed);
         assert_eq!(host.content("/etc/motd").unwrap(), "new\n");
-        assert_eq!(
-            host.backups(),
-            vec![("/etc/motd".to_string(), b"old\n".to_vec())]
-        );
+        assert_eq!(host.backups(), vec![("/etc/motd".to_string(), b"old\n".to_vec())]);
     }
 
     #[test]
@@ -203,90 +152,37 @@ mod tests {
         let e = check(&host, MOTD, false);
         assert_eq!(e.changes.len(), 1);
         assert_eq!(host.backups().len(), 0);
-        assert!(matches!(
-            host.node("/etc/motd"),
-            Some(MemNode::File { mode: 0o644, .. })
-        ));
+        assert!(matches!(host.node("/etc/motd"), Some(MemNode::File { mode: 0o644, .. })));
     }
 
     #[test]
     fn unmanaged_attributes_are_kept_when_content_is_replaced() {
         let host = MemHost::new().with_user("www", 33);
-        host.put(
-            "/srv/x",
-            MemNode::File {
-                content: b"a".to_vec(),
-                mode: 0o640,
-                uid: 33,
-                gid: 7,
-            },
-        );
+        host.put("/srv/x", MemNode::File { content: b"a".to_vec(), mode: 0o640, uid: 33, gid: 7 });
         check(&host, "  - file: /srv/x\n    content: b\n", false);
-        assert_eq!(
-            host.node("/srv/x"),
-            Some(MemNode::File {
-                content: b"b".to_vec(),
-                mode: 0o640,
-                uid: 33,
-                gid: 7
-            })
-        );
+        assert_eq!(host.node("/srv/x"), Some(MemNode::File { content: b"b".to_vec(), mode: 0o640, uid: 33, gid: 7 }));
     }
 
     #[test]
     fn owner_and_group_by_name() {
-        let host = MemHost::new()
-            .with_user("deploy", 2001)
-            .with_group("www-data", 33)
-            .with_file("/srv/x", "a", 0o644);
-        let e = check(
-            &host,
-            "  - file: /srv/x\n    owner: deploy\n    group: www-data\n",
-            false,
-        );
-        assert_eq!(
-            (e.changes[0].from.as_str(), e.changes[0].to.as_str()),
-            ("root", "deploy")
-        );
-        assert!(matches!(
-            host.node("/srv/x"),
-            Some(MemNode::File {
-                uid: 2001,
-                gid: 33,
-                ..
-            })
-        ));
+        let host = MemHost::new().with_user("deploy", 2001).with_group("www-data", 33).with_file("/srv/x", "a", 0o644);
+        let e = check(&host, "  - file: /srv/x\n    owner: deploy\n    group: www-data\n", false);
+        assert_eq!((e.changes[0].from.as_str(), e.changes[0].to.as_str()), ("root", "deploy"));
+        assert!(matches!(host.node("/srv/x"), Some(MemNode::File { uid: 2001, gid: 33, .. })));
         let e = check(&host, "  - file: /srv/x\n    owner: nobody-here\n", false);
         assert_eq!(e.status, Status::Failed);
-        assert_eq!(
-            e.message.as_deref(),
-            Some("owner `nobody-here` does not exist on this system")
-        );
+        assert_eq!(e.message.as_deref(), Some("owner `nobody-here` does not exist on this system"));
     }
 
     #[test]
     fn sensitive_content_never_shows() {
         let host = MemHost::new().with_file("/etc/secret", "hunter2\n", 0o600);
-        let e = check(
-            &host,
-            "  - file: /etc/secret\n    content: \"s3cret\\n\"\n    sensitive: true\n",
-            true,
-        );
+        let e = check(&host, "  - file: /etc/secret\n    content: \"s3cret\\n\"\n    sensitive: true\n", true);
         let shown = serde_json::to_string(&e).unwrap();
-        assert!(
-            !shown.contains("hunter2") && !shown.contains("s3cret"),
-            "{shown}"
-        );
+        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
         assert!(e.changes[0].diff.is_none());
-        check(
-            &host,
-            "  - file: /etc/secret\n    content: \"s3cret\\n\"\n    sensitive: true\n",
-            false,
-        );
-        assert!(
-            host.backups().is_empty(),
-            "sensitive content stays out of the backup store"
-        );
+        check(&host, "  - file: /etc/secret\n    content: \"s3cret\\n\"\n    sensitive: true\n", false);
+        assert!(host.backups().is_empty(), "sensitive content stays out of the backup store");
     }
 
     #[test]
@@ -295,17 +191,10 @@ mod tests {
         let e = check(&host, "  - file: /srv/x\n    content: a\n", true);
         assert_eq!(e.status, Status::Failed, "dry-run predicts the failure");
         assert!(e.message.unwrap().contains("set `force: true`"));
-        let e = check(
-            &host,
-            "  - file: /srv/x\n    content: a\n    force: true\n",
-            false,
-        );
+        let e = check(&host, "  - file: /srv/x\n    content: a\n    force: true\n", false);
         assert_eq!(e.status, Status::Changed);
         assert_eq!(host.content("/srv/x").unwrap(), "a");
-        assert_eq!(
-            host.backups(),
-            vec![("/srv/x/inner".to_string(), b"keep".to_vec())]
-        );
+        assert_eq!(host.backups(), vec![("/srv/x/inner".to_string(), b"keep".to_vec())]);
     }
 
     #[test]
@@ -315,45 +204,27 @@ mod tests {
         assert_eq!(e.status, Status::Changed);
         assert_eq!(host.node("/etc/old"), None);
         assert_eq!(host.backups().len(), 1);
-        assert_eq!(
-            check(&host, "  - file: /etc/old\n    ensure: absent\n", false).status,
-            Status::Unchanged
-        );
+        assert_eq!(check(&host, "  - file: /etc/old\n    ensure: absent\n", false).status, Status::Unchanged);
     }
 
     #[test]
     fn validate_refusal_keeps_the_old_file() {
-        let host = MemHost::new()
-            .with_file("/etc/sudoers", "ok\n", 0o440)
-            .with_validator(|argv, content| {
-                if content == b"bad\n" {
-                    Err(format!("{} says no", argv[0]))
-                } else {
-                    Ok(())
-                }
-            });
-        let decl =
-            "  - file: /etc/sudoers\n    content: \"bad\\n\"\n    validate: [visudo, -cf, \"%\"]\n";
+        let host = MemHost::new().with_file("/etc/sudoers", "ok\n", 0o440).with_validator(|argv, content| {
+            if content == b"bad\n" { Err(format!("{} says no", argv[0])) } else { Ok(()) }
+        });
+        let decl = "  - file: /etc/sudoers\n    content: \"bad\\n\"\n    validate: [visudo, -cf, \"%\"]\n";
         let e = check(&host, decl, false);
         assert_eq!(e.status, Status::Failed);
-        assert!(
-            e.message.as_deref().unwrap().contains("visudo says no"),
-            "{e:?}"
-        );
+        assert!(e.message.as_deref().unwrap().contains("visudo says no"), "{e:?}");
         assert_eq!(host.content("/etc/sudoers").unwrap(), "ok\n");
     }
 
     #[test]
     fn a_failing_write_is_reported_with_the_path() {
-        let host = MemHost::new()
-            .fail_on("/etc/motd", "read-only file system")
-            .with_dir("/etc", 0o755);
+        let host = MemHost::new().fail_on("/etc/motd", "read-only file system").with_dir("/etc", 0o755);
         let e = check(&host, MOTD, false);
         assert_eq!(e.status, Status::Failed);
-        assert_eq!(
-            e.message.as_deref(),
-            Some("write /etc/motd: read-only file system")
-        );
+        assert_eq!(e.message.as_deref(), Some("write /etc/motd: read-only file system"));
     }
 
     #[test]
@@ -361,12 +232,6 @@ mod tests {
         let host = MemHost::new();
         let e = check(&host, MOTD, false);
         assert_eq!(e.status, Status::Failed);
-        assert!(
-            e.message
-                .as_deref()
-                .unwrap()
-                .contains("declare it as a `directory` resource"),
-            "{e:?}"
-        );
+        assert!(e.message.as_deref().unwrap().contains("declare it as a `directory` resource"), "{e:?}");
     }
 }

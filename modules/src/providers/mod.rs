@@ -27,7 +27,7 @@ pub struct System<'h> {
     pub host: &'h dyn Host,
     /// Every path the catalog declares (present or absent): purge leaves them to their own
     /// resource.
-    managed: HashSet<String>,
+    managed: HashSet<&'h str>,
 }
 
 /// What `check` saw of a path, handed to `apply`.
@@ -41,11 +41,8 @@ pub struct Observed {
 }
 
 impl<'h> System<'h> {
-    pub fn new(host: &'h dyn Host, resources: &[Resource]) -> System<'h> {
-        let managed = resources
-            .iter()
-            .filter_map(|r| r.path().map(str::to_string))
-            .collect();
+    pub fn new(host: &'h dyn Host, resources: &'h [Resource]) -> System<'h> {
+        let managed = resources.iter().filter_map(Resource::path).collect();
         System { host, managed }
     }
 
@@ -58,20 +55,14 @@ impl<'h> System<'h> {
         if let Ok(n) = name.parse() {
             return Ok(n);
         }
-        self.host
-            .user_id(name)
-            .map_err(fail)?
-            .ok_or_else(|| format!("owner `{name}` does not exist on this system"))
+        self.host.user_id(name).map_err(fail)?.ok_or_else(|| format!("owner `{name}` does not exist on this system"))
     }
 
     fn gid(&self, name: &str) -> Result<u32, String> {
         if let Ok(n) = name.parse() {
             return Ok(n);
         }
-        self.host
-            .group_id(name)
-            .map_err(fail)?
-            .ok_or_else(|| format!("group `{name}` does not exist on this system"))
+        self.host.group_id(name).map_err(fail)?.ok_or_else(|| format!("group `{name}` does not exist on this system"))
     }
 
     fn user_label(&self, uid: u32) -> String {
@@ -83,12 +74,7 @@ impl<'h> System<'h> {
     }
 
     /// Resolves the declared mode, owner and group.
-    fn wanted(
-        &self,
-        mode: Option<Mode>,
-        owner: Option<&str>,
-        group: Option<&str>,
-    ) -> Result<Attrs, String> {
+    fn wanted(&self, mode: Option<Mode>, owner: Option<&str>, group: Option<&str>) -> Result<Attrs, String> {
         Ok(Attrs {
             mode: mode.map(|m| m.0),
             uid: owner.map(|o| self.uid(o)).transpose()?,
@@ -148,13 +134,7 @@ impl<'h> System<'h> {
 
     /// The change that makes `path` of type `want`, if it is another type. Replacing another
     /// type needs `force`; the error says so.
-    fn retype(
-        &self,
-        path: &str,
-        have: Option<&Stat>,
-        want: FileType,
-        force: bool,
-    ) -> Result<Option<Change>, String> {
+    fn retype(&self, path: &str, have: Option<&Stat>, want: FileType, force: bool) -> Result<Option<Change>, String> {
         match have {
             None => Ok(Some(Change::new("ensure", "absent", want.name()))),
             Some(s) if s.file_type == want => Ok(None),
@@ -171,12 +151,7 @@ impl<'h> System<'h> {
     }
 
     /// The change that removes whatever is at `path`; a non-empty directory needs `force`.
-    fn absent_changes(
-        &self,
-        path: &str,
-        have: Option<&Stat>,
-        force: bool,
-    ) -> Result<Vec<Change>, String> {
+    fn absent_changes(&self, path: &str, have: Option<&Stat>, force: bool) -> Result<Vec<Change>, String> {
         let Some(s) = have else { return Ok(vec![]) };
         if s.file_type == FileType::Directory {
             let n = self.host.list_dir(path).map_err(fail)?.len();
@@ -192,9 +167,7 @@ impl<'h> System<'h> {
 
     fn refuse_protected(&self, path: &str) -> Result<(), String> {
         if holds_protected(path) {
-            return Err(format!(
-                "{path} holds converge's own files; it is never removed"
-            ));
+            return Err(format!("{path} holds converge's own files; it is never removed"));
         }
         Ok(())
     }
@@ -243,20 +216,12 @@ fn fail_create(e: HostError) -> String {
 }
 
 pub(crate) fn join(dir: &str, name: &str) -> String {
-    if dir == "/" {
-        format!("/{name}")
-    } else {
-        format!("{dir}/{name}")
-    }
+    if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") }
 }
 
 /// `sha256:` and the first 12 hex digits, with the size: enough to tell contents apart.
 fn describe_content(content: &[u8]) -> String {
-    format!(
-        "sha256:{} ({} bytes)",
-        &sha256_hex(content)[..12],
-        content.len()
-    )
+    format!("sha256:{} ({} bytes)", &sha256_hex(content)[..12], content.len())
 }
 
 /// A unified diff from `old` to `new`, when both are text and not too large.
@@ -264,23 +229,13 @@ fn unified_diff(path: &str, old: &[u8], new: &[u8]) -> Option<String> {
     if old.len() as u64 > DIFF_LIMIT || new.len() as u64 > DIFF_LIMIT {
         return None;
     }
-    let (old, new) = (
-        std::str::from_utf8(old).ok()?,
-        std::str::from_utf8(new).ok()?,
-    );
+    let (old, new) = (std::str::from_utf8(old).ok()?, std::str::from_utf8(new).ok()?);
     let diff = similar::TextDiff::from_lines(old, new);
-    let text = diff
-        .unified_diff()
-        .context_radius(3)
-        .header(path, &format!("{path} (catalog)"))
-        .to_string();
+    let text = diff.unified_diff().context_radius(3).header(path, &format!("{path} (catalog)")).to_string();
     let lines: Vec<&str> = text.lines().collect();
     if lines.len() > DIFF_LINES {
         let mut cut = lines[..DIFF_LINES].join("\n");
-        cut.push_str(&format!(
-            "\n... {} more lines of diff not shown",
-            lines.len() - DIFF_LINES
-        ));
+        cut.push_str(&format!("\n... {} more lines of diff not shown", lines.len() - DIFF_LINES));
         Some(cut)
     } else {
         Some(text)
