@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const FILES: usize = 2_000;
-const KILLS: usize = 24;
+const KILLS: usize = 20;
 
 fn path(i: usize) -> String {
     format!("/data/d{:03}/f{:04}.conf", i / 10, i)

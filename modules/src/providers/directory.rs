@@ -5,57 +5,66 @@
 //! touches converge's own files, backs up files it removes, and fails rather than remove more
 //! than `purge_limit` entries. Removing a non-empty directory needs `force`.
 
-use super::{Observed, System, fail, fail_create, join, present};
+use super::{Checked, Observed, System, Wanted, diff_absent, diff_attrs, diff_type, fail, fail_create, join, present};
 use crate::catalog::{DEFAULT_PURGE_LIMIT, DirectorySpec, Resource};
 use crate::host::{FileType, NewAttrs};
 use crate::report::Change;
 use crate::validate::holds_protected;
 
-pub fn check(sys: &System, r: &Resource, d: &DirectorySpec) -> Result<(Observed, Vec<Change>), String> {
-    let path = r.id.title.as_str();
-    let stat = sys.host.stat(path).map_err(fail)?;
-    let mut observed = Observed { stat, ..Observed::default() };
-    let force = d.force.unwrap_or(false);
-    if !present(r) {
-        let changes = sys.absent_changes(path, stat.as_ref(), force)?;
-        return Ok((observed, changes));
+/// Reads what is at the path and, for a purge, its unmanaged children.
+pub fn inspect(sys: &System, path: &str, d: &DirectorySpec, present: bool) -> Result<Observed, String> {
+    let mut seen = Observed { stat: sys.host.stat(path).map_err(fail)?, ..Observed::default() };
+    if !present {
+        sys.count_entries(path, &mut seen)?;
+        return Ok(seen);
     }
-    let attrs = sys.wanted(d.mode, d.owner.as_deref(), d.group.as_deref())?;
-    let mut changes: Vec<Change> = sys.retype(path, stat.as_ref(), FileType::Directory, force)?.into_iter().collect();
-    let is_dir = stat.is_some_and(|s| s.file_type == FileType::Directory);
-    changes.extend(sys.attr_changes(&attrs, stat.as_ref().filter(|_| is_dir)));
-    if d.purge.unwrap_or(false) && is_dir {
-        let limit = d.purge_limit.unwrap_or(DEFAULT_PURGE_LIMIT) as usize;
+    sys.name_owners(&mut seen, d.owner.is_some(), d.group.is_some());
+    if d.purge.unwrap_or(false) && seen.stat.is_some_and(|s| s.file_type == FileType::Directory) {
         for (name, _) in sys.host.list_dir(path).map_err(fail)? {
             let child = join(path, &name);
             if sys.is_managed(&child) || holds_protected(&child) {
                 continue;
             }
-            let Some(cs) = sys.host.stat(&child).map_err(fail)? else {
-                continue;
-            };
-            if cs.file_type == FileType::Directory && !force && !sys.host.list_dir(&child).map_err(fail)?.is_empty() {
-                return Err(format!(
-                    "purge would remove {child}, a directory that is not empty; set `force: true` to allow it"
-                ));
-            }
-            observed.purge.push((child, cs));
-        }
-        if observed.purge.len() > limit {
-            return Err(format!(
-                "purge would remove {} entries from {path}, more than purge_limit ({limit}); raise purge_limit if that is meant",
-                observed.purge.len()
-            ));
-        }
-        for (child, cs) in &observed.purge {
-            changes.push(Change::new("purge", format!("{child} ({})", cs.file_type.name()), "absent"));
+            let Some(cs) = sys.host.stat(&child).map_err(fail)? else { continue };
+            let non_empty = cs.file_type == FileType::Directory && !sys.host.list_dir(&child).map_err(fail)?.is_empty();
+            seen.purge.push((child, cs, non_empty));
         }
     }
-    Ok((observed, changes))
+    Ok(seen)
 }
 
-pub fn apply(sys: &System, r: &Resource, d: &DirectorySpec, seen: &Observed, _: &[Change]) -> Result<(), String> {
+/// What differs between what was seen and what is declared. Pure.
+pub fn diff(r: &Resource, d: &DirectorySpec, want: &Wanted, seen: &Observed) -> Result<Vec<Change>, String> {
     let path = r.id.title.as_str();
+    let force = d.force.unwrap_or(false);
+    if !present(r) {
+        return diff_absent(path, seen, force);
+    }
+    let mut changes: Vec<Change> =
+        diff_type(path, seen.stat.as_ref(), FileType::Directory, force)?.into_iter().collect();
+    let is_dir = seen.stat.is_some_and(|s| s.file_type == FileType::Directory);
+    changes.extend(diff_attrs(want, seen.stat.as_ref().filter(|_| is_dir), seen));
+    let limit = d.purge_limit.unwrap_or(DEFAULT_PURGE_LIMIT) as usize;
+    if let Some((child, _, _)) = seen.purge.iter().find(|(_, _, non_empty)| *non_empty && !force) {
+        return Err(format!(
+            "purge would remove {child}, a directory that is not empty; set `force: true` to allow it"
+        ));
+    }
+    if seen.purge.len() > limit {
+        return Err(format!(
+            "purge would remove {} entries from {path}, more than purge_limit ({limit}); raise purge_limit if that is meant",
+            seen.purge.len()
+        ));
+    }
+    for (child, cs, _) in &seen.purge {
+        changes.push(Change::new("purge", format!("{child} ({})", cs.file_type.name()), "absent"));
+    }
+    Ok(changes)
+}
+
+pub fn apply(sys: &System, r: &Resource, d: &DirectorySpec, state: &Checked) -> Result<(), String> {
+    let path = r.id.title.as_str();
+    let Checked { seen, want } = state;
     let backup = d.backup.unwrap_or(true) && !r.sensitive();
     if !present(r) {
         return match &seen.stat {
@@ -63,18 +72,17 @@ pub fn apply(sys: &System, r: &Resource, d: &DirectorySpec, seen: &Observed, _: 
             None => Ok(()),
         };
     }
-    let attrs = sys.wanted(d.mode, d.owner.as_deref(), d.group.as_deref())?;
     match &seen.stat {
-        Some(s) if s.file_type == FileType::Directory => sys.apply_attrs(path, &attrs, s)?,
+        Some(s) if s.file_type == FileType::Directory => sys.apply_attrs(path, want, s)?,
         other => {
             if let Some(s) = other {
                 sys.remove_tree(path, s, backup)?;
             }
-            let new = NewAttrs { mode: attrs.mode.unwrap_or(0o755), uid: attrs.uid, gid: attrs.gid };
+            let new = NewAttrs { mode: want.mode.unwrap_or(0o755), uid: want.uid(), gid: want.gid() };
             sys.host.mkdir(path, new).map_err(fail_create)?;
         }
     }
-    for (child, cs) in &seen.purge {
+    for (child, cs, _) in &seen.purge {
         sys.remove_tree(child, cs, backup)?;
     }
     Ok(())
@@ -82,6 +90,59 @@ pub fn apply(sys: &System, r: &Resource, d: &DirectorySpec, seen: &Observed, _: 
 
 #[cfg(test)]
 mod tests {
+    /// Pure tests of `diff`.
+    mod pure {
+        use super::super::diff;
+        use crate::catalog::{DirectorySpec, Ensure, Kind, Meta, Resource, ResourceId, Spec};
+        use crate::host::{FileType, Stat};
+        use crate::providers::{Observed, Wanted};
+
+        fn stat(file_type: FileType) -> Stat {
+            Stat { file_type, mode: 0o755, uid: 0, gid: 0, size: 0 }
+        }
+
+        fn check(spec: DirectorySpec, seen: &Observed) -> Result<Vec<String>, String> {
+            let r = Resource::new(
+                ResourceId::new(Kind::Directory, "/d").unwrap(),
+                Meta::default(),
+                Spec::Directory(spec.clone()),
+            );
+            let want = Wanted { mode: spec.mode.map(|m| m.0), ..Wanted::default() };
+            Ok(diff(&r, &spec, &want, seen)?
+                .into_iter()
+                .map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to))
+                .collect())
+        }
+
+        #[test]
+        fn purge_lists_each_child_and_respects_its_bounds() {
+            let kids = |n: usize, non_empty: bool| Observed {
+                stat: Some(stat(FileType::Directory)),
+                purge: (0..n).map(|i| (format!("/d/{i}"), stat(FileType::Directory), non_empty)).collect(),
+                ..Observed::default()
+            };
+            let purge = DirectorySpec { purge: Some(true), ..Default::default() };
+            assert_eq!(
+                check(purge.clone(), &kids(2, false)).unwrap(),
+                ["purge: /d/0 (directory) -> absent", "purge: /d/1 (directory) -> absent"]
+            );
+            assert!(check(purge.clone(), &kids(101, false)).unwrap_err().contains("more than purge_limit (100)"));
+            assert!(check(purge.clone(), &kids(1, true)).unwrap_err().contains("set `force: true`"));
+            assert_eq!(check(DirectorySpec { force: Some(true), ..purge }, &kids(1, true)).unwrap().len(), 1);
+        }
+
+        #[test]
+        fn removal_of_a_non_empty_directory_needs_force() {
+            let seen = Observed { stat: Some(stat(FileType::Directory)), entries: 3, ..Observed::default() };
+            let absent = DirectorySpec { ensure: Some(Ensure::Absent), ..Default::default() };
+            assert!(check(absent.clone(), &seen).unwrap_err().contains("holding 3 entries"));
+            assert_eq!(
+                check(DirectorySpec { force: Some(true), ..absent }, &seen).unwrap(),
+                ["ensure: directory -> absent"]
+            );
+        }
+    }
+
     use crate::engine::{Options, run};
     use crate::host::memory::{MemHost, MemNode};
     use crate::load::load;

@@ -5,43 +5,54 @@
 //! false` or the resource is sensitive). A new file takes the declared attributes, else those of
 //! the file it replaces, else mode 0644 and the agent's own owner.
 
-use super::{Attrs, Observed, System, describe_content, fail, fail_create, present, unified_diff};
+use super::{
+    Checked, Observed, System, Wanted, describe_content, diff_absent, diff_attrs, diff_type, fail, fail_create,
+};
+use super::{present, unified_diff};
 use crate::catalog::{FileSpec, Resource};
 use crate::host::{FileType, HostError, NewAttrs};
 use crate::report::Change;
 
-pub fn check(sys: &System, r: &Resource, f: &FileSpec) -> Result<(Observed, Vec<Change>), String> {
-    let path = r.id.title.as_str();
-    let want = f.content.as_deref().map(str::as_bytes);
-    let limit = want.map_or(0, |w| (w.len() as u64).max(super::DIFF_LIMIT));
+/// Reads what is at the path: metadata, and the content when the catalog manages it.
+pub fn inspect(sys: &System, path: &str, f: &FileSpec, present: bool) -> Result<Observed, String> {
+    let want = f.content.as_deref().map(str::len);
+    let limit = want.map_or(0, |w| (w as u64).max(super::DIFF_LIMIT));
     let read = sys.host.read_file(path, limit).map_err(fail)?;
-    let observed =
-        Observed { stat: read.as_ref().map(|r| r.stat), content: read.and_then(|r| r.content), purge: Vec::new() };
-    let force = f.force.unwrap_or(false);
-    if !present(r) {
-        let changes = sys.absent_changes(path, observed.stat.as_ref(), force)?;
-        return Ok((observed, changes));
+    let mut seen =
+        Observed { stat: read.as_ref().map(|r| r.stat), content: read.and_then(|r| r.content), ..Observed::default() };
+    if present {
+        sys.name_owners(&mut seen, f.owner.is_some(), f.group.is_some());
+    } else {
+        sys.count_entries(path, &mut seen)?;
     }
-    let attrs = sys.wanted(f.mode, f.owner.as_deref(), f.group.as_deref())?;
-    let mut changes: Vec<Change> =
-        sys.retype(path, observed.stat.as_ref(), FileType::File, force)?.into_iter().collect();
-    let is_file = observed.stat.is_some_and(|s| s.file_type == FileType::File);
-    if let Some(want) = want {
-        let differs = match (&observed.stat, &observed.content) {
-            (Some(s), Some(have)) if is_file => s.size != want.len() as u64 || have.as_slice() != want,
-            (Some(s), None) if is_file => s.size != want.len() as u64 || s.size > 0,
-            _ => !want.is_empty(),
-        };
-        if differs {
-            changes.push(content_change(path, r.sensitive(), is_file, &observed, want));
-        }
-    }
-    changes.extend(sys.attr_changes(&attrs, observed.stat.as_ref().filter(|_| is_file)));
-    Ok((observed, changes))
+    Ok(seen)
 }
 
-fn content_change(path: &str, sensitive: bool, is_file: bool, observed: &Observed, want: &[u8]) -> Change {
-    let (from, old) = match (is_file, &observed.content, &observed.stat) {
+/// What differs between what was seen and what is declared. Pure.
+pub fn diff(r: &Resource, f: &FileSpec, want: &Wanted, seen: &Observed) -> Result<Vec<Change>, String> {
+    let path = r.id.title.as_str();
+    let force = f.force.unwrap_or(false);
+    if !present(r) {
+        return diff_absent(path, seen, force);
+    }
+    let mut changes: Vec<Change> = diff_type(path, seen.stat.as_ref(), FileType::File, force)?.into_iter().collect();
+    let is_file = seen.stat.is_some_and(|s| s.file_type == FileType::File);
+    if let Some(content) = f.content.as_deref().map(str::as_bytes) {
+        let differs = match (&seen.stat, &seen.content) {
+            (Some(s), Some(have)) if is_file => s.size != content.len() as u64 || have.as_slice() != content,
+            (Some(s), None) if is_file => s.size != content.len() as u64 || s.size > 0,
+            _ => !content.is_empty(),
+        };
+        if differs {
+            changes.push(content_change(path, r.sensitive(), is_file, seen, content));
+        }
+    }
+    changes.extend(diff_attrs(want, seen.stat.as_ref().filter(|_| is_file), seen));
+    Ok(changes)
+}
+
+fn content_change(path: &str, sensitive: bool, is_file: bool, seen: &Observed, want: &[u8]) -> Change {
+    let (from, old) = match (is_file, &seen.content, &seen.stat) {
         (true, Some(have), _) => (describe_content(have), Some(have.as_slice())),
         (true, None, Some(s)) => (format!("{} bytes (too large to show)", s.size), None),
         _ => ("absent".to_string(), Some(&[][..])),
@@ -53,8 +64,9 @@ fn content_change(path: &str, sensitive: bool, is_file: bool, observed: &Observe
     change
 }
 
-pub fn apply(sys: &System, r: &Resource, f: &FileSpec, seen: &Observed, changes: &[Change]) -> Result<(), String> {
+pub fn apply(sys: &System, r: &Resource, f: &FileSpec, state: &Checked, changes: &[Change]) -> Result<(), String> {
     let path = r.id.title.as_str();
+    let Checked { seen, want } = state;
     let backup = f.backup.unwrap_or(true) && !r.sensitive();
     if !present(r) {
         return match &seen.stat {
@@ -62,25 +74,24 @@ pub fn apply(sys: &System, r: &Resource, f: &FileSpec, seen: &Observed, changes:
             None => Ok(()),
         };
     }
-    let attrs: Attrs = sys.wanted(f.mode, f.owner.as_deref(), f.group.as_deref())?;
     let existing_file = seen.stat.filter(|s| s.file_type == FileType::File);
     let rewrite = existing_file.is_none() || changes.iter().any(|c| c.attribute == "content");
-    if !rewrite {
-        return sys.apply_attrs(path, &attrs, existing_file.as_ref().expect("an existing file"));
+    if let (false, Some(existing)) = (rewrite, &existing_file) {
+        return sys.apply_attrs(path, want, existing);
     }
-    match &seen.stat {
-        Some(s) if s.file_type == FileType::File && backup => {
+    // A file or symlink is replaced by the rename itself (a file is backed up first); anything
+    // else goes before (force was checked by `diff`).
+    match seen.stat.map(|s| (s.file_type, s)) {
+        Some((FileType::File, _)) if backup => {
             sys.host.backup(path).map_err(fail)?;
         }
-        // A symlink is replaced by the rename itself; anything else goes first (force was
-        // checked by `check`).
-        Some(s) if s.file_type != FileType::Symlink => sys.remove_tree(path, s, backup)?,
-        _ => {}
+        Some((FileType::File | FileType::Symlink, _)) | None => {}
+        Some((_, s)) => sys.remove_tree(path, &s, backup)?,
     }
     let new = NewAttrs {
-        mode: attrs.mode.or(existing_file.map(|s| s.mode)).unwrap_or(0o644),
-        uid: attrs.uid.or(existing_file.map(|s| s.uid)),
-        gid: attrs.gid.or(existing_file.map(|s| s.gid)),
+        mode: want.mode.or(existing_file.map(|s| s.mode)).unwrap_or(0o644),
+        uid: want.uid().or(existing_file.map(|s| s.uid)),
+        gid: want.gid().or(existing_file.map(|s| s.gid)),
     };
     let content = match (&f.content, &seen.content) {
         (Some(c), _) => c.as_bytes(),
@@ -98,6 +109,87 @@ pub fn apply(sys: &System, r: &Resource, f: &FileSpec, seen: &Observed, changes:
 
 #[cfg(test)]
 mod tests {
+    /// Pure tests of `diff`: no host at all.
+    mod pure {
+        use super::super::diff;
+        use crate::catalog::{FileSpec, Kind, Meta, Resource, ResourceId, Spec};
+        use crate::host::{FileType, Stat};
+        use crate::providers::{Observed, Wanted};
+
+        fn file(spec: FileSpec) -> Resource {
+            Resource::new(ResourceId::new(Kind::File, "/f").unwrap(), Meta::default(), Spec::File(spec.clone()))
+        }
+
+        fn seen(content: &str, mode: u32, uid: u32) -> Observed {
+            let stat = Stat { file_type: FileType::File, mode, uid, gid: 0, size: content.len() as u64 };
+            Observed {
+                stat: Some(stat),
+                content: Some(content.as_bytes().to_vec()),
+                owner: Some(format!("user{uid}")),
+                ..Observed::default()
+            }
+        }
+
+        /// `(attribute, from, to)` of each change.
+        fn check(spec: FileSpec, want: Wanted, seen: &Observed) -> Result<Vec<(String, String, String)>, String> {
+            let r = file(spec.clone());
+            let Spec::File(f) = &r.spec else { unreachable!() };
+            Ok(diff(&r, f, &want, seen)?.into_iter().map(|c| (c.attribute, c.from, c.to)).collect())
+        }
+
+        fn t(a: &str, b: &str, c: &str) -> (String, String, String) {
+            (a.into(), b.into(), c.into())
+        }
+
+        #[test]
+        fn in_sync_is_empty() {
+            let spec = FileSpec { content: Some("x".into()), ..Default::default() };
+            let want = Wanted { mode: Some(0o644), owner: Some((0, "root".into())), group: None };
+            assert_eq!(check(spec, want, &seen("x", 0o644, 0)).unwrap(), vec![]);
+        }
+
+        #[test]
+        fn unmanaged_attributes_never_differ() {
+            assert_eq!(check(FileSpec::default(), Wanted::default(), &seen("anything", 0o777, 42)).unwrap(), vec![]);
+        }
+
+        #[test]
+        fn each_attribute_from_to() {
+            let spec = FileSpec { content: Some("new".into()), ..Default::default() };
+            let want = Wanted { mode: Some(0o600), owner: Some((7, "deploy".into())), group: None };
+            let got = check(spec, want, &seen("old", 0o644, 0)).unwrap();
+            assert_eq!(got[0].0, "content");
+            assert_eq!(&got[1..], [t("mode", "0644", "0600"), t("owner", "user0", "deploy")]);
+        }
+
+        #[test]
+        fn same_size_different_bytes_differ() {
+            let spec = FileSpec { content: Some("abc".into()), ..Default::default() };
+            assert_eq!(check(spec, Wanted::default(), &seen("abd", 0o644, 0)).unwrap().len(), 1);
+        }
+
+        #[test]
+        fn a_new_file_lists_what_it_will_be() {
+            let spec = FileSpec { content: Some("x".into()), ..Default::default() };
+            let want = Wanted { mode: Some(0o640), ..Wanted::default() };
+            let got = check(spec, want, &Observed::default()).unwrap();
+            assert_eq!(got[0], t("ensure", "absent", "file"));
+            assert_eq!(got[2], t("mode", "absent", "0640"));
+        }
+
+        #[test]
+        fn another_type_needs_force() {
+            let dir = Observed {
+                stat: Some(Stat { file_type: FileType::Directory, mode: 0o755, uid: 0, gid: 0, size: 0 }),
+                ..Observed::default()
+            };
+            let e = check(FileSpec::default(), Wanted::default(), &dir).unwrap_err();
+            assert_eq!(e, "/f is a directory, not a file; set `force: true` to replace it");
+            let forced = check(FileSpec { force: Some(true), ..Default::default() }, Wanted::default(), &dir).unwrap();
+            assert_eq!(forced, vec![t("ensure", "directory", "file")]);
+        }
+    }
+
     use crate::engine::{Options, run};
     use crate::host::memory::{MemHost, MemNode};
     use crate::load::load;

@@ -1,7 +1,8 @@
 //! Providers: how each kind is inspected, diffed and changed, over a [`Host`].
 //!
 //! [`System`] implements the engine's [`Providers`] by dispatching on the kind. Each kind's
-//! module has `check` (inspect, read only, then a pure diff) and `apply`. What the path kinds
+//! module has `inspect` (reads the host, changes nothing), `diff` (pure: what was seen against
+//! what is declared) and `apply`. What the path kinds
 //! share lives here: owners and groups by name, mode/owner/group changes, type changes (which
 //! need `force`), and removal that never follows a symlink and backs up what it removes.
 
@@ -30,14 +31,47 @@ pub struct System<'h> {
     managed: HashSet<&'h str>,
 }
 
-/// What `check` saw of a path, handed to `apply`.
-#[derive(Debug, Clone, Default)]
+/// What `inspect` saw of a path: everything `diff` needs, so that `diff` is pure.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
     pub stat: Option<Stat>,
-    /// The content of a regular file, when it was read.
+    /// The content of a regular file, when it was read (not when larger than asked).
     pub content: Option<Vec<u8>>,
-    /// Children a purge will remove, with their types.
-    pub purge: Vec<(String, Stat)>,
+    /// The target of a symlink.
+    pub target: Option<String>,
+    /// How many entries a directory holds, when that matters (removing it).
+    pub entries: usize,
+    /// Unmanaged children a purge would remove, and whether each is a non-empty directory.
+    pub purge: Vec<(String, Stat, bool)>,
+    /// The names of the path's owner and group, looked up when they are managed.
+    pub owner: Option<String>,
+    pub group: Option<String>,
+}
+
+/// Declared mode, owner and group, resolved to ids, with the names as written for reports.
+/// `None` is unmanaged.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Wanted {
+    pub mode: Option<u32>,
+    pub owner: Option<(u32, String)>,
+    pub group: Option<(u32, String)>,
+}
+
+impl Wanted {
+    fn uid(&self) -> Option<u32> {
+        self.owner.as_ref().map(|o| o.0)
+    }
+
+    fn gid(&self) -> Option<u32> {
+        self.group.as_ref().map(|g| g.0)
+    }
+}
+
+/// What `check` hands to `apply`.
+#[derive(Debug, Clone, Default)]
+pub struct Checked {
+    pub seen: Observed,
+    pub want: Wanted,
 }
 
 impl<'h> System<'h> {
@@ -50,76 +84,55 @@ impl<'h> System<'h> {
         self.managed.contains(path)
     }
 
-    /// A uid from a user name or number.
-    fn uid(&self, name: &str) -> Result<u32, String> {
-        if let Ok(n) = name.parse() {
-            return Ok(n);
-        }
-        self.host.user_id(name).map_err(fail)?.ok_or_else(|| format!("owner `{name}` does not exist on this system"))
+    /// Resolves the declared mode, owner and group (names or numbers).
+    fn wanted(&self, mode: Option<Mode>, owner: Option<&str>, group: Option<&str>) -> Result<Wanted, String> {
+        let owner = match owner {
+            None => None,
+            Some(o) => Some(match o.parse() {
+                Ok(n) => (n, o.to_string()),
+                Err(_) => {
+                    let uid = self.host.user_id(o).map_err(fail)?;
+                    (uid.ok_or_else(|| format!("owner `{o}` does not exist on this system"))?, o.to_string())
+                }
+            }),
+        };
+        let group = match group {
+            None => None,
+            Some(g) => Some(match g.parse() {
+                Ok(n) => (n, g.to_string()),
+                Err(_) => {
+                    let gid = self.host.group_id(g).map_err(fail)?;
+                    (gid.ok_or_else(|| format!("group `{g}` does not exist on this system"))?, g.to_string())
+                }
+            }),
+        };
+        Ok(Wanted { mode: mode.map(|m| m.0), owner, group })
     }
 
-    fn gid(&self, name: &str) -> Result<u32, String> {
-        if let Ok(n) = name.parse() {
-            return Ok(n);
+    /// Looks up the names of what owns the path, for the attributes the resource manages.
+    fn name_owners(&self, seen: &mut Observed, owner: bool, group: bool) {
+        if let Some(s) = seen.stat {
+            if owner {
+                seen.owner = Some(self.host.user_name(s.uid).unwrap_or_else(|| s.uid.to_string()));
+            }
+            if group {
+                seen.group = Some(self.host.group_name(s.gid).unwrap_or_else(|| s.gid.to_string()));
+            }
         }
-        self.host.group_id(name).map_err(fail)?.ok_or_else(|| format!("group `{name}` does not exist on this system"))
     }
 
-    fn user_label(&self, uid: u32) -> String {
-        self.host.user_name(uid).unwrap_or_else(|| uid.to_string())
-    }
-
-    fn group_label(&self, gid: u32) -> String {
-        self.host.group_name(gid).unwrap_or_else(|| gid.to_string())
-    }
-
-    /// Resolves the declared mode, owner and group.
-    fn wanted(&self, mode: Option<Mode>, owner: Option<&str>, group: Option<&str>) -> Result<Attrs, String> {
-        Ok(Attrs {
-            mode: mode.map(|m| m.0),
-            uid: owner.map(|o| self.uid(o)).transpose()?,
-            gid: group.map(|g| self.gid(g)).transpose()?,
-        })
-    }
-
-    /// The mode, owner and group changes from `have` (None: the path is new) to `want`.
-    fn attr_changes(&self, want: &Attrs, have: Option<&Stat>) -> Vec<Change> {
-        let mut changes = Vec::new();
-        let absent = || "absent".to_string();
-        if let Some(m) = want.mode
-            && have.is_none_or(|s| s.mode != m)
-        {
-            changes.push(Change::new(
-                "mode",
-                have.map_or_else(absent, |s| Mode(s.mode).to_string()),
-                Mode(m).to_string(),
-            ));
+    /// Counts a directory's entries when the resource would remove it.
+    fn count_entries(&self, path: &str, seen: &mut Observed) -> Result<(), String> {
+        if seen.stat.is_some_and(|s| s.file_type == FileType::Directory) {
+            seen.entries = self.host.list_dir(path).map_err(fail)?.len();
         }
-        if let Some(u) = want.uid
-            && have.is_none_or(|s| s.uid != u)
-        {
-            changes.push(Change::new(
-                "owner",
-                have.map_or_else(absent, |s| self.user_label(s.uid)),
-                self.user_label(u),
-            ));
-        }
-        if let Some(g) = want.gid
-            && have.is_none_or(|s| s.gid != g)
-        {
-            changes.push(Change::new(
-                "group",
-                have.map_or_else(absent, |s| self.group_label(s.gid)),
-                self.group_label(g),
-            ));
-        }
-        changes
+        Ok(())
     }
 
     /// Sets what differs of mode, owner and group on an existing path.
-    fn apply_attrs(&self, path: &str, want: &Attrs, have: &Stat) -> Result<(), String> {
-        let uid = want.uid.filter(|u| *u != have.uid);
-        let gid = want.gid.filter(|g| *g != have.gid);
+    fn apply_attrs(&self, path: &str, want: &Wanted, have: &Stat) -> Result<(), String> {
+        let uid = want.uid().filter(|u| *u != have.uid);
+        let gid = want.gid().filter(|g| *g != have.gid);
         // Owner first: chown clears setuid/setgid bits, so the mode goes on afterwards.
         if uid.is_some() || gid.is_some() {
             self.host.set_owner(path, uid, gid).map_err(fail)?;
@@ -132,50 +145,10 @@ impl<'h> System<'h> {
         Ok(())
     }
 
-    /// The change that makes `path` of type `want`, if it is another type. Replacing another
-    /// type needs `force`; the error says so.
-    fn retype(&self, path: &str, have: Option<&Stat>, want: FileType, force: bool) -> Result<Option<Change>, String> {
-        match have {
-            None => Ok(Some(Change::new("ensure", "absent", want.name()))),
-            Some(s) if s.file_type == want => Ok(None),
-            Some(s) if !force => Err(format!(
-                "{path} is a {}, not a {}; set `force: true` to replace it",
-                s.file_type.name(),
-                want.name()
-            )),
-            Some(s) => {
-                self.refuse_protected(path)?;
-                Ok(Some(Change::new("ensure", s.file_type.name(), want.name())))
-            }
-        }
-    }
-
-    /// The change that removes whatever is at `path`; a non-empty directory needs `force`.
-    fn absent_changes(&self, path: &str, have: Option<&Stat>, force: bool) -> Result<Vec<Change>, String> {
-        let Some(s) = have else { return Ok(vec![]) };
-        if s.file_type == FileType::Directory {
-            let n = self.host.list_dir(path).map_err(fail)?.len();
-            if n > 0 && !force {
-                return Err(format!(
-                    "{path} is a directory holding {n} entries; set `force: true` to remove it and everything in it"
-                ));
-            }
-        }
-        self.refuse_protected(path)?;
-        Ok(vec![Change::new("ensure", s.file_type.name(), "absent")])
-    }
-
-    fn refuse_protected(&self, path: &str) -> Result<(), String> {
-        if holds_protected(path) {
-            return Err(format!("{path} holds converge's own files; it is never removed"));
-        }
-        Ok(())
-    }
-
     /// Removes what is at `path`, depth first, never following a symlink; regular files are
     /// backed up first when `backup`.
     fn remove_tree(&self, path: &str, stat: &Stat, backup: bool) -> Result<(), String> {
-        self.refuse_protected(path)?;
+        refuse_protected(path)?;
         match stat.file_type {
             FileType::Directory => {
                 for (name, _) in self.host.list_dir(path).map_err(fail)? {
@@ -194,12 +167,67 @@ impl<'h> System<'h> {
     }
 }
 
-/// Declared mode, uid and gid; `None` is unmanaged.
-#[derive(Debug, Clone, Copy, Default)]
-struct Attrs {
-    mode: Option<u32>,
-    uid: Option<u32>,
-    gid: Option<u32>,
+/// The mode, owner and group changes from what was seen (`have`: the path as it is, `None` when
+/// it will be created) to what is wanted. Pure.
+fn diff_attrs(want: &Wanted, have: Option<&Stat>, seen: &Observed) -> Vec<Change> {
+    let mut changes = Vec::new();
+    let from = |label: &Option<String>, id: u32| label.clone().unwrap_or_else(|| id.to_string());
+    if let Some(m) = want.mode
+        && have.is_none_or(|s| s.mode != m)
+    {
+        changes.push(Change::new(
+            "mode",
+            have.map_or("absent".into(), |s| Mode(s.mode).to_string()),
+            Mode(m).to_string(),
+        ));
+    }
+    if let Some((uid, name)) = &want.owner
+        && have.is_none_or(|s| s.uid != *uid)
+    {
+        changes.push(Change::new("owner", have.map_or("absent".into(), |s| from(&seen.owner, s.uid)), name.clone()));
+    }
+    if let Some((gid, name)) = &want.group
+        && have.is_none_or(|s| s.gid != *gid)
+    {
+        changes.push(Change::new("group", have.map_or("absent".into(), |s| from(&seen.group, s.gid)), name.clone()));
+    }
+    changes
+}
+
+/// The change that makes `path` of type `want`, if it is another type. Replacing another type
+/// needs `force`; the error says so. Pure.
+fn diff_type(path: &str, have: Option<&Stat>, want: FileType, force: bool) -> Result<Option<Change>, String> {
+    match have {
+        None => Ok(Some(Change::new("ensure", "absent", want.name()))),
+        Some(s) if s.file_type == want => Ok(None),
+        Some(s) if !force => {
+            Err(format!("{path} is a {}, not a {}; set `force: true` to replace it", s.file_type.name(), want.name()))
+        }
+        Some(s) => {
+            refuse_protected(path)?;
+            Ok(Some(Change::new("ensure", s.file_type.name(), want.name())))
+        }
+    }
+}
+
+/// The change that removes whatever is at `path`; a non-empty directory needs `force`. Pure.
+fn diff_absent(path: &str, seen: &Observed, force: bool) -> Result<Vec<Change>, String> {
+    let Some(s) = seen.stat else { return Ok(vec![]) };
+    if s.file_type == FileType::Directory && seen.entries > 0 && !force {
+        return Err(format!(
+            "{path} is a directory holding {} entries; set `force: true` to remove it and everything in it",
+            seen.entries
+        ));
+    }
+    refuse_protected(path)?;
+    Ok(vec![Change::new("ensure", s.file_type.name(), "absent")])
+}
+
+fn refuse_protected(path: &str) -> Result<(), String> {
+    if holds_protected(path) {
+        return Err(format!("{path} holds converge's own files; it is never removed"));
+    }
+    Ok(())
 }
 
 fn fail(e: HostError) -> String {
@@ -243,21 +271,45 @@ fn unified_diff(path: &str, old: &[u8], new: &[u8]) -> Option<String> {
 }
 
 impl Providers for System<'_> {
-    type State = Observed;
+    type State = Checked;
 
-    fn check(&self, r: &Resource) -> Result<(Observed, Vec<Change>), String> {
-        match &r.spec {
-            Spec::File(f) => file::check(self, r, f),
-            Spec::Directory(d) => directory::check(self, r, d),
-            Spec::Symlink(s) => symlink::check(self, r, s),
-        }
+    fn check(&self, r: &Resource) -> Result<(Checked, Vec<Change>), String> {
+        let path = r.id.title.as_str();
+        let (seen, want, changes) = match &r.spec {
+            Spec::File(f) => {
+                let seen = file::inspect(self, path, f, present(r))?;
+                let want = if present(r) {
+                    self.wanted(f.mode, f.owner.as_deref(), f.group.as_deref())?
+                } else {
+                    Wanted::default()
+                };
+                let changes = file::diff(r, f, &want, &seen)?;
+                (seen, want, changes)
+            }
+            Spec::Directory(d) => {
+                let seen = directory::inspect(self, path, d, present(r))?;
+                let want = if present(r) {
+                    self.wanted(d.mode, d.owner.as_deref(), d.group.as_deref())?
+                } else {
+                    Wanted::default()
+                };
+                let changes = directory::diff(r, d, &want, &seen)?;
+                (seen, want, changes)
+            }
+            Spec::Symlink(s) => {
+                let seen = symlink::inspect(self, path, present(r))?;
+                let changes = symlink::diff(r, s, &seen)?;
+                (seen, Wanted::default(), changes)
+            }
+        };
+        Ok((Checked { seen, want }, changes))
     }
 
-    fn apply(&self, r: &Resource, state: &Observed, changes: &[Change]) -> Result<(), String> {
+    fn apply(&self, r: &Resource, state: &Checked, changes: &[Change]) -> Result<(), String> {
         match &r.spec {
             Spec::File(f) => file::apply(self, r, f, state, changes),
-            Spec::Directory(d) => directory::apply(self, r, d, state, changes),
-            Spec::Symlink(s) => symlink::apply(self, r, s, state),
+            Spec::Directory(d) => directory::apply(self, r, d, state),
+            Spec::Symlink(s) => symlink::apply(self, r, s, &state.seen),
         }
     }
 

@@ -1,29 +1,35 @@
 //! `symlink`: a symbolic link and its target, written as given (never resolved).
 
-use super::{Observed, System, fail, fail_create, present};
+use super::{Observed, System, diff_absent, diff_type, fail, fail_create, present};
 use crate::catalog::{Resource, SymlinkSpec};
 use crate::host::FileType;
 use crate::report::Change;
 
-pub fn check(sys: &System, r: &Resource, s: &SymlinkSpec) -> Result<(Observed, Vec<Change>), String> {
+/// Reads what is at the path and, for a symlink, its target.
+pub fn inspect(sys: &System, path: &str, present: bool) -> Result<Observed, String> {
+    let mut seen = Observed { stat: sys.host.stat(path).map_err(fail)?, ..Observed::default() };
+    if seen.stat.is_some_and(|s| s.file_type == FileType::Symlink) {
+        seen.target = Some(sys.host.read_link(path).map_err(fail)?);
+    }
+    if !present {
+        sys.count_entries(path, &mut seen)?;
+    }
+    Ok(seen)
+}
+
+/// What differs between what was seen and what is declared. Pure.
+pub fn diff(r: &Resource, s: &SymlinkSpec, seen: &Observed) -> Result<Vec<Change>, String> {
     let path = r.id.title.as_str();
-    let stat = sys.host.stat(path).map_err(fail)?;
-    let observed = Observed { stat, ..Observed::default() };
     let force = s.force.unwrap_or(false);
     if !present(r) {
-        let changes = sys.absent_changes(path, stat.as_ref(), force)?;
-        return Ok((observed, changes));
+        return diff_absent(path, seen, force);
     }
     let target = s.target.as_deref().expect("validated: a present symlink has a target");
-    let mut changes: Vec<Change> = sys.retype(path, stat.as_ref(), FileType::Symlink, force)?.into_iter().collect();
-    let have = match stat {
-        Some(st) if st.file_type == FileType::Symlink => Some(sys.host.read_link(path).map_err(fail)?),
-        _ => None,
-    };
-    if have.as_deref() != Some(target) {
-        changes.push(Change::new("target", have.unwrap_or_else(|| "absent".into()), target));
+    let mut changes: Vec<Change> = diff_type(path, seen.stat.as_ref(), FileType::Symlink, force)?.into_iter().collect();
+    if seen.target.as_deref() != Some(target) {
+        changes.push(Change::new("target", seen.target.clone().unwrap_or_else(|| "absent".into()), target));
     }
-    Ok((observed, changes))
+    Ok(changes)
 }
 
 pub fn apply(sys: &System, r: &Resource, s: &SymlinkSpec, seen: &Observed) -> Result<(), String> {
@@ -44,6 +50,39 @@ pub fn apply(sys: &System, r: &Resource, s: &SymlinkSpec, seen: &Observed) -> Re
 
 #[cfg(test)]
 mod tests {
+    /// Pure tests of `diff`.
+    mod pure {
+        use super::super::diff;
+        use crate::catalog::{Kind, Meta, Resource, ResourceId, Spec, SymlinkSpec};
+        use crate::host::{FileType, Stat};
+        use crate::providers::Observed;
+
+        fn check(target: &str, seen: &Observed) -> Result<Vec<String>, String> {
+            let spec = SymlinkSpec { target: Some(target.into()), ..Default::default() };
+            let r = Resource::new(
+                ResourceId::new(Kind::Symlink, "/l").unwrap(),
+                Meta::default(),
+                Spec::Symlink(spec.clone()),
+            );
+            Ok(diff(&r, &spec, seen)?.into_iter().map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to)).collect())
+        }
+
+        #[test]
+        fn targets_compare_as_written() {
+            let link = |t: &str| Observed {
+                stat: Some(Stat { file_type: FileType::Symlink, mode: 0o777, uid: 0, gid: 0, size: 1 }),
+                target: Some(t.into()),
+                ..Observed::default()
+            };
+            assert_eq!(check("a/b", &link("a/b")).unwrap(), Vec::<String>::new());
+            assert_eq!(check("a/b", &link("a//b")).unwrap(), ["target: a//b -> a/b"], "never normalised");
+            assert_eq!(
+                check("/t", &Observed::default()).unwrap(),
+                ["ensure: absent -> symlink", "target: absent -> /t"]
+            );
+        }
+    }
+
     use crate::engine::{Options, run};
     use crate::host::memory::{MemHost, MemNode};
     use crate::load::load;
