@@ -18,6 +18,7 @@ pub fn inspect(sys: &System, path: &str, d: &DirectorySpec, present: bool) -> Re
         sys.count_entries(path, &mut seen)?;
         return Ok(seen);
     }
+    sys.parent_must_exist(path, &seen)?;
     sys.name_owners(&mut seen, d.owner.is_some(), d.group.is_some());
     if d.purge.unwrap_or(false) && seen.stat.is_some_and(|s| s.file_type == FileType::Directory) {
         for (name, _) in sys.host.list_dir(path).map_err(fail)? {
@@ -157,6 +158,14 @@ mod tests {
         let info = RunInfo { catalog: "t".into(), host: None, serial: None, commit: None, dry_run, resources: 1 };
         run(&loaded, &sys, Options { dry_run }, info, &mut sink);
         sink.resources
+    }
+
+    #[test]
+    fn a_dry_run_of_a_new_tree_predicts_no_failure() {
+        let host = MemHost::new();
+        let e =
+            check(&host, "  - directory: /srv\n  - directory: /srv/app\n  - file: /srv/app/x\n    content: x\n", true);
+        assert!(e.iter().all(|e| e.status == Status::WouldChange), "{e:?}");
     }
 
     #[test]

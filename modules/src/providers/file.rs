@@ -21,6 +21,7 @@ pub fn inspect(sys: &System, path: &str, f: &FileSpec, present: bool) -> Result<
     let mut seen =
         Observed { stat: read.as_ref().map(|r| r.stat), content: read.and_then(|r| r.content), ..Observed::default() };
     if present {
+        sys.parent_must_exist(path, &seen)?;
         sys.name_owners(&mut seen, f.owner.is_some(), f.group.is_some());
     } else {
         sys.count_entries(path, &mut seen)?;
@@ -320,8 +321,14 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_parent_fails_clearly() {
+    fn a_missing_parent_fails_clearly_even_in_a_dry_run() {
         let host = MemHost::new();
+        let e = check(&host, MOTD, true);
+        assert_eq!(e.status, Status::Failed);
+        assert_eq!(
+            e.message.as_deref(),
+            Some("cannot create /etc/motd: its directory /etc does not exist; declare it as a `directory` resource")
+        );
         let e = check(&host, MOTD, false);
         assert_eq!(e.status, Status::Failed);
         assert!(e.message.as_deref().unwrap().contains("declare it as a `directory` resource"), "{e:?}");

@@ -121,6 +121,18 @@ impl<'h> System<'h> {
         }
     }
 
+    /// Fails early, in a dry-run too, when `path` is to be created inside a directory that does
+    /// not exist and that no resource will create.
+    fn parent_must_exist(&self, path: &str, seen: &Observed) -> Result<(), String> {
+        let Some(parent) = parent(path) else { return Ok(()) };
+        if seen.stat.is_some() || self.is_managed(parent) || self.host.stat(parent).map_err(fail)?.is_some() {
+            return Ok(());
+        }
+        Err(format!(
+            "cannot create {path}: its directory {parent} does not exist; declare it as a `directory` resource"
+        ))
+    }
+
     /// Counts a directory's entries when the resource would remove it.
     fn count_entries(&self, path: &str, seen: &mut Observed) -> Result<(), String> {
         if seen.stat.is_some_and(|s| s.file_type == FileType::Directory) {
@@ -240,6 +252,15 @@ fn fail_create(e: HostError) -> String {
         format!("{e} (its parent directory is missing: declare it as a `directory` resource)")
     } else {
         e.to_string()
+    }
+}
+
+fn parent(path: &str) -> Option<&str> {
+    match path.rfind('/') {
+        _ if path == "/" => None,
+        Some(0) => Some("/"),
+        Some(i) => Some(&path[..i]),
+        None => None,
     }
 }
 

@@ -11,7 +11,9 @@ pub fn inspect(sys: &System, path: &str, present: bool) -> Result<Observed, Stri
     if seen.stat.is_some_and(|s| s.file_type == FileType::Symlink) {
         seen.target = Some(sys.host.read_link(path).map_err(fail)?);
     }
-    if !present {
+    if present {
+        sys.parent_must_exist(path, &seen)?;
+    } else {
         sys.count_entries(path, &mut seen)?;
     }
     Ok(seen)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every test of converge: formatting, lints, and the whole suite (unit, in-memory host,
+# the real binaries in temporary roots, crash consistency). Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")"
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest
+fi
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo nextest run --locked --workspace --profile ci
