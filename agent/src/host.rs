@@ -8,6 +8,7 @@
 use crate::backup::BackupStore;
 use crate::command;
 use crate::fs::{Root, absent, errno, file_type};
+use converge_modules::catalog::join_path;
 use converge_modules::host::{FileRead, FileType, Host, HostError, HostResult, NewAttrs, Stat};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat, renameat};
@@ -165,7 +166,7 @@ impl Host for RealHost {
         names.sort();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            let child = if path == "/" { format!("/{name}") } else { format!("{path}/{name}") };
+            let child = join_path(path, &name);
             if let Some(st) = self.root.lstat(&child).map_err(err)? {
                 out.push((name, file_type(&st)));
             }

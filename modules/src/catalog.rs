@@ -176,6 +176,21 @@ pub fn normalize_path(p: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// The directory holding a normalised absolute path; `None` for `/`.
+pub fn parent_path(path: &str) -> Option<&str> {
+    match path.rfind('/') {
+        _ if path == "/" => None,
+        Some(0) => Some("/"),
+        Some(i) => Some(&path[..i]),
+        None => None,
+    }
+}
+
+/// `dir/name` for a normalised absolute directory path.
+pub fn join_path(dir: &str, name: &str) -> String {
+    if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") }
+}
+
 /// File permission bits, written as an octal string: `"0644"`, `"2755"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Mode(pub u32);

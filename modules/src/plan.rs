@@ -4,7 +4,7 @@
 //! implied between a path and its nearest managed ancestor directory. The order is a stable
 //! topological sort: among resources free to go, the one declared first goes first. Pure.
 
-use crate::catalog::{Ensure, Kind, Resource, ResourceId};
+use crate::catalog::{Ensure, Kind, Resource, ResourceId, parent_path as parent};
 use crate::validate::Problem;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -30,15 +30,6 @@ pub struct Plan {
     pub deps: Vec<Vec<(usize, Why)>>,
     /// For each resource, those it refreshes when it changes.
     pub notify: Vec<Vec<usize>>,
-}
-
-fn parent(path: &str) -> Option<&str> {
-    match path.rfind('/') {
-        _ if path == "/" => None,
-        Some(0) => Some("/"),
-        Some(i) => Some(&path[..i]),
-        None => None,
-    }
 }
 
 /// Builds the plan, or every problem found: a path declared as two kinds, a path inside a file

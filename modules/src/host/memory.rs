@@ -5,6 +5,7 @@
 //! a dry-run made none, and failures can be injected per path.
 
 use super::*;
+use crate::catalog::parent_path;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
@@ -43,17 +44,6 @@ fn enoent(op: &'static str, path: &str) -> HostError {
     HostError::io(op, path, io::Error::from(io::ErrorKind::NotFound))
 }
 
-fn parent_of(path: &str) -> Option<&str> {
-    if path == "/" {
-        return None;
-    }
-    match path.rfind('/') {
-        Some(0) => Some("/"),
-        Some(i) => Some(&path[..i]),
-        None => None,
-    }
-}
-
 impl MemHost {
     /// An empty root directory, with `root` (uid 0) and `root` (gid 0).
     pub fn new() -> MemHost {
@@ -77,10 +67,10 @@ impl MemHost {
     /// Puts a node at `path`, creating missing parent directories.
     pub fn put(&self, path: &str, node: MemNode) {
         let mut inner = self.inner.borrow_mut();
-        let mut p = parent_of(path);
+        let mut p = parent_path(path);
         while let Some(dir) = p {
             inner.nodes.entry(dir.to_string()).or_insert(MemNode::Directory { mode: 0o755, uid: 0, gid: 0 });
-            p = parent_of(dir);
+            p = parent_path(dir);
         }
         inner.nodes.insert(path.to_string(), node);
     }
@@ -143,7 +133,7 @@ impl MemHost {
         if let Some(msg) = inner.failures.get(path) {
             return Err(HostError::io(op, path, io::Error::other(msg.clone())));
         }
-        match parent_of(path).map(|p| inner.nodes.get(p)) {
+        match parent_path(path).map(|p| inner.nodes.get(p)) {
             None | Some(Some(MemNode::Directory { .. })) => {}
             Some(None) => return Err(enoent(op, path)),
             Some(Some(_)) => {

@@ -5,8 +5,8 @@
 //! touches converge's own files, backs up files it removes, and fails rather than remove more
 //! than `purge_limit` entries. Removing a non-empty directory needs `force`.
 
-use super::{Checked, Observed, System, Wanted, diff_absent, diff_attrs, diff_type, fail, fail_create, join, present};
-use crate::catalog::{DEFAULT_PURGE_LIMIT, DirectorySpec, Resource};
+use super::{Checked, Observed, System, Wanted, diff_absent, diff_attrs, diff_type, fail, fail_create, present};
+use crate::catalog::{DEFAULT_PURGE_LIMIT, DirectorySpec, Resource, join_path as join};
 use crate::host::{FileType, NewAttrs};
 use crate::report::Change;
 use crate::validate::holds_protected;

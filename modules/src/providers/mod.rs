@@ -6,7 +6,7 @@
 //! share lives here: owners and groups by name, mode/owner/group changes, type changes (which
 //! need `force`), and removal that never follows a symlink and backs up what it removes.
 
-use crate::catalog::{Ensure, Mode, Resource, Spec};
+use crate::catalog::{Ensure, Mode, Resource, Spec, join_path as join, parent_path as parent};
 use crate::engine::Providers;
 use crate::hash::sha256_hex;
 use crate::host::{FileType, Host, HostError, Stat};
@@ -253,19 +253,6 @@ fn fail_create(e: HostError) -> String {
     } else {
         e.to_string()
     }
-}
-
-fn parent(path: &str) -> Option<&str> {
-    match path.rfind('/') {
-        _ if path == "/" => None,
-        Some(0) => Some("/"),
-        Some(i) => Some(&path[..i]),
-        None => None,
-    }
-}
-
-pub(crate) fn join(dir: &str, name: &str) -> String {
-    if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") }
 }
 
 /// `sha256:` and the first 12 hex digits, with the size: enough to tell contents apart.
