@@ -373,3 +373,21 @@ fn purge_removes_strays_and_keeps_backups() {
     assert!(s.at("/etc/app.d/keep.conf").exists());
     assert_eq!(s.apply(&c, &[]).code, 0);
 }
+
+#[test]
+fn kinds_this_agent_cannot_converge_yet_fail_alone() {
+    let s = Scratch::new();
+    let c = s.catalog(
+        "c.yaml",
+        "format: 1\nresources:\n  - package: nginx\n  - file: /etc-nginx.conf\n    content: x\n    requires: [package:nginx]\n  - file: /motd\n    content: hi\n",
+    );
+    let out = s.apply(&c, &[]);
+    assert_eq!(out.code, 6, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("FAILED       package:nginx: this agent does not converge package resources yet"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("skipped      file:/etc-nginx.conf"), "{}", out.stdout);
+    assert_eq!(s.read("/motd"), "hi");
+}

@@ -57,37 +57,115 @@ pub struct Source {
     pub commit: String,
 }
 
-/// The kinds of resource this build knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    File,
-    Directory,
-    Symlink,
+/// Declares the kinds of resource: one list, from which [`Kind`] and [`Spec`] and their
+/// dispatch are generated. Adding a kind: a spec struct, a line here, its checks in
+/// [`crate::validate`], its provider, its schema, its docs.
+macro_rules! kinds {
+    ($($variant:ident($spec:ident) = $name:literal, path: $path:literal;)*) => {
+        /// The kinds of resource this build knows.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Kind {
+            $($variant,)*
+        }
+
+        impl Kind {
+            pub const ALL: &'static [Kind] = &[$(Kind::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Kind::$variant => $name,)*
+                }
+            }
+
+            /// Kinds whose title is a path in the one shared namespace of paths.
+            pub fn is_path(self) -> bool {
+                match self {
+                    $(Kind::$variant => $path,)*
+                }
+            }
+        }
+
+        /// The fields of a resource that depend on its kind.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Spec {
+            $($variant($spec),)*
+        }
+
+        impl Spec {
+            pub fn kind(&self) -> Kind {
+                match self {
+                    $(Spec::$variant(_) => Kind::$variant,)*
+                }
+            }
+
+            /// Decodes the kind's fields from whatever serde deserializer carries them.
+            pub fn deserialize_kind<'de, D: Deserializer<'de>>(kind: Kind, d: D) -> Result<Spec, D::Error> {
+                Ok(match kind {
+                    $(Kind::$variant => Spec::$variant($spec::deserialize(d)?),)*
+                })
+            }
+
+            /// Combines two declarations of one kind field by field, or names the fields on
+            /// which they differ (see [`crate::validate::merge`]).
+            pub fn merge(&self, other: &Spec) -> Result<Spec, Vec<String>> {
+                match (self, other) {
+                    $((Spec::$variant(a), Spec::$variant(b)) => merge_fields(a, b).map(Spec::$variant),)*
+                    _ => Err(vec!["kind".to_string()]),
+                }
+            }
+
+            fn serialize_flat<S: Serializer>(&self, head: Head<'_>, meta: &Meta, s: S) -> Result<S::Ok, S::Error> {
+                match self {
+                    $(Spec::$variant(spec) => Flat { head, spec, meta }.serialize(s),)*
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    File(FileSpec) = "file", path: true;
+    Directory(DirectorySpec) = "directory", path: true;
+    Symlink(SymlinkSpec) = "symlink", path: true;
+    Package(PackageSpec) = "package", path: false;
+    User(UserSpec) = "user", path: false;
+    Group(GroupSpec) = "group", path: false;
+    Service(ServiceSpec) = "service", path: false;
+    Exec(ExecSpec) = "exec", path: false;
 }
 
 impl Kind {
-    pub const ALL: &'static [Kind] = &[Kind::File, Kind::Directory, Kind::Symlink];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::File => "file",
-            Kind::Directory => "directory",
-            Kind::Symlink => "symlink",
-        }
-    }
-
     pub fn from_name(name: &str) -> Option<Kind> {
         Kind::ALL.iter().copied().find(|k| k.name() == name)
-    }
-
-    /// Kinds whose title is a path in the one shared namespace of paths.
-    pub fn is_path(self) -> bool {
-        matches!(self, Kind::File | Kind::Directory | Kind::Symlink)
     }
 
     pub fn names() -> String {
         Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
     }
+}
+
+/// Merges two specs through their serialized form: a field set in one and not the other is
+/// taken; set in both, it must be equal.
+fn merge_fields<S: Serialize + serde::de::DeserializeOwned>(a: &S, b: &S) -> Result<S, Vec<String>> {
+    let to_map = |x: &S| match serde_json::to_value(x) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let (mut x, y) = (to_map(a), to_map(b));
+    let mut conflicts = Vec::new();
+    for (k, v) in y {
+        match x.get(&k) {
+            Some(existing) if *existing != v => conflicts.push(k),
+            Some(_) => {}
+            None => {
+                x.insert(k, v);
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(conflicts);
+    }
+    serde_json::from_value(serde_json::Value::Object(x)).map_err(|e| vec![e.to_string()])
 }
 
 impl fmt::Display for Kind {
@@ -322,42 +400,145 @@ pub struct SymlinkSpec {
     pub force: Option<bool>,
 }
 
-pub const DEFAULT_PURGE_LIMIT: u32 = 100;
-
-/// The fields of a resource that depend on its kind.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Spec {
-    File(FileSpec),
-    Directory(DirectorySpec),
-    Symlink(SymlinkSpec),
+/// A package, by name. `ensure`: present, absent, latest, or a distribution version (epoch
+/// aware) or prefix like `1.24.*`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensure: Option<String>,
+    /// Allows installing an older version than the one installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_downgrade: Option<bool>,
 }
 
-impl Spec {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Spec::File(_) => Kind::File,
-            Spec::Directory(_) => Kind::Directory,
-            Spec::Symlink(_) => Kind::Symlink,
-        }
-    }
+/// How a user's supplementary groups are managed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    /// Exactly the groups listed.
+    Exact,
+    /// At least the groups listed.
+    Minimum,
+}
 
-    /// `ensure`, with its default.
+/// A local user account, by name.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensure: Option<Ensure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The primary group, by name or number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
+    /// [exact]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<Membership>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<bool>,
+    /// Always sensitive: never shown, logged or reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+    /// Removes the home directory with the user [false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_home: Option<bool>,
+}
+
+/// A local group, by name.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensure: Option<Ensure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceEnsure {
+    Running,
+    Stopped,
+}
+
+/// What a notify does to a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refresh {
+    Restart,
+    Reload,
+    ReloadOrRestart,
+    None,
+}
+
+/// A systemd service, by unit name.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensure: Option<ServiceEnsure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// [restart]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<Refresh>,
+}
+
+/// A guarded command, by a name of its own; `command` is an argv, never a shell string.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    pub command: Vec<String>,
+    /// Runs only while this path does not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creates: Option<String>,
+    /// Runs only when this command fails (it must only read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unless: Option<Vec<String>>,
+    /// Runs only when this command succeeds (it must only read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onlyif: Option<Vec<String>>,
+    /// Runs only when notified [false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshonly: Option<bool>,
+    /// Seconds before it is killed [300].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<std::collections::BTreeMap<String, String>>,
+}
+
+pub const DEFAULT_PURGE_LIMIT: u32 = 100;
+
+impl Spec {
+    /// Whether the resource should exist (packages of any version, running or stopped
+    /// services and commands count as present).
     pub fn ensure(&self) -> Ensure {
         match self {
-            Spec::File(s) => s.ensure,
-            Spec::Directory(s) => s.ensure,
-            Spec::Symlink(s) => s.ensure,
+            Spec::File(s) => s.ensure.unwrap_or_default(),
+            Spec::Directory(s) => s.ensure.unwrap_or_default(),
+            Spec::Symlink(s) => s.ensure.unwrap_or_default(),
+            Spec::Package(s) if s.ensure.as_deref() == Some("absent") => Ensure::Absent,
+            Spec::User(s) => s.ensure.unwrap_or_default(),
+            Spec::Group(s) => s.ensure.unwrap_or_default(),
+            Spec::Package(_) | Spec::Service(_) | Spec::Exec(_) => Ensure::Present,
         }
-        .unwrap_or_default()
-    }
-
-    /// Decodes the kind's fields from whatever serde deserializer carries them.
-    pub fn deserialize_kind<'de, D: Deserializer<'de>>(kind: Kind, d: D) -> Result<Spec, D::Error> {
-        Ok(match kind {
-            Kind::File => Spec::File(FileSpec::deserialize(d)?),
-            Kind::Directory => Spec::Directory(DirectorySpec::deserialize(d)?),
-            Kind::Symlink => Spec::Symlink(SymlinkSpec::deserialize(d)?),
-        })
     }
 }
 
@@ -408,13 +589,7 @@ struct Flat<'a, S: Serialize> {
 
 impl Serialize for Resource {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let head = Head(&self.id);
-        let meta = &self.meta;
-        match &self.spec {
-            Spec::File(spec) => Flat { head, spec, meta }.serialize(s),
-            Spec::Directory(spec) => Flat { head, spec, meta }.serialize(s),
-            Spec::Symlink(spec) => Flat { head, spec, meta }.serialize(s),
-        }
+        self.spec.serialize_flat(Head(&self.id), &self.meta, s)
     }
 }
 

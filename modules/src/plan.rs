@@ -4,7 +4,7 @@
 //! implied between a path and its nearest managed ancestor directory. The order is a stable
 //! topological sort: among resources free to go, the one declared first goes first. Pure.
 
-use crate::catalog::{Ensure, Kind, Resource, ResourceId, parent_path as parent};
+use crate::catalog::{DirectorySpec, Ensure, FileSpec, Kind, Resource, ResourceId, Spec, parent_path as parent};
 use crate::validate::Problem;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -20,6 +20,12 @@ pub enum Why {
     Inside,
     /// Both are absent and the other lies inside it: children go first.
     Contains,
+    /// It is owned by the other (a user or group).
+    OwnedBy,
+    /// It is a member of the other (a group).
+    MemberOf,
+    /// It is a service and the other its package.
+    PackageOf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +93,29 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
                 break;
             }
             up = parent(p);
+        }
+    }
+
+    // Accounts and packages a resource uses, when the catalog manages them.
+    let implied = |kind: Kind, title: &str| ids.get(&ResourceId { kind, title: title.to_string() }).copied();
+    for (i, r) in resources.iter().enumerate() {
+        let mut need = |kind: Kind, title: &str, why: Why| {
+            if let Some(j) = implied(kind, title) {
+                if j != i {
+                    deps[i].push((j, why));
+                }
+            }
+        };
+        match &r.spec {
+            Spec::File(FileSpec { owner, group, .. }) | Spec::Directory(DirectorySpec { owner, group, .. }) => {
+                owner.iter().for_each(|o| need(Kind::User, o, Why::OwnedBy));
+                group.iter().for_each(|g| need(Kind::Group, g, Why::OwnedBy));
+            }
+            Spec::User(u) => {
+                u.gid.iter().chain(u.groups.iter().flatten()).for_each(|g| need(Kind::Group, g, Why::MemberOf));
+            }
+            Spec::Service(_) => need(Kind::Package, &r.id.title, Why::PackageOf),
+            _ => {}
         }
     }
 
@@ -179,6 +208,9 @@ fn cycle(resources: &[Resource], deps: &[Vec<(usize, Why)>], left: &[usize]) -> 
                         Why::NotifiedBy => format!("{this} is notified by {other}"),
                         Why::Inside => format!("{this} is inside {other}"),
                         Why::Contains => format!("{this} (absent) contains {other}"),
+                        Why::OwnedBy => format!("{this} is owned by {other}"),
+                        Why::MemberOf => format!("{this} is a member of {other}"),
+                        Why::PackageOf => format!("{this} needs its package {other}"),
                     }
                 })
                 .collect();
@@ -193,7 +225,7 @@ fn cycle(resources: &[Resource], deps: &[Vec<(usize, Why)>], left: &[usize]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{DirectorySpec, FileSpec, Meta, Spec, SymlinkSpec};
+    use crate::catalog::{DirectorySpec, ExecSpec, FileSpec, Meta, Spec, SymlinkSpec};
 
     fn r(id: &str, requires: &[&str], notify: &[&str]) -> Resource {
         let id = ResourceId::parse(id).unwrap();
@@ -206,6 +238,11 @@ mod tests {
             Kind::File => Spec::File(FileSpec::default()),
             Kind::Directory => Spec::Directory(DirectorySpec::default()),
             Kind::Symlink => Spec::Symlink(SymlinkSpec { target: Some("/x".into()), ..Default::default() }),
+            Kind::Package => Spec::Package(Default::default()),
+            Kind::User => Spec::User(Default::default()),
+            Kind::Group => Spec::Group(Default::default()),
+            Kind::Service => Spec::Service(Default::default()),
+            Kind::Exec => Spec::Exec(ExecSpec { command: vec!["true".into()], ..Default::default() }),
         };
         Resource::new(id, meta, spec)
     }
@@ -215,6 +252,7 @@ mod tests {
             Spec::File(s) => s.ensure = Some(Ensure::Absent),
             Spec::Directory(s) => s.ensure = Some(Ensure::Absent),
             Spec::Symlink(s) => s.ensure = Some(Ensure::Absent),
+            _ => unreachable!("path kinds only"),
         }
         res
     }
@@ -288,6 +326,24 @@ mod tests {
         );
         let rs = [absent(r("directory:/d", &[], &[])), r("file:/d/x", &[], &[])];
         assert!(plan(&rs).unwrap_err()[0].message.contains("`ensure: absent`"));
+    }
+
+    #[test]
+    fn files_need_their_owners_users_their_groups_services_their_packages() {
+        let mut f = r("file:/home/alice/.profile", &[], &[]);
+        if let Spec::File(spec) = &mut f.spec {
+            spec.owner = Some("alice".into());
+            spec.group = Some("staff".into());
+        }
+        let mut alice = r("user:alice", &[], &[]);
+        if let Spec::User(u) = &mut alice.spec {
+            u.groups = Some(vec!["staff".into(), "undeclared".into()]);
+        }
+        let rs = [f, r("service:nginx", &[], &[]), alice, r("group:staff", &[], &[]), r("package:nginx", &[], &[])];
+        assert_eq!(
+            order(&rs),
+            ["group:staff", "user:alice", "file:/home/alice/.profile", "package:nginx", "service:nginx"]
+        );
     }
 
     #[test]

@@ -2,8 +2,7 @@
 //! of each resource, and protected paths. Pure; problems name resources by index and
 //! [`crate::load`] turns indexes into file:line:col.
 
-use crate::catalog::{Ensure, FileSpec, Kind, Meta, Resource, ResourceId, Spec};
-use serde::Serialize;
+use crate::catalog::{Ensure, ExecSpec, FileSpec, Kind, Meta, PackageSpec, Resource, ResourceId, Spec, UserSpec};
 use std::collections::HashMap;
 
 /// A problem with the resource at `at`, possibly involving others (`also`: a second
@@ -92,15 +91,14 @@ fn merge_one(a: &Resource, b: &Resource) -> Result<Resource, Vec<String>> {
         notify: pick(&a.meta.notify, &b.meta.notify, "notify", &mut conflicts, Vec::is_empty),
         sensitive: pick(&a.meta.sensitive, &b.meta.sensitive, "sensitive", &mut conflicts, Option::is_none),
     };
-    let spec = match (&a.spec, &b.spec) {
-        (Spec::File(x), Spec::File(y)) => merge_fields(x, y, &mut conflicts).map(Spec::File),
-        (Spec::Directory(x), Spec::Directory(y)) => merge_fields(x, y, &mut conflicts).map(Spec::Directory),
-        (Spec::Symlink(x), Spec::Symlink(y)) => merge_fields(x, y, &mut conflicts).map(Spec::Symlink),
-        _ => unreachable!("one id has one kind"),
-    };
-    match spec {
-        Some(spec) if conflicts.is_empty() => Ok(Resource::new(a.id.clone(), meta, spec)),
-        _ => Err(conflicts),
+    match a.spec.merge(&b.spec) {
+        Ok(spec) if conflicts.is_empty() => Ok(Resource::new(a.id.clone(), meta, spec)),
+        Ok(_) => Err(conflicts),
+        Err(fields) => {
+            conflicts.extend(fields);
+            conflicts.sort();
+            Err(conflicts)
+        }
     }
 }
 
@@ -113,26 +111,6 @@ fn pick<T: Clone + PartialEq>(a: &T, b: &T, name: &str, conflicts: &mut Vec<Stri
         }
         a.clone()
     }
-}
-
-/// Merges two kind specs field by field through their serialized form: a field set in one and
-/// not the other is taken; set in both, it must be equal.
-fn merge_fields<S: Serialize + serde::de::DeserializeOwned>(a: &S, b: &S, conflicts: &mut Vec<String>) -> Option<S> {
-    let (serde_json::Value::Object(mut x), serde_json::Value::Object(y)) =
-        (serde_json::to_value(a).ok()?, serde_json::to_value(b).ok()?)
-    else {
-        return None;
-    };
-    for (k, v) in y {
-        match x.get(&k) {
-            Some(existing) if *existing != v => conflicts.push(k),
-            Some(_) => {}
-            None => {
-                x.insert(k, v);
-            }
-        }
-    }
-    serde_json::from_value(serde_json::Value::Object(x)).ok()
 }
 
 /// The checks on each resource's own fields.
@@ -165,9 +143,91 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
                 (Some(t), _) if t.contains('\0') => say("`target` contains a NUL byte".to_string()),
                 _ => {}
             },
+            Spec::Package(p) => check_package(r, p, &mut say),
+            Spec::User(u) => check_user(r, u, &mut say),
+            Spec::Group(_) => check_account_name(r, &mut say),
+            Spec::Service(_) => {
+                if r.id.title.chars().any(|c| c.is_whitespace() || c == '/') {
+                    say(format!("{}: a unit name has no spaces or slashes", r.id));
+                }
+                if matches!(r.id.title.as_str(), "converge" | "converge.service") {
+                    say(format!("{} is protected: converge never manages its own service", r.id));
+                }
+            }
+            Spec::Exec(e) => check_exec(r, e, &mut say),
         }
     }
     problems
+}
+
+fn check_package(r: &Resource, p: &PackageSpec, say: &mut impl FnMut(String)) {
+    let name = r.id.title.as_str();
+    if name.chars().any(|c| c.is_whitespace() || c == '/') {
+        say(format!("{}: a package name has no spaces or slashes", r.id));
+    }
+    if name == "converge" {
+        say(format!("{} is protected: converge never manages its own package", r.id));
+    }
+    let version = match p.ensure.as_deref() {
+        None | Some("present" | "absent" | "latest") => false,
+        Some(v) if v.is_empty() || v.chars().any(char::is_whitespace) => {
+            say(format!("{}: `ensure` is present, absent, latest or a version like 1.24.* (found {v:?})", r.id));
+            false
+        }
+        Some(_) => true,
+    };
+    if p.allow_downgrade == Some(true) && !version {
+        say(format!("{}: `allow_downgrade` applies only when `ensure` is a version", r.id));
+    }
+}
+
+/// Names shadow-utils accepts: a letter or `_` first, then letters, digits, `_`, `-`, `.`, and
+/// at most 32 characters (a trailing `$` for machine accounts).
+fn check_account_name(r: &Resource, say: &mut impl FnMut(String)) {
+    let name = r.id.title.trim_end_matches('$');
+    let ok = name.len() <= 32
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        say(format!(
+            "{}: not a valid account name (a letter or _ first, then letters, digits, _ - .; 32 at most)",
+            r.id
+        ));
+    }
+}
+
+fn check_user(r: &Resource, u: &UserSpec, say: &mut impl FnMut(String)) {
+    check_account_name(r, say);
+    if u.ensure == Some(Ensure::Absent) && (r.id.title == "root" || u.uid == Some(0)) {
+        say(format!("{}: the account with uid 0 is never removed", r.id));
+    }
+    for (field, v) in [("home", &u.home), ("shell", &u.shell)] {
+        if v.as_deref().is_some_and(|p| !p.starts_with('/')) {
+            say(format!("{}: `{field}` must be an absolute path", r.id));
+        }
+    }
+    if u.remove_home == Some(true) && u.ensure != Some(Ensure::Absent) {
+        say(format!("{}: `remove_home` applies only with `ensure: absent`", r.id));
+    }
+}
+
+fn check_exec(r: &Resource, e: &ExecSpec, say: &mut impl FnMut(String)) {
+    if e.command.first().is_none_or(String::is_empty) {
+        say(format!("{}: `command` is empty: give an argv, like [sysctl, --system]", r.id));
+    }
+    for (field, guard) in [("unless", &e.unless), ("onlyif", &e.onlyif)] {
+        if guard.as_ref().is_some_and(|g| g.first().is_none_or(String::is_empty)) {
+            say(format!("{}: `{field}` is an empty command", r.id));
+        }
+    }
+    for (field, v) in [("creates", &e.creates), ("cwd", &e.cwd)] {
+        if v.as_deref().is_some_and(|p| !p.starts_with('/')) {
+            say(format!("{}: `{field}` must be an absolute path", r.id));
+        }
+    }
+    if e.timeout == Some(0) {
+        say(format!("{}: `timeout` must be at least 1 second", r.id));
+    }
 }
 
 fn check_file(r: &Resource, f: &FileSpec, say: &mut impl FnMut(String)) {
@@ -247,6 +307,17 @@ mod tests {
         assert!(is_within("/etc/converge", "/etc/converge"));
         assert!(!is_within("/etc/converge2", "/etc/converge"));
         assert!(is_within("/anything", "/"));
+    }
+
+    #[test]
+    fn system_kinds_are_checked() {
+        use crate::load::load;
+        let text = "format: 1\nresources:\n  - package: nginx\n    ensure: \"1.24 beta\"\n  - package: curl\n    allow_downgrade: true\n  - user: 9lives\n  - user: root\n    ensure: absent\n  - user: deploy\n    home: home/deploy\n  - service: converge\n  - exec: reload\n    command: []\n  - exec: sysctl\n    command: [sysctl, --system]\n    creates: relative\n  - package: converge\n  - group: \"bad name\"\n";
+        let e = load("c.yaml", text, None).unwrap_err();
+        let lines: Vec<u32> = e.iter().map(|d| d.mark.line).collect();
+        assert_eq!(lines, [3, 5, 7, 8, 10, 12, 13, 15, 18, 19], "{e}");
+        let ok = "format: 1\nresources:\n  - package: nginx\n    ensure: \"1.24.*\"\n    allow_downgrade: true\n  - user: deploy\n    uid: 2001\n    groups: [www-data]\n    membership: minimum\n  - service: nginx\n    ensure: running\n    enabled: true\n    refresh: reload-or-restart\n  - exec: apply-sysctl\n    command: [sysctl, --system]\n    refreshonly: true\n";
+        load("c.yaml", ok, None).unwrap();
     }
 
     #[test]

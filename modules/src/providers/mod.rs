@@ -309,6 +309,12 @@ impl Providers for System<'_> {
                 let changes = symlink::diff(r, s, &seen)?;
                 (seen, Wanted::default(), changes)
             }
+            Spec::Package(_) | Spec::User(_) | Spec::Group(_) | Spec::Service(_) | Spec::Exec(_) => {
+                return Err(format!(
+                    "this agent does not converge {} resources yet; nothing was done for it",
+                    r.id.kind
+                ));
+            }
         };
         Ok((Checked { seen, want }, changes))
     }
@@ -318,6 +324,7 @@ impl Providers for System<'_> {
             Spec::File(f) => file::apply(self, r, f, state, changes),
             Spec::Directory(d) => directory::apply(self, r, d, state),
             Spec::Symlink(s) => symlink::apply(self, r, s, &state.seen),
+            _ => Err(format!("this agent does not converge {} resources yet", r.id.kind)),
         }
     }
 
