@@ -100,10 +100,10 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
     let implied = |kind: Kind, title: &str| ids.get(&ResourceId { kind, title: title.to_string() }).copied();
     for (i, r) in resources.iter().enumerate() {
         let mut need = |kind: Kind, title: &str, why: Why| {
-            if let Some(j) = implied(kind, title) {
-                if j != i {
-                    deps[i].push((j, why));
-                }
+            if let Some(j) = implied(kind, title)
+                && j != i
+            {
+                deps[i].push((j, why));
             }
         };
         match &r.spec {
