@@ -139,6 +139,11 @@ impl Kind {
         Kind::ALL.iter().copied().find(|k| k.name() == name)
     }
 
+    /// The kind a misspelt name probably means.
+    pub fn close_to(name: &str) -> Option<Kind> {
+        Kind::ALL.iter().copied().find(|k| crate::yaml::similar_name(name, k.name()))
+    }
+
     pub fn names() -> String {
         Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
     }
@@ -623,8 +628,10 @@ impl<'de> Visitor<'de> for ResourceVisitor {
 
 /// The kind named by a resource's first key, or why it is not one.
 pub fn kind_from_first_key(key: &str) -> Result<Kind, String> {
-    Kind::from_name(key)
-        .ok_or_else(|| format!("a resource's first key must be its kind ({}), found `{key}`", Kind::names()))
+    Kind::from_name(key).ok_or_else(|| match Kind::close_to(key) {
+        Some(k) => format!("a resource's first key must be its kind: `{key}` is not one (did you mean `{k}`?)"),
+        None => format!("a resource's first key must be its kind ({}), found `{key}`", Kind::names()),
+    })
 }
 
 /// Passes a resource's keys through to its kind, keeping the shared [`Meta`] fields aside.

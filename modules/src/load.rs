@@ -60,7 +60,7 @@ enum Space {
 }
 
 fn check(name: &str, text: Option<&str>, d: Decoded, read_source: Option<SourceReader>) -> Result<Loaded, Diagnostics> {
-    let Decoded { mut catalog, mut origins, broken, mut diags } = d;
+    let Decoded { mut catalog, origins, broken, mut diags } = d;
     if catalog.format > FORMAT || catalog.format == 0 {
         let msg = if catalog.format == 0 {
             "`format` must be 1 or more".to_string()
@@ -72,7 +72,7 @@ fn check(name: &str, text: Option<&str>, d: Decoded, read_source: Option<SourceR
         };
         diags.push(Diagnostic::new(name, Mark::new(1, 1), msg));
     }
-    let mut problems: Vec<(Problem, Space)> = Vec::new();
+    let mut problems: Vec<Problem> = Vec::new();
     let mut declared = std::mem::take(&mut catalog.resources);
     for (i, r) in declared.iter_mut().enumerate() {
         let Spec::File(f) = &mut r.spec else { continue };
@@ -88,38 +88,67 @@ fn check(name: &str, text: Option<&str>, d: Decoded, read_source: Option<SourceR
                 f.content = Some(content);
                 f.source = None;
             }
-            Err(msg) => problems.push((Problem::new(i, msg), Space::Declared)),
+            Err(msg) => problems.push(Problem::new(i, msg)),
         }
     }
+    let mut origins = origins;
+    let mut place = |i: usize| {
+        let origins =
+            origins.get_or_insert_with(|| text.and_then(|t| decode_located(name, t).origins).unwrap_or_default());
+        (name.to_string(), origins.get(i).copied().unwrap_or(Mark::UNKNOWN))
+    };
+    match (check_declared(declared, &broken, problems, &mut place), diags.is_empty()) {
+        (Ok((resources, plan)), true) => {
+            catalog.resources = resources;
+            Ok(Loaded { catalog, plan })
+        }
+        (Ok(_), false) => Err(diags.sorted()),
+        (Err(more), _) => {
+            diags.0.extend(more);
+            Err(diags.sorted())
+        }
+    }
+}
+
+/// Merges, checks and plans declared resources, wherever they were declared. `early` are
+/// problems already found (indexes into `declared`); `place` gives the file and place of the
+/// resource declared at an index, and is called only when there is something to report.
+pub fn check_declared(
+    declared: Vec<Resource>,
+    unreadable: &HashSet<ResourceId>,
+    early: Vec<Problem>,
+    place: &mut dyn FnMut(usize) -> (String, Mark),
+) -> Result<(Vec<Resource>, Plan), Vec<Diagnostic>> {
+    let mut problems: Vec<(Problem, Space)> = early.into_iter().map(|p| (p, Space::Declared)).collect();
     let (merged, origin_of, conflicts) = validate::merge(declared);
     problems.extend(conflicts.into_iter().map(|p| (p, Space::Declared)));
     problems.extend(validate::check_each(&merged).into_iter().map(|p| (p, Space::Merged)));
-    let plan = plan::plan_partial(&merged, &broken)
+    let plan = plan::plan_partial(&merged, unreadable)
         .map_err(|ps| problems.extend(ps.into_iter().map(|p| (p, Space::Merged))))
         .ok();
-    if problems.is_empty() && diags.is_empty() {
-        catalog.resources = merged;
-        return Ok(Loaded { catalog, plan: plan.expect("a plan when there are no problems") });
+    if problems.is_empty() {
+        return Ok((merged, plan.expect("a plan when there are no problems")));
     }
-    let origins = origins.get_or_insert_with(|| text.and_then(|t| decode_located(name, t).origins).unwrap_or_default());
-    let place = |i: usize, space: Space| {
-        let decl = match space {
+    let mut at = |i: usize, space: Space| {
+        place(match space {
             Space::Declared => i,
             Space::Merged => origin_of[i],
-        };
-        origins.get(decl).copied().unwrap_or(Mark::UNKNOWN)
+        })
     };
+    let mut diags = Vec::with_capacity(problems.len());
     for (p, space) in problems {
-        let also: Vec<String> =
-            p.also.iter().map(|&j| place(j, space)).filter(|m| m.is_known()).map(|m| m.line.to_string()).collect();
-        let msg = match also.len() {
-            0 => p.message,
-            1 => format!("{} (see line {})", p.message, also[0]),
-            _ => format!("{} (see lines {})", p.message, also.join(", ")),
-        };
-        diags.push(Diagnostic::new(name, place(p.at, space), msg));
+        let (file, mark) = at(p.at, space);
+        let also: Vec<String> = p
+            .also
+            .iter()
+            .map(|&j| at(j, space))
+            .filter(|(_, m)| m.is_known())
+            .map(|(f, m)| if f == file { format!("line {}", m.line) } else { format!("{f}:{}", m.line) })
+            .collect();
+        let msg = if also.is_empty() { p.message } else { format!("{} (see {})", p.message, also.join(", ")) };
+        diags.push(Diagnostic::new(file, mark, msg));
     }
-    Err(diags.sorted())
+    Err(diags)
 }
 
 /// Decodes through the located YAML reader: every structural problem with its place.
@@ -187,7 +216,7 @@ fn decode_located(name: &str, text: &str) -> Decoded {
 /// Decodes one resource node: its first key is the kind, its value the title; the shared
 /// fields go to [`Meta`], the rest to the kind, every unknown field reported. On failure,
 /// returns the id when it could be read.
-fn decode_resource(node: Node) -> Result<Resource, (Option<ResourceId>, DeError)> {
+pub fn decode_resource(node: Node) -> Result<Resource, (Option<ResourceId>, DeError)> {
     let fail = |m: Mark, msg: String| (None, DeError(vec![(Some(m), msg)]));
     let mark = node.mark;
     let Value::Map(entries) = node.value else {
@@ -198,7 +227,15 @@ fn decode_resource(node: Node) -> Result<Resource, (Option<ResourceId>, DeError)
     let Some((k, v)) = entries.next() else {
         return Err(fail(mark, "empty resource: its first key must be its kind, like `file: /etc/motd`".into()));
     };
-    let kind: Kind = kind_from_first_key(k.as_str().unwrap_or("?")).map_err(|m| fail(k.mark, m))?;
+    let first = k.as_str().unwrap_or("?");
+    let kind: Kind = match kind_from_first_key(first) {
+        Ok(kind) => kind,
+        Err(m) => {
+            // A misspelt kind still declares its id: relations to it are not reported again.
+            let id = Kind::close_to(first).zip(v.as_str()).and_then(|(k, t)| ResourceId::new(k, t).ok());
+            return Err((id, DeError(vec![(Some(k.mark), m)])));
+        }
+    };
     let title = match v.as_str() {
         Some(t) if !v.is_null() => t,
         _ => {

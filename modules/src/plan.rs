@@ -176,7 +176,9 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
 }
 
 fn undeclared(from: &ResourceId, verb: &str, target: &ResourceId, resources: &[Resource]) -> String {
-    let same_title = resources.iter().find(|r| r.id.title == target.title);
+    // Paths share one namespace, so another kind at the same path is likely what was meant.
+    let same_title =
+        resources.iter().find(|r| r.id.title == target.title && r.id.kind.is_path() && target.kind.is_path());
     match same_title {
         Some(r) => format!("{from} {verb} {target}, which is not declared (did you mean {}?)", r.id),
         None => format!("{from} {verb} {target}, which is not declared"),

@@ -5,6 +5,7 @@
 //! the agent does only on a terminal); [`JsonSink`] writes one JSON object per line.
 //! Sinks never fail a run: an output error (a closed pipe) is remembered, not raised.
 
+use crate::hash::sha256_hex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt::Write as _;
 use std::io::Write;
@@ -71,6 +72,34 @@ pub struct Change {
 impl Change {
     pub fn new(attribute: &str, from: impl Into<String>, to: impl Into<String>) -> Change {
         Change { attribute: attribute.to_string(), from: from.into(), to: to.into(), diff: None }
+    }
+}
+
+/// Content larger than this is compared but never shown as a diff.
+pub const DIFF_LIMIT: u64 = 1 << 20;
+/// At most this many lines of a unified diff are shown.
+pub const DIFF_LINES: usize = 400;
+
+/// `sha256:` and the first 12 hex digits, with the size: enough to tell contents apart.
+pub fn describe_content(content: &[u8]) -> String {
+    format!("sha256:{} ({} bytes)", &sha256_hex(content)[..12], content.len())
+}
+
+/// A unified diff from `old` to `new`, when both are text and not too large.
+pub fn unified_diff(old_label: &str, new_label: &str, old: &[u8], new: &[u8]) -> Option<String> {
+    if old.len() as u64 > DIFF_LIMIT || new.len() as u64 > DIFF_LIMIT {
+        return None;
+    }
+    let (old, new) = (std::str::from_utf8(old).ok()?, std::str::from_utf8(new).ok()?);
+    let diff = similar::TextDiff::from_lines(old, new);
+    let text = diff.unified_diff().context_radius(3).header(old_label, new_label).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() > DIFF_LINES {
+        let mut cut = lines[..DIFF_LINES].join("\n");
+        cut.push_str(&format!("\n... {} more lines of diff not shown", lines.len() - DIFF_LINES));
+        Some(cut)
+    } else {
+        Some(text)
     }
 }
 

@@ -471,10 +471,13 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
     /// Reports every key that is not a field of the struct, then decodes the known ones.
     fn deserialize_struct<V: Visitor<'a>>(
         self,
-        _: &'static str,
+        name: &'static str,
         fields: &'static [&'static str],
         v: V,
     ) -> Result<V::Value, DeError> {
+        if name == SPANNED {
+            return v.visit_map(SpannedAccess { node: self.0, next: 0 });
+        }
         let Value::Map(entries) = &self.0.value else {
             return Err(self.invalid(&v));
         };
@@ -523,6 +526,69 @@ impl<'a> de::Deserializer<'a> for NodeDe<'a> {
     }
 }
 
+/// A value decoded from a [`Node`] together with the place it was written, for messages about
+/// it later ("role `wbe` does not exist", at the line that names it). Only the located
+/// decoder fills the place; other deserializers cannot produce it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spanned<T> {
+    pub mark: Mark,
+    pub value: T,
+}
+
+const SPANNED: &str = "$converge::yaml::Spanned";
+const SPANNED_FIELDS: &[&str] = &["$line", "$col", "$value"];
+
+impl<'de, T: de::Deserialize<'de>> de::Deserialize<'de> for Spanned<T> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: de::Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Spanned<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value read from YAML")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<Spanned<T>, A::Error> {
+                fn take<'de, A: de::MapAccess<'de>>(m: &mut A, want: &str) -> Result<(), A::Error> {
+                    match m.next_key::<String>()? {
+                        Some(k) if k == want => Ok(()),
+                        _ => Err(de::Error::custom("a spanned value is only read by the located YAML decoder")),
+                    }
+                }
+                take(&mut m, "$line")?;
+                let line: u32 = m.next_value()?;
+                take(&mut m, "$col")?;
+                let col: u32 = m.next_value()?;
+                take(&mut m, "$value")?;
+                Ok(Spanned { mark: Mark::new(line, col), value: m.next_value()? })
+            }
+        }
+        d.deserialize_struct(SPANNED, SPANNED_FIELDS, V(std::marker::PhantomData))
+    }
+}
+
+/// Hands a node's place, then the node itself, to [`Spanned`]'s visitor.
+struct SpannedAccess<'a> {
+    node: &'a Node,
+    next: usize,
+}
+
+impl<'a> de::MapAccess<'a> for SpannedAccess<'a> {
+    type Error = DeError;
+
+    fn next_key_seed<K: DeserializeSeed<'a>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
+        let Some(&key) = SPANNED_FIELDS.get(self.next) else { return Ok(None) };
+        seed.deserialize(de::value::BorrowedStrDeserializer::new(key)).map(Some)
+    }
+
+    fn next_value_seed<T: DeserializeSeed<'a>>(&mut self, seed: T) -> Result<T::Value, DeError> {
+        self.next += 1;
+        match self.next {
+            1 => seed.deserialize(de::value::U32Deserializer::new(self.node.mark.line)),
+            2 => seed.deserialize(de::value::U32Deserializer::new(self.node.mark.col)),
+            _ => seed.deserialize(NodeDe(self.node)),
+        }
+    }
+}
+
 /// The message for a key that is not a field, with the fields that are.
 pub fn unknown_field_message(name: &str, fields: &[&str]) -> String {
     let close = fields.iter().find(|f| similar_name(name, f));
@@ -534,7 +600,7 @@ pub fn unknown_field_message(name: &str, fields: &[&str]) -> String {
 }
 
 /// True when `a` is within one edit (or one transposition) of `b`.
-fn similar_name(a: &str, b: &str) -> bool {
+pub fn similar_name(a: &str, b: &str) -> bool {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     if a.len().abs_diff(b.len()) > 1 || a == b {
         return false;
@@ -707,6 +773,21 @@ mod tests {
         assert!(parse("a: !!binary aGk=\n").is_err());
         let n = parse("a: !!str 12\n").unwrap();
         assert_eq!(n.as_map().unwrap()[0].1.value, Value::Scalar { text: "12".into(), plain: false });
+    }
+
+    #[test]
+    fn spanned_values_keep_their_place() {
+        #[derive(Deserialize)]
+        struct R {
+            include: Vec<Spanned<String>>,
+        }
+        let n: &'static Node = Box::leak(Box::new(parse("include:\n  - base\n  - web\n").unwrap()));
+        let r: R = from_node(n).unwrap();
+        assert_eq!(r.include[1], Spanned { mark: Mark::new(3, 5), value: "web".to_string() });
+        let n: &'static Node = Box::leak(Box::new(parse("include: [base, 7x]\n").unwrap()));
+        let r: R = from_node(n).unwrap();
+        assert_eq!(r.include[1].value, "7x");
+        assert!(serde_json::from_str::<Spanned<String>>("\"x\"").is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::report::Change;
 /// Reads what is at the path: metadata, and the content when the catalog manages it.
 pub fn inspect(sys: &System, path: &str, f: &FileSpec, present: bool) -> Result<Observed, String> {
     let want = f.content.as_deref().map(str::len);
-    let limit = want.map_or(0, |w| (w as u64).max(super::DIFF_LIMIT));
+    let limit = want.map_or(0, |w| (w as u64).max(crate::report::DIFF_LIMIT));
     let read = sys.host.read_file(path, limit).map_err(fail)?;
     let mut seen =
         Observed { stat: read.as_ref().map(|r| r.stat), content: read.and_then(|r| r.content), ..Observed::default() };
@@ -60,7 +60,7 @@ fn content_change(path: &str, sensitive: bool, is_file: bool, seen: &Observed, w
     };
     let mut change = Change::new("content", from, describe_content(want));
     if !sensitive {
-        change.diff = old.and_then(|old| unified_diff(path, old, want));
+        change.diff = old.and_then(|old| unified_diff(path, &format!("{path} (catalog)"), old, want));
     }
     change
 }

@@ -8,20 +8,14 @@
 
 use crate::catalog::{Ensure, Mode, Resource, Spec, join_path as join, parent_path as parent};
 use crate::engine::Providers;
-use crate::hash::sha256_hex;
 use crate::host::{FileType, Host, HostError, Stat};
-use crate::report::Change;
+use crate::report::{Change, describe_content, unified_diff};
 use crate::validate::holds_protected;
 use std::collections::HashSet;
 
 pub mod directory;
 pub mod file;
 pub mod symlink;
-
-/// Content larger than this is compared but never shown as a diff.
-pub const DIFF_LIMIT: u64 = 1 << 20;
-/// At most this many lines of a unified diff are shown.
-pub const DIFF_LINES: usize = 400;
 
 /// The providers of this build over one host.
 pub struct System<'h> {
@@ -252,29 +246,6 @@ fn fail_create(e: HostError) -> String {
         format!("{e} (its parent directory is missing: declare it as a `directory` resource)")
     } else {
         e.to_string()
-    }
-}
-
-/// `sha256:` and the first 12 hex digits, with the size: enough to tell contents apart.
-fn describe_content(content: &[u8]) -> String {
-    format!("sha256:{} ({} bytes)", &sha256_hex(content)[..12], content.len())
-}
-
-/// A unified diff from `old` to `new`, when both are text and not too large.
-fn unified_diff(path: &str, old: &[u8], new: &[u8]) -> Option<String> {
-    if old.len() as u64 > DIFF_LIMIT || new.len() as u64 > DIFF_LIMIT {
-        return None;
-    }
-    let (old, new) = (std::str::from_utf8(old).ok()?, std::str::from_utf8(new).ok()?);
-    let diff = similar::TextDiff::from_lines(old, new);
-    let text = diff.unified_diff().context_radius(3).header(path, &format!("{path} (catalog)")).to_string();
-    let lines: Vec<&str> = text.lines().collect();
-    if lines.len() > DIFF_LINES {
-        let mut cut = lines[..DIFF_LINES].join("\n");
-        cut.push_str(&format!("\n... {} more lines of diff not shown", lines.len() - DIFF_LINES));
-        Some(cut)
-    } else {
-        Some(text)
     }
 }
 

@@ -1,0 +1,615 @@
+//! The compiler: an operator repository in, one catalog per node out.
+//!
+//! `Compiler::new` parses the whole repository once (site.yaml, roles, data, templates) and
+//! reports what is wrong with it whatever the node. `compile` is then a pure function of the
+//! node name and its facts: classify -> resolve roles (includes first, cycles refused) ->
+//! merge data (the hierarchy of site.yaml, later wins, maps merged deeply) -> params -> render
+//! -> decode -> merge, check and plan (as every catalog is). A `Compiler` is immutable and
+//! shared by threads.
+
+use crate::repo::Repo;
+use crate::role::{self, Expr, Role, TNode};
+use crate::site::{FactDecl, Site};
+use converge_modules::catalog::{Catalog, FORMAT, Source};
+use converge_modules::diag::{Diagnostic, Mark};
+use converge_modules::load::{check_declared, decode_resource};
+use converge_modules::yaml::{self, Node, Spanned, Value as YValue};
+use minijinja::value::ValueKind;
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
+use serde_json::{Map, Value as Json};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+pub const SITE: &str = "site.yaml";
+
+pub struct Compiler {
+    pub source: Option<Source>,
+    pub site: Option<Site>,
+    roles: BTreeMap<String, Role>,
+    /// `data/` files by level path (`os/debian`), with their file names.
+    data: BTreeMap<String, (Arc<str>, Json)>,
+    /// `files/` by path under it.
+    files: BTreeMap<String, Vec<u8>>,
+    env: Environment<'static>,
+    /// Problems of the repository itself, found whatever the node.
+    pub problems: Vec<Diagnostic>,
+}
+
+/// The environment every template renders in: undefined values are errors, never empty
+/// strings; output is never HTML-escaped; a template's final newline is kept; a block tag's
+/// own newline is dropped (as Ansible does).
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_auto_escape_callback(|_| AutoEscape::None);
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .keep_trailing_newline(true)
+        .trim_blocks(true)
+        .build()
+        .expect("default delimiters");
+    env.set_syntax(syntax);
+    env
+}
+
+impl Compiler {
+    pub fn new(repo: &Repo) -> Compiler {
+        let mut env = environment();
+        let mut problems = Vec::new();
+        let text = |path: &str, problems: &mut Vec<Diagnostic>| match repo.text(path) {
+            Some(Ok(t)) => Some(t.to_string()),
+            Some(Err(e)) => {
+                problems.push(Diagnostic::new(path, Mark::UNKNOWN, e));
+                None
+            }
+            None => None,
+        };
+        for path in repo.under("templates") {
+            let Some(source) = text(path, &mut problems) else { continue };
+            let name = path["templates/".len()..].to_string();
+            if let Err(e) = env.add_template_owned(name, source.clone()) {
+                problems.push(template_error(&e, path, &source, None));
+            }
+        }
+        let site = match text(SITE, &mut problems) {
+            None => {
+                problems.push(Diagnostic::new(SITE, Mark::UNKNOWN, "the repository has no site.yaml"));
+                None
+            }
+            Some(t) => parse_yaml::<Site>(SITE, &t, &mut problems),
+        };
+        let mut roles = BTreeMap::new();
+        for path in repo.under("roles").filter(|p| p.ends_with(".yaml") || p.ends_with(".yml")) {
+            let Some(source) = text(path, &mut problems) else { continue };
+            let name = path["roles/".len()..].trim_end_matches(".yaml").trim_end_matches(".yml").to_string();
+            if let Some(r) = role::parse(&name, Arc::from(path), &source, &mut env, &mut problems) {
+                roles.insert(name, r);
+            }
+        }
+        let mut data = BTreeMap::new();
+        for path in repo.under("data").filter(|p| p.ends_with(".yaml") || p.ends_with(".yml")) {
+            let Some(source) = text(path, &mut problems) else { continue };
+            let level = path["data/".len()..].trim_end_matches(".yaml").trim_end_matches(".yml").to_string();
+            match yaml::parse(&source) {
+                Err(e) => problems.extend(e.problems.into_iter().map(|(m, msg)| Diagnostic::new(path, m, msg))),
+                Ok(node) => {
+                    check_param_overrides(path, &node, &roles, &mut problems);
+                    match yaml::from_node::<Json>(&node) {
+                        Ok(v @ Json::Object(_)) => {
+                            data.insert(level, (Arc::from(path), v));
+                        }
+                        Ok(Json::Null) => {}
+                        Ok(_) => problems.push(Diagnostic::new(
+                            path,
+                            node.mark,
+                            "a data file is a mapping of names to values",
+                        )),
+                        Err(e) => problems
+                            .extend(e.0.into_iter().map(|(m, msg)| Diagnostic::new(path, m.unwrap_or(node.mark), msg))),
+                    }
+                }
+            }
+        }
+        let files = repo.under("files").map(|p| (p["files/".len()..].to_string(), repo.files[p].clone())).collect();
+        let mut compiler = Compiler { source: repo.source.clone(), site, roles, data, files, env, problems };
+        compiler.check_roles();
+        compiler
+    }
+
+    /// Role references that cannot resolve, whatever the node: unknown roles and include cycles.
+    fn check_roles(&mut self) {
+        let mut problems = Vec::new();
+        if let Some(site) = &self.site {
+            for entry in site.nodes.values() {
+                for r in &entry.value.roles {
+                    if !self.roles.contains_key(&r.value) {
+                        problems.push(Diagnostic::new(SITE, r.mark, self.unknown_role(&r.value)));
+                    }
+                }
+            }
+        }
+        for role in self.roles.values() {
+            for inc in &role.head.include {
+                if !self.roles.contains_key(&inc.value) {
+                    problems.push(Diagnostic::new(&*role.file, inc.mark, self.unknown_role(&inc.value)));
+                }
+            }
+            let (_, d) = self.order(&[Spanned { mark: Mark::UNKNOWN, value: role.name.clone() }]);
+            problems.extend(d.into_iter().filter(|d| d.message.starts_with("include cycle")));
+        }
+        problems.sort_by(|a, b| (&a.file, a.mark, &a.message).cmp(&(&b.file, b.mark, &b.message)));
+        problems.dedup();
+        self.problems.extend(problems);
+    }
+
+    fn unknown_role(&self, name: &str) -> String {
+        let known: Vec<&str> = self.roles.keys().map(String::as_str).collect();
+        format!(
+            "unknown role `{name}` (roles: {})",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        )
+    }
+
+    /// The roles to converge, included roles first, each once; and the problems of the ones
+    /// that cannot be (unknown, or in an include cycle).
+    fn order(&self, wanted: &[Spanned<String>]) -> (Vec<&Role>, Vec<Diagnostic>) {
+        fn visit<'c>(
+            c: &'c Compiler,
+            name: &Spanned<String>,
+            from: &str,
+            stack: &mut Vec<String>,
+            done: &mut Vec<&'c Role>,
+            diags: &mut Vec<Diagnostic>,
+        ) {
+            let Some(role) = c.roles.get(&name.value) else {
+                diags.push(Diagnostic::new(from, name.mark, c.unknown_role(&name.value)));
+                return;
+            };
+            if let Some(pos) = stack.iter().position(|s| *s == name.value) {
+                // Told once, from its first member by name, whichever role led into it.
+                let mut cycle = stack[pos..].to_vec();
+                let first = (0..cycle.len()).min_by_key(|&i| &cycle[i]).unwrap_or(0);
+                cycle.rotate_left(first);
+                cycle.push(cycle[0].clone());
+                let closing = &c.roles[&cycle[cycle.len() - 2]];
+                let mark = closing.head.include.iter().find(|i| i.value == cycle[0]).map_or(name.mark, |i| i.mark);
+                let msg = format!("include cycle: {}", cycle.join(" -> "));
+                if !diags.iter().any(|d| d.message == msg) {
+                    diags.push(Diagnostic::new(&*closing.file, mark, msg));
+                }
+                return;
+            }
+            if done.iter().any(|r| r.name == name.value) {
+                return;
+            }
+            stack.push(name.value.clone());
+            for inc in &role.head.include {
+                visit(c, inc, &role.file, stack, done, diags);
+            }
+            stack.pop();
+            done.push(role);
+        }
+        let (mut done, mut diags) = (Vec::new(), Vec::new());
+        for w in wanted {
+            visit(self, w, SITE, &mut Vec::new(), &mut done, &mut diags);
+        }
+        (done, diags)
+    }
+
+    /// The declared facts: reported values of the declared type, else defaults.
+    fn facts(&self, site: &Site, reported: &Map<String, Json>) -> Result<Map<String, Json>, Vec<Diagnostic>> {
+        let mut out = Map::new();
+        let mut diags = Vec::new();
+        for (name, FactDecl { kind, default }) in &site.facts {
+            match (reported.get(name), default) {
+                (Some(v), _) if kind.accepts(v) => {
+                    out.insert(name.clone(), v.clone());
+                }
+                (Some(v), _) => diags.push(Diagnostic::new(
+                    SITE,
+                    Mark::UNKNOWN,
+                    format!("fact `{name}` is declared {} but the host reported {v}", kind.name()),
+                )),
+                (None, Some(d)) => {
+                    out.insert(name.clone(), d.clone());
+                }
+                (None, None) => diags.push(Diagnostic::new(
+                    SITE,
+                    Mark::UNKNOWN,
+                    format!("fact `{name}` was not reported and has no default in site.yaml"),
+                )),
+            }
+        }
+        if diags.is_empty() { Ok(out) } else { Err(diags) }
+    }
+
+    /// The node's data: every level of the hierarchy that exists, merged in order.
+    fn data_for(&self, site: &Site, node: &str, attributes: &Map<String, Json>, roles: &[&Role]) -> Json {
+        let mut merged = Json::Object(Map::new());
+        for level in &site.data {
+            let variants: Vec<String> = if level.value.contains("{role}") {
+                roles.iter().map(|r| level.value.replace("{role}", &r.name)).collect()
+            } else {
+                vec![level.value.clone()]
+            };
+            for path in variants {
+                let Some(path) = expand(&path, node, attributes) else { continue };
+                if let Some((_, v)) = self.data.get(&path) {
+                    deep_merge(&mut merged, v);
+                }
+            }
+        }
+        merged
+    }
+
+    /// Compiles the catalog of `node` with the facts it reported.
+    pub fn compile(&self, node: &str, reported: &Map<String, Json>) -> Result<Catalog, Vec<Diagnostic>> {
+        let Some(site) = &self.site else {
+            return Err(vec![Diagnostic::new(SITE, Mark::UNKNOWN, "site.yaml could not be read; see its errors")]);
+        };
+        let (_, entry) = site.classify(node).map_err(|m| vec![Diagnostic::new(SITE, Mark::UNKNOWN, m)])?;
+        let (roles, mut diags) = self.order(&entry.value.roles);
+        let mut attributes: Map<String, Json> = site.attributes.clone().into_iter().collect();
+        attributes.extend(entry.value.attributes.clone());
+        let facts = match self.facts(site, reported) {
+            Ok(f) => f,
+            Err(d) => {
+                diags.extend(d);
+                return Err(diags);
+            }
+        };
+        let data = self.data_for(site, node, &attributes, &roles);
+        let mut node_v: Map<String, Json> = attributes;
+        node_v.insert("name".into(), Json::String(node.to_string()));
+        node_v.insert("roles".into(), roles.iter().map(|r| Json::String(r.name.clone())).collect());
+        let (node_v, facts_v, data_v) =
+            (json_value(&Json::Object(node_v)), json_value(&Json::Object(facts)), json_value(&data));
+        let overrides = data.get("params");
+
+        let mut declared = Vec::new();
+        let mut origins: Vec<(Arc<str>, Mark)> = Vec::new();
+        let mut broken = HashSet::new();
+        for role in roles {
+            let mut params: Map<String, Json> = role.head.params.clone().into_iter().collect();
+            // Only declared params take values from data (others are reported by `new`).
+            if let Some(Json::Object(o)) = overrides.and_then(|p| p.get(&role.name)) {
+                for (k, v) in o.iter().filter(|(k, _)| role.head.params.contains_key(*k)) {
+                    params.insert(k.clone(), v.clone());
+                }
+            }
+            let ctx = |item: Option<Value>| {
+                let mut pairs = vec![
+                    ("node", node_v.clone()),
+                    ("facts", facts_v.clone()),
+                    ("data", data_v.clone()),
+                    ("params", json_value(&Json::Object(params.clone()))),
+                ];
+                pairs.extend(item.map(|i| ("item", i)));
+                Value::from_pairs(pairs)
+            };
+            let base = ctx(None);
+            for rt in &role.resources {
+                let place = |mark: Mark, msg: String| Diagnostic::new(&*role.file, mark, msg);
+                if let Some(w) = &rt.when {
+                    match self.eval(w, &base) {
+                        Ok(v) if !v.is_true() => continue,
+                        Ok(_) => {}
+                        Err(e) => {
+                            diags.push(place(w.mark, e));
+                            continue;
+                        }
+                    }
+                }
+                let items: Vec<Option<Value>> = match &rt.for_each {
+                    None => vec![None],
+                    Some(e) => match self.eval(e, &base).and_then(|v| iterate(&v)) {
+                        Ok(items) => items.into_iter().map(Some).collect(),
+                        Err(msg) => {
+                            diags.push(place(e.mark, msg));
+                            continue;
+                        }
+                    },
+                };
+                for item in items {
+                    let ctx = if item.is_some() { ctx(item) } else { base.clone() };
+                    let rendered = self.render(&rt.body, &ctx, role).and_then(|n| self.inline_content(n, &ctx, role));
+                    let node = match rendered {
+                        Ok(n) => n,
+                        Err(d) => {
+                            diags.push(d);
+                            continue;
+                        }
+                    };
+                    match decode_resource(node) {
+                        Ok(r) => {
+                            declared.push(r);
+                            origins.push((role.file.clone(), rt.mark));
+                        }
+                        Err((id, e)) => {
+                            broken.extend(id);
+                            diags.extend(e.0.into_iter().map(|(m, msg)| place(m.unwrap_or(rt.mark), msg)));
+                        }
+                    }
+                }
+            }
+        }
+        let mut place = |i: usize| (origins[i].0.to_string(), origins[i].1);
+        match check_declared(declared, &broken, Vec::new(), &mut place) {
+            Ok((resources, _)) if diags.is_empty() => Ok(Catalog {
+                format: FORMAT,
+                host: Some(node.to_string()),
+                serial: None,
+                issued_at: None,
+                expires_at: None,
+                source: self.source.clone(),
+                resources,
+            }),
+            Ok(_) => Err(diags),
+            Err(more) => {
+                diags.extend(more);
+                Err(diags)
+            }
+        }
+    }
+
+    /// Evaluates a compiled expression to its value.
+    fn eval(&self, e: &Expr, ctx: &Value) -> Result<Value, String> {
+        let template = self.env.get_template(&e.name).map_err(|e| e.to_string())?;
+        let captured = template.render_captured(ctx).map_err(|e| message(&e))?;
+        // Assigning an undefined value is not an error to minijinja; using one is, to us.
+        match captured.state().lookup("__value") {
+            Some(v) if !v.is_undefined() => Ok(v),
+            _ => Err(format!("`{}` is undefined", e.source)),
+        }
+    }
+
+    /// Renders a resource's templates.
+    fn render(&self, t: &TNode, ctx: &Value, role: &Role) -> Result<Node, Diagnostic> {
+        let place = |mark: Mark, msg: String| Diagnostic::new(&*role.file, mark, msg);
+        Ok(match t {
+            TNode::Lit(n) => n.clone(),
+            TNode::Text { name, mark } => {
+                let template = self.env.get_template(name).map_err(|e| place(*mark, message(&e)))?;
+                let text = template.render(ctx).map_err(|e| place(*mark, message(&e)))?;
+                Node { mark: *mark, value: YValue::Scalar { text, plain: false } }
+            }
+            TNode::Expr(e) => to_node(&self.eval(e, ctx).map_err(|m| place(e.mark, m))?, e.mark),
+            TNode::Seq { mark, items } => Node {
+                mark: *mark,
+                value: YValue::Seq(items.iter().map(|i| self.render(i, ctx, role)).collect::<Result<_, _>>()?),
+            },
+            TNode::Map { mark, entries } => Node {
+                mark: *mark,
+                value: YValue::Map(
+                    entries
+                        .iter()
+                        .map(|(k, v)| Ok((k.clone(), self.render(v, ctx, role)?)))
+                        .collect::<Result<_, _>>()?,
+                ),
+            },
+        })
+    }
+
+    /// Resolves `template:` and `source:` of a rendered resource into `content`.
+    fn inline_content(&self, node: Node, ctx: &Value, role: &Role) -> Result<Node, Diagnostic> {
+        let place = |mark: Mark, msg: String| Diagnostic::new(&*role.file, mark, msg);
+        let mark = node.mark;
+        let YValue::Map(mut entries) = node.value else { return Ok(node) };
+        let take = |entries: &mut Vec<(Node, Node)>, key: &str| {
+            entries.iter().position(|(k, _)| k.as_str() == Some(key)).map(|i| entries.remove(i))
+        };
+        let has_content = entries.iter().any(|(k, _)| k.as_str() == Some("content"));
+        let kind_is_file = entries.first().is_some_and(|(k, _)| k.as_str() == Some("file"));
+        let template = take(&mut entries, "template");
+        let source = if kind_is_file { take(&mut entries, "source") } else { None };
+        let content = match (template, source) {
+            (Some((k, _)), Some(_)) => return Err(place(k.mark, "`template` and `source` cannot both be set".into())),
+            (Some((k, _)), None) if has_content => {
+                return Err(place(k.mark, "`content` and `template` cannot both be set".into()));
+            }
+            (None, Some((k, _))) if has_content => {
+                return Err(place(k.mark, "`content` and `source` cannot both be set".into()));
+            }
+            (Some((_, v)), None) => {
+                let name = v
+                    .as_str()
+                    .filter(|_| !v.is_null())
+                    .ok_or_else(|| place(v.mark, "`template` names a file in templates/".into()))?;
+                let template = self
+                    .env
+                    .get_template(name)
+                    .map_err(|_| place(v.mark, format!("template `{name}` not found in templates/")))?;
+                let text = template.render(ctx).map_err(|e| {
+                    template_error(&e, &format!("templates/{name}"), template.source(), Some((&role.file, v.mark)))
+                })?;
+                Some((v.mark, text))
+            }
+            (None, Some((_, v))) => {
+                let path = v
+                    .as_str()
+                    .filter(|_| !v.is_null())
+                    .ok_or_else(|| place(v.mark, "`source` names a file in files/".into()))?;
+                let path = path.strip_prefix("files/").unwrap_or(path);
+                let bytes = self
+                    .files
+                    .get(path)
+                    .ok_or_else(|| place(v.mark, format!("source `{path}` not found in files/")))?;
+                let text =
+                    std::str::from_utf8(bytes).map_err(|_| place(v.mark, format!("files/{path} is not UTF-8 text")))?;
+                Some((v.mark, text.to_string()))
+            }
+            (None, None) => None,
+        };
+        if let Some((m, text)) = content {
+            entries.push((scalar("content", m, true), scalar(&text, m, false)));
+        }
+        Ok(Node { mark, value: YValue::Map(entries) })
+    }
+}
+
+fn scalar(text: &str, mark: Mark, plain: bool) -> Node {
+    Node { mark, value: YValue::Scalar { text: text.to_string(), plain } }
+}
+
+/// Parses a YAML file into `T`, with every problem as a diagnostic.
+fn parse_yaml<T: for<'a> serde::Deserialize<'a>>(file: &str, text: &str, problems: &mut Vec<Diagnostic>) -> Option<T> {
+    let node = match yaml::parse(text) {
+        Ok(n) => n,
+        Err(e) => {
+            problems.extend(e.problems.into_iter().map(|(m, msg)| Diagnostic::new(file, m, msg)));
+            return None;
+        }
+    };
+    match yaml::from_node::<T>(&node) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.extend(e.0.into_iter().map(|(m, msg)| Diagnostic::new(file, m.unwrap_or(node.mark), msg)));
+            None
+        }
+    }
+}
+
+/// Data overriding role params must name a role and one of its params.
+fn check_param_overrides(file: &str, node: &Node, roles: &BTreeMap<String, Role>, problems: &mut Vec<Diagnostic>) {
+    let Some((_, params)) = node.as_map().and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("params"))) else {
+        return;
+    };
+    for (role_key, values) in params.as_map().unwrap_or_default() {
+        let name = role_key.as_str().unwrap_or_default();
+        let Some(role) = roles.get(name) else {
+            problems.push(Diagnostic::new(file, role_key.mark, format!("params for unknown role `{name}`")));
+            continue;
+        };
+        for (k, _) in values.as_map().unwrap_or_default() {
+            let p = k.as_str().unwrap_or_default();
+            if !role.head.params.contains_key(p) {
+                let known: Vec<&str> = role.head.params.keys().map(String::as_str).collect();
+                problems.push(Diagnostic::new(
+                    file,
+                    k.mark,
+                    format!("role `{name}` has no param `{p}` (its params: {})", known.join(", ")),
+                ));
+            }
+        }
+    }
+}
+
+/// Replaces `{node}` and `{ATTRIBUTE}` in a data level; `None` when an attribute is unset.
+fn expand(level: &str, node: &str, attributes: &Map<String, Json>) -> Option<String> {
+    let mut out = String::with_capacity(level.len());
+    let mut rest = level;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}')? + start;
+        let key = &rest[start + 1..end];
+        let value = if key == "node" {
+            node.to_string()
+        } else {
+            match attributes.get(key)? {
+                Json::String(s) => s.clone(),
+                Json::Number(n) => n.to_string(),
+                Json::Bool(b) => b.to_string(),
+                _ => return None,
+            }
+        };
+        out.push_str(&value);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// Merges `b` into `a`: maps merge key by key, anything else is replaced.
+pub fn deep_merge(a: &mut Json, b: &Json) {
+    match (a, b) {
+        (Json::Object(x), Json::Object(y)) => {
+            for (k, v) in y {
+                match x.get_mut(k) {
+                    Some(existing) => deep_merge(existing, v),
+                    None => {
+                        x.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (a, b) => *a = b.clone(),
+    }
+}
+
+/// A JSON value as a template value.
+pub fn json_value(v: &Json) -> Value {
+    match v {
+        Json::Null => Value::from(()),
+        Json::Bool(b) => Value::from(*b),
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(u)) => Value::from(u),
+            _ => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => Value::from(s.as_str()),
+        Json::Array(a) => a.iter().map(json_value).collect(),
+        Json::Object(m) => Value::from_pairs(m.iter().map(|(k, v)| (k.as_str(), json_value(v)))),
+    }
+}
+
+/// A template value as a YAML node, keeping its type for the decoder.
+fn to_node(v: &Value, mark: Mark) -> Node {
+    let value = match v.kind() {
+        ValueKind::Undefined | ValueKind::None => YValue::Scalar { text: "~".into(), plain: true },
+        ValueKind::Bool | ValueKind::Number => YValue::Scalar { text: v.to_string(), plain: true },
+        ValueKind::String => YValue::Scalar { text: v.as_str().unwrap_or_default().to_string(), plain: false },
+        ValueKind::Map => YValue::Map(
+            v.try_iter()
+                .map(|keys| {
+                    keys.map(|k| (to_node(&k, mark), to_node(&v.get_item(&k).unwrap_or_default(), mark))).collect()
+                })
+                .unwrap_or_default(),
+        ),
+        ValueKind::Seq | ValueKind::Iterable => {
+            YValue::Seq(v.try_iter().map(|items| items.map(|i| to_node(&i, mark)).collect()).unwrap_or_default())
+        }
+        _ => YValue::Scalar { text: v.to_string(), plain: false },
+    };
+    Node { mark, value }
+}
+
+/// The items of a `for_each`: a list's elements, or a map's `{key, value}` pairs.
+fn iterate(v: &Value) -> Result<Vec<Value>, String> {
+    match v.kind() {
+        ValueKind::Seq | ValueKind::Iterable => Ok(v.try_iter().map_err(|e| message(&e))?.collect()),
+        ValueKind::Map => Ok(v
+            .try_iter()
+            .map_err(|e| message(&e))?
+            .map(|k| Value::from_pairs([("key", k.clone()), ("value", v.get_item(&k).unwrap_or_default())]))
+            .collect()),
+        ValueKind::None | ValueKind::Undefined => Ok(Vec::new()),
+        _ => Err(format!("`for_each` needs a list or a map, found {v}")),
+    }
+}
+
+/// What went wrong in a template, in a sentence.
+fn message(e: &minijinja::Error) -> String {
+    let what = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
+    match e.line() {
+        Some(l) if l > 1 => format!("{what} (template line {l})"),
+        _ => what,
+    }
+}
+
+/// A diagnostic for an error in a template file, placed in that file; `used_at` is where a
+/// role used it, named in the message.
+fn template_error(e: &minijinja::Error, file: &str, source: &str, used_at: Option<(&str, Mark)>) -> Diagnostic {
+    let line = e.line().unwrap_or(0) as u32;
+    let col = e
+        .range()
+        .and_then(|r| source.get(..r.start))
+        .map(|before| before.rsplit('\n').next().unwrap_or("").chars().count() as u32 + 1)
+        .unwrap_or(1);
+    let what = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
+    let what =
+        if e.kind() == minijinja::ErrorKind::SyntaxError { format!("template syntax error: {what}") } else { what };
+    let msg = match used_at {
+        Some((role, at)) => format!("{what} (used by {role}:{})", at.line),
+        None => what,
+    };
+    Diagnostic::new(file, Mark::new(line, if line == 0 { 0 } else { col }), msg)
+}

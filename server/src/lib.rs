@@ -1,0 +1,16 @@
+//! The compiler of `converge-server`: an operator repository in, one catalog per node out.
+//!
+//! - [`repo`] loads a repository, from a directory or a git revision: the only I/O.
+//! - [`site`] parses `site.yaml` and classifies nodes; [`role`] parses roles into templates.
+//! - [`compiler`] resolves roles, data, params and facts, renders, and checks each catalog.
+//! - [`diff`] compares two compiles node by node.
+//!
+//! Invariants: after `repo`, everything is a pure function of the repository, the node name and
+//! its facts; classification never reads facts; an undefined template variable is an error,
+//! never an empty string.
+
+pub mod compiler;
+pub mod diff;
+pub mod repo;
+pub mod role;
+pub mod site;

@@ -1,0 +1,196 @@
+//! `site.yaml`: which node gets which roles, the server-side attributes that choose its data,
+//! the data hierarchy, and the facts templates may use.
+//!
+//! Classification is trusted: a node's entry, roles, attributes and data come only from its
+//! name and this file, never from facts (which a host reports about itself).
+
+use converge_modules::yaml::Spanned;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// The data hierarchy, lowest precedence first: paths under `data/` (without `.yaml`) where
+    /// `{node}`, `{role}` (one level per role) and `{ATTRIBUTE}` are replaced. A level whose
+    /// attribute is unset, or whose file does not exist, is skipped.
+    #[serde(default = "default_hierarchy")]
+    #[schemars(with = "Vec<String>")]
+    pub data: Vec<Spanned<String>>,
+    /// The facts templates may use, with their types and defaults. Facts a host reports that
+    /// are not declared here are not visible.
+    #[serde(default)]
+    pub facts: BTreeMap<String, FactDecl>,
+    /// Server-side attributes every node starts with (an entry's own attributes win).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, serde_json::Value>,
+    /// Node names and glob patterns (`*`, `?`) -> their roles and attributes. An exact name
+    /// beats the longest matching pattern.
+    #[schemars(with = "BTreeMap<String, NodeEntry>")]
+    pub nodes: BTreeMap<String, Spanned<NodeEntry>>,
+}
+
+fn default_hierarchy() -> Vec<Spanned<String>> {
+    ["common", "os/{os_family}", "role/{role}", "node/{node}"]
+        .iter()
+        .map(|l| Spanned { mark: converge_modules::diag::Mark::UNKNOWN, value: l.to_string() })
+        .collect()
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    #[schemars(with = "Vec<String>")]
+    pub roles: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FactDecl {
+    #[serde(rename = "type")]
+    pub kind: FactType,
+    /// The value when a host has not reported this fact (required for `check` to compile a
+    /// node before it has reported).
+    pub default: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FactType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    List,
+    Map,
+}
+
+impl FactType {
+    pub fn accepts(self, v: &serde_json::Value) -> bool {
+        use serde_json::Value as J;
+        match self {
+            FactType::String => v.is_string(),
+            FactType::Integer => v.is_i64() || v.is_u64(),
+            FactType::Number => v.is_number(),
+            FactType::Boolean => v.is_boolean(),
+            FactType::List => matches!(v, J::Array(_)),
+            FactType::Map => matches!(v, J::Object(_)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FactType::String => "a string",
+            FactType::Integer => "an integer",
+            FactType::Number => "a number",
+            FactType::Boolean => "a boolean",
+            FactType::List => "a list",
+            FactType::Map => "a map",
+        }
+    }
+}
+
+/// True for names that are patterns rather than node names.
+pub fn is_pattern(name: &str) -> bool {
+    name.contains(['*', '?'])
+}
+
+/// Matches a node name against a pattern: `*` is any run of characters, `?` one character.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni) = (0, 0);
+    let mut back: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some('*') => {
+                back = Some((pi, ni));
+                pi += 1;
+            }
+            Some(c) if *c == '?' || *c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match back {
+                Some((bp, bn)) => {
+                    pi = bp + 1;
+                    ni = bn + 1;
+                    back = Some((bp, bn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+impl Site {
+    /// The entry for `node`: its exact name, else the longest matching pattern. Two matching
+    /// patterns of the same length are an error, as is no match.
+    pub fn classify(&self, node: &str) -> Result<(&str, &Spanned<NodeEntry>), String> {
+        if let Some((k, e)) = self.nodes.get_key_value(node).filter(|(k, _)| !is_pattern(k)) {
+            return Ok((k, e));
+        }
+        let mut best: Vec<(&str, &Spanned<NodeEntry>)> = Vec::new();
+        for (pattern, entry) in self.nodes.iter().filter(|(k, _)| is_pattern(k) && glob_match(k, node)) {
+            match best.first().map(|(p, _)| p.len()) {
+                Some(len) if pattern.len() < len => {}
+                Some(len) if pattern.len() == len => best.push((pattern, entry)),
+                _ => best = vec![(pattern, entry)],
+            }
+        }
+        match best.as_slice() {
+            [] => Err(format!("node `{node}` matches no entry of `nodes` in site.yaml")),
+            [one] => Ok(*one),
+            many => Err(format!(
+                "node `{node}` matches {} equally well; make one of them longer or name the node exactly",
+                many.iter().map(|(p, _)| format!("`{p}`")).collect::<Vec<_>>().join(" and ")
+            )),
+        }
+    }
+
+    /// The names `check` compiles: every exact name, and one example name per pattern (its
+    /// `*` and `?` replaced) so that pattern-only entries are compiled too.
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes
+            .keys()
+            .map(|k| if is_pattern(k) { k.replace('*', "example").replace('?', "x") } else { k.clone() })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.example.com", "web01.example.com"));
+        assert!(glob_match("web*", "web01.example.com"));
+        assert!(glob_match("web??.example.com", "web01.example.com"));
+        assert!(!glob_match("web?.example.com", "web01.example.com"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "aXbYbZc"));
+        assert!(!glob_match("a*b", "ab-c"));
+    }
+
+    fn site(nodes: &str) -> Site {
+        let text = format!("nodes:\n{nodes}");
+        let n: &'static converge_modules::yaml::Node =
+            Box::leak(Box::new(converge_modules::yaml::parse(&text).unwrap()));
+        converge_modules::yaml::from_node(n).unwrap()
+    }
+
+    #[test]
+    fn exact_beats_the_longest_pattern_and_ties_are_errors() {
+        let s = site(
+            "  web01.example.com: {roles: [a]}\n  \"web*.example.com\": {roles: [b]}\n  \"*.example.com\": {roles: [c]}\n  \"db?.example.com\": {roles: [d]}\n  \"db*.example.co?\": {roles: [e]}\n",
+        );
+        assert_eq!(s.classify("web01.example.com").unwrap().0, "web01.example.com");
+        assert_eq!(s.classify("web02.example.com").unwrap().0, "web*.example.com");
+        assert_eq!(s.classify("mail.example.com").unwrap().0, "*.example.com");
+        assert!(s.classify("db1.example.com").unwrap_err().contains("equally well"));
+        assert!(s.classify("host.other.org").unwrap_err().contains("matches no entry"));
+    }
+}

@@ -1,0 +1,198 @@
+//! `converge-server compile | check | diff` as an operator runs them: the real binary.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_converge-server");
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn server(args: &[&str]) -> Out {
+    let out = Command::new(BIN).args(args).output().expect("run converge-server");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (path, text) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+}
+
+/// Runs git in `dir` with an identity of its own (never the machine's configuration).
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"])
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+const SITE: &str = "nodes:\n  web1: {roles: [web]}\n  web2: {roles: [web]}\n  db1: {roles: [db]}\n";
+
+fn first_commit(dir: &Path) {
+    write(
+        dir,
+        &[
+            ("site.yaml", SITE),
+            ("roles/base.yaml", "resources:\n  - file: /etc/motd\n    template: motd.j2\n  - package: curl\n"),
+            (
+                "roles/web.yaml",
+                "include: [base]\nparams:\n  port: 80\nresources:\n  - package: apache2\n  - file: /etc/site.conf\n    content: \"listen {{ params.port }}\\nroot /var/www\\n\"\n",
+            ),
+            ("roles/db.yaml", "include: [base]\nresources:\n  - package: postgresql\n"),
+            ("templates/motd.j2", "Welcome to {{ node.name }}\n"),
+            ("data/node/web2.yaml", "params:\n  web:\n    port: 8080\n"),
+        ],
+    );
+    git(dir, &["init", "-q", "-b", "main"]);
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "first"]);
+}
+
+/// The second commit: web servers move from apache2 to nginx and listen on 8000 (web2 keeps
+/// its own port), the motd template changes for every node, db1 is untouched otherwise.
+fn second_commit(dir: &Path) {
+    write(
+        dir,
+        &[
+            (
+                "roles/web.yaml",
+                "include: [base]\nparams:\n  port: 8000\nresources:\n  - package: nginx\n  - file: /etc/site.conf\n    content: \"listen {{ params.port }}\\nroot /var/www\\n\"\n    mode: \"0644\"\n",
+            ),
+            ("templates/motd.j2", "Welcome to {{ node.name }}. Managed by converge.\n"),
+        ],
+    );
+    git(dir, &["commit", "-q", "-am", "second"]);
+}
+
+#[test]
+fn diff_finds_exactly_the_per_node_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    first_commit(dir);
+    second_commit(dir);
+    let repo = dir.display().to_string();
+    let out = server(&["diff", "--repo", &repo, "--from", "HEAD~1", "--to", "HEAD"]);
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    let text = out.stdout;
+    let node = |name: &str| -> String {
+        let start = text.find(&format!("node {name}:")).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        let rest = &text[start + 1..];
+        let end = rest.find("\nnode ").map_or(rest.len(), |i| i + 1);
+        text[start..start + 1 + end].to_string()
+    };
+    let web1 = node("web1");
+    assert!(web1.starts_with("node web1: 1 added, 1 removed, 2 changed\n"), "{web1}");
+    assert!(web1.contains("  + package:nginx\n  - package:apache2\n"), "{web1}");
+    assert!(web1.contains("-listen 80\n") && web1.contains("+listen 8000\n"), "{web1}");
+    assert!(web1.contains("      mode: (unset) -> \"0644\"\n"), "{web1}");
+    assert!(web1.contains("-Welcome to web1\n") && web1.contains("+Welcome to web1. Managed by converge.\n"), "{web1}");
+    let web2 = node("web2");
+    assert!(!web2.contains("listen"), "web2 keeps its own port: only the mode changes: {web2}");
+    assert!(web2.contains("mode: (unset) -> \"0644\""), "{web2}");
+    let db1 = node("db1");
+    assert!(db1.starts_with("node db1: 0 added, 0 removed, 1 changed\n  ~ file:/etc/motd\n"), "{db1}");
+    assert!(text.ends_with("3 of 3 nodes change between HEAD~1 and HEAD\n"), "{text}");
+
+    let only = server(&["diff", "--repo", &repo, "--from", "HEAD~1", "--to", "HEAD", "--node", "db*"]);
+    assert!(only.stdout.contains("node db1") && !only.stdout.contains("node web1"), "{}", only.stdout);
+    let same = server(&["diff", "--repo", &repo, "--from", "HEAD", "--to", "HEAD"]);
+    assert_eq!(same.code, 0, "{}", same.stdout);
+    assert_eq!(same.stdout, "0 of 3 nodes change between HEAD and HEAD\n");
+    // The working tree was never touched by reading revisions.
+    let status = Command::new("git").arg("-C").arg(dir).args(["status", "--porcelain"]).output().unwrap();
+    assert!(status.stdout.is_empty());
+}
+
+#[test]
+fn diff_of_an_unknown_revision_says_so() {
+    let t = tempfile::tempdir().unwrap();
+    first_commit(t.path());
+    let out = server(&["diff", "--repo", &t.path().display().to_string(), "--from", "nope", "--to", "HEAD"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("nope is not a commit of"), "{}", out.stderr);
+}
+
+#[test]
+fn check_exit_codes_and_output() {
+    let catalogs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs").display().to_string();
+    let ok = server(&["check", "--repo", &catalogs]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(ok.stdout.contains("6 nodes compiled"), "{}", ok.stdout);
+
+    let t = tempfile::tempdir().unwrap();
+    write(
+        t.path(),
+        &[
+            ("site.yaml", "nodes:\n  n1: {roles: [r]}\n"),
+            ("roles/r.yaml", "resources:\n  - file: /a\n    content: \"{{ data.missing }}\"\n  - file: b\n"),
+        ],
+    );
+    let bad = server(&["check", "--repo", &t.path().display().to_string()]);
+    assert_eq!(bad.code, 1);
+    let shown = t.path().display().to_string();
+    assert!(
+        bad.stderr.contains(&format!("{shown}/roles/r.yaml:3:14: `data.missing` is undefined [node n1]")),
+        "{}",
+        bad.stderr
+    );
+    assert!(bad.stderr.contains("3 |     content: \"{{ data.missing }}\"\n  |              ^"), "{}", bad.stderr);
+    assert!(bad.stderr.contains(&format!("{shown}/roles/r.yaml:4:11: path `b` is relative")), "{}", bad.stderr);
+    assert!(bad.stderr.ends_with(": 2 problems\n"), "{}", bad.stderr);
+}
+
+#[test]
+fn check_uses_recorded_facts() {
+    let t = tempfile::tempdir().unwrap();
+    write(
+        t.path(),
+        &[
+            ("site.yaml", "facts:\n  cpus: {type: integer, default: 1}\nnodes:\n  n1: {roles: [r]}\n"),
+            ("roles/r.yaml", "resources:\n  - file: /cpus\n    content: \"{{ facts.cpus }}\"\n"),
+            ("facts/n1.json", "{\"cpus\": \"eight\"}"),
+        ],
+    );
+    let repo = t.path().display().to_string();
+    let facts = t.path().join("facts").display().to_string();
+    assert_eq!(server(&["check", "--repo", &repo]).code, 0);
+    let out = server(&["check", "--repo", &repo, "--facts-dir", &facts]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("fact `cpus` is declared an integer but the host reported \"eight\""),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn compile_prints_yaml_or_json() {
+    let catalogs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs").display().to_string();
+    let yaml = server(&["compile", "--repo", &catalogs, "--node", "web07.example.com"]);
+    assert_eq!(yaml.code, 0, "{}", yaml.stderr);
+    assert!(yaml.stdout.starts_with("format: 1\nhost: web07.example.com\n"), "{}", yaml.stdout);
+    let json = server(&["compile", "--repo", &catalogs, "--node", "web07.example.com", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["host"], "web07.example.com");
+    let unknown = server(&["compile", "--repo", &catalogs, "--node", "mail.other.org"]);
+    assert_eq!(unknown.code, 1);
+    assert!(
+        unknown.stderr.contains("node `mail.other.org` matches no entry of `nodes` in site.yaml"),
+        "{}",
+        unknown.stderr
+    );
+}

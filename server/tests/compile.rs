@@ -1,0 +1,168 @@
+//! The compiler on the example repository (golden catalogs) and on broken ones (every class of
+//! mistake, with its file, line and message).
+
+use converge_modules::load::load;
+use converge_server::compiler::Compiler;
+use converge_server::repo::Repo;
+use serde_json::Map;
+use std::path::Path;
+
+fn catalogs() -> Repo {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs");
+    let mut repo = Repo::from_dir(&dir).expect("catalogs/ loads");
+    repo.source = None; // the commit changes with every commit; snapshots must not
+    repo
+}
+
+/// Every node of catalogs/ compiles to its golden catalog, in the YAML an operator reads.
+#[test]
+fn golden_catalogs_of_every_node() {
+    let compiler = Compiler::new(&catalogs());
+    assert_eq!(compiler.problems, vec![], "catalogs/ has problems");
+    let names = compiler.site.as_ref().unwrap().node_names();
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        let catalog = compiler.compile(&name, &Map::new()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let yaml = yaml_serde::to_string(&catalog).unwrap();
+        insta::assert_snapshot!(name.clone(), yaml);
+    }
+}
+
+/// What `compile --format yaml` prints is accepted by `converge apply` as it is, and means the
+/// same catalog; so is the JSON.
+#[test]
+fn compiled_yaml_and_json_round_trip_through_the_agents_loader() {
+    let compiler = Compiler::new(&catalogs());
+    for name in compiler.site.as_ref().unwrap().node_names() {
+        let catalog = compiler.compile(&name, &Map::new()).unwrap();
+        let yaml = yaml_serde::to_string(&catalog).unwrap();
+        let back = load("compiled.yaml", &yaml, None).unwrap_or_else(|d| panic!("{name}: {d}\n{yaml}"));
+        assert_eq!(back.catalog, catalog, "{name}");
+        let json = serde_json::to_string(&catalog).unwrap();
+        assert_eq!(load("compiled.json", &json, None).unwrap().catalog, catalog, "{name}");
+    }
+}
+
+#[test]
+fn facts_reach_templates_and_undeclared_facts_do_not() {
+    let compiler = Compiler::new(&catalogs());
+    let facts: Map<String, serde_json::Value> =
+        serde_json::from_str(r#"{"memory_mb": 16384, "cpus": 8, "os_family": "redhat", "secret_fact": "x"}"#).unwrap();
+    let c = compiler.compile("db01.example.com", &facts).unwrap();
+    let conf = c.resources.iter().find(|r| r.id.title == "/etc/postgresql/15/main/conf.d/converge.conf").unwrap();
+    let text = serde_json::to_string(conf).unwrap();
+    assert!(text.contains("shared_buffers = 4096MB") && text.contains("max_worker_processes = 8"), "{text}");
+    // A fact never chooses data: os_family came from the host, the data stays Debian's.
+    assert!(c.resources.iter().any(|r| r.id.to_string() == "service:ssh"));
+    let bad: Map<String, serde_json::Value> = serde_json::from_str(r#"{"cpus": "many"}"#).unwrap();
+    let e = compiler.compile("db01.example.com", &bad).unwrap_err();
+    assert!(e[0].message.contains("fact `cpus` is declared an integer"), "{e:?}");
+}
+
+#[test]
+fn attributes_choose_data_and_params_come_from_the_hierarchy() {
+    let compiler = Compiler::new(&catalogs());
+    let redhat = compiler.compile("db02.example.com", &Map::new()).unwrap();
+    let ids: Vec<String> = redhat.resources.iter().map(|r| r.id.to_string()).collect();
+    assert!(ids.contains(&"service:sshd".to_string()) && ids.contains(&"file:/etc/chrony.conf".to_string()), "{ids:?}");
+    let web01 = compiler.compile("web01.example.com", &Map::new()).unwrap();
+    let site = web01.resources.iter().find(|r| r.id.title == "/etc/nginx/sites-available/site.conf").unwrap();
+    let text = serde_json::to_string(site).unwrap();
+    assert!(
+        text.contains("listen 8080") && text.contains("server_name www.example.com"),
+        "node data and role data: {text}"
+    );
+}
+
+/// A repository with one of every class of mistake.
+fn broken() -> Repo {
+    Repo::from_files([
+        ("site.yaml", "nodes:\n  \"*\":\n    roles: [app, ghost]\n  cyc:\n    roles: [loop-a]\n"),
+        (
+            "roles/app.yaml",
+            "params:\n  port: 80\nresources:\n  - file: /etc/app.conf\n    template: app.conf.j2\n  - file: /etc/app.conf\n    content: other\n  - file: /etc/other.conf\n    template: nowhere.j2\n  - file: /etc/undef\n    content: \"{{ params.prot }}\"\n  - file: /etc/typo\n    mdoe: \"0644\"\n  - directory: /srv\n    purge: sometimes\n  - file: /etc/needs\n    content: x\n    requires: [package:ghost]\n  - file: /etc/broken\n    content: \"{{ unclosed \"\n",
+        ),
+        ("roles/bad-yaml.yaml", "resources:\n  - file: /x\n   content: y\n"),
+        ("roles/loop-a.yaml", "include: [loop-b]\n"),
+        ("roles/loop-b.yaml", "include: [loop-a]\n"),
+        ("templates/app.conf.j2", "port = {{ params.port }}\n"),
+        ("templates/syntax.j2", "{% if x %}\nnever closed\n"),
+        ("data/common.yaml", "params:\n  app:\n    prot: 1\n"),
+    ])
+}
+
+/// `check` in-process: the repository's problems and every node's, as file:line: message.
+fn check(repo: &Repo) -> Vec<String> {
+    let compiler = Compiler::new(repo);
+    let mut all = compiler.problems.clone();
+    for node in compiler.site.as_ref().map(|s| s.node_names()).unwrap_or_default() {
+        all.extend(compiler.compile(&node, &Map::new()).err().unwrap_or_default());
+    }
+    let mut lines: Vec<String> = all.iter().map(|d| format!("{}:{}: {}", d.file, d.mark.line, d.message)).collect();
+    lines.sort();
+    lines.dedup();
+    lines
+}
+
+#[test]
+fn every_mistake_is_reported_in_one_run_with_its_place() {
+    let found = check(&broken());
+    let expected = [
+        ("malformed YAML", "roles/bad-yaml.yaml:3: YAML syntax"),
+        ("unknown role", "site.yaml:3: unknown role `ghost`"),
+        ("include cycle", "roles/loop-b.yaml:1: include cycle: loop-a -> loop-b -> loop-a"),
+        ("template syntax error in a file", "templates/syntax.j2:2: template syntax error"),
+        ("template syntax error inline", "roles/app.yaml:20: template syntax error"),
+        ("undefined variable", "roles/app.yaml:11: `params.prot` is undefined"),
+        ("missing template file", "roles/app.yaml:9: template `nowhere.j2` not found in templates/"),
+        ("unknown key", "roles/app.yaml:13: unknown field `mdoe` (did you mean `mode`?)"),
+        ("wrong type", "roles/app.yaml:15: invalid type: string \"sometimes\", expected a boolean"),
+        (
+            "disagreeing declarations",
+            "roles/app.yaml:6: file:/etc/app.conf is declared twice with different `content` (see line 4)",
+        ),
+        ("undeclared dependency", "roles/app.yaml:16: file:/etc/needs requires package:ghost, which is not declared"),
+        ("unknown param in data", "data/common.yaml:3: role `app` has no param `prot` (its params: port)"),
+    ];
+    for (what, want) in expected {
+        assert!(found.iter().any(|f| f.starts_with(want)), "{what}: expected {want:?} in:\n{}", found.join("\n"));
+    }
+    assert_eq!(found.iter().filter(|f| f.contains("include cycle")).count(), 1, "a cycle is told once: {found:?}");
+}
+
+#[test]
+fn for_each_when_and_native_values() {
+    let repo = Repo::from_files([
+        ("site.yaml", "nodes:\n  n1: {roles: [r], attributes: {tier: a}}\n  n2: {roles: [r], attributes: {tier: b}}\n"),
+        (
+            "roles/r.yaml",
+            "resources:\n  - user: \"{{ item.name }}\"\n    for_each: data.users\n    uid: \"{{ item.uid }}\"\n    groups: \"{{ item.groups }}\"\n  - group: \"{{ item.key }}\"\n    for_each: \"{{ data.groups }}\"\n    gid: \"{{ item.value }}\"\n  - file: /only-on-a\n    when: node.tier == 'a'\n    content: \"{{ node.name }}\\n\"\n",
+        ),
+        (
+            "data/common.yaml",
+            "users:\n  - {name: ann, uid: 3001, groups: [ops, dev]}\n  - {name: ben, uid: 3002, groups: []}\ngroups: {ops: 4001, dev: 4002}\n",
+        ),
+    ]);
+    let compiler = Compiler::new(&repo);
+    assert_eq!(compiler.problems, vec![]);
+    let yaml = |n: &str| yaml_serde::to_string(&compiler.compile(n, &Map::new()).unwrap()).unwrap();
+    let n1 = yaml("n1");
+    for want in [
+        "- user: ann\n  uid: 3001\n  groups:\n  - ops\n  - dev\n",
+        "- group: dev\n  gid: 4002\n",
+        "- file: /only-on-a\n  content: |\n    n1\n",
+    ] {
+        assert!(n1.contains(want), "missing {want:?} in\n{n1}");
+    }
+    assert!(!yaml("n2").contains("/only-on-a"));
+}
+
+#[test]
+fn a_tie_between_patterns_is_a_check_error() {
+    let repo =
+        Repo::from_files([("site.yaml", "nodes:\n  \"a*\": {roles: []}\n  \"*b\": {roles: []}\n  ab: {roles: []}\n")]);
+    let compiler = Compiler::new(&repo);
+    assert!(compiler.compile("ab", &Map::new()).is_ok(), "the exact name wins");
+    let e = compiler.compile("axb", &Map::new()).unwrap_err();
+    assert!(e[0].message.contains("matches `*b` and `a*` equally well"), "{e:?}");
+}
