@@ -24,6 +24,7 @@ use std::fmt;
 pub const FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Catalog {
     /// The format major version; an agent refuses a newer one.
@@ -51,6 +52,7 @@ impl Catalog {
 
 /// Where a compiled catalog came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Source {
     pub repository: String,
@@ -117,6 +119,15 @@ macro_rules! kinds {
             fn serialize_flat<S: Serializer>(&self, head: Head<'_>, meta: &Meta, s: S) -> Result<S::Ok, S::Error> {
                 match self {
                     $(Spec::$variant(spec) => Flat { head, spec, meta }.serialize(s),)*
+                }
+            }
+
+            /// The JSON Schema of a kind's own fields.
+            #[cfg(feature = "schema")]
+            pub fn schema_of(kind: Kind, g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                use schemars::JsonSchema;
+                match kind {
+                    $(Kind::$variant => $spec::json_schema(g),)*
                 }
             }
         }
@@ -312,6 +323,7 @@ impl<'de> Deserialize<'de> for Mode {
 
 /// Whether the resource should exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Ensure {
     #[default]
@@ -321,6 +333,7 @@ pub enum Ensure {
 
 /// Fields every kind shares: relations and sensitivity.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Meta {
     /// Resources that must be converged before this one.
@@ -340,6 +353,7 @@ impl Meta {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FileSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -368,6 +382,7 @@ pub struct FileSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DirectorySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -393,6 +408,7 @@ pub struct DirectorySpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SymlinkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -408,6 +424,7 @@ pub struct SymlinkSpec {
 /// A package, by name. `ensure`: present, absent, latest, or a distribution version (epoch
 /// aware) or prefix like `1.24.*`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PackageSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -419,6 +436,7 @@ pub struct PackageSpec {
 
 /// How a user's supplementary groups are managed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Membership {
     /// Exactly the groups listed.
@@ -429,6 +447,7 @@ pub enum Membership {
 
 /// A local user account, by name.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UserSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -461,6 +480,7 @@ pub struct UserSpec {
 
 /// A local group, by name.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GroupSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -472,6 +492,7 @@ pub struct GroupSpec {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceEnsure {
     Running,
@@ -480,6 +501,7 @@ pub enum ServiceEnsure {
 
 /// What a notify does to a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Refresh {
     Restart,
@@ -490,6 +512,7 @@ pub enum Refresh {
 
 /// A systemd service, by unit name.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -503,6 +526,7 @@ pub struct ServiceSpec {
 
 /// A guarded command, by a name of its own; `command` is an argv, never a shell string.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecSpec {
     pub command: Vec<String>,
@@ -633,6 +657,88 @@ pub fn kind_from_first_key(key: &str) -> Result<Kind, String> {
         None => format!("a resource's first key must be its kind ({}), found `{key}`", Kind::names()),
     })
 }
+
+#[cfg(feature = "schema")]
+mod schema {
+    use super::*;
+    use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+    use std::borrow::Cow;
+
+    impl JsonSchema for Mode {
+        fn schema_name() -> Cow<'static, str> {
+            "Mode".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({"type": "string", "pattern": "^[0-7]{3,4}$", "description": "Permission bits in octal, like \"0644\""})
+        }
+    }
+
+    impl JsonSchema for ResourceId {
+        fn schema_name() -> Cow<'static, str> {
+            "ResourceId".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            let kinds = Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join("|");
+            json_schema!({"type": "string", "pattern": format!("^({kinds}):.+"), "description": "kind:title, like file:/etc/motd"})
+        }
+    }
+
+    impl JsonSchema for crate::time::Timestamp {
+        fn schema_name() -> Cow<'static, str> {
+            "Timestamp".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({"type": "string", "format": "date-time", "description": "UTC, like 2026-11-30T03:50:07Z"})
+        }
+    }
+
+    impl JsonSchema for Resource {
+        fn schema_name() -> Cow<'static, str> {
+            "Resource".into()
+        }
+        fn json_schema(g: &mut SchemaGenerator) -> Schema {
+            let variants: Vec<serde_json::Value> = Kind::ALL.iter().map(|k| resource_variant(*k, g, &[])).collect();
+            json_schema!({"oneOf": variants})
+        }
+    }
+
+    /// The schema of one kind of resource: its first key (the kind, whose value is the title),
+    /// its fields, the shared fields, and `extra` properties (a role's directives).
+    pub fn resource_variant(
+        kind: Kind,
+        g: &mut SchemaGenerator,
+        extra: &[(&str, serde_json::Value)],
+    ) -> serde_json::Value {
+        let spec = Spec::schema_of(kind, g).to_value();
+        let meta = Meta::json_schema(g).to_value();
+        let mut properties = serde_json::Map::new();
+        let title = if kind.is_path() { "the absolute path" } else { "the name" };
+        properties.insert(
+            kind.name().into(),
+            serde_json::json!({"type": "string", "description": format!("A {kind}: {title}")}),
+        );
+        for part in [&spec, &meta] {
+            if let Some(p) = part.get("properties").and_then(|p| p.as_object()) {
+                properties.extend(p.clone());
+            }
+        }
+        for (k, v) in extra {
+            properties.insert((*k).into(), v.clone());
+        }
+        let mut required = vec![serde_json::Value::from(kind.name())];
+        required.extend(spec.get("required").and_then(|r| r.as_array()).cloned().unwrap_or_default());
+        serde_json::json!({
+            "type": "object",
+            "title": kind.name(),
+            "properties": properties,
+            "required": required,
+            "additionalProperties": false,
+        })
+    }
+}
+
+#[cfg(feature = "schema")]
+pub use schema::resource_variant;
 
 /// Passes a resource's keys through to its kind, keeping the shared [`Meta`] fields aside.
 struct MetaSplitter<A> {

@@ -4,6 +4,7 @@
 //! - [`site`] parses `site.yaml` and classifies nodes; [`role`] parses roles into templates.
 //! - [`compiler`] resolves roles, data, params and facts, renders, and checks each catalog.
 //! - [`diff`] compares two compiles node by node.
+//! - [`schemas`] generates the JSON Schemas of site.yaml, role files and catalogs.
 //!
 //! Invariants: after `repo`, everything is a pure function of the repository, the node name and
 //! its facts; classification never reads facts; an undefined template variable is an error,
@@ -13,4 +14,5 @@ pub mod compiler;
 pub mod diff;
 pub mod repo;
 pub mod role;
+pub mod schemas;
 pub mod site;

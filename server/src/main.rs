@@ -63,6 +63,11 @@ enum Command {
         #[arg(long, value_name = "PATTERN")]
         node: Option<String>,
     },
+    /// Write the JSON Schemas of site.yaml, role files and catalogs (for editors).
+    Schemas {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Command::Compile { repo, node, facts, format } => compile(&repo, &node, facts.as_deref(), format),
         Command::Check { repo, facts_dir } => check(&repo, facts_dir.as_deref()),
         Command::Diff { repo, from, to, node } => diff(&repo, &from, &to, node.as_deref()),
+        Command::Schemas { out } => schemas(&out),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -196,6 +202,16 @@ fn check(dir: &Path, facts_dir: Option<&Path>) -> Result<u8> {
     let n = print_diagnostics(&repo, &shown, diags);
     eprintln!("{shown}: {n} problem{}", if n == 1 { "" } else { "s" });
     Ok(1)
+}
+
+fn schemas(out: &Path) -> Result<u8> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (name, text) in converge_server::schemas::all() {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(0)
 }
 
 fn diff(dir: &Path, from: &str, to: &str, only: Option<&str>) -> Result<u8> {
