@@ -7,6 +7,9 @@
 //! that lstat()s, reads and SHA-256-hashes the same files. Prints both, the ratio and the peak
 //! RSS of each, then a drift run (1% of the files changed) for scale.
 //!
+//! `converge-bench compile [N ...]`: the catalog compiler over N generated nodes; see
+//! `compile.rs`.
+//!
 //! `converge-bench baseline LIST`: the baseline itself, over the paths listed in LIST.
 
 use converge_modules::catalog::{Catalog, DirectorySpec, FileSpec, Kind, Meta, Mode, Resource, ResourceId, Spec};
@@ -17,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod compile;
+
 const RUNS: usize = 9;
 
 fn main() {
@@ -24,6 +29,14 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("baseline") => baseline(Path::new(&args[1])),
         Some("launch") => launch(&args[1..]),
+        Some("compile") => {
+            let sizes: Vec<usize> = if args.len() > 1 {
+                args[1..].iter().map(|a| a.parse().expect("N")).collect()
+            } else {
+                vec![1_000, 10_000]
+            };
+            compile::run(&sizes);
+        }
         Some("noop") => {
             let sizes: Vec<usize> = if args.len() > 1 {
                 args[1..].iter().map(|a| a.parse().expect("N")).collect()
@@ -33,7 +46,9 @@ fn main() {
             noop(&sizes);
         }
         _ => {
-            eprintln!("usage: converge-bench noop [N ...] | converge-bench baseline LIST");
+            eprintln!(
+                "usage: converge-bench noop [N ...] | converge-bench compile [N ...] | converge-bench baseline LIST"
+            );
             std::process::exit(1);
         }
     }

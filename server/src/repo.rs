@@ -44,7 +44,7 @@ impl Repo {
             walk(dir, Path::new(part), &mut files)?;
         }
         let source = git(dir, &["rev-parse", "--verify", "HEAD"]).ok().map(|commit| {
-            let dirty = git(dir, &["status", "--porcelain", "--"]).map(|s| !s.trim().is_empty()).unwrap_or(false);
+            let dirty = git(dir, &["status", "--porcelain", "--", "."]).map(|s| !s.trim().is_empty()).unwrap_or(false);
             let commit = if dirty { format!("{}+dirty", commit.trim()) } else { commit.trim().to_string() };
             Source { repository: repository_name(dir), commit }
         });
