@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of converge: formatting, lints, and the whole suite (unit, in-memory host,
-# the real binaries in temporary roots, crash consistency). Installs what it needs.
+# Runs every test of converge: formatting, lints, the whole suite (unit, in-memory host, the
+# real binaries in temporary roots, crash consistency, end to end), and a bounded fuzzing run.
+# Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v git >/dev/null; then
@@ -12,3 +13,25 @@ fi
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo nextest run --locked --workspace --profile ci
+
+# Fuzz the agent's envelope checks for a bounded time (FUZZ_SECONDS, 0 to skip; run it for hours
+# as the README says). cargo-fuzz wants nightly flags; RUSTC_BOOTSTRAP lets this stable
+# toolchain take them.
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        cargo install --locked cargo-fuzz
+    fi
+    mkdir -p fuzz/corpus/envelope
+    log="$(mktemp)"
+    if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --target-dir "${CARGO_TARGET_DIR:-../target}/fuzz" \
+        envelope corpus/envelope seeds/envelope -- -max_total_time="$FUZZ_SECONDS") >"$log" 2>&1; then
+        tail -40 "$log" >&2
+        echo "fuzzing failed (crashes are kept in fuzz/artifacts/envelope/)" >&2
+        exit 1
+    fi
+    grep -E '^Done [0-9]+ runs' "$log"
+    rm -f "$log"
+else
+    echo "fuzzing skipped: FUZZ_SECONDS=0"
+fi

@@ -7,11 +7,14 @@
 use crate::backup::BackupStore;
 use crate::fs::{Root, errno};
 use crate::host::RealHost;
+use crate::signed;
 use anyhow::{Context, Result, anyhow};
 use converge_modules::engine::{self, Options};
 use converge_modules::load::{Loaded, load, load_decoded};
 use converge_modules::providers::System;
 use converge_modules::report::{JsonSink, RunInfo, Sink, Summary, TextSink};
+use converge_modules::time::Timestamp;
+use converge_modules::trust;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use std::io::{BufRead, IsTerminal};
 use std::os::fd::OwnedFd;
@@ -56,6 +59,17 @@ pub struct ApplyArgs {
     /// List unchanged resources too.
     #[arg(short, long)]
     pub verbose: bool,
+    /// For a signed catalog: the key list to trust [ROOT/etc/converge/trusted-keys.json].
+    #[arg(long, value_name = "FILE")]
+    pub trusted_keys: Option<PathBuf>,
+    /// For a signed catalog: this host's node name [ROOT/etc/hostname with --root, else the
+    /// host name].
+    #[arg(long)]
+    pub node: Option<String>,
+    /// For a signed catalog: accept a serial older than the last applied one (logged and
+    /// reported).
+    #[arg(long)]
+    pub allow_rollback: bool,
 }
 
 /// Reads and checks the catalog; the error is every problem, rendered with its source line.
@@ -109,11 +123,76 @@ fn lock(root: &Root, dry_run: bool) -> Result<Option<Flock<OwnedFd>>> {
 
 /// Runs `converge apply`; returns the process exit code.
 pub fn run(args: &ApplyArgs) -> Result<i32> {
+    if signed::looks_like_envelope(&head(&args.file)?) {
+        return run_signed(args);
+    }
     let loaded = read_catalog(&args.file)?;
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
     let _lock = lock(&root, args.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
-    let system = System::new(&host, &loaded.catalog.resources);
+    let summary = converge(args, &host, &loaded, None, Vec::new());
+    Ok(exit_code(args, &summary))
+}
+
+/// The first bytes of a file, to tell envelopes from catalogs.
+fn head(file: &Path) -> Result<Vec<u8>> {
+    let mut f = std::fs::File::open(file).with_context(|| format!("cannot read catalog {}", file.display()))?;
+    let mut buf = vec![0; 64 * 1024];
+    let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("cannot read catalog {}", file.display()))?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// `converge apply ENVELOPE`: verify first (signature over the bytes, then host, serial,
+/// freshness, format); a refusal changes nothing. An accepted catalog (not in a dry-run) is
+/// recorded as applied, with the newer key list it carried, before converging.
+fn run_signed(args: &ApplyArgs) -> Result<i32> {
+    let name = args.file.display().to_string();
+    let size = std::fs::metadata(&args.file).with_context(|| format!("cannot read {name}"))?.len() as usize;
+    if size > trust::MAX_ENVELOPE {
+        return Err(anyhow!("refused {name}: {}; nothing was changed", trust::Refusal::TooLarge(size)));
+    }
+    let bytes = std::fs::read(&args.file).with_context(|| format!("cannot read {name}"))?;
+    let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
+    let held = signed::held_keys(&root, args.trusted_keys.as_deref())?;
+    let policy = trust::Policy {
+        node: Some(signed::node_name(&root, args.node.as_deref())?),
+        now: Timestamp::now(),
+        last: signed::last_applied(&root)?,
+        allow_rollback: args.allow_rollback,
+    };
+    let verified = trust::verify_catalog(&bytes, &held.list, &policy)
+        .map_err(|r| anyhow!("refused {name}: {r}; nothing was changed"))?;
+    let loaded = load_decoded(&name, verified.catalog, None).map_err(|d| {
+        let first = d.0.first().map(|d| d.message.as_str()).unwrap_or("?");
+        anyhow!("refused {name}: the signed catalog is not valid: {first}; nothing was changed")
+    })?;
+    let _lock = lock(&root, args.dry_run)?;
+    let host = RealHost::new(root, BackupStore::new(STATE_DIR));
+    // Accepted: remember it before converging, so that a run cut short never reopens the door
+    // to an older serial.
+    if !args.dry_run {
+        let envelope = trust::parse_envelope(&bytes).map_err(|r| anyhow!("{name}: {r}"))?;
+        let new_keys = verified.new_keys.as_ref().map(|(_, env)| env);
+        signed::record(&host, host.root(), &held, verified.applied, envelope, new_keys)?;
+    }
+    drop(bytes);
+    for w in &verified.warnings {
+        tracing::warn!("{name}: {w}");
+    }
+    let summary = converge(args, &host, &loaded, Some(verified.signed_by), verified.warnings);
+    Ok(exit_code(args, &summary))
+}
+
+/// Converges `loaded` on `host`, reporting to stdout in the chosen format.
+fn converge(
+    args: &ApplyArgs,
+    host: &RealHost,
+    loaded: &Loaded,
+    signed_by: Option<String>,
+    warnings: Vec<String>,
+) -> Summary {
+    let system = System::new(host, &loaded.catalog.resources);
     let mut catalog = args.file.display().to_string();
     if !host.root().is_slash() {
         catalog.push_str(&format!(" into {}", args.root.display()));
@@ -125,24 +204,20 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
         commit: loaded.catalog.source.as_ref().map(|s| s.commit.clone()),
         dry_run: args.dry_run,
         resources: loaded.catalog.resources.len(),
+        signed_by,
+        warnings,
     };
     let stdout = std::io::stdout().lock();
-    let summary: Summary = match args.format {
-        Format::Json => engine::run(
-            &loaded,
-            &system,
-            Options { dry_run: args.dry_run },
-            info,
-            &mut JsonSink::new(stdout) as &mut dyn Sink,
-        ),
+    let options = Options { dry_run: args.dry_run };
+    let summary = match args.format {
+        Format::Json => engine::run(loaded, &system, options, info, &mut JsonSink::new(stdout) as &mut dyn Sink),
         Format::Text => {
             let color = match args.color {
                 Color::Always => true,
                 Color::Never => false,
                 Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
             };
-            let mut sink = TextSink::new(stdout, color, args.verbose);
-            engine::run(&loaded, &system, Options { dry_run: args.dry_run }, info, &mut sink)
+            engine::run(loaded, &system, options, info, &mut TextSink::new(stdout, color, args.verbose))
         }
     };
     if host.backups().saved() > 0
@@ -150,11 +225,63 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
     {
         tracing::warn!("could not prune the backup store: {e}");
     }
-    Ok(if args.detailed_exitcodes {
+    summary
+}
+
+fn exit_code(args: &ApplyArgs, summary: &Summary) -> i32 {
+    if args.detailed_exitcodes {
         summary.detailed_exit_code()
     } else if summary.failed > 0 {
         1
     } else {
         0
-    })
+    }
+}
+
+/// `converge verify ENVELOPE`: checks an envelope offline and says what it holds.
+pub fn verify(args: &VerifyArgs) -> Result<i32> {
+    let name = args.envelope.display().to_string();
+    let keys_path = args.trusted_keys.clone().unwrap_or_else(signed::default_keys_path);
+    let keys =
+        std::fs::read(&keys_path).with_context(|| format!("cannot read the trusted keys {}", keys_path.display()))?;
+    let (list, _) = trust::read_key_list(&keys).map_err(|e| anyhow!("{}: {e}", keys_path.display()))?;
+    let bytes = std::fs::read(&args.envelope).with_context(|| format!("cannot read {name}"))?;
+    let policy = trust::Policy { node: args.node.clone(), now: Timestamp::now(), last: None, allow_rollback: false };
+    match trust::verify_catalog(&bytes, &list, &policy) {
+        Ok(v) => {
+            let c = &v.catalog;
+            println!("{name}: valid, signed by key {}", v.signed_by);
+            println!("  host       {}", c.host.as_deref().unwrap_or("?"));
+            println!("  serial     {}", v.applied.serial);
+            println!("  issued     {}", v.applied.issued_at);
+            println!("  expires    {}", c.expires_at.map(|t| t.to_string()).unwrap_or_default());
+            if let Some(s) = &c.source {
+                println!("  source     {} @ {}", s.repository, s.commit);
+            }
+            println!("  resources  {}", c.resources.len());
+            if let Some((k, _)) = &v.new_keys {
+                println!("  key list   version {} (newer than the {} held)", k.version, list.version);
+            }
+            for w in &v.warnings {
+                println!("  warning    {w}");
+            }
+            Ok(0)
+        }
+        Err(r) => {
+            eprintln!("converge: {name}: refused: {r}");
+            Ok(1)
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The envelope to check.
+    pub envelope: PathBuf,
+    /// The key list to trust [/etc/converge/trusted-keys.json].
+    #[arg(long, value_name = "FILE")]
+    pub trusted_keys: Option<PathBuf>,
+    /// Also check that the catalog is for this node.
+    #[arg(long)]
+    pub node: Option<String>,
 }

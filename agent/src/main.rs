@@ -1,6 +1,7 @@
 //! `converge`, the agent: converges a host to its catalog.
 //!
-//! Code map: [`apply`] is the `apply` command; [`host`] is the real OS behind the `Host`
+//! Code map: [`apply`] holds the `apply` and `verify` commands; [`signed`] keeps the trusted key
+//! list and the last applied catalog; [`host`] is the real OS behind the `Host`
 //! boundary, confined to a root by [`fs`]; [`backup`] keeps replaced content; [`command`] runs
 //! argv commands (validate) with a timeout. Everything that decides anything lives in
 //! `converge-modules`.
@@ -10,6 +11,7 @@ mod backup;
 mod command;
 mod fs;
 mod host;
+mod signed;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,8 +25,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Converge this host (or the tree under --root) to a local catalog file (masterless).
+    /// Converge this host (or the tree under --root) to a catalog file, plain or signed.
     Apply(apply::ApplyArgs),
+    /// Check a signed catalog offline: its signature, key list, format and freshness.
+    Verify(apply::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Apply(args) => apply::run(args),
+        Command::Verify(args) => apply::verify(args),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -10,6 +10,8 @@
 //! `converge-bench compile [N ...]`: the catalog compiler over N generated nodes; see
 //! `compile.rs`.
 //!
+//! `converge-bench sign`: signing and verifying catalogs beside raw ed25519; see `signing.rs`.
+//!
 //! `converge-bench baseline LIST`: the baseline itself, over the paths listed in LIST.
 
 use converge_modules::catalog::{Catalog, DirectorySpec, FileSpec, Kind, Meta, Mode, Resource, ResourceId, Spec};
@@ -21,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod compile;
+mod signing;
 
 const RUNS: usize = 9;
 
@@ -37,6 +40,7 @@ fn main() {
             };
             compile::run(&sizes);
         }
+        Some("sign") => signing::run(),
         Some("noop") => {
             let sizes: Vec<usize> = if args.len() > 1 {
                 args[1..].iter().map(|a| a.parse().expect("N")).collect()

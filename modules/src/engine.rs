@@ -236,7 +236,16 @@ resources:
     fn check(script: &Script, dry_run: bool) -> (Summary, HashMap<String, ResourceEvent>) {
         let loaded = load("t.yaml", CATALOG, None).unwrap();
         let mut sink = Collect::default();
-        let info = RunInfo { catalog: "t.yaml".into(), host: None, serial: None, commit: None, dry_run, resources: 5 };
+        let info = RunInfo {
+            catalog: "t.yaml".into(),
+            host: None,
+            serial: None,
+            commit: None,
+            dry_run,
+            resources: 5,
+            signed_by: None,
+            warnings: vec![],
+        };
         let summary = run(&loaded, script, Options { dry_run }, info, &mut sink);
         let events = sink.resources.into_iter().map(|e| (e.id.clone(), e)).collect();
         (summary, events)

@@ -6,6 +6,7 @@
 //! - [`host`]: the boundary through which providers reach a system; [`host::memory`] for tests.
 //! - [`providers`]: inspect, diff and apply for each kind, over a [`host::Host`].
 //! - [`engine`]: runs a plan resource by resource and emits [`report`] events to a sink.
+//! - [`trust`]: signed envelopes, key lists, and every check before a catalog is believed.
 //!
 //! Invariants: this crate never touches the OS itself (all system access goes through
 //! `Host`), never prints (output goes through `report::Sink`), and never panics on bad input.
@@ -21,5 +22,6 @@ pub mod providers;
 pub mod report;
 pub mod stream;
 pub mod time;
+pub mod trust;
 pub mod validate;
 pub mod yaml;

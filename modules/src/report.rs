@@ -116,6 +116,12 @@ pub struct RunInfo {
     pub commit: Option<String>,
     pub dry_run: bool,
     pub resources: usize,
+    /// The key whose signature verified, for a signed catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+    /// Things the operator must know before the resources: a rollback allowed, a clock behind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The outcome of one resource.
@@ -289,7 +295,13 @@ impl<W: Write> TextSink<W> {
                 if let Some(c) = &i.commit {
                     let _ = write!(s, ", commit {c}");
                 }
+                if let Some(k) = &i.signed_by {
+                    let _ = write!(s, ", signed by key {k}");
+                }
                 s.push_str(if i.dry_run { ", dry-run)" } else { ")" });
+                for w in &i.warnings {
+                    let _ = write!(s, "\n  {}: {w}", self.paint("1;33", "warning"));
+                }
             }
             Event::Resource(r) => {
                 if r.status == Status::Unchanged && !self.verbose && r.refresh.is_none() {

@@ -4,6 +4,7 @@
 //! - [`site`] parses `site.yaml` and classifies nodes; [`role`] parses roles into templates.
 //! - [`compiler`] resolves roles, data, params and facts, renders, and checks each catalog.
 //! - [`diff`] compares two compiles node by node.
+//! - [`keys`] generates and stores signing keys and the key list, and signs catalogs.
 //! - [`schemas`] generates the JSON Schemas of site.yaml, role files and catalogs.
 //!
 //! Invariants: after `repo`, everything is a pure function of the repository, the node name and
@@ -12,6 +13,7 @@
 
 pub mod compiler;
 pub mod diff;
+pub mod keys;
 pub mod repo;
 pub mod role;
 pub mod schemas;

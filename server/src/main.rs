@@ -25,6 +25,53 @@ enum Format {
     Json,
 }
 
+/// Signing a compiled catalog.
+#[derive(Debug, clap::Args)]
+struct Signing {
+    /// Sign the catalog with this catalog key and print the envelope.
+    #[arg(long, value_name = "KEYFILE")]
+    sign: Option<PathBuf>,
+    /// The key list to send along with a signed catalog.
+    #[arg(long, value_name = "FILE", requires = "sign")]
+    keys: Option<PathBuf>,
+    /// How long a signed catalog stays valid.
+    #[arg(long, default_value = "7d", requires = "sign")]
+    ttl: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Root,
+    Catalog,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Add a public key (PEM) to the list.
+    Add {
+        #[arg(long, value_name = "FILE")]
+        keys: PathBuf,
+        #[arg(long, value_name = "KEYFILE")]
+        root_key: PathBuf,
+        public: PathBuf,
+        #[arg(long, value_enum, default_value_t = Role::Catalog)]
+        role: Role,
+    },
+    /// Remove a key from the list by its id.
+    Retire {
+        #[arg(long, value_name = "FILE")]
+        keys: PathBuf,
+        #[arg(long, value_name = "KEYFILE")]
+        root_key: PathBuf,
+        key_id: String,
+    },
+    /// Show the list.
+    List {
+        #[arg(long, value_name = "FILE")]
+        keys: PathBuf,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print the catalog of one node.
@@ -41,6 +88,37 @@ enum Command {
         /// YAML (accepted by `converge apply` as it is) or JSON (the wire spelling).
         #[arg(long, value_enum, default_value_t = Format::Yaml)]
         format: Format,
+        #[command(flatten)]
+        signing: Signing,
+    },
+    /// Sign a catalog file for its host: an envelope `converge apply` and `converge verify` accept.
+    Sign {
+        /// The catalog signing key (PKCS#8 PEM).
+        key: PathBuf,
+        /// The catalog (YAML or JSON); it must name its host.
+        catalog: PathBuf,
+        /// The key list to send along (agents adopt a newer one signed by a root key they trust).
+        #[arg(long, value_name = "FILE")]
+        keys: Option<PathBuf>,
+        /// The serial [the signing time in milliseconds].
+        #[arg(long)]
+        serial: Option<u64>,
+        /// How long the catalog stays valid: 7d, 12h, 30m, 90s.
+        #[arg(long, default_value = "7d")]
+        ttl: String,
+    },
+    /// Make signing keys: with no --name, a root key (keep it offline), a catalog key and the
+    /// key list agents trust (version 1); with --name, one more key pair.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Change the key list agents trust: each change is a new version signed by a root key.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
     },
     /// Compile every node named in site.yaml and report every error at once (for CI).
     Check {
@@ -79,7 +157,12 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Compile { repo, node, facts, format } => compile(&repo, &node, facts.as_deref(), format),
+        Command::Compile { repo, node, facts, format, signing } => {
+            compile(&repo, &node, facts.as_deref(), format, &signing)
+        }
+        Command::Sign { key, catalog, keys, serial, ttl } => sign(&key, &catalog, keys.as_deref(), serial, &ttl),
+        Command::Keygen { out, name } => keygen(&out, name.as_deref()),
+        Command::Keys { action } => keys_command(action),
         Command::Check { repo, facts_dir } => check(&repo, facts_dir.as_deref()),
         Command::Diff { repo, from, to, node } => diff(&repo, &from, &to, node.as_deref()),
         Command::Schemas { out } => schemas(&out),
@@ -131,7 +214,7 @@ fn print_diagnostics(repo: &Repo, shown: &str, diags: Vec<NodeDiagnostic>) -> us
     n
 }
 
-fn compile(dir: &Path, node: &str, facts: Option<&Path>, format: Format) -> Result<u8> {
+fn compile(dir: &Path, node: &str, facts: Option<&Path>, format: Format, signing: &Signing) -> Result<u8> {
     let repo = Repo::from_dir(dir)?;
     let facts = facts.map(read_facts).transpose()?.unwrap_or_default();
     let compiler = Compiler::new(&repo);
@@ -147,6 +230,11 @@ fn compile(dir: &Path, node: &str, facts: Option<&Path>, format: Format) -> Resu
             bail!("{n} problem{} in {shown}; no catalog for {node}", if n == 1 { "" } else { "s" });
         }
     };
+    if let Some(key) = &signing.sign {
+        let envelope = signed(catalog, key, signing.keys.as_deref(), None, &signing.ttl)?;
+        print!("{envelope}");
+        return Ok(0);
+    }
     let text = match format {
         Format::Yaml => yaml_serde::to_string(&catalog).context("cannot write YAML")?,
         Format::Json => serde_json::to_string_pretty(&catalog).context("cannot write JSON")? + "\n",
@@ -202,6 +290,86 @@ fn check(dir: &Path, facts_dir: Option<&Path>) -> Result<u8> {
     let n = print_diagnostics(&repo, &shown, diags);
     eprintln!("{shown}: {n} problem{}", if n == 1 { "" } else { "s" });
     Ok(1)
+}
+
+/// Signs `catalog` with the key in `key_path`, attaching the key list in `keys` if given.
+fn signed(catalog: Catalog, key_path: &Path, keys: Option<&Path>, serial: Option<u64>, ttl: &str) -> Result<String> {
+    let key = converge_server::keys::read_private(key_path)?;
+    let list = keys.map(converge_server::keys::read_key_list).transpose()?;
+    if let Some((list, _)) = &list {
+        let id = converge_modules::trust::key_id(&key.verifying_key());
+        if !list.keys.iter().any(|k| k.id == id && k.role == converge_modules::trust::KeyRole::Catalog) {
+            bail!(
+                "{} (key {id}) is not a catalog key of the list {}: agents would refuse what it signs",
+                key_path.display(),
+                keys.unwrap().display()
+            );
+        }
+    }
+    let ttl = converge_server::keys::parse_duration(ttl)?;
+    converge_server::keys::sign_catalog(catalog, &key, list.map(|(_, env)| env), serial, ttl)
+}
+
+fn sign(key: &Path, file: &Path, keys: Option<&Path>, serial: Option<u64>, ttl: &str) -> Result<u8> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read catalog {name}"))?;
+    let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let read_source = |src: &str| std::fs::read_to_string(base.join(src)).map_err(|e| e.to_string());
+    let loaded = converge_modules::load::load(&name, &text, Some(&read_source)).map_err(|d| {
+        anyhow::anyhow!("{}\n\n{name}: {} problems; nothing was signed", d.render(Some(&text)), d.len())
+    })?;
+    print!("{}", signed(loaded.catalog, key, keys, serial, ttl)?);
+    Ok(0)
+}
+
+fn keygen(out: &Path, name: Option<&str>) -> Result<u8> {
+    match name {
+        Some(name) => {
+            let id = converge_server::keys::keygen_one(out, name)?;
+            println!("wrote {0}/{name}.key (private, 0600) and {0}/{name}.pub: key {id}", out.display());
+            println!(
+                "add it to the list agents trust with: converge-server keys add --keys KEYLIST --root-key ROOTKEY {}/{name}.pub",
+                out.display()
+            );
+        }
+        None => {
+            let ids = converge_server::keys::keygen(out)?;
+            let d = out.display();
+            println!("root key    {d}/root.key     (id {}): signs the key list only; keep it offline", ids[0]);
+            println!("catalog key {d}/catalog.key  (id {}): signs catalogs; stays on the server", ids[1]);
+            println!(
+                "key list    {d}/trusted-keys.json (version 1): install on agents as /etc/converge/trusted-keys.json"
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn keys_command(action: KeysAction) -> Result<u8> {
+    use converge_modules::trust::KeyRole;
+    use converge_server::keys;
+    match action {
+        KeysAction::Add { keys: list, root_key, public, role } => {
+            let root = keys::read_private(&root_key)?;
+            let key = keys::read_public(&public)?;
+            let role = if role == Role::Root { KeyRole::Root } else { KeyRole::Catalog };
+            let v = keys::add(&list, &root, &key, role)?;
+            println!("{}: version {v}, with key {}", list.display(), converge_modules::trust::key_id(&key));
+        }
+        KeysAction::Retire { keys: list, root_key, key_id } => {
+            let root = keys::read_private(&root_key)?;
+            let v = keys::retire(&list, &root, &key_id)?;
+            println!("{}: version {v}, without key {key_id}", list.display());
+        }
+        KeysAction::List { keys: list } => {
+            let (l, _) = keys::read_key_list(&list)?;
+            println!("{}: version {}", list.display(), l.version);
+            for k in l.keys {
+                println!("  {} {:?}", k.id, k.role);
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn schemas(out: &Path) -> Result<u8> {

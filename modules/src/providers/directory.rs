@@ -144,20 +144,11 @@ mod tests {
         }
     }
 
-    use crate::engine::{Options, run};
     use crate::host::memory::{MemHost, MemNode};
-    use crate::load::load;
-    use crate::providers::System;
-    use crate::report::{Collect, ResourceEvent, RunInfo, Status};
+    use crate::report::{ResourceEvent, Status};
 
-    /// Converges `yaml` on `host` and returns every event.
     fn check(host: &MemHost, yaml: &str, dry_run: bool) -> Vec<ResourceEvent> {
-        let loaded = load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
-        let sys = System::new(host, &loaded.catalog.resources);
-        let mut sink = Collect::default();
-        let info = RunInfo { catalog: "t".into(), host: None, serial: None, commit: None, dry_run, resources: 1 };
-        run(&loaded, &sys, Options { dry_run }, info, &mut sink);
-        sink.resources
+        crate::providers::converge_yaml(host, yaml, dry_run)
     }
 
     #[test]

@@ -191,20 +191,11 @@ mod tests {
         }
     }
 
-    use crate::engine::{Options, run};
     use crate::host::memory::{MemHost, MemNode};
-    use crate::load::load;
-    use crate::providers::System;
-    use crate::report::{Collect, ResourceEvent, RunInfo, Status};
+    use crate::report::{ResourceEvent, Status};
 
-    /// Loads `yaml`, converges it on `host` (dry-run or not) and returns the one event.
     fn check(host: &MemHost, yaml: &str, dry_run: bool) -> ResourceEvent {
-        let loaded = load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
-        let sys = System::new(host, &loaded.catalog.resources);
-        let mut sink = Collect::default();
-        let info = RunInfo { catalog: "t".into(), host: None, serial: None, commit: None, dry_run, resources: 1 };
-        run(&loaded, &sys, Options { dry_run }, info, &mut sink);
-        sink.resources.pop().unwrap()
+        crate::providers::converge_yaml(host, yaml, dry_run).pop().unwrap()
     }
 
     const MOTD: &str = "  - file: /etc/motd\n    content: \"new\\n\"\n    mode: \"0644\"\n";

@@ -309,3 +309,30 @@ impl Providers for System<'_> {
 fn present(r: &Resource) -> bool {
     r.spec.ensure() == Ensure::Present
 }
+
+/// Converges a catalog of `yaml` resources on a memory host and returns every event: the
+/// shared harness of the providers' tests.
+#[cfg(test)]
+pub(crate) fn converge_yaml(
+    host: &crate::host::memory::MemHost,
+    yaml: &str,
+    dry_run: bool,
+) -> Vec<crate::report::ResourceEvent> {
+    use crate::engine::{Options, run};
+    use crate::report::{Collect, RunInfo};
+    let loaded = crate::load::load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
+    let sys = System::new(host, &loaded.catalog.resources);
+    let mut sink = Collect::default();
+    let info = RunInfo {
+        catalog: "t".into(),
+        host: None,
+        serial: None,
+        commit: None,
+        dry_run,
+        resources: loaded.catalog.resources.len(),
+        signed_by: None,
+        warnings: vec![],
+    };
+    run(&loaded, &sys, Options { dry_run }, info, &mut sink);
+    sink.resources
+}

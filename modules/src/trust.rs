@@ -1,0 +1,594 @@
+//! Signed catalogs: envelopes, key lists, and the checks an agent makes before it believes a
+//! catalog. Pure: no clock, no files (the caller passes "now" and what it holds).
+//!
+//! An [`Envelope`] carries the exact payload bytes (base64) and ed25519 signatures over
+//! `DSSEv1 <len> <type> <len> <payload>` (DSSE's pre-authentication encoding: a signature for
+//! one payload type can never be replayed as another). The verifier checks the signature over
+//! the bytes first and parses only bytes it has verified.
+//!
+//! Keys have roles. A **root** key (kept offline) alone signs the versioned [`KeyList`];
+//! **catalog** keys (online, on the server) sign catalogs. Adding or retiring a key is a new
+//! version of the list signed by a root key the agent already trusts, and an agent refuses a
+//! list older than the one it holds: a stolen catalog key can neither add keys nor retire the
+//! real ones. Envelopes carry the server's current key list, so rotation reaches agents with
+//! their next catalog.
+
+use crate::catalog::{Catalog, FORMAT};
+use crate::hash::sha256_hex;
+use crate::time::Timestamp;
+use base64ct::{Base64, Encoding};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub const CATALOG_TYPE: &str = "application/vnd.converge.catalog+json";
+pub const KEYS_TYPE: &str = "application/vnd.converge.keys+json";
+
+/// The largest catalog payload an agent accepts.
+pub const MAX_PAYLOAD: usize = 32 << 20;
+/// The largest envelope an agent reads (the payload in base64, plus signatures and keys).
+pub const MAX_ENVELOPE: usize = MAX_PAYLOAD / 3 * 4 + (1 << 20);
+/// How far a clock may be behind the newest catalog before it is reported.
+pub const CLOCK_SKEW: i64 = 5 * 60;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub payload_type: String,
+    /// The payload bytes, base64.
+    pub payload: String,
+    pub signatures: Vec<Sig>,
+    /// The signer's current key list (itself an envelope of [`KEYS_TYPE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Box<Envelope>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sig {
+    pub keyid: String,
+    /// The signature, base64.
+    pub sig: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyRole {
+    /// Signs key lists; kept offline.
+    Root,
+    /// Signs catalogs; online on the server.
+    Catalog,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKey {
+    pub id: String,
+    pub role: KeyRole,
+    /// The ed25519 public key, base64.
+    pub public: String,
+}
+
+/// The keys an agent trusts, versioned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyList {
+    pub version: u64,
+    pub keys: Vec<TrustedKey>,
+}
+
+/// Why an envelope was refused: one line for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    TooLarge(usize),
+    Malformed(String),
+    WrongType(String),
+    /// No signature by a trusted key of the needed role; names the key ids seen.
+    Untrusted {
+        role: KeyRole,
+        seen: Vec<String>,
+    },
+    BadSignature(String),
+    Keys(String),
+    Incomplete(&'static str),
+    NewerFormat(u32),
+    WrongHost {
+        catalog: String,
+        node: String,
+    },
+    Rollback {
+        serial: u64,
+        last: u64,
+    },
+    Replay {
+        serial: u64,
+    },
+    Expired {
+        expires_at: Timestamp,
+        now: Timestamp,
+    },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::TooLarge(n) => write!(f, "the envelope is {n} bytes, more than the {MAX_ENVELOPE} accepted"),
+            Refusal::Malformed(why) => write!(f, "not a valid envelope: {why}"),
+            Refusal::WrongType(t) => write!(f, "the envelope holds {t}, not a catalog"),
+            Refusal::Untrusted { role, seen } => write!(
+                f,
+                "no valid signature by a trusted {} key (signed by {})",
+                if *role == KeyRole::Root { "root" } else { "catalog" },
+                if seen.is_empty() { "nobody".to_string() } else { seen.join(", ") }
+            ),
+            Refusal::BadSignature(id) => write!(f, "the signature by key {id} does not match the payload"),
+            Refusal::Keys(why) => write!(f, "the key list it carries is refused: {why}"),
+            Refusal::Incomplete(what) => write!(f, "a signed catalog must carry {what}"),
+            Refusal::NewerFormat(v) => {
+                write!(f, "catalog format {v} is newer than this agent understands ({FORMAT}); upgrade converge")
+            }
+            Refusal::WrongHost { catalog, node } => write!(f, "the catalog is for host {catalog}, and this is {node}"),
+            Refusal::Rollback { serial, last } => write!(
+                f,
+                "serial {serial} is older than the last applied ({last}): a rollback (--allow-rollback to accept it)"
+            ),
+            Refusal::Replay { serial } => {
+                write!(f, "serial {serial} was applied before with other resources: a replayed or forged catalog")
+            }
+            Refusal::Expired { expires_at, now } => {
+                write!(f, "the catalog expired at {expires_at} (now {now}): a frozen or stale catalog")
+            }
+        }
+    }
+}
+
+/// The id of a public key: the first 16 bytes of its SHA-256, in hex.
+pub fn key_id(key: &VerifyingKey) -> String {
+    sha256_hex(key.as_bytes())[..32].to_string()
+}
+
+/// DSSE's pre-authentication encoding: what is actually signed.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!("DSSEv1 {} {} {} ", payload_type.len(), payload_type, payload.len()).into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Signs `payload` as `payload_type`.
+pub fn sign(payload_type: &str, payload: &[u8], key: &SigningKey) -> Envelope {
+    let sig = key.sign(&pae(payload_type, payload));
+    Envelope {
+        payload_type: payload_type.to_string(),
+        payload: Base64::encode_string(payload),
+        signatures: vec![Sig { keyid: key_id(&key.verifying_key()), sig: Base64::encode_string(&sig.to_bytes()) }],
+        keys: None,
+    }
+}
+
+impl TrustedKey {
+    pub fn new(key: &VerifyingKey, role: KeyRole) -> TrustedKey {
+        TrustedKey { id: key_id(key), role, public: Base64::encode_string(key.as_bytes()) }
+    }
+
+    fn verifying_key(&self) -> Result<VerifyingKey, String> {
+        let bytes =
+            Base64::decode_vec(&self.public).map_err(|_| format!("key {}: public key is not base64", self.id))?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| format!("key {}: public key is not 32 bytes", self.id))?;
+        let key =
+            VerifyingKey::from_bytes(&bytes).map_err(|_| format!("key {}: not an ed25519 public key", self.id))?;
+        if key_id(&key) != self.id {
+            return Err(format!("key {}: its id does not match its public key", self.id));
+        }
+        Ok(key)
+    }
+}
+
+impl KeyList {
+    /// The list's own consistency: ids match keys, at least one root key, no duplicates.
+    fn check(&self) -> Result<(), String> {
+        let mut ids: Vec<&str> = self.keys.iter().map(|k| k.id.as_str()).collect();
+        ids.sort();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err("a key is listed twice".into());
+        }
+        if !self.keys.iter().any(|k| k.role == KeyRole::Root) {
+            return Err("it lists no root key".into());
+        }
+        self.keys.iter().try_for_each(|k| k.verifying_key().map(drop))
+    }
+}
+
+/// Parses an envelope from bytes, within the size limit.
+pub fn parse_envelope(bytes: &[u8]) -> Result<Envelope, Refusal> {
+    if bytes.len() > MAX_ENVELOPE {
+        return Err(Refusal::TooLarge(bytes.len()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| Refusal::Malformed(e.to_string()))
+}
+
+/// The payload of `env` if it is of `payload_type` and signed by a key of `role` in `keys`.
+/// Returns the payload and the id of the key whose signature verified.
+pub fn open(env: &Envelope, payload_type: &str, keys: &KeyList, role: KeyRole) -> Result<(Vec<u8>, String), Refusal> {
+    if env.payload_type != payload_type {
+        return Err(Refusal::WrongType(env.payload_type.clone()));
+    }
+    let payload =
+        Base64::decode_vec(&env.payload).map_err(|_| Refusal::Malformed("the payload is not base64".into()))?;
+    let message = pae(payload_type, &payload);
+    let mut seen = Vec::new();
+    for s in &env.signatures {
+        seen.push(s.keyid.clone());
+        let Some(trusted) = keys.keys.iter().find(|k| k.id == s.keyid && k.role == role) else { continue };
+        let key = trusted.verifying_key().map_err(Refusal::Keys)?;
+        let sig = Base64::decode_vec(&s.sig).map_err(|_| Refusal::Malformed("a signature is not base64".into()))?;
+        let sig = Signature::from_slice(&sig).map_err(|_| Refusal::BadSignature(s.keyid.clone()))?;
+        key.verify_strict(&message, &sig).map_err(|_| Refusal::BadSignature(s.keyid.clone()))?;
+        return Ok((payload, s.keyid.clone()));
+    }
+    Err(Refusal::Untrusted { role, seen })
+}
+
+/// A key list as first installed (copied from the server, or pinned at bootstrap): it must be
+/// signed by one of its own root keys.
+pub fn trust_key_list(env: &Envelope) -> Result<KeyList, String> {
+    let payload = Base64::decode_vec(&env.payload).map_err(|_| "the payload is not base64".to_string())?;
+    let list: KeyList = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+    list.check()?;
+    open(env, KEYS_TYPE, &list, KeyRole::Root).map_err(|r| r.to_string())?;
+    Ok(list)
+}
+
+/// Reads a key list file's bytes: the list and its envelope, signed by one of its own roots.
+pub fn read_key_list(bytes: &[u8]) -> Result<(KeyList, Envelope), String> {
+    let env = parse_envelope(bytes).map_err(|r| r.to_string())?;
+    let list = trust_key_list(&env)?;
+    Ok((list, env))
+}
+
+/// Accepts `new` in place of `held` if a root key of `held` signed it and it is not older.
+/// An equal version must be the identical list.
+pub fn update_key_list(held: &KeyList, new: &Envelope) -> Result<KeyList, String> {
+    let (payload, _) = open(new, KEYS_TYPE, held, KeyRole::Root).map_err(|r| r.to_string())?;
+    let list: KeyList = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+    list.check()?;
+    if list.version < held.version {
+        return Err(format!("version {} is older than the version {} held", list.version, held.version));
+    }
+    if list.version == held.version && list != *held {
+        return Err(format!("version {} differs from the list of the same version held", list.version));
+    }
+    Ok(list)
+}
+
+/// What the agent remembers of the last catalog it applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub host: String,
+    pub serial: u64,
+    pub issued_at: Timestamp,
+    /// SHA-256 of the resources as serialized: an equal serial must carry the same ones.
+    pub resources_sha256: String,
+}
+
+/// What the agent checks a catalog against.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// This host's node name; `None` checks any host (offline verification).
+    pub node: Option<String>,
+    /// The clock, as the caller reads it.
+    pub now: Timestamp,
+    pub last: Option<Applied>,
+    pub allow_rollback: bool,
+}
+
+/// A catalog that passed every check.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub catalog: Catalog,
+    pub applied: Applied,
+    /// The id of the key whose signature verified.
+    pub signed_by: String,
+    /// A newer key list the envelope carried, to keep once the catalog is accepted.
+    pub new_keys: Option<(KeyList, Envelope)>,
+    /// Things to report: an allowed rollback, a clock behind.
+    pub warnings: Vec<String>,
+}
+
+/// The SHA-256 of a catalog's resources as serialized.
+pub fn resources_sha256(c: &Catalog) -> String {
+    let bytes = serde_json::to_vec(&c.resources).expect("resources serialize");
+    sha256_hex(&bytes)
+}
+
+/// Everything an agent checks before it believes a catalog, in order: size, structure, the key
+/// list it carries, the signature over the exact bytes, then (parsing only verified bytes) the
+/// format, the host, the serial against the last applied one, and freshness.
+pub fn verify_catalog(bytes: &[u8], held: &KeyList, policy: &Policy) -> Result<Verified, Refusal> {
+    let env = parse_envelope(bytes)?;
+    let mut keys = held.clone();
+    let mut new_keys = None;
+    if let Some(carried) = &env.keys {
+        let list = update_key_list(held, carried).map_err(Refusal::Keys)?;
+        if list.version > held.version {
+            new_keys = Some((list.clone(), (**carried).clone()));
+            keys = list;
+        }
+    }
+    let (payload, signed_by) = open(&env, CATALOG_TYPE, &keys, KeyRole::Catalog)?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Refusal::TooLarge(payload.len()));
+    }
+    // Only verified bytes are parsed; the format is read before the rest is interpreted.
+    #[derive(Deserialize)]
+    struct Head {
+        format: u32,
+    }
+    let head: Head = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
+    if head.format > FORMAT {
+        return Err(Refusal::NewerFormat(head.format));
+    }
+    let catalog: Catalog = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
+    let host = catalog.host.clone().ok_or(Refusal::Incomplete("the host it is for"))?;
+    let serial = catalog.serial.ok_or(Refusal::Incomplete("a serial"))?;
+    let issued_at = catalog.issued_at.ok_or(Refusal::Incomplete("issued_at"))?;
+    let expires_at = catalog.expires_at.ok_or(Refusal::Incomplete("expires_at"))?;
+    if let Some(node) = policy.node.as_ref().filter(|n| **n != host) {
+        return Err(Refusal::WrongHost { catalog: host, node: node.clone() });
+    }
+    let resources_sha256 = resources_sha256(&catalog);
+    let mut warnings = Vec::new();
+    let mut now = policy.now;
+    if let Some(last) = &policy.last {
+        if serial < last.serial {
+            if !policy.allow_rollback {
+                return Err(Refusal::Rollback { serial, last: last.serial });
+            }
+            warnings
+                .push(format!("rollback allowed: serial {serial} is older than the last applied ({})", last.serial));
+        } else if serial == last.serial && resources_sha256 != last.resources_sha256 {
+            return Err(Refusal::Replay { serial });
+        }
+        // Time never goes back below what a verified catalog has shown: a host with a dead
+        // clock cannot be fooled into accepting an expired catalog, and still gets new ones.
+        if now.0 + CLOCK_SKEW < last.issued_at.0 {
+            warnings.push(format!("the clock ({now}) is behind the last catalog issued at {}", last.issued_at));
+        }
+        now = now.max(last.issued_at);
+    }
+    if now.0 + CLOCK_SKEW < issued_at.0 {
+        warnings.push(format!("the clock ({now}) is behind this catalog, issued at {issued_at}"));
+    }
+    if expires_at <= now {
+        return Err(Refusal::Expired { expires_at, now });
+    }
+    let applied = Applied { host, serial, issued_at, resources_sha256 };
+    Ok(Verified { catalog, applied, signed_by, new_keys, warnings })
+}
+
+/// A new key pair from 32 random bytes.
+pub fn key_from_seed(seed: &[u8; 32]) -> SigningKey {
+    SigningKey::from_bytes(seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{FileSpec, Kind, Meta, Resource, ResourceId, Spec};
+    use proptest::prelude::*;
+
+    fn key(n: u8) -> SigningKey {
+        key_from_seed(&[n; 32])
+    }
+
+    /// A key list (`version`) with a root key and the given catalog keys, signed by `signer`.
+    fn key_list(version: u64, root: &SigningKey, catalog: &[&SigningKey], signer: &SigningKey) -> (KeyList, Envelope) {
+        let mut keys = vec![TrustedKey::new(&root.verifying_key(), KeyRole::Root)];
+        keys.extend(catalog.iter().map(|k| TrustedKey::new(&k.verifying_key(), KeyRole::Catalog)));
+        let list = KeyList { version, keys };
+        let env = sign(KEYS_TYPE, &serde_json::to_vec(&list).unwrap(), signer);
+        (list, env)
+    }
+
+    fn catalog(host: &str, serial: u64, issued: i64, content: &str) -> Catalog {
+        let r = Resource::new(
+            ResourceId::new(Kind::File, "/etc/motd").unwrap(),
+            Meta::default(),
+            Spec::File(FileSpec { content: Some(content.into()), ..Default::default() }),
+        );
+        Catalog {
+            host: Some(host.into()),
+            serial: Some(serial),
+            issued_at: Some(Timestamp(issued)),
+            expires_at: Some(Timestamp(issued + 7 * 86_400)),
+            ..Catalog::new(vec![r])
+        }
+    }
+
+    fn envelope(c: &Catalog, k: &SigningKey) -> Vec<u8> {
+        serde_json::to_vec(&sign(CATALOG_TYPE, &serde_json::to_vec(c).unwrap(), k)).unwrap()
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn policy(last: Option<Applied>) -> Policy {
+        Policy { node: Some("web01".into()), now: Timestamp(NOW), last, allow_rollback: false }
+    }
+
+    /// The trusted list of the tests: root key 1, catalog key 2.
+    fn trusted() -> KeyList {
+        key_list(1, &key(1), &[&key(2)], &key(1)).0
+    }
+
+    fn check(bytes: &[u8], last: Option<Applied>) -> Result<Verified, Refusal> {
+        verify_catalog(bytes, &trusted(), &policy(last))
+    }
+
+    #[test]
+    fn a_signed_catalog_verifies_and_parses_to_itself() {
+        let c = catalog("web01", 7, NOW - 60, "hi\n");
+        let v = check(&envelope(&c, &key(2)), None).unwrap();
+        assert_eq!(v.catalog, c);
+        assert_eq!(v.signed_by, key_id(&key(2).verifying_key()));
+        assert_eq!(v.applied.serial, 7);
+    }
+
+    #[test]
+    fn every_attack_is_refused() {
+        let good = catalog("web01", 7, NOW - 60, "hi\n");
+        let last = Some(Applied {
+            host: "web01".into(),
+            serial: 7,
+            issued_at: Timestamp(NOW - 60),
+            resources_sha256: resources_sha256(&good),
+        });
+        let refuse = |bytes: Vec<u8>, last: Option<Applied>, want: &str| {
+            let e = check(&bytes, last).expect_err(want);
+            assert!(e.to_string().contains(want), "expected {want:?}, got {e}");
+        };
+        refuse(envelope(&good, &key(9)), None, "no valid signature by a trusted catalog key");
+        refuse(envelope(&good, &key(1)), None, "no valid signature by a trusted catalog key"); // root keys never sign catalogs
+        refuse(envelope(&catalog("db01", 7, NOW - 60, "hi\n"), &key(2)), None, "for host db01, and this is web01");
+        refuse(
+            envelope(&catalog("web01", 6, NOW - 60, "hi\n"), &key(2)),
+            last.clone(),
+            "serial 6 is older than the last applied (7)",
+        );
+        refuse(
+            envelope(&catalog("web01", 7, NOW - 60, "evil\n"), &key(2)),
+            last.clone(),
+            "applied before with other resources",
+        );
+        refuse(envelope(&catalog("web01", 8, NOW - 8 * 86_400, "hi\n"), &key(2)), None, "expired");
+        let mut future = good.clone();
+        future.format = FORMAT + 1;
+        refuse(envelope(&future, &key(2)), None, "newer than this agent understands");
+        let mut unsigned_fields = good.clone();
+        unsigned_fields.serial = None;
+        refuse(envelope(&unsigned_fields, &key(2)), None, "must carry a serial");
+        refuse(b"\x00\xffgarbage".to_vec(), None, "not a valid envelope");
+        refuse(vec![b' '; MAX_ENVELOPE + 1], None, "more than the");
+        // Truncated anywhere.
+        let bytes = envelope(&good, &key(2));
+        for cut in [0, 1, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
+            assert!(check(&bytes[..cut], None).is_err(), "truncated at {cut}");
+        }
+        // A valid signature over other bytes than those shipped.
+        let mut env = sign(CATALOG_TYPE, &serde_json::to_vec(&good).unwrap(), &key(2));
+        env.payload = Base64::encode_string(&serde_json::to_vec(&catalog("web01", 7, NOW - 60, "evil\n")).unwrap());
+        refuse(serde_json::to_vec(&env).unwrap(), None, "does not match the payload");
+        // A signature over the raw payload, without the type bound in (DSSE's PAE).
+        let raw = key(2).sign(&serde_json::to_vec(&good).unwrap());
+        env.payload = Base64::encode_string(&serde_json::to_vec(&good).unwrap());
+        env.signatures[0].sig = Base64::encode_string(&raw.to_bytes());
+        refuse(serde_json::to_vec(&env).unwrap(), None, "does not match the payload");
+        // A key list's signature replayed as a catalog's.
+        let (_, keys_env) = key_list(1, &key(1), &[&key(2)], &key(2));
+        let mut swapped = keys_env.clone();
+        swapped.payload_type = CATALOG_TYPE.into();
+        refuse(serde_json::to_vec(&swapped).unwrap(), None, "does not match the payload");
+        // Duplicate keys in the envelope or in the payload.
+        let dup = format!(
+            "{{\"payload_type\":\"{CATALOG_TYPE}\",\"payload\":\"{}\",\"payload\":\"{}\",\"signatures\":[]}}",
+            env.payload, env.payload
+        );
+        refuse(dup.into_bytes(), None, "duplicate field");
+        let payload = br#"{"format":1,"host":"web01","host":"db01","serial":9,"issued_at":"2027-01-15T08:00:00Z","expires_at":"2027-01-22T08:00:00Z","resources":[]}"#;
+        let dup = serde_json::to_vec(&sign(CATALOG_TYPE, payload, &key(2))).unwrap();
+        refuse(dup, None, "duplicate field");
+        // An oversized payload, correctly signed.
+        let big = catalog("web01", 8, NOW - 60, &"x".repeat(MAX_PAYLOAD));
+        refuse(envelope(&big, &key(2)), None, "more than the");
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_refused() {
+        let c = catalog("w", 1, NOW - 60, "x");
+        let p = Policy { node: Some("w".into()), ..policy(None) };
+        let bytes = envelope(&c, &key(2));
+        assert!(bytes.len() < 800, "keep it small: {}", bytes.len());
+        verify_catalog(&bytes, &trusted(), &p).unwrap();
+        let mut flipped = bytes.clone();
+        for i in 0..bytes.len() * 8 {
+            flipped[i / 8] ^= 1 << (i % 8);
+            let result = verify_catalog(&flipped, &trusted(), &p);
+            assert!(result.is_err(), "flipping bit {} of byte {} was accepted", i % 8, i / 8);
+            flipped[i / 8] ^= 1 << (i % 8);
+        }
+    }
+
+    #[test]
+    fn rotation_adds_and_retires_keys_only_by_root() {
+        let (root, a, b, c) = (key(1), key(2), key(3), key(4));
+        let (v1, _) = key_list(1, &root, &[&a], &root);
+        // v2 adds b, signed by root: accepted with a catalog signed by b.
+        let (v2, v2_env) = key_list(2, &root, &[&a, &b], &root);
+        let mut env = sign(CATALOG_TYPE, &serde_json::to_vec(&catalog("web01", 10, NOW - 60, "b\n")).unwrap(), &b);
+        env.keys = Some(Box::new(v2_env.clone()));
+        let v = verify_catalog(&serde_json::to_vec(&env).unwrap(), &v1, &policy(None)).unwrap();
+        assert_eq!(v.new_keys.as_ref().unwrap().0, v2);
+        // Without the new list, b is unknown.
+        env.keys = None;
+        assert!(verify_catalog(&serde_json::to_vec(&env).unwrap(), &v1, &policy(None)).is_err());
+        // v3 retires a: a catalog signed by a, carrying v3 or the older v2, is refused to a v3 holder.
+        let (v3, v3_env) = key_list(3, &root, &[&b], &root);
+        let mut by_a = sign(CATALOG_TYPE, &serde_json::to_vec(&catalog("web01", 11, NOW - 60, "a\n")).unwrap(), &a);
+        by_a.keys = Some(Box::new(v3_env));
+        assert!(matches!(
+            verify_catalog(&serde_json::to_vec(&by_a).unwrap(), &v2, &policy(None)),
+            Err(Refusal::Untrusted { .. })
+        ));
+        by_a.keys = Some(Box::new(v2_env));
+        let e = verify_catalog(&serde_json::to_vec(&by_a).unwrap(), &v3, &policy(None)).unwrap_err();
+        assert!(e.to_string().contains("version 2 is older than the version 3 held"), "{e}");
+        // A stolen catalog key cannot add a key: a list signed by b is refused.
+        let (_, forged) = key_list(4, &root, &[&b, &c], &b);
+        let mut by_c = sign(CATALOG_TYPE, &serde_json::to_vec(&catalog("web01", 12, NOW - 60, "c\n")).unwrap(), &c);
+        by_c.keys = Some(Box::new(forged));
+        let e = verify_catalog(&serde_json::to_vec(&by_c).unwrap(), &v3, &policy(None)).unwrap_err();
+        assert!(e.to_string().contains("key list it carries is refused"), "{e}");
+        // Nor can it rewrite the current version.
+        let (_, same_version) = key_list(3, &root, &[&b, &c], &b);
+        assert!(update_key_list(&v3, &same_version).is_err());
+        // The root key itself can be rotated by the old root.
+        let new_root = key(5);
+        let (v4, v4_env) = key_list(4, &new_root, &[&b], &root);
+        assert_eq!(update_key_list(&v3, &v4_env).unwrap(), v4);
+    }
+
+    #[test]
+    fn installed_key_lists_must_be_signed_by_their_own_root() {
+        let (list, env) = key_list(1, &key(1), &[&key(2)], &key(1));
+        assert_eq!(trust_key_list(&env).unwrap(), list);
+        let (_, by_catalog) = key_list(1, &key(1), &[&key(2)], &key(2));
+        assert!(trust_key_list(&by_catalog).is_err());
+    }
+
+    #[test]
+    fn a_clock_behind_is_reported_not_fatal_and_never_reopens_expired_catalogs() {
+        let c = catalog("web01", 9, NOW + 3600, "x");
+        let v = check(&envelope(&c, &key(2)), None).unwrap();
+        assert!(v.warnings[0].contains("clock"), "{:?}", v.warnings);
+        // The last applied catalog was issued far in the future of this clock: now is at least then.
+        let last = Some(Applied {
+            host: "web01".into(),
+            serial: 1,
+            issued_at: Timestamp(NOW + 30 * 86_400),
+            resources_sha256: String::new(),
+        });
+        let old = catalog("web01", 5, NOW - 60, "x");
+        let e = check(&envelope(&old, &key(2)), last).unwrap_err();
+        assert!(matches!(e, Refusal::Rollback { .. } | Refusal::Expired { .. }), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn sign_verify_parse_round_trips(contents in proptest::collection::vec(".*", 0..8), serial in 1u64..u64::MAX / 2) {
+            let resources = contents.iter().enumerate().map(|(i, c)| {
+                Resource::new(ResourceId::new(Kind::File, &format!("/f/{i}")).unwrap(), Meta::default(), Spec::File(FileSpec { content: Some(c.clone()), ..Default::default() }))
+            }).collect();
+            let c = Catalog { host: Some("web01".into()), serial: Some(serial), issued_at: Some(Timestamp(NOW - 1)), expires_at: Some(Timestamp(NOW + 1)), ..Catalog::new(resources) };
+            let v = check(&envelope(&c, &key(2)), None).unwrap();
+            prop_assert_eq!(v.catalog, c);
+        }
+    }
+}
