@@ -12,6 +12,7 @@
 //! `Host`), never prints (output goes through `report::Sink`), and never panics on bad input.
 
 pub mod catalog;
+pub mod conf;
 pub mod diag;
 pub mod engine;
 pub mod hash;
@@ -24,4 +25,5 @@ pub mod stream;
 pub mod time;
 pub mod trust;
 pub mod validate;
+pub mod wire;
 pub mod yaml;

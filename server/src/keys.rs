@@ -18,6 +18,11 @@ use std::path::Path;
 
 /// A new key from the operating system's random source.
 pub fn generate() -> Result<SigningKey> {
+    Ok(trust::key_from_seed(&random()?))
+}
+
+/// 32 bytes from the operating system's random source.
+pub fn random() -> Result<[u8; 32]> {
     let mut seed = [0u8; 32];
     let mut filled = 0;
     while filled < seed.len() {
@@ -32,7 +37,7 @@ pub fn generate() -> Result<SigningKey> {
         }
         filled += n as usize;
     }
-    Ok(trust::key_from_seed(&seed))
+    Ok(seed)
 }
 
 /// Writes `text` to a new file with `mode`; never replaces an existing one.
@@ -157,20 +162,6 @@ pub fn retire(list_path: &Path, root: &SigningKey, id: &str) -> Result<u64> {
     Ok(list.version)
 }
 
-/// Parses a duration like `7d`, `12h`, `30m` or `90s`.
-pub fn parse_duration(s: &str) -> Result<i64> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = n.parse().map_err(|_| anyhow!("`{s}` is not a duration like 7d, 12h, 30m or 90s"))?;
-    let unit = match unit {
-        "d" => 86_400,
-        "h" => 3600,
-        "m" => 60,
-        "s" | "" => 1,
-        _ => bail!("`{s}` is not a duration like 7d, 12h, 30m or 90s"),
-    };
-    Ok(n * unit)
-}
-
 /// Signs a catalog for its host: stamps issued_at, expires_at (`ttl` seconds later) and a
 /// serial (given, or the issue time in milliseconds, so serials never decrease), and attaches
 /// the key list agents should hold.
@@ -180,11 +171,11 @@ pub fn sign_catalog(
     keys: Option<Envelope>,
     serial: Option<u64>,
     ttl: i64,
+    now: Timestamp,
 ) -> Result<String> {
     if catalog.host.is_none() {
         bail!("the catalog names no host: a signed catalog is for one host (compile it with --node)");
     }
-    let now = Timestamp::now();
     let millis =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
     catalog.issued_at = Some(now);
@@ -199,14 +190,6 @@ pub fn sign_catalog(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("7d").unwrap(), 604_800);
-        assert_eq!(parse_duration("90").unwrap(), 90);
-        assert!(parse_duration("7w").is_err());
-        assert!(parse_duration("d").is_err());
-    }
 
     #[test]
     fn keygen_refuses_to_overwrite_and_keys_are_private() {

@@ -11,8 +11,13 @@
 //! its facts; classification never reads facts; an undefined template variable is an error,
 //! never an empty string.
 
+pub mod ca;
 pub mod compiler;
+pub mod config;
+pub mod db;
 pub mod diff;
+pub mod fleet;
+pub mod http;
 pub mod keys;
 pub mod repo;
 pub mod role;

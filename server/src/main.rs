@@ -73,6 +73,42 @@ enum KeysAction {
 }
 
 #[derive(Debug, Subcommand)]
+enum NodeAction {
+    /// Every node: last seen, certificate, catalog, last report; and requests waiting.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Let a node that asked to enroll without a token have its certificate.
+    Approve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        name: String,
+    },
+    /// Refuse a node's certificates from now on (it must bootstrap again to return).
+    Revoke {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenAction {
+    /// A one-time token for one node name, or a pattern of names.
+    New {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The node name (or glob pattern) it may enroll [*].
+        #[arg(long, default_value = "*")]
+        name: String,
+        /// How long it stays valid [token_ttl of the configuration, 24h].
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Print the catalog of one node.
     Compile {
@@ -141,6 +177,45 @@ enum Command {
         #[arg(long, value_name = "PATTERN")]
         node: Option<String>,
     },
+    /// Set up a server: its CA and certificate, signing keys, state database, configuration,
+    /// and a first enrollment token; prints the command that joins a host.
+    Init {
+        /// The state directory to create.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// A DNS name agents reach the server by (repeatable).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// An IP address agents reach the server by (repeatable).
+        #[arg(long = "address", value_name = "IP")]
+        addresses: Vec<std::net::IpAddr>,
+        /// The operator repository (a git repository).
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// The branch whose current commit is compiled.
+        #[arg(long, default_value = "main")]
+        branch: String,
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: String,
+        /// Use the keys `keygen --out DIR` made instead of making new ones in STATE/keys.
+        #[arg(long, value_name = "DIR")]
+        keys: Option<PathBuf>,
+    },
+    /// Serve the fleet over HTTPS.
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// See, approve and revoke nodes.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+    /// Make enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Write the JSON Schemas of site.yaml, role files and catalogs (for editors).
     Schemas {
         #[arg(long, value_name = "DIR")]
@@ -166,6 +241,12 @@ fn main() -> ExitCode {
         Command::Check { repo, facts_dir } => check(&repo, facts_dir.as_deref()),
         Command::Diff { repo, from, to, node } => diff(&repo, &from, &to, node.as_deref()),
         Command::Schemas { out } => schemas(&out),
+        Command::Init { state, names, addresses, repo, branch, listen, keys } => {
+            init(&state, &names, &addresses, &repo, &branch, &listen, keys.as_deref())
+        }
+        Command::Serve { config } => serve(&config),
+        Command::Node { action } => node_command(action),
+        Command::Token { action } => token_command(action),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -306,8 +387,15 @@ fn signed(catalog: Catalog, key_path: &Path, keys: Option<&Path>, serial: Option
             );
         }
     }
-    let ttl = converge_server::keys::parse_duration(ttl)?;
-    converge_server::keys::sign_catalog(catalog, &key, list.map(|(_, env)| env), serial, ttl)
+    let ttl = converge_modules::conf::parse_duration(ttl).map_err(anyhow::Error::msg)?;
+    converge_server::keys::sign_catalog(
+        catalog,
+        &key,
+        list.map(|(_, env)| env),
+        serial,
+        ttl,
+        converge_modules::time::Timestamp::now(),
+    )
 }
 
 fn sign(key: &Path, file: &Path, keys: Option<&Path>, serial: Option<u64>, ttl: &str) -> Result<u8> {
@@ -367,6 +455,214 @@ fn keys_command(action: KeysAction) -> Result<u8> {
             for k in l.keys {
                 println!("  {} {:?}", k.id, k.role);
             }
+        }
+    }
+    Ok(0)
+}
+
+/// A new enrollment token for `pattern`: returned once, stored hashed.
+fn new_token(db: &converge_server::db::Db, pattern: &str, ttl: i64) -> Result<String> {
+    let token = format!("cvg_{}", converge_modules::hash::hex(&converge_server::keys::random()?));
+    let now = converge_server::db::now();
+    db.add_token(&converge_modules::hash::sha256_hex(token.as_bytes()), pattern, now, now + ttl)?;
+    Ok(token)
+}
+
+fn init(
+    state: &Path,
+    names: &[String],
+    addresses: &[std::net::IpAddr],
+    repo: &Path,
+    branch: &str,
+    listen: &str,
+    keys: Option<&Path>,
+) -> Result<u8> {
+    use std::os::unix::fs::DirBuilderExt;
+    if state.join("state.db").exists() {
+        bail!("{} is already a server's state directory; init never overwrites one", state.display());
+    }
+    let listen_addr: std::net::SocketAddr =
+        listen.parse().map_err(|_| anyhow::anyhow!("--listen {listen} is not an address like 0.0.0.0:8443"))?;
+    let repo = repo.canonicalize().with_context(|| format!("cannot find the repository {}", repo.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state)
+        .with_context(|| format!("cannot create {}", state.display()))?;
+    let state = state.canonicalize()?;
+    let ca = converge_server::ca::Ca::create(&state, names, addresses)?;
+    let (signing_key, trusted_keys) = match keys {
+        Some(dir) => {
+            let dir = dir.canonicalize().with_context(|| format!("cannot find {}", dir.display()))?;
+            (dir.join("catalog.key"), dir.join("trusted-keys.json"))
+        }
+        None => {
+            converge_server::keys::keygen(&state.join("keys"))?;
+            (state.join("keys/catalog.key"), state.join("keys/trusted-keys.json"))
+        }
+    };
+    converge_server::keys::read_key_list(&trusted_keys)?;
+    let db = converge_server::db::Db::open(&state.join("state.db"), 1)?;
+    let token = new_token(&db, "*", 86_400)?;
+    let q = converge_modules::conf::quote;
+    let config = format!(
+        "# converge-server configuration (written by init)\nlisten = {}\nstate = \".\"\nrepo = {}\nbranch = {}\nsigning_key = {}\ntrusted_keys = {}\ncatalog_ttl = \"7d\"\ncert_lifetime = \"90d\"\ntoken_ttl = \"24h\"\nrepo_poll = \"5s\"\n",
+        q(listen),
+        q(&repo.display().to_string()),
+        q(branch),
+        q(&signing_key.display().to_string()),
+        q(&trusted_keys.display().to_string()),
+    );
+    std::fs::write(state.join("server.toml"), config)?;
+    let host = names.first().cloned().unwrap_or_else(|| match addresses[0] {
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+        a => a.to_string(),
+    });
+    let d = state.display();
+    println!("initialised {d}:");
+    println!("  CA            {d}/ca.pem ({})", ca.hash());
+    let for_whom: Vec<String> = names.iter().cloned().chain(addresses.iter().map(ToString::to_string)).collect();
+    println!("  certificate   {d}/server.pem for {}", for_whom.join(", "));
+    if keys.is_none() {
+        println!("  keys          {d}/keys/ (move root.key offline: it only signs key lists)");
+    }
+    println!("  state         {d}/state.db");
+    println!("  configuration {d}/server.toml");
+    println!("\nserve with:\n  converge-server serve --config {d}/server.toml");
+    println!("\njoin a host (the token is single-use, valid 24h; `converge-server token new` makes more):");
+    println!(
+        "  converge bootstrap --server https://{host}:{} --ca-hash {} --token {token}",
+        listen_addr.port(),
+        ca.hash()
+    );
+    Ok(0)
+}
+
+fn serve(config_path: &Path) -> Result<u8> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVERGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let config = converge_server::config::Config::read(config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let fleet = std::sync::Arc::new(converge_server::fleet::Fleet::open(config.clone())?);
+        let tls = converge_server::http::tls_config(&config.state, &fleet.ca.der)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        println!("converge-server listening on https://{} (commit {})", listener.local_addr()?, fleet.commit());
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let watcher = fleet.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(watcher.config.repo_poll)).await;
+                let f = watcher.clone();
+                match tokio::task::spawn_blocking(move || f.refresh()).await {
+                    Ok(Err(e)) => tracing::warn!("repository: {e:#}"),
+                    Err(e) => tracing::warn!("repository: {e}"),
+                    Ok(Ok(_)) => {}
+                }
+            }
+        });
+        let flusher = fleet.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let f = flusher.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.flush_seen()).await {
+                    tracing::warn!("recording nodes: {e:#}");
+                }
+            }
+        });
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = converge_server::http::serve(listener, tls, fleet.clone()) => r?,
+            _ = term.recv() => tracing::info!("stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+        }
+        fleet.flush_seen()?;
+        anyhow::Ok(())
+    })?;
+    Ok(0)
+}
+
+fn open_db(config: &Path) -> Result<(converge_server::config::Config, converge_server::db::Db)> {
+    let config = converge_server::config::Config::read(config)?;
+    converge_server::db::require_state(&config.state)?;
+    let db = converge_server::db::Db::open(&config.state.join("state.db"), 1)?;
+    Ok((config, db))
+}
+
+fn when(t: Option<i64>) -> String {
+    t.map_or("never".to_string(), |t| converge_modules::time::Timestamp(t).to_string())
+}
+
+fn node_command(action: NodeAction) -> Result<u8> {
+    match action {
+        NodeAction::List { config } => {
+            let (_, db) = open_db(&config)?;
+            let nodes = db.nodes()?;
+            println!("{:<28} {:<22} {:<22} {:<16} LAST REPORT", "NODE", "LAST SEEN", "CERTIFICATE", "SERIAL");
+            for n in &nodes {
+                let cert = if n.revoked {
+                    "revoked".to_string()
+                } else {
+                    format!("until {}", when(n.cert_expires).get(..10).unwrap_or(""))
+                };
+                let report = match n.last_report {
+                    Some((at, changed, failed, stale)) => format!(
+                        "{}: {changed} changed, {failed} failed{}",
+                        when(Some(at)),
+                        if stale { ", stale catalog" } else { "" }
+                    ),
+                    None => "none".to_string(),
+                };
+                let serial = n.serial.map_or("-".to_string(), |s| s.to_string());
+                println!("{:<28} {:<22} {:<22} {:<16} {report}", n.name, when(n.last_seen), cert, serial);
+                if let Some(e) = &n.compile_error {
+                    println!("{:<28} compile failing (last good catalog served): {e}", "");
+                }
+            }
+            for (node, requested, approved) in db.pending_list()? {
+                let state = if approved { "approved, waiting for the agent" } else { "waiting for approval" };
+                println!("{node:<28} enrollment requested {}: {state}", when(Some(requested)));
+            }
+            if nodes.is_empty() && db.pending_list()?.is_empty() {
+                println!("no nodes yet");
+            }
+        }
+        NodeAction::Approve { config, name } => {
+            let (_, db) = open_db(&config)?;
+            if !db.approve(&name, converge_server::db::now())? {
+                bail!("no enrollment request from {name} is waiting (converge-server node list shows them)");
+            }
+            println!("approved {name}: it gets its certificate the next time it asks");
+        }
+        NodeAction::Revoke { config, name } => {
+            let (_, db) = open_db(&config)?;
+            let n = db.revoke(&name, converge_server::db::now())?;
+            if n == 0 {
+                bail!("{name} has no live certificate");
+            }
+            println!("revoked {n} certificate(s) of {name}: it is refused from now on");
+        }
+    }
+    Ok(0)
+}
+
+fn token_command(action: TokenAction) -> Result<u8> {
+    match action {
+        TokenAction::New { config, name, ttl } => {
+            let (config, db) = open_db(&config)?;
+            let ttl = match ttl {
+                Some(t) => converge_modules::conf::parse_duration(&t).map_err(anyhow::Error::msg)?,
+                None => config.token_ttl,
+            };
+            let token = new_token(&db, &name, ttl)?;
+            println!("{token}");
+            let until = converge_modules::time::Timestamp(converge_server::db::now() + ttl);
+            eprintln!("single-use, for `{name}`, valid until {until}");
         }
     }
     Ok(0)

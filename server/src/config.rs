@@ -1,0 +1,73 @@
+//! `server.toml`: where the server listens, keeps its state, finds the repository and keys.
+//! Relative paths are taken from the file's own directory (`init` writes it in the state
+//! directory, so the whole state moves as one directory).
+
+use anyhow::{Result, anyhow};
+use converge_modules::conf::Conf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const KEYS: &[&str] = &[
+    "listen",
+    "state",
+    "repo",
+    "branch",
+    "signing_key",
+    "trusted_keys",
+    "catalog_ttl",
+    "cert_lifetime",
+    "token_ttl",
+    "max_compiles",
+    "repo_poll",
+];
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub listen: SocketAddr,
+    pub state: PathBuf,
+    pub repo: PathBuf,
+    pub branch: String,
+    pub signing_key: PathBuf,
+    pub trusted_keys: PathBuf,
+    /// Seconds a signed catalog stays valid [7d].
+    pub catalog_ttl: i64,
+    /// Days a client certificate is valid [90].
+    pub cert_days: i64,
+    /// Seconds an enrollment token is valid [24h].
+    pub token_ttl: i64,
+    /// Compiles run at once; past that, 503 with Retry-After [cores].
+    pub max_compiles: usize,
+    /// How often the branch is checked for a new commit [5s].
+    pub repo_poll: u64,
+}
+
+impl Config {
+    pub fn read(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+        let shown = path.display().to_string();
+        let conf = Conf::parse(&shown, &text, KEYS)
+            .map_err(|d| anyhow!("{}", d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let at = |p: &str| if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
+        let e = |d: converge_modules::diag::Diagnostic| anyhow!("{d}");
+        let listen = conf.str("listen").map_err(e)?.unwrap_or("0.0.0.0:8443");
+        let listen = listen.parse().map_err(|_| anyhow!("{shown}: `listen` is not an address like 0.0.0.0:8443"))?;
+        let state = at(conf.str("state").map_err(e)?.unwrap_or("."));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(Config {
+            file: path.to_path_buf(),
+            listen,
+            repo: at(conf.required("repo").map_err(e)?),
+            branch: conf.str("branch").map_err(e)?.unwrap_or("main").to_string(),
+            signing_key: at(conf.str("signing_key").map_err(e)?.unwrap_or("keys/catalog.key")),
+            trusted_keys: at(conf.str("trusted_keys").map_err(e)?.unwrap_or("keys/trusted-keys.json")),
+            catalog_ttl: conf.duration("catalog_ttl").map_err(e)?.unwrap_or(7 * 86_400),
+            cert_days: conf.duration("cert_lifetime").map_err(e)?.map_or(90, |s| (s / 86_400).max(1)),
+            token_ttl: conf.duration("token_ttl").map_err(e)?.unwrap_or(86_400),
+            max_compiles: conf.int("max_compiles").map_err(e)?.map_or(cores, |n| n.max(1) as usize),
+            repo_poll: conf.duration("repo_poll").map_err(e)?.unwrap_or(5).max(1) as u64,
+            state,
+        })
+    }
+}

@@ -1,0 +1,467 @@
+//! The server's state: one SQLite file (WAL) holding nodes, their certificates, enrollment
+//! tokens and requests, the last catalog of each node, and reports.
+//!
+//! Certificates are known by the SHA-256 of their DER: the server issued every client
+//! certificate it accepts, so a fingerprint names its node without parsing X.509, and
+//! revocation is a column read on every request (a deny list that cannot expire like a CRL).
+//! Tokens are stored hashed. Connections come from a small pool; each call holds one briefly.
+
+use anyhow::{Context, Result, bail};
+use converge_modules::time::Timestamp;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    created INTEGER NOT NULL,
+    last_seen INTEGER,
+    agent_version TEXT,
+    facts TEXT,
+    facts_sha256 TEXT
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    fingerprint TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    issued INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    revoked INTEGER
+);
+CREATE INDEX IF NOT EXISTS certificates_node ON certificates(node);
+CREATE TABLE IF NOT EXISTS tokens (
+    sha256 TEXT PRIMARY KEY,
+    pattern TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    used_by TEXT,
+    used_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS pending (
+    node TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    requested INTEGER NOT NULL,
+    approved INTEGER
+);
+CREATE TABLE IF NOT EXISTS catalogs (
+    node TEXT PRIMARY KEY,
+    serial INTEGER NOT NULL,
+    resources_sha256 TEXT NOT NULL,
+    cache_key TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    issued_at INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    compile_error TEXT
+);
+CREATE TABLE IF NOT EXISTS reports (
+    id INTEGER PRIMARY KEY,
+    node TEXT NOT NULL,
+    received INTEGER NOT NULL,
+    changed INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    stale INTEGER NOT NULL,
+    serial INTEGER,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_node ON reports(node, id);
+";
+
+/// Reports kept per node; older ones are dropped.
+pub const REPORTS_PER_NODE: i64 = 50;
+
+pub struct Db {
+    pool: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+/// A certificate as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cert {
+    pub node: String,
+    pub expires: i64,
+    pub revoked: Option<i64>,
+}
+
+/// The last catalog served to a node.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub serial: u64,
+    pub resources_sha256: String,
+    pub cache_key: String,
+    pub etag: String,
+    pub issued_at: i64,
+    pub envelope: Vec<u8>,
+}
+
+/// A node's request, for [`Db::seen`]: when, which agent version, and its facts (JSON and
+/// hash) when they changed.
+#[derive(Debug, Clone)]
+pub struct Visit {
+    pub node: String,
+    pub at: i64,
+    pub version: String,
+    pub facts: Option<(String, String)>,
+}
+
+/// A report row, for [`Db::add_report`].
+#[derive(Debug, Clone)]
+pub struct ReportRow<'a> {
+    pub node: &'a str,
+    pub at: i64,
+    pub changed: i64,
+    pub failed: i64,
+    pub stale: bool,
+    pub serial: Option<u64>,
+    pub body: &'a str,
+}
+
+/// A node for listings.
+#[derive(Debug, Clone)]
+pub struct NodeRow {
+    pub name: String,
+    pub last_seen: Option<i64>,
+    pub cert_expires: Option<i64>,
+    pub revoked: bool,
+    pub serial: Option<u64>,
+    pub compile_error: Option<String>,
+    pub last_report: Option<(i64, i64, i64, bool)>,
+}
+
+impl Db {
+    /// Opens (creating) the store at `path` with `size` connections.
+    pub fn open(path: &Path, size: usize) -> Result<Db> {
+        let mut pool = Vec::with_capacity(size.max(1));
+        for i in 0..size.max(1) {
+            let c =
+                Connection::open(path).with_context(|| format!("cannot open the state database {}", path.display()))?;
+            c.busy_timeout(std::time::Duration::from_secs(10))?;
+            c.pragma_update(None, "journal_mode", "WAL")?;
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            c.pragma_update(None, "foreign_keys", "ON")?;
+            if i == 0 {
+                c.execute_batch(SCHEMA).context("cannot create the state database's tables")?;
+            }
+            pool.push(Mutex::new(c));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        Ok(Db { pool, next: AtomicUsize::new(0) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
+        let mut c = self.pool[i].lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&mut c)?)
+    }
+
+    pub fn cert(&self, fingerprint: &str) -> Result<Option<Cert>> {
+        self.with(|c| {
+            c.prepare_cached("SELECT node, expires, revoked FROM certificates WHERE fingerprint = ?1")?
+                .query_row(params![fingerprint], |r| {
+                    Ok(Cert { node: r.get(0)?, expires: r.get(1)?, revoked: r.get(2)? })
+                })
+                .optional()
+        })
+    }
+
+    /// Whether `node` has a certificate that is neither revoked nor expired.
+    pub fn live_cert(&self, node: &str, now: i64) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached("SELECT 1 FROM certificates WHERE node = ?1 AND revoked IS NULL AND expires > ?2 LIMIT 1")?
+                .exists(params![node, now])
+        })
+    }
+
+    pub fn add_cert(&self, fingerprint: &str, node: &str, issued: i64, expires: i64) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO nodes (name, created) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+                params![node, issued],
+            )?;
+            tx.execute(
+                "INSERT INTO certificates (fingerprint, node, issued, expires) VALUES (?1, ?2, ?3, ?4)",
+                params![fingerprint, node, issued, expires],
+            )?;
+            tx.execute("DELETE FROM pending WHERE node = ?1", params![node])?;
+            tx.commit()
+        })
+    }
+
+    /// Revokes every certificate of `node`; returns how many.
+    pub fn revoke(&self, node: &str, now: i64) -> Result<usize> {
+        self.with(|c| {
+            c.execute("UPDATE certificates SET revoked = ?2 WHERE node = ?1 AND revoked IS NULL", params![node, now])
+        })
+    }
+
+    pub fn add_token(&self, sha256: &str, pattern: &str, now: i64, expires: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (sha256, pattern, created, expires) VALUES (?1, ?2, ?3, ?4)",
+                params![sha256, pattern, now, expires],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Spends a token for `node`: it must exist, be unused, unexpired, and its pattern must
+    /// match. Returns why not, when it cannot be spent.
+    pub fn spend_token(
+        &self,
+        sha256: &str,
+        node: &str,
+        now: i64,
+        matches: impl Fn(&str, &str) -> bool,
+    ) -> Result<Result<(), String>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row: Option<(String, i64, Option<String>)> = tx
+                .query_row("SELECT pattern, expires, used_by FROM tokens WHERE sha256 = ?1", params![sha256], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            let verdict = match row {
+                None => Err("the token is not known".to_string()),
+                Some((_, _, Some(by))) => Err(format!("the token was already used (by {by})")),
+                Some((_, expires, None)) if expires <= now => Err("the token has expired".to_string()),
+                Some((pattern, _, None)) if !matches(&pattern, node) => {
+                    Err(format!("the token is for `{pattern}`, not `{node}`"))
+                }
+                Some(_) => {
+                    tx.execute(
+                        "UPDATE tokens SET used_by = ?2, used_at = ?3 WHERE sha256 = ?1",
+                        params![sha256, node, now],
+                    )?;
+                    Ok(())
+                }
+            };
+            tx.commit()?;
+            Ok(verdict)
+        })
+    }
+
+    /// Records (or refreshes) an enrollment request waiting for approval; returns whether it
+    /// is approved already and with which key.
+    pub fn pending(&self, node: &str, public_key: &str, now: i64) -> Result<bool> {
+        self.with(|c| {
+            let existing: Option<(String, Option<i64>)> = c
+                .query_row("SELECT public_key, approved FROM pending WHERE node = ?1", params![node], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            match existing {
+                Some((key, approved)) if key == public_key => Ok(approved.is_some()),
+                _ => {
+                    c.execute(
+                        "INSERT INTO pending (node, public_key, requested) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(node) DO UPDATE SET public_key = ?2, requested = ?3, approved = NULL",
+                        params![node, public_key, now],
+                    )?;
+                    Ok(false)
+                }
+            }
+        })
+    }
+
+    /// Approves a waiting enrollment; false when nothing waits for that name.
+    pub fn approve(&self, node: &str, now: i64) -> Result<bool> {
+        self.with(|c| Ok(c.execute("UPDATE pending SET approved = ?2 WHERE node = ?1", params![node, now])? > 0))
+    }
+
+    pub fn pending_list(&self) -> Result<Vec<(String, i64, bool)>> {
+        self.with(|c| {
+            let mut s = c.prepare("SELECT node, requested, approved IS NOT NULL FROM pending ORDER BY node")?;
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+        })
+    }
+
+    pub fn stored(&self, node: &str) -> Result<Option<Stored>> {
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT serial, resources_sha256, cache_key, etag, issued_at, envelope FROM catalogs WHERE node = ?1",
+            )?
+            .query_row(params![node], |r| {
+                Ok(Stored {
+                    serial: r.get::<_, i64>(0)? as u64,
+                    resources_sha256: r.get(1)?,
+                    cache_key: r.get(2)?,
+                    etag: r.get(3)?,
+                    issued_at: r.get(4)?,
+                    envelope: r.get(5)?,
+                })
+            })
+            .optional()
+        })
+    }
+
+    pub fn store(&self, node: &str, s: &Stored) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO catalogs (node, serial, resources_sha256, cache_key, etag, issued_at, envelope, compile_error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)
+                 ON CONFLICT(node) DO UPDATE SET serial = ?2, resources_sha256 = ?3, cache_key = ?4, etag = ?5,
+                     issued_at = ?6, envelope = ?7, compile_error = NULL",
+                params![node, s.serial as i64, s.resources_sha256, s.cache_key, s.etag, s.issued_at, s.envelope],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Notes a compile failure for the fleet page (the last good catalog stays served).
+    pub fn compile_failed(&self, node: &str, error: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE catalogs SET compile_error = ?2 WHERE node = ?1", params![node, error]).map(drop)
+        })
+    }
+
+    /// Records that nodes were seen, with their facts when these changed (one transaction).
+    pub fn seen(&self, batch: &[Visit]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut seen =
+                    tx.prepare_cached("UPDATE nodes SET last_seen = ?2, agent_version = ?3 WHERE name = ?1")?;
+                let mut facts = tx.prepare_cached("UPDATE nodes SET facts = ?2, facts_sha256 = ?3 WHERE name = ?1")?;
+                for v in batch {
+                    seen.execute(params![v.node, v.at, v.version])?;
+                    if let Some((json, sha)) = &v.facts {
+                        facts.execute(params![v.node, json, sha])?;
+                    }
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    pub fn add_report(&self, r: &ReportRow) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO reports (node, received, changed, failed, stale, serial, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![r.node, r.at, r.changed, r.failed, r.stale, r.serial.map(|s| s as i64), r.body],
+            )?;
+            tx.execute(
+                "DELETE FROM reports WHERE node = ?1 AND id NOT IN (SELECT id FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
+                params![r.node, REPORTS_PER_NODE],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Every node with its certificate, catalog and last report.
+    pub fn nodes(&self) -> Result<Vec<NodeRow>> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT n.name, n.last_seen,
+                    (SELECT MAX(expires) FROM certificates WHERE node = n.name AND revoked IS NULL),
+                    NOT EXISTS (SELECT 1 FROM certificates WHERE node = n.name AND revoked IS NULL),
+                    k.serial, k.compile_error,
+                    r.received, r.changed, r.failed, r.stale
+                 FROM nodes n
+                 LEFT JOIN catalogs k ON k.node = n.name
+                 LEFT JOIN reports r ON r.id = (SELECT MAX(id) FROM reports WHERE node = n.name)
+                 ORDER BY n.name",
+            )?;
+            s.query_map([], |r| {
+                let report = match r.get::<_, Option<i64>>(6)? {
+                    Some(at) => Some((at, r.get(7)?, r.get(8)?, r.get(9)?)),
+                    None => None,
+                };
+                Ok(NodeRow {
+                    name: r.get(0)?,
+                    last_seen: r.get(1)?,
+                    cert_expires: r.get(2)?,
+                    revoked: r.get(3)?,
+                    serial: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
+                    compile_error: r.get(5)?,
+                    last_report: report,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// The newest reports of a node, newest first (JSON bodies).
+    pub fn reports(&self, node: &str, limit: i64) -> Result<Vec<(i64, String)>> {
+        self.with(|c| {
+            let mut s = c.prepare("SELECT received, body FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2")?;
+            s.query_map(params![node, limit], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+        })
+    }
+
+    pub fn count_nodes(&self) -> Result<i64> {
+        self.with(|c| c.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0)))
+    }
+}
+
+/// Fails unless `path` is a state directory made by `init`.
+pub fn require_state(dir: &Path) -> Result<()> {
+    if !dir.join("state.db").exists() {
+        bail!("{} is not a converge-server state directory (run `converge-server init` first)", dir.display());
+    }
+    Ok(())
+}
+
+/// Now, as the store records times.
+pub fn now() -> i64 {
+    Timestamp::now().0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_single_use_bound_and_expire() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("state.db"), 2).unwrap();
+        let glob = |p: &str, n: &str| crate::site::glob_match(p, n);
+        db.add_token("a", "web*", 100, 200).unwrap();
+        assert_eq!(db.spend_token("a", "db1", 150, glob).unwrap(), Err("the token is for `web*`, not `db1`".into()));
+        assert_eq!(db.spend_token("a", "web1", 150, glob).unwrap(), Ok(()));
+        assert!(db.spend_token("a", "web2", 150, glob).unwrap().unwrap_err().contains("already used"));
+        db.add_token("b", "*", 100, 200).unwrap();
+        assert!(db.spend_token("b", "x", 250, glob).unwrap().unwrap_err().contains("expired"));
+        assert!(db.spend_token("zzz", "x", 150, glob).unwrap().unwrap_err().contains("not known"));
+    }
+
+    #[test]
+    fn certificates_revocation_and_nodes() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("state.db"), 2).unwrap();
+        db.add_cert("fp1", "web1", 100, 1000).unwrap();
+        db.seen(&[Visit {
+            node: "web1".into(),
+            at: 150,
+            version: "0.1".into(),
+            facts: Some(("{}".into(), "x".into())),
+        }])
+        .unwrap();
+        let row = ReportRow { node: "web1", at: 160, changed: 2, failed: 0, stale: false, serial: Some(7), body: "{}" };
+        for _ in 0..(REPORTS_PER_NODE + 5) {
+            db.add_report(&row).unwrap();
+        }
+        assert_eq!(db.reports("web1", 1000).unwrap().len(), REPORTS_PER_NODE as usize, "bounded per node");
+        assert!(db.live_cert("web1", 500).unwrap());
+        assert!(!db.live_cert("web1", 1000).unwrap(), "expired");
+        assert_eq!(db.revoke("web1", 600).unwrap(), 1);
+        assert_eq!(db.cert("fp1").unwrap().unwrap().revoked, Some(600));
+        assert!(!db.live_cert("web1", 500).unwrap());
+        let nodes = db.nodes().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert!(nodes[0].revoked);
+        assert_eq!((nodes[0].last_seen, nodes[0].last_report), (Some(150), Some((160, 2, 0, false))));
+        // The store survives a reopen.
+        drop(db);
+        let db = Db::open(&t.path().join("state.db"), 1).unwrap();
+        assert_eq!(db.count_nodes().unwrap(), 1);
+    }
+}

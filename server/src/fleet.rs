@@ -1,0 +1,361 @@
+//! What the server does for its fleet, apart from HTTP: enrollment, the catalog of each node
+//! (compiled from the branch's current commit, cached, signed), reports, and watching the
+//! repository for new commits.
+//!
+//! A catalog is compiled again only when its cache key changes: the commit, the node, the
+//! facts site.yaml declares (a volatile undeclared fact never forces a compile) and the
+//! compiler's version. Its serial changes only when its resources do; an unchanged catalog is
+//! re-signed with the same serial once past half its lifetime. A node whose compile fails keeps
+//! its last good catalog, and the failure is recorded for the fleet page.
+
+use crate::ca::Ca;
+use crate::compiler::Compiler;
+use crate::config::Config;
+use crate::db::{Db, ReportRow, Stored, Visit, now};
+use crate::keys;
+use crate::repo::Repo;
+use anyhow::{Context, Result};
+use converge_modules::catalog::FORMAT;
+use converge_modules::hash::sha256_hex;
+use converge_modules::time::Timestamp;
+use converge_modules::trust::{Envelope, resources_sha256};
+use converge_modules::wire::{EnrollRequest, EnrollResponse, Report};
+use ed25519_dalek::SigningKey;
+use serde_json::{Map, Value as Json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Changes whenever compiling the same inputs could give another catalog.
+pub const COMPILER_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "/format-", "1");
+
+/// The repository as compiled now.
+pub struct Current {
+    pub commit: String,
+    pub compiler: Compiler,
+}
+
+/// Counters for /metrics.
+#[derive(Default)]
+pub struct Metrics {
+    pub catalog_200: AtomicU64,
+    pub catalog_304: AtomicU64,
+    pub catalog_busy: AtomicU64,
+    pub catalog_error: AtomicU64,
+    pub compiles: AtomicU64,
+    pub compile_failures: AtomicU64,
+    pub enroll_issued: AtomicU64,
+    pub enroll_pending: AtomicU64,
+    pub enroll_refused: AtomicU64,
+    pub reports: AtomicU64,
+    pub auth_refused: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// What a node told the server last time it asked, to be written in batches.
+struct Seen {
+    at: i64,
+    version: String,
+    facts: Option<(String, String)>,
+}
+
+pub struct Fleet {
+    pub config: Config,
+    pub db: Db,
+    pub ca: Ca,
+    signer: SigningKey,
+    keys: Envelope,
+    current: RwLock<Arc<Current>>,
+    /// The last catalog of each node, as in the store.
+    catalogs: RwLock<HashMap<String, Arc<Stored>>>,
+    /// The facts hash last recorded per node.
+    facts: RwLock<HashMap<String, String>>,
+    seen: Mutex<HashMap<String, Seen>>,
+    pub compiles: tokio::sync::Semaphore,
+    pub metrics: Metrics,
+    pub started: i64,
+}
+
+/// Why a catalog cannot be served.
+pub enum Refused {
+    /// Too many compiles at once: try again later.
+    Busy,
+    /// The node has no catalog and its compile fails.
+    Compile(String),
+    /// The agent reads no format this server writes.
+    TooOld(Vec<u32>),
+    Internal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Refused {
+    fn from(e: anyhow::Error) -> Self {
+        Refused::Internal(e)
+    }
+}
+
+/// Runs `git rev-parse` for the branch's commit.
+fn head(repo: &std::path::Path, branch: &str) -> Result<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["rev-parse", "--verify", "--end-of-options", &format!("{branch}^{{commit}}")])
+        .output()
+        .context("cannot run git")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{branch} is not a commit of {}: {}",
+            repo.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn load(repo: &std::path::Path, commit: &str) -> Result<Current> {
+    let r = Repo::from_git(repo, commit)?;
+    let compiler = Compiler::new(&r);
+    for p in &compiler.problems {
+        tracing::warn!("repository {commit}: {p}");
+    }
+    Ok(Current { commit: commit.to_string(), compiler })
+}
+
+impl Fleet {
+    pub fn open(config: Config) -> Result<Fleet> {
+        crate::db::require_state(&config.state)?;
+        let db = Db::open(&config.state.join("state.db"), 8)?;
+        let ca = Ca::load(&config.state)?;
+        let signer = keys::read_private(&config.signing_key)?;
+        let (list, keys_env) = keys::read_key_list(&config.trusted_keys)?;
+        let id = converge_modules::trust::key_id(&signer.verifying_key());
+        if !list.keys.iter().any(|k| k.id == id && k.role == converge_modules::trust::KeyRole::Catalog) {
+            anyhow::bail!(
+                "{} (key {id}) is not a catalog key of {}",
+                config.signing_key.display(),
+                config.trusted_keys.display()
+            );
+        }
+        let commit = head(&config.repo, &config.branch)?;
+        let current = load(&config.repo, &commit)?;
+        tracing::info!("compiling {} at {commit}", config.repo.display());
+        Ok(Fleet {
+            compiles: tokio::sync::Semaphore::new(config.max_compiles),
+            config,
+            db,
+            ca,
+            signer,
+            keys: keys_env,
+            current: RwLock::new(Arc::new(current)),
+            catalogs: RwLock::new(HashMap::new()),
+            facts: RwLock::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            started: now(),
+        })
+    }
+
+    pub fn commit(&self) -> String {
+        self.current.read().unwrap().commit.clone()
+    }
+
+    /// Checks the branch, and compiles anew from a new commit. Returns the new commit.
+    pub fn refresh(&self) -> Result<Option<String>> {
+        let commit = head(&self.config.repo, &self.config.branch)?;
+        if commit == self.commit() {
+            return Ok(None);
+        }
+        let current = load(&self.config.repo, &commit)?;
+        *self.current.write().unwrap() = Arc::new(current);
+        tracing::info!("now compiling {} at {commit}", self.config.repo.display());
+        Ok(Some(commit))
+    }
+
+    /// The node a client certificate belongs to, if it may be served: issued by this server,
+    /// neither revoked nor expired. Checked on every request.
+    pub fn node_of(&self, fingerprint: &str) -> Result<Result<String, String>> {
+        Ok(match self.db.cert(fingerprint)? {
+            None => Err("this certificate was not issued by this server".into()),
+            Some(c) if c.revoked.is_some() => Err(format!("the certificate of {} is revoked", c.node)),
+            Some(c) if c.expires <= now() => Err(format!("the certificate of {} has expired; bootstrap again", c.node)),
+            Some(c) => Ok(c.node),
+        })
+    }
+
+    /// Enrollment: a certificate at once with a valid token, else after `node approve`.
+    pub fn enroll(&self, req: &EnrollRequest) -> Result<Result<EnrollResponse, String>> {
+        let name = req.name.trim();
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !valid {
+            return Ok(Err(format!("`{}` is not a node name (letters, digits, . - _; 253 at most)", req.name)));
+        }
+        let t = now();
+        if self.db.live_cert(name, t)? {
+            return Ok(Err(format!(
+                "{name} already has a live certificate; revoke it first (converge-server node revoke {name})"
+            )));
+        }
+        let approved = match &req.token {
+            Some(token) => {
+                if let Err(why) =
+                    self.db.spend_token(&sha256_hex(token.as_bytes()), name, t, crate::site::glob_match)?
+                {
+                    return Ok(Err(why));
+                }
+                true
+            }
+            None => self.db.pending(name, &req.public_key, t)?,
+        };
+        if !approved {
+            self.metrics.enroll_pending.fetch_add(1, Ordering::Relaxed);
+            return Ok(Ok(EnrollResponse::Pending {
+                message: format!("waiting for an operator: converge-server node approve {name}"),
+            }));
+        }
+        let (pem, der) = match self.ca.issue_client(name, &req.public_key, self.config.cert_days) {
+            Ok(x) => x,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        self.db.add_cert(&sha256_hex(&der), name, t, t + self.config.cert_days * 86_400)?;
+        self.metrics.enroll_issued.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("enrolled {name}");
+        Ok(Ok(EnrollResponse::Issued { certificate: pem, trusted_keys: self.keys.clone() }))
+    }
+
+    fn stored(&self, node: &str) -> Result<Option<Arc<Stored>>> {
+        if let Some(s) = self.catalogs.read().unwrap().get(node) {
+            return Ok(Some(s.clone()));
+        }
+        let s = self.db.stored(node)?.map(Arc::new);
+        if let Some(s) = &s {
+            self.catalogs.write().unwrap().insert(node.to_string(), s.clone());
+        }
+        Ok(s)
+    }
+
+    /// Notes that a node asked, with its facts (written in batches by [`Fleet::flush_seen`]).
+    pub fn saw(&self, node: &str, version: &str, facts: &Map<String, Json>) {
+        let json = serde_json::to_string(facts).unwrap_or_default();
+        let sha = sha256_hex(json.as_bytes());
+        let changed = self.facts.read().unwrap().get(node) != Some(&sha);
+        if changed {
+            self.facts.write().unwrap().insert(node.to_string(), sha.clone());
+        }
+        let facts = changed.then_some((json, sha));
+        let mut seen = self.seen.lock().unwrap();
+        let entry = seen.entry(node.to_string()).or_insert(Seen { at: 0, version: String::new(), facts: None });
+        entry.at = now();
+        entry.version = version.to_string();
+        if facts.is_some() {
+            entry.facts = facts;
+        }
+    }
+
+    pub fn flush_seen(&self) -> Result<()> {
+        let batch: Vec<Visit> = std::mem::take(&mut *self.seen.lock().unwrap())
+            .into_iter()
+            .map(|(node, s)| Visit { node, at: s.at, version: s.version, facts: s.facts })
+            .collect();
+        self.db.seen(&batch)
+    }
+
+    /// The node's signed catalog (compiling and signing only when needed).
+    pub async fn catalog(
+        self: &Arc<Self>,
+        node: &str,
+        formats: &[u32],
+        facts: Map<String, Json>,
+    ) -> Result<Arc<Stored>, Refused> {
+        if !formats.contains(&FORMAT) {
+            return Err(Refused::TooOld(formats.to_vec()));
+        }
+        let current = self.current.read().unwrap().clone();
+        let declared: Map<String, Json> = match &current.compiler.site {
+            Some(site) => facts.into_iter().filter(|(k, _)| site.facts.contains_key(k)).collect(),
+            None => Map::new(),
+        };
+        let cache_key = sha256_hex(
+            format!(
+                "{}\0{node}\0{}\0{COMPILER_VERSION}",
+                current.commit,
+                serde_json::to_string(&declared).unwrap_or_default()
+            )
+            .as_bytes(),
+        );
+        let stored = self.stored(node)?;
+        let t = now();
+        if let Some(s) = &stored
+            && s.cache_key == cache_key
+            && t < s.issued_at + self.config.catalog_ttl / 2
+        {
+            return Ok(s.clone());
+        }
+        let Ok(_permit) = self.compiles.try_acquire() else {
+            return Err(Refused::Busy);
+        };
+        self.metrics.compiles.fetch_add(1, Ordering::Relaxed);
+        let name = node.to_string();
+        let compiled = tokio::task::spawn_blocking(move || current.compiler.compile(&name, &declared))
+            .await
+            .map_err(|e| Refused::Internal(e.into()))?;
+        let catalog = match compiled {
+            Ok(c) => c,
+            Err(diags) => {
+                self.metrics.compile_failures.fetch_add(1, Ordering::Relaxed);
+                let what = diags.iter().take(5).map(|d| d.to_string()).collect::<Vec<_>>().join("; ");
+                tracing::warn!("{node}: compile failed: {what}");
+                self.db.compile_failed(node, &what)?;
+                return match stored {
+                    Some(s) => Ok(s),
+                    None => Err(Refused::Compile(what)),
+                };
+            }
+        };
+        let resources = resources_sha256(&catalog);
+        let millis =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        let serial = match &stored {
+            Some(s) if s.resources_sha256 == resources => s.serial,
+            Some(s) => (s.serial + 1).max(millis),
+            None => millis,
+        };
+        let issued = Timestamp::now();
+        let envelope = keys::sign_catalog(
+            catalog,
+            &self.signer,
+            Some(self.keys.clone()),
+            Some(serial),
+            self.config.catalog_ttl,
+            issued,
+        )?;
+        let envelope = envelope.into_bytes();
+        let s = Arc::new(Stored {
+            serial,
+            resources_sha256: resources,
+            cache_key,
+            etag: sha256_hex(&envelope)[..32].to_string(),
+            issued_at: issued.0,
+            envelope,
+        });
+        self.db.store(node, &s)?;
+        self.catalogs.write().unwrap().insert(node.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Stores a node's report.
+    pub fn report(&self, node: &str, report: &Report, body: &str) -> Result<()> {
+        let s = &report.summary;
+        self.db.add_report(&ReportRow {
+            node,
+            at: now(),
+            changed: (s.changed + s.would_change) as i64,
+            failed: s.failed as i64,
+            stale: report.stale,
+            serial: report.info.serial,
+            body,
+        })?;
+        self.metrics.reports.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,281 @@
+//! The HTTPS API: a router over [`Fleet`], and an accept loop over rustls that hands each
+//! request the fingerprint of the client certificate it came with.
+//!
+//! `router` is apart from sockets, so HTTP behaviour can be tested in-process. Every error
+//! becomes a JSON body with a status; internal details are logged, never sent.
+
+use crate::fleet::{Fleet, Refused};
+use axum::Router;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use converge_modules::hash::sha256_hex;
+use converge_modules::wire::{CatalogRequest, EnrollRequest, ErrorBody, Report};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// The largest request body: facts and reports are small.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// The client certificate's fingerprint, if the client presented one.
+#[derive(Clone, Debug)]
+pub struct Peer(pub Option<String>);
+
+/// An error as the client sees it.
+pub struct ApiError(StatusCode, String, Option<u64>);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, axum::Json(ErrorBody { error: self.1 })).into_response();
+        if let Some(s) = self.2 {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        tracing::error!("internal error: {e:#}");
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server's log".into(), None)
+    }
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}"), None))
+}
+
+/// The node the request's client certificate belongs to.
+fn node(fleet: &Fleet, peer: &Peer) -> Result<String, ApiError> {
+    let Some(fp) = &peer.0 else {
+        fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a client certificate is required (converge bootstrap)".into(),
+            None,
+        ));
+    };
+    fleet.node_of(fp)?.map_err(|why| {
+        fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+        ApiError(StatusCode::FORBIDDEN, why, None)
+    })
+}
+
+pub fn router(fleet: Arc<Fleet>) -> Router {
+    Router::new()
+        .route("/v1/ca", get(ca))
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/catalog", post(catalog))
+        .route("/v1/reports", post(report))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(fleet)
+}
+
+async fn ca(State(fleet): State<Arc<Fleet>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/x-pem-file")], fleet.ca.pem.clone())
+}
+
+async fn enroll(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let req: EnrollRequest = json_body(&body)?;
+    match fleet.enroll(&req)? {
+        Ok(r @ converge_modules::wire::EnrollResponse::Pending { .. }) => {
+            Ok((StatusCode::ACCEPTED, axum::Json(r)).into_response())
+        }
+        Ok(r) => Ok(axum::Json(r).into_response()),
+        Err(why) => {
+            fleet.metrics.enroll_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("enrollment of {} refused: {why}", req.name);
+            Err(ApiError(StatusCode::FORBIDDEN, why, None))
+        }
+    }
+}
+
+async fn catalog(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let node = node(&fleet, &peer)?;
+    let req: CatalogRequest = json_body(&body)?;
+    fleet.saw(&node, &req.agent_version, &req.facts);
+    let stored = match fleet.catalog(&node, &req.formats, req.facts).await {
+        Ok(s) => s,
+        Err(Refused::Busy) => {
+            fleet.metrics.catalog_busy.fetch_add(1, Ordering::Relaxed);
+            let jitter = 5
+                + (std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .subsec_nanos()
+                    % 25) as u64;
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many compiles at once; try again later".into(),
+                Some(jitter),
+            ));
+        }
+        Err(Refused::TooOld(formats)) => {
+            return Err(ApiError(
+                StatusCode::UPGRADE_REQUIRED,
+                format!(
+                    "this server writes catalog format {}; the agent reads {formats:?}: upgrade converge",
+                    converge_modules::catalog::FORMAT
+                ),
+                None,
+            ));
+        }
+        Err(Refused::Compile(what)) => {
+            fleet.metrics.catalog_error.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("no catalog for {node}: {what}"), None));
+        }
+        Err(Refused::Internal(e)) => return Err(e.into()),
+    };
+    let etag = format!("\"{}\"", stored.etag);
+    let etag_value = HeaderValue::from_str(&etag).expect("hex is a header value");
+    if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+        fleet.metrics.catalog_304.fetch_add(1, Ordering::Relaxed);
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
+    }
+    fleet.metrics.catalog_200.fetch_add(1, Ordering::Relaxed);
+    let headers = [(header::ETAG, etag_value), (header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+    Ok((headers, stored.envelope.clone()).into_response())
+}
+
+async fn report(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let node = node(&fleet, &peer)?;
+    let report: Report = json_body(&body)?;
+    if report.info.host.as_deref().is_some_and(|h| h != node) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("a report about {} from {node}", report.info.host.unwrap_or_default()),
+            None,
+        ));
+    }
+    fleet.report(&node, &report, std::str::from_utf8(&body).unwrap_or_default())?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn healthz(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> {
+    let body = serde_json::json!({"status": "ok", "commit": fleet.commit(), "nodes": fleet.db.count_nodes()?});
+    Ok(axum::Json(body).into_response())
+}
+
+async fn metrics(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> {
+    let m = &fleet.metrics;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, labels: &[(&str, u64)]| {
+        out.push_str(&format!("# HELP converge_{name} {help}\n# TYPE converge_{name} counter\n"));
+        for (label, v) in labels {
+            out.push_str(&format!("converge_{name}{label} {v}\n"));
+        }
+    };
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    counter(
+        "catalog_requests_total",
+        "Catalog requests by outcome.",
+        &[
+            ("{outcome=\"sent\"}", l(&m.catalog_200)),
+            ("{outcome=\"not_modified\"}", l(&m.catalog_304)),
+            ("{outcome=\"busy\"}", l(&m.catalog_busy)),
+            ("{outcome=\"no_catalog\"}", l(&m.catalog_error)),
+        ],
+    );
+    counter("compiles_total", "Catalog compiles.", &[("", l(&m.compiles))]);
+    counter("compile_failures_total", "Catalog compiles that failed.", &[("", l(&m.compile_failures))]);
+    counter(
+        "enrollments_total",
+        "Enrollment requests by outcome.",
+        &[
+            ("{outcome=\"issued\"}", l(&m.enroll_issued)),
+            ("{outcome=\"pending\"}", l(&m.enroll_pending)),
+            ("{outcome=\"refused\"}", l(&m.enroll_refused)),
+        ],
+    );
+    counter("reports_total", "Reports received.", &[("", l(&m.reports))]);
+    counter("auth_refused_total", "Requests refused for their client certificate.", &[("", l(&m.auth_refused))]);
+    counter("connections_total", "TLS connections accepted.", &[("", l(&m.connections))]);
+    let nodes = fleet.db.nodes()?;
+    let now = crate::db::now();
+    out.push_str("# HELP converge_nodes Enrolled nodes.\n# TYPE converge_nodes gauge\n");
+    out.push_str(&format!("converge_nodes {}\n", nodes.len()));
+    out.push_str("# HELP converge_certificate_expiry_seconds Seconds until a certificate expires.\n# TYPE converge_certificate_expiry_seconds gauge\n");
+    for n in nodes.iter().filter(|n| !n.revoked) {
+        if let Some(exp) = n.cert_expires {
+            out.push_str(&format!("converge_certificate_expiry_seconds{{node=\"{}\"}} {}\n", n.name, exp - now));
+        }
+    }
+    out.push_str(&format!(
+        "# HELP converge_uptime_seconds Seconds since the server started.\n# TYPE converge_uptime_seconds gauge\nconverge_uptime_seconds {}\n",
+        now - fleet.started
+    ));
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// The server's TLS configuration: TLS 1.3, its certificate, and client certificates checked
+/// against its CA when presented (enrollment and the CA download come without one).
+pub fn tls_config(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<rustls::ServerConfig> {
+    use anyhow::Context;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec())).context("the CA certificate")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .context("the client certificate verifier")?;
+    let cert = CertificateDer::from_pem_file(state.join("server.pem")).context("cannot read server.pem")?;
+    let key = PrivateKeyDer::from_pem_file(state.join("server.key")).context("cannot read server.key")?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert, CertificateDer::from(ca_der.to_vec())], key)
+        .context("the server certificate and key")?;
+    Ok(config)
+}
+
+/// Accepts connections forever: TLS first (with a deadline), then HTTP/1.1 with the client
+/// certificate's fingerprint attached to every request of the connection.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: rustls::ServerConfig,
+    fleet: Arc<Fleet>,
+) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let app = router(fleet.clone());
+    let connections = Arc::new(tokio::sync::Semaphore::new(20_000));
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().acquire_owned().await else { continue };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, app, fleet) = (acceptor.clone(), app.clone(), fleet.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+            fleet.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| sha256_hex(c));
+            let service = hyper_util::service::TowerToHyperService::new(app.layer(Extension(Peer(peer))));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            let _ = conn.await;
+        });
+    }
+}
