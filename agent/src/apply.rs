@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow};
 use converge_modules::engine::{self, Options};
 use converge_modules::load::{Loaded, load, load_decoded};
 use converge_modules::providers::System;
-use converge_modules::report::{JsonSink, RunInfo, Sink, Summary, TextSink};
+use converge_modules::report::{Collect, JsonSink, RunInfo, Summary, Tee, TextSink};
 use converge_modules::time::Timestamp;
 use converge_modules::trust;
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -99,7 +99,7 @@ pub fn read_catalog(file: &Path) -> Result<Loaded> {
 }
 
 /// Holds the run lock: one run at a time per root; dry-runs share it.
-fn lock(root: &Root, dry_run: bool) -> Result<Option<Flock<OwnedFd>>> {
+pub fn lock(root: &Root, dry_run: bool) -> Result<Option<Flock<OwnedFd>>> {
     let shown = root.path().join(STATE_DIR.trim_start_matches('/'));
     if dry_run && root.lstat(STATE_DIR)?.is_none() {
         return Ok(None); // nothing to protect, and a dry-run creates nothing
@@ -130,8 +130,8 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
     let _lock = lock(&root, args.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
-    let summary = converge(args, &host, &loaded, None, Vec::new());
-    Ok(exit_code(args, &summary))
+    let (_, collect) = converge(&Output::of(args), &host, &loaded, None, Vec::new(), None);
+    Ok(exit_code(args.detailed_exitcodes, &collect.summary.unwrap_or_default()))
 }
 
 /// The first bytes of a file, to tell envelopes from catalogs.
@@ -160,6 +160,7 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
         now: Timestamp::now(),
         last: signed::last_applied(&root)?,
         allow_rollback: args.allow_rollback,
+        cached: false,
     };
     let verified = trust::verify_catalog(&bytes, &held.list, &policy)
         .map_err(|r| anyhow!("refused {name}: {r}; nothing was changed"))?;
@@ -180,56 +181,79 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
     for w in &verified.warnings {
         tracing::warn!("{name}: {w}");
     }
-    let summary = converge(args, &host, &loaded, Some(verified.signed_by), verified.warnings);
-    Ok(exit_code(args, &summary))
+    let (_, collect) = converge(&Output::of(args), &host, &loaded, Some(verified.signed_by), verified.warnings, None);
+    Ok(exit_code(args.detailed_exitcodes, &collect.summary.unwrap_or_default()))
 }
 
-/// Converges `loaded` on `host`, reporting to stdout in the chosen format.
-fn converge(
-    args: &ApplyArgs,
+/// Where and how a run reports.
+pub struct Output {
+    /// What the run converges, for the header: a file, or a server.
+    pub label: String,
+    pub dry_run: bool,
+    pub format: Format,
+    pub color: Color,
+    pub verbose: bool,
+}
+
+impl Output {
+    fn of(args: &ApplyArgs) -> Output {
+        let mut label = args.file.display().to_string();
+        if args.root != Path::new("/") {
+            label.push_str(&format!(" into {}", args.root.display()));
+        }
+        Output { label, dry_run: args.dry_run, format: args.format, color: args.color, verbose: args.verbose }
+    }
+}
+
+/// Converges `loaded` on `host`, reporting to stdout in the chosen format; returns every
+/// event as well, for a report.
+pub fn converge(
+    out: &Output,
     host: &RealHost,
     loaded: &Loaded,
     signed_by: Option<String>,
     warnings: Vec<String>,
-) -> Summary {
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> (RunInfo, Collect) {
     let system = System::new(host, &loaded.catalog.resources);
-    let mut catalog = args.file.display().to_string();
-    if !host.root().is_slash() {
-        catalog.push_str(&format!(" into {}", args.root.display()));
-    }
     let info = RunInfo {
-        catalog,
+        catalog: out.label.clone(),
         host: loaded.catalog.host.clone(),
         serial: loaded.catalog.serial,
         commit: loaded.catalog.source.as_ref().map(|s| s.commit.clone()),
-        dry_run: args.dry_run,
+        dry_run: out.dry_run,
         resources: loaded.catalog.resources.len(),
         signed_by,
         warnings,
     };
     let stdout = std::io::stdout().lock();
-    let options = Options { dry_run: args.dry_run };
-    let summary = match args.format {
-        Format::Json => engine::run(loaded, &system, options, info, &mut JsonSink::new(stdout) as &mut dyn Sink),
+    let options = Options { dry_run: out.dry_run, stop };
+    let mut collect = Collect::default();
+    match out.format {
+        Format::Json => {
+            let mut json = JsonSink::new(stdout);
+            engine::run(loaded, &system, options, info.clone(), &mut Tee(vec![&mut json, &mut collect]));
+        }
         Format::Text => {
-            let color = match args.color {
+            let color = match out.color {
                 Color::Always => true,
                 Color::Never => false,
                 Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
             };
-            engine::run(loaded, &system, options, info, &mut TextSink::new(stdout, color, args.verbose))
+            let mut text = TextSink::new(stdout, color, out.verbose);
+            engine::run(loaded, &system, options, info.clone(), &mut Tee(vec![&mut text, &mut collect]));
         }
-    };
+    }
     if host.backups().saved() > 0
         && let Err(e) = host.backups().prune(host.root())
     {
         tracing::warn!("could not prune the backup store: {e}");
     }
-    summary
+    (info, collect)
 }
 
-fn exit_code(args: &ApplyArgs, summary: &Summary) -> i32 {
-    if args.detailed_exitcodes {
+pub fn exit_code(detailed: bool, summary: &Summary) -> i32 {
+    if detailed {
         summary.detailed_exit_code()
     } else if summary.failed > 0 {
         1
@@ -246,7 +270,13 @@ pub fn verify(args: &VerifyArgs) -> Result<i32> {
         std::fs::read(&keys_path).with_context(|| format!("cannot read the trusted keys {}", keys_path.display()))?;
     let (list, _) = trust::read_key_list(&keys).map_err(|e| anyhow!("{}: {e}", keys_path.display()))?;
     let bytes = std::fs::read(&args.envelope).with_context(|| format!("cannot read {name}"))?;
-    let policy = trust::Policy { node: args.node.clone(), now: Timestamp::now(), last: None, allow_rollback: false };
+    let policy = trust::Policy {
+        node: args.node.clone(),
+        now: Timestamp::now(),
+        last: None,
+        allow_rollback: false,
+        cached: false,
+    };
     match trust::verify_catalog(&bytes, &list, &policy) {
         Ok(v) => {
             let c = &v.catalog;

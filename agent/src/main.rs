@@ -1,17 +1,24 @@
 //! `converge`, the agent: converges a host to its catalog.
 //!
-//! Code map: [`apply`] holds the `apply` and `verify` commands; [`signed`] keeps the trusted key
-//! list and the last applied catalog; [`host`] is the real OS behind the `Host`
+//! Code map: [`apply`] holds the `apply` and `verify` commands and the converge step every run
+//! shares; [`bootstrap`] joins a server; [`run`] pulls, verifies, converges and reports (once
+//! or as a daemon) and shows `status`; [`client`] speaks to the server; [`facts`] describes the
+//! host; [`state`] and [`signed`] keep what lasts between runs; [`host`] is the real OS behind the `Host`
 //! boundary, confined to a root by [`fs`]; [`backup`] keeps replaced content; [`command`] runs
 //! argv commands (validate) with a timeout. Everything that decides anything lives in
 //! `converge-modules`.
 
 mod apply;
 mod backup;
+mod bootstrap;
+mod client;
 mod command;
+mod facts;
 mod fs;
 mod host;
+mod run;
 mod signed;
+mod state;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -20,7 +27,10 @@ use std::process::ExitCode;
 #[command(name = "converge", version, about = "converge: converges this host to its catalog", propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// With no command, `converge` is `converge run --once`: these are its flags.
+    #[command(flatten)]
+    run: run::RunArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,6 +39,15 @@ enum Command {
     Apply(apply::ApplyArgs),
     /// Check a signed catalog offline: its signature, key list, format and freshness.
     Verify(apply::VerifyArgs),
+    /// Join this host to a server: pin its CA, make a key, enroll, run once.
+    Bootstrap(bootstrap::BootstrapArgs),
+    /// Pull, verify, converge and report: once, or every interval as a daemon.
+    Run(run::RunArgs),
+    /// The last run, its outcome and catalog, and the next run.
+    Status {
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,8 +66,27 @@ fn main() -> ExitCode {
         }
     };
     let result = match &cli.command {
-        Command::Apply(args) => apply::run(args),
-        Command::Verify(args) => apply::verify(args),
+        Some(Command::Apply(args)) => apply::run(args),
+        Some(Command::Verify(args)) => apply::verify(args),
+        Some(Command::Bootstrap(args)) => bootstrap::bootstrap(args).and_then(|()| {
+            if args.no_run {
+                return Ok(0);
+            }
+            let once = run::RunArgs {
+                once: true,
+                dry_run: false,
+                root: args.root.clone(),
+                format: apply::Format::Text,
+                detailed_exitcodes: false,
+                color: apply::Color::Auto,
+                verbose: false,
+            };
+            run::run_once(&once, None).map(|o| o.code)
+        }),
+        Some(Command::Run(args)) if args.once => run::run_once(args, None).map(|o| o.code),
+        Some(Command::Run(args)) => run::daemon(args),
+        Some(Command::Status { root }) => run::status(root),
+        None => run::run_once(&cli.run, None).map(|o| o.code),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

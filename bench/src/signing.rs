@@ -89,8 +89,13 @@ pub fn run() {
         let signs = rate(budget, || {
             std::hint::black_box(sign());
         });
-        let policy =
-            Policy { node: Some("web01.example.com".into()), now: Timestamp::now(), last: None, allow_rollback: false };
+        let policy = Policy {
+            node: Some("web01.example.com".into()),
+            now: Timestamp::now(),
+            last: None,
+            allow_rollback: false,
+            cached: false,
+        };
         let verifies = rate(budget, || {
             std::hint::black_box(trust::verify_catalog(&bytes, &list, &policy).expect("verifies"));
         });

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
             TrustedKey::new(&catalog.verifying_key(), KeyRole::Catalog),
         ],
     };
-    let policy = Policy { node: Some("web01".into()), now: Timestamp(1_800_000_000), last: None, allow_rollback: false };
+    let policy = Policy { node: Some("web01".into()), now: Timestamp(1_800_000_000), last: None, allow_rollback: false, cached: false };
     if let Ok(v) = trust::verify_catalog(data, &held, &policy) {
         // Only a correctly signed envelope can get here: the fuzzer cannot forge one, so this
         // is reachable only from the seed corpus, and must describe the host we asked for.

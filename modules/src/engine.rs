@@ -31,8 +31,10 @@ pub trait Providers {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Options {
+pub struct Options<'a> {
     pub dry_run: bool,
+    /// Set when the run must end: the resource in hand is finished, the rest are skipped.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// Converges `loaded` through `providers`, emitting events to `sink`; returns the totals.
@@ -53,6 +55,20 @@ pub fn run<P: Providers>(
     for &i in &plan.order {
         let r = &resources[i];
         let t0 = Instant::now();
+        if options.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+            let event = ResourceEvent {
+                id: r.id.to_string(),
+                status: Status::Skipped,
+                changes: Vec::new(),
+                message: Some("the agent is stopping; converged on its next run".into()),
+                refresh: None,
+                duration_ms: 0.0,
+            };
+            summary.count(&event.status);
+            sink.emit(Event::Resource(&event));
+            status[i] = Some(event.status);
+            continue;
+        }
         let mut event = converge_one(
             r,
             providers,
@@ -92,7 +108,7 @@ pub fn run<P: Providers>(
 fn converge_one<P: Providers>(
     r: &Resource,
     providers: &P,
-    options: Options,
+    options: Options<'_>,
     blocked_by: Option<(&Resource, &Status)>,
 ) -> ResourceEvent {
     let mut event = ResourceEvent {
@@ -246,7 +262,7 @@ resources:
             signed_by: None,
             warnings: vec![],
         };
-        let summary = run(&loaded, script, Options { dry_run }, info, &mut sink);
+        let summary = run(&loaded, script, Options { dry_run, stop: None }, info, &mut sink);
         let events = sink.resources.into_iter().map(|e| (e.id.clone(), e)).collect();
         (summary, events)
     }
@@ -300,6 +316,43 @@ resources:
         assert!(s.log.borrow().iter().all(|l| l.starts_with("check")));
         assert_eq!(ev["file:/svc"].refresh.as_deref(), Some("would restart (notified by file:/a)"));
         assert!(s.refreshes.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_stop_finishes_the_resource_in_hand_and_skips_the_rest() {
+        let s = Script::default();
+        let loaded = load("t.yaml", CATALOG, None).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut sink = Collect::default();
+        let info = RunInfo {
+            catalog: "t".into(),
+            host: None,
+            serial: None,
+            commit: None,
+            dry_run: false,
+            resources: 5,
+            signed_by: None,
+            warnings: vec![],
+        };
+        // A sink that asks to stop after the first resource event, as a signal would.
+        struct StopAfterFirst<'a>(&'a std::sync::atomic::AtomicBool, &'a mut Collect);
+        impl Sink for StopAfterFirst<'_> {
+            fn emit(&mut self, e: Event<'_>) {
+                if matches!(e, Event::Resource(_)) {
+                    self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                self.1.emit(e);
+            }
+        }
+        let summary = run(
+            &loaded,
+            &s,
+            Options { dry_run: false, stop: Some(&stop) },
+            info,
+            &mut StopAfterFirst(&stop, &mut sink),
+        );
+        assert_eq!((summary.changed, summary.skipped), (1, 4));
+        assert_eq!(sink.resources[1].message.as_deref(), Some("the agent is stopping; converged on its next run"));
     }
 
     #[test]

@@ -279,6 +279,9 @@ pub struct Policy {
     pub now: Timestamp,
     pub last: Option<Applied>,
     pub allow_rollback: bool,
+    /// The envelope is the agent's own cached copy, enforced while the server cannot be
+    /// reached: past its expiry it is still enforced, and marked stale.
+    pub cached: bool,
 }
 
 /// A catalog that passed every check.
@@ -292,6 +295,8 @@ pub struct Verified {
     pub new_keys: Option<(KeyList, Envelope)>,
     /// Things to report: an allowed rollback, a clock behind.
     pub warnings: Vec<String>,
+    /// A cached catalog past its expiry, enforced anyway.
+    pub stale: bool,
 }
 
 /// The SHA-256 of a catalog's resources as serialized.
@@ -358,11 +363,17 @@ pub fn verify_catalog(bytes: &[u8], held: &KeyList, policy: &Policy) -> Result<V
     if now.0 + CLOCK_SKEW < issued_at.0 {
         warnings.push(format!("the clock ({now}) is behind this catalog, issued at {issued_at}"));
     }
-    if expires_at <= now {
+    let stale = expires_at <= now;
+    if stale && !policy.cached {
         return Err(Refusal::Expired { expires_at, now });
     }
+    if stale {
+        warnings.push(format!(
+            "stale: the cached catalog expired at {expires_at}, and is enforced until the server answers"
+        ));
+    }
     let applied = Applied { host, serial, issued_at, resources_sha256 };
-    Ok(Verified { catalog, applied, signed_by, new_keys, warnings })
+    Ok(Verified { catalog, applied, signed_by, new_keys, warnings, stale })
 }
 
 /// A new key pair from 32 random bytes.
@@ -411,7 +422,7 @@ mod tests {
     const NOW: i64 = 1_800_000_000;
 
     fn policy(last: Option<Applied>) -> Policy {
-        Policy { node: Some("web01".into()), now: Timestamp(NOW), last, allow_rollback: false }
+        Policy { node: Some("web01".into()), now: Timestamp(NOW), last, allow_rollback: false, cached: false }
     }
 
     /// The trusted list of the tests: root key 1, catalog key 2.
@@ -561,6 +572,15 @@ mod tests {
         assert_eq!(trust_key_list(&env).unwrap(), list);
         let (_, by_catalog) = key_list(1, &key(1), &[&key(2)], &key(2));
         assert!(trust_key_list(&by_catalog).is_err());
+    }
+
+    #[test]
+    fn a_cached_catalog_past_its_expiry_is_enforced_and_marked_stale() {
+        let old = catalog("web01", 8, NOW - 8 * 86_400, "hi\n");
+        let bytes = envelope(&old, &key(2));
+        assert!(matches!(check(&bytes, None), Err(Refusal::Expired { .. })), "fetched: refused");
+        let v = verify_catalog(&bytes, &trusted(), &Policy { cached: true, ..policy(None) }).unwrap();
+        assert!(v.stale && v.warnings[0].starts_with("stale"), "{:?}", v.warnings);
     }
 
     #[test]

@@ -23,20 +23,9 @@ pub fn generate() -> Result<SigningKey> {
 
 /// 32 bytes from the operating system's random source.
 pub fn random() -> Result<[u8; 32]> {
+    use ring::rand::SecureRandom;
     let mut seed = [0u8; 32];
-    let mut filled = 0;
-    while filled < seed.len() {
-        // SAFETY: writes at most the remaining length into `seed`.
-        let n = unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e).context("cannot read random bytes from the kernel");
-            }
-            continue;
-        }
-        filled += n as usize;
-    }
+    ring::rand::SystemRandom::new().fill(&mut seed).map_err(|_| anyhow!("cannot read random bytes from the kernel"))?;
     Ok(seed)
 }
 

@@ -333,6 +333,6 @@ pub(crate) fn converge_yaml(
         signed_by: None,
         warnings: vec![],
     };
-    run(&loaded, &sys, Options { dry_run }, info, &mut sink);
+    run(&loaded, &sys, Options { dry_run, stop: None }, info, &mut sink);
     sink.resources
 }

@@ -1,0 +1,129 @@
+//! `converge bootstrap`: joins this host (or the image under `--root`) to a server.
+//!
+//! Nothing is trusted on first use: the CA the server sends is believed only if its hash is
+//! the one the operator pinned (`--ca-hash`), and the key list only if it is signed by its own
+//! root key (and, with `--root-key`, if that root key is the one pinned). The agent's private
+//! key is made here and never leaves the host; the server certifies its public key.
+
+use crate::client::Client;
+use crate::fs::Root;
+use crate::host::RealHost;
+use crate::state::{self, AgentConfig};
+use crate::{backup::BackupStore, signed};
+use anyhow::{Context, Result, anyhow, bail};
+use converge_modules::trust;
+use converge_modules::wire::{EnrollRequest, EnrollResponse};
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub struct BootstrapArgs {
+    /// The server, like https://converge.example.com:8443.
+    #[arg(long)]
+    pub server: String,
+    /// The CA's hash, as `converge-server init` printed it (sha256:HEX).
+    #[arg(long)]
+    pub ca_hash: String,
+    /// A one-time enrollment token; without one, wait for `converge-server node approve`.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// This node's name [the host name; the image's /etc/hostname with --root].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The id of the root key the key list must carry (`converge-server keys list`).
+    #[arg(long, value_name = "KEY_ID")]
+    pub root_key: Option<String>,
+    /// Join the image under DIR instead of this host.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// How long to wait for an operator's approval, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub wait: u64,
+    /// Join without running the first catalog.
+    #[arg(long)]
+    pub no_run: bool,
+}
+
+fn new_key() -> Result<ed25519_dalek::SigningKey> {
+    use ring::rand::SecureRandom;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut seed).map_err(|_| anyhow!("cannot read random bytes from the kernel"))?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+}
+
+/// Joins the host; returns the path of its configuration.
+pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
+    let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let pinned = args.ca_hash.trim().to_ascii_lowercase();
+    if !pinned.starts_with("sha256:") || pinned.len() != 71 {
+        bail!("--ca-hash {} is not sha256:HEX (64 hex digits) as converge-server init printed it", args.ca_hash);
+    }
+    // 1. The CA, believed only with the pinned hash.
+    let ca_pem = rt.block_on(Client::fetch_ca(&args.server))?;
+    let ca_der = {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|_| anyhow!("the server sent no CA certificate"))?
+    };
+    let hash = format!("sha256:{}", converge_modules::hash::sha256_hex(&ca_der));
+    if hash != pinned {
+        bail!(
+            "the server's CA is {hash}, not the pinned {pinned}: refusing to trust it (another server, or someone in between); nothing was changed"
+        );
+    }
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => signed::node_name(&root, None)?,
+    };
+    let host = RealHost::new(root, BackupStore::new(crate::apply::STATE_DIR));
+    host.root().create_dir_all("/etc/converge", 0o755)?;
+    // 2. The node's key: made here, kept here.
+    let key = match host.root().read_to_string(state::KEY_FILE) {
+        Ok(pem) => {
+            use ed25519_dalek::pkcs8::DecodePrivateKey;
+            ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).map_err(|e| anyhow!("{}: {e}", state::KEY_FILE))?
+        }
+        Err(_) => {
+            let key = new_key()?;
+            let pem = key.to_pkcs8_pem(Default::default()).map_err(|e| anyhow!("cannot encode the key: {e}"))?;
+            state::write(&host, state::KEY_FILE, pem.as_bytes(), 0o600)?;
+            key
+        }
+    };
+    let public_key = key.verifying_key().to_public_key_pem(Default::default()).map_err(|e| anyhow!("{e}"))?;
+    // 3. Enrollment: a certificate at once with a token, else when an operator approves.
+    let client = Client::new(&args.server, &ca_pem, None)?;
+    let request = EnrollRequest { name: name.clone(), public_key, token: args.token.clone() };
+    let started = Instant::now();
+    let mut told = false;
+    let (certificate, keys) = loop {
+        match rt.block_on(client.enroll(&request)).with_context(|| format!("enrollment of {name} refused"))? {
+            EnrollResponse::Issued { certificate, trusted_keys } => break (certificate, trusted_keys),
+            EnrollResponse::Pending { message } => {
+                if started.elapsed() >= Duration::from_secs(args.wait) {
+                    bail!("{name} is still waiting for approval after {} s ({message})", args.wait);
+                }
+                if !told {
+                    eprintln!("converge: {message}");
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    };
+    // 4. The key list, signed by its own root (the one pinned, if any).
+    let list = trust::trust_key_list(&keys).map_err(|e| anyhow!("the server's key list is refused: {e}"))?;
+    if let Some(id) = &args.root_key
+        && !list.keys.iter().any(|k| k.role == trust::KeyRole::Root && k.id == *id)
+    {
+        bail!("the server's key list has no root key {id}: refusing it; nothing was changed");
+    }
+    state::write(&host, state::CA_FILE, ca_pem.as_bytes(), 0o644)?;
+    state::write(&host, state::CERT_FILE, certificate.as_bytes(), 0o644)?;
+    state::write(&host, signed::KEYS_FILE, &serde_json::to_vec_pretty(&keys)?, 0o644)?;
+    state::write(&host, state::CONFIG_FILE, AgentConfig::text(&args.server, &name).as_bytes(), 0o644)?;
+    println!("converge: {name} joined {} (key list version {})", args.server, list.version);
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The agent's side of the HTTPS API.
+//!
+//! TLS trusts only the converge CA (never the system's roots) and presents the node's client
+//! certificate. The one exception is fetching the CA at bootstrap, before anything is trusted:
+//! that connection accepts any certificate, and the CA it brings is believed only if its hash
+//! is the one the operator pinned.
+
+use anyhow::{Context, Result, anyhow, bail};
+use converge_modules::wire::{CatalogRequest, EnrollRequest, EnrollResponse, ErrorBody};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// What the server said about the catalog.
+pub enum CatalogReply {
+    /// A new envelope, with its ETag.
+    Envelope { bytes: Vec<u8>, etag: Option<String> },
+    /// The cached one is current.
+    NotModified,
+    /// Busy: ask again after this many seconds.
+    Retry(u64),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn http(config: rustls::ClientConfig) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(120))
+        .user_agent(concat!("converge/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot set up HTTPS")
+}
+
+/// Accepts any server certificate: only for downloading the CA, which is then checked
+/// against its pinned hash. Handshake signatures are still verified.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The server's message from an error response, or its status.
+async fn error_of(resp: reqwest::Response) -> anyhow::Error {
+    let status = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(e) => anyhow!("the server answered {status}: {}", e.error),
+        Err(_) => anyhow!("the server answered {status}"),
+    }
+}
+
+impl Client {
+    fn base(server: &str) -> String {
+        server.trim_end_matches('/').to_string()
+    }
+
+    /// Fetches the CA certificate (PEM) without trusting anything yet.
+    pub async fn fetch_ca(server: &str) -> Result<String> {
+        let provider = provider();
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            .with_no_client_auth();
+        let resp = http(config)?
+            .get(format!("{}/v1/ca", Client::base(server)))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {server}"))?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        Ok(resp.text().await?)
+    }
+
+    /// A client that trusts only `ca_pem`, presenting a certificate when given.
+    pub fn new(server: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> Result<Client> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(cert.context("the CA file holds a damaged certificate")?)?;
+        }
+        if roots.is_empty() {
+            bail!("the CA file holds no certificate");
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots);
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert_pem, key_pem)) => {
+                let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .context("the node certificate is damaged")?;
+                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the node key is damaged")?;
+                builder.with_client_auth_cert(certs, key).context("the node certificate and key do not go together")?
+            }
+        };
+        Ok(Client { base: Client::base(server), http: http(config)? })
+    }
+
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/enroll", self.base))
+            .json(req)
+            .send()
+            .await
+            .context("cannot reach the server")?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        resp.json().await.context("the server's answer to enrollment is not understood")
+    }
+
+    pub async fn catalog(&self, req: &CatalogRequest, etag: Option<&str>) -> Result<CatalogReply> {
+        let mut r = self.http.post(format!("{}/v1/catalog", self.base)).json(req);
+        if let Some(tag) = etag {
+            r = r.header(reqwest::header::IF_NONE_MATCH, tag);
+        }
+        let resp = r.send().await.context("cannot reach the server")?;
+        match resp.status().as_u16() {
+            304 => Ok(CatalogReply::NotModified),
+            503 => {
+                let after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(60);
+                Ok(CatalogReply::Retry(after))
+            }
+            200 => {
+                let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
+                let bytes = resp.bytes().await.context("the catalog download was cut short")?;
+                Ok(CatalogReply::Envelope { bytes: bytes.to_vec(), etag })
+            }
+            _ => Err(error_of(resp).await),
+        }
+    }
+
+    pub async fn report(&self, body: &[u8]) -> Result<()> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/reports", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .context("cannot reach the server")?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        Ok(())
+    }
+}
