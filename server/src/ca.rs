@@ -50,6 +50,13 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// 16 random bytes, positive as X.509 wants serials.
+fn random_serial() -> Result<rcgen::SerialNumber> {
+    let mut bytes = crate::keys::random()?[..16].to_vec();
+    bytes[0] &= 0x7f;
+    Ok(rcgen::SerialNumber::from_slice(&bytes))
+}
+
 /// `sha256:HEX` of a certificate in DER, the form agents pin.
 pub fn cert_hash(der: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(der))
@@ -72,6 +79,7 @@ impl Ca {
         let ca = Ca { issuer: Issuer::new(ca_params(), key), pem: cert.pem(), der: cert.der().to_vec() };
         let server_key = KeyPair::generate_for(&PKCS_ED25519)?;
         let mut sp = CertificateParams::new(names.to_vec()).context("a --name is not a valid DNS name")?;
+        sp.serial_number = Some(random_serial()?);
         sp.subject_alt_names.extend(addresses.iter().map(|a| SanType::IpAddress(*a)));
         sp.distinguished_name
             .push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| addresses[0].to_string()));
@@ -104,6 +112,9 @@ impl Ca {
     pub fn issue_client(&self, node: &str, public_key_pem: &str, days: i64) -> Result<(String, Vec<u8>)> {
         let spki = Ed25519Public::from_pem(public_key_pem)?;
         let mut p = CertificateParams::default();
+        // A random serial: without one, re-enrolling with the same key in the same second
+        // would give a certificate identical to the revoked one.
+        p.serial_number = Some(random_serial()?);
         p.distinguished_name.push(DnType::CommonName, node);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -159,6 +170,8 @@ mod tests {
         let agent = KeyPair::generate_for(&PKCS_ED25519).unwrap();
         let (pem, der) = loaded.issue_client("web01", &agent.public_key_pem(), 90).unwrap();
         assert!(loaded.issue_client("web01", "not a key", 90).is_err());
+        let (_, again) = loaded.issue_client("web01", &agent.public_key_pem(), 90).unwrap();
+        assert_ne!(der, again, "the same key twice gives two certificates");
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(!der.is_empty());
     }

@@ -47,3 +47,132 @@ pub fn write(dir: &Path, files: &[(&str, &str)]) {
         std::fs::write(p, text).unwrap();
     }
 }
+
+/// Runs git in `dir` with an identity of its own (never the machine's configuration).
+pub fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"])
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .expect("git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A server's state made by `converge-server init`, over a git repository of `files`.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub ca_hash: String,
+    /// The token `init` printed (for any node name).
+    pub token: String,
+}
+
+impl Fleet {
+    pub fn new(files: &[(&str, &str)]) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        write(&repo, files);
+        git(&repo, &["init", "-q", "-b", "main"]);
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-q", "-m", "first"]);
+        let state = dir.path().join("state");
+        let out = server_ok(&[
+            "init",
+            "--state",
+            &state.display().to_string(),
+            "--address",
+            "127.0.0.1",
+            "--listen",
+            "127.0.0.1:0",
+            "--repo",
+            &repo.display().to_string(),
+        ]);
+        let join = out.lines().find(|l| l.contains("converge bootstrap")).expect("a join command");
+        let word = |flag: &str| join.split_whitespace().skip_while(|w| *w != flag).nth(1).unwrap().to_string();
+        // Tests watch the repository every second.
+        let config = state.join("server.toml");
+        let text = std::fs::read_to_string(&config).unwrap().replace("repo_poll = \"5s\"", "repo_poll = \"1s\"");
+        std::fs::write(&config, text).unwrap();
+        Fleet { ca_hash: word("--ca-hash"), token: word("--token"), dir }
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    pub fn config(&self) -> String {
+        self.dir.path().join("state/server.toml").display().to_string()
+    }
+
+    /// Commits changed files to the repository.
+    pub fn commit(&self, files: &[(&str, &str)]) {
+        write(&self.repo(), files);
+        git(&self.repo(), &["commit", "-q", "-am", "change"]);
+    }
+
+    /// A new single-use token for `name`.
+    pub fn token(&self, name: &str) -> String {
+        server_ok(&["token", "new", "--config", &self.config(), "--name", name]).trim().to_string()
+    }
+
+    /// A root directory for an agent named `name`.
+    pub fn root(&self, name: &str) -> PathBuf {
+        let root = self.dir.path().join(name);
+        write(&root, &[("etc/hostname", &format!("{name}\n"))]);
+        root
+    }
+}
+
+/// A running `converge-server serve`, stopped when dropped.
+pub struct Server {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl Server {
+    /// Starts the server of `config` and waits until it listens.
+    pub fn start(config: &str) -> Server {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("converge-server"))
+            .args(["serve", "--config", config])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let url = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the server starts listening");
+        Server { child, url }
+    }
+
+    /// Stops the server at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `converge` with `args` in `root`.
+pub fn converge_in(root: &Path, args: &[&str]) -> Out {
+    let mut all: Vec<&str> = args.to_vec();
+    let r = root.display().to_string();
+    all.extend(["--root", &r]);
+    run("converge", &all)
+}

@@ -1,0 +1,333 @@
+//! The fleet loop from end to end, with both real binaries over real TLS on loopback: init,
+//! serve, bootstrap, converge, a commit picked up, isolation between nodes, revocation, a CA
+//! that is not the pinned one, outages and restarts, and garbage from the network.
+
+use converge_e2e::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const SITE: &str = "nodes:\n  \"agent*\": {roles: [motd]}\n";
+
+fn motd(version: &str) -> String {
+    format!("resources:\n  - file: /etc/motd\n    content: \"{{{{ node.name }}}} {version}\\n\"\n    mode: \"0644\"\n")
+}
+
+fn fleet() -> Fleet {
+    Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", &motd("v1"))])
+}
+
+fn bootstrap(f: &Fleet, server: &Server, name: &str, token: &str) -> std::path::PathBuf {
+    let root = f.root(name);
+    let out = converge_in(&root, &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", token]);
+    assert_eq!(out.code, 0, "bootstrap {name}: {}{}", out.stdout, out.stderr);
+    root
+}
+
+fn read(root: &Path, path: &str) -> String {
+    std::fs::read_to_string(root.join(path)).unwrap_or_default()
+}
+
+/// Runs the agent until `path` holds `want` (the server watches the repository every second).
+fn run_until(root: &Path, path: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = converge_in(root, &["run", "--once"]);
+        if read(root, path) == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} never became {want:?}: {}{}", path, out.stdout, out.stderr);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn two_agents_join_converge_pick_up_a_commit_and_report() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    let a = bootstrap(&f, &server, "agent1", &f.token);
+    let b = bootstrap(&f, &server, "agent2", &f.token("agent2"));
+    assert_eq!(read(&a, "etc/motd"), "agent1 v1\n");
+    assert_eq!(read(&b, "etc/motd"), "agent2 v1\n");
+    for root in [&a, &b] {
+        for file in
+            ["etc/converge/agent.key", "etc/converge/agent.pem", "etc/converge/ca.pem", "etc/converge/agent.toml"]
+        {
+            assert!(root.join(file).exists(), "{file}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(root.join("etc/converge/agent.key")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    // A second run: nothing new (the server answers 304), nothing changes.
+    let again = converge_in(&a, &["run", "--once", "--detailed-exitcodes"]);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+
+    f.commit(&[("roles/motd.yaml", &motd("v2"))]);
+    run_until(&a, "etc/motd", "agent1 v2\n");
+    run_until(&b, "etc/motd", "agent2 v2\n");
+
+    let status = converge_in(&a, &["status"]);
+    assert!(
+        status.stdout.contains("node        agent1") && status.stdout.contains("from the server"),
+        "{}",
+        status.stdout
+    );
+    std::thread::sleep(Duration::from_millis(1500)); // the server records visits every second
+    let nodes = server_ok(&["node", "list", "--config", &f.config()]);
+    for name in ["agent1", "agent2"] {
+        let line = nodes.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {nodes}"));
+        assert!(line.contains(": 1 changed, 0 failed"), "{line}");
+    }
+    // The second run of each agent was answered 304 (curl is optional on the machine).
+    if let Ok(m) = std::process::Command::new("curl").args(["-sk", &format!("{}/metrics", server.url)]).output() {
+        let text = String::from_utf8_lossy(&m.stdout);
+        assert!(text.contains("converge_catalog_requests_total{outcome=\"not_modified\"}"), "{text}");
+    }
+}
+
+#[test]
+fn a_node_gets_only_its_own_catalog_and_a_revoked_node_is_refused_at_once() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    let a = bootstrap(&f, &server, "agent1", &f.token);
+    let b = bootstrap(&f, &server, "agent2", &f.token("agent2"));
+    // agent2 presents agent1's identity: the server answers with agent1's catalog (the name
+    // comes only from the certificate), which agent2 refuses as not its own.
+    for file in ["agent.key", "agent.pem"] {
+        std::fs::copy(a.join("etc/converge").join(file), b.join("etc/converge").join(file)).unwrap();
+    }
+    let out = converge_in(&b, &["run", "--once"]);
+    assert!(out.stdout.contains("the catalog is for host agent1, and this is agent2"), "{}{}", out.stdout, out.stderr);
+    assert_eq!(read(&b, "etc/motd"), "agent2 v1\n");
+
+    server_ok(&["node", "revoke", "--config", &f.config(), "agent1"]);
+    let before = std::fs::read(a.join("var/lib/converge/applied.json")).unwrap();
+    let out = converge_in(&a, &["run", "--once"]);
+    assert!(out.stdout.contains("the certificate of agent1 is revoked"), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
+    assert_eq!(std::fs::read(a.join("var/lib/converge/applied.json")).unwrap(), before);
+    // A revoked name enrolls again only through a new token.
+    let again = converge_in(
+        &f.root("agent1"),
+        &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token("agent1"), "--no-run"],
+    );
+    assert_eq!(again.code, 0, "{}", again.stderr);
+}
+
+#[test]
+fn a_live_name_cannot_enroll_twice_and_tokens_are_single_use() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    bootstrap(&f, &server, "agent1", &f.token);
+    let other = f.dir.path().join("impostor");
+    write(&other, &[("etc/hostname", "agent1\n")]);
+    let out = converge_in(
+        &other,
+        &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token("agent*")],
+    );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("agent1 already has a live certificate; revoke it first"), "{}", out.stderr);
+    let reuse = converge_in(
+        &f.root("agent3"),
+        &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token],
+    );
+    assert_eq!(reuse.code, 1);
+    assert!(reuse.stderr.contains("the token was already used (by agent1)"), "{}", reuse.stderr);
+}
+
+#[test]
+fn approval_instead_of_a_token() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    let root = f.root("agent5");
+    let url = server.url.clone();
+    let (hash, root2) = (f.ca_hash.clone(), root.clone());
+    let waiting = std::thread::spawn(move || {
+        converge_in(&root2, &["bootstrap", "--server", &url, "--ca-hash", &hash, "--wait", "30"])
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = server_ok(&["node", "list", "--config", &f.config()]);
+        if listed.contains("agent5") && listed.contains("waiting for approval") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{listed}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    server_ok(&["node", "approve", "--config", &f.config(), "agent5"]);
+    let out = waiting.join().unwrap();
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(read(&root, "etc/motd"), "agent5 v1\n");
+}
+
+#[test]
+fn a_ca_that_is_not_the_pinned_one_is_refused_at_bootstrap() {
+    let real = fleet();
+    let other = fleet();
+    let impostor = Server::start(&other.config());
+    let root = real.root("agent1");
+    let out = converge_in(
+        &root,
+        &["bootstrap", "--server", &impostor.url, "--ca-hash", &real.ca_hash, "--token", &other.token],
+    );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("is not the pinned") || out.stderr.contains("not the pinned"), "{}", out.stderr);
+    assert!(!root.join("etc/converge/agent.toml").exists(), "nothing was changed");
+}
+
+#[test]
+fn outages_and_restarts() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    let a = bootstrap(&f, &server, "agent1", &f.token);
+    server.kill();
+    // The server is gone: the agent enforces its cached catalog and keeps its report.
+    std::fs::write(a.join("etc/motd"), "drifted\n").unwrap();
+    let out = converge_in(&a, &["run", "--once"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
+    assert_eq!(read(&a, "etc/motd"), "agent1 v1\n", "drift repaired from the cache");
+    let queued = std::fs::read_dir(a.join("var/lib/converge/reports")).unwrap().count();
+    assert_eq!(queued, 1);
+    let status = converge_in(&a, &["status"]);
+    assert!(status.stdout.contains("from the cache"), "{}", status.stdout);
+    // The server comes back with all its state: the same certificate works, the queued report
+    // is delivered.
+    let server = Server::start(&f.config());
+    let a_toml = std::fs::read_to_string(a.join("etc/converge/agent.toml")).unwrap();
+    let old_url = a_toml.lines().find(|l| l.starts_with("server")).unwrap().to_string();
+    std::fs::write(
+        a.join("etc/converge/agent.toml"),
+        a_toml.replace(&old_url, &format!("server = \"{}\"", server.url)),
+    )
+    .unwrap();
+    let out = converge_in(&a, &["run", "--once"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(std::fs::read_dir(a.join("var/lib/converge/reports")).unwrap().count(), 0, "the queue was delivered");
+    std::thread::sleep(Duration::from_millis(1500));
+    let nodes = server_ok(&["node", "list", "--config", &f.config()]);
+    assert!(nodes.lines().any(|l| l.starts_with("agent1")), "{nodes}");
+}
+
+/// A TLS server with the real server's certificate that answers every request with `response`.
+fn fake_server(f: &Fleet, response: Vec<u8>) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let state = f.dir.path().join("state");
+    let cert = CertificateDer::from_pem_file(state.join("server.pem")).unwrap();
+    let ca = CertificateDer::from_pem_file(state.join("ca.pem")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(state.join("server.key")).unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert, ca], key)
+            .unwrap();
+    let config = std::sync::Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for tcp in listener.incoming().map_while(Result::ok) {
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut buf = [0u8; 65536];
+            let _ = tls.read(&mut buf);
+            let _ = tls.write_all(&response);
+            let _ = tls.flush();
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    url
+}
+
+#[test]
+fn garbage_and_truncated_answers_change_nothing() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    let a = bootstrap(&f, &server, "agent1", &f.token);
+    drop(server);
+    let envelope = std::fs::read_dir(a.join("var/lib/converge/catalogs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "env"))
+        .map(|p| std::fs::read(p).unwrap())
+        .unwrap();
+    let http = |body: &[u8]| {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let answers: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage body", http(b"\x00\x01\x02 not json at all")),
+        ("truncated envelope", http(&envelope[..envelope.len() / 2])),
+        (
+            "an envelope with one byte changed",
+            http(&{
+                let mut e = envelope.clone();
+                let i = e.len() / 2;
+                e[i] = if e[i] == b'A' { b'B' } else { b'A' };
+                e
+            }),
+        ),
+        ("not HTTP", b"\x16\x03garbage\r\n\r\n".to_vec()),
+        ("a short read", {
+            let mut r = http(&envelope);
+            r.truncate(r.len() - envelope.len() / 2);
+            r
+        }),
+    ];
+    let toml = std::fs::read_to_string(a.join("etc/converge/agent.toml")).unwrap();
+    let applied = std::fs::read(a.join("var/lib/converge/applied.json")).unwrap();
+    for (what, answer) in answers {
+        let url = fake_server(&f, answer);
+        let line = toml.lines().find(|l| l.starts_with("server")).unwrap();
+        std::fs::write(a.join("etc/converge/agent.toml"), toml.replace(line, &format!("server = \"{url}\""))).unwrap();
+        let motd = read(&a, "etc/motd");
+        let out = converge_in(&a, &["run", "--once"]);
+        assert_eq!(out.code, 0, "{what}: {}{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("enforcing the cached catalog"), "{what}: {}", out.stdout);
+        assert_eq!(read(&a, "etc/motd"), motd, "{what}");
+        assert_eq!(std::fs::read(a.join("var/lib/converge/applied.json")).unwrap(), applied, "{what}");
+    }
+}
+
+#[test]
+fn the_daemon_runs_on_sighup_and_stops_on_sigterm() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    let a = bootstrap(&f, &server, "agent1", &f.token);
+    let toml = std::fs::read_to_string(a.join("etc/converge/agent.toml")).unwrap();
+    std::fs::write(a.join("etc/converge/agent.toml"), format!("{toml}splay = \"0s\"\n")).unwrap();
+    let mut daemon = std::process::Command::new(bin("converge"))
+        .args(["run", "--root", &a.display().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    f.commit(&[("roles/motd.yaml", &motd("v3"))]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read(&a, "etc/motd") != "agent1 v3\n" {
+        assert!(Instant::now() < deadline, "the daemon never picked up v3");
+        std::thread::sleep(Duration::from_millis(1200));
+        let _ = std::process::Command::new("kill").args(["-HUP", &daemon.id().to_string()]).status();
+    }
+    let status = converge_in(&a, &["status"]);
+    assert!(status.stdout.contains("next run"), "{}", status.stdout);
+    let _ = std::process::Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(code) = daemon.try_wait().unwrap() {
+            assert!(code.success(), "{code:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
