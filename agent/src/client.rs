@@ -37,6 +37,9 @@ fn http(config: rustls::ClientConfig) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .use_preconfigured_tls(config)
         .connect_timeout(Duration::from_secs(10))
+        // One connection per request, never pooled: runs do not share a runtime. TLS sessions
+        // are resumed through the configuration's own cache instead.
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(120))
         .user_agent(concat!("converge/", env!("CARGO_PKG_VERSION")))
         .build()

@@ -57,6 +57,24 @@ pub struct Outcome {
     pub retry_after: Option<u64>,
 }
 
+/// The client of the last run, kept while its server and identity stay the same: a daemon then
+/// resumes its TLS session every interval instead of a full handshake.
+static CLIENT: std::sync::Mutex<Option<(String, std::sync::Arc<Client>)>> = std::sync::Mutex::new(None);
+
+fn client(root: &Root, config: &AgentConfig) -> Result<std::sync::Arc<Client>> {
+    let (ca, cert, key) = (read(root, state::CA_FILE)?, read(root, state::CERT_FILE)?, read(root, state::KEY_FILE)?);
+    let identity = converge_modules::hash::sha256_hex(format!("{}\0{ca}\0{cert}\0{key}", config.server).as_bytes());
+    let mut kept = CLIENT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((id, c)) = kept.as_ref()
+        && *id == identity
+    {
+        return Ok(c.clone());
+    }
+    let c = std::sync::Arc::new(Client::new(&config.server, &ca, Some((&cert, &key)))?);
+    *kept = Some((identity, c.clone()));
+    Ok(c)
+}
+
 fn read(root: &Root, path: &str) -> Result<String> {
     root.read_to_string(path).map_err(|e| {
         anyhow!(
@@ -70,11 +88,7 @@ fn read(root: &Root, path: &str) -> Result<String> {
 pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
     let config = AgentConfig::load(&root)?;
-    let client = Client::new(
-        &config.server,
-        &read(&root, state::CA_FILE)?,
-        Some((&read(&root, state::CERT_FILE)?, &read(&root, state::KEY_FILE)?)),
-    )?;
+    let client = client(&root, &config)?;
     let _lock = lock(&root, args.dry_run)?;
     let held = signed::held_keys(&root, None)?;
     let started = Timestamp::now();

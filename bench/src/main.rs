@@ -12,6 +12,9 @@
 //!
 //! `converge-bench sign`: signing and verifying catalogs beside raw ed25519; see `signing.rs`.
 //!
+//! `converge-bench serve [NODES FULL CONCURRENCY]`: load on the server over mutual TLS; see
+//! `serve.rs`.
+//!
 //! `converge-bench baseline LIST`: the baseline itself, over the paths listed in LIST.
 
 use converge_modules::catalog::{Catalog, DirectorySpec, FileSpec, Kind, Meta, Mode, Resource, ResourceId, Spec};
@@ -23,6 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod compile;
+mod serve;
 mod signing;
 
 const RUNS: usize = 9;
@@ -41,6 +45,10 @@ fn main() {
             compile::run(&sizes);
         }
         Some("sign") => signing::run(),
+        Some("serve") => {
+            let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
+            serve::run(n(1, 10_000), n(2, 1_000), n(3, 64));
+        }
         Some("noop") => {
             let sizes: Vec<usize> = if args.len() > 1 {
                 args[1..].iter().map(|a| a.parse().expect("N")).collect()

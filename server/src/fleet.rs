@@ -291,7 +291,9 @@ impl Fleet {
         {
             return Ok(s.clone());
         }
-        let Ok(_permit) = self.compiles.try_acquire() else {
+        // A burst waits a little for a compile slot; past that, the agent is told to come back.
+        let Ok(Ok(_permit)) = tokio::time::timeout(std::time::Duration::from_secs(2), self.compiles.acquire()).await
+        else {
             return Err(Refused::Busy);
         };
         self.metrics.compiles.fetch_add(1, Ordering::Relaxed);
