@@ -93,7 +93,15 @@ impl Root {
                     .flags(flags)
                     .mode(Mode::from_bits_truncate(mode))
                     .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-                openat2(&self.fd, rel, how).map_err(errno)
+                // The kernel answers EAGAIN when a rename or mount anywhere raced a lookup that
+                // went through `..`: ask again, and past a bound walk in user space instead.
+                for _ in 0..16 {
+                    match openat2(&self.fd, rel, how) {
+                        Err(Errno::EAGAIN) => continue,
+                        r => return r.map_err(errno),
+                    }
+                }
+                self.walk(rel, flags, mode, follow_last)
             }
             Resolver::Walk => self.walk(rel, flags, mode, follow_last),
         }
@@ -296,6 +304,29 @@ mod tests {
     #[test]
     fn the_walk_keeps_lookups_inside_the_root() {
         check(Resolver::Walk);
+    }
+
+    #[test]
+    fn lookups_through_dots_survive_renames_elsewhere() {
+        // Any rename on the system can make the kernel refuse a `..` lookup with EAGAIN.
+        let (_t, root_path) = setup();
+        let busy = tempfile::tempdir().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renamer = {
+            let (dir, stop) = (busy.path().to_path_buf(), stop.clone());
+            std::fs::write(dir.join("a"), "x").unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::fs::rename(dir.join("a"), dir.join("b")).unwrap();
+                    std::fs::rename(dir.join("b"), dir.join("a")).unwrap();
+                }
+            })
+        };
+        let root = Root::open(&root_path).unwrap().with_resolver(Resolver::Openat2);
+        let failures = (0..20_000).filter(|_| root.read_to_string("/etc/dots/etc/inside").is_err()).count();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        renamer.join().unwrap();
+        assert_eq!(failures, 0, "lookups failed while files were renamed elsewhere");
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl AgentConfig {
         let conf = Conf::parse(&shown, &text, CONFIG_KEYS)
             .map_err(|d| anyhow!("{}", d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")))?;
         let e = |d: converge_modules::diag::Diagnostic| anyhow!("{d}");
-        let interval = conf.duration("interval").map_err(e)?.unwrap_or(1800).max(10);
+        let interval = conf.duration_at_least("interval", 10).map_err(e)?.unwrap_or(1800);
         Ok(AgentConfig {
             server: conf.required("server").map_err(e)?.to_string(),
             name: conf.required("name").map_err(e)?.to_string(),

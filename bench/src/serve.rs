@@ -2,12 +2,14 @@
 //!
 //! The server (the release binary, its own process) serves the repository `catalogs/`; each
 //! node is enrolled with its own key and certificate. Measured, each phase with fresh TLS
-//! connections as agents make them every 30 minutes:
+//! connections as agents make them every 30 minutes, resuming their sessions with tickets:
 //! - first fetches: every node's first catalog (compiled, signed, stored);
 //! - full fetches: catalogs sent again without an ETag;
 //! - conditional polls: every node asks with its ETag and is answered 304;
-//! - the baseline: a bare mutual TLS handshake to the same server (connect, handshake, close),
-//!   the floor any poll pays.
+//! - the same polls with full handshakes, as right after a server restart (ticket keys live in
+//!   memory only);
+//! - the baseline: a bare resumed mutual TLS handshake to the same server (connect, handshake,
+//!   close), the floor any poll pays.
 //!
 //! Printed: requests/s, p50 and p99 latency, errors, the server's peak RSS, and how many agents
 //! polling every 30 minutes that rate serves.
@@ -113,6 +115,8 @@ struct Phase {
     latencies: Vec<Duration>,
     errors: usize,
     statuses: std::collections::BTreeMap<u16, usize>,
+    /// CPU seconds the server process used during the phase.
+    server_cpu: f64,
 }
 
 impl Phase {
@@ -121,12 +125,13 @@ impl Phase {
         l.sort();
         let p = |q: f64| l.get(((l.len().max(1) - 1) as f64 * q) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
         println!(
-            "{:<22} {:>7} {:>10.0}/s {:>8.2}ms {:>8.2}ms {:>7}  {:?}",
+            "{:<24} {:>6} {:>8.0}/s {:>7.2}ms {:>7.2}ms {:>8.0}us {:>6}  {:?}",
             self.name,
             self.count,
             self.count as f64 / self.seconds,
             p(0.5),
             p(0.99),
+            self.cpu_per_request() * 1e6,
             self.errors,
             self.statuses
         );
@@ -135,7 +140,35 @@ impl Phase {
     fn rate(&self) -> f64 {
         self.count as f64 / self.seconds
     }
+
+    fn cpu_per_request(&self) -> f64 {
+        self.server_cpu / self.count.max(1) as f64
+    }
 }
+
+/// CPU seconds (user and system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    // (the state, field 3, comes first).
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(14) + field(15)) / clock_ticks()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on every Linux this runs on).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The server process, whose CPU time each phase measures.
+static SERVER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Runs `op` for each node index in `order`, `concurrency` at a time.
 async fn phase<F, Fut>(
@@ -150,6 +183,8 @@ where
 {
     let op = Arc::new(op);
     let queue = Arc::new(std::sync::Mutex::new(order.clone().into_iter()));
+    let server = SERVER.load(std::sync::atomic::Ordering::Relaxed);
+    let cpu_before = cpu_seconds(server);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -172,6 +207,7 @@ where
         latencies: Vec::new(),
         errors: 0,
         statuses: Default::default(),
+        server_cpu: 0.0,
     };
     let mut etags = Vec::new();
     for t in tasks {
@@ -195,6 +231,7 @@ where
         }
     }
     p.seconds = started.elapsed().as_secs_f64();
+    p.server_cpu = cpu_seconds(server) - cpu_before;
     (p, etags)
 }
 
@@ -273,6 +310,7 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    SERVER.store(server.id(), std::sync::atomic::Ordering::Relaxed);
     let addr = {
         use std::io::BufRead;
         let mut line = String::new();
@@ -293,7 +331,10 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
     println!(
         "converge-server with {nodes} nodes over mutual TLS on loopback, {concurrency} connections at a time, a fresh connection per request"
     );
-    println!("{:<22} {:>7} {:>12} {:>10} {:>10} {:>7}  statuses", "phase", "count", "rate", "p50", "p99", "errors");
+    println!(
+        "{:<24} {:>6} {:>10} {:>9} {:>9} {:>10} {:>6}  statuses",
+        "phase", "count", "rate", "p50", "p99", "server CPU", "errors"
+    );
     let tls_of = |f: &Arc<std::sync::RwLock<Vec<Node>>>, i: usize| f.read().unwrap()[i].tls.clone();
 
     let (f, a, b) = (fleet.clone(), addr.clone(), body.clone());
@@ -305,12 +346,6 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
     for (i, etag) in etags {
         fleet.write().unwrap()[i].etag = etag;
     }
-    let (f, a) = (fleet.clone(), addr.clone());
-    let (hs, _) = rt.block_on(phase("baseline: TLS handshake", all.clone(), concurrency, move |i| {
-        let (tls, addr) = (tls_of(&f, i), a.clone());
-        async move { handshake(&addr, tls).await }
-    }));
-    hs.print();
     let (f, a, b) = (fleet.clone(), addr.clone(), body.clone());
     let (full_phase, _) = rt.block_on(phase("full fetch", (0..full.min(nodes)).collect(), concurrency, move |i| {
         let (tls, addr, body) = (tls_of(&f, i), a.clone(), b.clone());
@@ -318,18 +353,55 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
     }));
     full_phase.print();
     let (f, a, b) = (fleet.clone(), addr.clone(), body.clone());
-    let (polls, _) = rt.block_on(phase("conditional poll (304)", all, concurrency, move |i| {
+    let (polls, _) = rt.block_on(phase("conditional poll (304)", all.clone(), concurrency, move |i| {
         let (tls, addr, body) = (tls_of(&f, i), a.clone(), b.clone());
         let etag = f.read().unwrap()[i].etag.clone();
         async move { request(&addr, tls, &body, etag.as_deref()).await }
     }));
     polls.print();
+    // As right after a server restart: its ticket keys are gone, every agent does a full handshake.
+    let cold: Arc<Vec<Arc<rustls::ClientConfig>>> = Arc::new(
+        fleet
+            .read()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                let mut c = (*n.tls).clone();
+                c.resumption = rustls::client::Resumption::disabled();
+                Arc::new(c)
+            })
+            .collect(),
+    );
+    let (f, a, b, c) = (fleet.clone(), addr.clone(), body.clone(), cold.clone());
+    let (cold_polls, _) = rt.block_on(phase("poll, full handshake", all.clone(), concurrency, move |i| {
+        let (tls, addr, body) = (c[i].clone(), a.clone(), b.clone());
+        let etag = f.read().unwrap()[i].etag.clone();
+        async move { request(&addr, tls, &body, etag.as_deref()).await }
+    }));
+    cold_polls.print();
+    // Last, since it closes before the server's new session ticket arrives: the ticket each node
+    // holds is spent here, and the phases above would otherwise pay full handshakes.
+    let (f, a) = (fleet.clone(), addr.clone());
+    let (hs, _) = rt.block_on(phase("baseline: TLS handshake", all, concurrency, move |i| {
+        let (tls, addr) = (tls_of(&f, i), a.clone());
+        async move { handshake(&addr, tls).await }
+    }));
+    hs.print();
     let rss = peak_rss(server.id());
     println!(
-        "conditional polls: {:.0}/s = {:.2}x the bare handshake rate; server peak RSS {rss:.1} MiB; at one poll per 30 minutes that serves {:.0} agents",
+        "conditional polls: {:.0}/s ({:.0}/s with full handshakes), {:.2}x the cost of a bare resumed handshake; server peak RSS {rss:.1} MiB; at one poll per 30 minutes that serves {:.0} agents",
         polls.rate(),
+        cold_polls.rate(),
         hs.rate() / polls.rate(),
         polls.rate() * 1800.0
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "the server's own CPU per poll: {:.0} us ({:.2}x a bare resumed handshake's {:.0} us); {cores} cores given to the server alone would answer {:.0} polls/s",
+        polls.cpu_per_request() * 1e6,
+        polls.cpu_per_request() / hs.cpu_per_request().max(1e-9),
+        hs.cpu_per_request() * 1e6,
+        cores / polls.cpu_per_request().max(1e-9)
     );
     let _ = server.kill();
     let _ = server.wait();

@@ -95,6 +95,14 @@ impl Conf {
         parse_duration(s).map(Some).map_err(|e| self.err(key, format!("`{key}`: {e}")))
     }
 
+    /// A duration of at least `min` seconds.
+    pub fn duration_at_least(&self, key: &str, min: i64) -> Result<Option<i64>, Diagnostic> {
+        match self.duration(key)? {
+            Some(d) if d < min => Err(self.err(key, format!("`{key}` is {d}s; it must be at least {min}s"))),
+            d => Ok(d),
+        }
+    }
+
     /// A required string.
     pub fn required(&self, key: &str) -> Result<&str, Diagnostic> {
         self.str(key)?.ok_or_else(|| Diagnostic::new(&self.file, Mark::UNKNOWN, format!("`{key}` is not set")))
@@ -223,6 +231,10 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap(), 90);
         assert!(parse_duration("7w").is_err());
         assert!(parse_duration("d").is_err());
+        let c = Conf::parse("a.toml", "server = \"x\"\ninterval = \"2s\"\n", KNOWN).unwrap();
+        let e = c.duration_at_least("interval", 10).unwrap_err().to_string();
+        assert!(e.starts_with("a.toml:2:1: `interval` is 2s; it must be at least 10s"), "{e}");
+        assert_eq!(c.duration_at_least("interval", 2).unwrap(), Some(2));
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub reports: AtomicU64,
     pub auth_refused: AtomicU64,
     pub connections: AtomicU64,
+    pub resumed: AtomicU64,
 }
 
 /// What a node told the server last time it asked, to be written in batches.

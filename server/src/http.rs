@@ -205,6 +205,11 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> 
     counter("reports_total", "Reports received.", &[("", l(&m.reports))]);
     counter("auth_refused_total", "Requests refused for their client certificate.", &[("", l(&m.auth_refused))]);
     counter("connections_total", "TLS connections accepted.", &[("", l(&m.connections))]);
+    counter(
+        "tls_resumed_total",
+        "TLS connections that resumed a session (no certificate signatures checked again).",
+        &[("", l(&m.resumed))],
+    );
     let nodes = fleet.db.nodes()?;
     let now = crate::db::now();
     out.push_str("# HELP converge_nodes Enrolled nodes.\n# TYPE converge_nodes gauge\n");
@@ -226,7 +231,15 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> 
 /// against its CA when presented (enrollment and the CA download come without one).
 pub fn tls_config(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<rustls::ServerConfig> {
     use anyhow::Context;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // AES-128-GCM with SHA-256 first, whatever the client prefers: SHA-256 runs on the CPU's
+    // SHA extensions where SHA-384 does not, and it was an eighth of the server's time per poll.
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
+    let provider = Arc::new(provider);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca_der.to_vec())).context("the CA certificate")?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -245,6 +258,7 @@ pub fn tls_config(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<rust
     // certificate, so every request is still checked against the deny list.
     config.ticketer = rustls::crypto::ring::Ticketer::new().context("session tickets")?;
     config.send_tls13_tickets = 1;
+    config.ignore_client_order = true;
     Ok(config)
 }
 
@@ -274,6 +288,9 @@ pub async fn serve(
             let _permit = permit;
             let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
             fleet.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                fleet.metrics.resumed.fetch_add(1, Ordering::Relaxed);
+            }
             let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| sha256_hex(c));
             let service = hyper_util::service::TowerToHyperService::new(app.layer(Extension(Peer(peer))));
             let conn = hyper::server::conn::http1::Builder::new()

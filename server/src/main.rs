@@ -530,11 +530,15 @@ fn init(
     println!("  configuration {d}/server.toml");
     println!("\nserve with:\n  converge-server serve --config {d}/server.toml");
     println!("\njoin a host (the token is single-use, valid 24h; `converge-server token new` makes more):");
-    println!(
-        "  converge bootstrap --server https://{host}:{} --ca-hash {} --token {token}",
-        listen_addr.port(),
-        ca.hash()
-    );
+    // Port 0 picks a free port when serving: `serve` prints the one it got.
+    let port = match listen_addr.port() {
+        0 => "PORT".to_string(),
+        p => p.to_string(),
+    };
+    println!("  converge bootstrap --server https://{host}:{port} --ca-hash {} --token {token}", ca.hash());
+    if listen_addr.port() == 0 {
+        println!("  (PORT: the one `converge-server serve` prints when it starts listening)");
+    }
     Ok(0)
 }
 

@@ -155,6 +155,42 @@ impl Server {
         Server { child, url }
     }
 
+    /// GETs `path` over HTTPS, trusting only the fleet's CA; returns the status and body.
+    pub fn get(&self, fleet: &Fleet, path: &str) -> (u16, String) {
+        use rustls::pki_types::pem::PemObject;
+        use std::io::{Read, Write};
+        let ca = rustls::pki_types::CertificateDer::from_pem_file(fleet.dir.path().join("state/ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let config =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let addr = self.url.trim_start_matches("https://").trim_end_matches('/');
+        let host = addr.rsplit_once(':').unwrap().0.to_string();
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+        write!(tls, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = Vec::new();
+        let _ = tls.read_to_end(&mut response);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of a counter or gauge (without labels) in `/metrics`.
+    pub fn metric(&self, fleet: &Fleet, name: &str) -> f64 {
+        let (status, text) = self.get(fleet, "/metrics");
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    }
+
     /// Stops the server at once (SIGKILL), as a crash would.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -175,4 +211,14 @@ pub fn converge_in(root: &Path, args: &[&str]) -> Out {
     let r = root.display().to_string();
     all.extend(["--root", &r]);
     run("converge", &all)
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -78,11 +78,14 @@ fn two_agents_join_converge_pick_up_a_commit_and_report() {
         let line = nodes.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {nodes}"));
         assert!(line.contains(": 1 changed, 0 failed"), "{line}");
     }
-    // The second run of each agent was answered 304 (curl is optional on the machine).
-    if let Ok(m) = std::process::Command::new("curl").args(["-sk", &format!("{}/metrics", server.url)]).output() {
-        let text = String::from_utf8_lossy(&m.stdout);
-        assert!(text.contains("converge_catalog_requests_total{outcome=\"not_modified\"}"), "{text}");
-    }
+    // The second run of each agent was answered 304.
+    let (status, text) = server.get(&f, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let not_modified = text
+        .lines()
+        .find_map(|l| l.strip_prefix("converge_catalog_requests_total{outcome=\"not_modified\"} "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(not_modified.trim().parse::<u64>().unwrap() >= 2, "{text}");
 }
 
 #[test]
@@ -305,25 +308,34 @@ fn the_daemon_runs_on_sighup_and_stops_on_sigterm() {
     let a = bootstrap(&f, &server, "agent1", &f.token);
     let toml = std::fs::read_to_string(a.join("etc/converge/agent.toml")).unwrap();
     std::fs::write(a.join("etc/converge/agent.toml"), format!("{toml}splay = \"0s\"\n")).unwrap();
-    let mut daemon = std::process::Command::new(bin("converge"))
-        .args(["run", "--root", &a.display().to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = Child(
+        std::process::Command::new(bin("converge"))
+            .args(["run", "--root", &a.display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     f.commit(&[("roles/motd.yaml", &motd("v3"))]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while read(&a, "etc/motd") != "agent1 v3\n" {
         assert!(Instant::now() < deadline, "the daemon never picked up v3");
         std::thread::sleep(Duration::from_millis(1200));
-        let _ = std::process::Command::new("kill").args(["-HUP", &daemon.id().to_string()]).status();
+        let _ = std::process::Command::new("kill").args(["-HUP", &daemon.0.id().to_string()]).status();
     }
     let status = converge_in(&a, &["status"]);
     assert!(status.stdout.contains("next run"), "{}", status.stdout);
-    let _ = std::process::Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
+    // The daemon keeps its TLS session between runs: after the first, handshakes are resumed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metric(&f, "converge_tls_resumed_total") < 1.0 {
+        assert!(Instant::now() < deadline, "the daemon never resumed a TLS session");
+        let _ = std::process::Command::new("kill").args(["-HUP", &daemon.0.id().to_string()]).status();
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let _ = std::process::Command::new("kill").args(["-TERM", &daemon.0.id().to_string()]).status();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(code) = daemon.try_wait().unwrap() {
+        if let Some(code) = daemon.0.try_wait().unwrap() {
             assert!(code.success(), "{code:?}");
             break;
         }
