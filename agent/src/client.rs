@@ -86,6 +86,18 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
+/// "cannot reach URL: " and the innermost cause (connection refused, a certificate problem, a
+/// timeout), without the layers of the HTTP stack in between.
+fn unreachable(base: &str, e: reqwest::Error) -> anyhow::Error {
+    let timeout = e.is_timeout();
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    let why = if timeout { "no answer in time".to_string() } else { cause.to_string() };
+    anyhow!("cannot reach the server {base}: {why}")
+}
+
 /// The server's message from an error response, or its status.
 async fn error_of(resp: reqwest::Response) -> anyhow::Error {
     let status = resp.status();
@@ -113,7 +125,7 @@ impl Client {
             .get(format!("{}/v1/ca", Client::base(server)))
             .send()
             .await
-            .with_context(|| format!("cannot reach {server}"))?;
+            .map_err(|e| unreachable(&Client::base(server), e))?;
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }
@@ -152,7 +164,7 @@ impl Client {
             .json(req)
             .send()
             .await
-            .context("cannot reach the server")?;
+            .map_err(|e| unreachable(&self.base, e))?;
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }
@@ -164,7 +176,7 @@ impl Client {
         if let Some(tag) = etag {
             r = r.header(reqwest::header::IF_NONE_MATCH, tag);
         }
-        let resp = r.send().await.context("cannot reach the server")?;
+        let resp = r.send().await.map_err(|e| unreachable(&self.base, e))?;
         match resp.status().as_u16() {
             304 => Ok(CatalogReply::NotModified),
             503 => {
@@ -192,7 +204,7 @@ impl Client {
             .body(body.to_vec())
             .send()
             .await
-            .context("cannot reach the server")?;
+            .map_err(|e| unreachable(&self.base, e))?;
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }

@@ -60,7 +60,8 @@ impl Conf {
         if errors.is_empty() { Ok(Conf { file: file.to_string(), values }) } else { Err(errors) }
     }
 
-    fn err(&self, key: &str, msg: String) -> Diagnostic {
+    /// A diagnostic at the line of `key` (the file alone when it is not set).
+    pub fn err(&self, key: &str, msg: String) -> Diagnostic {
         let line = self.values.get(key).map_or(0, |(_, l)| *l);
         Diagnostic::new(&self.file, Mark::new(line, if line == 0 { 0 } else { 1 }), msg)
     }

@@ -52,7 +52,9 @@ impl Config {
         let at = |p: &str| if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
         let e = |d: converge_modules::diag::Diagnostic| anyhow!("{d}");
         let listen = conf.str("listen").map_err(e)?.unwrap_or("0.0.0.0:8443");
-        let listen = listen.parse().map_err(|_| anyhow!("{shown}: `listen` is not an address like 0.0.0.0:8443"))?;
+        let listen = listen
+            .parse()
+            .map_err(|_| e(conf.err("listen", format!("`{listen}` is not an address like 0.0.0.0:8443"))))?;
         let state = at(conf.str("state").map_err(e)?.unwrap_or("."));
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Config {

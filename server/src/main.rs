@@ -91,6 +91,15 @@ enum NodeAction {
         config: PathBuf,
         name: String,
     },
+    /// A node's latest reports, newest first: what changed, what failed and why.
+    Reports {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        name: String,
+        /// How many reports.
+        #[arg(long, default_value_t = 5)]
+        limit: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -365,7 +374,8 @@ fn check(dir: &Path, facts_dir: Option<&Path>) -> Result<u8> {
     let shown = dir.display().to_string();
     if diags.is_empty() {
         let resources: usize = catalogs.values().map(|c| c.resources.len()).sum();
-        println!("{shown}: {} nodes compiled, {resources} resources, no problems", catalogs.len());
+        let n = catalogs.len();
+        println!("{shown}: {n} node{} compiled, {resources} resources, no problems", if n == 1 { "" } else { "s" });
         return Ok(0);
     }
     let n = print_diagnostics(&repo, &shown, diags);
@@ -602,6 +612,40 @@ fn when(t: Option<i64>) -> String {
     t.map_or("never".to_string(), |t| converge_modules::time::Timestamp(t).to_string())
 }
 
+/// One stored report, as an operator reads it.
+fn print_report(received: i64, body: &str) {
+    let Ok(r) = serde_json::from_str::<converge_modules::wire::Report>(body) else {
+        println!("{}  (a report this version cannot read)", when(Some(received)));
+        return;
+    };
+    let s = &r.summary;
+    let mut flags = String::new();
+    if r.stale {
+        flags.push_str(", stale catalog");
+    }
+    if s.dry_run {
+        flags.push_str(&format!(", dry-run: {} would change", s.would_change));
+    }
+    println!(
+        "{}  run of {}, serial {}, commit {}: {} changed, {} failed, {} skipped, {} unchanged{flags}",
+        when(Some(received)),
+        r.started_at,
+        r.info.serial.map_or("-".to_string(), |s| s.to_string()),
+        r.info.commit.as_deref().map_or("-", |c| c.get(..12).unwrap_or(c)),
+        s.changed,
+        s.failed,
+        s.skipped,
+        s.unchanged,
+    );
+    for w in &r.info.warnings {
+        println!("    warning: {w}");
+    }
+    for e in r.resources.iter().filter(|e| e.status != converge_modules::report::Status::Unchanged) {
+        let message = e.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+        println!("    {:<12} {}{message}", e.status.as_str(), e.id);
+    }
+}
+
 fn node_command(action: NodeAction) -> Result<u8> {
     match action {
         NodeAction::List { config } => {
@@ -650,6 +694,16 @@ fn node_command(action: NodeAction) -> Result<u8> {
                 bail!("{name} has no live certificate");
             }
             println!("revoked {n} certificate(s) of {name}: it is refused from now on");
+        }
+        NodeAction::Reports { config, name, limit } => {
+            let (_, db) = open_db(&config)?;
+            let reports = db.reports(&name, limit.max(1))?;
+            if reports.is_empty() {
+                bail!("no reports from {name} (converge-server node list shows the nodes)");
+            }
+            for (received, body) in reports {
+                print_report(received, &body);
+            }
         }
     }
     Ok(0)

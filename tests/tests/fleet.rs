@@ -210,6 +210,17 @@ fn outages_and_restarts() {
     std::thread::sleep(Duration::from_millis(1500));
     let nodes = server_ok(&["node", "list", "--config", &f.config()]);
     assert!(nodes.lines().any(|l| l.starts_with("agent1")), "{nodes}");
+    // Newest first: the run just made (nothing to do), the offline run that repaired the motd,
+    // and the bootstrap's first run.
+    let reports = server_ok(&["node", "reports", "agent1", "--config", &f.config()]);
+    let runs: Vec<&str> = reports.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(runs.len(), 3, "{reports}");
+    assert!(runs[0].contains(": 0 changed, 0 failed"), "{reports}");
+    assert!(runs[1].contains(": 1 changed, 0 failed"), "{reports}");
+    assert!(reports.contains("changed      file:/etc/motd"), "{reports}");
+    let missing = run("converge-server", &["node", "reports", "nobody", "--config", &f.config()]);
+    assert_eq!(missing.code, 1);
+    assert!(missing.stderr.contains("no reports from nobody"), "{}", missing.stderr);
 }
 
 /// A TLS server with the real server's certificate that answers every request with `response`.
