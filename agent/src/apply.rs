@@ -215,7 +215,7 @@ pub fn converge(
     warnings: Vec<String>,
     stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> (RunInfo, Collect) {
-    let system = System::new(host, &loaded.catalog.resources);
+    let system = System::new(host, &loaded.catalog.resources).dry_run(out.dry_run);
     let info = RunInfo {
         catalog: out.label.clone(),
         host: loaded.catalog.host.clone(),

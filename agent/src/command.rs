@@ -1,7 +1,7 @@
 //! Running a command from a catalog (an argv, never a shell string), bounded in time, inside
 //! the managed root when it is not `/`.
 
-use converge_modules::host::HostError;
+use converge_modules::host::{HostError, Ran};
 use std::ffi::CString;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -13,35 +13,112 @@ use std::time::{Duration, Instant};
 /// How much of a command's output is kept for the report.
 pub const OUTPUT_TAIL: usize = 2048;
 
+/// A command and how to run it.
+pub struct Spec<'a> {
+    pub argv: &'a [String],
+    /// Runs inside this directory as `/` (the managed root), when given.
+    pub chroot: Option<&'a Path>,
+    /// Runs as this user: uid, gid, supplementary groups, home (looked up by the caller).
+    pub user: Option<(u32, u32, Vec<u32>, String, String)>,
+    pub cwd: Option<&'a str>,
+    /// Added to the minimal environment (PATH, LC_ALL=C).
+    pub env: &'a [(String, String)],
+    /// Written to standard input (secrets go here, never in argv).
+    pub stdin: Option<&'a [u8]>,
+    pub timeout: Duration,
+}
+
+impl<'a> Spec<'a> {
+    pub fn new(argv: &'a [String], chroot: Option<&'a Path>, timeout: Duration) -> Spec<'a> {
+        Spec { argv, chroot, user: None, cwd: None, env: &[], stdin: None, timeout }
+    }
+}
+
 /// Runs `argv` with a minimal environment, in `chroot` when given; fails with the exit status
 /// and the tail of its output unless it exits 0 within `timeout`.
 pub fn run(argv: &[String], chroot: Option<&Path>, timeout: Duration) -> Result<(), HostError> {
-    let shown = argv.join(" ");
-    let fail = |status: String, output: String| HostError::Command { command: shown.clone(), status, output };
-    let (program, args) = argv.split_first().ok_or_else(|| fail("is empty".into(), String::new()))?;
+    check(&Spec::new(argv, chroot, timeout))
+}
+
+/// Runs the command and demands exit 0.
+pub fn check(spec: &Spec) -> Result<(), HostError> {
+    let ran = execute(spec)?;
+    if ran.success() {
+        return Ok(());
+    }
+    let status = match (ran.code, ran.timed_out) {
+        (_, true) => format!("timed out after {} s and was killed", spec.timeout.as_secs()),
+        (Some(c), _) => format!("exit status: {c}"),
+        (None, _) => "was killed by a signal".into(),
+    };
+    Err(HostError::Command { command: spec.argv.join(" "), status, output: ran.tail })
+}
+
+/// Runs the command to its end (or its timeout) and says how it ended; an error only when it
+/// could not be started.
+pub fn execute(spec: &Spec) -> Result<Ran, HostError> {
+    capture(spec).map(|(ran, _)| ran)
+}
+
+/// As [`execute`], and its whole standard output (for queries).
+pub fn capture(spec: &Spec) -> Result<(Ran, String), HostError> {
+    let shown = spec.argv.join(" ");
+    let fail = |status: String| HostError::Command { command: shown.clone(), status, output: String::new() };
+    let (program, args) = spec.argv.split_first().ok_or_else(|| fail("is empty".into()))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("LC_ALL", "C")
-        .stdin(Stdio::null())
+        .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(dir) = chroot {
-        let dir = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| fail("root path has a NUL byte".into(), String::new()))?;
-        // SAFETY: only async-signal-safe calls (chroot, chdir) on memory prepared before fork.
+    let chroot = match spec.chroot {
+        Some(dir) => {
+            Some(CString::new(dir.as_os_str().as_bytes()).map_err(|_| fail("root path has a NUL byte".into()))?)
+        }
+        None => None,
+    };
+    let cwd = match spec.cwd {
+        Some(d) => Some(CString::new(d).map_err(|_| fail("cwd has a NUL byte".into()))?),
+        None => None,
+    };
+    if let Some((_, _, _, home, name)) = &spec.user {
+        cmd.env("HOME", home).env("USER", name).env("LOGNAME", name);
+    }
+    let ids = spec.user.as_ref().map(|(uid, gid, groups, _, _)| (*uid, *gid, groups.clone()));
+    if chroot.is_some() || cwd.is_some() || ids.is_some() {
+        // SAFETY: only async-signal-safe calls (chroot, chdir, setgroups, setgid, setuid) on
+        // memory prepared before fork.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::chroot(dir.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                if let Some(dir) = &chroot
+                    && (libc::chroot(dir.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(dir) = &cwd
+                    && libc::chdir(dir.as_ptr()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some((uid, gid, groups)) = &ids
+                    && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0)
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        cmd.current_dir("/");
     }
-    let mut child = cmd.spawn().map_err(|e| fail(format!("could not start: {e}"), String::new()))?;
+    let mut child = cmd.spawn().map_err(|e| fail(format!("could not start: {e}")))?;
+    if let (Some(input), Some(mut pipe)) = (spec.stdin, child.stdin.take()) {
+        use std::io::Write;
+        let _ = pipe.write_all(input);
+    }
     let mut readers = Vec::new();
     for pipe in [
         child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
@@ -58,29 +135,27 @@ pub fn run(argv: &[String], chroot: Option<&Path>, timeout: Duration) -> Result<
         }));
     }
     let started = Instant::now();
+    let mut timed_out = false;
     let status = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break Ok(status),
-            Ok(None) if started.elapsed() >= timeout => {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if started.elapsed() >= spec.timeout => {
                 let _ = child.kill();
-                let _ = child.wait();
-                break Err(format!("timed out after {} s and was killed", timeout.as_secs()));
+                timed_out = true;
+                break child.wait().ok();
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => break Err(format!("could not be waited for: {e}")),
+            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            Err(_) => break None,
         }
     };
-    let mut output = Vec::new();
-    for r in readers {
-        output.extend(r.join().unwrap_or_default());
-    }
+    let mut outputs = readers.into_iter().map(|r| r.join().unwrap_or_default());
+    let stdout = outputs.next().unwrap_or_default();
+    let mut output = stdout.clone();
+    output.extend(outputs.flatten());
     let start = output.len().saturating_sub(OUTPUT_TAIL);
     let tail = String::from_utf8_lossy(&output[start..]).into_owned();
-    match status {
-        Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(fail(s.to_string(), tail)),
-        Err(why) => Err(fail(why, tail)),
-    }
+    let ran = Ran { code: if timed_out { None } else { status.and_then(|s| s.code()) }, timed_out, tail };
+    Ok((ran, String::from_utf8_lossy(&stdout).into_owned()))
 }
 
 #[cfg(test)]
@@ -108,5 +183,22 @@ mod tests {
     fn a_missing_program_is_reported() {
         let e = run(&argv(&["/nonexistent/prog"]), None, Duration::from_secs(1)).unwrap_err();
         assert!(e.to_string().contains("could not start"), "{e}");
+    }
+
+    #[test]
+    fn stdin_env_cwd_and_how_it_ended() {
+        let env = [("GREETING".to_string(), "hi".to_string())];
+        let words = argv(&["sh", "-c", "read x; echo \"$GREETING $x $(pwd)\"; exit 4"]);
+        let spec = Spec {
+            cwd: Some("/tmp"),
+            env: &env,
+            stdin: Some(b"there\n"),
+            ..Spec::new(&words, None, Duration::from_secs(10))
+        };
+        let ran = execute(&spec).unwrap();
+        assert_eq!((ran.code, ran.timed_out, ran.tail.as_str()), (Some(4), false, "hi there /tmp\n"));
+        let words = argv(&["sleep", "30"]);
+        let ran = execute(&Spec::new(&words, None, Duration::from_millis(100))).unwrap();
+        assert!(ran.timed_out && ran.code.is_none());
     }
 }

@@ -63,6 +63,14 @@ pub fn collect(root: &Root, node: &str) -> Map<String, Value> {
     f
 }
 
+/// The os family of the system in `root` (debian, redhat, ...), from its os-release.
+pub fn family(root: &Root) -> Option<String> {
+    let os = root.read_to_string("/etc/os-release").or_else(|_| root.read_to_string("/usr/lib/os-release")).ok()?;
+    let field =
+        |k: &str| os.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(|v| v.trim_matches('"').to_string());
+    os_family(&field("ID").unwrap_or_default(), &field("ID_LIKE").unwrap_or_default()).map(str::to_string)
+}
+
 /// The family of an os-release ID (debian, redhat, suse, arch, alpine).
 fn os_family(id: &str, like: &str) -> Option<&'static str> {
     let words: Vec<&str> = std::iter::once(id).chain(like.split_whitespace()).collect();

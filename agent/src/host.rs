@@ -8,13 +8,18 @@
 use crate::backup::BackupStore;
 use crate::command;
 use crate::fs::{Root, absent, errno, file_type};
+use crate::system::Tools;
 use converge_modules::catalog::join_path;
-use converge_modules::host::{FileRead, FileType, Host, HostError, HostResult, NewAttrs, Stat};
+use converge_modules::host::{
+    AccountOp, Accounts, Available, FileRead, FileType, Host, HostError, HostResult, Install, Installed, NewAttrs,
+    PackageSystem, Ran, Run, Stat, Unit, UnitAction,
+};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat, renameat};
 use nix::sys::stat::{FileStat, Mode, fchmod, fstat, fstatat, mkdirat};
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, fsync, symlinkat, unlinkat};
-use std::cell::OnceCell;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::time::Duration;
@@ -25,8 +30,8 @@ pub const VALIDATE_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct RealHost {
     root: Root,
     backups: BackupStore,
-    users: OnceCell<Vec<(String, u32)>>,
-    groups: OnceCell<Vec<(String, u32)>>,
+    /// The root's accounts, read once and again after a change.
+    accounts: RefCell<Option<Accounts>>,
 }
 
 fn to_stat(st: &FileStat) -> Stat {
@@ -53,7 +58,7 @@ pub fn temp_name(name: &str) -> String {
 
 impl RealHost {
     pub fn new(root: Root, backups: BackupStore) -> RealHost {
-        RealHost { root, backups, users: OnceCell::new(), groups: OnceCell::new() }
+        RealHost { root, backups, accounts: RefCell::new(None) }
     }
 
     pub fn root(&self) -> &Root {
@@ -95,18 +100,18 @@ impl RealHost {
         file.sync_all().map_err(|e| HostError::io("fsync", path, e))
     }
 
-    fn lookup<'a>(&'a self, cache: &'a OnceCell<Vec<(String, u32)>>, file: &str) -> &'a [(String, u32)] {
-        cache.get_or_init(|| {
-            let text = self.root.read_to_string(file).unwrap_or_default();
-            text.lines()
-                .filter_map(|l| {
-                    let mut f = l.split(':');
-                    let name = f.next()?;
-                    let id = f.nth(1)?.parse().ok()?;
-                    (!name.is_empty() && !name.starts_with('#')).then(|| (name.to_string(), id))
-                })
-                .collect()
-        })
+    fn tools(&self) -> Tools<'_> {
+        Tools { root: &self.root }
+    }
+
+    /// The root's accounts (for `--root`: names resolve against the image's own files).
+    fn cached_accounts(&self) -> HostResult<Accounts> {
+        if let Some(a) = self.accounts.borrow().as_ref() {
+            return Ok(a.clone());
+        }
+        let a = self.tools().accounts()?;
+        *self.accounts.borrow_mut() = Some(a.clone());
+        Ok(a)
     }
 }
 
@@ -263,7 +268,7 @@ impl Host for RealHost {
                 .map(|u| u.map(|u| u.uid.as_raw()))
                 .map_err(|e| HostError::io("look up user", name, errno(e)));
         }
-        Ok(self.lookup(&self.users, "/etc/passwd").iter().find(|(n, _)| n == name).map(|(_, id)| *id))
+        Ok(self.cached_accounts().ok().and_then(|a| a.user(name).map(|u| u.uid)))
     }
 
     fn group_id(&self, name: &str) -> HostResult<Option<u32>> {
@@ -272,20 +277,92 @@ impl Host for RealHost {
                 .map(|g| g.map(|g| g.gid.as_raw()))
                 .map_err(|e| HostError::io("look up group", name, errno(e)));
         }
-        Ok(self.lookup(&self.groups, "/etc/group").iter().find(|(n, _)| n == name).map(|(_, id)| *id))
+        Ok(self.cached_accounts().ok().and_then(|a| a.group(name).map(|g| g.gid)))
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
         if self.root.is_slash() {
             return nix::unistd::User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
         }
-        self.lookup(&self.users, "/etc/passwd").iter().find(|(_, id)| *id == uid).map(|(n, _)| n.clone())
+        self.cached_accounts().ok()?.users.into_iter().find(|u| u.uid == uid).map(|u| u.name)
     }
 
     fn group_name(&self, gid: u32) -> Option<String> {
         if self.root.is_slash() {
             return nix::unistd::Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name);
         }
-        self.lookup(&self.groups, "/etc/group").iter().find(|(_, id)| *id == gid).map(|(n, _)| n.clone())
+        self.cached_accounts().ok()?.groups.into_iter().find(|g| g.gid == gid).map(|g| g.name)
+    }
+
+    fn is_image(&self) -> bool {
+        !self.root.is_slash()
+    }
+
+    fn package_system(&self) -> Result<PackageSystem, String> {
+        match crate::facts::family(&self.root).as_deref() {
+            Some("debian") => Ok(PackageSystem::Apt),
+            Some("redhat") => Ok(PackageSystem::Dnf),
+            Some(other) => Err(format!(
+                "converge manages packages with apt (Debian, Ubuntu) or dnf (the RHEL family), not on a {other} system"
+            )),
+            None => Err(format!(
+                "{}/etc/os-release does not say which system this is: converge cannot choose apt or dnf",
+                if self.root.is_slash() { String::new() } else { self.root.path().display().to_string() }
+            )),
+        }
+    }
+
+    fn installed(&self, names: &[&str]) -> HostResult<HashMap<String, Installed>> {
+        let system = self.package_system().map_err(HostError::Refused)?;
+        self.tools().installed(system, names)
+    }
+
+    fn available(&self, names: &[&str], refresh: bool) -> HostResult<HashMap<String, Available>> {
+        let system = self.package_system().map_err(HostError::Refused)?;
+        self.tools().available(system, names, refresh)
+    }
+
+    fn install(&self, packages: &[Install], downgrade: bool) -> HostResult<()> {
+        let system = self.package_system().map_err(HostError::Refused)?;
+        self.tools().install(system, packages, downgrade)
+    }
+
+    fn uninstall(&self, names: &[&str]) -> HostResult<()> {
+        let system = self.package_system().map_err(HostError::Refused)?;
+        self.tools().uninstall(system, names)
+    }
+
+    fn accounts(&self) -> HostResult<Accounts> {
+        self.cached_accounts()
+    }
+
+    fn change_account(&self, op: &AccountOp) -> HostResult<()> {
+        let done = self.tools().change_account(op);
+        *self.accounts.borrow_mut() = None;
+        done
+    }
+
+    fn units(&self, names: &[&str]) -> HostResult<HashMap<String, Unit>> {
+        self.tools().units(names)
+    }
+
+    fn unit_action(&self, name: &str, action: UnitAction) -> HostResult<()> {
+        self.tools().unit_action(name, action)
+    }
+
+    fn set_unit_enabled(&self, name: &str, enabled: bool) -> HostResult<()> {
+        self.tools().set_unit_enabled(name, enabled)
+    }
+
+    fn daemon_reload(&self) -> HostResult<()> {
+        self.tools().daemon_reload()
+    }
+
+    fn unit_journal(&self, name: &str) -> String {
+        if self.root.is_slash() { self.tools().journal(name) } else { String::new() }
+    }
+
+    fn run(&self, cmd: &Run) -> HostResult<Ran> {
+        self.tools().run(cmd, || self.cached_accounts())
     }
 }

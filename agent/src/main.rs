@@ -19,6 +19,7 @@ mod host;
 mod run;
 mod signed;
 mod state;
+mod system;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

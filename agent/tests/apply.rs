@@ -375,7 +375,7 @@ fn purge_removes_strays_and_keeps_backups() {
 }
 
 #[test]
-fn kinds_this_agent_cannot_converge_yet_fail_alone() {
+fn packages_on_a_root_without_a_package_system_fail_alone() {
     let s = Scratch::new();
     let c = s.catalog(
         "c.yaml",
@@ -384,7 +384,7 @@ fn kinds_this_agent_cannot_converge_yet_fail_alone() {
     let out = s.apply(&c, &[]);
     assert_eq!(out.code, 6, "{}", out.stdout);
     assert!(
-        out.stdout.contains("FAILED       package:nginx: this agent does not converge package resources yet"),
+        out.stdout.contains("FAILED       package:nginx: ") && out.stdout.contains("converge cannot choose apt or dnf"),
         "{}",
         out.stdout
     );

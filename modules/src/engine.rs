@@ -22,12 +22,36 @@ pub trait Providers {
     /// means the resource cannot be converged as declared (and a run would fail on it too).
     fn check(&self, r: &Resource) -> Result<(Self::State, Vec<Change>), String>;
 
-    /// Makes the changes `check` found.
-    fn apply(&self, r: &Resource, state: &Self::State, changes: &[Change]) -> Result<(), String>;
+    /// Makes the changes `check` found; `Ok(Some(note))` puts the note in the report (the
+    /// tail of a command's output).
+    fn apply(&self, r: &Resource, state: &Self::State, changes: &[Change]) -> Result<Option<String>, String>;
 
     /// Reacts to a notify (restart a service, run a refresh-only exec). `Ok(None)` when the
     /// kind has nothing to do; otherwise what was done.
     fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, String>;
+
+    /// Whether the resource's kind converges in one transaction (packages): the engine hands
+    /// every such resource that is ready at the same moment to [`Providers::apply_batch`].
+    fn batched(&self, _r: &Resource) -> bool {
+        false
+    }
+
+    /// Applies several resources at once; one result per item, in order.
+    fn apply_batch(&self, items: &[(&Resource, &Self::State, &[Change])]) -> Vec<Result<Option<String>, String>> {
+        items.iter().map(|(r, state, changes)| self.apply(r, state, changes)).collect()
+    }
+
+    /// Whether an applied change is checked by inspecting again (a command is not: running it
+    /// was the change).
+    fn verify_after_apply(&self, _r: &Resource) -> bool {
+        true
+    }
+
+    /// Why the system pins the resource as it is (a held package): it is reported `held` and
+    /// never changed.
+    fn held(&self, _state: &Self::State) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -52,10 +76,13 @@ pub fn run<P: Providers>(
     let mut status: Vec<Option<Status>> = vec![None; resources.len()];
     let mut notified_by: Vec<Option<usize>> = vec![None; resources.len()];
     let mut summary = Summary { dry_run: options.dry_run, ..Summary::default() };
-    for &i in &plan.order {
+    // Events of batched resources converged ahead of their turn, emitted at their turn.
+    let mut early: Vec<Option<ResourceEvent>> = vec![None; resources.len()];
+    for (pos, &i) in plan.order.iter().enumerate() {
         let r = &resources[i];
         let t0 = Instant::now();
-        if options.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+        let stopping = options.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+        if stopping && early[i].is_none() {
             let event = ResourceEvent {
                 id: r.id.to_string(),
                 status: Status::Skipped,
@@ -69,15 +96,27 @@ pub fn run<P: Providers>(
             status[i] = Some(event.status);
             continue;
         }
-        let mut event = converge_one(
-            r,
-            providers,
-            options,
-            plan.deps[i].iter().find_map(|&(j, _)| {
-                let s = status[j].as_ref()?;
-                matches!(s, Status::Failed | Status::Skipped).then(|| (&resources[j], s))
-            }),
-        );
+        let mut event = match early[i].take() {
+            Some(event) => event,
+            None if providers.batched(r) && blocked_by(plan, resources, &status, i).is_none() => {
+                // Every later resource of a batched kind whose dependencies have all converged
+                // joins this one: one transaction for all.
+                let ready = |j: usize| {
+                    providers.batched(&resources[j])
+                        && plan.deps[j].iter().all(|&(d, _)| {
+                            status[d].as_ref().is_some_and(|s| !matches!(s, Status::Failed | Status::Skipped))
+                        })
+                };
+                let mut group = vec![i];
+                group.extend(plan.order[pos + 1..].iter().copied().filter(|&j| ready(j)));
+                let mut events = converge_batch(&group, resources, providers, options);
+                for (&j, e) in group.iter().zip(events.iter_mut()).skip(1) {
+                    early[j] = Some(std::mem::take(e));
+                }
+                events.swap_remove(0)
+            }
+            None => converge_one(r, providers, options, blocked_by(plan, resources, &status, i)),
+        };
         if let (Some(by), Status::Unchanged | Status::Changed | Status::WouldChange) = (notified_by[i], &event.status) {
             match guard(|| providers.refresh(r, options.dry_run)) {
                 Ok(None) => {}
@@ -105,57 +144,140 @@ pub fn run<P: Providers>(
     summary
 }
 
+/// The first dependency of `i` that failed or was skipped.
+fn blocked_by<'a>(
+    plan: &crate::plan::Plan,
+    resources: &'a [Resource],
+    status: &'a [Option<Status>],
+    i: usize,
+) -> Option<(&'a Resource, &'a Status)> {
+    plan.deps[i].iter().find_map(|&(j, _)| {
+        let s = status[j].as_ref()?;
+        matches!(s, Status::Failed | Status::Skipped).then(|| (&resources[j], s))
+    })
+}
+
+/// What checking a resource led to: a final event, or changes to apply.
+enum Step<S> {
+    Done(ResourceEvent),
+    Apply(ResourceEvent, S),
+}
+
+/// Inspects and diffs one resource; stops before any change.
+fn prepare<P: Providers>(
+    r: &Resource,
+    providers: &P,
+    options: Options<'_>,
+    blocked_by: Option<(&Resource, &Status)>,
+) -> Step<P::State> {
+    let mut event = ResourceEvent { id: r.id.to_string(), status: Status::Unchanged, ..ResourceEvent::default() };
+    if let Some((dep, why)) = blocked_by {
+        let what = if *why == Status::Failed { "failed" } else { "was skipped" };
+        event.status = Status::Skipped;
+        event.message = Some(format!("depends on {}, which {what}", dep.id));
+        return Step::Done(event);
+    }
+    let (state, changes) = match guard(|| providers.check(r)) {
+        Ok(x) => x,
+        Err(e) => return Step::Done(failed(event, e)),
+    };
+    if changes.is_empty() {
+        return Step::Done(event);
+    }
+    event.changes = changes;
+    if let Some(why) = providers.held(&state) {
+        event.status = Status::Other("held".into());
+        event.message = Some(why);
+        return Step::Done(event);
+    }
+    if options.dry_run {
+        event.status = Status::WouldChange;
+        return Step::Done(event);
+    }
+    Step::Apply(event, state)
+}
+
+/// The event of a resource after `apply` returned `applied`: inspected again unless the kind
+/// says a change cannot be seen that way.
+fn finish<P: Providers>(
+    r: &Resource,
+    providers: &P,
+    mut event: ResourceEvent,
+    applied: Result<Option<String>, String>,
+) -> ResourceEvent {
+    match applied {
+        Err(e) => return failed(event, e),
+        Ok(note) => event.message = note,
+    }
+    if !providers.verify_after_apply(r) {
+        return ResourceEvent { status: Status::Changed, ..event };
+    }
+    match guard(|| providers.check(r)) {
+        Ok((_, left)) if left.is_empty() => ResourceEvent { status: Status::Changed, ..event },
+        Ok((_, left)) => {
+            let what: Vec<String> = left.iter().map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to)).collect();
+            failed(event, format!("still differs after apply: {}", what.join("; ")))
+        }
+        Err(e) => failed(event, format!("after apply: {e}")),
+    }
+}
+
+fn failed(mut event: ResourceEvent, message: String) -> ResourceEvent {
+    event.status = Status::Failed;
+    event.message = Some(message);
+    event
+}
+
 fn converge_one<P: Providers>(
     r: &Resource,
     providers: &P,
     options: Options<'_>,
     blocked_by: Option<(&Resource, &Status)>,
 ) -> ResourceEvent {
-    let mut event = ResourceEvent {
-        id: r.id.to_string(),
-        status: Status::Unchanged,
-        changes: Vec::new(),
-        message: None,
-        refresh: None,
-        duration_ms: 0.0,
-    };
-    if let Some((dep, why)) = blocked_by {
-        let what = if *why == Status::Failed { "failed" } else { "was skipped" };
-        event.status = Status::Skipped;
-        event.message = Some(format!("depends on {}, which {what}", dep.id));
-        return event;
-    }
-    let fail = |mut event: ResourceEvent, message: String| {
-        event.status = Status::Failed;
-        event.message = Some(message);
-        event
-    };
-    let (state, changes) = match guard(|| providers.check(r)) {
-        Ok(x) => x,
-        Err(e) => return fail(event, e),
-    };
-    if changes.is_empty() {
-        return event;
-    }
-    event.changes = changes;
-    if options.dry_run {
-        event.status = Status::WouldChange;
-        return event;
-    }
-    if let Err(e) = guard(|| providers.apply(r, &state, &event.changes)) {
-        return fail(event, e);
-    }
-    match guard(|| providers.check(r)) {
-        Ok((_, left)) if left.is_empty() => {
-            event.status = Status::Changed;
-            event
+    match prepare(r, providers, options, blocked_by) {
+        Step::Done(event) => event,
+        Step::Apply(event, state) => {
+            let applied = guard(|| providers.apply(r, &state, &event.changes));
+            finish(r, providers, event, applied)
         }
-        Ok((_, left)) => {
-            let what: Vec<String> = left.iter().map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to)).collect();
-            fail(event, format!("still differs after apply: {}", what.join("; ")))
-        }
-        Err(e) => fail(event, format!("after apply: {e}")),
     }
+}
+
+/// Converges `group` (indices into `resources`, none blocked) with one `apply_batch` for all
+/// that need a change; returns their events in the same order.
+fn converge_batch<P: Providers>(
+    group: &[usize],
+    resources: &[Resource],
+    providers: &P,
+    options: Options<'_>,
+) -> Vec<ResourceEvent> {
+    let steps: Vec<Step<P::State>> = group.iter().map(|&j| prepare(&resources[j], providers, options, None)).collect();
+    let pending: Vec<(usize, &Resource, &P::State, &[Change])> = steps
+        .iter()
+        .enumerate()
+        .filter_map(|(k, step)| match step {
+            Step::Apply(event, state) => Some((k, &resources[group[k]], state, event.changes.as_slice())),
+            Step::Done(_) => None,
+        })
+        .collect();
+    let items: Vec<(&Resource, &P::State, &[Change])> = pending.iter().map(|&(_, r, s, c)| (r, s, c)).collect();
+    let mut results = match catch_unwind(AssertUnwindSafe(|| providers.apply_batch(&items))) {
+        Ok(results) if results.len() == items.len() => results,
+        Ok(_) => vec![Err("the provider answered for another number of resources".to_string()); items.len()],
+        Err(_) => vec![Err("provider panicked".to_string()); items.len()],
+    }
+    .into_iter();
+    steps
+        .into_iter()
+        .enumerate()
+        .map(|(k, step)| match step {
+            Step::Done(event) => event,
+            Step::Apply(event, _) => {
+                let applied = results.next().unwrap_or_else(|| Err("no result".into()));
+                finish(&resources[group[k]], providers, event, applied)
+            }
+        })
+        .collect()
 }
 
 /// Runs a provider call, turning a panic into an error.
@@ -211,7 +333,7 @@ mod tests {
             Ok(((), if have == want { vec![] } else { vec![Change::new("content", have, want)] }))
         }
 
-        fn apply(&self, r: &Resource, _: &(), _: &[Change]) -> Result<(), String> {
+        fn apply(&self, r: &Resource, _: &(), _: &[Change]) -> Result<Option<String>, String> {
             let path = r.id.title.as_str();
             self.log.borrow_mut().push(format!("apply {path}"));
             if self.fail_apply.contains(&path) {
@@ -220,7 +342,7 @@ mod tests {
             if !self.sticky.contains(&path) {
                 self.value.borrow_mut().insert(path.to_string(), want(r));
             }
-            Ok(())
+            Ok(None)
         }
 
         fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, String> {

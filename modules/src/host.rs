@@ -89,6 +89,195 @@ pub struct FileRead {
     pub content: Option<Vec<u8>>,
 }
 
+/// A package as the package database has it installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// The full version (with its epoch when it has one).
+    pub version: String,
+    /// Held (dpkg `hold`, dnf versionlock): converge never changes it.
+    pub held: bool,
+}
+
+/// What the configured repositories offer of a package.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Available {
+    /// What an install or upgrade would take.
+    pub candidate: Option<String>,
+    /// Every version on offer, newest first.
+    pub versions: Vec<String>,
+}
+
+/// The package system of a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackageSystem {
+    /// apt and dpkg (Debian, Ubuntu).
+    Apt,
+    /// dnf and rpm (the RHEL family).
+    Dnf,
+}
+
+impl PackageSystem {
+    /// How versions compare on this system.
+    pub fn compare(self, a: &str, b: &str) -> std::cmp::Ordering {
+        match self {
+            PackageSystem::Apt => crate::version::compare_deb(a, b),
+            PackageSystem::Dnf => crate::version::compare_rpm(a, b),
+        }
+    }
+}
+
+/// One package to install, at its candidate version or at `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Install {
+    pub name: String,
+    pub version: Option<String>,
+}
+
+/// A line of `/etc/passwd` (with its `/etc/shadow` password).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub comment: String,
+    pub home: String,
+    pub shell: String,
+    /// From `/etc/shadow`, when readable.
+    pub password_hash: Option<String>,
+}
+
+/// A line of `/etc/group`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupEntry {
+    pub name: String,
+    pub gid: u32,
+    pub members: Vec<String>,
+}
+
+/// The local accounts, read at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accounts {
+    pub users: Vec<Account>,
+    pub groups: Vec<GroupEntry>,
+    /// The highest uid and gid of system accounts (`SYS_UID_MAX` of login.defs) [999].
+    pub system_max: u32,
+}
+
+impl Accounts {
+    pub fn user(&self, name: &str) -> Option<&Account> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn group(&self, name: &str) -> Option<&GroupEntry> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The supplementary groups of `user`, sorted.
+    pub fn groups_of(&self, user: &str) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.groups.iter().filter(|g| g.members.iter().any(|m| m == user)).map(|g| g.name.clone()).collect();
+        v.sort();
+        v
+    }
+}
+
+/// A change to the local accounts, carried out with shadow-utils.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountOp {
+    AddGroup { name: String, gid: Option<u32>, system: bool },
+    SetGid { name: String, gid: u32 },
+    DelGroup { name: String },
+    AddUser(UserFields),
+    ModUser(UserFields),
+    DelUser { name: String, remove_home: bool },
+}
+
+/// The attributes of a user to set; `None` is left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserFields {
+    pub name: String,
+    pub uid: Option<u32>,
+    pub gid: Option<String>,
+    /// The supplementary groups, exactly (`append` false) or added to the current ones.
+    pub groups: Option<Vec<String>>,
+    pub append: bool,
+    pub home: Option<String>,
+    pub shell: Option<String>,
+    pub comment: Option<String>,
+    pub system: bool,
+    /// Never shown: passed to the tools on standard input.
+    pub password_hash: Option<String>,
+}
+
+/// A systemd unit as `systemctl show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Unit {
+    /// `LoadState` is not `not-found`.
+    pub exists: bool,
+    /// `ActiveState`: active, inactive, failed, activating...
+    pub active: String,
+    /// `UnitFileState`: enabled, disabled, static, masked, indirect...
+    pub enabled: String,
+    pub can_reload: bool,
+    /// The unit file changed on disk since systemd read it.
+    pub needs_daemon_reload: bool,
+}
+
+/// What to do to a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitAction {
+    Start,
+    Stop,
+    Restart,
+    Reload,
+}
+
+impl UnitAction {
+    pub fn verb(self) -> &'static str {
+        match self {
+            UnitAction::Start => "start",
+            UnitAction::Stop => "stop",
+            UnitAction::Restart => "restart",
+            UnitAction::Reload => "reload",
+        }
+    }
+}
+
+/// A command to run for an `exec` resource or its guards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run<'a> {
+    pub argv: &'a [String],
+    pub user: Option<&'a str>,
+    pub cwd: Option<&'a str>,
+    pub env: &'a [(String, String)],
+    pub timeout: std::time::Duration,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ran {
+    /// The exit code; `None` when killed by a signal or the timeout.
+    pub code: Option<i32>,
+    pub timed_out: bool,
+    /// The end of its output (standard output and error together).
+    pub tail: String,
+}
+
+impl Ran {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// "exited with 3", "was killed after 300 s", "was killed by a signal".
+    pub fn describe(&self, timeout: std::time::Duration) -> String {
+        match (self.code, self.timed_out) {
+            (_, true) => format!("was killed after {} s (its timeout)", timeout.as_secs()),
+            (Some(c), _) => format!("exited with {c}"),
+            (None, _) => "was killed by a signal".into(),
+        }
+    }
+}
+
 /// The operations providers may perform. Implementations: the real OS (in the agent), and
 /// [`memory::MemHost`] for tests.
 pub trait Host {
@@ -130,6 +319,47 @@ pub trait Host {
     fn group_id(&self, name: &str) -> HostResult<Option<u32>>;
     fn user_name(&self, uid: u32) -> Option<String>;
     fn group_name(&self, gid: u32) -> Option<String>;
+
+    /// True when this host is an image under `--root`, not a running system: services are
+    /// enabled or disabled there, never started or stopped.
+    fn is_image(&self) -> bool;
+
+    /// The package system, or why there is none.
+    fn package_system(&self) -> Result<PackageSystem, String>;
+
+    /// The installed packages among `names`, in one query.
+    fn installed(&self, names: &[&str]) -> HostResult<std::collections::HashMap<String, Installed>>;
+
+    /// What the repositories offer of `names`, in one query. With `refresh`, the package lists
+    /// are brought up to date first.
+    fn available(&self, names: &[&str], refresh: bool) -> HostResult<std::collections::HashMap<String, Available>>;
+
+    /// Installs (or upgrades, or downgrades with `downgrade`) in one transaction, keeping
+    /// local configuration files and never asking anything.
+    fn install(&self, packages: &[Install], downgrade: bool) -> HostResult<()>;
+
+    /// Removes in one transaction.
+    fn uninstall(&self, names: &[&str]) -> HostResult<()>;
+
+    /// Every local user and group, from the files (no process).
+    fn accounts(&self) -> HostResult<Accounts>;
+
+    fn change_account(&self, op: &AccountOp) -> HostResult<()>;
+
+    /// The state of `names` (unit names, `.service` implied), in one query.
+    fn units(&self, names: &[&str]) -> HostResult<std::collections::HashMap<String, Unit>>;
+
+    fn unit_action(&self, name: &str, action: UnitAction) -> HostResult<()>;
+
+    fn set_unit_enabled(&self, name: &str, enabled: bool) -> HostResult<()>;
+
+    fn daemon_reload(&self) -> HostResult<()>;
+
+    /// The last lines of a unit's journal, for a failure report.
+    fn unit_journal(&self, name: &str) -> String;
+
+    /// Runs a command (inside the root), with the output's tail.
+    fn run(&self, cmd: &Run) -> HostResult<Ran>;
 }
 
 impl fmt::Display for FileType {

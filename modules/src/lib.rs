@@ -25,5 +25,6 @@ pub mod stream;
 pub mod time;
 pub mod trust;
 pub mod validate;
+pub mod version;
 pub mod wire;
 pub mod yaml;

@@ -12,8 +12,9 @@ use std::io::Write;
 
 /// What happened to one resource. An open set: a reader shows values it does not know as they
 /// come ([`Status::Other`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub enum Status {
+    #[default]
     Unchanged,
     Changed,
     WouldChange,
@@ -125,7 +126,7 @@ pub struct RunInfo {
 }
 
 /// The outcome of one resource.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResourceEvent {
     pub id: String,
     pub status: Status,

@@ -18,12 +18,29 @@ pub enum MemNode {
 }
 
 type Validator = Box<dyn Fn(&[String], &[u8]) -> Result<(), String>>;
+type Runner = Box<dyn Fn(&MemHost, &Run) -> Ran>;
+
+/// The system side of a memory host: packages, accounts, units, commands.
+#[derive(Default)]
+struct System {
+    installed: BTreeMap<String, Installed>,
+    /// Versions each package has in the "repositories", newest last.
+    repo: BTreeMap<String, Vec<String>>,
+    accounts: Accounts,
+    units: BTreeMap<String, Unit>,
+    /// How many times each unit was started (restarts included) and reloaded.
+    starts: BTreeMap<String, usize>,
+    reloads: BTreeMap<String, usize>,
+    image: bool,
+    /// Every operation that a real host carries out with a process, in order.
+    processes: Vec<String>,
+    runner: Option<Runner>,
+}
 
 #[derive(Default)]
 struct Inner {
     nodes: BTreeMap<String, MemNode>,
-    users: BTreeMap<String, u32>,
-    groups: BTreeMap<String, u32>,
+    system: System,
     backups: Vec<(String, Vec<u8>)>,
     mutations: usize,
     failures: HashMap<String, String>,
@@ -49,19 +66,112 @@ impl MemHost {
     pub fn new() -> MemHost {
         let mut inner = Inner::default();
         inner.nodes.insert("/".into(), MemNode::Directory { mode: 0o755, uid: 0, gid: 0 });
-        inner.users.insert("root".into(), 0);
-        inner.groups.insert("root".into(), 0);
-        MemHost { inner: RefCell::new(inner) }
+        inner.system.accounts.system_max = 999;
+        MemHost { inner: RefCell::new(inner) }.with_group("root", 0).with_user("root", 0)
     }
 
+    /// A user whose primary group has the same id, home /home/NAME, shell /bin/sh.
     pub fn with_user(self, name: &str, uid: u32) -> Self {
-        self.inner.borrow_mut().users.insert(name.into(), uid);
+        self.inner.borrow_mut().system.accounts.users.push(Account {
+            name: name.into(),
+            uid,
+            gid: uid,
+            comment: String::new(),
+            home: format!("/home/{name}"),
+            shell: "/bin/sh".into(),
+            password_hash: None,
+        });
         self
     }
 
     pub fn with_group(self, name: &str, gid: u32) -> Self {
-        self.inner.borrow_mut().groups.insert(name.into(), gid);
+        let entry = GroupEntry { name: name.into(), gid, members: vec![] };
+        self.inner.borrow_mut().system.accounts.groups.push(entry);
         self
+    }
+
+    /// Adds `user` to the members of `group`.
+    pub fn with_member(self, group: &str, user: &str) -> Self {
+        if let Some(g) = self.inner.borrow_mut().system.accounts.groups.iter_mut().find(|g| g.name == group) {
+            g.members.push(user.into());
+        }
+        self
+    }
+
+    /// A package the repositories offer, in these versions (oldest first).
+    pub fn with_available(self, name: &str, versions: &[&str]) -> Self {
+        self.inner.borrow_mut().system.repo.insert(name.into(), versions.iter().map(|v| v.to_string()).collect());
+        self
+    }
+
+    pub fn with_installed(self, name: &str, version: &str, held: bool) -> Self {
+        let p = Installed { version: version.into(), held };
+        self.inner.borrow_mut().system.installed.insert(name.into(), p);
+        self
+    }
+
+    /// A service unit, `active` or not, `enabled` as systemctl says it (enabled, disabled, static).
+    pub fn with_unit(self, name: &str, active: bool, enabled: &str) -> Self {
+        let unit = Unit {
+            exists: true,
+            active: if active { "active" } else { "inactive" }.into(),
+            enabled: enabled.into(),
+            can_reload: true,
+            needs_daemon_reload: false,
+        };
+        self.inner.borrow_mut().system.units.insert(unit_name(name), unit);
+        self
+    }
+
+    /// Marks a unit as changed on disk since systemd read it.
+    pub fn unit_file_changed(&self, name: &str) {
+        if let Some(u) = self.inner.borrow_mut().system.units.get_mut(&unit_name(name)) {
+            u.needs_daemon_reload = true;
+        }
+    }
+
+    /// An image under `--root` rather than a running system.
+    pub fn as_image(self) -> Self {
+        self.inner.borrow_mut().system.image = true;
+        self
+    }
+
+    /// Decides how commands end (default: exit 0, no output).
+    pub fn with_runner(self, f: impl Fn(&MemHost, &Run) -> Ran + 'static) -> Self {
+        self.inner.borrow_mut().system.runner = Some(Box::new(f));
+        self
+    }
+
+    pub fn installed_version(&self, name: &str) -> Option<String> {
+        self.inner.borrow().system.installed.get(name).map(|p| p.version.clone())
+    }
+
+    pub fn account(&self, name: &str) -> Option<Account> {
+        self.inner.borrow().system.accounts.user(name).cloned()
+    }
+
+    pub fn group(&self, name: &str) -> Option<GroupEntry> {
+        self.inner.borrow().system.accounts.group(name).cloned()
+    }
+
+    pub fn unit(&self, name: &str) -> Option<Unit> {
+        self.inner.borrow().system.units.get(&unit_name(name)).cloned()
+    }
+
+    /// How many times a unit was started or restarted, and reloaded.
+    pub fn starts(&self, name: &str) -> (usize, usize) {
+        let inner = self.inner.borrow();
+        let n = unit_name(name);
+        (inner.system.starts.get(&n).copied().unwrap_or(0), inner.system.reloads.get(&n).copied().unwrap_or(0))
+    }
+
+    /// Every operation a real host would run a process for, in order.
+    pub fn processes(&self) -> Vec<String> {
+        self.inner.borrow().system.processes.clone()
+    }
+
+    fn spawned(&self, what: String) {
+        self.inner.borrow_mut().system.processes.push(what);
     }
 
     /// Puts a node at `path`, creating missing parent directories.
@@ -291,19 +401,283 @@ impl Host for MemHost {
     }
 
     fn user_id(&self, name: &str) -> HostResult<Option<u32>> {
-        Ok(self.inner.borrow().users.get(name).copied())
+        Ok(self.inner.borrow().system.accounts.user(name).map(|u| u.uid))
     }
 
     fn group_id(&self, name: &str) -> HostResult<Option<u32>> {
-        Ok(self.inner.borrow().groups.get(name).copied())
+        Ok(self.inner.borrow().system.accounts.group(name).map(|g| g.gid))
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
-        self.inner.borrow().users.iter().find(|(_, u)| **u == uid).map(|(n, _)| n.clone())
+        self.inner.borrow().system.accounts.users.iter().find(|u| u.uid == uid).map(|u| u.name.clone())
     }
 
     fn group_name(&self, gid: u32) -> Option<String> {
-        self.inner.borrow().groups.iter().find(|(_, g)| **g == gid).map(|(n, _)| n.clone())
+        self.inner.borrow().system.accounts.groups.iter().find(|g| g.gid == gid).map(|g| g.name.clone())
+    }
+
+    fn is_image(&self) -> bool {
+        self.inner.borrow().system.image
+    }
+
+    fn package_system(&self) -> Result<PackageSystem, String> {
+        Ok(PackageSystem::Apt)
+    }
+
+    fn installed(&self, names: &[&str]) -> HostResult<HashMap<String, Installed>> {
+        self.spawned(format!("query packages {}", names.join(" ")));
+        let inner = self.inner.borrow();
+        Ok(names.iter().filter_map(|n| Some((n.to_string(), inner.system.installed.get(*n)?.clone()))).collect())
+    }
+
+    fn available(&self, names: &[&str], refresh: bool) -> HostResult<HashMap<String, Available>> {
+        if refresh {
+            self.spawned("refresh package lists".into());
+        }
+        self.spawned(format!("query available {}", names.join(" ")));
+        let inner = self.inner.borrow();
+        Ok(names
+            .iter()
+            .filter_map(|n| {
+                let versions = inner.system.repo.get(*n)?;
+                let mut newest_first = versions.clone();
+                newest_first.reverse();
+                Some((n.to_string(), Available { candidate: newest_first.first().cloned(), versions: newest_first }))
+            })
+            .collect())
+    }
+
+    fn install(&self, packages: &[Install], downgrade: bool) -> HostResult<()> {
+        let names: Vec<String> =
+            packages.iter().map(|p| p.version.as_ref().map_or(p.name.clone(), |v| format!("{}={v}", p.name))).collect();
+        self.spawned(format!("install {}", names.join(" ")));
+        let command = || format!("apt-get install {}", names.join(" "));
+        let mut inner = self.inner.borrow_mut();
+        inner.mutations += 1;
+        // All or nothing, as one apt transaction.
+        let mut chosen = Vec::new();
+        for p in packages {
+            let Some(versions) = inner.system.repo.get(&p.name) else {
+                let output = format!("E: Unable to locate package {}", p.name);
+                return Err(HostError::Command { command: command(), status: "exited with 100".into(), output });
+            };
+            let version = match &p.version {
+                Some(v) if !versions.contains(v) => {
+                    let output = format!("E: Version '{v}' for '{}' was not found", p.name);
+                    return Err(HostError::Command { command: command(), status: "exited with 100".into(), output });
+                }
+                Some(v) => v.clone(),
+                None => versions.last().cloned().unwrap_or_default(),
+            };
+            if let Some(have) = inner.system.installed.get(&p.name)
+                && crate::version::compare_deb(&version, &have.version).is_lt()
+                && !downgrade
+            {
+                let output =
+                    format!("E: Packages were downgraded and -y was used without --allow-downgrades ({})", p.name);
+                return Err(HostError::Command { command: command(), status: "exited with 100".into(), output });
+            }
+            chosen.push((p.name.clone(), version));
+        }
+        for (name, version) in chosen {
+            inner.system.installed.insert(name, Installed { version, held: false });
+        }
+        Ok(())
+    }
+
+    fn uninstall(&self, names: &[&str]) -> HostResult<()> {
+        self.spawned(format!("remove {}", names.join(" ")));
+        let mut inner = self.inner.borrow_mut();
+        inner.mutations += 1;
+        for n in names {
+            inner.system.installed.remove(*n);
+        }
+        Ok(())
+    }
+
+    fn accounts(&self) -> HostResult<Accounts> {
+        Ok(self.inner.borrow().system.accounts.clone())
+    }
+
+    fn change_account(&self, op: &AccountOp) -> HostResult<()> {
+        self.spawned(format!("{op:?}"));
+        let mut inner = self.inner.borrow_mut();
+        inner.mutations += 1;
+        let refused = |what: String| {
+            Err(HostError::Command { command: "shadow-utils".into(), status: "exited with 4".into(), output: what })
+        };
+        let accounts = &mut inner.system.accounts;
+        match op {
+            AccountOp::AddGroup { name, gid, system } => {
+                let gid = match gid {
+                    Some(g) if accounts.groups.iter().any(|x| x.gid == *g) => {
+                        return refused(format!("groupadd: GID '{g}' already exists"));
+                    }
+                    Some(g) => *g,
+                    None => next_id(accounts.groups.iter().map(|g| g.gid), *system),
+                };
+                accounts.groups.push(GroupEntry { name: name.clone(), gid, members: vec![] });
+            }
+            AccountOp::SetGid { name, gid } => {
+                if let Some(g) = accounts.groups.iter_mut().find(|g| g.name == *name) {
+                    g.gid = *gid;
+                }
+            }
+            AccountOp::DelGroup { name } => accounts.groups.retain(|g| g.name != *name),
+            AccountOp::AddUser(f) | AccountOp::ModUser(f) => {
+                let adding = matches!(op, AccountOp::AddUser(_));
+                if let Some(uid) = f.uid
+                    && accounts.users.iter().any(|u| u.uid == uid && u.name != f.name)
+                {
+                    return refused(format!("useradd: UID {uid} is not unique"));
+                }
+                let gid = match &f.gid {
+                    Some(g) => match g.parse::<u32>().ok().or_else(|| accounts.group(g).map(|x| x.gid)) {
+                        Some(gid) => Some(gid),
+                        None => return refused(format!("useradd: group '{g}' does not exist")),
+                    },
+                    None => None,
+                };
+                if let Some(groups) = &f.groups
+                    && let Some(missing) = groups.iter().find(|g| accounts.group(g).is_none())
+                {
+                    return refused(format!("useradd: group '{missing}' does not exist"));
+                }
+                if adding {
+                    let uid = f.uid.unwrap_or_else(|| next_id(accounts.users.iter().map(|u| u.uid), f.system));
+                    let gid = gid.unwrap_or_else(|| {
+                        accounts.groups.push(GroupEntry { name: f.name.clone(), gid: uid, members: vec![] });
+                        uid
+                    });
+                    accounts.users.push(Account {
+                        name: f.name.clone(),
+                        uid,
+                        gid,
+                        comment: f.comment.clone().unwrap_or_default(),
+                        home: f.home.clone().unwrap_or_else(|| format!("/home/{}", f.name)),
+                        shell: f.shell.clone().unwrap_or_else(|| "/bin/sh".into()),
+                        password_hash: None,
+                    });
+                }
+                let Some(u) = accounts.users.iter_mut().find(|u| u.name == f.name) else {
+                    return refused(format!("usermod: user '{}' does not exist", f.name));
+                };
+                if let Some(uid) = f.uid {
+                    u.uid = uid;
+                }
+                if let Some(gid) = gid {
+                    u.gid = gid;
+                }
+                for (field, v) in [(&mut u.home, &f.home), (&mut u.shell, &f.shell), (&mut u.comment, &f.comment)] {
+                    if let Some(v) = v {
+                        *field = v.clone();
+                    }
+                }
+                if let Some(h) = &f.password_hash {
+                    u.password_hash = Some(h.clone());
+                }
+                if let Some(groups) = &f.groups {
+                    for g in accounts.groups.iter_mut() {
+                        let listed = groups.contains(&g.name);
+                        let member = g.members.contains(&f.name);
+                        if listed && !member {
+                            g.members.push(f.name.clone());
+                        } else if !listed && member && !f.append {
+                            g.members.retain(|m| *m != f.name);
+                        }
+                    }
+                }
+            }
+            AccountOp::DelUser { name, .. } => {
+                accounts.users.retain(|u| u.name != *name);
+                for g in accounts.groups.iter_mut() {
+                    g.members.retain(|m| m != name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn units(&self, names: &[&str]) -> HostResult<HashMap<String, Unit>> {
+        self.spawned(format!("query units {}", names.join(" ")));
+        let inner = self.inner.borrow();
+        Ok(names
+            .iter()
+            .map(|n| (n.to_string(), inner.system.units.get(&unit_name(n)).cloned().unwrap_or_default()))
+            .collect())
+    }
+
+    fn unit_action(&self, name: &str, action: UnitAction) -> HostResult<()> {
+        self.spawned(format!("{} {name}", action.verb()));
+        let mut inner = self.inner.borrow_mut();
+        inner.mutations += 1;
+        let n = unit_name(name);
+        let Some(unit) = inner.system.units.get_mut(&n) else {
+            let output = format!("Failed to {} {n}: Unit {n} not found.", action.verb());
+            return Err(HostError::Command {
+                command: format!("systemctl {} {n}", action.verb()),
+                status: "exited with 5".into(),
+                output,
+            });
+        };
+        match action {
+            UnitAction::Start | UnitAction::Restart => {
+                unit.active = "active".into();
+                *inner.system.starts.entry(n).or_default() += 1;
+            }
+            UnitAction::Stop => unit.active = "inactive".into(),
+            UnitAction::Reload => *inner.system.reloads.entry(n).or_default() += 1,
+        }
+        Ok(())
+    }
+
+    fn set_unit_enabled(&self, name: &str, enabled: bool) -> HostResult<()> {
+        self.spawned(format!("{} {name}", if enabled { "enable" } else { "disable" }));
+        let mut inner = self.inner.borrow_mut();
+        inner.mutations += 1;
+        if let Some(unit) = inner.system.units.get_mut(&unit_name(name)) {
+            unit.enabled = if enabled { "enabled" } else { "disabled" }.into();
+        }
+        Ok(())
+    }
+
+    fn daemon_reload(&self) -> HostResult<()> {
+        self.spawned("daemon-reload".into());
+        let mut inner = self.inner.borrow_mut();
+        for unit in inner.system.units.values_mut() {
+            unit.needs_daemon_reload = false;
+        }
+        Ok(())
+    }
+
+    fn unit_journal(&self, name: &str) -> String {
+        format!("(the journal of {})", unit_name(name))
+    }
+
+    fn run(&self, cmd: &Run) -> HostResult<Ran> {
+        self.spawned(format!("run {}", cmd.argv.join(" ")));
+        let runner = self.inner.borrow_mut().system.runner.take();
+        let ran = match &runner {
+            Some(f) => f(self, cmd),
+            None => Ran { code: Some(0), timed_out: false, tail: String::new() },
+        };
+        self.inner.borrow_mut().system.runner = runner;
+        Ok(ran)
+    }
+}
+
+/// `nginx` is `nginx.service`.
+fn unit_name(name: &str) -> String {
+    if name.contains('.') { name.to_string() } else { format!("{name}.service") }
+}
+
+/// The next free id: system ids count down from 999, others up from 1000.
+fn next_id(taken: impl Iterator<Item = u32>, system: bool) -> u32 {
+    let taken: std::collections::HashSet<u32> = taken.collect();
+    if system {
+        (100..1000).rev().find(|i| !taken.contains(i)).unwrap_or(999)
+    } else {
+        (1000..).find(|i| !taken.contains(i)).unwrap_or(1000)
     }
 }
 

@@ -65,7 +65,7 @@ pub fn diff(r: &Resource, d: &DirectorySpec, want: &Wanted, seen: &Observed) -> 
 
 pub fn apply(sys: &System, r: &Resource, d: &DirectorySpec, state: &Checked) -> Result<(), String> {
     let path = r.id.title.as_str();
-    let Checked { seen, want } = state;
+    let Checked { seen, want, .. } = state;
     let backup = d.backup.unwrap_or(true) && !r.sensitive();
     if !present(r) {
         return match &seen.stat {

@@ -67,7 +67,7 @@ fn content_change(path: &str, sensitive: bool, is_file: bool, seen: &Observed, w
 
 pub fn apply(sys: &System, r: &Resource, f: &FileSpec, state: &Checked, changes: &[Change]) -> Result<(), String> {
     let path = r.id.title.as_str();
-    let Checked { seen, want } = state;
+    let Checked { seen, want, .. } = state;
     let backup = f.backup.unwrap_or(true) && !r.sensitive();
     if !present(r) {
         return match &seen.stat {

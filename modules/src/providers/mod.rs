@@ -5,17 +5,33 @@
 //! what is declared) and `apply`. What the path kinds
 //! share lives here: owners and groups by name, mode/owner/group changes, type changes (which
 //! need `force`), and removal that never follows a symlink and backs up what it removes.
+//!
+//! The system kinds read through caches that live for one run: one query of the package
+//! database, of the accounts and of the units answers every resource, so a run that changes
+//! nothing runs (almost) no process. A change forgets what it made stale.
 
-use crate::catalog::{Ensure, Mode, Resource, Spec, join_path as join, parent_path as parent};
+use crate::catalog::{Ensure, Mode, PackageSpec, Resource, Spec, join_path as join, parent_path as parent};
 use crate::engine::Providers;
-use crate::host::{FileType, Host, HostError, Stat};
+use crate::host::{
+    AccountOp, Accounts, Available, FileType, Host, HostError, Install, Installed, PackageSystem, Stat, Unit,
+    UnitAction,
+};
 use crate::report::{Change, describe_content, unified_diff};
 use crate::validate::holds_protected;
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 
+pub mod account;
 pub mod directory;
+pub mod exec;
 pub mod file;
+pub mod package;
+pub mod service;
 pub mod symlink;
+
+/// Where systemd reads unit files: a change there needs a daemon-reload before services act.
+pub const UNIT_DIRS: &[&str] =
+    &["/etc/systemd/system/", "/lib/systemd/system/", "/usr/lib/systemd/system/", "/run/systemd/system/"];
 
 /// The providers of this build over one host.
 pub struct System<'h> {
@@ -23,6 +39,42 @@ pub struct System<'h> {
     /// Every path the catalog declares (present or absent): purge leaves them to their own
     /// resource.
     managed: HashSet<&'h str>,
+    /// Every package and service of the catalog: each is asked about once, all together.
+    packages: Vec<(&'h str, &'h PackageSpec)>,
+    services: Vec<&'h str>,
+    dry_run: bool,
+    run: RefCell<RunState>,
+}
+
+/// What one run has learnt of the system, and what it did.
+#[derive(Default)]
+struct RunState {
+    installed: Option<HashMap<String, Installed>>,
+    available: Option<HashMap<String, Available>>,
+    lists_refreshed: bool,
+    accounts: Option<Accounts>,
+    units: Option<HashMap<String, Unit>>,
+    /// A unit file changed in this run and systemd has not reloaded yet.
+    unit_files_changed: bool,
+    /// Services this run started: a notify does nothing more to them.
+    started: HashSet<String>,
+    /// Commands this run ran.
+    ran: HashSet<String>,
+}
+
+/// What a system kind's `apply` is to do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Op {
+    #[default]
+    None,
+    Install(Install),
+    Remove(String),
+    Accounts(Vec<AccountOp>),
+    Unit {
+        enable: Option<bool>,
+        action: Option<UnitAction>,
+    },
+    Run,
 }
 
 /// What `inspect` saw of a path: everything `diff` needs, so that `diff` is pure.
@@ -66,12 +118,120 @@ impl Wanted {
 pub struct Checked {
     pub seen: Observed,
     pub want: Wanted,
+    /// For the system kinds.
+    pub op: Op,
+    /// Why a held package is left as it is.
+    pub held: Option<String>,
 }
 
 impl<'h> System<'h> {
     pub fn new(host: &'h dyn Host, resources: &'h [Resource]) -> System<'h> {
         let managed = resources.iter().filter_map(Resource::path).collect();
-        System { host, managed }
+        let packages = resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::Package(p) => Some((r.id.title.as_str(), p)),
+                _ => None,
+            })
+            .collect();
+        let services =
+            resources.iter().filter(|r| matches!(r.spec, Spec::Service(_))).map(|r| r.id.title.as_str()).collect();
+        System { host, managed, packages, services, dry_run: false, run: RefCell::default() }
+    }
+
+    /// For a dry-run: nothing is refreshed (package lists, systemd's view of unit files).
+    pub fn dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    /// The installed version of `name`, from one query for every package of the run.
+    fn installed(&self, name: &str) -> Result<Option<Installed>, String> {
+        if self.run.borrow().installed.is_none() {
+            let names: Vec<&str> = self.packages.iter().map(|(n, _)| *n).collect();
+            let installed = self.host.installed(&names).map_err(fail)?;
+            self.run.borrow_mut().installed = Some(installed);
+        }
+        Ok(self.run.borrow().installed.as_ref().and_then(|m| m.get(name).cloned()))
+    }
+
+    /// What the repositories offer of `name`, asked once for every package that needs it.
+    /// When some package is not on offer, the package lists are refreshed once (not in a
+    /// dry-run) and asked again.
+    fn available(&self, name: &str, system: PackageSystem) -> Result<Option<Available>, String> {
+        if self.run.borrow().available.is_none() {
+            let mut names: Vec<&str> = Vec::new();
+            for (n, spec) in &self.packages {
+                let installed = self.installed(n)?;
+                if package::needs_available(&package::want(spec), installed.as_ref(), system) {
+                    names.push(n);
+                }
+            }
+            if !names.contains(&name) {
+                names.push(name);
+            }
+            let mut offered = self.host.available(&names, false).map_err(fail)?;
+            let missing = names.iter().any(|n| offered.get(*n).is_none_or(|a| a.versions.is_empty()));
+            if missing && !self.dry_run && !self.run.borrow().lists_refreshed {
+                self.run.borrow_mut().lists_refreshed = true;
+                offered = self.host.available(&names, true).map_err(fail)?;
+            }
+            self.run.borrow_mut().available = Some(offered);
+        }
+        Ok(self.run.borrow().available.as_ref().and_then(|m| m.get(name).cloned()))
+    }
+
+    fn forget_packages(&self) {
+        self.run.borrow_mut().installed = None;
+    }
+
+    /// Every local account, read once until something changes them.
+    fn accounts(&self) -> Result<Accounts, String> {
+        if self.run.borrow().accounts.is_none() {
+            let accounts = self.host.accounts().map_err(fail)?;
+            self.run.borrow_mut().accounts = Some(accounts);
+        }
+        Ok(self.run.borrow().accounts.clone().unwrap_or_default())
+    }
+
+    fn forget_accounts(&self) {
+        self.run.borrow_mut().accounts = None;
+    }
+
+    /// The unit of a service, from one query for every service of the run. A unit file
+    /// changed by this run, or one systemd reports as changed on disk, gets one daemon-reload
+    /// first (not in a dry-run).
+    fn unit(&self, name: &str) -> Result<Unit, String> {
+        if self.run.borrow().units.is_none() {
+            if self.run.borrow().unit_files_changed && !self.dry_run && !self.host.is_image() {
+                self.host.daemon_reload().map_err(fail)?;
+                self.run.borrow_mut().unit_files_changed = false;
+            }
+            let mut names = self.services.clone();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+            let mut units = self.host.units(&names).map_err(fail)?;
+            if units.values().any(|u| u.needs_daemon_reload) && !self.dry_run && !self.host.is_image() {
+                self.host.daemon_reload().map_err(fail)?;
+                units = self.host.units(&names).map_err(fail)?;
+            }
+            self.run.borrow_mut().units = Some(units);
+        }
+        Ok(self.run.borrow().units.as_ref().and_then(|m| m.get(name).cloned()).unwrap_or_default())
+    }
+
+    fn forget_units(&self) {
+        self.run.borrow_mut().units = None;
+    }
+
+    /// Notes a change to a path: a unit file's change makes systemd reload before services act.
+    fn path_changed(&self, path: &str) {
+        if UNIT_DIRS.iter().any(|d| path.starts_with(d)) {
+            let mut run = self.run.borrow_mut();
+            run.unit_files_changed = true;
+            run.units = None;
+        }
     }
 
     fn is_managed(&self, path: &str) -> bool {
@@ -280,28 +440,53 @@ impl Providers for System<'_> {
                 let changes = symlink::diff(r, s, &seen)?;
                 (seen, Wanted::default(), changes)
             }
-            Spec::Package(_) | Spec::User(_) | Spec::Group(_) | Spec::Service(_) | Spec::Exec(_) => {
-                return Err(format!(
-                    "this agent does not converge {} resources yet; nothing was done for it",
-                    r.id.kind
-                ));
-            }
+            Spec::Package(p) => return package::check(self, r, p),
+            Spec::User(u) => return account::check_user(self, r, u),
+            Spec::Group(g) => return account::check_group(self, r, g),
+            Spec::Service(s) => return service::check(self, r, s),
+            Spec::Exec(e) => return exec::check(self, r, e),
         };
-        Ok((Checked { seen, want }, changes))
+        Ok((Checked { seen, want, ..Checked::default() }, changes))
     }
 
-    fn apply(&self, r: &Resource, state: &Checked, changes: &[Change]) -> Result<(), String> {
-        match &r.spec {
+    fn apply(&self, r: &Resource, state: &Checked, changes: &[Change]) -> Result<Option<String>, String> {
+        let done = match &r.spec {
             Spec::File(f) => file::apply(self, r, f, state, changes),
             Spec::Directory(d) => directory::apply(self, r, d, state),
             Spec::Symlink(s) => symlink::apply(self, r, s, &state.seen),
-            _ => Err(format!("this agent does not converge {} resources yet", r.id.kind)),
-        }
+            Spec::Package(_) => return package::apply_all(self, &[(r, state)]).pop().unwrap_or(Ok(None)),
+            Spec::User(_) | Spec::Group(_) => return account::apply(self, state),
+            Spec::Service(_) => return service::apply(self, r, state),
+            Spec::Exec(e) => return exec::apply(self, r, e),
+        };
+        self.path_changed(&r.id.title);
+        done.map(|()| None)
     }
 
-    /// Files, directories and symlinks have nothing to do on a notify.
-    fn refresh(&self, _: &Resource, _: bool) -> Result<Option<String>, String> {
-        Ok(None)
+    fn batched(&self, r: &Resource) -> bool {
+        matches!(r.spec, Spec::Package(_))
+    }
+
+    fn apply_batch(&self, items: &[(&Resource, &Checked, &[Change])]) -> Vec<Result<Option<String>, String>> {
+        let items: Vec<(&Resource, &Checked)> = items.iter().map(|(r, c, _)| (*r, *c)).collect();
+        package::apply_all(self, &items)
+    }
+
+    /// A command's change is that it ran: inspecting again would only run its guards again.
+    fn verify_after_apply(&self, r: &Resource) -> bool {
+        !matches!(r.spec, Spec::Exec(_))
+    }
+
+    fn held(&self, state: &Checked) -> Option<String> {
+        state.held.clone()
+    }
+
+    fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, String> {
+        match &r.spec {
+            Spec::Service(s) => service::refresh(self, r, s, dry_run),
+            Spec::Exec(e) => exec::refresh(self, r, e, dry_run),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -321,7 +506,7 @@ pub(crate) fn converge_yaml(
     use crate::engine::{Options, run};
     use crate::report::{Collect, RunInfo};
     let loaded = crate::load::load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
-    let sys = System::new(host, &loaded.catalog.resources);
+    let sys = System::new(host, &loaded.catalog.resources).dry_run(dry_run);
     let mut sink = Collect::default();
     let info = RunInfo {
         catalog: "t".into(),

@@ -1,0 +1,344 @@
+//! `package`: apt/dpkg or dnf/rpm, through the host.
+//!
+//! One query of the package database answers every package of a run; what the repositories
+//! offer is asked (once, for all) only when some package needs it: not installed, `latest`, or
+//! a version. Every package that needs a change when the engine reaches the first of them goes
+//! into one transaction; when that transaction fails, each is tried alone so that the failure
+//! lands on the package that caused it.
+
+use super::{Checked, Op, System, fail};
+use crate::catalog::{PackageSpec, Resource};
+use crate::host::{Available, Install, Installed, PackageSystem};
+use crate::report::Change;
+use crate::version::{best_match, matches};
+
+/// What `ensure` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want<'a> {
+    Present,
+    Absent,
+    Latest,
+    Version(&'a str),
+}
+
+pub fn want(p: &PackageSpec) -> Want<'_> {
+    match p.ensure.as_deref() {
+        None | Some("present" | "installed") => Want::Present,
+        Some("absent" | "purged") => Want::Absent,
+        Some("latest") => Want::Latest,
+        Some(v) => Want::Version(v),
+    }
+}
+
+/// Whether deciding needs what the repositories offer.
+pub fn needs_available(want: &Want, installed: Option<&Installed>, system: PackageSystem) -> bool {
+    match want {
+        Want::Absent => false,
+        Want::Present => installed.is_none(),
+        Want::Latest => true,
+        Want::Version(v) => installed.is_none_or(|i| !matches(&i.version, v, |a, b| system.compare(a, b))),
+    }
+}
+
+/// What to do, from what is installed and what is on offer. Pure.
+pub fn diff(
+    name: &str,
+    p: &PackageSpec,
+    installed: Option<&Installed>,
+    available: Option<&Available>,
+    system: PackageSystem,
+) -> Result<(Vec<Change>, Op), String> {
+    let compare = |a: &str, b: &str| system.compare(a, b);
+    let have = installed.map_or("absent", |i| i.version.as_str());
+    let none_on_offer = || {
+        let ask = match system {
+            PackageSystem::Apt => format!("apt-cache policy {name}"),
+            PackageSystem::Dnf => format!("dnf list --available {name}"),
+        };
+        format!("no package `{name}` in the configured repositories (`{ask}` shows what they offer)")
+    };
+    let install = |version: &str, pinned: bool| {
+        let change = Change::new(if installed.is_some() { "version" } else { "ensure" }, have, version);
+        let op = Op::Install(Install { name: name.to_string(), version: pinned.then(|| version.to_string()) });
+        Ok((vec![change], op))
+    };
+    match want(p) {
+        Want::Absent => match installed {
+            Some(i) => Ok((vec![Change::new("ensure", i.version.as_str(), "absent")], Op::Remove(name.to_string()))),
+            None => Ok((vec![], Op::None)),
+        },
+        Want::Present => match (installed, available.and_then(|a| a.candidate.as_deref())) {
+            (Some(_), _) => Ok((vec![], Op::None)),
+            (None, Some(candidate)) => install(candidate, false),
+            (None, None) => Err(none_on_offer()),
+        },
+        Want::Latest => match (installed, available.and_then(|a| a.candidate.as_deref())) {
+            (Some(i), Some(c)) if compare(c, &i.version).is_gt() => install(c, true),
+            (Some(_), _) => Ok((vec![], Op::None)),
+            (None, Some(c)) => install(c, false),
+            (None, None) => Err(none_on_offer()),
+        },
+        Want::Version(pattern) => {
+            if installed.is_some_and(|i| matches(&i.version, pattern, compare)) {
+                return Ok((vec![], Op::None));
+            }
+            let versions = available.map(|a| a.versions.as_slice()).unwrap_or_default();
+            let Some(target) = best_match(versions, pattern, compare) else {
+                if versions.is_empty() {
+                    return Err(none_on_offer());
+                }
+                return Err(format!(
+                    "no version of `{name}` matches {pattern} in the configured repositories (they offer {})",
+                    versions.join(", ")
+                ));
+            };
+            if let Some(i) = installed
+                && compare(target, &i.version).is_lt()
+                && p.allow_downgrade != Some(true)
+            {
+                return Err(format!(
+                    "`{name}` {} is installed and {pattern} means a downgrade to {target}: set `allow_downgrade: true` to allow it",
+                    i.version
+                ));
+            }
+            install(target, true)
+        }
+    }
+}
+
+/// Inspects and diffs a package from the run's queries.
+pub fn check(sys: &System, r: &Resource, p: &PackageSpec) -> Result<(Checked, Vec<Change>), String> {
+    let system = sys.host.package_system()?;
+    let name = r.id.title.as_str();
+    let installed = sys.installed(name)?;
+    let available =
+        if needs_available(&want(p), installed.as_ref(), system) { sys.available(name, system)? } else { None };
+    let (changes, op) = diff(name, p, installed.as_ref(), available.as_ref(), system)?;
+    let held = installed
+        .as_ref()
+        .filter(|i| i.held && !changes.is_empty())
+        .map(|i| format!("{name} {} is held on this system; converge never changes a held package", i.version));
+    Ok((Checked { op, held, ..Checked::default() }, changes))
+}
+
+/// Installs and removes every package of `items` in one transaction each; when one fails,
+/// every package of it is tried alone. One result per item.
+pub fn apply_all(sys: &System, items: &[(&Resource, &Checked)]) -> Vec<Result<Option<String>, String>> {
+    let installs: Vec<(usize, &Install)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(k, (_, c))| match &c.op {
+            Op::Install(i) => Some((k, i)),
+            _ => None,
+        })
+        .collect();
+    let removals: Vec<(usize, &str)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(k, (_, c))| match &c.op {
+            Op::Remove(n) => Some((k, n.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut results: Vec<Result<Option<String>, String>> = vec![Ok(None); items.len()];
+    let downgrade = |ks: &[usize]| {
+        ks.iter()
+            .any(|&k| matches!(&items[k].0.spec, crate::catalog::Spec::Package(p) if p.allow_downgrade == Some(true)))
+    };
+    if !installs.is_empty() {
+        let all: Vec<Install> = installs.iter().map(|(_, i)| (*i).clone()).collect();
+        let ks: Vec<usize> = installs.iter().map(|(k, _)| *k).collect();
+        if let Err(e) = sys.host.install(&all, downgrade(&ks)) {
+            if installs.len() == 1 {
+                results[installs[0].0] = Err(fail(e));
+            } else {
+                for (k, i) in &installs {
+                    results[*k] =
+                        sys.host.install(std::slice::from_ref(*i), downgrade(&[*k])).map(|()| None).map_err(fail);
+                }
+            }
+        }
+    }
+    if !removals.is_empty() {
+        let names: Vec<&str> = removals.iter().map(|(_, n)| *n).collect();
+        if let Err(e) = sys.host.uninstall(&names) {
+            if removals.len() == 1 {
+                results[removals[0].0] = Err(fail(e));
+            } else {
+                for (k, n) in &removals {
+                    results[*k] = sys.host.uninstall(&[n]).map(|()| None).map_err(fail);
+                }
+            }
+        }
+    }
+    sys.forget_packages();
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::memory::MemHost;
+    use crate::providers::converge_yaml;
+    use crate::report::Status;
+
+    fn spec(ensure: &str) -> PackageSpec {
+        PackageSpec { ensure: Some(ensure.into()), allow_downgrade: None }
+    }
+
+    fn inst(v: &str) -> Installed {
+        Installed { version: v.into(), held: false }
+    }
+
+    fn offer(versions: &[&str]) -> Available {
+        Available {
+            candidate: versions.first().map(|v| v.to_string()),
+            versions: versions.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    mod pure {
+        use super::*;
+        const APT: PackageSystem = PackageSystem::Apt;
+
+        #[test]
+        fn present_absent_latest() {
+            let (c, op) = diff("x", &spec("present"), None, Some(&offer(&["1.2-1"])), APT).unwrap();
+            assert_eq!(c, vec![Change::new("ensure", "absent", "1.2-1")]);
+            assert_eq!(op, Op::Install(Install { name: "x".into(), version: None }));
+            assert!(diff("x", &spec("present"), Some(&inst("1.0")), None, APT).unwrap().0.is_empty());
+            let (c, op) = diff("x", &spec("absent"), Some(&inst("1.0")), None, APT).unwrap();
+            assert_eq!(c, vec![Change::new("ensure", "1.0", "absent")]);
+            assert_eq!(op, Op::Remove("x".into()));
+            let (c, _) =
+                diff("x", &spec("latest"), Some(&inst("1.0-1")), Some(&offer(&["1.1-1", "1.0-1"])), APT).unwrap();
+            assert_eq!(c, vec![Change::new("version", "1.0-1", "1.1-1")]);
+            assert!(
+                diff("x", &spec("latest"), Some(&inst("1.1-1")), Some(&offer(&["1.1-1"])), APT).unwrap().0.is_empty()
+            );
+        }
+
+        #[test]
+        fn versions_and_downgrades() {
+            let offered = offer(&["1.25.0-1", "1.24.2-1", "1.24.0-1"]);
+            let (c, op) = diff("x", &spec("1.24.*"), None, Some(&offered), APT).unwrap();
+            assert_eq!(c, vec![Change::new("ensure", "absent", "1.24.2-1")]);
+            assert_eq!(op, Op::Install(Install { name: "x".into(), version: Some("1.24.2-1".into()) }));
+            assert!(diff("x", &spec("1.24.*"), Some(&inst("1.24.0-1")), None, APT).unwrap().0.is_empty());
+            let e = diff("x", &spec("1.24.*"), Some(&inst("1.25.0-1")), Some(&offered), APT).unwrap_err();
+            assert!(e.contains("downgrade to 1.24.2-1: set `allow_downgrade: true`"), "{e}");
+            let mut allowed = spec("1.24.*");
+            allowed.allow_downgrade = Some(true);
+            let (c, _) = diff("x", &allowed, Some(&inst("1.25.0-1")), Some(&offered), APT).unwrap();
+            assert_eq!(c, vec![Change::new("version", "1.25.0-1", "1.24.2-1")]);
+            let e = diff("x", &spec("2.*"), None, Some(&offered), APT).unwrap_err();
+            assert!(
+                e.contains("no version of `x` matches 2.* in the configured repositories (they offer 1.25.0-1"),
+                "{e}"
+            );
+        }
+
+        #[test]
+        fn nothing_on_offer_is_an_error_naming_the_tool() {
+            let e = diff("nope", &spec("present"), None, None, APT).unwrap_err();
+            assert_eq!(
+                e,
+                "no package `nope` in the configured repositories (`apt-cache policy nope` shows what they offer)"
+            );
+        }
+    }
+
+    #[test]
+    fn one_query_one_transaction_and_a_silent_no_op() {
+        let host = MemHost::new()
+            .with_dir("/etc", 0o755)
+            .with_installed("base", "1.0", false)
+            .with_available("a", &["1.0"])
+            .with_available("b", &["2.0"])
+            .with_available("c", &["3.0"]);
+        let yaml =
+            "  - package: base\n  - package: a\n  - package: b\n  - file: /etc/x\n    content: x\n  - package: c\n";
+        let events = converge_yaml(&host, yaml, false);
+        let statuses: Vec<_> = events.iter().map(|e| (e.id.as_str(), e.status.clone())).collect();
+        assert_eq!(
+            statuses,
+            vec![
+                ("package:base", Status::Unchanged),
+                ("package:a", Status::Changed),
+                ("package:b", Status::Changed),
+                ("file:/etc/x", Status::Changed),
+                ("package:c", Status::Changed)
+            ]
+        );
+        let p = host.processes();
+        assert_eq!(p.iter().filter(|x| x.starts_with("install")).collect::<Vec<_>>(), vec!["install a b c"], "{p:?}");
+        assert_eq!(p.iter().filter(|x| x.starts_with("query packages")).count(), 2, "before and after: {p:?}");
+        assert_eq!(host.installed_version("c").as_deref(), Some("3.0"));
+        let before = host.processes().len();
+        let again = converge_yaml(&host, yaml, false);
+        assert!(again.iter().all(|e| e.status == Status::Unchanged), "{again:?}");
+        let p = host.processes();
+        assert_eq!(p[before..], ["query packages base a b c".to_string()], "one query, nothing else");
+    }
+
+    #[test]
+    fn a_missing_package_fails_alone_and_the_rest_install() {
+        let host = MemHost::new().with_dir("/etc", 0o755).with_available("a", &["1.0"]).with_available("b", &["1.0"]);
+        let yaml = "  - package: a\n  - package: nope\n  - package: b\n  - file: /etc/after-nope\n    content: x\n    requires: [package:nope]\n";
+        let events = converge_yaml(&host, yaml, false);
+        let by = |id: &str| events.iter().find(|e| e.id == id).unwrap();
+        assert_eq!(by("package:a").status, Status::Changed);
+        assert_eq!(by("package:b").status, Status::Changed);
+        assert_eq!(by("package:nope").status, Status::Failed);
+        assert!(by("package:nope").message.as_deref().unwrap().contains("no package `nope`"));
+        assert_eq!(by("file:/etc/after-nope").status, Status::Skipped);
+    }
+
+    #[test]
+    fn a_failed_transaction_is_retried_package_by_package() {
+        // `b` is on offer when asked but cannot be installed: the whole transaction fails.
+        let host = MemHost::new().with_available("a", &["1.0"]).with_available("b", &["1.0"]);
+        let host = host.with_available("c", &["1.0"]);
+        let yaml = "  - package: a\n  - package: b\n    ensure: \"1.0\"\n  - package: c\n";
+        // Make b's pinned version disappear between the query and the install.
+        let events = {
+            let loaded = crate::load::load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).unwrap();
+            let sys = System::new(&host, &loaded.catalog.resources);
+            let items: Vec<(&Resource, Checked)> = loaded
+                .catalog
+                .resources
+                .iter()
+                .map(|r| {
+                    let mut c = Checked::default();
+                    let version = if r.id.title == "b" { Some("9.9".to_string()) } else { None };
+                    c.op = Op::Install(Install { name: r.id.title.clone(), version });
+                    (r, c)
+                })
+                .collect();
+            let refs: Vec<(&Resource, &Checked)> = items.iter().map(|(r, c)| (*r, c)).collect();
+            apply_all(&sys, &refs)
+        };
+        assert!(events[0].is_ok() && events[2].is_ok(), "{events:?}");
+        assert!(events[1].as_ref().unwrap_err().contains("Version '9.9' for 'b' was not found"), "{events:?}");
+        let installs: Vec<String> = host.processes().into_iter().filter(|p| p.starts_with("install")).collect();
+        assert_eq!(installs, vec!["install a b=9.9 c", "install a", "install b=9.9", "install c"]);
+    }
+
+    #[test]
+    fn held_packages_are_reported_and_never_changed() {
+        let host = MemHost::new().with_installed("pinned", "1.0-1", true).with_available("pinned", &["1.0-1", "2.0-1"]);
+        let events = converge_yaml(&host, "  - package: pinned\n    ensure: latest\n", false);
+        assert_eq!(events[0].status, Status::Other("held".into()));
+        assert!(events[0].message.as_deref().unwrap().contains("held"), "{events:?}");
+        assert_eq!(host.installed_version("pinned").as_deref(), Some("1.0-1"));
+    }
+
+    #[test]
+    fn dry_run_installs_nothing() {
+        let host = MemHost::new().with_available("a", &["1.0"]).with_installed("gone", "1.0", false);
+        let events = converge_yaml(&host, "  - package: a\n  - package: gone\n    ensure: absent\n", true);
+        assert!(events.iter().all(|e| e.status == Status::WouldChange), "{events:?}");
+        assert_eq!(host.mutations(), 0);
+        assert!(host.installed_version("a").is_none());
+    }
+}
