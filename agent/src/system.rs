@@ -134,6 +134,13 @@ impl Tools<'_> {
         let mut a = argv(&["dnf", "-y", "-q", "--setopt=install_weak_deps=False"]);
         if !self.root.is_slash() {
             a.push(format!("--installroot={}", self.root.path().display()));
+            // An image being built has no release package yet: its os-release says the release.
+            let os = self.root.read_to_string("/etc/os-release").unwrap_or_default();
+            let release =
+                os.lines().find_map(|l| l.strip_prefix("VERSION_ID=")).map(|v| v.trim_matches('"').to_string());
+            if let Some(r) = release {
+                a.push(format!("--releasever={r}"));
+            }
         }
         a
     }

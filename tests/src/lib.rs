@@ -4,6 +4,8 @@
 //! them beside their own executable in the target directory; `cargo test --workspace` (and
 //! `./test.sh`) builds them first.
 
+pub mod container;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

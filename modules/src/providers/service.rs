@@ -90,6 +90,13 @@ pub fn apply(sys: &System, r: &Resource, state: &Checked) -> Result<Option<Strin
             sys.host.unit_action(&name, *a).map_err(|e| with_journal(sys, &name, fail(e)))?;
             if *a == UnitAction::Start {
                 sys.run.borrow_mut().started.insert(name.clone());
+                // A service can start and die at once: say so with its journal.
+                sys.forget_units();
+                let now = sys.unit(&r.id.title)?;
+                if !running(&now) {
+                    let message = format!("{name} started but did not stay running (it is {} now)", now.active);
+                    return Err(with_journal(sys, &name, message));
+                }
             }
         }
         Ok(None)

@@ -1,0 +1,388 @@
+//! Disposable Debian containers with systemd as PID 1, for testing against real apt, dpkg,
+//! shadow-utils and systemd without touching the machine (TESTBED.md).
+//!
+//! Each [`Container`] is an overlayfs layer over the prepared tree (`tests/testbed/prepare`),
+//! booted with `systemd-nspawn --private-network` in a cgroup of its own, with a local package
+//! repository mounted read-only at `/srv/repo` and the `converge` under test in
+//! `/usr/local/bin`. Dropping it stops it by its own PID, unmounts, and removes its cgroups, on
+//! failure too.
+//!
+//! The suite runs only with `CONVERGE_CONTAINER_TESTS=1` (as root, with `CONVERGE_TESTBED` set
+//! to what prepare printed); `.ci/run` sets both and fails if it cannot. Without the variable,
+//! each test says it was skipped and passes, so a plain `cargo test` works anywhere.
+
+use crate::{Out, bin};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Whether the container suite runs; prints why not when it does not.
+pub fn enabled(test: &str) -> bool {
+    match std::env::var("CONVERGE_CONTAINER_TESTS").as_deref() {
+        Ok("1") => {
+            assert!(nix_is_root(), "CONVERGE_CONTAINER_TESTS=1 needs root (containers, mounts, cgroups)");
+            true
+        }
+        _ => {
+            eprintln!(
+                "{test}: skipped (the container suite runs with CONVERGE_CONTAINER_TESTS=1, as root; see README)"
+            );
+            false
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// The prepared directory: `tree/` (the Debian tree) and `debs/` (real packages).
+pub fn testbed() -> PathBuf {
+    let dir = std::env::var("CONVERGE_TESTBED").map(PathBuf::from).unwrap_or_default();
+    assert!(
+        dir.join("ready").exists(),
+        "CONVERGE_TESTBED={} is not a prepared testbed: run `tests/testbed/prepare` as root and export what it prints",
+        dir.display()
+    );
+    dir
+}
+
+/// A package the tests build.
+#[derive(Clone)]
+pub struct Deb {
+    pub name: String,
+    pub version: String,
+    /// (path, content, mode)
+    pub files: Vec<(String, String, u32)>,
+    pub preinst: Option<String>,
+}
+
+impl Deb {
+    pub fn new(name: &str, version: &str) -> Deb {
+        Deb { name: name.into(), version: version.into(), files: vec![], preinst: None }
+    }
+
+    pub fn file(mut self, path: &str, content: &str, mode: u32) -> Deb {
+        self.files.push((path.into(), content.into(), mode));
+        self
+    }
+
+    /// A package shipping a service unit `NAME.service` that runs `exec`.
+    pub fn service(name: &str, exec_start: &str, exec_reload: Option<&str>) -> Deb {
+        let reload = exec_reload.map(|r| format!("ExecReload={r}\n")).unwrap_or_default();
+        let unit = format!(
+            "[Unit]\nDescription=converge test service {name}\n\n[Service]\nExecStart={exec_start}\n{reload}\n[Install]\nWantedBy=multi-user.target\n"
+        );
+        Deb::new(name, "1.0").file(&format!("/lib/systemd/system/{name}.service"), &unit, 0o644)
+    }
+}
+
+/// Every package the suite's tests use.
+pub fn test_debs() -> Vec<Deb> {
+    let mut debs = vec![
+        Deb::new("cvt-hello", "1.0").file("/usr/share/cvt-hello/version", "1.0\n", 0o644),
+        Deb::new("cvt-hello", "2.0").file("/usr/share/cvt-hello/version", "2.0\n", 0o644),
+        Deb::service(
+            "cvt-svc",
+            "/bin/sh -c 'echo start >> /var/log/cvt-svc.log; exec sleep infinity'",
+            Some("/bin/sh -c 'echo reload >> /var/log/cvt-svc.log'"),
+        ),
+        Deb::service(
+            "cvt-broken",
+            "/bin/sh -c 'echo \"cvt-broken: /etc/cvt-broken.conf is missing\" >&2; exit 1'",
+            None,
+        ),
+        Deb { preinst: Some("#!/bin/sh\nsleep 15\n".into()), ..Deb::new("cvt-slow", "1.0") },
+    ];
+    for i in 1..=100 {
+        debs.push(Deb::new(&format!("cvb-pkg-{i:03}"), "1.0").file(
+            &format!("/usr/share/cvb/pkg-{i:03}"),
+            "x\n",
+            0o644,
+        ));
+    }
+    for i in 1..=30 {
+        debs.push(Deb::service(&format!("cvb-svc-{i:02}"), "/bin/sleep infinity", None));
+    }
+    debs
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The local repository: the testbed's real packages and the built ones, indexed. Built once
+/// per set of definitions (cached beside the testbed, under a lock).
+pub fn repo() -> PathBuf {
+    let testbed = testbed();
+    let debs = test_debs();
+    let key = {
+        let mut text = String::new();
+        for d in &debs {
+            text.push_str(&format!("{}|{}|{:?}|{:?}\n", d.name, d.version, d.files, d.preinst));
+        }
+        converge_modules::hash::sha256_hex(text.as_bytes())[..12].to_string()
+    };
+    let repo = testbed.join(format!("repo-{key}"));
+    if repo.join("Packages").exists() {
+        return repo;
+    }
+    let lock = std::fs::File::create(testbed.join(".repo.lock")).unwrap();
+    // Serialise builders across test processes.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&lock);
+    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+    unsafe { libc::flock(fd, libc::LOCK_EX) };
+    if repo.join("Packages").exists() {
+        return repo;
+    }
+    let tmp = testbed.join(format!("repo-{key}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    for e in std::fs::read_dir(testbed.join("debs")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.join(e.file_name())).unwrap();
+    }
+    let build = tempfile::tempdir().unwrap();
+    for d in &debs {
+        let root = build.path().join(format!("{}_{}", d.name, d.version));
+        std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+        let control = format!(
+            "Package: {}\nVersion: {}\nArchitecture: all\nMaintainer: converge tests <tests@example.invalid>\nDescription: a package the converge tests built\n",
+            d.name, d.version
+        );
+        std::fs::write(root.join("DEBIAN/control"), control).unwrap();
+        if let Some(script) = &d.preinst {
+            let p = root.join("DEBIAN/preinst");
+            std::fs::write(&p, script).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        for (path, content, mode) in &d.files {
+            let p = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, content).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
+        }
+        let out = tmp.join(format!("{}_{}_all.deb", d.name, d.version));
+        run_ok(
+            Command::new("dpkg-deb")
+                .args(["--build", "--root-owner-group", "-Zgzip"])
+                .arg(&root)
+                .arg(&out)
+                .stdout(Stdio::null()),
+            "dpkg-deb",
+        );
+    }
+    let index = run_ok(
+        Command::new("dpkg-scanpackages").args(["--multiversion", "."]).current_dir(&tmp).stderr(Stdio::null()),
+        "dpkg-scanpackages",
+    );
+    std::fs::write(tmp.join("Packages"), index).unwrap();
+    std::fs::rename(&tmp, &repo).unwrap();
+    repo
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A booted container.
+pub struct Container {
+    pub name: String,
+    dir: PathBuf,
+    merged: PathBuf,
+    nspawn: Option<std::process::Child>,
+    leader: u32,
+}
+
+impl Container {
+    /// Boots a new container (about a second) and refreshes its package lists from the local
+    /// repository.
+    pub fn boot() -> Container {
+        let tree = testbed().join("tree");
+        let repo = repo();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("cvt-{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let merged = dir.join("merged");
+        for d in ["upper", "work", "merged"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let mut c = Container { name: name.clone(), dir: dir.clone(), merged: merged.clone(), nspawn: None, leader: 0 };
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o"])
+                .arg(format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    tree.display(),
+                    dir.join("upper").display(),
+                    dir.join("work").display()
+                ))
+                .arg(&merged),
+            "mount the overlay",
+        );
+        std::fs::write(merged.join("etc/hostname"), format!("{name}\n")).unwrap();
+        std::fs::copy(bin("converge"), merged.join("usr/local/bin/converge")).unwrap();
+        for h in ["unified", "systemd"] {
+            std::fs::create_dir_all(format!("/sys/fs/cgroup/{h}/{name}")).unwrap();
+        }
+        let script = format!(
+            "echo $$ > /sys/fs/cgroup/unified/{name}/cgroup.procs; echo $$ > /sys/fs/cgroup/systemd/{name}/cgroup.procs; \
+             exec env SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -D {} -M {name} -b --register=no --keep-unit \
+             --console=passive --private-network --bind-ro={}:/srv/repo",
+            merged.display(),
+            repo.display()
+        );
+        let log = std::fs::File::create(dir.join("nspawn.log")).unwrap();
+        let child = Command::new("setsid")
+            .args(["bash", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("systemd-nspawn");
+        let pid = child.id();
+        c.nspawn = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        c.leader = loop {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            let leader = children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "systemd"));
+            if let Some(l) = leader {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "the container did not start: {}", c.log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        loop {
+            let state = c.run(&["systemctl", "is-system-running"]).stdout;
+            if matches!(state.trim(), "running" | "degraded") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the container did not finish booting ({}): {}", state.trim(), c.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let update = c.run(&["apt-get", "update", "-qq"]);
+        assert_eq!(update.code, 0, "apt-get update in the container: {}", update.stderr);
+        c
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nspawn.log")).unwrap_or_default()
+    }
+
+    /// Runs a command inside the container (its namespaces, a clean environment).
+    pub fn run(&self, argv: &[&str]) -> Out {
+        self.run_env(&[], argv)
+    }
+
+    /// As [`Container::run`], with `NAME=VALUE` settings added to the environment.
+    pub fn run_env(&self, env: &[&str], argv: &[&str]) -> Out {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.leader.to_string(), "-a", "env", "-i"])
+            .args(["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C"])
+            .args(env)
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .expect("nsenter");
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs a shell script inside the container and demands success; its standard output.
+    pub fn sh(&self, script: &str) -> String {
+        let out = self.run(&["sh", "-c", script]);
+        assert_eq!(out.code, 0, "in the container: {script}\n{}{}", out.stdout, out.stderr);
+        out.stdout
+    }
+
+    /// The path of a file inside the container, from the host.
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.merged.join(p.trim_start_matches('/'))
+    }
+
+    /// Writes `catalog` to /root/NAME and runs `converge apply --detailed-exitcodes` on it
+    /// with `args`.
+    pub fn apply(&self, name: &str, catalog: &str, args: &[&str]) -> Out {
+        self.apply_env(&[], name, catalog, args)
+    }
+
+    pub fn apply_env(&self, env: &[&str], name: &str, catalog: &str, args: &[&str]) -> Out {
+        std::fs::write(self.path(&format!("/root/{name}")), catalog).unwrap();
+        let file = format!("/root/{name}");
+        let mut argv = vec!["/usr/local/bin/converge", "apply", file.as_str(), "--detailed-exitcodes"];
+        argv.extend(args);
+        self.run_env(env, &argv)
+    }
+
+    /// Starts a command inside the container and leaves it running (it ends with the container).
+    pub fn spawn(&self, argv: &[&str]) -> std::process::Child {
+        Command::new("nsenter")
+            .args(["-t", &self.leader.to_string(), "-a", "env", "-i"])
+            .args(["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C"])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nsenter")
+    }
+
+    /// Every path of the container's writable layer with its type, size, mode, owner and
+    /// content hash: what a run changed, from the host.
+    pub fn listing(&self) -> String {
+        run_ok(Command::new("find").arg(self.dir.join("upper")).args(["-printf", "%P %y %s %m %U:%G %T@\n"]), "find")
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.nspawn.take() {
+            // SIGTERM to nspawn shuts the container down; it is waited for, then killed.
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount").arg(&self.merged).status();
+        if Command::new("mountpoint").arg("-q").arg(&self.merged).status().is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
+        }
+        for h in ["unified", "systemd"] {
+            remove_cgroup(Path::new(&format!("/sys/fs/cgroup/{h}/{}", self.name)));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes a cgroup and its children, deepest first.
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
