@@ -15,6 +15,9 @@
 //! `converge-bench serve [NODES FULL CONCURRENCY]`: load on the server over mutual TLS; see
 //! `serve.rs`.
 //!
+//! `converge-bench system`: a no-op run over packages, users, services and files in a container,
+//! beside the one query it cannot avoid and `puppet apply`; see `system.rs`.
+//!
 //! `converge-bench baseline LIST`: the baseline itself, over the paths listed in LIST.
 
 use converge_modules::catalog::{Catalog, DirectorySpec, FileSpec, Kind, Meta, Mode, Resource, ResourceId, Spec};
@@ -28,6 +31,7 @@ use std::time::{Duration, Instant};
 mod compile;
 mod serve;
 mod signing;
+mod system;
 
 const RUNS: usize = 9;
 
@@ -45,6 +49,7 @@ fn main() {
             compile::run(&sizes);
         }
         Some("sign") => signing::run(),
+        Some("system") => system::run(),
         Some("serve") => {
             let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
             serve::run(n(1, 10_000), n(2, 1_000), n(3, 64));
@@ -59,7 +64,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: converge-bench noop [N ...] | converge-bench compile [N ...] | converge-bench baseline LIST"
+                "usage: converge-bench noop [N ...] | compile [N ...] | sign | serve [NODES FULL CONCURRENCY] | system | baseline LIST"
             );
             std::process::exit(1);
         }

@@ -204,9 +204,14 @@ pub struct Container {
 }
 
 impl Container {
-    /// Boots a new container (about a second) and refreshes its package lists from the local
-    /// repository.
+    /// Boots a new container (about a second) with the `converge` of this build, and refreshes
+    /// its package lists from the local repository.
     pub fn boot() -> Container {
+        Container::boot_with(&bin("converge"))
+    }
+
+    /// As [`Container::boot`], with the given `converge` binary.
+    pub fn boot_with(converge: &Path) -> Container {
         let tree = testbed().join("tree");
         let repo = repo();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
@@ -230,7 +235,7 @@ impl Container {
             "mount the overlay",
         );
         std::fs::write(merged.join("etc/hostname"), format!("{name}\n")).unwrap();
-        std::fs::copy(bin("converge"), merged.join("usr/local/bin/converge")).unwrap();
+        std::fs::copy(converge, merged.join("usr/local/bin/converge")).unwrap();
         for h in ["unified", "systemd"] {
             std::fs::create_dir_all(format!("/sys/fs/cgroup/{h}/{name}")).unwrap();
         }
