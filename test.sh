@@ -19,6 +19,9 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 # root it is skipped, and says so; CONVERGE_REQUIRE_CONTAINERS=1 (set by .ci/run) makes that a
 # failure instead.
 if [ "$(id -u)" = 0 ]; then
+    if ! command -v chromium >/dev/null; then # the fleet page is tested in a real browser
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 chromium >/dev/null
+    fi
     CONVERGE_TESTBED="$(tests/testbed/prepare)"
     export CONVERGE_TESTBED CONVERGE_CONTAINER_TESTS=1
     echo "container suite: on (testbed $CONVERGE_TESTBED)"

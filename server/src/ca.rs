@@ -1,5 +1,7 @@
 //! The certificate authority of a converge server: its own CA, the server certificate, and
-//! client certificates for enrolled nodes. Every key is Ed25519 (the cheapest TLS handshakes).
+//! client certificates for enrolled nodes. The CA and the server key are ECDSA P-256, which
+//! browsers accept (for the fleet page) as well as agents; nodes' keys are Ed25519, made on the
+//! node.
 //!
 //! The CA is only ever used by converge: agents trust nothing else for the server, and the
 //! server accepts client certificates only from it. The CA hash agents pin at bootstrap is the
@@ -9,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::hash::sha256_hex;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ED25519, PublicKeyData, SanType, SignatureAlgorithm,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ED25519, PublicKeyData, SanType, SignatureAlgorithm,
 };
 use std::io::Write;
 use std::net::IpAddr;
@@ -68,7 +70,7 @@ impl Ca {
         if names.is_empty() && addresses.is_empty() {
             bail!("the server certificate needs at least one --name or --address agents will connect to");
         }
-        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = ca_params();
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::days(1);
@@ -77,7 +79,7 @@ impl Ca {
         write_new(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
         write_new(&dir.join("ca.pem"), &cert.pem(), 0o644)?;
         let ca = Ca { issuer: Issuer::new(ca_params(), key), pem: cert.pem(), der: cert.der().to_vec() };
-        let server_key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut sp = CertificateParams::new(names.to_vec()).context("a --name is not a valid DNS name")?;
         sp.serial_number = Some(random_serial()?);
         sp.subject_alt_names.extend(addresses.iter().map(|a| SanType::IpAddress(*a)));

@@ -19,6 +19,7 @@ pub const KEYS: &[&str] = &[
     "token_ttl",
     "max_compiles",
     "repo_poll",
+    "run_interval",
 ];
 
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct Config {
     pub max_compiles: usize,
     /// How often the branch is checked for a new commit [5s].
     pub repo_poll: u64,
+    /// How often agents run [30m]: a node whose last run is older than twice this is late.
+    pub run_interval: i64,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             token_ttl: conf.duration("token_ttl").map_err(e)?.unwrap_or(86_400),
             max_compiles: conf.int("max_compiles").map_err(e)?.map_or(cores, |n| n.max(1) as usize),
             repo_poll: conf.duration("repo_poll").map_err(e)?.unwrap_or(5).max(1) as u64,
+            run_interval: conf.duration_at_least("run_interval", 10).map_err(e)?.unwrap_or(1800),
             state,
         })
     }

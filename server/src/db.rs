@@ -65,7 +65,15 @@ CREATE TABLE IF NOT EXISTS reports (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reports_node ON reports(node, id);
+CREATE TABLE IF NOT EXISTS operators (
+    sha256 TEXT PRIMARY KEY,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL
+);
 ";
+
+/// Columns added after the first release of a table: (table, column, definition).
+const MIGRATIONS: &[(&str, &str, &str)] = &[("reports", "commit_id", "TEXT")];
 
 /// Reports kept per node; older ones are dropped.
 pub const REPORTS_PER_NODE: i64 = 50;
@@ -113,7 +121,40 @@ pub struct ReportRow<'a> {
     pub failed: i64,
     pub stale: bool,
     pub serial: Option<u64>,
+    pub commit: Option<&'a str>,
     pub body: &'a str,
+}
+
+/// A stored report.
+#[derive(Debug, Clone)]
+pub struct StoredReport {
+    pub id: i64,
+    pub node: String,
+    pub received: i64,
+    pub changed: i64,
+    pub failed: i64,
+    pub stale: bool,
+    pub serial: Option<u64>,
+    pub commit: Option<String>,
+    pub body: String,
+}
+
+/// Which reports to list.
+#[derive(Debug, Clone, Default)]
+pub struct ReportFilter {
+    pub node: Option<String>,
+    pub failed: bool,
+    pub since: Option<i64>,
+    pub limit: i64,
+}
+
+/// What the store knows of one node.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub row: NodeRow,
+    pub created: i64,
+    pub agent_version: Option<String>,
+    pub facts: Option<String>,
 }
 
 /// A node for listings.
@@ -126,6 +167,9 @@ pub struct NodeRow {
     pub serial: Option<u64>,
     pub compile_error: Option<String>,
     pub last_report: Option<(i64, i64, i64, bool)>,
+    /// The commit of the catalog the last report was about.
+    pub last_commit: Option<String>,
+    pub agent_version: Option<String>,
 }
 
 impl Db {
@@ -141,6 +185,15 @@ impl Db {
             c.pragma_update(None, "foreign_keys", "ON")?;
             if i == 0 {
                 c.execute_batch(SCHEMA).context("cannot create the state database's tables")?;
+                for (table, column, def) in MIGRATIONS {
+                    let has: bool = c
+                        .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+                        .exists(params![column])?;
+                    if !has {
+                        c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))
+                            .with_context(|| format!("cannot add {table}.{column} to the state database"))?;
+                    }
+                }
             }
             pool.push(Mutex::new(c));
         }
@@ -345,8 +398,8 @@ impl Db {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO reports (node, received, changed, failed, stale, serial, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![r.node, r.at, r.changed, r.failed, r.stale, r.serial.map(|s| s as i64), r.body],
+                "INSERT INTO reports (node, received, changed, failed, stale, serial, body, commit_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![r.node, r.at, r.changed, r.failed, r.stale, r.serial.map(|s| s as i64), r.body, r.commit],
             )?;
             tx.execute(
                 "DELETE FROM reports WHERE node = ?1 AND id NOT IN (SELECT id FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
@@ -358,19 +411,24 @@ impl Db {
 
     /// Every node with its certificate, catalog and last report.
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
+        self.node_rows(None)
+    }
+
+    fn node_rows(&self, only: Option<&str>) -> Result<Vec<NodeRow>> {
         self.with(|c| {
             let mut s = c.prepare(
                 "SELECT n.name, n.last_seen,
                     (SELECT MAX(expires) FROM certificates WHERE node = n.name AND revoked IS NULL),
                     NOT EXISTS (SELECT 1 FROM certificates WHERE node = n.name AND revoked IS NULL),
                     k.serial, k.compile_error,
-                    r.received, r.changed, r.failed, r.stale
+                    r.received, r.changed, r.failed, r.stale, r.commit_id, n.agent_version
                  FROM nodes n
                  LEFT JOIN catalogs k ON k.node = n.name
                  LEFT JOIN reports r ON r.id = (SELECT MAX(id) FROM reports WHERE node = n.name)
+                 WHERE ?1 IS NULL OR n.name = ?1
                  ORDER BY n.name",
             )?;
-            s.query_map([], |r| {
+            s.query_map(params![only], |r| {
                 let report = match r.get::<_, Option<i64>>(6)? {
                     Some(at) => Some((at, r.get(7)?, r.get(8)?, r.get(9)?)),
                     None => None,
@@ -383,17 +441,62 @@ impl Db {
                     serial: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
                     compile_error: r.get(5)?,
                     last_report: report,
+                    last_commit: r.get(10)?,
+                    agent_version: r.get(11)?,
                 })
             })?
             .collect()
         })
     }
 
-    /// The newest reports of a node, newest first (JSON bodies).
-    pub fn reports(&self, node: &str, limit: i64) -> Result<Vec<(i64, String)>> {
+    /// One node, with its facts.
+    pub fn node(&self, name: &str) -> Result<Option<NodeInfo>> {
+        let Some(row) = self.node_rows(Some(name))?.pop() else { return Ok(None) };
+        let (created, agent_version, facts) = self.with(|c| {
+            c.query_row("SELECT created, agent_version, facts FROM nodes WHERE name = ?1", params![name], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+        })?;
+        Ok(Some(NodeInfo { row, created, agent_version, facts }))
+    }
+
+    /// Reports, newest first.
+    pub fn reports(&self, f: &ReportFilter) -> Result<Vec<StoredReport>> {
         self.with(|c| {
-            let mut s = c.prepare("SELECT received, body FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2")?;
-            s.query_map(params![node, limit], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+            let mut s = c.prepare(
+                "SELECT id, node, received, changed, failed, stale, serial, commit_id, body FROM reports
+                 WHERE (?1 IS NULL OR node = ?1) AND (NOT ?2 OR failed > 0) AND (?3 IS NULL OR received >= ?3)
+                 ORDER BY id DESC LIMIT ?4",
+            )?;
+            s.query_map(params![f.node, f.failed, f.since, f.limit.max(1)], stored_report)?.collect()
+        })
+    }
+
+    pub fn report(&self, id: i64) -> Result<Option<StoredReport>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, node, received, changed, failed, stale, serial, commit_id, body FROM reports WHERE id = ?1",
+                params![id],
+                stored_report,
+            )
+            .optional()
+        })
+    }
+
+    /// Adds an operator token (by its hash) for the fleet page.
+    pub fn add_operator(&self, sha256: &str, now: i64, expires: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO operators (sha256, created, expires) VALUES (?1, ?2, ?3)",
+                params![sha256, now, expires],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn is_operator(&self, sha256: &str, now: i64) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached("SELECT 1 FROM operators WHERE sha256 = ?1 AND expires > ?2")?.exists(params![sha256, now])
         })
     }
 
@@ -408,6 +511,20 @@ pub fn require_state(dir: &Path) -> Result<()> {
         bail!("{} is not a converge-server state directory (run `converge-server init` first)", dir.display());
     }
     Ok(())
+}
+
+fn stored_report(r: &rusqlite::Row) -> rusqlite::Result<StoredReport> {
+    Ok(StoredReport {
+        id: r.get(0)?,
+        node: r.get(1)?,
+        received: r.get(2)?,
+        changed: r.get(3)?,
+        failed: r.get(4)?,
+        stale: r.get(5)?,
+        serial: r.get::<_, Option<i64>>(6)?.map(|s| s as u64),
+        commit: r.get(7)?,
+        body: r.get(8)?,
+    })
 }
 
 /// Now, as the store records times.
@@ -445,11 +562,29 @@ mod tests {
             facts: Some(("{}".into(), "x".into())),
         }])
         .unwrap();
-        let row = ReportRow { node: "web1", at: 160, changed: 2, failed: 0, stale: false, serial: Some(7), body: "{}" };
+        let row = ReportRow {
+            node: "web1",
+            at: 160,
+            changed: 2,
+            failed: 0,
+            stale: false,
+            serial: Some(7),
+            commit: Some("abc"),
+            body: "{}",
+        };
         for _ in 0..(REPORTS_PER_NODE + 5) {
             db.add_report(&row).unwrap();
         }
-        assert_eq!(db.reports("web1", 1000).unwrap().len(), REPORTS_PER_NODE as usize, "bounded per node");
+        let all = ReportFilter { node: Some("web1".into()), limit: 1000, ..ReportFilter::default() };
+        assert_eq!(db.reports(&all).unwrap().len(), REPORTS_PER_NODE as usize, "bounded per node");
+        db.add_report(&ReportRow { failed: 1, at: 170, ..row }).unwrap();
+        let failed = db.reports(&ReportFilter { failed: true, limit: 10, ..ReportFilter::default() }).unwrap();
+        assert_eq!((failed.len(), failed[0].received, failed[0].commit.as_deref()), (1, 170, Some("abc")));
+        let since = db.reports(&ReportFilter { since: Some(165), limit: 100, ..ReportFilter::default() }).unwrap();
+        assert_eq!(since.len(), 1);
+        assert_eq!(db.report(failed[0].id).unwrap().unwrap().failed, 1);
+        assert_eq!(db.node("web1").unwrap().unwrap().facts.as_deref(), Some("{}"));
+        assert!(db.node("nobody").unwrap().is_none());
         assert!(db.live_cert("web1", 500).unwrap());
         assert!(!db.live_cert("web1", 1000).unwrap(), "expired");
         assert_eq!(db.revoke("web1", 600).unwrap(), 1);
@@ -458,7 +593,7 @@ mod tests {
         let nodes = db.nodes().unwrap();
         assert_eq!(nodes.len(), 1);
         assert!(nodes[0].revoked);
-        assert_eq!((nodes[0].last_seen, nodes[0].last_report), (Some(150), Some((160, 2, 0, false))));
+        assert_eq!((nodes[0].last_seen, nodes[0].last_report), (Some(150), Some((170, 2, 1, false))));
         // The store survives a reopen.
         drop(db);
         let db = Db::open(&t.path().join("state.db"), 1).unwrap();

@@ -356,6 +356,7 @@ impl Fleet {
             failed: s.failed as i64,
             stale: report.stale,
             serial: report.info.serial,
+            commit: report.info.commit.as_deref(),
             body,
         })?;
         self.metrics.reports.fetch_add(1, Ordering::Relaxed);

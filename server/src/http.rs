@@ -21,9 +21,13 @@ use std::time::Duration;
 /// The largest request body: facts and reports are small.
 pub const MAX_BODY: usize = 4 << 20;
 
-/// The client certificate's fingerprint, if the client presented one.
+/// Who is on the other end: the client certificate's fingerprint, if the client presented
+/// one, and its address.
 #[derive(Clone, Debug)]
-pub struct Peer(pub Option<String>);
+pub struct Peer {
+    pub fingerprint: Option<String>,
+    pub addr: Option<std::net::SocketAddr>,
+}
 
 /// An error as the client sees it.
 pub struct ApiError(StatusCode, String, Option<u64>);
@@ -51,7 +55,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 
 /// The node the request's client certificate belongs to.
 fn node(fleet: &Fleet, peer: &Peer) -> Result<String, ApiError> {
-    let Some(fp) = &peer.0 else {
+    let Some(fp) = &peer.fingerprint else {
         fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError(
             StatusCode::UNAUTHORIZED,
@@ -72,6 +76,9 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/catalog", post(catalog))
         .route("/v1/reports", post(report))
         .route("/healthz", get(healthz))
+        .route("/", get(page_fleet))
+        .route("/nodes/{name}", get(page_node))
+        .route("/reports/{id}", get(page_report))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(fleet)
@@ -164,6 +171,112 @@ async fn report(
     }
     fleet.report(&node, &report, std::str::from_utf8(&body).unwrap_or_default())?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The cookie an operator token is kept in, once given as `?token=`.
+const OPERATOR_COOKIE: &str = "converge_operator";
+
+/// Who may see the fleet page.
+#[derive(Debug, PartialEq, Eq)]
+enum Access {
+    Allowed,
+    /// A valid `?token=`: keep it in a cookie and come back without it.
+    Remember(String),
+    Refused,
+}
+
+/// From loopback always; from elsewhere with a valid operator token, sent as
+/// `Authorization: Bearer`, in the cookie, or once as `?token=`. Pure.
+fn page_access(loopback: bool, sent: Option<&str>, query: Option<&str>, valid: impl Fn(&str) -> bool) -> Access {
+    if loopback || sent.is_some_and(&valid) {
+        return Access::Allowed;
+    }
+    match query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token="))) {
+        Some(t) if valid(t) => Access::Remember(t.to_string()),
+        _ => Access::Refused,
+    }
+}
+
+/// `None` when the fleet page may be shown, else the answer instead.
+fn operator(fleet: &Fleet, peer: &Peer, headers: &HeaderMap, uri: &axum::http::Uri) -> Option<Response> {
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.split(';').find_map(|kv| kv.trim().strip_prefix(OPERATOR_COOKIE)?.strip_prefix('=')));
+    let loopback = peer.addr.is_some_and(|a| a.ip().is_loopback());
+    let valid = |token: &str| fleet.db.is_operator(&sha256_hex(token.as_bytes()), crate::db::now()).unwrap_or(false);
+    match page_access(loopback, bearer.or(cookie), uri.query(), valid) {
+        Access::Allowed => None,
+        Access::Remember(token) => {
+            let cookie =
+                format!("{OPERATOR_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=2592000");
+            let back = HeaderValue::from_str(uri.path()).unwrap_or(HeaderValue::from_static("/"));
+            let set = HeaderValue::from_str(&cookie).unwrap_or(HeaderValue::from_static(""));
+            Some((StatusCode::SEE_OTHER, [(header::LOCATION, back), (header::SET_COOKIE, set)]).into_response())
+        }
+        Access::Refused => {
+            fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+            let body = "<!doctype html><title>converge</title><p>The fleet page answers on loopback, or with an \
+                        operator token: make one with <code>converge-server token operator --config ...</code> and \
+                        open this page with <code>?token=THE_TOKEN</code> once.</p>";
+            Some((StatusCode::FORBIDDEN, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response())
+        }
+    }
+}
+
+fn html(result: anyhow::Result<Option<String>>, missing: &str) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::HeaderName::from_static("content-security-policy"), "default-src 'none'; style-src 'unsafe-inline'"),
+    ];
+    match result {
+        Ok(Some(page)) => (headers, page).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, headers, format!("<!doctype html><title>converge</title><p>{missing}</p>"))
+            .into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn page_fleet(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Some(r) = operator(&fleet, &peer, &headers, &uri) {
+        return r;
+    }
+    html(crate::page::fleet_page(&fleet).map(Some), "")
+}
+
+async fn page_node(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    if let Some(r) = operator(&fleet, &peer, &headers, &uri) {
+        return r;
+    }
+    html(crate::page::node_page(&fleet, &name), "There is no such node.")
+}
+
+async fn page_report(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    axum::extract::Path(id): axum::extract::Path<i64>,
+) -> Response {
+    if let Some(r) = operator(&fleet, &peer, &headers, &uri) {
+        return r;
+    }
+    html(crate::page::report_page(&fleet, id), "There is no such report (reports are kept 50 a node).")
 }
 
 async fn healthz(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> {
@@ -273,7 +386,7 @@ pub async fn serve(
     let app = router(fleet.clone());
     let connections = Arc::new(tokio::sync::Semaphore::new(20_000));
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let (tcp, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("accept: {e}");
@@ -291,13 +404,30 @@ pub async fn serve(
             if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                 fleet.metrics.resumed.fetch_add(1, Ordering::Relaxed);
             }
-            let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| sha256_hex(c));
-            let service = hyper_util::service::TowerToHyperService::new(app.layer(Extension(Peer(peer))));
+            let fingerprint = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| sha256_hex(c));
+            let peer = Peer { fingerprint, addr: Some(addr) };
+            let service = hyper_util::service::TowerToHyperService::new(app.layer(Extension(peer)));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
             let _ = conn.await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fleet_page_is_for_loopback_and_operators() {
+        let valid = |t: &str| t == "cvo_good";
+        assert_eq!(page_access(true, None, None, valid), Access::Allowed);
+        assert_eq!(page_access(false, None, None, valid), Access::Refused);
+        assert_eq!(page_access(false, Some("cvo_good"), None, valid), Access::Allowed);
+        assert_eq!(page_access(false, Some("cvo_bad"), None, valid), Access::Refused);
+        assert_eq!(page_access(false, None, Some("a=1&token=cvo_good"), valid), Access::Remember("cvo_good".into()));
+        assert_eq!(page_access(false, None, Some("token=cvo_bad"), valid), Access::Refused);
     }
 }

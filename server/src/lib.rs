@@ -6,6 +6,8 @@
 //! - [`diff`] compares two compiles node by node.
 //! - [`keys`] generates and stores signing keys and the key list, and signs catalogs.
 //! - [`schemas`] generates the JSON Schemas of site.yaml, role files and catalogs.
+//! - [`ca`], [`db`], [`config`], [`fleet`], [`http`]: the server: its CA, state, configuration,
+//!   enrollment and catalogs, and HTTPS. [`view`] and [`page`]: what operators see.
 //!
 //! Invariants: after `repo`, everything is a pure function of the repository, the node name and
 //! its facts; classification never reads facts; an undefined template variable is an error,
@@ -19,7 +21,9 @@ pub mod diff;
 pub mod fleet;
 pub mod http;
 pub mod keys;
+pub mod page;
 pub mod repo;
 pub mod role;
 pub mod schemas;
 pub mod site;
+pub mod view;

@@ -91,15 +91,6 @@ enum NodeAction {
         config: PathBuf,
         name: String,
     },
-    /// A node's latest reports, newest first: what changed, what failed and why.
-    Reports {
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
-        name: String,
-        /// How many reports.
-        #[arg(long, default_value_t = 5)]
-        limit: i64,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +105,14 @@ enum TokenAction {
         /// How long it stays valid [token_ttl of the configuration, 24h].
         #[arg(long)]
         ttl: Option<String>,
+    },
+    /// A token for the fleet page from another machine (loopback needs none).
+    Operator {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// How long it stays valid.
+        #[arg(long, default_value = "30d")]
+        ttl: String,
     },
 }
 
@@ -220,7 +219,27 @@ enum Command {
         #[command(subcommand)]
         action: NodeAction,
     },
-    /// Make enrollment tokens.
+    /// Reports, newest first: what changed on each run, what failed and why.
+    Report {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this node's.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only runs with failures.
+        #[arg(long)]
+        failed: bool,
+        /// Only reports received since then: a duration (`24h`, `7d`) or a time (RFC 3339).
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
+        /// How many reports at most.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Each change and diff too.
+        #[arg(long)]
+        details: bool,
+    },
+    /// Make enrollment and operator tokens.
     Token {
         #[command(subcommand)]
         action: TokenAction,
@@ -255,6 +274,9 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => serve(&config),
         Command::Node { action } => node_command(action),
+        Command::Report { config, node, failed, since, limit, details } => {
+            report(&config, node, failed, since.as_deref(), limit, details)
+        }
         Command::Token { action } => token_command(action),
     };
     match result {
@@ -612,63 +634,66 @@ fn when(t: Option<i64>) -> String {
     t.map_or("never".to_string(), |t| converge_modules::time::Timestamp(t).to_string())
 }
 
-/// One stored report, as an operator reads it.
-fn print_report(received: i64, body: &str) {
-    let Ok(r) = serde_json::from_str::<converge_modules::wire::Report>(body) else {
-        println!("{}  (a report this version cannot read)", when(Some(received)));
-        return;
+/// `converge-server report`.
+fn report(
+    config: &Path,
+    node: Option<String>,
+    failed: bool,
+    since: Option<&str>,
+    limit: i64,
+    details: bool,
+) -> Result<u8> {
+    let (_, db) = open_db(config)?;
+    let now = converge_server::db::now();
+    let since = match since {
+        None => None,
+        Some(t) => Some(match converge_modules::conf::parse_duration(t) {
+            Ok(d) => now - d,
+            Err(_) => {
+                converge_modules::time::Timestamp::parse(t)
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "--since {t}: give a duration like 24h or 7d, or a time like 2026-11-30T08:00:00Z"
+                        )
+                    })?
+                    .0
+            }
+        }),
     };
-    let s = &r.summary;
-    let mut flags = String::new();
-    if r.stale {
-        flags.push_str(", stale catalog");
+    if let Some(n) = &node
+        && db.node(n)?.is_none()
+    {
+        bail!("there is no node {n} (converge-server node list shows them)");
     }
-    if s.dry_run {
-        flags.push_str(&format!(", dry-run: {} would change", s.would_change));
+    let filter = converge_server::db::ReportFilter { node, failed, since, limit };
+    let reports = db.reports(&filter)?;
+    if reports.is_empty() {
+        println!("no reports match");
     }
-    println!(
-        "{}  run of {}, serial {}, commit {}: {} changed, {} failed, {} skipped, {} unchanged{flags}",
-        when(Some(received)),
-        r.started_at,
-        r.info.serial.map_or("-".to_string(), |s| s.to_string()),
-        r.info.commit.as_deref().map_or("-", |c| c.get(..12).unwrap_or(c)),
-        s.changed,
-        s.failed,
-        s.skipped,
-        s.unchanged,
-    );
-    for w in &r.info.warnings {
-        println!("    warning: {w}");
+    for r in &reports {
+        print!("{}", converge_server::view::report_text(&converge_server::view::report_view(r, now), details));
     }
-    for e in r.resources.iter().filter(|e| e.status != converge_modules::report::Status::Unchanged) {
-        let message = e.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-        println!("    {:<12} {}{message}", e.status.as_str(), e.id);
-    }
+    Ok(0)
 }
 
 fn node_command(action: NodeAction) -> Result<u8> {
     match action {
         NodeAction::List { config } => {
-            let (_, db) = open_db(&config)?;
+            let (config, db) = open_db(&config)?;
+            let now = converge_server::db::now();
             let nodes = db.nodes()?;
-            println!("{:<28} {:<22} {:<22} {:<16} LAST REPORT", "NODE", "LAST SEEN", "CERTIFICATE", "SERIAL");
+            println!(
+                "{:<28} {:<10} {:<12} {:<12} {:<14} {:>7} {:>6}  CERTIFICATE",
+                "NODE", "STATUS", "LAST RUN", "COMMIT", "SERIAL", "CHANGED", "FAILED"
+            );
             for n in &nodes {
-                let cert = if n.revoked {
-                    "revoked".to_string()
-                } else {
-                    format!("until {}", when(n.cert_expires).get(..10).unwrap_or(""))
-                };
-                let report = match n.last_report {
-                    Some((at, changed, failed, stale)) => format!(
-                        "{}: {changed} changed, {failed} failed{}",
-                        when(Some(at)),
-                        if stale { ", stale catalog" } else { "" }
-                    ),
-                    None => "none".to_string(),
-                };
-                let serial = n.serial.map_or("-".to_string(), |s| s.to_string());
-                println!("{:<28} {:<22} {:<22} {:<16} {report}", n.name, when(n.last_seen), cert, serial);
-                if let Some(e) = &n.compile_error {
+                let v = converge_server::view::node_view(n, None, now, 2 * config.run_interval);
+                let late = if v.late { " LATE" } else { "" };
+                println!(
+                    "{:<28} {:<10} {:<12} {:<12} {:<14} {:>7} {:>6}  {}{late}",
+                    v.name, v.status, v.last_run_ago, v.commit, v.serial, v.changed, v.failed, v.certificate
+                );
+                if let Some(e) = &v.compile_error {
                     println!("{:<28} compile failing (last good catalog served): {e}", "");
                 }
             }
@@ -695,16 +720,6 @@ fn node_command(action: NodeAction) -> Result<u8> {
             }
             println!("revoked {n} certificate(s) of {name}: it is refused from now on");
         }
-        NodeAction::Reports { config, name, limit } => {
-            let (_, db) = open_db(&config)?;
-            let reports = db.reports(&name, limit.max(1))?;
-            if reports.is_empty() {
-                bail!("no reports from {name} (converge-server node list shows the nodes)");
-            }
-            for (received, body) in reports {
-                print_report(received, &body);
-            }
-        }
     }
     Ok(0)
 }
@@ -721,6 +736,18 @@ fn token_command(action: TokenAction) -> Result<u8> {
             println!("{token}");
             let until = converge_modules::time::Timestamp(converge_server::db::now() + ttl);
             eprintln!("single-use, for `{name}`, valid until {until}");
+        }
+        TokenAction::Operator { config, ttl } => {
+            let (_, db) = open_db(&config)?;
+            let ttl = converge_modules::conf::parse_duration(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let token = format!("cvo_{}", converge_modules::hash::hex(&converge_server::keys::random()?));
+            let now = converge_server::db::now();
+            db.add_operator(&converge_modules::hash::sha256_hex(token.as_bytes()), now, now + ttl)?;
+            println!("{token}");
+            let until = converge_modules::time::Timestamp(now + ttl);
+            eprintln!(
+                "for the fleet page until {until}: open https://SERVER/?token={token} once, or send `Authorization: Bearer {token}`"
+            );
         }
     }
     Ok(0)

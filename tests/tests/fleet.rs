@@ -76,8 +76,15 @@ fn two_agents_join_converge_pick_up_a_commit_and_report() {
     let nodes = server_ok(&["node", "list", "--config", &f.config()]);
     for name in ["agent1", "agent2"] {
         let line = nodes.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {nodes}"));
-        assert!(line.contains(": 1 changed, 0 failed"), "{line}");
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[1], "changed", "{nodes}");
+        let last = server_ok(&["report", "--node", name, "--limit", "1", "--config", &f.config()]);
+        assert!(last.contains(": 1 changed, 0 failed"), "{last}");
     }
+    // The fleet page, from loopback.
+    let (status, page) = server.get(&f, "/");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("data-node=\"agent1\"") && page.contains("data-node=\"agent2\""), "{page}");
     // The second run of each agent was answered 304.
     let (status, text) = server.get(&f, "/metrics");
     assert_eq!(status, 200, "{text}");
@@ -212,15 +219,17 @@ fn outages_and_restarts() {
     assert!(nodes.lines().any(|l| l.starts_with("agent1")), "{nodes}");
     // Newest first: the run just made (nothing to do), the offline run that repaired the motd,
     // and the bootstrap's first run.
-    let reports = server_ok(&["node", "reports", "agent1", "--config", &f.config()]);
+    let reports = server_ok(&["report", "--node", "agent1", "--config", &f.config()]);
     let runs: Vec<&str> = reports.lines().filter(|l| !l.starts_with(' ')).collect();
     assert_eq!(runs.len(), 3, "{reports}");
     assert!(runs[0].contains(": 0 changed, 0 failed"), "{reports}");
     assert!(runs[1].contains(": 1 changed, 0 failed"), "{reports}");
     assert!(reports.contains("changed      file:/etc/motd"), "{reports}");
-    let missing = run("converge-server", &["node", "reports", "nobody", "--config", &f.config()]);
+    let missing = run("converge-server", &["report", "--node", "nobody", "--config", &f.config()]);
     assert_eq!(missing.code, 1);
-    assert!(missing.stderr.contains("no reports from nobody"), "{}", missing.stderr);
+    assert!(missing.stderr.contains("there is no node nobody"), "{}", missing.stderr);
+    let failed = server_ok(&["report", "--failed", "--config", &f.config()]);
+    assert_eq!(failed.trim(), "no reports match");
 }
 
 /// A TLS server with the real server's certificate that answers every request with `response`.

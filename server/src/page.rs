@@ -1,0 +1,105 @@
+//! The fleet page: server-rendered HTML with its styles inline, no script and no external asset.
+//! `/` lists every node (failing and late ones stand out), `/nodes/NAME` shows a node's facts
+//! and recent runs, `/reports/ID` a run's per-resource changes and diffs.
+//!
+//! Templates are minijinja, compiled once, with HTML escaping on: nothing a node reports can
+//! become markup. Who may see the page is decided in [`crate::http`].
+
+use crate::fleet::Fleet;
+use crate::view::{self, NodeView, ReportView};
+use anyhow::Result;
+use minijinja::{Environment, Value, context};
+use std::sync::OnceLock;
+
+fn env() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut e = Environment::new();
+        for (name, text) in [
+            ("base.html", include_str!("page/base.html")),
+            ("fleet.html", include_str!("page/fleet.html")),
+            ("node.html", include_str!("page/node.html")),
+            ("report.html", include_str!("page/report.html")),
+        ] {
+            e.add_template(name, text).unwrap_or_else(|err| panic!("the built-in template {name}: {err}"));
+        }
+        e
+    })
+}
+
+/// A view as a template value (through JSON, as the compiler's data).
+fn val<T: serde::Serialize>(x: T) -> Value {
+    crate::compiler::json_value(&serde_json::to_value(x).unwrap_or_default())
+}
+
+fn render(name: &str, ctx: minijinja::Value) -> Result<String> {
+    Ok(env().get_template(name)?.render(ctx)?)
+}
+
+fn common(fleet: &Fleet) -> (String, String, i64) {
+    let now = crate::db::now();
+    let commit = fleet.commit();
+    (commit.get(..12).unwrap_or(&commit).to_string(), converge_modules::time::Timestamp(now).to_string(), now)
+}
+
+fn human(seconds: i64) -> String {
+    match seconds {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// `/`: every node.
+pub fn fleet_page(fleet: &Fleet) -> Result<String> {
+    let (commit, now_text, now) = common(fleet);
+    let late_after = 2 * fleet.config.run_interval;
+    let nodes: Vec<NodeView> = fleet.db.nodes()?.iter().map(|n| view::node_view(n, None, now, late_after)).collect();
+    let pending: Vec<Value> = fleet
+        .db
+        .pending_list()?
+        .into_iter()
+        .map(|(node, requested, approved)| {
+            context! {
+                node,
+                requested => converge_modules::time::Timestamp(requested).to_string(),
+                state => if approved { "approved, waiting for the agent" } else { "waiting for approval" },
+            }
+        })
+        .collect();
+    render(
+        "fleet.html",
+        context! {
+            commit, now => now_text, summary => val(view::summary(&nodes)),
+            nodes => val(&nodes), pending, late_after => human(late_after),
+        },
+    )
+}
+
+/// `/nodes/NAME`; `None` when there is no such node.
+pub fn node_page(fleet: &Fleet, name: &str) -> Result<Option<String>> {
+    let (commit, now_text, now) = common(fleet);
+    let Some(info) = fleet.db.node(name)? else { return Ok(None) };
+    let node = view::node_view(&info.row, Some(info.created), now, 2 * fleet.config.run_interval);
+    let filter = crate::db::ReportFilter { node: Some(name.to_string()), limit: 20, ..Default::default() };
+    let reports: Vec<ReportView> = fleet.db.reports(&filter)?.iter().map(|r| view::report_view(r, now)).collect();
+    let facts: Option<serde_json::Map<String, serde_json::Value>> =
+        info.facts.as_deref().and_then(|f| serde_json::from_str(f).ok());
+    let facts: Vec<(String, String)> = facts
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, if let serde_json::Value::String(s) = v { s } else { v.to_string() }))
+        .collect();
+    let enrolled = converge_modules::time::Timestamp(info.created).to_string();
+    let facts: std::collections::BTreeMap<String, String> = facts.into_iter().collect();
+    let (node, reports) = (val(node), val(reports));
+    render("node.html", context! { commit, now => now_text, node, reports, facts, enrolled }).map(Some)
+}
+
+/// `/reports/ID`; `None` when there is no such report.
+pub fn report_page(fleet: &Fleet, id: i64) -> Result<Option<String>> {
+    let (commit, now_text, now) = common(fleet);
+    let Some(r) = fleet.db.report(id)? else { return Ok(None) };
+    let report = val(view::report_view(&r, now));
+    render("report.html", context! { commit, now => now_text, report }).map(Some)
+}

@@ -1,0 +1,345 @@
+//! What operators see of the fleet, the same for the terminal (`converge-server report`,
+//! `node list`) and the fleet page: nodes with their last run and whether they are late, and
+//! reports with their per-resource changes.
+//!
+//! Pure: built from what the store holds and the time given. Sensitive values never reach a
+//! view: the agent put hashes in their place before the report left the host.
+
+use crate::db::{NodeRow, StoredReport};
+use converge_modules::report::Status;
+use converge_modules::time::Timestamp;
+use converge_modules::wire::Report;
+use serde::Serialize;
+
+/// "just now", "42 s ago", "5 min ago", "3 h ago", "2 d ago".
+pub fn ago(seconds: i64) -> String {
+    match seconds.max(0) {
+        0..=4 => "just now".into(),
+        s @ 5..=119 => format!("{s} s ago"),
+        s @ 120..=7199 => format!("{} min ago", s / 60),
+        s @ 7200..=172_799 => format!("{} h ago", s / 3600),
+        s => format!("{} d ago", s / 86_400),
+    }
+}
+
+fn when(t: i64) -> String {
+    Timestamp(t).to_string()
+}
+
+fn short(commit: &str) -> String {
+    commit.get(..12).unwrap_or(commit).to_string()
+}
+
+/// One node in the fleet.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    /// failed, changed, in sync, never ran, revoked.
+    pub status: &'static str,
+    /// Its last run is older than twice the run interval (or it never ran since).
+    pub late: bool,
+    pub last_run: Option<String>,
+    pub last_run_ago: String,
+    pub last_seen_ago: String,
+    pub commit: String,
+    pub serial: String,
+    pub changed: i64,
+    pub failed: i64,
+    pub stale: bool,
+    pub agent_version: String,
+    pub certificate: String,
+    pub compile_error: Option<String>,
+}
+
+pub fn node_view(n: &NodeRow, created: Option<i64>, now: i64, late_after: i64) -> NodeView {
+    let last = n.last_report.map(|(at, ..)| at);
+    let status = match (n.revoked, n.last_report) {
+        (true, _) => "revoked",
+        (_, None) => "never ran",
+        (_, Some((_, _, failed, _))) if failed > 0 => "failed",
+        (_, Some((_, changed, _, _))) if changed > 0 => "changed",
+        _ => "in sync",
+    };
+    let since = last.or(created).or(n.last_seen);
+    NodeView {
+        name: n.name.clone(),
+        status,
+        late: !n.revoked && since.is_some_and(|t| now - t > late_after),
+        last_run: last.map(when),
+        last_run_ago: last.map_or("never".into(), |t| ago(now - t)),
+        last_seen_ago: n.last_seen.map_or("never".into(), |t| ago(now - t)),
+        commit: n.last_commit.as_deref().map_or("-".into(), short),
+        serial: n.serial.map_or("-".into(), |s| s.to_string()),
+        changed: n.last_report.map_or(0, |r| r.1),
+        failed: n.last_report.map_or(0, |r| r.2),
+        stale: n.last_report.is_some_and(|r| r.3),
+        agent_version: n.agent_version.clone().unwrap_or_else(|| "-".into()),
+        certificate: if n.revoked {
+            "revoked".into()
+        } else {
+            n.cert_expires.map_or("-".into(), |t| format!("until {}", &when(t)[..10]))
+        },
+        compile_error: n.compile_error.clone(),
+    }
+}
+
+/// Totals for the top of the fleet page.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FleetSummary {
+    pub nodes: usize,
+    pub failed: usize,
+    pub late: usize,
+    pub changed: usize,
+    pub in_sync: usize,
+    pub never_ran: usize,
+}
+
+pub fn summary(nodes: &[NodeView]) -> FleetSummary {
+    let count = |s: &str| nodes.iter().filter(|n| n.status == s).count();
+    FleetSummary {
+        nodes: nodes.len(),
+        failed: count("failed"),
+        late: nodes.iter().filter(|n| n.late).count(),
+        changed: count("changed"),
+        in_sync: count("in sync"),
+        never_ran: count("never ran"),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeView {
+    pub attribute: String,
+    pub from: String,
+    pub to: String,
+    pub diff: Option<String>,
+    /// The diff's lines, each marked `add`, `del` or `ctx`.
+    pub diff_lines: Vec<DiffLine>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiffLine {
+    pub kind: &'static str,
+    pub text: String,
+}
+
+fn diff_lines(diff: Option<&str>) -> Vec<DiffLine> {
+    diff.unwrap_or("")
+        .lines()
+        .map(|l| {
+            let kind = if l.starts_with('+') && !l.starts_with("+++") {
+                "add"
+            } else if l.starts_with('-') && !l.starts_with("---") {
+                "del"
+            } else {
+                "ctx"
+            };
+            DiffLine { kind, text: l.to_string() }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceView {
+    pub status: String,
+    pub id: String,
+    pub message: Option<String>,
+    pub refresh: Option<String>,
+    pub changes: Vec<ChangeView>,
+}
+
+/// One report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportView {
+    pub id: i64,
+    pub node: String,
+    pub received: String,
+    pub received_ago: String,
+    pub started: String,
+    pub serial: String,
+    pub commit: String,
+    pub signed_by: String,
+    pub status: &'static str,
+    pub dry_run: bool,
+    pub stale: bool,
+    pub changed: usize,
+    pub would_change: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub unchanged: usize,
+    pub duration_ms: f64,
+    pub warnings: Vec<String>,
+    /// Every resource that did not end unchanged.
+    pub resources: Vec<ResourceView>,
+    /// False when this server cannot read the report (a newer agent's).
+    pub readable: bool,
+}
+
+pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
+    let parsed: Option<Report> = serde_json::from_str(&r.body).ok();
+    let mut v = ReportView {
+        id: r.id,
+        node: r.node.clone(),
+        received: when(r.received),
+        received_ago: ago(now - r.received),
+        started: String::new(),
+        serial: r.serial.map_or("-".into(), |s| s.to_string()),
+        commit: r.commit.as_deref().map_or("-".into(), short),
+        signed_by: "-".into(),
+        status: if r.failed > 0 {
+            "failed"
+        } else if r.changed > 0 {
+            "changed"
+        } else {
+            "in sync"
+        },
+        dry_run: false,
+        stale: r.stale,
+        changed: r.changed as usize,
+        would_change: 0,
+        failed: r.failed as usize,
+        skipped: 0,
+        unchanged: 0,
+        duration_ms: 0.0,
+        warnings: vec![],
+        resources: vec![],
+        readable: parsed.is_some(),
+    };
+    if let Some(p) = parsed {
+        let s = &p.summary;
+        v.started = p.started_at.to_string();
+        v.signed_by = p.info.signed_by.clone().unwrap_or_else(|| "-".into());
+        v.dry_run = s.dry_run;
+        (v.changed, v.would_change, v.failed, v.skipped, v.unchanged) =
+            (s.changed, s.would_change, s.failed, s.skipped, s.unchanged);
+        v.duration_ms = s.duration_ms;
+        v.warnings = p.info.warnings.clone();
+        if p.stale {
+            v.warnings.push("the catalog enforced was past its expiry (the server was unreachable)".into());
+        }
+        v.resources = p
+            .resources
+            .iter()
+            .filter(|e| e.status != Status::Unchanged || e.refresh.is_some())
+            .map(|e| ResourceView {
+                status: e.status.as_str().to_string(),
+                id: e.id.clone(),
+                message: e.message.clone(),
+                refresh: e.refresh.clone(),
+                changes: e
+                    .changes
+                    .iter()
+                    .map(|c| ChangeView {
+                        attribute: c.attribute.clone(),
+                        from: c.from.clone(),
+                        to: c.to.clone(),
+                        diff: c.diff.clone(),
+                        diff_lines: diff_lines(c.diff.as_deref()),
+                    })
+                    .collect(),
+            })
+            .collect();
+    }
+    v
+}
+
+/// A report as text, for the terminal: a line for the run, then one per resource that changed,
+/// failed or was skipped (with its message), and with `details` its changes and diffs.
+pub fn report_text(v: &ReportView, details: bool) -> String {
+    let mut out = String::new();
+    if !v.readable {
+        out.push_str(&format!("{}  {}  (a report this version cannot read)\n", v.received, v.node));
+        return out;
+    }
+    let mut flags = String::new();
+    if v.stale {
+        flags.push_str(", stale catalog");
+    }
+    if v.dry_run {
+        flags.push_str(&format!(", dry-run: {} would change", v.would_change));
+    }
+    out.push_str(&format!(
+        "{}  {}  #{} run of {}, serial {}, commit {}: {} changed, {} failed, {} skipped, {} unchanged{flags}\n",
+        v.received, v.node, v.id, v.started, v.serial, v.commit, v.changed, v.failed, v.skipped, v.unchanged
+    ));
+    for w in &v.warnings {
+        out.push_str(&format!("    warning: {w}\n"));
+    }
+    for r in &v.resources {
+        let message = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+        let refresh = r.refresh.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
+        out.push_str(&format!("    {:<12} {}{refresh}{message}\n", r.status, r.id));
+        if details {
+            for c in &r.changes {
+                out.push_str(&format!("        {}: {} -> {}\n", c.attribute, c.from, c.to));
+                for l in c.diff.iter().flat_map(|d| d.lines()) {
+                    out.push_str(&format!("          {l}\n"));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(report: Option<(i64, i64, i64, bool)>) -> NodeRow {
+        NodeRow {
+            name: "web1".into(),
+            last_seen: Some(1000),
+            cert_expires: Some(90_000_000),
+            revoked: false,
+            serial: Some(7),
+            compile_error: None,
+            last_report: report,
+            last_commit: Some("0123456789abcdef".into()),
+            agent_version: Some("0.1.0".into()),
+        }
+    }
+
+    #[test]
+    fn statuses_and_lateness() {
+        let v = node_view(&row(Some((1000, 0, 2, false))), None, 1100, 3600);
+        assert_eq!(
+            (v.status, v.late, v.commit.as_str(), v.last_run_ago.as_str()),
+            ("failed", false, "0123456789ab", "100 s ago")
+        );
+        let v = node_view(&row(Some((1000, 3, 0, false))), None, 1000 + 7201, 3600);
+        assert_eq!((v.status, v.late, v.last_run_ago.as_str()), ("changed", true, "2 h ago"));
+        let v = node_view(&row(None), Some(900), 1000, 3600);
+        assert_eq!((v.status, v.late), ("never ran", false));
+        let all = [node_view(&row(Some((1000, 0, 1, false))), None, 9000, 3600), v];
+        let s = summary(&all);
+        assert_eq!((s.nodes, s.failed, s.late, s.never_ran), (2, 1, 1, 1));
+    }
+
+    #[test]
+    fn a_report_in_text_with_diffs() {
+        let body = r#"{"started_at":"2026-11-30T10:00:00Z","info":{"catalog":"s","serial":9,"commit":"abc","dry_run":false,"resources":2,"warnings":["w1"]},"resources":[{"id":"file:/etc/motd","status":"changed","changes":[{"attribute":"content","from":"a","to":"b","diff":"-a\n+b"}],"duration_ms":1.0},{"id":"file:/etc/x","status":"unchanged","duration_ms":1.0},{"id":"package:nope","status":"failed","message":"no package","duration_ms":1.0}],"summary":{"resources":3,"unchanged":1,"changed":1,"would_change":0,"failed":1,"skipped":0,"dry_run":false,"duration_ms":3.0}}"#;
+        let r = StoredReport {
+            id: 4,
+            node: "web1".into(),
+            received: 0,
+            changed: 1,
+            failed: 1,
+            stale: false,
+            serial: Some(9),
+            commit: Some("abc".into()),
+            body: body.into(),
+        };
+        let v = report_view(&r, 10);
+        assert_eq!((v.status, v.resources.len(), v.readable), ("failed", 2, true));
+        let text = report_text(&v, true);
+        assert!(
+            text.contains("web1  #4 run of 2026-11-30T10:00:00Z, serial 9, commit abc: 1 changed, 1 failed"),
+            "{text}"
+        );
+        assert!(text.contains("    warning: w1\n"), "{text}");
+        assert!(text.contains("    failed       package:nope: no package\n"), "{text}");
+        assert!(text.contains("        content: a -> b\n          -a\n          +b\n"), "{text}");
+        assert!(!text.contains("file:/etc/x"), "unchanged resources are left out: {text}");
+        let unreadable = report_view(&StoredReport { body: "{".into(), ..r }, 10);
+        assert!(report_text(&unreadable, false).contains("cannot read"));
+    }
+}
