@@ -75,6 +75,8 @@ pub struct Fleet {
     pub compiles: tokio::sync::Semaphore,
     pub metrics: Metrics,
     pub started: i64,
+    /// The server key's pin for `curl --pinnedpubkey` (bootstrap.sh).
+    pub pin: String,
 }
 
 /// Why a catalog cannot be served.
@@ -136,6 +138,7 @@ impl Fleet {
                 config.trusted_keys.display()
             );
         }
+        let pin = crate::bootstrap::pin(&config.state)?;
         let commit = head(&config.repo, &config.branch)?;
         let current = load(&config.repo, &commit)?;
         tracing::info!("compiling {} at {commit}", config.repo.display());
@@ -152,6 +155,7 @@ impl Fleet {
             seen: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             started: now(),
+            pin,
         })
     }
 

@@ -76,6 +76,8 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/catalog", post(catalog))
         .route("/v1/reports", post(report))
         .route("/healthz", get(healthz))
+        .route("/bootstrap.sh", get(bootstrap_script))
+        .route("/packages/{file}", get(package))
         .route("/", get(page_fleet))
         .route("/nodes/{name}", get(page_node))
         .route("/reports/{id}", get(page_report))
@@ -171,6 +173,35 @@ async fn report(
     }
     fleet.report(&node, &report, std::str::from_utf8(&body).unwrap_or_default())?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `/bootstrap.sh`: the script a new machine runs, for the server as it reached it.
+async fn bootstrap_script(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')))
+        .map(str::to_string)
+        .unwrap_or_else(|| fleet.config.listen.to_string());
+    let packages = crate::bootstrap::packages(&fleet.config.state.join("packages"));
+    let script = crate::bootstrap::script(&format!("https://{host}"), &fleet.ca.hash(), &fleet.pin, &packages);
+    ([(header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8")], script).into_response()
+}
+
+/// `/packages/FILE`: an agent package for bootstrap.sh (public: a new machine has no
+/// certificate yet, and the script checks what it gets against the hash it carries).
+async fn package(State(fleet): State<Arc<Fleet>>, axum::extract::Path(file): axum::extract::Path<String>) -> Response {
+    if !crate::bootstrap::safe_name(&file) {
+        return ApiError(StatusCode::NOT_FOUND, "no such package".into(), None).into_response();
+    }
+    let path = fleet.config.state.join("packages").join(&file);
+    match tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Err(_) => ApiError(StatusCode::NOT_FOUND, format!("no package {file} on this server"), None).into_response(),
+    }
 }
 
 /// The cookie an operator token is kept in, once given as `?token=`.

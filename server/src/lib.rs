@@ -13,6 +13,7 @@
 //! its facts; classification never reads facts; an undefined template variable is an error,
 //! never an empty string.
 
+pub mod bootstrap;
 pub mod ca;
 pub mod compiler;
 pub mod config;

@@ -537,13 +537,16 @@ fn init(
     let db = converge_server::db::Db::open(&state.join("state.db"), 1)?;
     let token = new_token(&db, "*", 86_400)?;
     let q = converge_modules::conf::quote;
+    // Paths inside the state directory are written relative to it (server.toml lives there),
+    // so the whole state moves as one directory: to another path, or into another machine.
+    let within = |p: &Path| p.strip_prefix(&state).unwrap_or(p).display().to_string();
     let config = format!(
         "# converge-server configuration (written by init)\nlisten = {}\nstate = \".\"\nrepo = {}\nbranch = {}\nsigning_key = {}\ntrusted_keys = {}\ncatalog_ttl = \"7d\"\ncert_lifetime = \"90d\"\ntoken_ttl = \"24h\"\nrepo_poll = \"5s\"\n",
         q(listen),
         q(&repo.display().to_string()),
         q(branch),
-        q(&signing_key.display().to_string()),
-        q(&trusted_keys.display().to_string()),
+        q(&within(&signing_key)),
+        q(&within(&trusted_keys)),
     );
     std::fs::write(state.join("server.toml"), config)?;
     let host = names.first().cloned().unwrap_or_else(|| match addresses[0] {
@@ -568,6 +571,14 @@ fn init(
         p => p.to_string(),
     };
     println!("  converge bootstrap --server https://{host}:{port} --ca-hash {} --token {token}", ca.hash());
+    let packages = state.join("packages");
+    std::fs::create_dir_all(&packages).with_context(|| format!("cannot create {}", packages.display()))?;
+    let pin = converge_server::bootstrap::pin(&state)?;
+    println!("or, on a new machine without the agent (as root; copy the packages packaging/build makes");
+    println!("into {} first):", packages.display());
+    println!(
+        "  curl -fsS --insecure --pinnedpubkey {pin} -o bootstrap.sh https://{host}:{port}/bootstrap.sh && sh bootstrap.sh --token {token}"
+    );
     if listen_addr.port() == 0 {
         println!("  (PORT: the one `converge-server serve` prints when it starts listening)");
     }

@@ -212,6 +212,16 @@ impl Container {
 
     /// As [`Container::boot`], with the given `converge` binary.
     pub fn boot_with(converge: &Path) -> Container {
+        Container::boot_in(converge, None)
+    }
+
+    /// As [`Container::boot`], in the network namespace `netns` (a name under /run/netns) the
+    /// test made, instead of a private network of its own.
+    pub fn boot_in_netns(netns: &str) -> Container {
+        Container::boot_in(&bin("converge"), Some(netns))
+    }
+
+    fn boot_in(converge: &Path, netns: Option<&str>) -> Container {
         let tree = testbed().join("tree");
         let repo = repo();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
@@ -242,8 +252,12 @@ impl Container {
         let script = format!(
             "echo $$ > /sys/fs/cgroup/unified/{name}/cgroup.procs; echo $$ > /sys/fs/cgroup/systemd/{name}/cgroup.procs; \
              exec env SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -D {} -M {name} -b --register=no --keep-unit \
-             --console=passive --private-network --bind-ro={}:/srv/repo",
+             --console=passive {} --bind-ro={}:/srv/repo",
             merged.display(),
+            match netns {
+                Some(ns) => format!("--network-namespace-path=/run/netns/{ns}"),
+                None => "--private-network".to_string(),
+            },
             repo.display()
         );
         let log = std::fs::File::create(dir.join("nspawn.log")).unwrap();
@@ -390,4 +404,51 @@ fn remove_cgroup(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+/// A pair of network namespaces joined by a veth pair, made by the test and removed when
+/// dropped: `a` has 10.X.Y.1/24, `b` 10.X.Y.2/24. Nothing is ever added to the host's own
+/// network namespace.
+pub struct NetPair {
+    pub a: String,
+    pub b: String,
+    pub a_ip: String,
+    pub b_ip: String,
+}
+
+impl NetPair {
+    pub fn new(tag: &str) -> NetPair {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = std::process::id();
+        let (a, b) = (format!("cv{tag}a-{id}-{n}"), format!("cv{tag}b-{id}-{n}"));
+        let subnet = format!("10.{}.{}", 200 + (id % 50), (id / 50 % 200 + n as u32) % 250);
+        let pair = NetPair { a_ip: format!("{subnet}.1"), b_ip: format!("{subnet}.2"), a, b };
+        let ip = |args: &[&str]| run_ok(Command::new("ip").args(args), &format!("ip {}", args.join(" ")));
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        // Made inside a, its peer sent straight to b: the host's namespace never sees them.
+        ip(&["-n", &pair.a, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &pair.b]);
+        ip(&["-n", &pair.a, "addr", "add", &format!("{}/24", pair.a_ip), "dev", "veth0"]);
+        ip(&["-n", &pair.b, "addr", "add", &format!("{}/24", pair.b_ip), "dev", "veth1"]);
+        for (ns, dev) in [(&pair.a, "veth0"), (&pair.b, "veth1")] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// A command to run in namespace `a`.
+    pub fn in_a(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.a]).arg(program);
+        c
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
 }

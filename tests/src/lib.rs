@@ -50,6 +50,21 @@ pub fn write(dir: &Path, files: &[(&str, &str)]) {
     }
 }
 
+/// Copies the tree `from` into `to` (as vagrant's rsync synced folders do), leaving out `.git`.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_name() == ".git" {
+            continue;
+        }
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 /// Runs git in `dir` with an identity of its own (never the machine's configuration).
 pub fn git(dir: &Path, args: &[&str]) {
     let out = Command::new("git")

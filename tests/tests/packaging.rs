@@ -1,0 +1,118 @@
+//! The agent's .deb on a real system: installed into a booted container through the server's
+//! `/bootstrap.sh`, over a network of namespaces the test made, with the server outside the
+//! container. (The server's .deb under its hardened unit is proven by the lab, `lab.rs`.) Gated
+//! with the container suite (`converge_e2e::container`).
+
+use converge_e2e::container::{Container, NetPair, enabled};
+use converge_e2e::{Child, bin, copy_tree, git};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Builds the packages (from the binaries this test run built) into `out`.
+fn build_packages(out: &Path) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = bin("converge").parent().unwrap().parent().unwrap().to_path_buf();
+    let built = Command::new(root.join("packaging/build"))
+        .args(["--profile", "debug", "--out"])
+        .arg(out)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "packaging/build: {}", String::from_utf8_lossy(&built.stderr));
+    String::from_utf8_lossy(&built.stdout).lines().map(PathBuf::from).collect()
+}
+
+/// The `sha256//...` pin in a join line.
+fn pin_of(join: &str) -> String {
+    join.split_whitespace().find(|w| w.starts_with("sha256//")).expect("a pin").to_string()
+}
+
+#[test]
+fn a_new_machine_joins_through_bootstrap_sh_and_runs_the_agent_service() {
+    if !enabled("bootstrap.sh") {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let packages = build_packages(&w.path().join("packages"));
+    let agent_deb =
+        packages.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with("converge_")).unwrap();
+
+    // The server, in a namespace of its own, with catalogs/ as its repository.
+    let net = NetPair::new("b");
+    let repo = w.path().join("repo");
+    copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs"), &repo);
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "catalogs"]);
+    let state = w.path().join("state");
+    let init = Command::new(bin("converge-server"))
+        .args(["init", "--state", &state.display().to_string(), "--address", &net.a_ip, "--listen", "0.0.0.0:8443"])
+        .args(["--repo", &repo.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let init = String::from_utf8_lossy(&init.stdout).into_owned();
+    let join = init.lines().find(|l| l.contains("bootstrap.sh")).expect("the bootstrap.sh line").trim().to_string();
+    std::fs::copy(agent_deb, state.join("packages").join(agent_deb.file_name().unwrap())).unwrap();
+    let mut server = Child(
+        net.in_a(&bin("converge-server"))
+            .args(["serve", "--config", &state.join("server.toml").display().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("listening on"), "{line}");
+
+    // A fresh machine on the other side of the link runs the one line `init` printed.
+    let c = Container::boot_in_netns(&net.b);
+    let _ = c.run(&["rm", "-f", "/usr/local/bin/converge"]); // only what the package brings
+    assert_ne!(c.run(&["sh", "-c", "command -v converge"]).code, 0);
+    let script = format!("cd /root && {join} --name box1.demo");
+    let out = c.run(&["sh", "-c", &script]);
+    assert_eq!(out.code, 0, "{script}\n{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("the agent runs"), "{}", out.stdout);
+    assert_eq!(c.sh("dpkg-query -W -f '${Status}' converge"), "install ok installed");
+    assert_eq!(c.sh("systemctl is-active converge; systemctl is-enabled converge"), "active\nenabled\n");
+    assert!(c.sh("cat /etc/motd").contains("box1.demo (demo)"), "converged");
+
+    // The service reports; the node shows on the fleet page (asked from the server's side).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = Command::new("ip")
+            .args(["netns", "exec", &net.a, "curl", "-sk", "https://127.0.0.1:8443/"])
+            .output()
+            .unwrap();
+        let page = String::from_utf8_lossy(&page.stdout).into_owned();
+        if page.contains("data-node=\"box1.demo\" data-status=\"in sync\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "box1.demo never showed in sync on the fleet page:\n{page}");
+        std::thread::sleep(Duration::from_millis(500));
+        // SIGHUP: run now, rather than after the interval.
+        let _ = c.run(&["systemctl", "reload", "converge"]);
+    }
+
+    // The script comes only from the server whose key is pinned: another pin is refused by curl
+    // (exit 90, the pinned key did not match) before any byte of a script is run.
+    let wrong = join.replace(&pin_of(&join), &format!("sha256//{}=", "A".repeat(43)));
+    let out = c.run(&["sh", "-c", &format!("cd /tmp && {wrong}")]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("pinned"), "{}", out.stderr);
+
+    // A package that does not match the script's hash is never installed.
+    let tampered = state.join("packages").join(agent_deb.file_name().unwrap());
+    let mut bytes = std::fs::read(&tampered).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let script_before = c.run(&["sh", "-c", &format!("cd /root && {}", join.split(" && ").next().unwrap())]);
+    assert_eq!(script_before.code, 0, "{}", script_before.stderr);
+    std::fs::write(&tampered, bytes).unwrap();
+    let out = c.run(&["sh", "-c", "sh /root/bootstrap.sh --token x --name box2.demo"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("does not match the hash this script carries"), "{}", out.stderr);
+}
