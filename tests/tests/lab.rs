@@ -1,0 +1,171 @@
+//! The Vagrant lab (`vagrant/`), without virtual machines: its Vagrantfile checked by ruby and
+//! by Debian's vagrant, and its parts run as the Vagrantfile runs them, with booted containers
+//! (systemd as PID 1) standing in for the machines and a pair of network namespaces for the
+//! private network: `vagrant/lab prepare` on the host, `provision/server.sh` in the server,
+//! `provision/agent.sh` in an agent, which joins through `/bootstrap.sh`. Gated with the
+//! container suite (`converge_e2e::container`).
+
+use converge_e2e::container::{Container, NetPair, enabled};
+use converge_e2e::{bin, copy_tree as sync, write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn source() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a provisioner as vagrant's shell provisioner does: uploaded (vagrant uses /tmp, which is
+/// the container's own tmpfs here), then run as root.
+fn provision(c: &Container, script: &str) -> converge_e2e::Out {
+    std::fs::copy(source().join("vagrant/provision").join(script), c.path("/root/vagrant-shell")).unwrap();
+    c.run(&["sh", "/root/vagrant-shell"])
+}
+
+#[test]
+fn the_vagrantfile_is_valid_ruby_and_a_valid_vagrant_configuration() {
+    if !enabled("Vagrantfile") {
+        return;
+    }
+    let c = Container::boot();
+    // vagrant-libvirt: a provider vagrant can check the lab's provider settings against (without
+    // recommends, which would bring the libvirt daemon and qemu: 5 s, not 90).
+    c.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends vagrant vagrant-libvirt >/dev/null");
+    sync(&source().join("vagrant"), &c.path("/root/lab/vagrant"));
+    sync(&source().join("catalogs"), &c.path("/root/lab/catalogs"));
+    assert_eq!(c.sh("cd /root/lab/vagrant && ruby -c Vagrantfile"), "Syntax OK\n");
+    let out = c.run_env(
+        &["HOME=/root", "VAGRANT_CHECKPOINT_DISABLE=1"],
+        &["sh", "-c", "cd /root/lab/vagrant && vagrant validate && vagrant status --machine-readable"],
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("Vagrantfile validated successfully."), "{}", out.stdout);
+    for machine in ["server", "web", "alma"] {
+        assert!(out.stdout.contains(&format!(",{machine},state,not_created")), "{machine}: {}", out.stdout);
+    }
+    // Validating is not bringing up: the trigger that prepares the lab did not run.
+    assert!(!c.path("/root/lab/vagrant/.lab").exists());
+    // And validate is a real check: a misspelt provider setting is refused.
+    let vagrantfile = c.path("/root/lab/vagrant/Vagrantfile");
+    let text = std::fs::read_to_string(&vagrantfile).unwrap();
+    std::fs::write(&vagrantfile, text.replacen("lv.memory = 1024", "lv.memroy = 1024", 1)).unwrap();
+    let out = c.run_env(
+        &["HOME=/root", "VAGRANT_CHECKPOINT_DISABLE=1"],
+        &["sh", "-c", "cd /root/lab/vagrant && vagrant validate"],
+    );
+    assert_ne!(out.code, 0);
+    assert!(format!("{}{}", out.stdout, out.stderr).contains("memroy"), "{}{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
+    if !enabled("the lab") {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let net = NetPair::new("l");
+    // The operator's repository: any directory with a site.yaml (CONVERGE_LAB_REPO).
+    let repo = w.path().join("repo");
+    write(
+        &repo,
+        &[
+            ("site.yaml", "nodes:\n  \"*.lab\":\n    roles: [box]\n"),
+            (
+                "roles/box.yaml",
+                "resources:\n  - package: hello\n  - file: /etc/motd\n    content: \"{{ node.name }}, in the lab\\n\"\n",
+            ),
+        ],
+    );
+
+    // 1. The host: what the Vagrantfile's trigger runs before any machine boots.
+    let lab = w.path().join("lab");
+    let target = bin("converge").parent().unwrap().parent().unwrap().to_path_buf();
+    let prepare = |extra: &[&str]| {
+        Command::new(source().join("vagrant/lab"))
+            .args(["prepare", "--dir", &lab.display().to_string(), "--server-ip", &net.a_ip])
+            .args(["--repo", &repo.display().to_string(), "--profile", "debug"])
+            .args(extra)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap()
+    };
+    let out = prepare(&["--agent", "box.lab"]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let url = std::fs::read_to_string(lab.join("fleet-page-url")).unwrap().trim().to_string();
+    assert!(url.starts_with(&format!("https://{}:8443/?token=cvo_", net.a_ip)), "{url}");
+    assert!(lab.join("offline/root.key").exists() && !lab.join("server/keys/root.key").exists());
+    // Prepared twice: nothing is made again.
+    let join = std::fs::read_to_string(lab.join("join/box.lab/join.sh")).unwrap();
+    let again = prepare(&["--agent", "box.lab"]);
+    assert!(again.status.success());
+    assert_eq!(std::fs::read_to_string(lab.join("join/box.lab/join.sh")).unwrap(), join);
+
+    // 2. The server machine: its synced folders, then its provisioner.
+    let server = Container::boot_in_netns(&net.a);
+    sync(&lab.join("server"), &server.path("/lab/server"));
+    sync(&lab.join("packages"), &server.path("/lab/packages"));
+    sync(&repo, &server.path("/lab/repo"));
+    let out = provision(&server, "server.sh");
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("lab server: serving"), "{}", out.stdout);
+    // It runs from its package, under its own user and hardened unit, with private state.
+    let show = server.sh("systemctl show -p User,NoNewPrivileges,ProtectSystem,ActiveState converge-server");
+    for want in ["User=converge-server", "NoNewPrivileges=yes", "ProtectSystem=strict", "ActiveState=active"] {
+        assert!(show.contains(want), "{want}: {show}");
+    }
+    assert_eq!(
+        server.sh("stat -c '%U %a' /var/lib/converge-server /var/lib/converge-server/state.db"),
+        "converge-server 700\nconverge-server 600\n"
+    );
+    assert!(!server.path("/var/lib/converge-server/keys/root.key").exists(), "the root key stays on the host");
+
+    // 3. The agent machine: only its own join line, then its provisioner.
+    let agent = Container::boot_in_netns(&net.b);
+    let _ = agent.run(&["rm", "-f", "/usr/local/bin/converge"]); // only what the package brings
+    sync(&lab.join("join/box.lab"), &agent.path("/lab/join"));
+    let out = provision(&agent, "agent.sh");
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        agent.sh("systemctl is-active converge; dpkg-query -W -f '${Status}' hello"),
+        "active\ninstall ok installed"
+    );
+    assert_eq!(agent.sh("cat /etc/motd"), "box.lab, in the lab\n");
+    assert!(agent.sh("cat /etc/converge/agent.toml").contains("interval = \"2m\""));
+
+    // 4. The fleet page: from the server itself (loopback), the agent in sync; from another
+    // machine only with the operator token of fleet-page-url.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = server.run(&["curl", "-sk", "https://127.0.0.1:8443/"]).stdout;
+        if page.contains("data-node=\"box.lab\" data-status=\"in sync\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "box.lab never showed in sync:\n{page}");
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = agent.run(&["systemctl", "reload", "converge"]); // run now
+    }
+    let code = |args: &[&str]| agent.sh(&format!("curl -sk -o /dev/null -w '%{{http_code}}' {}", args.join(" ")));
+    assert_eq!(code(&[&format!("https://{}:8443/", net.a_ip)]), "403");
+    assert_eq!(code(&[&format!("'{url}'")]), "303", "the token is taken and kept in a cookie");
+
+    // 5. The operator changes the repository on the host and provisions the server again: the
+    // agent, provisioned again, runs at once and converges to it.
+    write(
+        &repo,
+        &[("roles/box.yaml", "resources:\n  - file: /etc/motd\n    content: \"{{ node.name }}, changed\\n\"\n")],
+    );
+    sync(&repo, &server.path("/lab/repo"));
+    let out = provision(&server, "server.sh");
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(server.sh("runuser -u converge-server -- git -C /srv/converge/repo rev-list --count HEAD"), "2\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = provision(&agent, "agent.sh");
+        assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+        std::thread::sleep(Duration::from_millis(1000));
+        if agent.sh("cat /etc/motd") == "box.lab, changed\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the change never reached box.lab: {}", agent.sh("converge status"));
+    }
+}
