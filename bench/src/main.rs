@@ -29,6 +29,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod compile;
+mod page;
 mod serve;
 mod signing;
 mod system;
@@ -54,6 +55,14 @@ fn main() {
             let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
             serve::run(n(1, 10_000), n(2, 1_000), n(3, 64));
         }
+        Some("page") => {
+            let sizes: Vec<usize> = if args.len() > 1 {
+                args[1..].iter().map(|a| a.parse().expect("N")).collect()
+            } else {
+                vec![1_000, 10_000]
+            };
+            page::run(&sizes);
+        }
         Some("noop") => {
             let sizes: Vec<usize> = if args.len() > 1 {
                 args[1..].iter().map(|a| a.parse().expect("N")).collect()
@@ -64,7 +73,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: converge-bench noop [N ...] | compile [N ...] | sign | serve [NODES FULL CONCURRENCY] | system | baseline LIST"
+                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | system | baseline LIST"
             );
             std::process::exit(1);
         }

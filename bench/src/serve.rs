@@ -30,32 +30,6 @@ struct Node {
     etag: Option<String>,
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    let ok = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=bench", "-c", "user.email=bench@example.invalid"])
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .stdout(Stdio::null())
-        .status()
-        .expect("git")
-        .success();
-    assert!(ok, "git {args:?}");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// One request on a fresh connection; returns (status, etag).
 async fn request(
     addr: &str,
@@ -245,31 +219,30 @@ fn peak_rss(pid: u32) -> f64 {
         / 1024.0
 }
 
-pub fn run(nodes: usize, full: usize, concurrency: usize) {
+/// A server's state made by the real `converge-server init` (next to this binary) over a copy
+/// of `catalogs/` in git, in a directory of its own: (the server binary, the state directory).
+pub fn init_server(name: &str) -> (PathBuf, PathBuf) {
     let server_bin: PathBuf = std::env::current_exe().unwrap().parent().unwrap().join("converge-server");
     assert!(server_bin.exists(), "build it first: cargo build --release -p converge-server -p converge-bench");
-    let dir = tempfile_dir();
+    let dir = std::env::temp_dir().join(format!("converge-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     let repo = dir.join("repo");
-    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs"), &repo);
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-q", "-m", "bench"]);
+    converge_e2e::copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs"), &repo);
+    converge_e2e::git(&repo, &["init", "-q", "-b", "main"]);
+    converge_e2e::git(&repo, &["add", "-A"]);
+    converge_e2e::git(&repo, &["commit", "-q", "-m", "bench"]);
     let state = dir.join("state");
     let init = Command::new(&server_bin)
-        .args([
-            "init",
-            "--state",
-            &state.display().to_string(),
-            "--address",
-            "127.0.0.1",
-            "--listen",
-            "127.0.0.1:0",
-            "--repo",
-            &repo.display().to_string(),
-        ])
+        .args(["init", "--state", &state.display().to_string(), "--address", "127.0.0.1", "--listen", "127.0.0.1:0"])
+        .args(["--repo", &repo.display().to_string()])
         .output()
         .unwrap();
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    (server_bin, state)
+}
+
+pub fn run(nodes: usize, full: usize, concurrency: usize) {
+    let (server_bin, state) = init_server("serve");
 
     // Enroll every node directly in the store (what /v1/enroll does, without the wait).
     let t = Instant::now();
@@ -406,11 +379,5 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
     let _ = server.kill();
     let _ = server.wait();
     let _ = fleet.read().unwrap().first().map(|n| n.name.clone());
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("converge-bench-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }

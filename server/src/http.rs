@@ -281,7 +281,9 @@ async fn page_fleet(
     if let Some(r) = operator(&fleet, &peer, &headers, &uri) {
         return r;
     }
-    html(crate::page::fleet_page(&fleet).map(Some), "")
+    let filter = uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("status=")));
+    let missing = format!("There is no such status: the page shows {}.", crate::page::FILTERS.join(", "));
+    html(crate::page::fleet_page(&fleet, filter), &missing)
 }
 
 async fn page_node(

@@ -1,6 +1,7 @@
 //! The fleet page: server-rendered HTML with its styles inline, no script and no external asset.
-//! `/` lists every node (failing and late ones stand out), `/nodes/NAME` shows a node's facts
-//! and recent runs, `/reports/ID` a run's per-resource changes and diffs.
+//! `/` lists every node (failing and late ones stand out; the summary's counts link to just
+//! those nodes, `/?status=failed`), `/nodes/NAME` shows a node's facts and recent runs,
+//! `/reports/ID` a run's per-resource changes and diffs.
 //!
 //! Templates are minijinja, compiled once, with HTML escaping on: nothing a node reports can
 //! become markup. Who may see the page is decided in [`crate::http`].
@@ -50,11 +51,30 @@ fn human(seconds: i64) -> String {
     }
 }
 
-/// `/`: every node.
-pub fn fleet_page(fleet: &Fleet) -> Result<String> {
+/// What `/?status=` may ask for: a node status (spaces as `-`), or `late`.
+pub const FILTERS: &[&str] = &["failed", "late", "changed", "in-sync", "never-ran", "revoked"];
+
+/// Whether `n` is shown under `filter`. Pure.
+fn shown(n: &NodeView, filter: Option<&str>) -> bool {
+    match filter {
+        None => true,
+        Some("late") => n.late,
+        Some(s) => n.status.replace(' ', "-") == s,
+    }
+}
+
+/// `/`: every node, or with `filter` (one of [`FILTERS`]) only those; `None` for another filter.
+/// The summary always counts the whole fleet.
+pub fn fleet_page(fleet: &Fleet, filter: Option<&str>) -> Result<Option<String>> {
+    if filter.is_some_and(|f| !FILTERS.contains(&f)) {
+        return Ok(None);
+    }
     let (commit, now_text, now) = common(fleet);
     let late_after = 2 * fleet.config.run_interval;
     let nodes: Vec<NodeView> = fleet.db.nodes()?.iter().map(|n| view::node_view(n, None, now, late_after)).collect();
+    let summary = val(view::summary(&nodes));
+    let total = nodes.len();
+    let nodes: Vec<NodeView> = nodes.into_iter().filter(|n| shown(n, filter)).collect();
     let pending: Vec<Value> = fleet
         .db
         .pending_list()?
@@ -70,10 +90,11 @@ pub fn fleet_page(fleet: &Fleet) -> Result<String> {
     render(
         "fleet.html",
         context! {
-            commit, now => now_text, summary => val(view::summary(&nodes)),
+            commit, now => now_text, summary, total, filter => filter.map(|f| f.replace('-', " ")),
             nodes => val(&nodes), pending, late_after => human(late_after),
         },
     )
+    .map(Some)
 }
 
 /// `/nodes/NAME`; `None` when there is no such node.

@@ -87,8 +87,16 @@ fn the_fleet_page_in_a_browser() {
     assert!(fleet.contains("data-node=\"good1\" data-status=\"in sync\""), "{fleet}");
     assert!(fleet.contains("<tr class=\"failed\" data-node=\"bad1\" data-status=\"failed\""), "{fleet}");
     assert!(fleet.contains("data-node=\"idle1\" data-status=\"never ran\""), "{fleet}");
-    assert!(fleet.contains("<b>3</b>nodes") && fleet.contains("<b>1</b>failing"), "{fleet}");
+    assert!(fleet.contains("<b>3</b>nodes") && fleet.contains("<b class=\"s-failed\">1</b>failing"), "{fleet}");
     assert!(dir.join("fleet.png").metadata().is_ok_and(|m| m.len() > 1000), "a screenshot");
+    // The summary's counts link to just those nodes.
+    assert!(fleet.contains("href=\"/?status=failed\""), "{fleet}");
+    let failing =
+        browse(&chromium, profile.path(), &format!("{}/?status=failed", server.url), &dir.join("failing.png"));
+    assert!(failing.contains("data-node=\"bad1\"") && !failing.contains("data-node=\"good1\""), "{failing}");
+    assert!(failing.contains("1 of 3 nodes: <b>failed</b>"), "{failing}");
+    let never = browse(&chromium, profile.path(), &format!("{}/?status=never-ran", server.url), &dir.join("never.png"));
+    assert!(never.contains("data-node=\"idle1\"") && !never.contains("data-node=\"bad1\""), "{never}");
 
     let node = browse(&chromium, profile.path(), &format!("{}/nodes/bad1", server.url), &dir.join("node.png"));
     assert!(node.contains("/nonexistent/dir/app.conf") || node.contains("file:/nonexistent"), "{node}");
