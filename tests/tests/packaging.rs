@@ -116,3 +116,57 @@ fn a_new_machine_joins_through_bootstrap_sh_and_runs_the_agent_service() {
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("does not match the hash this script carries"), "{}", out.stderr);
 }
+
+/// What a command prints, demanding success.
+fn output(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_packages_carry_their_units_configuration_and_dependencies() {
+    // rpmbuild and dpkg-deb are host tools the testbed installs.
+    if !enabled("package contents") {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let packages = build_packages(&w.path().join("packages"));
+    let find = |prefix: &str| {
+        packages.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).unwrap().clone()
+    };
+    for (deb, bin, depends) in [
+        (find("converge_"), "converge", "Depends: libc6, systemd\n"),
+        (find("converge-server_"), "converge-server", "Depends: libc6, systemd, git, adduser\n"),
+    ] {
+        let control = output(Command::new("dpkg-deb").args(["-f"]).arg(&deb));
+        assert!(control.contains(depends), "{control}");
+        let files = output(Command::new("dpkg-deb").arg("-c").arg(&deb));
+        for f in
+            [format!("./usr/bin/{bin}"), format!("./lib/systemd/system/{bin}.service"), format!("./etc/default/{bin}")]
+        {
+            assert!(files.contains(&f), "{f} in {}: {files}", deb.display());
+        }
+        // A local edit of its settings survives an upgrade.
+        let conffiles = output(Command::new("dpkg-deb").arg("--info").arg(&deb).arg("conffiles"));
+        assert_eq!(conffiles, format!("/etc/default/{bin}\n"));
+    }
+    for (rpm, bin, requires) in [
+        (find("converge-0"), "converge", &["systemd"][..]),
+        (find("converge-server-0"), "converge-server", &["systemd", "git"]),
+    ] {
+        let needs = output(Command::new("rpm").args(["-qp", "--requires"]).arg(&rpm));
+        for r in requires {
+            assert!(needs.lines().any(|l| l == *r), "{r} in {needs}");
+        }
+        let config = output(Command::new("rpm").args(["-qp", "--configfiles"]).arg(&rpm));
+        assert_eq!(config, format!("/etc/sysconfig/{bin}\n"));
+        // Installed into a scratch root (files only: no scripts, no dependencies there), its
+        // unit reads the RHEL family's place for its settings.
+        let root = w.path().join(format!("root-{bin}"));
+        output(Command::new("rpm").arg("--root").arg(&root).arg("--initdb"));
+        output(Command::new("rpm").arg("--root").arg(&root).args(["-i", "--nodeps", "--noscripts"]).arg(&rpm));
+        let unit = std::fs::read_to_string(root.join(format!("usr/lib/systemd/system/{bin}.service"))).unwrap();
+        assert!(unit.contains(&format!("EnvironmentFile=-/etc/sysconfig/{bin}\n")), "{unit}");
+    }
+}
