@@ -62,7 +62,10 @@ fn the_fleet_page_in_a_browser() {
             "site.yaml",
             "nodes:\n  \"good*\":\n    roles: [motd]\n  \"bad*\":\n    roles: [motd, broken]\n  \"idle*\":\n    roles: [motd]\n",
         ),
-        ("roles/motd.yaml", "resources:\n  - file: /etc/motd\n    content: \"{{ node.name }} <b>not markup</b>\\n\"\n"),
+        (
+            "roles/motd.yaml",
+            "resources:\n  - file: /etc/motd\n    content: \"{{ node.name }} <b>not markup</b>\\n\"\n  - file: /etc/app.secret\n    content: \"hunter2-in-the-catalog\\n\"\n    sensitive: true\n",
+        ),
         ("roles/broken.yaml", "resources:\n  - file: /nonexistent/dir/app.conf\n    content: x\n"),
     ]);
     let server = Server::start(&f.config());
@@ -118,4 +121,7 @@ fn the_fleet_page_in_a_browser() {
     );
     assert!(good_report.contains("&lt;b&gt;not markup&lt;/b&gt;"), "{good_report}");
     assert!(!good_report.contains("<b>not markup</b>"), "{good_report}");
+    // A sensitive resource's change shows, its value never.
+    assert!(good_report.contains("file:/etc/app.secret"), "{good_report}");
+    assert!(!good_report.contains("hunter2"), "{good_report}");
 }
