@@ -52,10 +52,10 @@ pub fn packages(dir: &Path) -> Vec<Package> {
     for file in names.into_iter().filter(|n| safe_name(n)) {
         let parsed = if let Some(rest) = file.strip_prefix("converge_").and_then(|r| r.strip_suffix(".deb")) {
             rest.rsplit_once('_').map(|(_, arch)| ("deb", arch.to_string()))
-        } else if let Some(rest) = file.strip_prefix("converge-").and_then(|r| r.strip_suffix(".rpm")) {
-            (!rest.starts_with("server"))
-                .then(|| rest.rsplit_once('.').map(|(_, arch)| ("rpm", arch.to_string())))
-                .flatten()
+        } else if let Some(rest) =
+            file.strip_prefix("converge-").filter(|r| !r.starts_with("server")).and_then(|r| r.strip_suffix(".rpm"))
+        {
+            rest.rsplit_once('.').map(|(_, arch)| ("rpm", arch.to_string()))
         } else {
             None
         };

@@ -183,7 +183,9 @@ async fn bootstrap_script(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -
         .filter(|h| h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')))
         .map(str::to_string)
         .unwrap_or_else(|| fleet.config.listen.to_string());
-    let packages = crate::bootstrap::packages(&fleet.config.state.join("packages"));
+    // Hashing the packages reads megabytes: off the runtime's threads.
+    let dir = fleet.config.state.join("packages");
+    let packages = tokio::task::spawn_blocking(move || crate::bootstrap::packages(&dir)).await.unwrap_or_default();
     let script = crate::bootstrap::script(&format!("https://{host}"), &fleet.ca.hash(), &fleet.pin, &packages);
     ([(header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8")], script).into_response()
 }
