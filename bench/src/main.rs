@@ -38,39 +38,22 @@ const RUNS: usize = 9;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The sizes a benchmark runs at: the arguments, else 1,000 and 10,000.
+    let sizes = || -> Vec<usize> {
+        if args.len() > 1 { args[1..].iter().map(|a| a.parse().expect("N")).collect() } else { vec![1_000, 10_000] }
+    };
     match args.first().map(String::as_str) {
         Some("baseline") => baseline(Path::new(&args[1])),
         Some("launch") => launch(&args[1..]),
-        Some("compile") => {
-            let sizes: Vec<usize> = if args.len() > 1 {
-                args[1..].iter().map(|a| a.parse().expect("N")).collect()
-            } else {
-                vec![1_000, 10_000]
-            };
-            compile::run(&sizes);
-        }
+        Some("compile") => compile::run(&sizes()),
         Some("sign") => signing::run(),
         Some("system") => system::run(),
         Some("serve") => {
             let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
             serve::run(n(1, 10_000), n(2, 1_000), n(3, 64));
         }
-        Some("page") => {
-            let sizes: Vec<usize> = if args.len() > 1 {
-                args[1..].iter().map(|a| a.parse().expect("N")).collect()
-            } else {
-                vec![1_000, 10_000]
-            };
-            page::run(&sizes);
-        }
-        Some("noop") => {
-            let sizes: Vec<usize> = if args.len() > 1 {
-                args[1..].iter().map(|a| a.parse().expect("N")).collect()
-            } else {
-                vec![1_000, 10_000]
-            };
-            noop(&sizes);
-        }
+        Some("page") => page::run(&sizes()),
+        Some("noop") => noop(&sizes()),
         _ => {
             eprintln!(
                 "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | system | baseline LIST"
