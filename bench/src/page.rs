@@ -12,11 +12,6 @@
 use converge_server::db::{Db, ReportRow, Visit};
 use std::time::{Duration, Instant};
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn time(mut f: impl FnMut() -> usize) -> (Duration, usize) {
     let mut size = 0;
     let runs = (0..9)
@@ -26,7 +21,7 @@ fn time(mut f: impl FnMut() -> usize) -> (Duration, usize) {
             t.elapsed()
         })
         .collect();
-    (median(runs), size)
+    (crate::median(runs), size)
 }
 
 pub fn run(sizes: &[usize]) {

@@ -101,11 +101,6 @@ fn launch(c: &Container, argv: &[&str]) -> (Duration, u64, i32) {
     (Duration::from_nanos(f[0].parse().unwrap()), f[1].parse().unwrap(), f[2].parse().unwrap())
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 /// Processes `argv` spawns (successful execve calls under `strace -f`, the command itself
 /// excluded; the failed tries of a PATH search are not processes).
 fn processes(c: &Container, argv: &[&str]) -> usize {
@@ -153,7 +148,7 @@ pub fn run() {
         walls.push(w);
         rss = rss.max(r);
     }
-    let converge_wall = median(walls);
+    let converge_wall = crate::median(walls);
     let converge_procs = processes(&c, &apply);
 
     let services: Vec<String> = (1..=SERVICES).map(|i| format!("cvb-svc-{i:02}.service")).collect();
@@ -164,7 +159,7 @@ pub fn run() {
         "--",
     ];
     floor_argv.extend(services.iter().map(String::as_str));
-    let floor = median((0..RUNS).map(|_| launch(&c, &floor_argv).0).collect());
+    let floor = crate::median((0..RUNS).map(|_| launch(&c, &floor_argv).0).collect());
 
     println!("{:<44} {:>10} {:>10} {:>10}", "", "wall", "processes", "peak RSS");
     println!(
@@ -195,7 +190,7 @@ pub fn run() {
         prss = prss.max(r);
         pcode = code;
     }
-    let puppet_wall = median(pwalls);
+    let puppet_wall = crate::median(pwalls);
     let puppet_procs = processes(&c, &puppet);
     println!(
         "{:<44} {:>8.3} s {:>10} {:>7.1} MiB  (exit {pcode})",

@@ -1,12 +1,11 @@
 //! `/bootstrap.sh` and `/packages/`: how a new machine joins with one line and no trust on
 //! first use.
 //!
-//! The operator runs what `init` printed: `curl -fsS --insecure --pinnedpubkey sha256//PIN -o
-//! bootstrap.sh https://SERVER/bootstrap.sh && sh bootstrap.sh --token T`. curl accepts the
-//! server only if its public key is the pinned one (`--insecure` only skips the chain, which the
-//! machine cannot check yet); downloading before running means a refused or cut download runs
-//! nothing and fails, where `curl | sh` would run nothing and succeed. The script carries the CA hash and the
-//! SHA-256 of every agent package the server offers; it downloads the package for the
+//! The operator runs what `init` printed ([`join_command`]). curl accepts the server only if its
+//! public key is the pinned one (`--insecure` only skips the chain, which the machine cannot
+//! check yet); downloading before running means a refused or cut download runs nothing and
+//! fails, where `curl | sh` would run nothing and succeed. The script carries the CA hash and
+//! the SHA-256 of every agent package the server offers; it downloads the package for the
 //! machine's system and architecture the same pinned way, checks the hash, installs it, runs
 //! `converge bootstrap` with the pinned CA, and starts the agent.
 
@@ -66,6 +65,14 @@ pub fn packages(dir: &Path) -> Vec<Package> {
     out
 }
 
+/// The line that joins a new machine to the server at `url` (`https://HOST:PORT`), run as root:
+/// the script fetched with the server's key pinned, then run with `token`.
+pub fn join_command(url: &str, pin: &str, token: &str) -> String {
+    format!(
+        "curl -fsS --insecure --pinnedpubkey {pin} -o bootstrap.sh {url}/bootstrap.sh && sh bootstrap.sh --token {token}"
+    )
+}
+
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
@@ -80,7 +87,7 @@ pub fn script(server: &str, ca_hash: &str, pin: &str, packages: &[Package]) -> S
         r#"#!/bin/sh
 # converge bootstrap, served by the converge server at {server}.
 # Run it as root, fetched with the server's key pinned:
-#   curl -fsS --insecure --pinnedpubkey {pin} -o bootstrap.sh {server}/bootstrap.sh && sh bootstrap.sh --token TOKEN [--name NAME]
+#   {join} [--name NAME]
 # It installs the agent package (checked against the hash below), joins this machine to the
 # server with its CA pinned, and starts the agent.
 set -eu
@@ -88,7 +95,7 @@ SERVER={server_q}
 CA_HASH={ca_q}
 PIN={pin_q}
 fail() {{ echo "converge bootstrap: $*" >&2; exit 1; }}
-[ "$(id -u)" = 0 ] || fail "run it as root (... | sudo sh -s -- --token TOKEN)"
+[ "$(id -u)" = 0 ] || fail "run it as root (sudo sh bootstrap.sh --token TOKEN)"
 if command -v dpkg >/dev/null 2>&1; then
     kind=deb; arch="$(dpkg --print-architecture)"
 elif command -v rpm >/dev/null 2>&1; then
@@ -126,6 +133,7 @@ if [ "$status" != 0 ]; then
     echo "converge bootstrap: joined, but the first run had failures (above; converge status shows them again)" >&2
 fi
 "#,
+        join = join_command(server, pin, "TOKEN"),
         server_q = quote(server),
         ca_q = quote(ca_hash),
         pin_q = quote(pin),

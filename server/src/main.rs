@@ -576,9 +576,7 @@ fn init(
     let pin = converge_server::bootstrap::pin(&state)?;
     println!("or, on a new machine without the agent (as root; copy the packages packaging/build makes");
     println!("into {} first):", packages.display());
-    println!(
-        "  curl -fsS --insecure --pinnedpubkey {pin} -o bootstrap.sh https://{host}:{port}/bootstrap.sh && sh bootstrap.sh --token {token}"
-    );
+    println!("  {}", converge_server::bootstrap::join_command(&format!("https://{host}:{port}"), &pin, &token));
     if listen_addr.port() == 0 {
         println!("  (PORT: the one `converge-server serve` prints when it starts listening)");
     }

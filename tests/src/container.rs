@@ -111,11 +111,12 @@ pub fn test_debs() -> Vec<Deb> {
     debs
 }
 
-fn run_ok(cmd: &mut Command, what: &str) -> String {
+/// Runs `cmd` (described as `what`) and demands success; its standard output.
+pub fn run_ok(cmd: &mut Command, what: &str) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
-        "{what} failed: {}{}",
+        "{what} failed ({cmd:?}): {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

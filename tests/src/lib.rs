@@ -8,6 +8,7 @@ pub mod container;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The path of a workspace binary, built by the same `cargo test --workspace`.
 pub fn bin(name: &str) -> PathBuf {
@@ -62,6 +63,19 @@ pub fn copy_tree(from: &Path, to: &Path) {
         } else {
             std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
+    }
+}
+
+/// Calls `check` every `every` until it returns `Ok`; fails the test with its last `Err` after
+/// `within`.
+pub fn eventually(within: Duration, every: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + within;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(why) => assert!(Instant::now() < deadline, "after {within:?}: {why}"),
+        }
+        std::thread::sleep(every);
     }
 }
 

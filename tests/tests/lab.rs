@@ -6,10 +6,10 @@
 //! container suite (`converge_e2e::container`).
 
 use converge_e2e::container::{Container, NetPair, enabled};
-use converge_e2e::{bin, copy_tree as sync, write};
+use converge_e2e::{bin, copy_tree as sync, eventually, write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn source() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -34,10 +34,13 @@ fn the_vagrantfile_is_valid_ruby_and_a_valid_vagrant_configuration() {
     sync(&source().join("vagrant"), &c.path("/root/lab/vagrant"));
     sync(&source().join("catalogs"), &c.path("/root/lab/catalogs"));
     assert_eq!(c.sh("cd /root/lab/vagrant && ruby -c Vagrantfile"), "Syntax OK\n");
-    let out = c.run_env(
-        &["HOME=/root", "VAGRANT_CHECKPOINT_DISABLE=1"],
-        &["sh", "-c", "cd /root/lab/vagrant && vagrant validate && vagrant status --machine-readable"],
-    );
+    let vagrant = |cmd: &str| {
+        c.run_env(
+            &["HOME=/root", "VAGRANT_CHECKPOINT_DISABLE=1"],
+            &["sh", "-c", &format!("cd /root/lab/vagrant && {cmd}")],
+        )
+    };
+    let out = vagrant("vagrant validate && vagrant status --machine-readable");
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("Vagrantfile validated successfully."), "{}", out.stdout);
     for machine in ["server", "web", "alma"] {
@@ -49,10 +52,7 @@ fn the_vagrantfile_is_valid_ruby_and_a_valid_vagrant_configuration() {
     let vagrantfile = c.path("/root/lab/vagrant/Vagrantfile");
     let text = std::fs::read_to_string(&vagrantfile).unwrap();
     std::fs::write(&vagrantfile, text.replacen("lv.memory = 1024", "lv.memroy = 1024", 1)).unwrap();
-    let out = c.run_env(
-        &["HOME=/root", "VAGRANT_CHECKPOINT_DISABLE=1"],
-        &["sh", "-c", "cd /root/lab/vagrant && vagrant validate"],
-    );
+    let out = vagrant("vagrant validate");
     assert_ne!(out.code, 0);
     assert!(format!("{}{}", out.stdout, out.stderr).contains("memroy"), "{}{}", out.stdout, out.stderr);
 }
@@ -134,19 +134,17 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
 
     // 4. The fleet page: from the server itself (loopback), the agent in sync; from another
     // machine only with the operator token of fleet-page-url.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), Duration::from_millis(500), || {
         let page = server.run(&["curl", "-sk", "https://127.0.0.1:8443/"]).stdout;
         if page.contains("data-node=\"box.lab\" data-status=\"in sync\"") {
-            break;
+            return Ok(());
         }
-        assert!(Instant::now() < deadline, "box.lab never showed in sync:\n{page}");
-        std::thread::sleep(Duration::from_millis(500));
         let _ = agent.run(&["systemctl", "reload", "converge"]); // run now
-    }
-    let code = |args: &[&str]| agent.sh(&format!("curl -sk -o /dev/null -w '%{{http_code}}' {}", args.join(" ")));
-    assert_eq!(code(&[&format!("https://{}:8443/", net.a_ip)]), "403");
-    assert_eq!(code(&[&format!("'{url}'")]), "303", "the token is taken and kept in a cookie");
+        Err(format!("box.lab never showed in sync:\n{page}"))
+    });
+    let code = |url: &str| agent.sh(&format!("curl -sk -o /dev/null -w '%{{http_code}}' '{url}'"));
+    assert_eq!(code(&format!("https://{}:8443/", net.a_ip)), "403");
+    assert_eq!(code(&url), "303", "the token is taken and kept in a cookie");
 
     // 5. The operator changes the repository on the host and provisions the server again: the
     // agent, provisioned again, runs at once and converges to it.
@@ -158,14 +156,12 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
     let out = provision(&server, "server.sh");
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert_eq!(server.sh("runuser -u converge-server -- git -C /srv/converge/repo rev-list --count HEAD"), "2\n");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), Duration::from_millis(1000), || {
+        if agent.sh("cat /etc/motd") == "box.lab, changed\n" {
+            return Ok(());
+        }
         let out = provision(&agent, "agent.sh");
         assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-        std::thread::sleep(Duration::from_millis(1000));
-        if agent.sh("cat /etc/motd") == "box.lab, changed\n" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the change never reached box.lab: {}", agent.sh("converge status"));
-    }
+        Err(format!("the change never reached box.lab: {}", agent.sh("converge status")))
+    });
 }

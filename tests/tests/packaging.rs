@@ -3,12 +3,12 @@
 //! container. (The server's .deb under its hardened unit is proven by the lab, `lab.rs`.) Gated
 //! with the container suite (`converge_e2e::container`).
 
-use converge_e2e::container::{Container, NetPair, enabled};
-use converge_e2e::{Child, bin, copy_tree, git};
+use converge_e2e::container::{Container, NetPair, enabled, run_ok};
+use converge_e2e::{Child, bin, copy_tree, eventually, git};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Builds the packages (from the binaries this test run built) into `out`.
 fn build_packages(out: &Path) -> Vec<PathBuf> {
@@ -24,6 +24,11 @@ fn build_packages(out: &Path) -> Vec<PathBuf> {
     String::from_utf8_lossy(&built.stdout).lines().map(PathBuf::from).collect()
 }
 
+/// The package among `packages` whose file name starts with `prefix`.
+fn package(packages: &[PathBuf], prefix: &str) -> PathBuf {
+    packages.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).expect(prefix).clone()
+}
+
 /// The `sha256//...` pin in a join line.
 fn pin_of(join: &str) -> String {
     join.split_whitespace().find(|w| w.starts_with("sha256//")).expect("a pin").to_string()
@@ -36,8 +41,7 @@ fn a_new_machine_joins_through_bootstrap_sh_and_runs_the_agent_service() {
     }
     let w = tempfile::tempdir().unwrap();
     let packages = build_packages(&w.path().join("packages"));
-    let agent_deb =
-        packages.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with("converge_")).unwrap();
+    let agent_deb = &package(&packages, "converge_");
 
     // The server, in a namespace of its own, with catalogs/ as its repository.
     let net = NetPair::new("b");
@@ -81,21 +85,19 @@ fn a_new_machine_joins_through_bootstrap_sh_and_runs_the_agent_service() {
     assert!(c.sh("cat /etc/motd").contains("box1.demo (demo)"), "converged");
 
     // The service reports; the node shows on the fleet page (asked from the server's side).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), Duration::from_millis(500), || {
         let page = Command::new("ip")
             .args(["netns", "exec", &net.a, "curl", "-sk", "https://127.0.0.1:8443/"])
             .output()
             .unwrap();
         let page = String::from_utf8_lossy(&page.stdout).into_owned();
         if page.contains("data-node=\"box1.demo\" data-status=\"in sync\"") {
-            break;
+            return Ok(());
         }
-        assert!(Instant::now() < deadline, "box1.demo never showed in sync on the fleet page:\n{page}");
-        std::thread::sleep(Duration::from_millis(500));
         // SIGHUP: run now, rather than after the interval.
         let _ = c.run(&["systemctl", "reload", "converge"]);
-    }
+        Err(format!("box1.demo never showed in sync on the fleet page:\n{page}"))
+    });
 
     // The script comes only from the server whose key is pinned: another pin is refused by curl
     // (exit 90, the pinned key did not match) before any byte of a script is run.
@@ -117,13 +119,6 @@ fn a_new_machine_joins_through_bootstrap_sh_and_runs_the_agent_service() {
     assert!(out.stderr.contains("does not match the hash this script carries"), "{}", out.stderr);
 }
 
-/// What a command prints, demanding success.
-fn output(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn the_packages_carry_their_units_configuration_and_dependencies() {
     // rpmbuild and dpkg-deb are host tools the testbed installs.
@@ -132,40 +127,37 @@ fn the_packages_carry_their_units_configuration_and_dependencies() {
     }
     let w = tempfile::tempdir().unwrap();
     let packages = build_packages(&w.path().join("packages"));
-    let find = |prefix: &str| {
-        packages.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).unwrap().clone()
-    };
     for (deb, bin, depends) in [
-        (find("converge_"), "converge", "Depends: libc6, systemd\n"),
-        (find("converge-server_"), "converge-server", "Depends: libc6, systemd, git, adduser\n"),
+        (package(&packages, "converge_"), "converge", "Depends: libc6, systemd\n"),
+        (package(&packages, "converge-server_"), "converge-server", "Depends: libc6, systemd, git, adduser\n"),
     ] {
-        let control = output(Command::new("dpkg-deb").args(["-f"]).arg(&deb));
+        let control = run_ok(Command::new("dpkg-deb").args(["-f"]).arg(&deb), "dpkg-deb");
         assert!(control.contains(depends), "{control}");
-        let files = output(Command::new("dpkg-deb").arg("-c").arg(&deb));
+        let files = run_ok(Command::new("dpkg-deb").arg("-c").arg(&deb), "dpkg-deb");
         for f in
             [format!("./usr/bin/{bin}"), format!("./lib/systemd/system/{bin}.service"), format!("./etc/default/{bin}")]
         {
             assert!(files.contains(&f), "{f} in {}: {files}", deb.display());
         }
         // A local edit of its settings survives an upgrade.
-        let conffiles = output(Command::new("dpkg-deb").arg("--info").arg(&deb).arg("conffiles"));
+        let conffiles = run_ok(Command::new("dpkg-deb").arg("--info").arg(&deb).arg("conffiles"), "dpkg-deb");
         assert_eq!(conffiles, format!("/etc/default/{bin}\n"));
     }
     for (rpm, bin, requires) in [
-        (find("converge-0"), "converge", &["systemd"][..]),
-        (find("converge-server-0"), "converge-server", &["systemd", "git"]),
+        (package(&packages, "converge-0"), "converge", &["systemd"][..]),
+        (package(&packages, "converge-server-0"), "converge-server", &["systemd", "git"]),
     ] {
-        let needs = output(Command::new("rpm").args(["-qp", "--requires"]).arg(&rpm));
+        let needs = run_ok(Command::new("rpm").args(["-qp", "--requires"]).arg(&rpm), "rpm");
         for r in requires {
             assert!(needs.lines().any(|l| l == *r), "{r} in {needs}");
         }
-        let config = output(Command::new("rpm").args(["-qp", "--configfiles"]).arg(&rpm));
+        let config = run_ok(Command::new("rpm").args(["-qp", "--configfiles"]).arg(&rpm), "rpm");
         assert_eq!(config, format!("/etc/sysconfig/{bin}\n"));
         // Installed into a scratch root (files only: no scripts, no dependencies there), its
         // unit reads the RHEL family's place for its settings.
         let root = w.path().join(format!("root-{bin}"));
-        output(Command::new("rpm").arg("--root").arg(&root).arg("--initdb"));
-        output(Command::new("rpm").arg("--root").arg(&root).args(["-i", "--nodeps", "--noscripts"]).arg(&rpm));
+        run_ok(Command::new("rpm").arg("--root").arg(&root).arg("--initdb"), "rpm");
+        run_ok(Command::new("rpm").arg("--root").arg(&root).args(["-i", "--nodeps", "--noscripts"]).arg(&rpm), "rpm");
         let unit = std::fs::read_to_string(root.join(format!("usr/lib/systemd/system/{bin}.service"))).unwrap();
         assert!(unit.contains(&format!("EnvironmentFile=-/etc/sysconfig/{bin}\n")), "{unit}");
     }

@@ -37,8 +37,9 @@ if ! as git -C "$REPO" diff --cached --quiet; then
     as git -C "$REPO" -c user.name="converge lab" -c user.email=lab@converge.invalid commit -q -m "the host's repository"
 fi
 
-systemctl enable converge-server.service >/dev/null 2>&1
-systemctl restart converge-server.service
+# Started once its state is here; a new commit needs no restart (the server watches the
+# branch), and an upgraded package restarts it itself.
+systemctl enable --now converge-server.service >/dev/null 2>&1
 i=0
 until curl -fsk https://127.0.0.1:8443/healthz >/dev/null 2>&1; do
     i=$((i + 1))
