@@ -3,25 +3,26 @@
 //! Read and check the whole catalog first (a bad catalog changes nothing and exits 1), take
 //! the run lock in the state directory, converge through the real host, report, and prune the
 //! backup store if this run used it.
+//!
+//! Signed or plain is decided by what the host trusts, never by what the file says it is: a
+//! host that holds a key list (or is given one with `--trusted-keys`) applies only catalogs
+//! those keys signed, unless the operator says `--unsigned`; a host with no keys applies a
+//! plain catalog, and refuses one made for another host.
 
 use crate::backup::BackupStore;
-use crate::fs::{Root, errno};
+use crate::fs::Root;
 use crate::host::RealHost;
-use crate::signed;
-use anyhow::{Context, Result, anyhow};
+use crate::signed::{self, Trust};
+use crate::state::{RunLock, STATE_DIR};
+use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::engine::{self, Options};
 use converge_modules::load::{Loaded, load, load_decoded};
 use converge_modules::providers::System;
 use converge_modules::report::{Collect, JsonSink, RunInfo, Summary, Tee, TextSink};
 use converge_modules::time::Timestamp;
 use converge_modules::trust;
-use nix::fcntl::{Flock, FlockArg, OFlag};
 use std::io::{BufRead, IsTerminal};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-
-/// The agent's state directory, inside the managed root.
-pub const STATE_DIR: &str = "/var/lib/converge";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -70,6 +71,10 @@ pub struct ApplyArgs {
     /// reported).
     #[arg(long)]
     pub allow_rollback: bool,
+    /// Apply a plain (unsigned) catalog on a host that trusts signing keys: the operator's
+    /// explicit word that this file needs no signature.
+    #[arg(long, conflicts_with_all = ["trusted_keys", "allow_rollback"])]
+    pub unsigned: bool,
 }
 
 /// Reads and checks the catalog; the error is every problem, rendered with its source line.
@@ -78,10 +83,28 @@ pub struct ApplyArgs {
 /// catalog are never in memory at once; the text is read whole only for YAML, or to place the
 /// problems of a catalog that has some.
 pub fn read_catalog(file: &Path) -> Result<Loaded> {
+    use std::io::Read;
     let name = file.display().to_string();
-    let open = || std::fs::File::open(file).with_context(|| format!("cannot read catalog {name}"));
+    let max = MAX_CATALOG_FILE;
+    let open = || -> Result<std::io::Take<std::fs::File>> {
+        let f = std::fs::File::open(file).with_context(|| format!("cannot read catalog {name}"))?;
+        let meta = f.metadata().with_context(|| format!("cannot read catalog {name}"))?;
+        if !meta.is_file() {
+            bail!("cannot read catalog {name}: not a regular file");
+        }
+        if meta.len() > max {
+            bail!(
+                "refused {name}: {} bytes, more than the {max} a catalog file can be; nothing was changed",
+                meta.len()
+            );
+        }
+        Ok(f.take(max + 1))
+    };
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let read_source = |src: &str| std::fs::read_to_string(base.join(src)).map_err(|e| e.to_string());
+    let read_source = |src: &str| {
+        let bytes = signed::read_file_bounded(&base.join(src), trust::MAX_PAYLOAD as u64).map_err(|e| e.to_string())?;
+        String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())
+    };
     let mut reader = std::io::BufReader::with_capacity(1 << 16, open()?);
     let head = reader.fill_buf().with_context(|| format!("cannot read catalog {name}"))?;
     if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
@@ -91,6 +114,9 @@ pub fn read_catalog(file: &Path) -> Result<Loaded> {
         }
     }
     let text = std::io::read_to_string(open()?).with_context(|| format!("cannot read catalog {name}"))?;
+    if text.len() as u64 > max {
+        bail!("refused {name}: more than the {max} bytes a catalog file can be; nothing was changed");
+    }
     load(&name, &text, Some(&read_source)).map_err(|diags| {
         let n = diags.len();
         let s = if n == 1 { "" } else { "s" };
@@ -98,39 +124,42 @@ pub fn read_catalog(file: &Path) -> Result<Loaded> {
     })
 }
 
-/// Holds the run lock: one run at a time per root; dry-runs share it.
-pub fn lock(root: &Root, dry_run: bool) -> Result<Option<Flock<OwnedFd>>> {
-    let shown = root.path().join(STATE_DIR.trim_start_matches('/'));
-    if dry_run && root.lstat(STATE_DIR)?.is_none() {
-        return Ok(None); // nothing to protect, and a dry-run creates nothing
-    }
-    if !dry_run {
-        root.create_dir_all(STATE_DIR, 0o700)
-            .with_context(|| format!("cannot create state directory {}", shown.display()))?;
-    }
-    let fd = root
-        .open_at(STATE_DIR, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)
-        .with_context(|| format!("cannot open state directory {}", shown.display()))?;
-    let arg = if dry_run { FlockArg::LockSharedNonblock } else { FlockArg::LockExclusiveNonblock };
-    match Flock::lock(fd, arg) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            Err(anyhow!("another converge run holds the lock on {}; try again when it has finished", shown.display()))
-        }
-        Err((_, e)) => Err(errno(e)).with_context(|| format!("cannot lock {}", shown.display())),
-    }
-}
+/// The largest catalog file `apply` reads (YAML is wordier than the JSON an envelope carries).
+pub const MAX_CATALOG_FILE: u64 = 2 * trust::MAX_PAYLOAD as u64;
 
 /// Runs `converge apply`; returns the process exit code.
 pub fn run(args: &ApplyArgs) -> Result<i32> {
-    if signed::looks_like_envelope(&head(&args.file)?) {
+    let name = args.file.display().to_string();
+    let envelope = signed::looks_like_envelope(&head(&args.file)?);
+    if envelope && args.unsigned {
+        bail!("{name} is a signed envelope: apply it without --unsigned, and its signature is checked");
+    }
+    if envelope {
         return run_signed(args);
     }
     let loaded = read_catalog(&args.file)?;
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
-    let _lock = lock(&root, args.dry_run)?;
+    let lock = RunLock::take(&root, args.dry_run)?;
+    if !args.unsigned && (args.trusted_keys.is_some() || signed::has_keys(&root)) {
+        let keys = args.trusted_keys.as_ref().map_or_else(
+            || root.path().join(signed::KEYS_FILE.trim_start_matches('/')).display().to_string(),
+            |p| p.display().to_string(),
+        );
+        bail!(
+            "refused {name}: it is not signed, and this host trusts the keys in {keys}; sign it (converge-server sign), \
+             or apply it with --unsigned to take it as it is; nothing was changed"
+        );
+    }
+    if let Some(host) = &loaded.catalog.host {
+        let node = signed::node_name(&root, args.node.as_deref())
+            .map_err(|e| anyhow!("refused {name}: it is for host {host}, and this node's name is unknown: {e}"))?;
+        if *host != node {
+            bail!("refused {name}: the catalog is for host {host}, and this is {node}; nothing was changed");
+        }
+    }
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let (_, collect) = converge(&Output::of(args), &host, &loaded, None, Vec::new(), None);
+    drop(lock);
     Ok(exit_code(args.detailed_exitcodes, &collect.summary.unwrap_or_default()))
 }
 
@@ -143,45 +172,44 @@ fn head(file: &Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// An envelope file, read within the largest an agent accepts (checked before and while
+/// reading: a device or a growing file is refused, never read to its end).
+fn read_envelope_file(file: &Path) -> Result<Vec<u8>> {
+    let name = file.display().to_string();
+    signed::read_file_bounded(file, trust::MAX_ENVELOPE as u64).map_err(|e| {
+        anyhow!("refused {name}: {e} (an envelope is at most {} bytes); nothing was changed", trust::MAX_ENVELOPE)
+    })
+}
+
 /// `converge apply ENVELOPE`: verify first (signature over the bytes, then host, serial,
 /// freshness, format); a refusal changes nothing. An accepted catalog (not in a dry-run) is
 /// recorded as applied, with the newer key list it carried, before converging.
 fn run_signed(args: &ApplyArgs) -> Result<i32> {
     let name = args.file.display().to_string();
-    let size = std::fs::metadata(&args.file).with_context(|| format!("cannot read {name}"))?.len() as usize;
-    if size > trust::MAX_ENVELOPE {
-        return Err(anyhow!("refused {name}: {}; nothing was changed", trust::Refusal::TooLarge(size)));
-    }
-    let bytes = std::fs::read(&args.file).with_context(|| format!("cannot read {name}"))?;
+    let bytes = read_envelope_file(&args.file)?;
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
-    let held = signed::held_keys(&root, args.trusted_keys.as_deref())?;
-    let policy = trust::Policy {
-        node: Some(signed::node_name(&root, args.node.as_deref())?),
-        now: Timestamp::now(),
-        last: signed::last_applied(&root)?,
-        allow_rollback: args.allow_rollback,
-        cached: false,
-    };
-    let verified = trust::verify_catalog(&bytes, &held.list, &policy)
+    let node = signed::node_name(&root, args.node.as_deref())?;
+    let lock = RunLock::take(&root, args.dry_run)?;
+    let host = RealHost::new(root, BackupStore::new(STATE_DIR));
+    let mut trust = Trust::load(&host, &lock, args.trusted_keys.as_deref(), node)?;
+    let verified = trust
+        .verify(&bytes, false, args.allow_rollback)
         .map_err(|r| anyhow!("refused {name}: {r}; nothing was changed"))?;
-    let loaded = load_decoded(&name, verified.catalog, None).map_err(|d| {
+    let loaded = load_decoded(&name, verified.catalog.clone(), None).map_err(|d| {
         let first = d.0.first().map(|d| d.message.as_str()).unwrap_or("?");
         anyhow!("refused {name}: the signed catalog is not valid: {first}; nothing was changed")
     })?;
-    let _lock = lock(&root, args.dry_run)?;
-    let host = RealHost::new(root, BackupStore::new(STATE_DIR));
-    // Accepted: remember it before converging, so that a run cut short never reopens the door
-    // to an older serial.
     if !args.dry_run {
-        let envelope = trust::parse_envelope(&bytes).map_err(|r| anyhow!("{name}: {r}"))?;
-        let new_keys = verified.new_keys.as_ref().map(|(_, env)| env);
-        signed::record(&host, host.root(), &held, verified.applied, envelope, new_keys)?;
+        trust.record(&host, &lock, &verified, &bytes)?;
     }
     drop(bytes);
-    for w in &verified.warnings {
-        tracing::warn!("{name}: {w}");
+    let mut warnings = std::mem::take(&mut trust.notes);
+    warnings.extend(verified.warnings);
+    for w in &warnings {
+        tracing::warn!("{name}: {}", converge_modules::text::clean(w));
     }
-    let (_, collect) = converge(&Output::of(args), &host, &loaded, Some(verified.signed_by), verified.warnings, None);
+    let (_, collect) = converge(&Output::of(args), &host, &loaded, Some(verified.signed_by), warnings, None);
+    drop(lock);
     Ok(exit_code(args.detailed_exitcodes, &collect.summary.unwrap_or_default()))
 }
 
@@ -266,10 +294,16 @@ pub fn exit_code(detailed: bool, summary: &Summary) -> i32 {
 pub fn verify(args: &VerifyArgs) -> Result<i32> {
     let name = args.envelope.display().to_string();
     let keys_path = args.trusted_keys.clone().unwrap_or_else(signed::default_keys_path);
-    let keys =
-        std::fs::read(&keys_path).with_context(|| format!("cannot read the trusted keys {}", keys_path.display()))?;
+    let keys = signed::read_file_bounded(&keys_path, crate::state::SMALL_FILE)
+        .with_context(|| format!("cannot read the trusted keys {}", keys_path.display()))?;
     let (list, _) = trust::read_key_list(&keys).map_err(|e| anyhow!("{}: {e}", keys_path.display()))?;
-    let bytes = std::fs::read(&args.envelope).with_context(|| format!("cannot read {name}"))?;
+    let bytes = match signed::read_file_bounded(&args.envelope, trust::MAX_ENVELOPE as u64) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("converge: {name}: refused: {e} (an envelope is at most {} bytes)", trust::MAX_ENVELOPE);
+            return Ok(1);
+        }
+    };
     let policy = trust::Policy {
         node: args.node.clone(),
         now: Timestamp::now(),
@@ -280,20 +314,21 @@ pub fn verify(args: &VerifyArgs) -> Result<i32> {
     match trust::verify_catalog(&bytes, &list, &policy) {
         Ok(v) => {
             let c = &v.catalog;
+            let clean = |s: &str| converge_modules::text::clip(s, 200).into_owned();
             println!("{name}: valid, signed by key {}", v.signed_by);
-            println!("  host       {}", c.host.as_deref().unwrap_or("?"));
+            println!("  host       {}", clean(c.host.as_deref().unwrap_or("?")));
             println!("  serial     {}", v.applied.serial);
             println!("  issued     {}", v.applied.issued_at);
             println!("  expires    {}", c.expires_at.map(|t| t.to_string()).unwrap_or_default());
             if let Some(s) = &c.source {
-                println!("  source     {} @ {}", s.repository, s.commit);
+                println!("  source     {} @ {}", clean(&s.repository), clean(&s.commit));
             }
             println!("  resources  {}", c.resources.len());
             if let Some((k, _)) = &v.new_keys {
                 println!("  key list   version {} (newer than the {} held)", k.version, list.version);
             }
             for w in &v.warnings {
-                println!("  warning    {w}");
+                println!("  warning    {}", clean(w));
             }
             Ok(0)
         }

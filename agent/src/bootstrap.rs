@@ -8,7 +8,7 @@
 use crate::client::Client;
 use crate::fs::Root;
 use crate::host::RealHost;
-use crate::state::{self, AgentConfig};
+use crate::state::{self, AgentConfig, RunLock, STATE_DIR};
 use crate::{backup::BackupStore, signed};
 use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::trust;
@@ -77,13 +77,20 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
         Some(n) => n.clone(),
         None => signed::node_name(&root, None)?,
     };
-    let host = RealHost::new(root, BackupStore::new(crate::apply::STATE_DIR));
+    converge_modules::wire::check_node_name(&name).map_err(|e| anyhow!("{e}; choose one with --name"))?;
+    // Everything below writes the host's identity and trust: under the run lock.
+    let lock = RunLock::take(&root, false)?;
+    let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     host.root().create_dir_all("/etc/converge", 0o755)?;
     // 2. The node's key: made here, kept here.
-    let key = match host.root().read_to_string(state::KEY_FILE) {
+    let key = match state::read_text(host.root(), state::KEY_FILE, 16 << 10) {
         Ok(pem) => {
             use ed25519_dalek::pkcs8::DecodePrivateKey;
-            ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).map_err(|e| anyhow!("{}: {e}", state::KEY_FILE))?
+            ed25519_dalek::SigningKey::from_pkcs8_pem(&pem)
+                .map_err(|e| anyhow!("{}: {e}: remove the damaged key and bootstrap again", state::KEY_FILE))?
+        }
+        Err(why) if host.root().lstat(state::KEY_FILE).ok().flatten().is_some() => {
+            bail!("{why}: remove the damaged key and bootstrap again")
         }
         Err(_) => {
             let key = new_key()?;
@@ -103,10 +110,16 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
             EnrollResponse::Issued { certificate, trusted_keys } => break (certificate, trusted_keys),
             EnrollResponse::Pending { message } => {
                 if started.elapsed() >= Duration::from_secs(args.wait) {
-                    bail!("{name} is still waiting for approval after {} s ({message})", args.wait);
+                    bail!(
+                        "{name} is still waiting for approval after {} s ({})",
+                        args.wait,
+                        converge_modules::text::clip(&message, 500)
+                    );
                 }
                 if !told {
-                    eprintln!("converge: {message}");
+                    let fingerprint = converge_modules::wire::key_fingerprint(&key.verifying_key().to_bytes());
+                    eprintln!("converge: {}", converge_modules::text::clip(&message, 500));
+                    eprintln!("converge: this host's key is {fingerprint}: approve only a request with this key");
                     told = true;
                 }
                 std::thread::sleep(Duration::from_secs(2));
@@ -125,5 +138,6 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
     state::write(&host, signed::KEYS_FILE, &serde_json::to_vec_pretty(&keys)?, 0o644)?;
     state::write(&host, state::CONFIG_FILE, AgentConfig::text(&args.server, &name).as_bytes(), 0o644)?;
     println!("converge: {name} joined {} (key list version {})", args.server, list.version);
+    drop(lock);
     Ok(())
 }

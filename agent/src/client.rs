@@ -19,6 +19,14 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// What became of a report.
+pub enum Sent {
+    Stored,
+    /// The server will never take this body (a 4xx other than for the client's identity):
+    /// keeping it would only block the reports behind it.
+    Refused(String),
+}
+
 /// What the server said about the catalog.
 pub enum CatalogReply {
     /// A new envelope, with its ETag.
@@ -89,6 +97,9 @@ impl ServerCertVerifier for AnyServer {
 /// "cannot reach URL: " and the innermost cause (connection refused, a certificate problem, a
 /// timeout), without the layers of the HTTP stack in between.
 fn unreachable(base: &str, e: reqwest::Error) -> anyhow::Error {
+    if e.is_builder() {
+        return anyhow!("cannot make a request to {base}: {e}");
+    }
     let timeout = e.is_timeout();
     let mut cause: &dyn std::error::Error = &e;
     while let Some(inner) = cause.source() {
@@ -101,11 +112,27 @@ fn unreachable(base: &str, e: reqwest::Error) -> anyhow::Error {
 /// The server's message from an error response, or its status.
 async fn error_of(resp: reqwest::Response) -> anyhow::Error {
     let status = resp.status();
-    let body = resp.bytes().await.unwrap_or_default();
+    let body = bounded_body(resp, 64 << 10).await.unwrap_or_default();
     match serde_json::from_slice::<ErrorBody>(&body) {
-        Ok(e) => anyhow!("the server answered {status}: {}", e.error),
+        Ok(e) => anyhow!("the server answered {status}: {}", converge_modules::text::clip(&e.error, 1000)),
         Err(_) => anyhow!("the server answered {status}"),
     }
+}
+
+/// A response body of at most `max` bytes, refused as soon as it is longer (checked against
+/// Content-Length before reading, and chunk by chunk while reading).
+async fn bounded_body(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        bail!("the server's answer is {} bytes, more than the {max} accepted", resp.content_length().unwrap_or(0));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.context("the answer was cut short")? {
+        if body.len() + chunk.len() > max {
+            bail!("the server's answer is more than the {max} bytes accepted");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 impl Client {
@@ -129,7 +156,8 @@ impl Client {
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }
-        Ok(resp.text().await?)
+        let pem = bounded_body(resp, 64 << 10).await?;
+        String::from_utf8(pem).map_err(|_| anyhow!("the server's CA is not PEM text"))
     }
 
     /// A client that trusts only `ca_pem`, presenting a certificate when given.
@@ -168,7 +196,8 @@ impl Client {
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }
-        resp.json().await.context("the server's answer to enrollment is not understood")
+        let body = bounded_body(resp, 1 << 20).await?;
+        serde_json::from_slice(&body).context("the server's answer to enrollment is not understood")
     }
 
     pub async fn catalog(&self, req: &CatalogRequest, etag: Option<&str>) -> Result<CatalogReply> {
@@ -188,15 +217,23 @@ impl Client {
                 Ok(CatalogReply::Retry(after))
             }
             200 => {
-                let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
-                let bytes = resp.bytes().await.context("the catalog download was cut short")?;
-                Ok(CatalogReply::Envelope { bytes: bytes.to_vec(), etag })
+                let etag = resp
+                    .headers()
+                    .get(reqwest::header::ETAG)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|t| t.len() <= 128)
+                    .map(str::to_string);
+                let bytes =
+                    bounded_body(resp, converge_modules::trust::MAX_ENVELOPE).await.context("the catalog download")?;
+                Ok(CatalogReply::Envelope { bytes, etag })
             }
             _ => Err(error_of(resp).await),
         }
     }
 
-    pub async fn report(&self, body: &[u8]) -> Result<()> {
+    /// Sends a report. An error means "not now" (unreachable, busy, our identity refused);
+    /// [`Sent::Refused`] means "never" (the body itself was refused).
+    pub async fn report(&self, body: &[u8]) -> Result<Sent> {
         let resp = self
             .http
             .post(format!("{}/v1/reports", self.base))
@@ -205,9 +242,12 @@ impl Client {
             .send()
             .await
             .map_err(|e| unreachable(&self.base, e))?;
-        if !resp.status().is_success() {
-            return Err(error_of(resp).await);
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(Sent::Stored);
         }
-        Ok(())
+        let never = status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 408 | 429);
+        let e = error_of(resp).await;
+        if never { Ok(Sent::Refused(format!("{e:#}"))) } else { Err(e) }
     }
 }

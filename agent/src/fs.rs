@@ -236,6 +236,31 @@ impl Root {
         let fd = self.open_at(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0, true)?;
         io::read_to_string(std::fs::File::from(fd))
     }
+
+    /// Reads one of the agent's own files: a regular file, never through a symlink in its last
+    /// component, at most `max` bytes (checked before reading, and again while reading, as
+    /// the file may grow). Anything else is an error that says what was found.
+    pub fn read_bounded(&self, path: &str, max: u64) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let fd = self.open_at(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY, 0, false).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) { io::Error::other("is a symbolic link") } else { e }
+        })?;
+        let st = fstat(&fd).map_err(errno)?;
+        let kind = file_type(&st);
+        if kind != converge_modules::host::FileType::File {
+            return Err(io::Error::other(format!("is a {kind}, not a regular file")));
+        }
+        let too_big = |n: u64| io::Error::other(format!("is {n} bytes, more than the {max} it can be"));
+        if st.st_size as u64 > max {
+            return Err(too_big(st.st_size as u64));
+        }
+        let mut bytes = Vec::with_capacity(st.st_size as usize);
+        std::fs::File::from(fd).take(max + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > max {
+            return Err(too_big(bytes.len() as u64));
+        }
+        Ok(bytes)
+    }
 }
 
 /// True for errors meaning "nothing there" (a missing component, or a file where a directory

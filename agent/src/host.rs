@@ -69,6 +69,15 @@ impl RealHost {
         &self.backups
     }
 
+    /// Renames `from` to `to` (the agent's own files: setting a damaged one aside), replacing
+    /// what `to` was; both resolved inside the root, neither followed.
+    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let (from_dir, from_name) = self.root.parent(from)?;
+        let (to_dir, to_name) = self.root.parent(to)?;
+        renameat(&*from_dir, from_name, &*to_dir, to_name).map_err(errno)?;
+        fsync(&*to_dir).map_err(errno)
+    }
+
     /// Opens an existing regular file or directory by name in `dir`, refusing anything else
     /// (checked on the descriptor, so a swap between look and open cannot fool it).
     fn open_existing(dir: &OwnedFd, name: &str, op: &'static str, path: &str) -> HostResult<(OwnedFd, FileStat)> {

@@ -57,7 +57,9 @@ fn main() -> ExitCode {
     }));
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONVERGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only on a terminal: a journal or a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

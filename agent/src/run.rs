@@ -10,18 +10,19 @@
 //! server fails, back-off doubles (with jitter) up to the interval; SIGHUP runs now; SIGTERM
 //! finishes the resource in hand and exits. Runs never overlap (the state directory's lock).
 
-use crate::apply::{self, Color, Format, Output, STATE_DIR, lock};
+use crate::apply::{self, Color, Format, Output};
 use crate::backup::BackupStore;
-use crate::client::{CatalogReply, Client};
+use crate::client::{CatalogReply, Client, Sent};
 use crate::fs::Root;
 use crate::host::RealHost;
-use crate::signed;
-use crate::state::{self, AgentConfig, LastRun, Status};
+use crate::signed::Trust;
+use crate::state::{self, AgentConfig, LastRun, RunLock, STATE_DIR, Status};
 use anyhow::{Context, Result, anyhow};
 use converge_modules::catalog::FORMAT;
 use converge_modules::load::load_decoded;
+use converge_modules::text::clip;
 use converge_modules::time::Timestamp;
-use converge_modules::trust::{self, Policy, Verified};
+use converge_modules::trust::{Refusal, Verified};
 use converge_modules::wire::{CatalogRequest, Report};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,30 +77,103 @@ fn client(root: &Root, config: &AgentConfig) -> Result<std::sync::Arc<Client>> {
 }
 
 fn read(root: &Root, path: &str) -> Result<String> {
-    root.read_to_string(path).map_err(|e| {
-        anyhow!(
-            "{}: {e}: join a server first (converge bootstrap)",
-            root.path().join(path.trim_start_matches('/')).display()
-        )
+    state::read_text(root, path, state::SMALL_FILE).map_err(|why| {
+        if root.lstat(path).ok().flatten().is_none() {
+            anyhow!("{why}: join a server first (converge bootstrap)")
+        } else {
+            anyhow!("{why}: this host's identity is damaged; join again (converge bootstrap)")
+        }
     })
 }
 
-/// One run. `stop` ends it between resources.
+/// One run. `stop` ends it between resources. A run that cannot converge at all (no catalog
+/// it can trust, damaged state) says why in the status, so `converge status` never shows an
+/// old success instead.
 pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
     let config = AgentConfig::load(&root)?;
-    let client = client(&root, &config)?;
-    let _lock = lock(&root, args.dry_run)?;
-    let held = signed::held_keys(&root, None)?;
-    let started = Timestamp::now();
-    let facts = crate::facts::collect(&root, &config.name);
+    let lock = RunLock::take(&root, args.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
+    let started = Timestamp::now();
+    let outcome = locked_run(args, stop, &config, &host, &lock, started);
+    if let (Err(e), true) = (&outcome, lock.exclusive()) {
+        let (mut status, _) = state::read_status(host.root());
+        let previous = status.last_run.take();
+        status.last_run = Some(LastRun {
+            started,
+            finished: Timestamp::now(),
+            unchanged: 0,
+            changed: 0,
+            failed: 0,
+            skipped: 0,
+            serial: previous.as_ref().and_then(|p| p.serial),
+            commit: previous.and_then(|p| p.commit),
+            source: "none".into(),
+            stale: false,
+            notes: Vec::new(),
+            error: Some(clip(&format!("{e:#}"), 4096).into_owned()),
+        });
+        let _ = state::write_status(&host, &status);
+    }
+    outcome
+}
+
+/// A catalog the agent can fall back on: verified, with its bytes, and the ETag to send.
+struct Fallback {
+    verified: Verified,
+    etag: Option<String>,
+}
+
+/// The newest cached envelope that still verifies, else the one `applied.json` keeps. A cached
+/// envelope that no longer verifies is set aside (one older than the last applied is just
+/// old). Its ETag is sent only when it is the newest cached one: a 304 then means exactly it.
+fn fallback(host: &RealHost, lock: &RunLock, trust: &Trust, notes: &mut Vec<String>) -> Option<Fallback> {
+    let set_aside = |path: &str, why: String, notes: &mut Vec<String>| {
+        if lock.exclusive() {
+            notes.push(state::set_aside(host, path, &why));
+        } else {
+            notes.push(format!("a cached catalog no longer verifies ({why}); a run sets it aside"));
+        }
+    };
+    for (i, path) in state::cached_envelopes(host).into_iter().enumerate() {
+        let bytes = match state::read_envelope(host, &path) {
+            Ok(b) => b,
+            Err(why) => {
+                set_aside(&path, why, notes);
+                continue;
+            }
+        };
+        match trust.verify(&bytes, true, false) {
+            Ok(verified) => {
+                let etag = if i == 0 { state::read_etag(host, &path, notes) } else { None };
+                return Some(Fallback { verified, etag });
+            }
+            Err(Refusal::Rollback { .. }) => {}
+            Err(r) => set_aside(&path, r.to_string(), notes),
+        }
+    }
+    let bytes = trust.last_envelope.as_ref()?;
+    trust.verify(bytes, true, false).ok().map(|verified| Fallback { verified, etag: None })
+}
+
+fn locked_run(
+    args: &RunArgs,
+    stop: Option<&AtomicBool>,
+    config: &AgentConfig,
+    host: &RealHost,
+    lock: &RunLock,
+    started: Timestamp,
+) -> Result<Outcome> {
+    let client = client(host.root(), config)?;
+    let mut trust = Trust::load(host, lock, None, config.name.clone())?;
+    let mut notes = std::mem::take(&mut trust.notes);
+    let facts = crate::facts::collect(host.root(), &config.name);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let cached = state::newest_envelope(&host);
+    let cached = fallback(host, lock, &trust, &mut notes);
+    let queued = state::queued_reports(host, &mut notes);
     let request = CatalogRequest { agent_version: env!("CARGO_PKG_VERSION").into(), formats: vec![FORMAT], facts };
-    let mut notes = Vec::new();
     let (mut reached, mut retry_after) = (false, None);
-    let reply = rt.block_on(client.catalog(&request, cached.as_ref().and_then(|(_, e)| e.as_deref())));
+    let reply = rt.block_on(client.catalog(&request, cached.as_ref().and_then(|c| c.etag.as_deref())));
     let fresh = match reply {
         Ok(CatalogReply::Envelope { bytes, etag }) => {
             reached = true;
@@ -120,49 +194,38 @@ pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
             None
         }
     };
-    let last = signed::last_applied(host.root())?;
-    let node = Some(config.name.clone());
-    let policy = |cached| Policy {
-        node: node.clone(),
-        now: Timestamp::now(),
-        last: last.clone(),
-        allow_rollback: false,
-        cached,
-    };
     // A fresh catalog must pass every check; one that does not is reported, and the cached
     // catalog is enforced instead.
     let mut source = "server";
     let mut verified: Option<Verified> = None;
     if let Some((bytes, etag)) = &fresh {
-        match trust::verify_catalog(bytes, &held.list, &policy(false)) {
+        match trust.verify(bytes, false, false) {
             Ok(v) => {
                 if !args.dry_run {
-                    let envelope = trust::parse_envelope(bytes).map_err(|r| anyhow!("{r}"))?;
-                    let new_keys = v.new_keys.as_ref().map(|(_, e)| e);
-                    signed::record(&host, host.root(), &held, v.applied.clone(), envelope, new_keys)?;
-                    state::keep_envelope(&host, v.applied.serial, bytes, etag.as_deref())?;
+                    trust.record(host, lock, &v, bytes)?;
+                    state::keep_envelope(host, v.applied.serial, bytes, etag.as_deref())?;
                 }
                 verified = Some(v);
             }
             Err(r) => notes.push(format!("the server's catalog was refused: {r}; enforcing the cached catalog")),
         }
     }
-    if verified.is_none() {
-        let (bytes, _) = cached.as_ref().ok_or_else(|| {
-            anyhow!(
-                "no catalog: {}; and none is cached yet",
-                notes.last().map(String::as_str).unwrap_or("the server sent none")
-            )
-        })?;
-        if fresh.is_some() || !reached || retry_after.is_some() {
-            source = "cache";
+    let v = match verified {
+        Some(v) => v,
+        None => {
+            if fresh.is_some() || !reached || retry_after.is_some() {
+                source = "cache";
+            }
+            cached
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no catalog: {}; and none is cached yet",
+                        notes.last().map(String::as_str).unwrap_or("the server sent none")
+                    )
+                })?
+                .verified
         }
-        verified = Some(
-            trust::verify_catalog(bytes, &held.list, &policy(true))
-                .map_err(|r| anyhow!("the cached catalog is refused: {r}"))?,
-        );
-    }
-    let v = verified.expect("a catalog was chosen");
+    };
     let stale = v.stale;
     let loaded = load_decoded(&config.server, v.catalog, None).map_err(|d| {
         anyhow!("the signed catalog is not valid: {}", d.0.first().map(|d| d.message.as_str()).unwrap_or("?"))
@@ -176,38 +239,51 @@ pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
         color: args.color,
         verbose: args.verbose,
     };
-    let (info, collect) = apply::converge(&out, &host, &loaded, Some(v.signed_by), warnings, stop);
+    let (info, collect) = apply::converge(&out, host, &loaded, Some(v.signed_by), warnings, stop);
     let summary = collect.summary.clone().unwrap_or_default();
-    let report = Report {
+    let mut report = Report {
         started_at: started,
         info: info.clone(),
         resources: collect.resources,
         summary: summary.clone(),
         stale,
     };
+    report.clip();
     let body = serde_json::to_vec(&report)?;
-    // Reports: the queue first (oldest first), then this one; what cannot be sent waits.
-    let mut delivered = true;
-    for (path, queued) in state::queued_reports(&host) {
-        if rt.block_on(client.report(&queued)).is_err() {
-            delivered = false;
-            break;
+    // Reports: the queue first (oldest first), then this one; what cannot be sent now waits,
+    // and what the server refuses for what it is (it never will take it) goes.
+    let mut reachable = true;
+    for (path, queued) in queued {
+        match rt.block_on(client.report(&queued)) {
+            Ok(sent) => {
+                if let Sent::Refused(why) = sent {
+                    tracing::warn!("a queued report was refused by the server and dropped: {why}");
+                }
+                let _ = converge_modules::host::Host::remove(host, &path);
+            }
+            Err(_) => {
+                reachable = false;
+                break;
+            }
         }
-        let _ = converge_modules::host::Host::remove(&host, &path);
     }
-    let sent = delivered
+    let sent = reachable
         && match rt.block_on(client.report(&body)) {
-            Ok(()) => true,
+            Ok(Sent::Stored) => true,
+            Ok(Sent::Refused(why)) => {
+                tracing::warn!("the server refused this run's report: {why}");
+                true
+            }
             Err(e) => {
                 tracing::warn!("report not delivered: {e:#}");
                 false
             }
         };
     if !sent && !args.dry_run {
-        state::queue_report(&host, &body)?;
+        state::queue_report(host, &body)?;
     }
     if !args.dry_run {
-        let mut status = state::read_status(host.root());
+        let (mut status, _) = state::read_status(host.root());
         status.last_run = Some(LastRun {
             started,
             finished: Timestamp::now(),
@@ -220,8 +296,9 @@ pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
             source: source.into(),
             stale,
             notes,
+            error: None,
         });
-        state::write_status(&host, &status)?;
+        state::write_status(host, &status)?;
     }
     Ok(Outcome { code: apply::exit_code(args.detailed_exitcodes, &summary), reached, retry_after })
 }
@@ -302,24 +379,35 @@ pub fn daemon(args: &RunArgs) -> Result<i32> {
 
 fn set_next(root: &std::path::Path, wait: Duration) {
     let Ok(r) = Root::open(root) else { return };
+    // Under the lock like every write of the state; when a run holds it, that run writes.
+    let Ok(_lock) = RunLock::take(&r, false) else { return };
     let host = RealHost::new(r, BackupStore::new(STATE_DIR));
-    let mut status = state::read_status(host.root());
-    status.next_run = Some(Timestamp(Timestamp::now().0 + wait.as_secs() as i64));
+    let (mut status, _) = state::read_status(host.root());
+    status.next_run = Timestamp::now().checked_add(wait.as_secs() as i64);
     let _ = state::write_status(&host, &status);
 }
 
 /// `converge status`.
 pub fn status(root: &std::path::Path) -> Result<i32> {
     let r = Root::open(root).with_context(|| format!("cannot open root {}", root.display()))?;
-    let config = AgentConfig::load(&r).ok();
-    let Status { last_run, next_run } = state::read_status(&r);
-    if let Some(c) = &config {
-        println!("node        {} (server {}, every {} s)", c.name, c.server, c.interval);
-    } else {
-        println!("node        not joined to a server (converge bootstrap)");
+    let config = AgentConfig::load(&r);
+    let (Status { last_run, next_run }, damaged) = state::read_status(&r);
+    match &config {
+        Ok(c) => println!("node        {} (server {}, every {} s)", c.name, clip(&c.server, 200), c.interval),
+        Err(e) => println!("node        {}", clip(&format!("{e:#}"), 400)),
+    }
+    if let Some(d) = damaged {
+        println!("note        {}", clip(&d, 400));
     }
     match last_run {
         None => println!("last run    none yet"),
+        Some(l) if l.error.is_some() => {
+            println!(
+                "last run    {}: FAILED, nothing converged: {}",
+                l.started,
+                clip(l.error.as_deref().unwrap_or(""), 2000)
+            );
+        }
         Some(l) => {
             let outcome = if l.failed > 0 {
                 "FAILED"
@@ -340,12 +428,12 @@ pub fn status(root: &std::path::Path) -> Result<i32> {
             println!(
                 "catalog     serial {}, commit {}, from the {}{}",
                 l.serial.map_or("-".into(), |s| s.to_string()),
-                l.commit.as_deref().unwrap_or("-"),
+                clip(l.commit.as_deref().unwrap_or("-"), 80),
                 l.source,
                 if l.stale { " (stale: past its expiry)" } else { "" }
             );
             for n in &l.notes {
-                println!("note        {n}");
+                println!("note        {}", clip(n, 2000));
             }
         }
     }

@@ -1,14 +1,27 @@
-//! Signed catalogs on the agent: the key list it trusts, what it last applied, and its name.
+//! Signed catalogs on the agent: the trust state (the key list it holds and what it last
+//! applied), the one path by which `apply` and `run` accept a signed catalog, and this host's
+//! name.
 //!
 //! Everything lives inside the managed root: the key list in `/etc/converge/trusted-keys.json`,
-//! the last applied catalog (its serial, issue time, resources hash, and the envelope itself)
-//! in `/var/lib/converge/applied.json`, each replaced atomically and only after a catalog was
-//! accepted. A refused envelope writes nothing.
+//! the last applied catalog (its serial, issue time, resources hash, clock floor, and the
+//! envelope itself) in `/var/lib/converge/applied.json`. [`Trust::load`] reads both and can only
+//! be called with the run lock in hand, so two runs never interleave a read and a write of
+//! them; [`Trust::record`] writes them only after a catalog was accepted, and only in a run
+//! that may change the host. A refused envelope writes nothing.
+//!
+//! The record of what was applied is input like any other: it is cross-checked against the
+//! signed envelope it keeps (the serial, host, issue time and resources must be the ones that
+//! envelope carries), and a damaged record is set aside and rebuilt from the newest cached
+//! envelope that verifies. When none can stand in for it, the run stops with exit 1 and says
+//! so: the last applied serial is unknown, and the next run starts afresh, as after bootstrap.
 
-use crate::fs::Root;
-use anyhow::{Context, Result, anyhow};
+use crate::fs::{Root, absent};
+use crate::host::RealHost;
+use crate::state::{self, RunLock};
+use anyhow::{Result, anyhow, bail};
 use converge_modules::host::{Host, NewAttrs};
-use converge_modules::trust::{self, Applied, Envelope, KeyList};
+use converge_modules::time::Timestamp;
+use converge_modules::trust::{self, Applied, Envelope, KeyList, Policy, Refusal, Verified};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -30,40 +43,185 @@ pub struct AppliedFile {
     pub envelope: Envelope,
 }
 
-/// True when `head` (the start of a file) is meant as an envelope rather than a plain
-/// catalog: only an envelope has a `"payload_type"` key (inside a JSON string the quotes would
-/// be escaped). A damaged envelope is still treated, and refused, as one.
+/// True when `head` (the start of a file) looks like an envelope rather than a plain
+/// catalog: only an envelope has a `"payload_type"` key. Used only to say what a file is; what
+/// the agent does with a file is decided by what it trusts (see `apply`).
 pub fn looks_like_envelope(head: &[u8]) -> bool {
     head[..head.len().min(64 * 1024)].windows(14).any(|w| w == b"\"payload_type\"")
 }
 
+/// Whether this root holds a key list of its own: a host that trusts keys applies only what
+/// they signed.
+pub fn has_keys(root: &Root) -> bool {
+    root.lstat(KEYS_FILE).ok().flatten().is_some()
+}
+
 /// The key list: `explicit` (a file of this machine, used as it is), else the root's own.
-pub fn held_keys(root: &Root, explicit: Option<&Path>) -> Result<Held> {
+fn held_keys(root: &Root, explicit: Option<&Path>) -> Result<Held> {
+    let max = state::SMALL_FILE;
     let (bytes, shown, own) = match explicit {
         Some(p) => {
-            (std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?, p.display().to_string(), false)
+            let shown = p.display().to_string();
+            let bytes = read_file_bounded(p, max).map_err(|e| anyhow!("cannot read {shown}: {e}"))?;
+            (bytes, shown, false)
         }
         None => {
             let shown = root.path().join(KEYS_FILE.trim_start_matches('/')).display().to_string();
-            let bytes = root.read_to_string(KEYS_FILE).map_err(|e| {
-                anyhow!("no trusted keys at {shown} ({e}): install the server's trusted-keys.json there, or pass --trusted-keys")
+            let bytes = root.read_bounded(KEYS_FILE, max).map_err(|e| {
+                if absent(&e) {
+                    anyhow!("no trusted keys at {shown}: install the server's trusted-keys.json there, or pass --trusted-keys")
+                } else {
+                    anyhow!("{shown}: {e}: the key list is damaged; restore it from the server (converge bootstrap)")
+                }
             })?;
-            (bytes.into_bytes(), shown, true)
+            (bytes, shown, true)
         }
     };
-    let (list, _) = trust::read_key_list(&bytes).map_err(|e| anyhow!("{shown}: {e}"))?;
+    let (list, _) = trust::read_key_list(&bytes).map_err(|e| {
+        anyhow!("{shown}: {e}: the key list is damaged; restore it from the server (converge bootstrap)")
+    })?;
     Ok(Held { list, own, shown })
 }
 
-/// What was last applied under this root, if anything.
-pub fn last_applied(root: &Root) -> Result<Option<Applied>> {
-    match root.read_to_string(APPLIED_FILE) {
-        Ok(text) => {
-            let f: AppliedFile = serde_json::from_str(&text).with_context(|| format!("{APPLIED_FILE} is damaged"))?;
-            Ok(Some(f.applied))
+/// A file of this machine (not of the root), at most `max` bytes, checked before and while
+/// reading: `/dev/zero` or a growing file is refused, never read to the end.
+pub fn read_file_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!("{} bytes, more than the {max} accepted", meta.len())));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!("more than the {max} bytes accepted")));
+    }
+    Ok(bytes)
+}
+
+/// The trust state of one run, read under its lock.
+pub struct Trust {
+    pub held: Held,
+    /// The last catalog applied, as its signed envelope confirms.
+    pub last: Option<Applied>,
+    /// The envelope of the last catalog applied, enforced when nothing newer can be.
+    pub last_envelope: Option<Vec<u8>>,
+    /// This host's node name: a signed catalog must be for it.
+    pub node: String,
+    /// Damaged state found and set aside on the way, for the run's report.
+    pub notes: Vec<String>,
+}
+
+impl Trust {
+    /// Reads the key list and the last applied catalog; the lock proves no other run is
+    /// between reading and writing them.
+    pub fn load(host: &RealHost, lock: &RunLock, explicit: Option<&Path>, node: String) -> Result<Trust> {
+        let held = held_keys(host.root(), explicit)?;
+        let mut t = Trust { held, last: None, last_envelope: None, node, notes: Vec::new() };
+        t.read_applied(host, lock)?;
+        Ok(t)
+    }
+
+    fn policy(&self, cached: bool, allow_rollback: bool) -> Policy {
+        Policy { node: Some(self.node.clone()), now: Timestamp::now(), last: self.last.clone(), allow_rollback, cached }
+    }
+
+    /// Every check before a catalog is believed (see `trust::verify_catalog`). `cached` for
+    /// the agent's own copy, enforced past its expiry while the server is away.
+    pub fn verify(&self, bytes: &[u8], cached: bool, allow_rollback: bool) -> Result<Verified, Refusal> {
+        trust::verify_catalog(bytes, &self.held.list, &self.policy(cached, allow_rollback))
+    }
+
+    /// Records an accepted catalog, and the newer key list it carried when the list is ours,
+    /// before anything converges: a run cut short never reopens the door to an older serial.
+    pub fn record(&mut self, host: &RealHost, lock: &RunLock, v: &Verified, bytes: &[u8]) -> Result<()> {
+        if !lock.exclusive() {
+            bail!("a dry-run records nothing");
         }
-        Err(e) if crate::fs::absent(&e) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {APPLIED_FILE}")),
+        let envelope = trust::parse_envelope(bytes).map_err(|r| anyhow!("{r}"))?;
+        host.root().create_dir_all(state::STATE_DIR, 0o700)?;
+        let text = serde_json::to_vec_pretty(&AppliedFile { applied: v.applied.clone(), envelope })?;
+        host.write_file(APPLIED_FILE, &text, NewAttrs { mode: 0o600, uid: None, gid: None }, None)
+            .map_err(|e| anyhow!("cannot record the applied catalog: {e}"))?;
+        if let (Some((list, keys)), true) = (&v.new_keys, self.held.own) {
+            let text = serde_json::to_vec_pretty(keys)?;
+            host.write_file(KEYS_FILE, &text, NewAttrs { mode: 0o644, uid: None, gid: None }, None)
+                .map_err(|e| anyhow!("cannot update {}: {e}", self.held.shown))?;
+            self.held.list = list.clone();
+        }
+        self.last = Some(v.applied.clone());
+        self.last_envelope = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    /// Reads `applied.json` and checks it against its own envelope; a damaged record is set
+    /// aside (not in a dry-run) and rebuilt from the cache when a cached envelope verifies.
+    fn read_applied(&mut self, host: &RealHost, lock: &RunLock) -> Result<()> {
+        let root = host.root();
+        let shown = root.path().join(APPLIED_FILE.trim_start_matches('/')).display().to_string();
+        let max = trust::MAX_ENVELOPE as u64 + (64 << 10);
+        let why = match root.read_bounded(APPLIED_FILE, max) {
+            Err(e) if absent(&e) => return Ok(()),
+            Err(e) => e.to_string(),
+            Ok(bytes) => match self.check_record(&bytes) {
+                Ok((applied, envelope)) => {
+                    self.last = Some(applied);
+                    self.last_envelope = Some(envelope);
+                    return Ok(());
+                }
+                Err(why) => why,
+            },
+        };
+        // Damaged. The newest cached envelope that verifies stands in for it.
+        let stand_in = state::cached_envelopes(host).into_iter().find_map(|path| {
+            let bytes = state::read_envelope(host, &path).ok()?;
+            let env = trust::parse_envelope(&bytes).ok()?;
+            let applied = trust::applied_of(&env, &self.held.list).ok()?;
+            (applied.host == self.node).then_some((applied, bytes))
+        });
+        let aside = if lock.exclusive() {
+            state::set_aside(host, APPLIED_FILE, &why)
+        } else {
+            format!("{shown} is damaged ({why}); a run (not a dry-run) sets it aside")
+        };
+        match stand_in {
+            Some((mut applied, bytes)) => {
+                applied.time_floor = Some(applied.floor(Timestamp::now()));
+                self.notes.push(format!(
+                    "{aside}; the last applied catalog is taken from the cache (serial {})",
+                    applied.serial
+                ));
+                self.last = Some(applied);
+                self.last_envelope = Some(bytes);
+                Ok(())
+            }
+            None => bail!(
+                "{aside}; no cached catalog can stand in for it, so the last applied serial is unknown and nothing was \
+                 changed. The next run starts afresh, as after bootstrap, and accepts the newest catalog the server signs"
+            ),
+        }
+    }
+
+    /// The record in `bytes`, if it is whole and agrees with the envelope it keeps.
+    fn check_record(&self, bytes: &[u8]) -> Result<(Applied, Vec<u8>), String> {
+        let file: AppliedFile = serde_json::from_slice(bytes).map_err(|e| format!("not a record: {e}"))?;
+        let signed = trust::applied_of(&file.envelope, &self.held.list)
+            .map_err(|r| format!("its envelope does not verify: {r}"))?;
+        if !file.applied.same_catalog(&signed) {
+            return Err(format!(
+                "it says serial {} issued at {}, and its signed envelope says serial {} issued at {}",
+                file.applied.serial, file.applied.issued_at, signed.serial, signed.issued_at
+            ));
+        }
+        if signed.host != self.node {
+            return Err(format!("it is for host {}, and this is {}", signed.host, self.node));
+        }
+        let envelope = serde_json::to_vec(&file.envelope).map_err(|e| e.to_string())?;
+        Ok((file.applied, envelope))
     }
 }
 
@@ -74,7 +232,7 @@ pub fn node_name(root: &Root, flag: Option<&str>) -> Result<String> {
         return Ok(n.to_string());
     }
     if !root.is_slash() {
-        let name = root.read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
+        let name = state::read_text(root, "/etc/hostname", 4096).unwrap_or_default().trim().to_string();
         if !name.is_empty() {
             return Ok(name);
         }
@@ -84,27 +242,6 @@ pub fn node_name(root: &Root, flag: Option<&str>) -> Result<String> {
         .map_err(|e| anyhow!("cannot read the host name: {e}"))?
         .into_string()
         .map_err(|_| anyhow!("the host name is not UTF-8; name the node with --node"))
-}
-
-/// Records an accepted catalog, and the newer key list it carried when the list is ours.
-pub fn record(
-    host: &dyn Host,
-    root: &Root,
-    held: &Held,
-    applied: Applied,
-    envelope: Envelope,
-    new_keys: Option<&Envelope>,
-) -> Result<()> {
-    root.create_dir_all("/var/lib/converge", 0o700)?;
-    let text = serde_json::to_vec_pretty(&AppliedFile { applied, envelope })?;
-    host.write_file(APPLIED_FILE, &text, NewAttrs { mode: 0o600, uid: None, gid: None }, None)
-        .map_err(|e| anyhow!("cannot record the applied catalog: {e}"))?;
-    if let (Some(keys), true) = (new_keys, held.own) {
-        let text = serde_json::to_vec_pretty(keys)?;
-        host.write_file(KEYS_FILE, &text, NewAttrs { mode: 0o644, uid: None, gid: None }, None)
-            .map_err(|e| anyhow!("cannot update {}: {e}", held.shown))?;
-    }
-    Ok(())
 }
 
 /// The default key list for `converge verify`, on this machine.

@@ -1,15 +1,27 @@
 //! What the agent keeps between runs, under the root's `/var/lib/converge` and
 //! `/etc/converge`: its configuration and identity, the last verified envelopes, reports not
 //! yet delivered, and the status of the last run. Every file is replaced atomically through
-//! the host, inside the root.
+//! the host, inside the root, and read as input: bounded, never through a symlink, checked
+//! before use. A damaged file is set aside (renamed `NAME.damaged`) or refetched, and says so
+//! in the run's notes; it never stops the agent silently.
+//!
+//! [`RunLock`] is the run lock: one run at a time per root, dry-runs sharing it. The trust
+//! state (`crate::signed`) can only be read or written with one in hand.
 
-use crate::fs::Root;
+use crate::fs::{Root, errno};
 use crate::host::RealHost;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::conf::Conf;
 use converge_modules::host::{Host, NewAttrs};
+use converge_modules::text::clip;
 use converge_modules::time::Timestamp;
+use converge_modules::wire::{Limits, Report};
+use nix::fcntl::{Flock, FlockArg, OFlag};
 use serde::{Deserialize, Serialize};
+use std::os::fd::OwnedFd;
+
+/// The agent's state directory, inside the managed root.
+pub const STATE_DIR: &str = "/var/lib/converge";
 
 pub const CONFIG_FILE: &str = "/etc/converge/agent.toml";
 pub const CA_FILE: &str = "/etc/converge/ca.pem";
@@ -23,6 +35,69 @@ const STATUS_FILE: &str = "/var/lib/converge/status.json";
 pub const KEEP_ENVELOPES: usize = 5;
 /// Reports kept while the server cannot be reached; the oldest go first.
 pub const KEEP_REPORTS: usize = 100;
+/// The most the agent reads of its small files (configuration, certificates, keys, status).
+pub const SMALL_FILE: u64 = 1 << 20;
+/// An ETag: the server sends 34 bytes.
+const MAX_ETAG: u64 = 256;
+
+/// The run lock on the state directory: exclusive for a run that may change the host,
+/// shared by dry-runs. A dry-run on a root that has no state directory holds none (there is
+/// nothing to protect, and a dry-run creates nothing).
+pub struct RunLock {
+    _flock: Option<Flock<OwnedFd>>,
+    exclusive: bool,
+}
+
+impl RunLock {
+    /// Takes the lock of `root`'s state directory, or says who holds it.
+    pub fn take(root: &Root, dry_run: bool) -> Result<RunLock> {
+        let shown = root.path().join(STATE_DIR.trim_start_matches('/'));
+        if dry_run && root.lstat(STATE_DIR)?.is_none() {
+            return Ok(RunLock { _flock: None, exclusive: false });
+        }
+        if !dry_run {
+            root.create_dir_all(STATE_DIR, 0o700)
+                .with_context(|| format!("cannot create state directory {}", shown.display()))?;
+        }
+        let fd = root
+            .open_at(STATE_DIR, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)
+            .with_context(|| format!("cannot open state directory {}", shown.display()))?;
+        let arg = if dry_run { FlockArg::LockSharedNonblock } else { FlockArg::LockExclusiveNonblock };
+        match Flock::lock(fd, arg) {
+            Ok(l) => Ok(RunLock { _flock: Some(l), exclusive: !dry_run }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(anyhow!(
+                "another converge run holds the lock on {}; try again when it has finished",
+                shown.display()
+            )),
+            Err((_, e)) => Err(errno(e)).with_context(|| format!("cannot lock {}", shown.display())),
+        }
+    }
+
+    /// Whether this run may write the state (not a dry-run).
+    pub fn exclusive(&self) -> bool {
+        self.exclusive
+    }
+}
+
+/// Reads one of the agent's files as text: bounded, a regular file, UTF-8; the error names
+/// the file and what is wrong with it.
+pub fn read_text(root: &Root, path: &str, max: u64) -> Result<String, String> {
+    let shown = root.path().join(path.trim_start_matches('/')).display().to_string();
+    let bytes = root.read_bounded(path, max).map_err(|e| format!("{shown}: {e}"))?;
+    String::from_utf8(bytes).map_err(|_| format!("{shown}: is not UTF-8 text"))
+}
+
+/// Sets a damaged state file aside as `PATH.damaged` (replacing an older one), so that the
+/// next run does not trip on it and an operator can still look at it. Returns the note for
+/// the run's report.
+pub fn set_aside(host: &RealHost, path: &str, why: &str) -> String {
+    let shown = host.root().path().join(path.trim_start_matches('/')).display().to_string();
+    let aside = format!("{path}.damaged");
+    match host.rename(path, &aside) {
+        Ok(()) => format!("{shown} was damaged ({}): set aside as {shown}.damaged", clip(why, 200)),
+        Err(e) => format!("{shown} is damaged ({}), and could not be set aside: {e}", clip(why, 200)),
+    }
+}
 
 /// `/etc/converge/agent.toml`.
 #[derive(Debug, Clone)]
@@ -40,9 +115,13 @@ pub const CONFIG_KEYS: &[&str] = &["server", "name", "interval", "splay"];
 impl AgentConfig {
     pub fn load(root: &Root) -> Result<AgentConfig> {
         let shown = root.path().join(CONFIG_FILE.trim_start_matches('/')).display().to_string();
-        let text = root
-            .read_to_string(CONFIG_FILE)
-            .map_err(|e| anyhow!("{shown}: {e}: this host has not joined a server yet (converge bootstrap)"))?;
+        let text = match read_text(root, CONFIG_FILE, SMALL_FILE) {
+            Ok(t) => t,
+            Err(_) if root.lstat(CONFIG_FILE).ok().flatten().is_none() => {
+                bail!("{shown} does not exist: this host has not joined a server yet (converge bootstrap)")
+            }
+            Err(why) => bail!("{why}: restore it, or join again (converge bootstrap)"),
+        };
         let conf = Conf::parse(&shown, &text, CONFIG_KEYS)
             .map_err(|d| anyhow!("{}", d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")))?;
         let e = |d: converge_modules::diag::Diagnostic| anyhow!("{d}");
@@ -88,16 +167,50 @@ fn names(host: &RealHost, dir: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The newest cached envelope and its ETag.
-pub fn newest_envelope(host: &RealHost) -> Option<(Vec<u8>, Option<String>)> {
-    let newest = names(host, CACHE_DIR).into_iter().filter(|n| n.ends_with(".env")).max_by_key(|n| sort_key(n))?;
-    let bytes = host.root().read_to_string(&format!("{CACHE_DIR}/{newest}")).ok()?.into_bytes();
-    let etag = host.root().read_to_string(&format!("{CACHE_DIR}/{}.etag", newest.trim_end_matches(".env"))).ok();
-    Some((bytes, etag.map(|e| e.trim().to_string())))
-}
-
 fn sort_key(name: &str) -> u64 {
     name.split('.').next().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// The cached envelopes, newest first, as paths.
+pub fn cached_envelopes(host: &RealHost) -> Vec<String> {
+    let mut envs: Vec<String> = names(host, CACHE_DIR).into_iter().filter(|n| n.ends_with(".env")).collect();
+    envs.sort_by_key(|n| std::cmp::Reverse(sort_key(n)));
+    envs.into_iter().map(|n| format!("{CACHE_DIR}/{n}")).collect()
+}
+
+/// Reads a cached envelope (bounded by the largest envelope an agent accepts).
+pub fn read_envelope(host: &RealHost, path: &str) -> Result<Vec<u8>, String> {
+    host.root().read_bounded(path, converge_modules::trust::MAX_ENVELOPE as u64).map_err(|e| e.to_string())
+}
+
+/// The ETag kept beside a cached envelope, if it is one the server could have sent (a quoted
+/// token of printable ASCII). A damaged one is removed, and the catalog fetched whole.
+pub fn read_etag(host: &RealHost, envelope_path: &str, notes: &mut Vec<String>) -> Option<String> {
+    let path = format!("{}.etag", envelope_path.trim_end_matches(".env"));
+    let text = match read_text(host.root(), &path, MAX_ETAG) {
+        Ok(t) => t,
+        Err(_) if host.root().lstat(&path).ok().flatten().is_none() => return None,
+        Err(why) => {
+            notes.push(format!("{why}: the catalog is fetched whole"));
+            let _ = host.remove(&path);
+            return None;
+        }
+    };
+    let tag = text.trim();
+    let valid = tag.len() >= 2
+        && tag.starts_with('"')
+        && tag.ends_with('"')
+        && tag[1..tag.len() - 1].bytes().all(|b| b.is_ascii_graphic() && b != b'"');
+    if tag.is_empty() {
+        return None;
+    }
+    if !valid {
+        let shown = host.root().path().join(path.trim_start_matches('/')).display().to_string();
+        notes.push(format!("{shown} held no ETag the server could have sent: the catalog is fetched whole"));
+        let _ = host.remove(&path);
+        return None;
+    }
+    Some(tag.to_string())
 }
 
 /// Keeps a verified envelope (by serial) and its ETag; the oldest beyond
@@ -111,6 +224,12 @@ pub fn keep_envelope(host: &RealHost, serial: u64, bytes: &[u8], etag: Option<&s
         let stem = old.trim_end_matches(".env");
         let _ = host.remove(&format!("{CACHE_DIR}/{old}"));
         let _ = host.remove(&format!("{CACHE_DIR}/{stem}.etag"));
+    }
+    // Envelopes set aside as damaged are kept for a look, a few at most.
+    let mut damaged: Vec<String> = names(host, CACHE_DIR).into_iter().filter(|n| n.ends_with(".damaged")).collect();
+    damaged.sort_by_key(|n| sort_key(n));
+    for old in damaged.iter().rev().skip(KEEP_ENVELOPES) {
+        let _ = host.remove(&format!("{CACHE_DIR}/{old}"));
     }
     Ok(())
 }
@@ -128,18 +247,26 @@ pub fn queue_report(host: &RealHost, body: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The queued reports, oldest first, as (path, body).
-pub fn queued_reports(host: &RealHost) -> Vec<(String, Vec<u8>)> {
+/// The queued reports, oldest first, as (path, body). A queued report that is not one (a
+/// torn write, a damaged disk) is set aside with a note, never sent and never in the way.
+pub fn queued_reports(host: &RealHost, notes: &mut Vec<String>) -> Vec<(String, Vec<u8>)> {
     let mut queued = names(host, QUEUE_DIR);
     queued.sort();
-    queued
-        .into_iter()
-        .filter_map(|n| {
-            let path = format!("{QUEUE_DIR}/{n}");
-            let body = host.root().read_to_string(&path).ok()?;
-            Some((path, body.into_bytes()))
-        })
-        .collect()
+    let mut out = Vec::new();
+    for n in queued.into_iter().filter(|n| n.ends_with(".json")) {
+        let path = format!("{QUEUE_DIR}/{n}");
+        let body = host.root().read_bounded(&path, Limits::REPORT_BODY as u64).map_err(|e| e.to_string());
+        let checked = body.and_then(|b| {
+            let r: Report = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+            r.check()?;
+            Ok(b)
+        });
+        match checked {
+            Ok(b) => out.push((path, b)),
+            Err(why) => notes.push(set_aside(host, &path, &format!("not a report: {why}"))),
+        }
+    }
+    out
 }
 
 /// What `converge status` shows.
@@ -164,10 +291,22 @@ pub struct LastRun {
     pub stale: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Why the run could not converge at all (no catalog it could trust, damaged state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
-pub fn read_status(root: &Root) -> Status {
-    root.read_to_string(STATUS_FILE).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+/// The status file; a damaged one reads as no status (it is only a record, rewritten by the
+/// next run), and says so.
+pub fn read_status(root: &Root) -> (Status, Option<String>) {
+    match read_text(root, STATUS_FILE, SMALL_FILE) {
+        Ok(t) => match serde_json::from_str(&t) {
+            Ok(s) => (s, None),
+            Err(e) => (Status::default(), Some(format!("{STATUS_FILE} is damaged ({e}); the next run rewrites it"))),
+        },
+        Err(_) if root.lstat(STATUS_FILE).ok().flatten().is_none() => (Status::default(), None),
+        Err(why) => (Status::default(), Some(format!("{why}; the next run rewrites it"))),
+    }
 }
 
 pub fn write_status(host: &RealHost, status: &Status) -> Result<()> {

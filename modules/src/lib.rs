@@ -7,6 +7,7 @@
 //! - [`providers`]: inspect, diff and apply for each kind, over a [`host::Host`].
 //! - [`engine`]: runs a plan resource by resource and emits [`report`] events to a sink.
 //! - [`trust`]: signed envelopes, key lists, and every check before a catalog is believed.
+//! - [`wire`]: the HTTPS API's bodies and their bounds; [`text`]: hostile text made printable.
 //!
 //! Invariants: this crate never touches the OS itself (all system access goes through
 //! `Host`), never prints (output goes through `report::Sink`), and never panics on bad input.
@@ -22,6 +23,7 @@ pub mod plan;
 pub mod providers;
 pub mod report;
 pub mod stream;
+pub mod text;
 pub mod time;
 pub mod trust;
 pub mod validate;

@@ -6,6 +6,7 @@
 //! Sinks never fail a run: an output error (a closed pipe) is remembered, not raised.
 
 use crate::hash::sha256_hex;
+use crate::text::clean;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt::Write as _;
 use std::io::Write;
@@ -283,51 +284,55 @@ impl<W: Write> TextSink<W> {
     }
 
     fn format(&self, event: Event<'_>) -> Option<String> {
+        // Everything shown here came from a catalog, a tool or a server: escaped (see
+        // `crate::text`), so no name or message can forge a line or drive the terminal.
+        let c = |s: &str| clean(s).into_owned();
         let mut s = String::new();
         match event {
             Event::Started(i) => {
-                let _ = write!(s, "converge: {} ({} resources", i.catalog, i.resources);
+                let _ = write!(s, "converge: {} ({} resources", c(&i.catalog), i.resources);
                 if let Some(h) = &i.host {
-                    let _ = write!(s, ", host {h}");
+                    let _ = write!(s, ", host {}", c(h));
                 }
                 if let Some(n) = i.serial {
                     let _ = write!(s, ", serial {n}");
                 }
-                if let Some(c) = &i.commit {
-                    let _ = write!(s, ", commit {c}");
+                if let Some(commit) = &i.commit {
+                    let _ = write!(s, ", commit {}", c(commit));
                 }
                 if let Some(k) = &i.signed_by {
-                    let _ = write!(s, ", signed by key {k}");
+                    let _ = write!(s, ", signed by key {}", c(k));
                 }
                 s.push_str(if i.dry_run { ", dry-run)" } else { ")" });
                 for w in &i.warnings {
-                    let _ = write!(s, "\n  {}: {w}", self.paint("1;33", "warning"));
+                    let _ = write!(s, "\n  {}: {}", self.paint("1;33", "warning"), indented(w, "    "));
                 }
             }
             Event::Resource(r) => {
                 if r.status == Status::Unchanged && !self.verbose && r.refresh.is_none() {
                     return None;
                 }
-                let _ = write!(s, "  {} {}", self.status_word(&r.status), r.id);
+                let _ = write!(s, "  {} {}", self.status_word(&r.status), c(&r.id));
                 if let Some(m) = &r.message {
-                    let _ = write!(s, ": {m}");
+                    let _ = write!(s, ": {}", indented(m, "      "));
                 }
-                for c in &r.changes {
-                    let _ = write!(s, "\n      {}: {} -> {}", c.attribute, c.from, c.to);
-                    if let Some(d) = &c.diff {
+                for ch in &r.changes {
+                    let _ = write!(s, "\n      {}: {} -> {}", c(&ch.attribute), c(&ch.from), c(&ch.to));
+                    if let Some(d) = &ch.diff {
                         for line in d.lines() {
+                            let line = c(line);
                             let colored = match line.as_bytes().first() {
-                                Some(b'+') if !line.starts_with("+++") => self.paint("32", line),
-                                Some(b'-') if !line.starts_with("---") => self.paint("31", line),
-                                Some(b'@') => self.paint("36", line),
-                                _ => line.to_string(),
+                                Some(b'+') if !line.starts_with("+++") => self.paint("32", &line),
+                                Some(b'-') if !line.starts_with("---") => self.paint("31", &line),
+                                Some(b'@') => self.paint("36", &line),
+                                _ => line,
                             };
                             let _ = write!(s, "\n        {colored}");
                         }
                     }
                 }
                 if let Some(rf) = &r.refresh {
-                    let _ = write!(s, "\n      refresh: {rf}");
+                    let _ = write!(s, "\n      refresh: {}", c(rf));
                 }
             }
             Event::Finished(t) => {
@@ -351,6 +356,12 @@ impl<W: Write> TextSink<W> {
         }
         Some(s)
     }
+}
+
+/// A message of several lines: each escaped, the ones after the first indented under it.
+fn indented(message: &str, indent: &str) -> String {
+    let lines: Vec<String> = message.lines().map(|l| clean(l).into_owned()).collect();
+    lines.join(&format!("\n{indent}"))
 }
 
 impl<W: Write> Sink for TextSink<W> {
@@ -396,6 +407,25 @@ mod tests {
             text,
             "  would change file:/etc/motd\n      content: x -> y\n        --- a\n        +++ b\n        @@ -1 +1 @@\n        -old\n        +new\n      mode: 0600 -> 0644\n"
         );
+    }
+
+    #[test]
+    fn names_and_messages_cannot_forge_lines_or_drive_the_terminal() {
+        let hostile = ResourceEvent {
+            id: "file:/x\n  changed     file:/etc/shadow\x1b[2J".into(),
+            status: Status::Failed,
+            message: Some("first line\nsecond \x1b[31mline".into()),
+            changes: vec![Change::new("mode\r", "\x1b]0;title\x07", "0644")],
+            ..ResourceEvent::default()
+        };
+        let mut out = Vec::new();
+        TextSink::new(&mut out, false, false).emit(Event::Resource(&hostile));
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains('\x1b') && !text.contains('\r') && !text.contains('\x07'), "{text:?}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "  FAILED       file:/x\\n  changed     file:/etc/shadow\\u{1b}[2J: first line");
+        assert_eq!(lines[1], "      second \\u{1b}[31mline", "a continuation is indented under its resource");
+        assert_eq!(lines[2], "      mode\\r: \\u{1b}]0;title\\u{7} -> 0644");
     }
 
     #[test]

@@ -1,95 +1,55 @@
 //! UTC timestamps, spelled RFC 3339 with a `Z` (`2026-11-30T03:50:07Z`), whole seconds.
+//!
+//! Parsing and formatting are the `time` crate's; this type only fixes the spelling (UTC,
+//! whole seconds) and keeps arithmetic checked: a time from input can be any `i64`, and
+//! nothing reachable from input may overflow or panic.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use std::fmt;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Seconds since the Unix epoch, UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
 
+/// The longest time text worth reading: RFC 3339 with nanoseconds and an offset is 35 bytes.
+const MAX_TEXT: usize = 64;
+
 impl Timestamp {
     pub fn now() -> Timestamp {
         let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        Timestamp(d.as_secs() as i64)
+        Timestamp(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
     }
 
-    /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)`; fractions are dropped.
+    /// Parses RFC 3339 (`2026-11-30T03:50:07Z`, fractions dropped, any offset taken to UTC).
     pub fn parse(s: &str) -> Result<Timestamp, String> {
-        let bad = || format!("`{s}` is not a UTC time like 2026-11-30T03:50:07Z");
-        let b = s.as_bytes();
-        if b.len() < 20
-            || b[4] != b'-'
-            || b[7] != b'-'
-            || !matches!(b[10], b'T' | b't')
-            || b[13] != b':'
-            || b[16] != b':'
-        {
-            return Err(bad());
-        }
-        let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
-            let part = &s[r];
-            if part.bytes().all(|c| c.is_ascii_digit()) { part.parse().map_err(|_| bad()) } else { Err(bad()) }
+        let bad = || {
+            let shown = crate::text::clip(s, MAX_TEXT);
+            format!("`{shown}` is not a time like 2026-11-30T03:50:07Z")
         };
-        let (y, mo, d, h, mi, sec) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
-        let mut rest = &s[19..];
-        if let Some(frac) = rest.strip_prefix('.') {
-            let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-            if digits == 0 {
-                return Err(bad());
-            }
-            rest = &frac[digits..];
-        }
-        if !matches!(rest, "Z" | "z" | "+00:00") {
+        if s.len() > MAX_TEXT {
             return Err(bad());
         }
-        if !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 || sec > 60 {
-            return Err(bad());
-        }
-        Ok(Timestamp(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec))
+        let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|_| bad())?;
+        Ok(Timestamp(t.unix_timestamp()))
     }
-}
 
-fn is_leap(y: i64) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
-}
-
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        2 if is_leap(y) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
+    /// `self` plus `seconds`, or `None` past what a time can be.
+    pub fn checked_add(self, seconds: i64) -> Option<Timestamp> {
+        let t = self.0.checked_add(seconds)?;
+        OffsetDateTime::from_unix_timestamp(t).ok().map(|_| Timestamp(t))
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (days, secs) = (self.0.div_euclid(86_400), self.0.rem_euclid(86_400));
-        let (y, m, d) = civil_from_days(days);
-        write!(f, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+        // Years beyond 9999 have no RFC 3339 spelling: such a time (only ever from hostile
+        // input) is shown as seconds rather than refused.
+        match OffsetDateTime::from_unix_timestamp(self.0).ok().and_then(|t| t.format(&Rfc3339).ok()) {
+            Some(text) => f.write_str(&text),
+            None => write!(f, "@{}", self.0),
+        }
     }
 }
 
@@ -116,9 +76,30 @@ mod tests {
         assert_eq!(Timestamp::parse("1970-01-01T00:00:00Z").unwrap(), Timestamp(0));
         assert_eq!(Timestamp::parse("2026-11-30T03:50:07Z").unwrap().to_string(), "2026-11-30T03:50:07Z");
         assert_eq!(Timestamp::parse("2000-02-29T12:00:00.123+00:00").unwrap(), Timestamp(951_825_600));
+        assert_eq!(Timestamp::parse("2026-11-30T04:50:07+01:00").unwrap().to_string(), "2026-11-30T03:50:07Z");
         assert!(Timestamp::parse("2001-02-29T00:00:00Z").is_err());
-        assert!(Timestamp::parse("2026-11-30T03:50:07+01:00").is_err());
         assert!(Timestamp::parse("2026-11-30 03:50:07").is_err());
+    }
+
+    #[test]
+    fn hostile_text_is_an_error_never_a_panic() {
+        // A multi-byte character where a digit or separator belongs (it used to split a
+        // character and panic), control bytes, huge text.
+        for s in ["2026-11-3é03:50:07Z", "202é-11-30T03:50:07Z", "2026-11-30T03:50:0\u{1b}Z", "\u{0}", ""] {
+            assert!(Timestamp::parse(s).is_err(), "{s:?}");
+        }
+        let e = Timestamp::parse(&"9".repeat(1 << 20)).unwrap_err();
+        assert!(e.len() < 200, "the message is bounded: {} bytes", e.len());
+        let e = Timestamp::parse("2026-11-30T03:50:07Z\n[ERROR] forged").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn arithmetic_is_checked() {
+        assert_eq!(Timestamp(10).checked_add(5), Some(Timestamp(15)));
+        assert_eq!(Timestamp(i64::MAX - 1).checked_add(5), None);
+        assert_eq!(Timestamp::now().checked_add(i64::MAX / 2), None, "past the year 9999");
+        assert_eq!(Timestamp(i64::MAX).to_string(), format!("@{}", i64::MAX));
     }
 
     proptest! {
@@ -126,6 +107,11 @@ mod tests {
         fn display_then_parse_is_identity(secs in -62_135_596_800i64..253_402_300_799) {
             let t = Timestamp(secs);
             prop_assert_eq!(Timestamp::parse(&t.to_string()).unwrap(), t);
+        }
+
+        #[test]
+        fn any_text_parses_or_errs(s in ".{0,40}") {
+            let _ = Timestamp::parse(&s);
         }
     }
 }

@@ -15,6 +15,7 @@
 
 use crate::catalog::{Catalog, FORMAT};
 use crate::hash::sha256_hex;
+use crate::text::clip;
 use crate::time::Timestamp;
 use base64ct::{Base64, Encoding};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
@@ -111,23 +112,31 @@ pub enum Refusal {
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Most of these carry text from the unverified envelope: escaped and bounded.
+        let c = |s: &str| clip(s, 200).into_owned();
         match self {
             Refusal::TooLarge(n) => write!(f, "the envelope is {n} bytes, more than the {MAX_ENVELOPE} accepted"),
-            Refusal::Malformed(why) => write!(f, "not a valid envelope: {why}"),
-            Refusal::WrongType(t) => write!(f, "the envelope holds {t}, not a catalog"),
-            Refusal::Untrusted { role, seen } => write!(
-                f,
-                "no valid signature by a trusted {} key (signed by {})",
-                if *role == KeyRole::Root { "root" } else { "catalog" },
-                if seen.is_empty() { "nobody".to_string() } else { seen.join(", ") }
-            ),
-            Refusal::BadSignature(id) => write!(f, "the signature by key {id} does not match the payload"),
-            Refusal::Keys(why) => write!(f, "the key list it carries is refused: {why}"),
+            Refusal::Malformed(why) => write!(f, "not a valid envelope: {}", c(why)),
+            Refusal::WrongType(t) => write!(f, "the envelope holds {}, not a catalog", c(t)),
+            Refusal::Untrusted { role, seen } => {
+                let shown: Vec<String> = seen.iter().take(4).map(|s| c(s)).collect();
+                let more = if seen.len() > 4 { format!(" and {} more", seen.len() - 4) } else { String::new() };
+                write!(
+                    f,
+                    "no valid signature by a trusted {} key (signed by {}{more})",
+                    if *role == KeyRole::Root { "root" } else { "catalog" },
+                    if shown.is_empty() { "nobody".to_string() } else { shown.join(", ") }
+                )
+            }
+            Refusal::BadSignature(id) => write!(f, "the signature by key {} does not match the payload", c(id)),
+            Refusal::Keys(why) => write!(f, "the key list it carries is refused: {}", c(why)),
             Refusal::Incomplete(what) => write!(f, "a signed catalog must carry {what}"),
             Refusal::NewerFormat(v) => {
                 write!(f, "catalog format {v} is newer than this agent understands ({FORMAT}); upgrade converge")
             }
-            Refusal::WrongHost { catalog, node } => write!(f, "the catalog is for host {catalog}, and this is {node}"),
+            Refusal::WrongHost { catalog, node } => {
+                write!(f, "the catalog is for host {}, and this is {}", c(catalog), c(node))
+            }
             Refusal::Rollback { serial, last } => write!(
                 f,
                 "serial {serial} is older than the last applied ({last}): a rollback (--allow-rollback to accept it)"
@@ -268,6 +277,26 @@ pub struct Applied {
     pub issued_at: Timestamp,
     /// SHA-256 of the resources as serialized: an equal serial must carry the same ones.
     pub resources_sha256: String,
+    /// The least the agent's "now" can be from here on: the newest `issued_at` verified, but
+    /// never more than the agent's own clock (plus [`CLOCK_SKEW`]) when it accepted the
+    /// catalog. A host whose clock dies keeps this floor; a signer whose clock runs ahead
+    /// cannot push it into the future and freeze the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_floor: Option<Timestamp>,
+}
+
+impl Applied {
+    /// The floor this record sets when the clock reads `now` (a record written before the
+    /// floor was kept counts its `issued_at`, within the same bound).
+    pub fn floor(&self, now: Timestamp) -> Timestamp {
+        self.time_floor.unwrap_or(Timestamp(self.issued_at.0.min(now.0.saturating_add(CLOCK_SKEW))))
+    }
+
+    /// The same catalog: everything but the floor, which is the agent's own.
+    pub fn same_catalog(&self, other: &Applied) -> bool {
+        (&self.host, self.serial, self.issued_at, &self.resources_sha256)
+            == (&other.host, other.serial, other.issued_at, &other.resources_sha256)
+    }
 }
 
 /// What the agent checks a catalog against.
@@ -305,6 +334,52 @@ pub fn resources_sha256(c: &Catalog) -> String {
     sha256_hex(&bytes)
 }
 
+/// The catalog of `env` if a catalog key of `keys` signed it: the signature over the bytes
+/// first, then (parsing only verified bytes) the format, then the rest.
+fn open_catalog(env: &Envelope, keys: &KeyList) -> Result<(Catalog, String), Refusal> {
+    let (payload, signed_by) = open(env, CATALOG_TYPE, keys, KeyRole::Catalog)?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Refusal::TooLarge(payload.len()));
+    }
+    #[derive(Deserialize)]
+    struct Head {
+        format: u32,
+    }
+    let head: Head = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
+    if head.format > FORMAT {
+        return Err(Refusal::NewerFormat(head.format));
+    }
+    let catalog: Catalog = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
+    Ok((catalog, signed_by))
+}
+
+/// The host, serial, issue and expiry times every signed catalog must carry.
+fn signed_fields(c: &Catalog) -> Result<(String, u64, Timestamp, Timestamp), Refusal> {
+    let host = c.host.clone().ok_or(Refusal::Incomplete("the host it is for"))?;
+    let serial = c.serial.ok_or(Refusal::Incomplete("a serial"))?;
+    let issued_at = c.issued_at.ok_or(Refusal::Incomplete("issued_at"))?;
+    let expires_at = c.expires_at.ok_or(Refusal::Incomplete("expires_at"))?;
+    Ok((host, serial, issued_at, expires_at))
+}
+
+/// What an envelope the agent accepted before says of itself, to cross-check its record of
+/// what it applied: signed by a catalog key of `held`, or of the list the envelope carries
+/// when a root key of `held` signed that list. No freshness or serial check (it was accepted
+/// once); the record's floor is the agent's own and is not in the envelope.
+pub fn applied_of(env: &Envelope, held: &KeyList) -> Result<Applied, Refusal> {
+    let carried = env.keys.as_deref().and_then(|k| {
+        let (payload, _) = open(k, KEYS_TYPE, held, KeyRole::Root).ok()?;
+        let list: KeyList = serde_json::from_slice(&payload).ok()?;
+        list.check().ok().map(|()| list)
+    });
+    let (catalog, _) = match open_catalog(env, held) {
+        Err(Refusal::Untrusted { .. }) if carried.is_some() => open_catalog(env, carried.as_ref().expect("some"))?,
+        r => r?,
+    };
+    let (host, serial, issued_at, _) = signed_fields(&catalog)?;
+    Ok(Applied { host, serial, issued_at, resources_sha256: resources_sha256(&catalog), time_floor: None })
+}
+
 /// Everything an agent checks before it believes a catalog, in order: size, structure, the key
 /// list it carries, the signature over the exact bytes, then (parsing only verified bytes) the
 /// format, the host, the serial against the last applied one, and freshness.
@@ -319,30 +394,17 @@ pub fn verify_catalog(bytes: &[u8], held: &KeyList, policy: &Policy) -> Result<V
             keys = list;
         }
     }
-    let (payload, signed_by) = open(&env, CATALOG_TYPE, &keys, KeyRole::Catalog)?;
-    if payload.len() > MAX_PAYLOAD {
-        return Err(Refusal::TooLarge(payload.len()));
-    }
-    // Only verified bytes are parsed; the format is read before the rest is interpreted.
-    #[derive(Deserialize)]
-    struct Head {
-        format: u32,
-    }
-    let head: Head = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
-    if head.format > FORMAT {
-        return Err(Refusal::NewerFormat(head.format));
-    }
-    let catalog: Catalog = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
-    let host = catalog.host.clone().ok_or(Refusal::Incomplete("the host it is for"))?;
-    let serial = catalog.serial.ok_or(Refusal::Incomplete("a serial"))?;
-    let issued_at = catalog.issued_at.ok_or(Refusal::Incomplete("issued_at"))?;
-    let expires_at = catalog.expires_at.ok_or(Refusal::Incomplete("expires_at"))?;
+    let (catalog, signed_by) = open_catalog(&env, &keys)?;
+    let (host, serial, issued_at, expires_at) = signed_fields(&catalog)?;
     if let Some(node) = policy.node.as_ref().filter(|n| **n != host) {
         return Err(Refusal::WrongHost { catalog: host, node: node.clone() });
     }
     let resources_sha256 = resources_sha256(&catalog);
     let mut warnings = Vec::new();
-    let mut now = policy.now;
+    // Time never goes back below the floor the last verified catalog set: a host with a dead
+    // clock cannot be fooled into accepting an expired catalog, and still gets new ones.
+    let floor = policy.last.as_ref().map(|l| l.floor(policy.now));
+    let now = floor.map_or(policy.now, |f| policy.now.max(f));
     if let Some(last) = &policy.last {
         if serial < last.serial {
             if !policy.allow_rollback {
@@ -353,14 +415,12 @@ pub fn verify_catalog(bytes: &[u8], held: &KeyList, policy: &Policy) -> Result<V
         } else if serial == last.serial && resources_sha256 != last.resources_sha256 {
             return Err(Refusal::Replay { serial });
         }
-        // Time never goes back below what a verified catalog has shown: a host with a dead
-        // clock cannot be fooled into accepting an expired catalog, and still gets new ones.
-        if now.0 + CLOCK_SKEW < last.issued_at.0 {
-            warnings.push(format!("the clock ({now}) is behind the last catalog issued at {}", last.issued_at));
+        if policy.now.0.saturating_add(CLOCK_SKEW) < last.issued_at.0 {
+            warnings
+                .push(format!("the clock ({}) is behind the last catalog issued at {}", policy.now, last.issued_at));
         }
-        now = now.max(last.issued_at);
     }
-    if now.0 + CLOCK_SKEW < issued_at.0 {
+    if now.0.saturating_add(CLOCK_SKEW) < issued_at.0 {
         warnings.push(format!("the clock ({now}) is behind this catalog, issued at {issued_at}"));
     }
     let stale = expires_at <= now;
@@ -372,7 +432,9 @@ pub fn verify_catalog(bytes: &[u8], held: &KeyList, policy: &Policy) -> Result<V
             "stale: the cached catalog expired at {expires_at}, and is enforced until the server answers"
         ));
     }
-    let applied = Applied { host, serial, issued_at, resources_sha256 };
+    let raised = Timestamp(issued_at.0.min(now.0.saturating_add(CLOCK_SKEW)));
+    let time_floor = Some(floor.map_or(raised, |f| f.max(raised)));
+    let applied = Applied { host, serial, issued_at, resources_sha256, time_floor };
     Ok(Verified { catalog, applied, signed_by, new_keys, warnings, stale })
 }
 
@@ -451,6 +513,7 @@ mod tests {
             serial: 7,
             issued_at: Timestamp(NOW - 60),
             resources_sha256: resources_sha256(&good),
+            time_floor: None,
         });
         let refuse = |bytes: Vec<u8>, last: Option<Applied>, want: &str| {
             let e = check(&bytes, last).expect_err(want);
@@ -588,16 +651,57 @@ mod tests {
         let c = catalog("web01", 9, NOW + 3600, "x");
         let v = check(&envelope(&c, &key(2)), None).unwrap();
         assert!(v.warnings[0].contains("clock"), "{:?}", v.warnings);
-        // The last applied catalog was issued far in the future of this clock: now is at least then.
+        // The last catalog was accepted when this clock read 30 days later than it does now (it
+        // has fallen back since): now is at least that floor.
         let last = Some(Applied {
             host: "web01".into(),
             serial: 1,
             issued_at: Timestamp(NOW + 30 * 86_400),
             resources_sha256: String::new(),
+            time_floor: Some(Timestamp(NOW + 30 * 86_400)),
         });
         let old = catalog("web01", 5, NOW - 60, "x");
         let e = check(&envelope(&old, &key(2)), last).unwrap_err();
         assert!(matches!(e, Refusal::Rollback { .. } | Refusal::Expired { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_signer_clock_far_ahead_never_freezes_the_host() {
+        // A catalog issued a year ahead of this (correct) clock is accepted with a warning...
+        let future = catalog("web01", 100, NOW + 365 * 86_400, "x");
+        let v = check(&envelope(&future, &key(2)), None).unwrap();
+        assert!(v.warnings[0].contains("behind this catalog"), "{:?}", v.warnings);
+        // ...but raises the floor only to this clock plus the skew,
+        assert_eq!(v.applied.time_floor, Some(Timestamp(NOW + CLOCK_SKEW)));
+        // so the next catalog, issued at the real time, is still fresh.
+        let next = catalog("web01", 101, NOW + 60, "y");
+        let v = check(&envelope(&next, &key(2)), Some(v.applied)).unwrap();
+        assert!(!v.stale);
+    }
+
+    #[test]
+    fn a_clock_that_dies_keeps_the_floor() {
+        // Accepted while the clock was right...
+        let good = catalog("web01", 10, NOW - 60, "x");
+        let accepted = check(&envelope(&good, &key(2)), None).unwrap().applied;
+        assert_eq!(accepted.time_floor, Some(Timestamp(NOW - 60)));
+        // ...then the clock falls back to 1970: a catalog that expired before the floor is
+        // still expired, and a newer one is still accepted.
+        let dead = Policy { now: Timestamp(0), ..policy(Some(accepted.clone())) };
+        let expired = catalog("web01", 11, NOW - 9 * 86_400, "old");
+        let e = verify_catalog(&envelope(&expired, &key(2)), &trusted(), &dead).unwrap_err();
+        assert!(matches!(e, Refusal::Expired { .. }), "{e}");
+        let fresh = catalog("web01", 12, NOW, "new");
+        let v = verify_catalog(&envelope(&fresh, &key(2)), &trusted(), &dead).unwrap();
+        assert!(v.warnings.iter().any(|w| w.contains("clock")), "{:?}", v.warnings);
+        assert!(v.applied.time_floor >= accepted.time_floor, "the floor never goes down");
+    }
+
+    #[test]
+    fn refusals_are_one_bounded_line() {
+        let huge = format!("{{\"payload_type\":\"{}\",\"payload\":\"\",\"signatures\":[]}}", "x\\n".repeat(100_000));
+        let e = check(huge.as_bytes(), None).unwrap_err().to_string();
+        assert!(e.len() < 400 && !e.contains('\n'), "{} bytes: {e:.200}", e.len());
     }
 
     proptest! {

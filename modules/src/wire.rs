@@ -7,6 +7,11 @@
 //! - `GET /healthz`, `GET /metrics`.
 //!
 //! Errors come back as [`ErrorBody`] with a status code; a 503 carries `Retry-After`.
+//!
+//! Every body has bounds ([`Limits`]): the server refuses a body past them before it reads
+//! the rest, and checks each field of what it did read ([`EnrollRequest::check`],
+//! [`CatalogRequest::check`], [`Report::check`]); the agent clips its own reports to fit
+//! ([`Report::clip`]), so only a broken or hostile client is ever refused.
 
 use crate::report::{ResourceEvent, RunInfo, Summary};
 use crate::time::Timestamp;
@@ -60,4 +65,291 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// The bounds of what travels, in bytes unless said otherwise.
+pub struct Limits;
+
+impl Limits {
+    /// An enrollment request: a name, a public key, a token.
+    pub const ENROLL_BODY: usize = 16 << 10;
+    /// A catalog request: mostly facts.
+    pub const CATALOG_BODY: usize = 1 << 20;
+    /// A report: every resource's outcome, with diffs.
+    pub const REPORT_BODY: usize = 8 << 20;
+    /// A node name (as DNS).
+    pub const NAME: usize = 253;
+    /// An SPKI PEM public key (an Ed25519 one is 113 bytes).
+    pub const PUBLIC_KEY: usize = 1 << 10;
+    pub const TOKEN: usize = 128;
+    pub const AGENT_VERSION: usize = 64;
+    pub const FORMATS: usize = 16;
+    pub const FACTS: usize = 1000;
+    /// Resources in one report, and so any count in its summary.
+    pub const RESOURCES: usize = 1_000_000;
+    /// A resource id, a catalog label, a host, a commit, a key id.
+    pub const ID: usize = 4 << 10;
+    /// A message, a warning, one side of a change.
+    pub const MESSAGE: usize = 16 << 10;
+    /// One diff.
+    pub const DIFF: usize = 256 << 10;
+    /// Changes of one resource, warnings of one run.
+    pub const LIST: usize = 256;
+}
+
+/// Why `name` cannot be a node's name, if it cannot: DNS-like labels of letters, digits, `-`
+/// and `_`, separated by single dots, none starting with `-` (it would read as an option),
+/// 253 bytes at most. `.` and `..` are not names.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let shown = || crate::text::clip(name, 64).into_owned();
+    if name.is_empty() || name.len() > Limits::NAME {
+        return Err(format!("`{}` is not a node name: 1 to {} characters", shown(), Limits::NAME));
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(format!(
+                "`{}` is not a node name: dot-separated labels of letters, digits, - and _ (not starting with -)",
+                shown()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How people compare a node's key on the host and on the server before approving it:
+/// `sha256:` and the hex SHA-256 of the raw Ed25519 public key.
+pub fn key_fingerprint(public: &[u8; 32]) -> String {
+    format!("sha256:{}", crate::hash::sha256_hex(public))
+}
+
+fn within(what: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        Err(format!("{what} is {} bytes, more than the {max} allowed", value.len()))
+    } else {
+        Ok(())
+    }
+}
+
+fn count_within(what: &str, n: usize, max: usize) -> Result<(), String> {
+    if n > max { Err(format!("{what}: {n}, more than the {max} allowed")) } else { Ok(()) }
+}
+
+impl EnrollRequest {
+    pub fn check(&self) -> Result<(), String> {
+        check_node_name(&self.name)?;
+        within("the public key", &self.public_key, Limits::PUBLIC_KEY)?;
+        self.token.as_deref().map_or(Ok(()), |t| within("the token", t, Limits::TOKEN))
+    }
+}
+
+impl CatalogRequest {
+    pub fn check(&self) -> Result<(), String> {
+        within("agent_version", &self.agent_version, Limits::AGENT_VERSION)?;
+        if self.agent_version.chars().any(|c| c.is_control()) {
+            return Err("agent_version holds control characters".into());
+        }
+        count_within("formats", self.formats.len(), Limits::FORMATS)?;
+        count_within("facts", self.facts.len(), Limits::FACTS)
+    }
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary, saying so.
+fn clip_string(s: &mut String, max: usize) {
+    if s.len() > max {
+        let note = " [cut]";
+        let mut cut = max.saturating_sub(note.len());
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str(note);
+    }
+}
+
+impl Report {
+    /// Every field within [`Limits`]: what the server demands of a report it stores.
+    pub fn check(&self) -> Result<(), String> {
+        let i = &self.info;
+        within("info.catalog", &i.catalog, Limits::ID)?;
+        for (what, v) in [("info.host", &i.host), ("info.commit", &i.commit), ("info.signed_by", &i.signed_by)] {
+            v.as_deref().map_or(Ok(()), |v| within(what, v, Limits::ID))?;
+        }
+        count_within("info.warnings", i.warnings.len(), Limits::LIST)?;
+        i.warnings.iter().try_for_each(|w| within("a warning", w, Limits::MESSAGE))?;
+        count_within("info.resources", i.resources, Limits::RESOURCES)?;
+        count_within("resources", self.resources.len(), Limits::RESOURCES)?;
+        for r in &self.resources {
+            within("a resource id", &r.id, Limits::ID)?;
+            within("a status", r.status.as_str(), Limits::ID)?;
+            for m in [&r.message, &r.refresh].into_iter().flatten() {
+                within("a message", m, Limits::MESSAGE)?;
+            }
+            count_within("changes of one resource", r.changes.len(), Limits::LIST)?;
+            for c in &r.changes {
+                within("a change's attribute", &c.attribute, Limits::ID)?;
+                within("a change", &c.from, Limits::MESSAGE)?;
+                within("a change", &c.to, Limits::MESSAGE)?;
+                c.diff.as_deref().map_or(Ok(()), |d| within("a diff", d, Limits::DIFF))?;
+            }
+        }
+        let s = &self.summary;
+        for (what, n) in [
+            ("summary.resources", s.resources),
+            ("summary.unchanged", s.unchanged),
+            ("summary.changed", s.changed),
+            ("summary.would_change", s.would_change),
+            ("summary.failed", s.failed),
+            ("summary.skipped", s.skipped),
+        ] {
+            count_within(what, n, Limits::RESOURCES)?;
+        }
+        if !s.duration_ms.is_finite() {
+            return Err("summary.duration_ms is not a number".into());
+        }
+        Ok(())
+    }
+
+    /// Cuts the agent's own report to [`Limits`] (a huge diff, a long tool message), so that
+    /// the server never refuses what an honest agent sends.
+    pub fn clip(&mut self) {
+        let i = &mut self.info;
+        clip_string(&mut i.catalog, Limits::ID);
+        for v in [&mut i.host, &mut i.commit, &mut i.signed_by].into_iter().flatten() {
+            clip_string(v, Limits::ID);
+        }
+        i.warnings.truncate(Limits::LIST);
+        i.warnings.iter_mut().for_each(|w| clip_string(w, Limits::MESSAGE));
+        self.resources.truncate(Limits::RESOURCES);
+        for r in &mut self.resources {
+            clip_string(&mut r.id, Limits::ID);
+            for m in [&mut r.message, &mut r.refresh].into_iter().flatten() {
+                clip_string(m, Limits::MESSAGE);
+            }
+            r.changes.truncate(Limits::LIST);
+            for c in &mut r.changes {
+                clip_string(&mut c.attribute, Limits::ID);
+                clip_string(&mut c.from, Limits::MESSAGE);
+                clip_string(&mut c.to, Limits::MESSAGE);
+                if let Some(d) = &mut c.diff {
+                    clip_string(d, Limits::DIFF);
+                }
+            }
+        }
+        // Then the whole, against an estimate with room to spare: diffs go first, then the
+        // events of unchanged resources (the summary still counts them), then the rest.
+        let budget = Limits::REPORT_BODY / 4 * 3;
+        if self.estimate() <= budget {
+            return;
+        }
+        for r in &mut self.resources {
+            for c in &mut r.changes {
+                c.diff = None;
+            }
+        }
+        if self.estimate() > budget {
+            self.resources.retain(|r| r.status != crate::report::Status::Unchanged);
+        }
+        while self.estimate() > budget && !self.resources.is_empty() {
+            let keep = self.resources.len() / 2;
+            self.resources.truncate(keep);
+        }
+    }
+
+    /// About how many bytes the report takes as JSON (a little more, never much less).
+    fn estimate(&self) -> usize {
+        let event = |r: &ResourceEvent| {
+            let changes: usize = r
+                .changes
+                .iter()
+                .map(|c| {
+                    64 + c.attribute.len()
+                        + 2 * (c.from.len() + c.to.len())
+                        + 2 * c.diff.as_ref().map_or(0, String::len)
+                })
+                .sum();
+            128 + 2 * r.id.len()
+                + 2 * (r.message.as_ref().map_or(0, String::len) + r.refresh.as_ref().map_or(0, String::len))
+                + changes
+        };
+        let warnings: usize = self.info.warnings.iter().map(|w| 8 + 2 * w.len()).sum();
+        1024 + 2 * self.info.catalog.len() + warnings + self.resources.iter().map(event).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Change, ResourceEvent, Status};
+
+    #[test]
+    fn node_names_are_dns_like() {
+        for good in ["web01", "web01.example.com", "a_b-c.d", "x"] {
+            assert_eq!(check_node_name(good), Ok(()), "{good}");
+        }
+        for bad in [".", "..", "-rf", "a.-b", "a..b", ".a", "a.", "a b", "a/b", "a\nb", "é", ""] {
+            assert!(check_node_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_node_name(&"a".repeat(254)).is_err());
+        assert!(check_node_name(&"a".repeat(64)).is_err(), "a label is at most 63");
+        let e = check_node_name("evil\n[ERROR] x").unwrap_err();
+        assert!(!e.contains('\n'));
+    }
+
+    fn report() -> Report {
+        Report {
+            started_at: crate::time::Timestamp(0),
+            info: RunInfo {
+                catalog: "x".into(),
+                host: None,
+                serial: None,
+                commit: None,
+                dry_run: false,
+                resources: 1,
+                signed_by: None,
+                warnings: vec![],
+            },
+            resources: vec![ResourceEvent {
+                id: "file:/a".into(),
+                status: Status::Changed,
+                changes: vec![Change { diff: Some("d".repeat(Limits::DIFF * 2)), ..Change::new("content", "a", "b") }],
+                ..ResourceEvent::default()
+            }],
+            summary: Summary { resources: 1, changed: 1, ..Summary::default() },
+            stale: false,
+        }
+    }
+
+    #[test]
+    fn an_honest_report_is_clipped_to_fit_and_a_hostile_one_refused() {
+        let mut r = report();
+        assert!(r.check().unwrap_err().contains("a diff is"), "{:?}", r.check());
+        r.clip();
+        assert_eq!(r.check(), Ok(()));
+        assert!(r.resources[0].changes[0].diff.as_ref().unwrap().ends_with("[cut]"));
+        let mut r = report();
+        r.clip();
+        r.summary.changed = usize::MAX;
+        assert!(r.check().unwrap_err().contains("summary.changed"));
+        r.summary.changed = 1;
+        r.summary.duration_ms = f64::NAN;
+        assert!(r.check().is_err());
+    }
+
+    #[test]
+    fn a_huge_honest_report_fits_the_body_limit() {
+        let mut r = report();
+        let changed = r.resources[0].clone();
+        let unchanged =
+            ResourceEvent { id: "file:/u".repeat(50), status: Status::Unchanged, ..ResourceEvent::default() };
+        r.resources = std::iter::repeat_n(changed, 100).chain(std::iter::repeat_n(unchanged, 200_000)).collect();
+        r.clip();
+        assert_eq!(r.check(), Ok(()));
+        let size = serde_json::to_vec(&r).unwrap().len();
+        assert!(size <= Limits::REPORT_BODY, "{size}");
+        assert_eq!(r.resources.iter().filter(|e| e.status == Status::Changed).count(), 100, "changes are kept");
+    }
 }
