@@ -188,6 +188,14 @@ impl Root {
         Ok((fd, name))
     }
 
+    /// [`Root::parent`] resolved afresh from the root, for a change: a directory renamed or
+    /// moved out of the root since it was last looked up must not receive the change through
+    /// a descriptor that still points at it. Reads may use the cache; writes never do.
+    pub fn parent_fresh<'p>(&self, path: &'p str) -> io::Result<(Rc<OwnedFd>, &'p str)> {
+        self.forget_dirs();
+        self.parent(path)
+    }
+
     /// Forgets cached directories: after a directory is removed or replaced.
     pub fn forget_dirs(&self) {
         self.parent_cache.borrow_mut().take();

@@ -72,8 +72,8 @@ impl RealHost {
     /// Renames `from` to `to` (the agent's own files: setting a damaged one aside), replacing
     /// what `to` was; both resolved inside the root, neither followed.
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        let (from_dir, from_name) = self.root.parent(from)?;
-        let (to_dir, to_name) = self.root.parent(to)?;
+        let (from_dir, from_name) = self.root.parent_fresh(from)?;
+        let (to_dir, to_name) = self.root.parent_fresh(to)?;
         renameat(&*from_dir, from_name, &*to_dir, to_name).map_err(errno)?;
         fsync(&*to_dir).map_err(errno)
     }
@@ -189,7 +189,7 @@ impl Host for RealHost {
     }
 
     fn write_file(&self, path: &str, content: &[u8], attrs: NewAttrs, validate: Option<&[String]>) -> HostResult<()> {
-        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("write", path, e))?;
+        let (dir, name) = self.root.parent_fresh(path).map_err(|e| HostError::io("write", path, e))?;
         let tmp = temp_name(name);
         let result = self.write_temp(&dir, &tmp, content, attrs, path).and_then(|()| {
             if let Some(argv) = validate {
@@ -210,7 +210,7 @@ impl Host for RealHost {
 
     fn mkdir(&self, path: &str, attrs: NewAttrs) -> HostResult<()> {
         let io_err = |op, e: Errno| HostError::io(op, path, errno(e));
-        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("mkdir", path, e))?;
+        let (dir, name) = self.root.parent_fresh(path).map_err(|e| HostError::io("mkdir", path, e))?;
         mkdirat(&*dir, name, Mode::from_bits_truncate(0o700)).map_err(|e| io_err("mkdir", e))?;
         let (fd, _) = Self::open_existing(&dir, name, "mkdir", path)?;
         if attrs.uid.is_some() || attrs.gid.is_some() {
@@ -222,7 +222,7 @@ impl Host for RealHost {
 
     fn symlink(&self, path: &str, target: &str) -> HostResult<()> {
         let io_err = |op, e: Errno| HostError::io(op, path, errno(e));
-        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("symlink", path, e))?;
+        let (dir, name) = self.root.parent_fresh(path).map_err(|e| HostError::io("symlink", path, e))?;
         let tmp = temp_name(name);
         match unlinkat(&*dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(Errno::ENOENT) => {}
@@ -237,21 +237,21 @@ impl Host for RealHost {
     }
 
     fn set_mode(&self, path: &str, mode: u32) -> HostResult<()> {
-        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("chmod", path, e))?;
+        let (dir, name) = self.root.parent_fresh(path).map_err(|e| HostError::io("chmod", path, e))?;
         let (fd, _) = Self::open_existing(&dir, name, "chmod", path)?;
         fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(|e| HostError::io("chmod", path, errno(e)))
     }
 
     fn set_owner(&self, path: &str, uid: Option<u32>, gid: Option<u32>) -> HostResult<()> {
         let err = |e| HostError::io("chown", path, e);
-        let (dir, name) = self.root.parent(path).map_err(err)?;
+        let (dir, name) = self.root.parent_fresh(path).map_err(err)?;
         fchownat(&*dir, name, uid.map(Uid::from_raw), gid.map(Gid::from_raw), AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| err(errno(e)))
     }
 
     fn remove(&self, path: &str) -> HostResult<()> {
         let err = |e| HostError::io("remove", path, e);
-        let (dir, name) = self.root.parent(path).map_err(err)?;
+        let (dir, name) = self.root.parent_fresh(path).map_err(err)?;
         let st = fstatat(&*dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| err(errno(e)))?;
         let is_dir = file_type(&st) == FileType::Directory;
         let flag = if is_dir { UnlinkatFlags::RemoveDir } else { UnlinkatFlags::NoRemoveDir };
@@ -263,7 +263,7 @@ impl Host for RealHost {
     }
 
     fn backup(&self, path: &str) -> HostResult<String> {
-        let (dir, name) = self.root.parent(path).map_err(|e| HostError::io("backup", path, e))?;
+        let (dir, name) = self.root.parent_fresh(path).map_err(|e| HostError::io("backup", path, e))?;
         let (fd, st) = Self::open_existing(&dir, name, "backup", path)?;
         if file_type(&st) != FileType::File {
             return Err(HostError::io("backup", path, io::Error::other("not a regular file")));
@@ -373,5 +373,38 @@ impl Host for RealHost {
 
     fn run(&self, cmd: &Run) -> HostResult<Ran> {
         self.tools().run(cmd, || self.cached_accounts())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_moved_out_of_the_root_receives_no_more_writes() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/a"), "a").unwrap();
+        let host = RealHost::new(Root::open(&root).unwrap(), BackupStore::new(crate::state::STATE_DIR));
+        let attrs = NewAttrs { mode: 0o644, uid: None, gid: None };
+        // The run looks at /d (its descriptor is kept for the next lookups)...
+        assert!(host.read_file("/d/a", 100).unwrap().is_some());
+        // ...then /d is moved out of the root while the run goes on.
+        std::fs::rename(root.join("d"), t.path().join("outside")).unwrap();
+        for (what, result) in [
+            ("write", host.write_file("/d/b", b"x", attrs, None)),
+            ("mkdir", host.mkdir("/d/c", attrs)),
+            ("symlink", host.symlink("/d/l", "x")),
+            ("chmod", host.set_mode("/d/a", 0o600)),
+            ("remove", host.remove("/d/a")),
+        ] {
+            assert!(result.is_err(), "{what} went through");
+        }
+        let outside: Vec<_> =
+            std::fs::read_dir(t.path().join("outside")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(outside, ["a"], "nothing reached the moved directory");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(t.path().join("outside/a")).unwrap().permissions().mode() & 0o777, 0o644);
     }
 }

@@ -99,6 +99,7 @@ impl Tools<'_> {
                 if !self.root.is_slash() {
                     a.splice(1..1, ["--root".to_string(), self.root.path().display().to_string()]);
                 }
+                a.push("--".into());
                 a.extend(names.iter().map(|n| n.to_string()));
                 // rpm exits non-zero when any is missing: its output still says which.
                 let (_, out) = self.on_host(&a, QUERY)?;
@@ -173,7 +174,7 @@ impl Tools<'_> {
                     m.push("makecache".into());
                     self.on_host(&m, TRANSACTION)?;
                 }
-                a.extend(argv(&["repoquery", "--qf", "%{name} %{epoch}:%{version}-%{release}"]));
+                a.extend(argv(&["repoquery", "--qf", "%{name} %{epoch}:%{version}-%{release}", "--"]));
                 a.extend(names.iter().map(|n| n.to_string()));
                 let (ran, out) = self.on_host(&a, QUERY)?;
                 if !ran.success() {
@@ -207,6 +208,7 @@ impl Tools<'_> {
             PackageSystem::Dnf => {
                 let mut a = self.dnf_root_args();
                 a.push(if downgrade { "downgrade".into() } else { "install".into() });
+                a.push("--".into());
                 a.extend(packages.iter().map(|p| match &p.version {
                     Some(v) => format!("{}-{}", p.name, v.split_once(':').map_or(v.as_str(), |(_, rest)| rest)),
                     None => p.name.clone(),
@@ -227,7 +229,7 @@ impl Tools<'_> {
             }
             PackageSystem::Dnf => {
                 let mut a = self.dnf_root_args();
-                a.push("remove".into());
+                a.extend(argv(&["remove", "--"]));
                 a.extend(names.iter().map(|n| n.to_string()));
                 command::check(&Spec::new(&a, None, TRANSACTION))
             }

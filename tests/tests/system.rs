@@ -376,6 +376,12 @@ fn dnf_into_an_install_root() {
     let q = Command::new("rpm").arg("--root").arg(&root).args(["-q", "cvt-rpm-a", "cvt-rpm-b"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&q.stdout), "cvt-rpm-a-1.0-1.noarch\ncvt-rpm-b-1.0-1.noarch\n");
     assert_code(&apply(&[]), 0, "again");
+    // Removal, with every operand after `--` (rpm, dnf remove).
+    std::fs::write(&path, "format: 1\nresources:\n  - package: cvt-rpm-a\n    ensure: absent\n").unwrap();
+    assert_code(&apply(&[]), 2, "remove");
+    let q = Command::new("rpm").arg("--root").arg(&root).args(["-q", "cvt-rpm-a"]).output().unwrap();
+    assert!(!q.status.success(), "removed: {}", String::from_utf8_lossy(&q.stdout));
+    assert_code(&apply(&[]), 0, "removed, again");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
