@@ -193,7 +193,7 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let mut trust = Trust::load(&host, &lock, args.trusted_keys.as_deref(), node)?;
     let verified = trust
-        .verify(&bytes, false, args.allow_rollback)
+        .verify(&host, &bytes, false, args.allow_rollback)
         .map_err(|r| anyhow!("refused {name}: {r}; nothing was changed"))?;
     let loaded = load_decoded(&name, verified.catalog.clone(), None).map_err(|d| {
         let first = d.0.first().map(|d| d.message.as_str()).unwrap_or("?");

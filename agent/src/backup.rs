@@ -17,9 +17,11 @@
 
 use crate::fs::{Root, errno};
 use converge_modules::hash::hex;
+use converge_modules::host::FileType;
 use nix::errno::Errno;
+use nix::fcntl::AtFlags;
 use nix::fcntl::{OFlag, openat, renameat};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{Mode, fstat, fstatat};
 use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -170,13 +172,7 @@ impl BackupStore {
             sha256: sha.clone(),
             size: copied,
         };
-        let index = root.open_at(
-            &format!("{}/index", self.dir),
-            OFlag::O_RDWR | OFlag::O_APPEND | OFlag::O_CREAT,
-            0o600,
-            false,
-        )?;
-        let mut index = std::fs::File::from(index);
+        let mut index = self.open_index(root)?;
         // A line torn by a full disk or a crash would swallow this one: start on a line of its own.
         let mut line = String::new();
         let len = index.metadata()?.len();
@@ -195,13 +191,40 @@ impl BackupStore {
         Ok(format!("sha256:{sha}"))
     }
 
+    /// The index for appending. One that is not a regular file (a symlink, a directory) is
+    /// set aside as `index.damaged` and started anew: it must not make every backup fail.
+    fn open_index(&self, root: &Root) -> io::Result<std::fs::File> {
+        let path = format!("{}/index", self.dir);
+        let open = || root.open_at(&path, OFlag::O_RDWR | OFlag::O_APPEND | OFlag::O_CREAT, 0o600, false);
+        let regular = |fd: &OwnedFd| fstat(fd).is_ok_and(|st| crate::fs::file_type(&st) == FileType::File);
+        match open() {
+            Ok(fd) if regular(&fd) => return Ok(std::fs::File::from(fd)),
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EISDIR | libc::ENXIO)) => {}
+            Err(e) => return Err(e),
+        }
+        let dir = root.open_at(&self.dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, false)?;
+        renameat(&dir, "index", &dir, "index.damaged").map_err(errno)?;
+        tracing::warn!("the backup index {path} was not a regular file: set aside as index.damaged");
+        match open() {
+            Ok(fd) if regular(&fd) => Ok(std::fs::File::from(fd)),
+            Ok(_) => Err(io::Error::other(format!("{path} is not a regular file"))),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every entry of the index, oldest first (a torn line, from a crash or a full disk, is
     /// skipped; what follows it on the same line is kept when it is a whole entry).
     pub fn entries(&self, root: &Root) -> io::Result<Vec<Entry>> {
         let text = match root.read_bounded(&format!("{}/index", self.dir), MAX_INDEX) {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+            // Damaged past reading: its entries are lost, and the objects are adopted by the
+            // next prune rather than deleted.
+            Err(e) => {
+                tracing::warn!("the backup index cannot be read ({e}): its objects are kept without their paths");
+                return Ok(Vec::new());
+            }
         };
         Ok(text
             .lines()
@@ -215,16 +238,44 @@ impl BackupStore {
 
     /// Drops the oldest backups until `bytes` are freed (or nothing is left to drop).
     fn make_room(&self, root: &Root, bytes: u64) -> io::Result<()> {
-        let entries = self.entries(root)?;
+        let entries = self.adopt(root, self.entries(root)?)?;
         let held: u64 = distinct_size(&entries);
         self.rewrite(root, bound(entries, KEEP_PER_PATH, held.saturating_sub(bytes)))
     }
 
     /// Applies the bounds and removes unreferenced objects.
     pub fn prune(&self, root: &Root) -> io::Result<()> {
-        let entries = self.entries(root)?;
+        let entries = self.adopt(root, self.entries(root)?)?;
         let budget = Disk::of(&self.objects(root)?)?.budget();
         self.rewrite(root, bound(entries, KEEP_PER_PATH, budget))
+    }
+
+    /// `entries` with every object on disk that none of them refers to (its line torn, or the
+    /// index damaged, or a crash between the object and its line) adopted as an entry of its
+    /// own, oldest of all: such objects go first when room is needed, never all at once.
+    fn adopt(&self, root: &Root, entries: Vec<Entry>) -> io::Result<Vec<Entry>> {
+        let objects = self.objects(root)?;
+        let referenced: HashSet<&str> = entries.iter().map(|e| e.sha256.as_str()).collect();
+        let mut orphans = Vec::new();
+        let mut listing = nix::dir::Dir::from_fd(objects).map_err(errno)?;
+        let objects = self.objects(root)?;
+        for entry in listing.iter() {
+            let entry = entry.map_err(errno)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_object = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if name.starts_with(".incoming.") {
+                let _ = unlinkat(&objects, name.as_str(), UnlinkatFlags::NoRemoveDir);
+            } else if is_object
+                && !referenced.contains(name.as_str())
+                && let Ok(st) = fstatat(&objects, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            {
+                let path = format!("(not in the index: {})", &name[..12]);
+                orphans.push(Entry { time: st.st_mtime, path, sha256: name, size: st.st_size as u64 });
+            }
+        }
+        orphans.sort_by_key(|e| e.time);
+        orphans.extend(entries);
+        Ok(orphans)
     }
 
     /// Replaces the index with `kept` and removes the objects nothing in it refers to.
@@ -370,6 +421,31 @@ mod tests {
         let two = converge_modules::hash::sha256_hex(b"two");
         assert!(kept.contains(&two), "the backup after the torn line is kept: {kept:?}");
         assert!(t.path().join("var/lib/converge/backups/objects").join(&two).exists());
+    }
+
+    #[test]
+    fn a_lost_or_replaced_index_never_costs_the_backups() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let store = BackupStore::new("/var/lib/converge");
+        for v in ["one", "two"] {
+            std::fs::write(t.path().join("f"), v).unwrap();
+            store.save(&root, "/f", std::fs::File::open(t.path().join("f")).unwrap()).unwrap();
+        }
+        let index = t.path().join("var/lib/converge/backups/index");
+        let objects = t.path().join("var/lib/converge/backups/objects");
+        // Zeroed: the paths are lost, the content is not.
+        std::fs::write(&index, vec![0u8; 300]).unwrap();
+        store.prune(&root).unwrap();
+        assert_eq!(std::fs::read_dir(&objects).unwrap().count(), 2, "both objects kept");
+        assert!(store.entries(&root).unwrap().iter().all(|e| e.path.starts_with("(not in the index")));
+        // A symlink in its place: set aside, and backups go on.
+        std::fs::remove_file(&index).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &index).unwrap();
+        std::fs::write(t.path().join("f"), "three").unwrap();
+        store.save(&root, "/f", std::fs::File::open(t.path().join("f")).unwrap()).unwrap();
+        assert!(std::fs::symlink_metadata(&index).unwrap().is_file());
+        assert!(std::fs::symlink_metadata(index.with_file_name("index.damaged")).unwrap().is_symlink());
     }
 
     #[test]

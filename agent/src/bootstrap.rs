@@ -101,7 +101,8 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
     };
     let public_key = key.verifying_key().to_public_key_pem(Default::default()).map_err(|e| anyhow!("{e}"))?;
     // 3. Enrollment: a certificate at once with a token, else when an operator approves.
-    let client = Client::new(&args.server, &ca_pem, None)?;
+    let roots = crate::client::pem_certificates(&ca_pem).map_err(|e| anyhow!("the server's CA: {e}"))?;
+    let client = Client::new(&args.server, roots, None)?;
     let request = EnrollRequest { name: name.clone(), public_key, token: args.token.clone() };
     let started = Instant::now();
     let mut told = false;

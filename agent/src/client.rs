@@ -19,6 +19,29 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// The node's certificate chain and private key, for mutual TLS.
+pub struct Identity {
+    pub certs: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// The certificates of a PEM text; `Err` says why in words (never the parser's bytes).
+pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| "not a PEM certificate (damaged or cut short)".to_string())?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM text.
+pub fn pem_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| "not a PEM private key (damaged or cut short)".to_string())
+}
+
 /// What became of a report.
 pub enum Sent {
     Stored,
@@ -160,25 +183,22 @@ impl Client {
         String::from_utf8(pem).map_err(|_| anyhow!("the server's CA is not PEM text"))
     }
 
-    /// A client that trusts only `ca_pem`, presenting a certificate when given.
-    pub fn new(server: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> Result<Client> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-            roots.add(cert.context("the CA file holds a damaged certificate")?)?;
+    /// A client that trusts only the CA certificates `roots`, presenting a certificate and its
+    /// key when given (parsed by the caller, who knows which file each came from).
+    pub fn new(server: &str, roots: Vec<CertificateDer<'static>>, identity: Option<Identity>) -> Result<Client> {
+        let mut store = rustls::RootCertStore::empty();
+        for cert in roots {
+            store.add(cert).context("the CA certificate is not one rustls accepts")?;
         }
-        if roots.is_empty() {
+        if store.is_empty() {
             bail!("the CA file holds no certificate");
         }
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots);
+            .with_root_certificates(store);
         let config = match identity {
             None => builder.with_no_client_auth(),
-            Some((cert_pem, key_pem)) => {
-                let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                    .context("the node certificate is damaged")?;
-                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the node key is damaged")?;
+            Some(Identity { certs, key }) => {
                 builder.with_client_auth_cert(certs, key).context("the node certificate and key do not go together")?
             }
         };

@@ -12,7 +12,7 @@
 
 use crate::apply::{self, Color, Format, Output};
 use crate::backup::BackupStore;
-use crate::client::{CatalogReply, Client, Sent};
+use crate::client::{CatalogReply, Client, Identity, Sent};
 use crate::fs::Root;
 use crate::host::RealHost;
 use crate::signed::Trust;
@@ -71,7 +71,16 @@ fn client(root: &Root, config: &AgentConfig) -> Result<std::sync::Arc<Client>> {
     {
         return Ok(c.clone());
     }
-    let c = std::sync::Arc::new(Client::new(&config.server, &ca, Some((&cert, &key)))?);
+    let damaged = |path: &str, why: String| {
+        let shown = root.path().join(path.trim_start_matches('/'));
+        anyhow!("{}: {why}: this host's identity is damaged; join again (converge bootstrap)", shown.display())
+    };
+    let roots = crate::client::pem_certificates(&ca).map_err(|e| damaged(state::CA_FILE, e))?;
+    let certs = crate::client::pem_certificates(&cert).map_err(|e| damaged(state::CERT_FILE, e))?;
+    let key = crate::client::pem_key(&key).map_err(|e| damaged(state::KEY_FILE, e))?;
+    let c = Client::new(&config.server, roots, Some(Identity { certs, key }))
+        .map_err(|e| anyhow!("{e:#}: {}", damaged(state::CERT_FILE, "with agent.key".into())))?;
+    let c = std::sync::Arc::new(c);
     *kept = Some((identity, c.clone()));
     Ok(c)
 }
@@ -91,11 +100,15 @@ fn read(root: &Root, path: &str) -> Result<String> {
 /// old success instead.
 pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
-    let config = AgentConfig::load(&root)?;
+    if root.lstat(state::CONFIG_FILE)?.is_none() {
+        // Not joined: nothing to lock, record or create.
+        return AgentConfig::load(&root).map(|_| unreachable!("no configuration file"));
+    }
     let lock = RunLock::take(&root, args.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let started = Timestamp::now();
-    let outcome = locked_run(args, stop, &config, &host, &lock, started);
+    let outcome =
+        AgentConfig::load(host.root()).and_then(|config| locked_run(args, stop, &config, &host, &lock, started));
     if let (Err(e), true) = (&outcome, lock.exclusive()) {
         let (mut status, _) = state::read_status(host.root());
         let previous = status.last_run.take();
@@ -143,7 +156,7 @@ fn fallback(host: &RealHost, lock: &RunLock, trust: &Trust, notes: &mut Vec<Stri
                 continue;
             }
         };
-        match trust.verify(&bytes, true, false) {
+        match trust.verify(host, &bytes, true, false) {
             Ok(verified) => {
                 let etag = if i == 0 { state::read_etag(host, &path, notes) } else { None };
                 return Some(Fallback { verified, etag });
@@ -152,8 +165,8 @@ fn fallback(host: &RealHost, lock: &RunLock, trust: &Trust, notes: &mut Vec<Stri
             Err(r) => set_aside(&path, r.to_string(), notes),
         }
     }
-    let bytes = trust.last_envelope.as_ref()?;
-    trust.verify(bytes, true, false).ok().map(|verified| Fallback { verified, etag: None })
+    let bytes = serde_json::to_vec(&trust.last_envelope(host)?).ok()?;
+    trust.verify(host, &bytes, true, false).ok().map(|verified| Fallback { verified, etag: None })
 }
 
 fn locked_run(
@@ -165,7 +178,10 @@ fn locked_run(
     started: Timestamp,
 ) -> Result<Outcome> {
     let client = client(host.root(), config)?;
-    let mut trust = Trust::load(host, lock, None, config.name.clone())?;
+    let mut trust = Trust::load(host, lock, None, config.name.clone()).with_context(|| {
+        let shown = host.root().path().join(state::CONFIG_FILE.trim_start_matches('/'));
+        format!("{} names this node {}", shown.display(), config.name)
+    })?;
     let mut notes = std::mem::take(&mut trust.notes);
     let facts = crate::facts::collect(host.root(), &config.name);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -199,7 +215,7 @@ fn locked_run(
     let mut source = "server";
     let mut verified: Option<Verified> = None;
     if let Some((bytes, etag)) = &fresh {
-        match trust.verify(bytes, false, false) {
+        match trust.verify(host, bytes, false, false) {
             Ok(v) => {
                 if !args.dry_run {
                     trust.record(host, lock, &v, bytes)?;

@@ -11,9 +11,11 @@
 //!
 //! The record of what was applied is input like any other: it is cross-checked against the
 //! signed envelope it keeps (the serial, host, issue time and resources must be the ones that
-//! envelope carries), and a damaged record is set aside and rebuilt from the newest cached
-//! envelope that verifies. When none can stand in for it, the run stops with exit 1 and says
-//! so: the last applied serial is unknown, and the next run starts afresh, as after bootstrap.
+//! envelope carries; the clock floor is bounded by that issue time and the clock). A damaged
+//! record is set aside and rebuilt from its own envelope when that verifies (the signed values
+//! win), else from the newest cached envelope that verifies. When none can stand in for it, the
+//! run stops with exit 1 and says so: the last applied serial is unknown, and the next run
+//! starts afresh, as after bootstrap.
 
 use crate::fs::{Root, absent};
 use crate::host::RealHost;
@@ -108,8 +110,8 @@ pub struct Trust {
     pub held: Held,
     /// The last catalog applied, as its signed envelope confirms.
     pub last: Option<Applied>,
-    /// The envelope of the last catalog applied, enforced when nothing newer can be.
-    pub last_envelope: Option<Vec<u8>>,
+    /// Where the envelope of the last catalog applied is, for the rare runs that need it.
+    kept: Kept,
     /// This host's node name: a signed catalog must be for it.
     pub node: String,
     /// Damaged state found and set aside on the way, for the run's report.
@@ -121,7 +123,7 @@ impl Trust {
     /// between reading and writing them.
     pub fn load(host: &RealHost, lock: &RunLock, explicit: Option<&Path>, node: String) -> Result<Trust> {
         let held = held_keys(host.root(), explicit)?;
-        let mut t = Trust { held, last: None, last_envelope: None, node, notes: Vec::new() };
+        let mut t = Trust { held, last: None, kept: Kept::Nowhere, node, notes: Vec::new() };
         t.read_applied(host, lock)?;
         Ok(t)
     }
@@ -132,21 +134,37 @@ impl Trust {
 
     /// Every check before a catalog is believed (see `trust::verify_catalog`). `cached` for
     /// the agent's own copy, enforced past its expiry while the server is away.
-    pub fn verify(&self, bytes: &[u8], cached: bool, allow_rollback: bool) -> Result<Verified, Refusal> {
-        trust::verify_catalog(bytes, &self.held.list, &self.policy(cached, allow_rollback))
+    pub fn verify(
+        &self,
+        host: &RealHost,
+        bytes: &[u8],
+        cached: bool,
+        allow_rollback: bool,
+    ) -> Result<Verified, Refusal> {
+        let mut policy = self.policy(cached, allow_rollback);
+        match trust::verify_catalog(bytes, &self.held.list, &policy) {
+            // The record's resources hash is the one field the check at load did not confirm
+            // (it needs a whole parse): confirm it from the record's own envelope before
+            // calling an equal serial with other resources a replay.
+            Err(Refusal::Replay { serial }) => {
+                let confirmed = self.last_envelope(host).and_then(|env| trust::applied_of(&env, &self.held.list).ok());
+                match (confirmed, policy.last.as_mut()) {
+                    (Some(c), Some(last)) if c.resources_sha256 != last.resources_sha256 => {
+                        last.resources_sha256 = c.resources_sha256;
+                        trust::verify_catalog(bytes, &self.held.list, &policy)
+                    }
+                    _ => Err(Refusal::Replay { serial }),
+                }
+            }
+            r => r,
+        }
     }
 
     /// Records an accepted catalog, and the newer key list it carried when the list is ours,
     /// before anything converges: a run cut short never reopens the door to an older serial.
     pub fn record(&mut self, host: &RealHost, lock: &RunLock, v: &Verified, bytes: &[u8]) -> Result<()> {
-        if !lock.exclusive() {
-            bail!("a dry-run records nothing");
-        }
         let envelope = trust::parse_envelope(bytes).map_err(|r| anyhow!("{r}"))?;
-        host.root().create_dir_all(state::STATE_DIR, 0o700)?;
-        let text = serde_json::to_vec_pretty(&AppliedFile { applied: v.applied.clone(), envelope })?;
-        host.write_file(APPLIED_FILE, &text, NewAttrs { mode: 0o600, uid: None, gid: None }, None)
-            .map_err(|e| anyhow!("cannot record the applied catalog: {e}"))?;
+        write_record(host, lock, &v.applied, &envelope)?;
         if let (Some((list, keys)), true) = (&v.new_keys, self.held.own) {
             let text = serde_json::to_vec_pretty(keys)?;
             host.write_file(KEYS_FILE, &text, NewAttrs { mode: 0o644, uid: None, gid: None }, None)
@@ -154,75 +172,146 @@ impl Trust {
             self.held.list = list.clone();
         }
         self.last = Some(v.applied.clone());
-        self.last_envelope = Some(bytes.to_vec());
+        self.kept = Kept::Recorded;
         Ok(())
     }
 
-    /// Reads `applied.json` and checks it against its own envelope; a damaged record is set
-    /// aside (not in a dry-run) and rebuilt from the cache when a cached envelope verifies.
+    /// The envelope of the last catalog applied (read again from the record: it is needed
+    /// only to confirm a replay, or when no cached catalog verifies).
+    pub fn last_envelope(&self, host: &RealHost) -> Option<Envelope> {
+        match &self.kept {
+            Kept::Nowhere => None,
+            Kept::InMemory(env) => Some((**env).clone()),
+            Kept::Recorded => {
+                let bytes = host.root().read_bounded(APPLIED_FILE, trust::MAX_ENVELOPE as u64 + (64 << 10)).ok()?;
+                serde_json::from_slice::<AppliedFile>(&bytes).ok().map(|f| f.envelope)
+            }
+        }
+    }
+
+    /// Reads `applied.json` and checks it against its own envelope. A record whose envelope
+    /// verifies is repaired from that envelope (the signed values win); one whose envelope
+    /// does not is rebuilt from the newest cached envelope that verifies. Either way the damaged
+    /// file is set aside and the repaired record written (not in a dry-run).
     fn read_applied(&mut self, host: &RealHost, lock: &RunLock) -> Result<()> {
         let root = host.root();
         let shown = root.path().join(APPLIED_FILE.trim_start_matches('/')).display().to_string();
         let max = trust::MAX_ENVELOPE as u64 + (64 << 10);
-        let why = match root.read_bounded(APPLIED_FILE, max) {
+        let now = Timestamp::now();
+        let (why, signed) = match root.read_bounded(APPLIED_FILE, max) {
             Err(e) if absent(&e) => return Ok(()),
-            Err(e) => e.to_string(),
-            Ok(bytes) => match self.check_record(&bytes) {
-                Ok((applied, envelope)) => {
+            Err(e) => (e.to_string(), None),
+            Ok(bytes) => match self.check_record(&bytes, now) {
+                Ok(applied) => {
                     self.last = Some(applied);
-                    self.last_envelope = Some(envelope);
+                    self.kept = Kept::Recorded;
                     return Ok(());
                 }
-                Err(why) => why,
+                Err(Damage { other_host: Some(host), .. }) => bail!(
+                    "{shown} says the last catalog applied here was for host {host}, and this node is named {}: a \
+                     renamed host bootstraps again under its new name; nothing was changed",
+                    self.node
+                ),
+                Err(damage) => (damage.why, damage.signed),
             },
         };
-        // Damaged. The newest cached envelope that verifies stands in for it.
-        let stand_in = state::cached_envelopes(host).into_iter().find_map(|path| {
-            let bytes = state::read_envelope(host, &path).ok()?;
-            let env = trust::parse_envelope(&bytes).ok()?;
-            let applied = trust::applied_of(&env, &self.held.list).ok()?;
-            (applied.host == self.node).then_some((applied, bytes))
-        });
-        let aside = if lock.exclusive() {
-            state::set_aside(host, APPLIED_FILE, &why)
-        } else {
-            format!("{shown} is damaged ({why}); a run (not a dry-run) sets it aside")
-        };
-        match stand_in {
-            Some((mut applied, bytes)) => {
-                applied.time_floor = Some(applied.floor(Timestamp::now()));
-                self.notes.push(format!(
-                    "{aside}; the last applied catalog is taken from the cache (serial {})",
-                    applied.serial
-                ));
-                self.last = Some(applied);
-                self.last_envelope = Some(bytes);
-                Ok(())
+        let (stand_in, from) = match signed {
+            Some(s) => (Some(*s), "its own signed envelope"),
+            None => {
+                let cached = state::cached_envelopes(host).into_iter().find_map(|path| {
+                    let bytes = state::read_envelope(host, &path).ok()?;
+                    let env = trust::parse_envelope(&bytes).ok()?;
+                    let applied = trust::applied_of(&env, &self.held.list).ok()?;
+                    (applied.host == self.node).then_some((applied, env))
+                });
+                (cached, "the newest cached catalog that verifies")
             }
-            None => bail!(
+        };
+        if !lock.exclusive() {
+            let note = format!("{shown} is damaged ({why}); a run (not a dry-run) repairs it");
+            let Some((mut applied, env)) = stand_in else { bail!("{note}; no cached catalog can stand in for it") };
+            applied.time_floor = Some(applied.floor(now));
+            self.notes.push(note);
+            self.last = Some(applied);
+            self.kept = Kept::InMemory(Box::new(env));
+            return Ok(());
+        }
+        let aside = state::set_aside(host, APPLIED_FILE, &why);
+        let Some((mut applied, bytes)) = stand_in else {
+            bail!(
                 "{aside}; no cached catalog can stand in for it, so the last applied serial is unknown and nothing was \
                  changed. The next run starts afresh, as after bootstrap, and accepts the newest catalog the server signs"
-            ),
-        }
+            )
+        };
+        applied.time_floor = Some(applied.floor(now));
+        write_record(host, lock, &applied, &bytes)?;
+        self.notes.push(format!("{aside}; rebuilt from {from} (serial {})", applied.serial));
+        self.last = Some(applied);
+        self.kept = Kept::Recorded;
+        Ok(())
     }
 
-    /// The record in `bytes`, if it is whole and agrees with the envelope it keeps.
-    fn check_record(&self, bytes: &[u8]) -> Result<(Applied, Vec<u8>), String> {
-        let file: AppliedFile = serde_json::from_slice(bytes).map_err(|e| format!("not a record: {e}"))?;
-        let signed = trust::applied_of(&file.envelope, &self.held.list)
-            .map_err(|r| format!("its envelope does not verify: {r}"))?;
-        if !file.applied.same_catalog(&signed) {
-            return Err(format!(
-                "it says serial {} issued at {}, and its signed envelope says serial {} issued at {}",
-                file.applied.serial, file.applied.issued_at, signed.serial, signed.issued_at
-            ));
+    /// The record in `bytes`, if it is whole and agrees with the envelope it keeps (the
+    /// signed host, serial and issue time; the resources hash is confirmed when it matters,
+    /// in [`Trust::verify`]).
+    fn check_record(&self, bytes: &[u8], now: Timestamp) -> Result<Applied, Damage> {
+        let damaged = |why: String| Damage { why, signed: None, other_host: None };
+        let file: AppliedFile = serde_json::from_slice(bytes).map_err(|e| damaged(format!("not a record: {e}")))?;
+        let (host, serial, issued_at) = trust::signed_head(&file.envelope, &self.held.list)
+            .map_err(|r| damaged(format!("its envelope does not verify: {r}")))?;
+        if host != self.node {
+            return Err(Damage { why: String::new(), signed: None, other_host: Some(host) });
         }
-        if signed.host != self.node {
-            return Err(format!("it is for host {}, and this is {}", signed.host, self.node));
+        let a = &file.applied;
+        if (&a.host, a.serial, a.issued_at) != (&host, serial, issued_at) {
+            let why = format!(
+                "it says serial {} issued at {}, and its signed envelope says serial {serial} issued at {issued_at}",
+                a.serial, a.issued_at
+            );
+            let signed = trust::applied_of(&file.envelope, &self.held.list).ok().map(|s| Box::new((s, file.envelope)));
+            return Err(Damage { why, signed, other_host: None });
         }
-        let envelope = serde_json::to_vec(&file.envelope).map_err(|e| e.to_string())?;
-        Ok((file.applied, envelope))
+        // The floor is the agent's own, in no envelope: it can never be above both the signed
+        // issue time and this clock (a damaged floor must not freeze the host).
+        let bound = issued_at.max(Timestamp(now.0.saturating_add(trust::CLOCK_SKEW)));
+        let mut applied = file.applied;
+        applied.time_floor = applied.time_floor.map(|f| f.min(bound));
+        Ok(applied)
     }
+}
+
+/// Where the envelope of the last catalog applied is.
+enum Kept {
+    Nowhere,
+    /// In `applied.json`, checked.
+    Recorded,
+    /// Standing in for a damaged record a dry-run may not repair.
+    InMemory(Box<Envelope>),
+}
+
+/// Why a record of what was applied cannot be believed, and what its envelope says when that
+/// envelope itself verifies.
+struct Damage {
+    why: String,
+    signed: Option<Box<(Applied, Envelope)>>,
+    /// Not damage: a whole record, for another host than this node's name.
+    other_host: Option<String>,
+}
+
+/// Writes `applied.json`: what was applied, with the envelope it came from.
+fn write_record(host: &RealHost, lock: &RunLock, applied: &Applied, envelope: &Envelope) -> Result<()> {
+    if !lock.exclusive() {
+        bail!("a dry-run records nothing");
+    }
+    host.root().create_dir_all(state::STATE_DIR, 0o700)?;
+    #[derive(Serialize)]
+    struct Record<'a> {
+        applied: &'a Applied,
+        envelope: &'a Envelope,
+    }
+    let text = serde_json::to_vec_pretty(&Record { applied, envelope })?;
+    host.write_file(APPLIED_FILE, &text, NewAttrs { mode: 0o600, uid: None, gid: None }, None)
+        .map_err(|e| anyhow!("cannot record the applied catalog: {e}"))
 }
 
 /// This host's node name: `--node`, else the managed root's `/etc/hostname` (for an image),

@@ -362,18 +362,52 @@ fn signed_fields(c: &Catalog) -> Result<(String, u64, Timestamp, Timestamp), Ref
     Ok((host, serial, issued_at, expires_at))
 }
 
+/// The key list to check an envelope the agent accepted before: `held`, or the list the
+/// envelope carries when a root key of `held` signed that list.
+fn keys_for_stored(env: &Envelope, held: &KeyList) -> Option<KeyList> {
+    let carried = env.keys.as_deref()?;
+    let (payload, _) = open(carried, KEYS_TYPE, held, KeyRole::Root).ok()?;
+    let list: KeyList = serde_json::from_slice(&payload).ok()?;
+    list.check().ok().map(|()| list)
+}
+
 /// What an envelope the agent accepted before says of itself, to cross-check its record of
-/// what it applied: signed by a catalog key of `held`, or of the list the envelope carries
-/// when a root key of `held` signed that list. No freshness or serial check (it was accepted
-/// once); the record's floor is the agent's own and is not in the envelope.
+/// what it applied: the signed host, serial and issue time (the resources are skipped, not
+/// parsed: see [`applied_of`] for their hash). No freshness or serial check (it was accepted
+/// once).
+pub fn signed_head(env: &Envelope, held: &KeyList) -> Result<(String, u64, Timestamp), Refusal> {
+    #[derive(Deserialize)]
+    struct Head {
+        format: u32,
+        host: Option<String>,
+        serial: Option<u64>,
+        issued_at: Option<Timestamp>,
+    }
+    let (payload, _) = match open(env, CATALOG_TYPE, held, KeyRole::Catalog) {
+        Err(Refusal::Untrusted { role, seen }) => match keys_for_stored(env, held) {
+            Some(keys) => open(env, CATALOG_TYPE, &keys, KeyRole::Catalog)?,
+            None => return Err(Refusal::Untrusted { role, seen }),
+        },
+        r => r?,
+    };
+    let head: Head = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
+    if head.format > FORMAT {
+        return Err(Refusal::NewerFormat(head.format));
+    }
+    Ok((
+        head.host.ok_or(Refusal::Incomplete("the host it is for"))?,
+        head.serial.ok_or(Refusal::Incomplete("a serial"))?,
+        head.issued_at.ok_or(Refusal::Incomplete("issued_at"))?,
+    ))
+}
+
+/// Everything [`signed_head`] says, and the hash of the resources (a whole parse).
 pub fn applied_of(env: &Envelope, held: &KeyList) -> Result<Applied, Refusal> {
-    let carried = env.keys.as_deref().and_then(|k| {
-        let (payload, _) = open(k, KEYS_TYPE, held, KeyRole::Root).ok()?;
-        let list: KeyList = serde_json::from_slice(&payload).ok()?;
-        list.check().ok().map(|()| list)
-    });
     let (catalog, _) = match open_catalog(env, held) {
-        Err(Refusal::Untrusted { .. }) if carried.is_some() => open_catalog(env, carried.as_ref().expect("some"))?,
+        Err(Refusal::Untrusted { role, seen }) => match keys_for_stored(env, held) {
+            Some(keys) => open_catalog(env, &keys)?,
+            None => return Err(Refusal::Untrusted { role, seen }),
+        },
         r => r?,
     };
     let (host, serial, issued_at, _) = signed_fields(&catalog)?;
