@@ -49,6 +49,7 @@ pub fn run(sizes: &[usize]) {
                 serial: Some(1_796_000_000_000 + i as u64),
                 commit: Some("0123456789abcdef0123456789abcdef01234567"),
                 body,
+                digest: "{}",
             };
             db.add_report(&report).unwrap();
             visits.push(Visit { node: name, at, version: "0.1.0".into(), facts: None });

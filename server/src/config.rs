@@ -20,6 +20,9 @@ pub const KEYS: &[&str] = &[
     "max_compiles",
     "repo_poll",
     "run_interval",
+    "max_connections",
+    "max_connections_per_address",
+    "max_requests",
 ];
 
 #[derive(Debug, Clone)]
@@ -43,6 +46,13 @@ pub struct Config {
     pub repo_poll: u64,
     /// How often agents run [30m]: a node whose last run is older than twice this is late.
     pub run_interval: i64,
+    /// Connections open at once [4096, and never more than the open-file limit allows];
+    /// past that, new ones are closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one address [256]: one client cannot take them all.
+    pub max_connections_per_address: usize,
+    /// Requests handled at once [512]; past that, 503 with a jittered Retry-After.
+    pub max_requests: usize,
 }
 
 impl Config {
@@ -73,6 +83,12 @@ impl Config {
             max_compiles: conf.int("max_compiles").map_err(e)?.map_or(cores, |n| n.max(1) as usize),
             repo_poll: conf.duration("repo_poll").map_err(e)?.unwrap_or(5).max(1) as u64,
             run_interval: conf.duration_at_least("run_interval", 10).map_err(e)?.unwrap_or(1800),
+            max_connections: conf.int("max_connections").map_err(e)?.map_or(4096, |n| n.max(16) as usize),
+            max_connections_per_address: conf
+                .int("max_connections_per_address")
+                .map_err(e)?
+                .map_or(256, |n| n.max(1) as usize),
+            max_requests: conf.int("max_requests").map_err(e)?.map_or(512, |n| n.max(1) as usize),
             state,
         })
     }

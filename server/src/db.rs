@@ -73,7 +73,41 @@ CREATE TABLE IF NOT EXISTS operators (
 ";
 
 /// Columns added after the first release of a table: (table, column, definition).
-const MIGRATIONS: &[(&str, &str, &str)] = &[("reports", "commit_id", "TEXT")];
+const MIGRATIONS: &[(&str, &str, &str)] = &[
+    ("reports", "commit_id", "TEXT"),
+    ("pending", "fingerprint", "TEXT"),
+    ("pending", "address", "TEXT"),
+    // A report's counts and its first failed resources (JSON, small): the node page shows
+    // them without reading whole report bodies.
+    ("reports", "digest", "TEXT"),
+];
+
+/// Enrollment requests waiting for approval, at most: past that, new ones are refused (an
+/// unauthenticated client cannot grow the database or the fleet page without bound).
+pub const MAX_PENDING: i64 = 1000;
+/// How long an enrollment request waits for approval before it is forgotten.
+pub const PENDING_TTL: i64 = 7 * 86_400;
+
+/// What became of an enrollment request without a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// Recorded (or already recorded with this key): waiting for `node approve`.
+    Waiting,
+    /// An operator approved this key.
+    Approved,
+    /// Refused, and why (another key waits for the name, too many requests wait).
+    Refused(String),
+}
+
+/// An enrollment request waiting, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRow {
+    pub node: String,
+    pub requested: i64,
+    pub approved: bool,
+    pub fingerprint: String,
+    pub address: String,
+}
 
 /// Reports kept per node; older ones are dropped.
 pub const REPORTS_PER_NODE: i64 = 50;
@@ -123,6 +157,7 @@ pub struct ReportRow<'a> {
     pub serial: Option<u64>,
     pub commit: Option<&'a str>,
     pub body: &'a str,
+    pub digest: &'a str,
 }
 
 /// A stored report.
@@ -136,7 +171,9 @@ pub struct StoredReport {
     pub stale: bool,
     pub serial: Option<u64>,
     pub commit: Option<String>,
+    /// Empty unless asked for ([`ReportFilter::bodies`]).
     pub body: String,
+    pub digest: Option<String>,
 }
 
 /// Which reports to list.
@@ -146,6 +183,8 @@ pub struct ReportFilter {
     pub failed: bool,
     pub since: Option<i64>,
     pub limit: i64,
+    /// Read the whole bodies too (megabytes each, at worst).
+    pub bodies: bool,
 }
 
 /// What the store knows of one node.
@@ -298,38 +337,104 @@ impl Db {
         })
     }
 
-    /// Records (or refreshes) an enrollment request waiting for approval; returns whether it
-    /// is approved already and with which key.
-    pub fn pending(&self, node: &str, public_key: &str, now: i64) -> Result<bool> {
+    /// Records an enrollment request waiting for approval, or says what became of it. The
+    /// first key to ask for a name keeps the request: another key asking for the same name is
+    /// refused (never replaces it) until an operator rejects the first. Old requests expire,
+    /// and at most [`MAX_PENDING`] wait.
+    pub fn pending(&self, node: &str, public_key: &str, fingerprint: &str, address: &str, now: i64) -> Result<Pending> {
         self.with(|c| {
-            let existing: Option<(String, Option<i64>)> = c
-                .query_row("SELECT public_key, approved FROM pending WHERE node = ?1", params![node], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM pending WHERE requested < ?1", params![now - PENDING_TTL])?;
+            let existing: Option<(String, Option<String>, Option<i64>)> = tx
+                .query_row("SELECT public_key, fingerprint, approved FROM pending WHERE node = ?1", params![node], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })
                 .optional()?;
-            match existing {
-                Some((key, approved)) if key == public_key => Ok(approved.is_some()),
-                _ => {
-                    c.execute(
-                        "INSERT INTO pending (node, public_key, requested) VALUES (?1, ?2, ?3)
-                         ON CONFLICT(node) DO UPDATE SET public_key = ?2, requested = ?3, approved = NULL",
-                        params![node, public_key, now],
-                    )?;
-                    Ok(false)
+            let verdict = match existing {
+                Some((key, _, approved)) if key == public_key => {
+                    if approved.is_some() { Pending::Approved } else { Pending::Waiting }
                 }
-            }
+                Some((_, other, _)) => Pending::Refused(format!(
+                    "another enrollment request for {node} is waiting (key {}): an operator must reject it first \
+                     (converge-server node reject {node})",
+                    other.as_deref().unwrap_or("unknown")
+                )),
+                None => {
+                    let waiting: i64 = tx.query_row("SELECT COUNT(*) FROM pending", [], |r| r.get(0))?;
+                    if waiting >= MAX_PENDING {
+                        Pending::Refused(format!(
+                            "{waiting} enrollment requests are waiting already: an operator must approve or reject \
+                             some first (converge-server node list)"
+                        ))
+                    } else {
+                        tx.execute(
+                            "INSERT INTO pending (node, public_key, requested, fingerprint, address) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![node, public_key, now, fingerprint, address],
+                        )?;
+                        Pending::Waiting
+                    }
+                }
+            };
+            tx.commit()?;
+            Ok(verdict)
         })
     }
 
-    /// Approves a waiting enrollment; false when nothing waits for that name.
-    pub fn approve(&self, node: &str, now: i64) -> Result<bool> {
-        self.with(|c| Ok(c.execute("UPDATE pending SET approved = ?2 WHERE node = ?1", params![node, now])? > 0))
+    /// Approves the waiting request for `node` whose key has the fingerprint `key` (the whole
+    /// `sha256:HEX`, or at least its first 16 hex digits). Returns the whole fingerprint
+    /// approved, or why nothing was.
+    pub fn approve(&self, node: &str, key: &str, now: i64) -> Result<Result<String, String>> {
+        let want = key.trim().trim_start_matches("sha256:").to_ascii_lowercase();
+        if want.len() < 16 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Err(format!(
+                "--key {key}: give the key's fingerprint as converge-server node list shows it (sha256: and at least 16 hex digits)"
+            )));
+        }
+        self.with(|c| {
+            let row: Option<Option<String>> = c
+                .query_row("SELECT fingerprint FROM pending WHERE node = ?1 AND requested >= ?2", params![node, now - PENDING_TTL], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(match row {
+                None => Err(format!("no enrollment request from {node} is waiting (converge-server node list shows them)")),
+                Some(fp) => {
+                    let fp = fp.unwrap_or_default();
+                    if fp.trim_start_matches("sha256:").starts_with(&want) {
+                        c.execute("UPDATE pending SET approved = ?2 WHERE node = ?1", params![node, now])?;
+                        Ok(fp)
+                    } else {
+                        Err(format!(
+                            "the request waiting for {node} is from key {fp}, not {key}: do not approve it unless that is \
+                             the key the host printed (converge-server node reject {node} removes it)"
+                        ))
+                    }
+                }
+            })
+        })
     }
 
-    pub fn pending_list(&self) -> Result<Vec<(String, i64, bool)>> {
+    /// Removes the waiting request for `node`; false when there was none.
+    pub fn reject(&self, node: &str) -> Result<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM pending WHERE node = ?1", params![node])? > 0))
+    }
+
+    pub fn pending_list(&self, now: i64) -> Result<Vec<PendingRow>> {
         self.with(|c| {
-            let mut s = c.prepare("SELECT node, requested, approved IS NOT NULL FROM pending ORDER BY node")?;
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+            let mut s = c.prepare(
+                "SELECT node, requested, approved IS NOT NULL, fingerprint, address FROM pending
+                 WHERE requested >= ?1 ORDER BY node",
+            )?;
+            s.query_map(params![now - PENDING_TTL], |r| {
+                Ok(PendingRow {
+                    node: r.get(0)?,
+                    requested: r.get(1)?,
+                    approved: r.get(2)?,
+                    fingerprint: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                    address: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                })
+            })?
+            .collect()
         })
     }
 
@@ -398,8 +503,8 @@ impl Db {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO reports (node, received, changed, failed, stale, serial, body, commit_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![r.node, r.at, r.changed, r.failed, r.stale, r.serial.map(|s| s as i64), r.body, r.commit],
+                "INSERT INTO reports (node, received, changed, failed, stale, serial, body, commit_id, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![r.node, r.at, r.changed, r.failed, r.stale, r.serial.map(|s| s as i64), r.body, r.commit, r.digest],
             )?;
             tx.execute(
                 "DELETE FROM reports WHERE node = ?1 AND id NOT IN (SELECT id FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
@@ -464,18 +569,19 @@ impl Db {
     pub fn reports(&self, f: &ReportFilter) -> Result<Vec<StoredReport>> {
         self.with(|c| {
             let mut s = c.prepare(
-                "SELECT id, node, received, changed, failed, stale, serial, commit_id, body FROM reports
+                "SELECT id, node, received, changed, failed, stale, serial, commit_id,
+                    CASE WHEN ?5 THEN body ELSE '' END, digest FROM reports
                  WHERE (?1 IS NULL OR node = ?1) AND (NOT ?2 OR failed > 0) AND (?3 IS NULL OR received >= ?3)
                  ORDER BY id DESC LIMIT ?4",
             )?;
-            s.query_map(params![f.node, f.failed, f.since, f.limit.max(1)], stored_report)?.collect()
+            s.query_map(params![f.node, f.failed, f.since, f.limit.max(1), f.bodies], stored_report)?.collect()
         })
     }
 
     pub fn report(&self, id: i64) -> Result<Option<StoredReport>> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, node, received, changed, failed, stale, serial, commit_id, body FROM reports WHERE id = ?1",
+                "SELECT id, node, received, changed, failed, stale, serial, commit_id, body, digest FROM reports WHERE id = ?1",
                 params![id],
                 stored_report,
             )
@@ -524,6 +630,7 @@ fn stored_report(r: &rusqlite::Row) -> rusqlite::Result<StoredReport> {
         serial: r.get::<_, Option<i64>>(6)?.map(|s| s as u64),
         commit: r.get(7)?,
         body: r.get(8)?,
+        digest: r.get(9)?,
     })
 }
 
@@ -571,6 +678,7 @@ mod tests {
             serial: Some(7),
             commit: Some("abc"),
             body: "{}",
+            digest: "{}",
         };
         for _ in 0..(REPORTS_PER_NODE + 5) {
             db.add_report(&row).unwrap();

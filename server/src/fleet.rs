@@ -11,7 +11,7 @@
 use crate::ca::Ca;
 use crate::compiler::Compiler;
 use crate::config::Config;
-use crate::db::{Db, ReportRow, Stored, Visit, now};
+use crate::db::{Db, Pending, ReportRow, Stored, Visit, now};
 use crate::keys;
 use crate::repo::Repo;
 use anyhow::{Context, Result};
@@ -51,6 +51,8 @@ pub struct Metrics {
     pub auth_refused: AtomicU64,
     pub connections: AtomicU64,
     pub resumed: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub requests_refused: AtomicU64,
 }
 
 /// What a node told the server last time it asked, to be written in batches.
@@ -73,6 +75,7 @@ pub struct Fleet {
     facts: RwLock<HashMap<String, String>>,
     seen: Mutex<HashMap<String, Seen>>,
     pub compiles: tokio::sync::Semaphore,
+    pub admission: crate::http::Admission,
     pub metrics: Metrics,
     pub started: i64,
     /// The server key's pin for `curl --pinnedpubkey` (bootstrap.sh).
@@ -144,6 +147,7 @@ impl Fleet {
         tracing::info!("compiling {} at {commit}", config.repo.display());
         Ok(Fleet {
             compiles: tokio::sync::Semaphore::new(config.max_compiles),
+            admission: crate::http::Admission::new(config.max_requests),
             config,
             db,
             ca,
@@ -160,7 +164,7 @@ impl Fleet {
     }
 
     pub fn commit(&self) -> String {
-        self.current.read().unwrap().commit.clone()
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).commit.clone()
     }
 
     /// Checks the branch, and compiles anew from a new commit. Returns the new commit.
@@ -170,7 +174,7 @@ impl Fleet {
             return Ok(None);
         }
         let current = load(&self.config.repo, &commit)?;
-        *self.current.write().unwrap() = Arc::new(current);
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(current);
         tracing::info!("now compiling {} at {commit}", self.config.repo.display());
         Ok(Some(commit))
     }
@@ -186,37 +190,44 @@ impl Fleet {
         })
     }
 
-    /// Enrollment: a certificate at once with a valid token, else after `node approve`.
-    pub fn enroll(&self, req: &EnrollRequest) -> Result<Result<EnrollResponse, String>> {
-        let name = req.name.trim();
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-        if !valid {
-            return Ok(Err(format!("`{}` is not a node name (letters, digits, . - _; 253 at most)", req.name)));
+    /// Enrollment: a certificate at once with a valid token, else after `node approve` of
+    /// this very key. Everything is checked before anything is stored: the name, the sizes,
+    /// and that the public key is an Ed25519 key. `from` is the client's address, shown to
+    /// the operator beside the key's fingerprint.
+    pub fn enroll(&self, req: &EnrollRequest, from: &str) -> Result<Result<EnrollResponse, String>> {
+        if let Err(why) = req.check() {
+            return Ok(Err(why));
         }
+        let name = req.name.as_str();
+        let raw = match crate::ca::public_key(&req.public_key) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let fingerprint = converge_modules::wire::key_fingerprint(&raw);
         let t = now();
         if self.db.live_cert(name, t)? {
             return Ok(Err(format!(
                 "{name} already has a live certificate; revoke it first (converge-server node revoke {name})"
             )));
         }
-        let approved = match &req.token {
-            Some(token) => {
-                if let Err(why) =
-                    self.db.spend_token(&sha256_hex(token.as_bytes()), name, t, crate::site::glob_match)?
-                {
-                    return Ok(Err(why));
-                }
-                true
+        if let Some(token) = &req.token {
+            if let Err(why) = self.db.spend_token(&sha256_hex(token.as_bytes()), name, t, crate::site::glob_match)? {
+                return Ok(Err(why));
             }
-            None => self.db.pending(name, &req.public_key, t)?,
-        };
-        if !approved {
-            self.metrics.enroll_pending.fetch_add(1, Ordering::Relaxed);
-            return Ok(Ok(EnrollResponse::Pending {
-                message: format!("waiting for an operator: converge-server node approve {name}"),
-            }));
+        } else {
+            match self.db.pending(name, &req.public_key, &fingerprint, from, t)? {
+                Pending::Approved => {}
+                Pending::Refused(why) => return Ok(Err(why)),
+                Pending::Waiting => {
+                    self.metrics.enroll_pending.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Ok(EnrollResponse::Pending {
+                        message: format!(
+                            "waiting for an operator: converge-server node approve {name} --key {}",
+                            &fingerprint[..23]
+                        ),
+                    }));
+                }
+            }
         }
         let (pem, der) = match self.ca.issue_client(name, &req.public_key, self.config.cert_days) {
             Ok(x) => x,
@@ -224,17 +235,20 @@ impl Fleet {
         };
         self.db.add_cert(&sha256_hex(&der), name, t, t + self.config.cert_days * 86_400)?;
         self.metrics.enroll_issued.fetch_add(1, Ordering::Relaxed);
-        tracing::info!("enrolled {name}");
+        tracing::info!(node = name, key = %fingerprint, "enrolled");
         Ok(Ok(EnrollResponse::Issued { certificate: pem, trusted_keys: self.keys.clone() }))
     }
 
     fn stored(&self, node: &str) -> Result<Option<Arc<Stored>>> {
-        if let Some(s) = self.catalogs.read().unwrap().get(node) {
+        if let Some(s) = self.catalogs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node) {
             return Ok(Some(s.clone()));
         }
         let s = self.db.stored(node)?.map(Arc::new);
         if let Some(s) = &s {
-            self.catalogs.write().unwrap().insert(node.to_string(), s.clone());
+            self.catalogs
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(node.to_string(), s.clone());
         }
         Ok(s)
     }
@@ -243,12 +257,12 @@ impl Fleet {
     pub fn saw(&self, node: &str, version: &str, facts: &Map<String, Json>) {
         let json = serde_json::to_string(facts).unwrap_or_default();
         let sha = sha256_hex(json.as_bytes());
-        let changed = self.facts.read().unwrap().get(node) != Some(&sha);
+        let changed = self.facts.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node) != Some(&sha);
         if changed {
-            self.facts.write().unwrap().insert(node.to_string(), sha.clone());
+            self.facts.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node.to_string(), sha.clone());
         }
         let facts = changed.then_some((json, sha));
-        let mut seen = self.seen.lock().unwrap();
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = seen.entry(node.to_string()).or_insert(Seen { at: 0, version: String::new(), facts: None });
         entry.at = now();
         entry.version = version.to_string();
@@ -258,10 +272,11 @@ impl Fleet {
     }
 
     pub fn flush_seen(&self) -> Result<()> {
-        let batch: Vec<Visit> = std::mem::take(&mut *self.seen.lock().unwrap())
-            .into_iter()
-            .map(|(node, s)| Visit { node, at: s.at, version: s.version, facts: s.facts })
-            .collect();
+        let batch: Vec<Visit> =
+            std::mem::take(&mut *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .into_iter()
+                .map(|(node, s)| Visit { node, at: s.at, version: s.version, facts: s.facts })
+                .collect();
         self.db.seen(&batch)
     }
 
@@ -275,7 +290,7 @@ impl Fleet {
         if !formats.contains(&FORMAT) {
             return Err(Refused::TooOld(formats.to_vec()));
         }
-        let current = self.current.read().unwrap().clone();
+        let current = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let declared: Map<String, Json> = match &current.compiler.site {
             Some(site) => facts.into_iter().filter(|(k, _)| site.facts.contains_key(k)).collect(),
             None => Map::new(),
@@ -288,7 +303,11 @@ impl Fleet {
             )
             .as_bytes(),
         );
-        let stored = self.stored(node)?;
+        let cached = self.catalogs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned();
+        let stored = match cached {
+            Some(s) => Some(s),
+            None => self.off_runtime(node, |f, n| f.stored(n)).await?,
+        };
         let t = now();
         if let Some(s) = &stored
             && s.cache_key == cache_key
@@ -311,8 +330,9 @@ impl Fleet {
             Err(diags) => {
                 self.metrics.compile_failures.fetch_add(1, Ordering::Relaxed);
                 let what = diags.iter().take(5).map(|d| d.to_string()).collect::<Vec<_>>().join("; ");
-                tracing::warn!("{node}: compile failed: {what}");
-                self.db.compile_failed(node, &what)?;
+                tracing::warn!(node, "compile failed: {}", converge_modules::text::clip(&what, 2000));
+                let error = what.clone();
+                self.off_runtime(node, move |f, n| f.db.compile_failed(n, &error)).await?;
                 return match stored {
                     Some(s) => Ok(s),
                     None => Err(Refused::Compile(what)),
@@ -345,14 +365,33 @@ impl Fleet {
             issued_at: issued.0,
             envelope,
         });
-        self.db.store(node, &s)?;
-        self.catalogs.write().unwrap().insert(node.to_string(), s.clone());
+        let keep = s.clone();
+        self.off_runtime(node, move |f, n| f.db.store(n, &keep)).await?;
+        self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node.to_string(), s.clone());
         Ok(s)
     }
 
-    /// Stores a node's report.
-    pub fn report(&self, node: &str, report: &Report, body: &str) -> Result<()> {
+    /// Runs `f` (a database call) on the blocking pool, never on a runtime thread.
+    async fn off_runtime<T: Send + 'static>(
+        self: &Arc<Self>,
+        node: &str,
+        f: impl FnOnce(&Fleet, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T, Refused> {
+        let (me, node) = (self.clone(), node.to_string());
+        tokio::task::spawn_blocking(move || f(&me, &node))
+            .await
+            .map_err(|e| Refused::Internal(e.into()))?
+            .map_err(Refused::Internal)
+    }
+
+    /// Stores a node's report, once every field is within bounds (a report past them is
+    /// refused with the reason, and nothing is stored).
+    pub fn report(&self, node: &str, report: &Report, body: &str) -> Result<Result<(), String>> {
+        if let Err(why) = report.check() {
+            return Ok(Err(why));
+        }
         let s = &report.summary;
+        let digest = serde_json::to_string(&crate::view::Digest::of(report))?;
         self.db.add_report(&ReportRow {
             node,
             at: now(),
@@ -362,8 +401,9 @@ impl Fleet {
             serial: report.info.serial,
             commit: report.info.commit.as_deref(),
             body,
+            digest: &digest,
         })?;
         self.metrics.reports.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(Ok(()))
     }
 }

@@ -3,23 +3,45 @@
 //!
 //! `router` is apart from sockets, so HTTP behaviour can be tested in-process. Every error
 //! becomes a JSON body with a status; internal details are logged, never sent.
+//!
+//! Admission comes before work, at every stage, and every limit is checked before the work it
+//! guards: connections (in all, and from one address) are capped and a connection past the cap
+//! is closed at once; the TLS handshake, the request head and the request body each have a
+//! deadline; requests in flight are capped (503 with a jittered `Retry-After` past it, as are
+//! enrollments, which need no certificate); a request that needs a client certificate is
+//! refused before a byte of its body is read; a body is refused by its declared length before
+//! it is read, and cut off at its route's limit while it is read. Database calls and page
+//! rendering run off the runtime's threads, so one slow request never holds up the rest; a
+//! panic in a handler is logged and answered with a 500, and the server goes on.
 
 use crate::fleet::{Fleet, Refused};
 use axum::Router;
-use axum::extract::{Extension, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use converge_modules::hash::sha256_hex;
-use converge_modules::wire::{CatalogRequest, EnrollRequest, ErrorBody, Report};
+use converge_modules::text::clip;
+use converge_modules::wire::{CatalogRequest, EnrollRequest, ErrorBody, Limits, Report};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
-/// The largest request body: facts and reports are small.
-pub const MAX_BODY: usize = 4 << 20;
+/// How long a client has for its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send a request's head (and how long an idle connection stays).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send a request's body, whole.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Enrollments handled at once (they need no certificate).
+pub const ENROLLMENTS_AT_ONCE: usize = 4;
 
 /// Who is on the other end: the client certificate's fingerprint, if the client presented
 /// one, and its address.
@@ -27,6 +49,25 @@ pub const MAX_BODY: usize = 4 << 20;
 pub struct Peer {
     pub fingerprint: Option<String>,
     pub addr: Option<std::net::SocketAddr>,
+}
+
+/// The node a request's client certificate belongs to, once checked.
+#[derive(Clone, Debug)]
+struct Node(String);
+
+/// What the router admits at once.
+pub struct Admission {
+    requests: Arc<Semaphore>,
+    enrollments: Arc<Semaphore>,
+}
+
+impl Admission {
+    pub fn new(max_requests: usize) -> Admission {
+        Admission {
+            requests: Arc::new(Semaphore::new(max_requests)),
+            enrollments: Arc::new(Semaphore::new(ENROLLMENTS_AT_ONCE)),
+        }
+    }
 }
 
 /// An error as the client sees it.
@@ -44,37 +85,127 @@ impl IntoResponse for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        tracing::error!("internal error: {e:#}");
+        tracing::error!("internal error: {}", clip(&format!("{e:#}"), 2000));
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server's log".into(), None)
     }
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}"), None))
+/// A number of seconds between 5 and 29, different from call to call: clients told to come
+/// back do not all come back at once.
+fn jitter() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    5 + u64::from(nanos) % 25
 }
 
-/// The node the request's client certificate belongs to.
-fn node(fleet: &Fleet, peer: &Peer) -> Result<String, ApiError> {
-    let Some(fp) = &peer.fingerprint else {
-        fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "a client certificate is required (converge bootstrap)".into(),
+fn busy(what: &str) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{what}; try again later"), Some(jitter()))
+}
+
+/// Runs `f` on the blocking pool (database calls, rendering): never on a runtime thread.
+async fn blocking<T: Send + 'static>(
+    fleet: &Arc<Fleet>,
+    f: impl FnOnce(&Fleet) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let fleet = fleet.clone();
+    tokio::task::spawn_blocking(move || f(&fleet))
+        .await
+        .map_err(|e| ApiError::from(anyhow::anyhow!("a blocking task failed: {e}")))
+}
+
+/// The body of a request, within `limit` bytes and [`BODY_TIMEOUT`]: refused by its declared
+/// length before it is read, cut off as soon as it passes the limit.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_big =
+        || ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is more than the {limit} bytes accepted"), None);
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_big());
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
             None,
-        ));
-    };
-    fleet.node_of(fp)?.map_err(|why| {
-        fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
-        ApiError(StatusCode::FORBIDDEN, why, None)
+        )),
+        Ok(Err(e)) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
+            Err(too_big())
+        }
+        Ok(Err(_)) => Err(ApiError(StatusCode::BAD_REQUEST, "the body was cut short".into(), None)),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {}", clip(&e.to_string(), 300)), None)
     })
 }
 
+/// Checks the client certificate before anything else of the request is read: its
+/// fingerprint must be a live certificate this server issued.
+async fn authenticate(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(fp) = peer.fingerprint.clone() else {
+        fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a client certificate is required (converge bootstrap)".into(),
+            None,
+        )
+        .into_response();
+    };
+    let found = match blocking(&fleet, move |f| f.node_of(&fp)).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return ApiError::from(e).into_response(),
+        Err(e) => return e.into_response(),
+    };
+    match found {
+        Ok(node) => {
+            req.extensions_mut().insert(Node(node));
+            next.run(req).await
+        }
+        Err(why) => {
+            fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+            ApiError(StatusCode::FORBIDDEN, why, None).into_response()
+        }
+    }
+}
+
+/// Requests in flight are capped; every answer carries the headers that keep browsers from
+/// framing or sniffing it.
+async fn admit(State(fleet): State<Arc<Fleet>>, req: Request, next: Next) -> Response {
+    let Ok(permit) = fleet.admission.requests.clone().try_acquire_owned() else {
+        fleet.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+        return protect(busy("the server is busy").into_response());
+    };
+    let response = next.run(req).await;
+    drop(permit);
+    protect(response)
+}
+
+fn protect(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
+    h.insert(HeaderName::from_static("x-frame-options"), HeaderValue::from_static("DENY"));
+    h.insert(HeaderName::from_static("referrer-policy"), HeaderValue::from_static("no-referrer"));
+    h.entry(HeaderName::from_static("content-security-policy"))
+        .or_insert(HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"));
+    r
+}
+
 pub fn router(fleet: Arc<Fleet>) -> Router {
+    let authenticated = Router::new()
+        .route("/v1/catalog", post(catalog))
+        .route("/v1/reports", post(report))
+        .route_layer(middleware::from_fn_with_state(fleet.clone(), authenticate));
     Router::new()
         .route("/v1/ca", get(ca))
         .route("/v1/enroll", post(enroll))
-        .route("/v1/catalog", post(catalog))
-        .route("/v1/reports", post(report))
+        .merge(authenticated)
         .route("/healthz", get(healthz))
         .route("/bootstrap.sh", get(bootstrap_script))
         .route("/packages/{file}", get(package))
@@ -82,7 +213,12 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/nodes/{name}", get(page_node))
         .route("/reports/{id}", get(page_report))
         .route("/metrics", get(metrics))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            // The panic hook has logged it, with where.
+            ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server's log".into(), None)
+                .into_response()
+        }))
+        .layer(middleware::from_fn_with_state(fleet.clone(), admit))
         .with_state(fleet)
 }
 
@@ -90,16 +226,28 @@ async fn ca(State(fleet): State<Arc<Fleet>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/x-pem-file")], fleet.ca.pem.clone())
 }
 
-async fn enroll(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn enroll(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Ok(_permit) = fleet.admission.enrollments.clone().try_acquire_owned() else {
+        fleet.metrics.enroll_refused.fetch_add(1, Ordering::Relaxed);
+        return Err(busy("too many enrollments at once"));
+    };
+    let body = read_body(&headers, body, Limits::ENROLL_BODY).await?;
     let req: EnrollRequest = json_body(&body)?;
-    match fleet.enroll(&req)? {
+    let from = peer.addr.map(|a| a.ip().to_string()).unwrap_or_default();
+    let name = req.name.clone();
+    match blocking(&fleet, move |f| f.enroll(&req, &from)).await?? {
         Ok(r @ converge_modules::wire::EnrollResponse::Pending { .. }) => {
             Ok((StatusCode::ACCEPTED, axum::Json(r)).into_response())
         }
         Ok(r) => Ok(axum::Json(r).into_response()),
         Err(why) => {
             fleet.metrics.enroll_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("enrollment of {} refused: {why}", req.name);
+            tracing::warn!("enrollment of {} refused: {}", clip(&name, 80), clip(&why, 300));
             Err(ApiError(StatusCode::FORBIDDEN, why, None))
         }
     }
@@ -107,28 +255,19 @@ async fn enroll(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Res
 
 async fn catalog(
     State(fleet): State<Arc<Fleet>>,
-    Extension(peer): Extension<Peer>,
+    Extension(Node(node)): Extension<Node>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let node = node(&fleet, &peer)?;
+    let body = read_body(&headers, body, Limits::CATALOG_BODY).await?;
     let req: CatalogRequest = json_body(&body)?;
+    req.check().map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why, None))?;
     fleet.saw(&node, &req.agent_version, &req.facts);
     let stored = match fleet.catalog(&node, &req.formats, req.facts).await {
         Ok(s) => s,
         Err(Refused::Busy) => {
             fleet.metrics.catalog_busy.fetch_add(1, Ordering::Relaxed);
-            let jitter = 5
-                + (std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .subsec_nanos()
-                    % 25) as u64;
-            return Err(ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many compiles at once; try again later".into(),
-                Some(jitter),
-            ));
+            return Err(busy("too many compiles at once"));
         }
         Err(Refused::TooOld(formats)) => {
             return Err(ApiError(
@@ -159,19 +298,23 @@ async fn catalog(
 
 async fn report(
     State(fleet): State<Arc<Fleet>>,
-    Extension(peer): Extension<Peer>,
-    body: axum::body::Bytes,
+    Extension(Node(node)): Extension<Node>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let node = node(&fleet, &peer)?;
-    let report: Report = json_body(&body)?;
+    let body = read_body(&headers, body, Limits::REPORT_BODY).await?;
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "bad request body: not UTF-8".into(), None))?;
+    let report: Report = json_body(text.as_bytes())?;
     if report.info.host.as_deref().is_some_and(|h| h != node) {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
-            format!("a report about {} from {node}", report.info.host.unwrap_or_default()),
+            format!("a report about {} from {node}", clip(report.info.host.as_deref().unwrap_or_default(), 80)),
             None,
         ));
     }
-    fleet.report(&node, &report, std::str::from_utf8(&body).unwrap_or_default())?;
+    let stored = blocking(&fleet, move |f| f.report(&node, &report, &text)).await??;
+    stored.map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("the report is refused: {why}"), None))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -274,18 +417,32 @@ fn html(result: anyhow::Result<Option<String>>, missing: &str) -> Response {
     }
 }
 
+/// A page for operators: access and rendering both on the blocking pool (they read the
+/// database, and a page of ten thousand nodes takes a while).
+async fn page(
+    fleet: Arc<Fleet>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    render: impl FnOnce(&Fleet, &axum::http::Uri) -> Response + Send + 'static,
+) -> Response {
+    blocking(&fleet, move |f| operator(f, &peer, &headers, &uri).unwrap_or_else(|| render(f, &uri)))
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
 async fn page_fleet(
     State(fleet): State<Arc<Fleet>>,
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    if let Some(r) = operator(&fleet, &peer, &headers, &uri) {
-        return r;
-    }
-    let filter = uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("status=")));
-    let missing = format!("There is no such status: the page shows {}.", crate::page::FILTERS.join(", "));
-    html(crate::page::fleet_page(&fleet, filter), &missing)
+    page(fleet, peer, headers, uri, |f, uri| {
+        let filter = uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("status=")));
+        let missing = format!("There is no such status: the page shows {}.", crate::page::FILTERS.join(", "));
+        html(crate::page::fleet_page(f, filter), &missing)
+    })
+    .await
 }
 
 async fn page_node(
@@ -295,10 +452,7 @@ async fn page_node(
     uri: axum::http::Uri,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Response {
-    if let Some(r) = operator(&fleet, &peer, &headers, &uri) {
-        return r;
-    }
-    html(crate::page::node_page(&fleet, &name), "There is no such node.")
+    page(fleet, peer, headers, uri, move |f, _| html(crate::page::node_page(f, &name), "There is no such node.")).await
 }
 
 async fn page_report(
@@ -308,18 +462,30 @@ async fn page_report(
     uri: axum::http::Uri,
     axum::extract::Path(id): axum::extract::Path<i64>,
 ) -> Response {
-    if let Some(r) = operator(&fleet, &peer, &headers, &uri) {
-        return r;
-    }
-    html(crate::page::report_page(&fleet, id), "There is no such report (reports are kept 50 a node).")
+    page(fleet, peer, headers, uri, move |f, _| {
+        html(crate::page::report_page(f, id), "There is no such report (reports are kept 50 a node).")
+    })
+    .await
 }
 
 async fn healthz(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> {
-    let body = serde_json::json!({"status": "ok", "commit": fleet.commit(), "nodes": fleet.db.count_nodes()?});
+    let nodes = blocking(&fleet, |f| f.db.count_nodes()).await??;
+    let body = serde_json::json!({"status": "ok", "commit": fleet.commit(), "nodes": nodes});
     Ok(axum::Json(body).into_response())
 }
 
-async fn metrics(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> {
+/// `/metrics`, for operators as the fleet page is (it names every node): from loopback, or
+/// with an operator token (`Authorization: Bearer`, as Prometheus sends it).
+async fn metrics(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    page(fleet, peer, headers, uri, |f, _| metrics_text(f).unwrap_or_else(IntoResponse::into_response)).await
+}
+
+fn metrics_text(fleet: &Fleet) -> Result<Response, ApiError> {
     let m = &fleet.metrics;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, labels: &[(&str, u64)]| {
@@ -353,6 +519,11 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> 
     counter("reports_total", "Reports received.", &[("", l(&m.reports))]);
     counter("auth_refused_total", "Requests refused for their client certificate.", &[("", l(&m.auth_refused))]);
     counter("connections_total", "TLS connections accepted.", &[("", l(&m.connections))]);
+    counter(
+        "refused_total",
+        "Connections closed at once and requests answered 503, for the caps on them.",
+        &[("{what=\"connection\"}", l(&m.connections_refused)), ("{what=\"request\"}", l(&m.requests_refused))],
+    );
     counter(
         "tls_resumed_total",
         "TLS connections that resumed a session (no certificate signatures checked again).",
@@ -410,8 +581,56 @@ pub fn tls_config(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<rust
     Ok(config)
 }
 
-/// Accepts connections forever: TLS first (with a deadline), then HTTP/1.1 with the client
-/// certificate's fingerprint attached to every request of the connection.
+/// Raises this process's soft limit on open files to its hard limit (connections are files);
+/// returns the soft limit in force.
+pub fn raise_open_files() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 1024 };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
+/// The connections open, in all and per address.
+struct Connections {
+    max: usize,
+    per_address: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One open connection; closing it (dropping this) frees its place.
+struct Slot(Arc<Connections>, IpAddr);
+
+impl Connections {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let here = open.1.get(&ip).copied().unwrap_or(0);
+        if open.0 >= self.max || here >= self.per_address {
+            return None;
+        }
+        open.0 += 1;
+        *open.1.entry(ip).or_insert(0) += 1;
+        Some(Slot(self.clone(), ip))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.0 -= 1;
+        if let Some(n) = open.1.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Accepts connections forever: past the caps a connection is closed at once; then TLS
+/// (within [`HANDSHAKE_TIMEOUT`]), then HTTP/1.1 (each request head within [`HEAD_TIMEOUT`])
+/// with the client certificate's fingerprint attached to every request of the connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: rustls::ServerConfig,
@@ -419,22 +638,34 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let app = router(fleet.clone());
-    let connections = Arc::new(tokio::sync::Semaphore::new(20_000));
+    // A file descriptor per connection, and some for the database, the repository and logs.
+    let files = raise_open_files();
+    let max = fleet.config.max_connections.min(files.saturating_sub(128).max(16) as usize);
+    if max < fleet.config.max_connections {
+        tracing::warn!("at most {max} connections at once: the open-file limit is {files}");
+    }
+    let connections =
+        Arc::new(Connections { max, per_address: fleet.config.max_connections_per_address, open: Mutex::default() });
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
+                // Out of files, most likely: wait for connections to close.
                 tracing::warn!("accept: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(permit) = connections.clone().acquire_owned().await else { continue };
+        let Some(slot) = connections.admit(addr.ip()) else {
+            fleet.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, app, fleet) = (acceptor.clone(), app.clone(), fleet.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+            let _slot = slot;
+            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else { return };
             fleet.metrics.connections.fetch_add(1, Ordering::Relaxed);
             if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                 fleet.metrics.resumed.fetch_add(1, Ordering::Relaxed);
@@ -444,7 +675,8 @@ pub async fn serve(
             let service = hyper_util::service::TowerToHyperService::new(app.layer(Extension(peer)));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(64 << 10)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
             let _ = conn.await;
         });

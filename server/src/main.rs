@@ -79,8 +79,18 @@ enum NodeAction {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Let a node that asked to enroll without a token have its certificate.
+    /// Let a node that asked to enroll without a token have its certificate: the request
+    /// whose key is KEY (the fingerprint the host printed, as `node list` shows it).
     Approve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        name: String,
+        /// The key's fingerprint: sha256:HEX (at least its first 16 hex digits).
+        #[arg(long)]
+        key: String,
+    },
+    /// Remove a waiting enrollment request (one from a key the host did not make).
+    Reject {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         name: String,
@@ -676,7 +686,7 @@ fn report(
     {
         bail!("there is no node {n} (converge-server node list shows them)");
     }
-    let filter = converge_server::db::ReportFilter { node, failed, since, limit };
+    let filter = converge_server::db::ReportFilter { node, failed, since, limit, bodies: true };
     let reports = db.reports(&filter)?;
     if reports.is_empty() {
         println!("no reports match");
@@ -705,23 +715,36 @@ fn node_command(action: NodeAction) -> Result<u8> {
                     v.name, v.status, v.last_run_ago, v.commit, v.serial, v.changed, v.failed, v.certificate
                 );
                 if let Some(e) = &v.compile_error {
+                    let e = converge_modules::text::clip(e, 2000);
                     println!("{:<28} compile failing (last good catalog served): {e}", "");
                 }
             }
-            for (node, requested, approved) in db.pending_list()? {
-                let state = if approved { "approved, waiting for the agent" } else { "waiting for approval" };
-                println!("{node:<28} enrollment requested {}: {state}", when(Some(requested)));
+            let pending = db.pending_list(now)?;
+            for p in &pending {
+                let state = if p.approved { "approved, waiting for the agent" } else { "waiting for approval" };
+                println!(
+                    "{:<28} enrollment requested {} from {}, key {}: {state}",
+                    p.node,
+                    when(Some(p.requested)),
+                    if p.address.is_empty() { "?" } else { &p.address },
+                    p.fingerprint
+                );
             }
-            if nodes.is_empty() && db.pending_list()?.is_empty() {
+            if nodes.is_empty() && pending.is_empty() {
                 println!("no nodes yet");
             }
         }
-        NodeAction::Approve { config, name } => {
+        NodeAction::Approve { config, name, key } => {
             let (_, db) = open_db(&config)?;
-            if !db.approve(&name, converge_server::db::now())? {
+            let fingerprint = db.approve(&name, &key, converge_server::db::now())?.map_err(anyhow::Error::msg)?;
+            println!("approved {name} with key {fingerprint}: it gets its certificate the next time it asks");
+        }
+        NodeAction::Reject { config, name } => {
+            let (_, db) = open_db(&config)?;
+            if !db.reject(&name)? {
                 bail!("no enrollment request from {name} is waiting (converge-server node list shows them)");
             }
-            println!("approved {name}: it gets its certificate the next time it asks");
+            println!("rejected the request waiting for {name}: the host may ask again");
         }
         NodeAction::Revoke { config, name } => {
             let (_, db) = open_db(&config)?;

@@ -77,13 +77,15 @@ pub fn fleet_page(fleet: &Fleet, filter: Option<&str>) -> Result<Option<String>>
     let nodes: Vec<NodeView> = nodes.into_iter().filter(|n| shown(n, filter)).collect();
     let pending: Vec<Value> = fleet
         .db
-        .pending_list()?
+        .pending_list(now)?
         .into_iter()
-        .map(|(node, requested, approved)| {
+        .map(|p| {
             context! {
-                node,
-                requested => converge_modules::time::Timestamp(requested).to_string(),
-                state => if approved { "approved, waiting for the agent" } else { "waiting for approval" },
+                node => p.node,
+                requested => converge_modules::time::Timestamp(p.requested).to_string(),
+                state => if p.approved { "approved, waiting for the agent" } else { "waiting for approval" },
+                key => p.fingerprint,
+                address => p.address,
             }
         })
         .collect();

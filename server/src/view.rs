@@ -7,9 +7,50 @@
 
 use crate::db::{NodeRow, StoredReport};
 use converge_modules::report::Status;
+use converge_modules::text::clip;
 use converge_modules::time::Timestamp;
 use converge_modules::wire::Report;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+/// Resources shown of one report (the rest are counted): a page stays a page.
+pub const SHOWN_RESOURCES: usize = 1000;
+/// Failed resources a digest names.
+const DIGEST_FAILED: usize = 10;
+
+/// What the node page shows of a report, kept beside it: counts and the first failed ids.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Digest {
+    pub dry_run: bool,
+    pub changed: usize,
+    pub would_change: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub unchanged: usize,
+    pub started: String,
+    pub failed_ids: Vec<String>,
+}
+
+impl Digest {
+    pub fn of(r: &Report) -> Digest {
+        let s = &r.summary;
+        Digest {
+            dry_run: s.dry_run,
+            changed: s.changed,
+            would_change: s.would_change,
+            failed: s.failed,
+            skipped: s.skipped,
+            unchanged: s.unchanged,
+            started: r.started_at.to_string(),
+            failed_ids: r
+                .resources
+                .iter()
+                .filter(|e| e.status == Status::Failed)
+                .take(DIGEST_FAILED)
+                .map(|e| clip(&e.id, 200).into_owned())
+                .collect(),
+        }
+    }
+}
 
 /// "just now", "42 s ago", "5 min ago", "3 h ago", "2 d ago".
 pub fn ago(seconds: i64) -> String {
@@ -168,14 +209,17 @@ pub struct ReportView {
     pub unchanged: usize,
     pub duration_ms: f64,
     pub warnings: Vec<String>,
-    /// Every resource that did not end unchanged.
+    /// Every resource that did not end unchanged (the first [`SHOWN_RESOURCES`]).
     pub resources: Vec<ResourceView>,
+    /// Those not shown.
+    pub hidden: usize,
     /// False when this server cannot read the report (a newer agent's).
     pub readable: bool,
 }
 
 pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
-    let parsed: Option<Report> = serde_json::from_str(&r.body).ok();
+    let parsed: Option<Report> = (!r.body.is_empty()).then(|| serde_json::from_str(&r.body).ok()).flatten();
+    let digest: Option<Digest> = r.digest.as_deref().and_then(|d| serde_json::from_str(d).ok());
     let mut v = ReportView {
         id: r.id,
         node: r.node.clone(),
@@ -202,8 +246,20 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         duration_ms: 0.0,
         warnings: vec![],
         resources: vec![],
-        readable: parsed.is_some(),
+        hidden: 0,
+        readable: parsed.is_some() || (r.body.is_empty() && digest.is_some()),
     };
+    if let Some(d) = digest.filter(|_| parsed.is_none()) {
+        v.started = d.started;
+        v.dry_run = d.dry_run;
+        (v.changed, v.would_change, v.failed, v.skipped, v.unchanged) =
+            (d.changed, d.would_change, d.failed, d.skipped, d.unchanged);
+        v.resources = d
+            .failed_ids
+            .into_iter()
+            .map(|id| ResourceView { status: "failed".into(), id, message: None, refresh: None, changes: vec![] })
+            .collect();
+    }
     if let Some(p) = parsed {
         let s = &p.summary;
         v.started = p.started_at.to_string();
@@ -216,10 +272,10 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         if p.stale {
             v.warnings.push("the catalog enforced was past its expiry (the server was unreachable)".into());
         }
-        v.resources = p
-            .resources
-            .iter()
-            .filter(|e| e.status != Status::Unchanged || e.refresh.is_some())
+        let mut shown = p.resources.iter().filter(|e| e.status != Status::Unchanged || e.refresh.is_some());
+        v.resources = shown
+            .by_ref()
+            .take(SHOWN_RESOURCES)
             .map(|e| ResourceView {
                 status: e.status.as_str().to_string(),
                 id: e.id.clone(),
@@ -238,6 +294,7 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
                     .collect(),
             })
             .collect();
+        v.hidden = shown.count();
     }
     v
 }
@@ -261,21 +318,26 @@ pub fn report_text(v: &ReportView, details: bool) -> String {
         "{}  {}  #{} run of {}, serial {}, commit {}: {} changed, {} failed, {} skipped, {} unchanged{flags}\n",
         v.received, v.node, v.id, v.started, v.serial, v.commit, v.changed, v.failed, v.skipped, v.unchanged
     ));
+    // What a node reported is shown escaped: no report can forge a line or drive the terminal.
+    let c = |s: &str| clip(s, 4096).into_owned();
     for w in &v.warnings {
-        out.push_str(&format!("    warning: {w}\n"));
+        out.push_str(&format!("    warning: {}\n", c(w)));
     }
     for r in &v.resources {
-        let message = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-        let refresh = r.refresh.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
-        out.push_str(&format!("    {:<12} {}{refresh}{message}\n", r.status, r.id));
+        let message = r.message.as_deref().map(|m| format!(": {}", c(m))).unwrap_or_default();
+        let refresh = r.refresh.as_deref().map(|m| format!(" ({})", c(m))).unwrap_or_default();
+        out.push_str(&format!("    {:<12} {}{refresh}{message}\n", c(&r.status), c(&r.id)));
         if details {
-            for c in &r.changes {
-                out.push_str(&format!("        {}: {} -> {}\n", c.attribute, c.from, c.to));
-                for l in c.diff.iter().flat_map(|d| d.lines()) {
-                    out.push_str(&format!("          {l}\n"));
+            for ch in &r.changes {
+                out.push_str(&format!("        {}: {} -> {}\n", c(&ch.attribute), c(&ch.from), c(&ch.to)));
+                for l in ch.diff.iter().flat_map(|d| d.lines()) {
+                    out.push_str(&format!("          {}\n", c(l)));
                 }
             }
         }
+    }
+    if v.hidden > 0 {
+        out.push_str(&format!("    ... and {} more resources not shown\n", v.hidden));
     }
     out
 }
@@ -327,6 +389,7 @@ mod tests {
             serial: Some(9),
             commit: Some("abc".into()),
             body: body.into(),
+            digest: None,
         };
         let v = report_view(&r, 10);
         assert_eq!((v.status, v.resources.len(), v.readable), ("failed", 2, true));
@@ -339,7 +402,21 @@ mod tests {
         assert!(text.contains("    failed       package:nope: no package\n"), "{text}");
         assert!(text.contains("        content: a -> b\n          -a\n          +b\n"), "{text}");
         assert!(!text.contains("file:/etc/x"), "unchanged resources are left out: {text}");
-        let unreadable = report_view(&StoredReport { body: "{".into(), ..r }, 10);
+        let parsed: Report = serde_json::from_str(body).unwrap();
+        let unreadable = report_view(&StoredReport { body: "{".into(), ..r.clone() }, 10);
         assert!(report_text(&unreadable, false).contains("cannot read"));
+        // Without its body, the digest tells the node page enough.
+        let digest = serde_json::to_string(&Digest::of(&parsed)).unwrap();
+        let light = report_view(&StoredReport { body: String::new(), digest: Some(digest), ..r.clone() }, 10);
+        assert_eq!((light.failed, light.unchanged, light.readable), (1, 1, true));
+        assert_eq!(light.resources.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["package:nope"]);
+        // What a node reports cannot forge a line of the terminal's output.
+        let hostile = body.replace("no package", "no\\n    failed       package:forged\\u001b[2J");
+        let v = report_view(&StoredReport { body: hostile, ..r }, 10);
+        let text = report_text(&v, true);
+        assert!(
+            !text.contains('\x1b') && !text.lines().any(|l| l.trim_start().starts_with("failed       package:forged")),
+            "{text}"
+        );
     }
 }

@@ -188,23 +188,47 @@ impl Server {
 
     /// GETs `path` over HTTPS, trusting only the fleet's CA; returns the status and body.
     pub fn get(&self, fleet: &Fleet, path: &str) -> (u16, String) {
+        self.request(fleet, &format!("GET {path} HTTP/1.1\r\n"), b"")
+    }
+
+    /// POSTs `body` to `path` without a client certificate; returns the status and body.
+    pub fn post(&self, fleet: &Fleet, path: &str, body: &[u8]) -> (u16, String) {
+        let head =
+            format!("POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+        self.request(fleet, &head, body)
+    }
+
+    /// A TLS client configuration trusting only the fleet's CA.
+    pub fn tls(fleet: &Fleet) -> std::sync::Arc<rustls::ClientConfig> {
         use rustls::pki_types::pem::PemObject;
-        use std::io::{Read, Write};
         let ca = rustls::pki_types::CertificateDer::from_pem_file(fleet.dir.path().join("state/ca.pem")).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca).unwrap();
-        let config =
+        std::sync::Arc::new(
             rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .unwrap()
                 .with_root_certificates(roots)
-                .with_no_client_auth();
-        let addr = self.url.trim_start_matches("https://").trim_end_matches('/');
+                .with_no_client_auth(),
+        )
+    }
+
+    /// `host:port` of the server.
+    pub fn addr(&self) -> String {
+        self.url.trim_start_matches("https://").trim_end_matches('/').to_string()
+    }
+
+    /// Sends a request (`head` is the request line and headers but the last CRLF), returns the
+    /// status and body.
+    pub fn request(&self, fleet: &Fleet, head: &str, body: &[u8]) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.addr();
         let host = addr.rsplit_once(':').unwrap().0.to_string();
         let name = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
-        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
-        write!(tls, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        let conn = rustls::ClientConnection::new(Self::tls(fleet), name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(&addr).unwrap());
+        write!(tls, "{head}Host: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        tls.write_all(body).unwrap();
         let mut response = Vec::new();
         let _ = tls.read_to_end(&mut response);
         let text = String::from_utf8_lossy(&response).into_owned();

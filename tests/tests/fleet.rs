@@ -149,23 +149,48 @@ fn a_live_name_cannot_enroll_twice_and_tokens_are_single_use() {
 fn approval_instead_of_a_token() {
     let f = fleet();
     let server = Server::start(&f.config());
+    // Someone else asks first for the name the operator means to approve, with a key of theirs.
+    let keys = f.dir.path().join("impostor");
+    server_ok(&["keygen", "--out", &keys.display().to_string()]);
+    let impostor_key = std::fs::read_to_string(keys.join("catalog.pub")).unwrap();
+    let request = serde_json::json!({"name": "agent5", "public_key": impostor_key}).to_string();
+    let (status, body) = server.post(&f, "/v1/enroll", request.as_bytes());
+    assert_eq!(status, 202, "{body}");
+    // The real host is refused rather than taking (or losing) the name silently.
     let root = f.root("agent5");
-    let url = server.url.clone();
-    let (hash, root2) = (f.ca_hash.clone(), root.clone());
-    let waiting = std::thread::spawn(move || {
-        converge_in(&root2, &["bootstrap", "--server", &url, "--ca-hash", &hash, "--wait", "30"])
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let listed = server_ok(&["node", "list", "--config", &f.config()]);
-        if listed.contains("agent5") && listed.contains("waiting for approval") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{listed}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    server_ok(&["node", "approve", "--config", &f.config(), "agent5"]);
-    let out = waiting.join().unwrap();
+    let bootstrap = |wait: &str| {
+        converge_in(&root, &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--wait", wait])
+    };
+    let out = bootstrap("30");
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("another enrollment request for agent5 is waiting"), "{}", out.stderr);
+    assert!(out.stderr.contains("converge-server node reject agent5"), "{}", out.stderr);
+    // The operator sees the key and where the request came from.
+    let listed = server_ok(&["node", "list", "--config", &f.config()]);
+    let line = listed.lines().find(|l| l.starts_with("agent5")).unwrap_or_else(|| panic!("{listed}"));
+    assert!(line.contains("from 127.0.0.1, key sha256:") && line.contains("waiting for approval"), "{listed}");
+    let impostor_fp = line.split("key ").nth(1).unwrap().split(':').take(2).collect::<Vec<_>>().join(":");
+    // Approving needs the key, and the key the real host prints is not the impostor's.
+    let no_key = run("converge-server", &["node", "approve", "--config", &f.config(), "agent5"]);
+    assert_eq!(no_key.code, 1, "approve without --key");
+    server_ok(&["node", "reject", "--config", &f.config(), "agent5"]);
+    let out = bootstrap("1");
+    assert_eq!(out.code, 1);
+    let printed = out
+        .stderr
+        .lines()
+        .find_map(|l| l.split("this host's key is ").nth(1))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    let host_fp = printed.split_whitespace().next().unwrap().trim_end_matches(':').to_string();
+    assert_ne!(host_fp, impostor_fp);
+    let wrong = run("converge-server", &["node", "approve", "--config", &f.config(), "agent5", "--key", &impostor_fp]);
+    assert_eq!(wrong.code, 1);
+    assert!(wrong.stderr.contains("is from key"), "{}", wrong.stderr);
+    // The impostor cannot take the request back over while the real one waits.
+    let (status, body) = server.post(&f, "/v1/enroll", request.as_bytes());
+    assert_eq!(status, 403, "{body}");
+    server_ok(&["node", "approve", "--config", &f.config(), "agent5", "--key", &host_fp]);
+    let out = bootstrap("30");
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert_eq!(read(&root, "etc/motd"), "agent5 v1\n");
 }

@@ -72,7 +72,7 @@ cmp -s {dir}/before-full {disk}/root/data/f0 && echo "full left f0 as it was" ||
     let log = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{log}{}", String::from_utf8_lossy(&out.stderr));
     let code = |name: &str| -> i32 {
-        log.lines().filter_map(|l| l.strip_prefix(&format!("{name} "))).last().unwrap().trim().parse().unwrap()
+        log.lines().rev().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().trim().parse().unwrap()
     };
     let output = |name: &str| std::fs::read_to_string(dir.join(format!("{name}.out"))).unwrap();
     for v in 0..30 {
