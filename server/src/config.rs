@@ -23,6 +23,7 @@ pub const KEYS: &[&str] = &[
     "max_connections",
     "max_connections_per_address",
     "max_requests",
+    "request_timeout",
 ];
 
 #[derive(Debug, Clone)]
@@ -53,6 +54,9 @@ pub struct Config {
     pub max_connections_per_address: usize,
     /// Requests handled at once [512]; past that, 503 with a jittered Retry-After.
     pub max_requests: usize,
+    /// Seconds a client has for its TLS handshake, and for each request's head [10s]; a
+    /// request's body gets twice that.
+    pub request_timeout: u64,
 }
 
 impl Config {
@@ -89,6 +93,7 @@ impl Config {
                 .map_err(e)?
                 .map_or(256, |n| n.max(1) as usize),
             max_requests: conf.int("max_requests").map_err(e)?.map_or(512, |n| n.max(1) as usize),
+            request_timeout: conf.duration_at_least("request_timeout", 1).map_err(e)?.map_or(10, |s| s as u64),
             state,
         })
     }

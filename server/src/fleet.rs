@@ -121,7 +121,7 @@ fn load(repo: &std::path::Path, commit: &str) -> Result<Current> {
     let r = Repo::from_git(repo, commit)?;
     let compiler = Compiler::new(&r);
     for p in &compiler.problems {
-        tracing::warn!("repository {commit}: {p}");
+        tracing::warn!("repository {commit}: {}", converge_modules::text::clip(&p.to_string(), 2000));
     }
     Ok(Current { commit: commit.to_string(), compiler })
 }
@@ -147,7 +147,7 @@ impl Fleet {
         tracing::info!("compiling {} at {commit}", config.repo.display());
         Ok(Fleet {
             compiles: tokio::sync::Semaphore::new(config.max_compiles),
-            admission: crate::http::Admission::new(config.max_requests),
+            admission: crate::http::Admission::new(&config),
             config,
             db,
             ca,

@@ -34,12 +34,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
-/// How long a client has for its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client has to send a request's head (and how long an idle connection stays).
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client has to send a request's body, whole.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Enrollments handled at once (they need no certificate).
 pub const ENROLLMENTS_AT_ONCE: usize = 4;
 
@@ -59,13 +53,20 @@ struct Node(String);
 pub struct Admission {
     requests: Arc<Semaphore>,
     enrollments: Arc<Semaphore>,
+    /// How long a client has for its TLS handshake, and for each request's head (an idle
+    /// connection is closed after as long).
+    pub head: Duration,
+    /// How long a client has to send a request's body, whole.
+    pub body: Duration,
 }
 
 impl Admission {
-    pub fn new(max_requests: usize) -> Admission {
+    pub fn new(config: &crate::config::Config) -> Admission {
         Admission {
-            requests: Arc::new(Semaphore::new(max_requests)),
+            requests: Arc::new(Semaphore::new(config.max_requests)),
             enrollments: Arc::new(Semaphore::new(ENROLLMENTS_AT_ONCE)),
+            head: Duration::from_secs(config.request_timeout),
+            body: Duration::from_secs(2 * config.request_timeout),
         }
     }
 }
@@ -112,19 +113,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::from(anyhow::anyhow!("a blocking task failed: {e}")))
 }
 
-/// The body of a request, within `limit` bytes and [`BODY_TIMEOUT`]: refused by its declared
-/// length before it is read, cut off as soon as it passes the limit.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// The body of a request, within `limit` bytes and `deadline`: refused by its declared length
+/// before it is read, cut off as soon as it passes the limit.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize, deadline: Duration) -> Result<Bytes, ApiError> {
     let too_big =
         || ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is more than the {limit} bytes accepted"), None);
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_big());
     }
-    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(ApiError(
             StatusCode::REQUEST_TIMEOUT,
-            format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+            format!("the body did not arrive within {} s", deadline.as_secs()),
             None,
         )),
         Ok(Err(e)) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
@@ -236,7 +237,7 @@ async fn enroll(
         fleet.metrics.enroll_refused.fetch_add(1, Ordering::Relaxed);
         return Err(busy("too many enrollments at once"));
     };
-    let body = read_body(&headers, body, Limits::ENROLL_BODY).await?;
+    let body = read_body(&headers, body, Limits::ENROLL_BODY, fleet.admission.body).await?;
     let req: EnrollRequest = json_body(&body)?;
     let from = peer.addr.map(|a| a.ip().to_string()).unwrap_or_default();
     let name = req.name.clone();
@@ -259,7 +260,7 @@ async fn catalog(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(&headers, body, Limits::CATALOG_BODY).await?;
+    let body = read_body(&headers, body, Limits::CATALOG_BODY, fleet.admission.body).await?;
     let req: CatalogRequest = json_body(&body)?;
     req.check().map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why, None))?;
     fleet.saw(&node, &req.agent_version, &req.facts);
@@ -302,7 +303,7 @@ async fn report(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let body = read_body(&headers, body, Limits::REPORT_BODY).await?;
+    let body = read_body(&headers, body, Limits::REPORT_BODY, fleet.admission.body).await?;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "bad request body: not UTF-8".into(), None))?;
     let report: Report = json_body(text.as_bytes())?;
@@ -628,8 +629,8 @@ impl Drop for Slot {
     }
 }
 
-/// Accepts connections forever: past the caps a connection is closed at once; then TLS
-/// (within [`HANDSHAKE_TIMEOUT`]), then HTTP/1.1 (each request head within [`HEAD_TIMEOUT`])
+/// Accepts connections forever: past the caps a connection is closed at once; then TLS, then
+/// HTTP/1.1 (the handshake and each request head within the configured `request_timeout`),
 /// with the client certificate's fingerprint attached to every request of the connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -665,7 +666,8 @@ pub async fn serve(
         let (acceptor, app, fleet) = (acceptor.clone(), app.clone(), fleet.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else { return };
+            let head = fleet.admission.head;
+            let Ok(Ok(tls)) = tokio::time::timeout(head, acceptor.accept(tcp)).await else { return };
             fleet.metrics.connections.fetch_add(1, Ordering::Relaxed);
             if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                 fleet.metrics.resumed.fetch_add(1, Ordering::Relaxed);
@@ -675,7 +677,7 @@ pub async fn serve(
             let service = hyper_util::service::TowerToHyperService::new(app.layer(Extension(peer)));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
+                .header_read_timeout(head)
                 .max_buf_size(64 << 10)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
             let _ = conn.await;

@@ -616,7 +616,9 @@ fn serve(config_path: &Path) -> Result<u8> {
                 tokio::time::sleep(std::time::Duration::from_secs(watcher.config.repo_poll)).await;
                 let f = watcher.clone();
                 match tokio::task::spawn_blocking(move || f.refresh()).await {
-                    Ok(Err(e)) => tracing::warn!("repository: {e:#}"),
+                    Ok(Err(e)) => {
+                        tracing::warn!("repository: {}", converge_modules::text::clip(&format!("{e:#}"), 2000))
+                    }
                     Err(e) => tracing::warn!("repository: {e}"),
                     Ok(Ok(_)) => {}
                 }

@@ -163,14 +163,40 @@ pub struct Server {
     pub url: String,
 }
 
+/// How to start a server for a test.
+#[derive(Default)]
+pub struct Launch {
+    /// The open-file limit (soft and hard) the server runs under.
+    pub open_files: Option<u64>,
+    /// Where its log (standard error) goes.
+    pub log: Option<PathBuf>,
+}
+
 impl Server {
     /// Starts the server of `config` and waits until it listens.
     pub fn start(config: &str) -> Server {
+        Server::launch(config, Launch::default())
+    }
+
+    /// Starts the server of `config` as `how` says, and waits until it listens.
+    pub fn launch(config: &str, how: Launch) -> Server {
         use std::io::BufRead;
-        let mut child = Command::new(bin("converge-server"))
+        let mut cmd = match how.open_files {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin("converge-server"));
+                c
+            }
+            None => Command::new(bin("converge-server")),
+        };
+        let stderr = match &how.log {
+            Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
+            None => std::process::Stdio::null(),
+        };
+        let mut child = cmd
             .args(["serve", "--config", config])
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start the server");
         let stdout = child.stdout.take().unwrap();
@@ -184,6 +210,22 @@ impl Server {
         });
         let url = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the server starts listening");
         Server { child, url }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
     }
 
     /// GETs `path` over HTTPS, trusting only the fleet's CA; returns the status and body.
@@ -221,14 +263,44 @@ impl Server {
     /// Sends a request (`head` is the request line and headers but the last CRLF), returns the
     /// status and body.
     pub fn request(&self, fleet: &Fleet, head: &str, body: &[u8]) -> (u16, String) {
+        self.request_with(Self::tls(fleet), head, body)
+    }
+
+    /// The same, with the client certificate of the agent joined under `root`.
+    pub fn request_as(&self, fleet: &Fleet, root: &Path, head: &str, body: &[u8]) -> (u16, String) {
+        self.request_with(Self::tls_as(fleet, root), head, body)
+    }
+
+    /// A TLS client configuration trusting only the fleet's CA, presenting the client
+    /// certificate of the agent joined under `root`.
+    pub fn tls_as(fleet: &Fleet, root: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let ca = CertificateDer::from_pem_file(fleet.dir.path().join("state/ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let cert = CertificateDer::from_pem_file(root.join("etc/converge/agent.pem")).unwrap();
+        let key = PrivateKeyDer::from_pem_file(root.join("etc/converge/agent.key")).unwrap();
+        std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(vec![cert], key)
+                .unwrap(),
+        )
+    }
+
+    fn request_with(&self, config: std::sync::Arc<rustls::ClientConfig>, head: &str, body: &[u8]) -> (u16, String) {
         use std::io::{Read, Write};
         let addr = self.addr();
         let host = addr.rsplit_once(':').unwrap().0.to_string();
         let name = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
-        let conn = rustls::ClientConnection::new(Self::tls(fleet), name).unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(&addr).unwrap());
         write!(tls, "{head}Host: {host}\r\nConnection: close\r\n\r\n").unwrap();
-        tls.write_all(body).unwrap();
+        // The server may answer (and close) before the whole body is sent: that is the point.
+        let _ = tls.write_all(body);
         let mut response = Vec::new();
         let _ = tls.read_to_end(&mut response);
         let text = String::from_utf8_lossy(&response).into_owned();
