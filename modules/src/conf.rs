@@ -110,10 +110,15 @@ impl Conf {
     }
 }
 
-/// Parses a duration like `7d`, `12h`, `30m` or `90s` (seconds when unit-less).
+/// The longest duration anything takes: a century. Every time computed from a duration (an
+/// expiry, a certificate's end) then stays far inside what the types and formats can hold.
+pub const MAX_DURATION: i64 = 100 * 365 * 86_400;
+
+/// Parses a duration like `7d`, `12h`, `30m` or `90s` (seconds when unit-less), at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<i64, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let bad = || format!("`{s}` is not a duration like 7d, 12h, 30m or 90s");
+    let bad = || format!("`{}` is not a duration like 7d, 12h, 30m or 90s", crate::text::clip(s, 40));
     let n: i64 = n.parse().map_err(|_| bad())?;
     let unit = match unit {
         "d" => 86_400,
@@ -122,7 +127,10 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
         "s" | "" => 1,
         _ => return Err(bad()),
     };
-    n.checked_mul(unit).ok_or_else(bad)
+    match n.checked_mul(unit) {
+        Some(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!("`{}` is longer than the 100 years a duration can be", crate::text::clip(s, 40))),
+    }
 }
 
 /// A line without its comment (a `#` outside a string).
@@ -232,6 +240,9 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap(), 90);
         assert!(parse_duration("7w").is_err());
         assert!(parse_duration("d").is_err());
+        assert!(parse_duration("9223372036854775807s").unwrap_err().contains("100 years"));
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(parse_duration("36500d").unwrap(), MAX_DURATION);
         let c = Conf::parse("a.toml", "server = \"x\"\ninterval = \"2s\"\n", KNOWN).unwrap();
         let e = c.duration_at_least("interval", 10).unwrap_err().to_string();
         assert!(e.starts_with("a.toml:2:1: `interval` is 2s; it must be at least 10s"), "{e}");

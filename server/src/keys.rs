@@ -168,7 +168,7 @@ pub fn sign_catalog(
     let millis =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
     catalog.issued_at = Some(now);
-    catalog.expires_at = Some(Timestamp(now.0 + ttl));
+    catalog.expires_at = Some(now.checked_add(ttl).ok_or_else(|| anyhow!("a lifetime of {ttl} s is past any date"))?);
     catalog.serial = Some(serial.unwrap_or(millis));
     let payload = serde_json::to_vec(&catalog)?;
     let mut env = trust::sign(CATALOG_TYPE, &payload, key);

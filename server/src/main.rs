@@ -599,6 +599,12 @@ fn serve(config_path: &Path) -> Result<u8> {
     // Colour only on a terminal: a journal or a log file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    // A panic is a bug: logged with where it happened; the request gets a 500 (the router
+    // catches it) and the server goes on.
+    std::panic::set_hook(Box::new(|info| {
+        let place = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!("internal error (a bug; please report it) at {place}: {}", converge_modules::text::clip(&info.to_string(), 2000));
+    }));
     let config = converge_server::config::Config::read(config_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

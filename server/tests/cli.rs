@@ -196,3 +196,25 @@ fn compile_prints_yaml_or_json() {
         unknown.stderr
     );
 }
+
+#[test]
+fn hostile_durations_and_times_are_one_line_errors_never_panics() {
+    let t = tempfile::tempdir().unwrap();
+    let keys = t.path().join("keys");
+    assert_eq!(server(&["keygen", "--out", &keys.display().to_string()]).code, 0);
+    let catalog = t.path().join("c.yaml");
+    std::fs::write(&catalog, "format: 1\nhost: web01\nresources: []\n").unwrap();
+    let key = keys.join("catalog.key").display().to_string();
+    let c = catalog.display().to_string();
+    for ttl in ["9223372036854775807s", "99999999999999999999d", "36501d", "é"] {
+        let out = server(&["sign", &key, &c, "--ttl", ttl]);
+        assert_eq!(out.code, 1, "--ttl {ttl}: {}", out.stdout);
+        assert!(!out.stderr.contains("panicked") && out.stderr.lines().count() == 1, "{}", out.stderr);
+    }
+    assert_eq!(server(&["sign", &key, &c, "--ttl", "36500d"]).code, 0, "a century is the most");
+    // A catalog whose times are not times.
+    std::fs::write(&catalog, "format: 1\nhost: web01\nissued_at: \"2026-11-3é03:50:07Z\"\nresources: []\n").unwrap();
+    let out = server(&["sign", &key, &c]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("c.yaml:3:") && !out.stderr.contains("panicked"), "{}", out.stderr);
+}
