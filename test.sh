@@ -33,24 +33,32 @@ else
 fi
 cargo nextest run --locked --workspace --profile ci
 
-# Fuzz the agent's envelope checks for a bounded time (FUZZ_SECONDS, 0 to skip; run it for hours
-# as the README says). cargo-fuzz wants nightly flags; RUSTC_BOOTSTRAP lets this stable
-# toolchain take them.
-FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+# Fuzz every parser that reads the network, a catalog or a repository, for a bounded time in
+# all (FUZZ_SECONDS, 0 to skip; run them for hours as the README says). cargo-fuzz wants
+# nightly flags; RUSTC_BOOTSTRAP lets this stable toolchain take them.
+FUZZ_SECONDS="${FUZZ_SECONDS:-120}"
+FUZZ_TARGETS=(envelope catalog wire repository time)
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
     if ! cargo fuzz --version >/dev/null 2>&1; then
         cargo install --locked cargo-fuzz
     fi
-    mkdir -p fuzz/corpus/envelope
-    log="$(mktemp)"
-    if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --target-dir "${CARGO_TARGET_DIR:-../target}/fuzz" \
-        envelope corpus/envelope seeds/envelope -- -max_total_time="$FUZZ_SECONDS") >"$log" 2>&1; then
-        tail -40 "$log" >&2
-        echo "fuzzing failed (crashes are kept in fuzz/artifacts/envelope/)" >&2
-        exit 1
-    fi
-    grep -E '^Done [0-9]+ runs' "$log"
-    rm -f "$log"
+    fuzz_dir="${CARGO_TARGET_DIR:-$PWD/target}/fuzz"
+    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build --target-dir "$fuzz_dir") >/dev/null 2>&1 ||
+        (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build --target-dir "$fuzz_dir")
+    each=$(( FUZZ_SECONDS / ${#FUZZ_TARGETS[@]} ))
+    [ "$each" -gt 0 ] || each=1
+    for target in "${FUZZ_TARGETS[@]}"; do
+        mkdir -p "fuzz/corpus/$target"
+        log="$(mktemp)"
+        if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --target-dir "$fuzz_dir" \
+            "$target" "corpus/$target" "seeds/$target" -- -max_total_time="$each" -rss_limit_mb=2048) >"$log" 2>&1; then
+            tail -40 "$log" >&2
+            echo "fuzzing $target failed (crashes are kept in fuzz/artifacts/$target/)" >&2
+            exit 1
+        fi
+        echo "fuzz $target: $(grep -E '^Done [0-9]+ runs' "$log")"
+        rm -f "$log"
+    done
 else
     echo "fuzzing skipped: FUZZ_SECONDS=0"
 fi

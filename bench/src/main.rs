@@ -13,7 +13,9 @@
 //! `converge-bench sign`: signing and verifying catalogs beside raw ed25519; see `signing.rs`.
 //!
 //! `converge-bench serve [NODES FULL CONCURRENCY]`: load on the server over mutual TLS; see
-//! `serve.rs`.
+//! `serve.rs`. `converge-bench siege [NODES SLOW FLOODERS]`: agents' polls while slow
+//! connections and an enrollment flood attack the server, beside the same unloaded; see
+//! `siege.rs`.
 //!
 //! `converge-bench system`: a no-op run over packages, users, services and files in a container,
 //! beside the one query it cannot avoid and `puppet apply`; see `system.rs`.
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant};
 mod compile;
 mod page;
 mod serve;
+mod siege;
 mod signing;
 mod system;
 
@@ -53,10 +56,14 @@ fn main() {
             serve::run(n(1, 10_000), n(2, 1_000), n(3, 64));
         }
         Some("page") => page::run(&sizes()),
+        Some("siege") => {
+            let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
+            siege::run(n(1, 500), n(2, 1000), n(3, 4));
+        }
         Some("noop") => noop(&sizes()),
         _ => {
             eprintln!(
-                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | system | baseline LIST"
+                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | siege [NODES SLOW FLOODERS] | system | baseline LIST"
             );
             std::process::exit(1);
         }

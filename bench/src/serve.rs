@@ -24,20 +24,32 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Node {
-    name: String,
-    tls: Arc<rustls::ClientConfig>,
-    etag: Option<String>,
+pub struct Node {
+    pub name: String,
+    /// The loopback address it connects from: every agent has an address of its own, as on a
+    /// real network (the server counts connections per address).
+    pub from: std::net::Ipv4Addr,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub etag: Option<String>,
 }
 
-/// One request on a fresh connection; returns (status, etag).
-async fn request(
+/// A TCP connection to `addr` from the loopback address `from`.
+pub async fn connect_from(from: std::net::Ipv4Addr, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let to: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(std::net::SocketAddr::from((from, 0)))?;
+    s.connect(to).await
+}
+
+/// One request on a fresh connection from `from`; returns (status, etag).
+pub async fn request(
+    from: std::net::Ipv4Addr,
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
     body: &[u8],
     etag: Option<&str>,
 ) -> Result<(u16, Option<String>), String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tcp = connect_from(from, addr).await.map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).ok();
     let connector = tokio_rustls::TlsConnector::from(tls);
     let mut s = connector
@@ -70,8 +82,12 @@ async fn request(
 }
 
 /// A bare mutual TLS handshake.
-async fn handshake(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<(u16, Option<String>), String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+async fn handshake(
+    from: std::net::Ipv4Addr,
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(u16, Option<String>), String> {
+    let tcp = connect_from(from, addr).await.map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).ok();
     let connector = tokio_rustls::TlsConnector::from(tls);
     let mut s = connector
@@ -82,22 +98,27 @@ async fn handshake(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<(u16, O
     Ok((0, None))
 }
 
-struct Phase {
+pub struct Phase {
     name: &'static str,
     count: usize,
     seconds: f64,
     latencies: Vec<Duration>,
-    errors: usize,
+    pub errors: usize,
     statuses: std::collections::BTreeMap<u16, usize>,
     /// CPU seconds the server process used during the phase.
     server_cpu: f64,
 }
 
 impl Phase {
-    fn print(&self) {
+    /// The latency below which a share `q` of requests finished, in milliseconds.
+    pub fn percentile(&self, q: f64) -> f64 {
         let mut l = self.latencies.clone();
         l.sort();
-        let p = |q: f64| l.get(((l.len().max(1) - 1) as f64 * q) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        l.get(((l.len().max(1) - 1) as f64 * q) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    }
+
+    pub fn print(&self) {
+        let p = |q: f64| self.percentile(q);
         println!(
             "{:<24} {:>6} {:>8.0}/s {:>7.2}ms {:>7.2}ms {:>8.0}us {:>6}  {:?}",
             self.name,
@@ -111,7 +132,7 @@ impl Phase {
         );
     }
 
-    fn rate(&self) -> f64 {
+    pub fn rate(&self) -> f64 {
         self.count as f64 / self.seconds
     }
 
@@ -142,10 +163,10 @@ fn clock_ticks() -> f64 {
 }
 
 /// The server process, whose CPU time each phase measures.
-static SERVER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+pub static SERVER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Runs `op` for each node index in `order`, `concurrency` at a time.
-async fn phase<F, Fut>(
+pub async fn phase<F, Fut>(
     name: &'static str,
     order: Vec<usize>,
     concurrency: usize,
@@ -209,7 +230,7 @@ where
     (p, etags)
 }
 
-fn peak_rss(pid: u32) -> f64 {
+pub fn peak_rss(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -241,12 +262,11 @@ pub fn init_server(name: &str) -> (PathBuf, PathBuf) {
     (server_bin, state)
 }
 
-pub fn run(nodes: usize, full: usize, concurrency: usize) {
-    let (server_bin, state) = init_server("serve");
-
-    // Enroll every node directly in the store (what /v1/enroll does, without the wait).
+/// `nodes` nodes enrolled directly in the store of `state` (what /v1/enroll does, without
+/// the wait), each with its own key and a TLS client configuration presenting its certificate.
+pub fn enroll_nodes(state: &Path, nodes: usize) -> Vec<Node> {
     let t = Instant::now();
-    let ca = Ca::load(&state).unwrap();
+    let ca = Ca::load(state).unwrap();
     let db = Db::open(&state.join("state.db"), 1).unwrap();
     let ca_der = CertificateDer::from_pem_file(state.join("ca.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
@@ -272,12 +292,17 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
             .with_root_certificates(roots.clone())
             .with_client_auth_cert(certs, key)
             .unwrap();
-        fleet.push(Node { name, tls: Arc::new(config), etag: None });
+        let from = std::net::Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, (i & 0xff) as u8 | 1);
+        fleet.push(Node { name, tls: Arc::new(config), etag: None, from });
     }
-    drop(db);
     eprintln!("enrolled {nodes} nodes in {:.1} s", t.elapsed().as_secs_f64());
+    fleet
+}
 
-    let mut server = Command::new(&server_bin)
+/// Starts `converge-server serve` on `state`; returns the process and the address it listens
+/// on. Its CPU time is what the phases measure.
+pub fn start_server(server_bin: &Path, state: &Path) -> (std::process::Child, String) {
+    let mut server = Command::new(server_bin)
         .args(["serve", "--config", &state.join("server.toml").display().to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -290,12 +315,24 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
         std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
         line.split("https://").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
     };
-    let body = Arc::new(
+    (server, addr)
+}
+
+/// What agents send with each catalog request.
+pub fn catalog_body() -> Arc<Vec<u8>> {
+    Arc::new(
         serde_json::to_vec(
             &serde_json::json!({"agent_version": "bench", "formats": [1], "facts": {"cpus": 2, "memory_mb": 4096}}),
         )
         .unwrap(),
-    );
+    )
+}
+
+pub fn run(nodes: usize, full: usize, concurrency: usize) {
+    let (server_bin, state) = init_server("serve");
+    let fleet = enroll_nodes(&state, nodes);
+    let (mut server, addr) = start_server(&server_bin, &state);
+    let body = catalog_body();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let fleet = Arc::new(std::sync::RwLock::new(fleet));
     let all: Vec<usize> = (0..nodes).collect();
@@ -309,11 +346,12 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
         "phase", "count", "rate", "p50", "p99", "server CPU", "errors"
     );
     let tls_of = |f: &Arc<std::sync::RwLock<Vec<Node>>>, i: usize| f.read().unwrap()[i].tls.clone();
+    let from_of = |f: &Arc<std::sync::RwLock<Vec<Node>>>, i: usize| f.read().unwrap()[i].from;
 
     let (f, a, b) = (fleet.clone(), addr.clone(), body.clone());
     let (first, etags) = rt.block_on(phase("first fetch (compile)", all.clone(), concurrency, move |i| {
-        let (tls, addr, body) = (tls_of(&f, i), a.clone(), b.clone());
-        async move { request(&addr, tls, &body, None).await }
+        let (tls, addr, body, from) = (tls_of(&f, i), a.clone(), b.clone(), from_of(&f, i));
+        async move { request(from, &addr, tls, &body, None).await }
     }));
     first.print();
     for (i, etag) in etags {
@@ -321,15 +359,15 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
     }
     let (f, a, b) = (fleet.clone(), addr.clone(), body.clone());
     let (full_phase, _) = rt.block_on(phase("full fetch", (0..full.min(nodes)).collect(), concurrency, move |i| {
-        let (tls, addr, body) = (tls_of(&f, i), a.clone(), b.clone());
-        async move { request(&addr, tls, &body, None).await }
+        let (tls, addr, body, from) = (tls_of(&f, i), a.clone(), b.clone(), from_of(&f, i));
+        async move { request(from, &addr, tls, &body, None).await }
     }));
     full_phase.print();
     let (f, a, b) = (fleet.clone(), addr.clone(), body.clone());
     let (polls, _) = rt.block_on(phase("conditional poll (304)", all.clone(), concurrency, move |i| {
-        let (tls, addr, body) = (tls_of(&f, i), a.clone(), b.clone());
+        let (tls, addr, body, from) = (tls_of(&f, i), a.clone(), b.clone(), from_of(&f, i));
         let etag = f.read().unwrap()[i].etag.clone();
-        async move { request(&addr, tls, &body, etag.as_deref()).await }
+        async move { request(from, &addr, tls, &body, etag.as_deref()).await }
     }));
     polls.print();
     // As right after a server restart: its ticket keys are gone, every agent does a full handshake.
@@ -347,17 +385,17 @@ pub fn run(nodes: usize, full: usize, concurrency: usize) {
     );
     let (f, a, b, c) = (fleet.clone(), addr.clone(), body.clone(), cold.clone());
     let (cold_polls, _) = rt.block_on(phase("poll, full handshake", all.clone(), concurrency, move |i| {
-        let (tls, addr, body) = (c[i].clone(), a.clone(), b.clone());
+        let (tls, addr, body, from) = (c[i].clone(), a.clone(), b.clone(), from_of(&f, i));
         let etag = f.read().unwrap()[i].etag.clone();
-        async move { request(&addr, tls, &body, etag.as_deref()).await }
+        async move { request(from, &addr, tls, &body, etag.as_deref()).await }
     }));
     cold_polls.print();
     // Last, since it closes before the server's new session ticket arrives: the ticket each node
     // holds is spent here, and the phases above would otherwise pay full handshakes.
     let (f, a) = (fleet.clone(), addr.clone());
     let (hs, _) = rt.block_on(phase("baseline: TLS handshake", all, concurrency, move |i| {
-        let (tls, addr) = (tls_of(&f, i), a.clone());
-        async move { handshake(&addr, tls).await }
+        let (tls, addr, from) = (tls_of(&f, i), a.clone(), from_of(&f, i));
+        async move { handshake(from, &addr, tls).await }
     }));
     hs.print();
     let rss = peak_rss(server.id());

@@ -24,6 +24,7 @@ pub const KEYS: &[&str] = &[
     "max_connections_per_address",
     "max_requests",
     "request_timeout",
+    "new_connections_per_address",
 ];
 
 #[derive(Debug, Clone)]
@@ -57,6 +58,10 @@ pub struct Config {
     /// Seconds a client has for its TLS handshake, and for each request's head [10s]; a
     /// request's body gets twice that.
     pub request_timeout: u64,
+    /// New connections a second from one address, on average [64]; a burst may open the
+    /// address's whole cap at once. Behind a load balancer that hides client addresses, raise
+    /// this and `max_connections_per_address` to the totals.
+    pub new_connections_per_address: u64,
 }
 
 impl Config {
@@ -94,6 +99,10 @@ impl Config {
                 .map_or(256, |n| n.max(1) as usize),
             max_requests: conf.int("max_requests").map_err(e)?.map_or(512, |n| n.max(1) as usize),
             request_timeout: conf.duration_at_least("request_timeout", 1).map_err(e)?.map_or(10, |s| s as u64),
+            new_connections_per_address: conf
+                .int("new_connections_per_address")
+                .map_err(e)?
+                .map_or(64, |n| n.max(1) as u64),
             state,
         })
     }

@@ -260,6 +260,21 @@ impl Db {
         })
     }
 
+    /// Certificates issued (rowid above `after`) or revoked (at `revoked_since` or later) since
+    /// the last look: (rowid, fingerprint, certificate). With `after` 0, every certificate.
+    pub fn certs_changed(&self, after: i64, revoked_since: i64) -> Result<Vec<(i64, String, Cert)>> {
+        self.with(|c| {
+            let mut s = c.prepare_cached(
+                "SELECT rowid, fingerprint, node, expires, revoked FROM certificates
+                 WHERE rowid > ?1 OR revoked >= ?2",
+            )?;
+            s.query_map(params![after, revoked_since], |r| {
+                Ok((r.get(0)?, r.get(1)?, Cert { node: r.get(2)?, expires: r.get(3)?, revoked: r.get(4)? }))
+            })?
+            .collect()
+        })
+    }
+
     /// Whether `node` has a certificate that is neither revoked nor expired.
     pub fn live_cert(&self, node: &str, now: i64) -> Result<bool> {
         self.with(|c| {

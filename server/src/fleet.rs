@@ -11,7 +11,7 @@
 use crate::ca::Ca;
 use crate::compiler::Compiler;
 use crate::config::Config;
-use crate::db::{Db, Pending, ReportRow, Stored, Visit, now};
+use crate::db::{Cert, Db, Pending, ReportRow, Stored, Visit, now};
 use crate::keys;
 use crate::repo::Repo;
 use anyhow::{Context, Result};
@@ -74,6 +74,12 @@ pub struct Fleet {
     /// The facts hash last recorded per node.
     facts: RwLock<HashMap<String, String>>,
     seen: Mutex<HashMap<String, Seen>>,
+    /// Every certificate by fingerprint, as the store has it: read at start, kept current by
+    /// this server's enrollments and by [`Fleet::watch_certs`] (what `node revoke` and other
+    /// processes change), so the check every request makes is no database call.
+    certs: RwLock<HashMap<String, Cert>>,
+    /// The newest certificate row seen, and when the store was last looked at.
+    cert_watch: Mutex<(i64, i64)>,
     pub compiles: tokio::sync::Semaphore,
     pub admission: crate::http::Admission,
     pub metrics: Metrics,
@@ -96,6 +102,17 @@ pub enum Refused {
 impl From<anyhow::Error> for Refused {
     fn from(e: anyhow::Error) -> Self {
         Refused::Internal(e)
+    }
+}
+
+/// Whether a certificate may be served at `t`, and for which node.
+fn verdict(c: &Cert, t: i64) -> Result<String, String> {
+    if c.revoked.is_some() {
+        Err(format!("the certificate of {} is revoked", c.node))
+    } else if c.expires <= t {
+        Err(format!("the certificate of {} has expired; bootstrap again", c.node))
+    } else {
+        Ok(c.node.clone())
     }
 }
 
@@ -142,6 +159,10 @@ impl Fleet {
             );
         }
         let pin = crate::bootstrap::pin(&config.state)?;
+        let started = now();
+        let all = db.certs_changed(0, 0)?;
+        let newest = all.iter().map(|(rowid, ..)| *rowid).max().unwrap_or(0);
+        let certs = all.into_iter().map(|(_, fp, c)| (fp, c)).collect();
         let commit = head(&config.repo, &config.branch)?;
         let current = load(&config.repo, &commit)?;
         tracing::info!("compiling {} at {commit}", config.repo.display());
@@ -157,8 +178,10 @@ impl Fleet {
             catalogs: RwLock::new(HashMap::new()),
             facts: RwLock::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
+            certs: RwLock::new(certs),
+            cert_watch: Mutex::new((newest, started)),
             metrics: Metrics::default(),
-            started: now(),
+            started,
             pin,
         })
     }
@@ -180,14 +203,47 @@ impl Fleet {
     }
 
     /// The node a client certificate belongs to, if it may be served: issued by this server,
-    /// neither revoked nor expired. Checked on every request.
+    /// neither revoked nor expired. Checked on every request, in memory; `None` for a
+    /// certificate this server has not seen yet (then [`Fleet::node_of`] asks the store).
+    pub fn node_of_known(&self, fingerprint: &str) -> Option<Result<String, String>> {
+        let certs = self.certs.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        certs.get(fingerprint).map(|c| verdict(c, now()))
+    }
+
+    /// [`Fleet::node_of_known`], asking the store about a certificate not known yet.
     pub fn node_of(&self, fingerprint: &str) -> Result<Result<String, String>> {
+        if let Some(v) = self.node_of_known(fingerprint) {
+            return Ok(v);
+        }
         Ok(match self.db.cert(fingerprint)? {
             None => Err("this certificate was not issued by this server".into()),
-            Some(c) if c.revoked.is_some() => Err(format!("the certificate of {} is revoked", c.node)),
-            Some(c) if c.expires <= now() => Err(format!("the certificate of {} has expired; bootstrap again", c.node)),
-            Some(c) => Ok(c.node),
+            Some(c) => {
+                let v = verdict(&c, now());
+                self.certs
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(fingerprint.to_string(), c);
+                v
+            }
         })
+    }
+
+    /// Takes in what changed in the store's certificates since the last look (new ones, and
+    /// revocations by `node revoke`): called every second, off the runtime's threads.
+    pub fn watch_certs(&self) -> Result<()> {
+        let (after, since) = *self.cert_watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let t = now();
+        // A revocation stamped in the second before the last look is looked at again.
+        let changed = self.db.certs_changed(after, since - 1)?;
+        let newest = changed.iter().map(|(rowid, ..)| *rowid).max().unwrap_or(after).max(after);
+        if !changed.is_empty() {
+            let mut certs = self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (_, fp, c) in changed {
+                certs.insert(fp, c);
+            }
+        }
+        *self.cert_watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (newest, t);
+        Ok(())
     }
 
     /// Enrollment: a certificate at once with a valid token, else after `node approve` of
@@ -233,7 +289,10 @@ impl Fleet {
             Ok(x) => x,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        self.db.add_cert(&sha256_hex(&der), name, t, t + self.config.cert_days * 86_400)?;
+        let (fp, expires) = (sha256_hex(&der), t + self.config.cert_days * 86_400);
+        self.db.add_cert(&fp, name, t, expires)?;
+        let cert = Cert { node: name.to_string(), expires, revoked: None };
+        self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fp, cert);
         self.metrics.enroll_issued.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = name, key = %fingerprint, "enrolled");
         Ok(Ok(EnrollResponse::Issued { certificate: pem, trusted_keys: self.keys.clone() }))

@@ -36,6 +36,11 @@ use tokio::sync::Semaphore;
 
 /// Enrollments handled at once (they need no certificate).
 pub const ENROLLMENTS_AT_ONCE: usize = 4;
+/// Requests in flight from one node at once (an agent makes one at a time).
+pub const REQUESTS_PER_NODE: usize = 2;
+/// Request bodies held in memory at once, in all (each counts its declared length, or its
+/// route's limit when it declares none, from before it is read until its answer).
+pub const BODY_BUDGET: usize = 256 << 20;
 
 /// Who is on the other end: the client certificate's fingerprint, if the client presented
 /// one, and its address.
@@ -53,6 +58,10 @@ struct Node(String);
 pub struct Admission {
     requests: Arc<Semaphore>,
     enrollments: Arc<Semaphore>,
+    /// [`BODY_BUDGET`], in KiB.
+    bodies: Arc<Semaphore>,
+    /// Requests in flight per node.
+    per_node: Mutex<HashMap<String, usize>>,
     /// How long a client has for its TLS handshake, and for each request's head (an idle
     /// connection is closed after as long).
     pub head: Duration,
@@ -65,9 +74,37 @@ impl Admission {
         Admission {
             requests: Arc::new(Semaphore::new(config.max_requests)),
             enrollments: Arc::new(Semaphore::new(ENROLLMENTS_AT_ONCE)),
+            bodies: Arc::new(Semaphore::new(BODY_BUDGET >> 10)),
+            per_node: Mutex::default(),
             head: Duration::from_secs(config.request_timeout),
             body: Duration::from_secs(2 * config.request_timeout),
         }
+    }
+}
+
+/// A request of a node in flight; dropping it ends it.
+struct NodeRequest(Arc<Fleet>, String);
+
+impl Drop for NodeRequest {
+    fn drop(&mut self) {
+        let mut m = self.0.admission.per_node.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// A place among the requests being worked on, taken once a request's body is in: a
+    /// body that trickles in holds its connection, never a place of work.
+    fn work(&self, fleet: &Fleet) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.requests.clone().try_acquire_owned().map_err(|_| {
+            fleet.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+            busy("the server is busy")
+        })
     }
 }
 
@@ -115,13 +152,26 @@ async fn blocking<T: Send + 'static>(
 
 /// The body of a request, within `limit` bytes and `deadline`: refused by its declared length
 /// before it is read, cut off as soon as it passes the limit.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+async fn read_body(
+    fleet: &Fleet,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), ApiError> {
     let too_big =
         || ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is more than the {limit} bytes accepted"), None);
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_big());
     }
+    let expected = declared.map_or(limit, |n| n as usize);
+    let kib = u32::try_from(expected.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let Ok(budget) = fleet.admission.bodies.clone().try_acquire_many_owned(kib) else {
+        fleet.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+        return Err(busy("too many request bodies at once"));
+    };
+    let limit = expected.min(limit);
+    let deadline = fleet.admission.body;
     match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(ApiError(
             StatusCode::REQUEST_TIMEOUT,
@@ -132,7 +182,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, deadline: Dura
             Err(too_big())
         }
         Ok(Err(_)) => Err(ApiError(StatusCode::BAD_REQUEST, "the body was cut short".into(), None)),
-        Ok(Ok(b)) => Ok(b),
+        Ok(Ok(b)) => Ok((b, budget)),
     }
 }
 
@@ -159,13 +209,35 @@ async fn authenticate(
         )
         .into_response();
     };
-    let found = match blocking(&fleet, move |f| f.node_of(&fp)).await {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => return ApiError::from(e).into_response(),
-        Err(e) => return e.into_response(),
+    // In memory, as the store was a second ago at most; a certificate not seen yet is looked
+    // up in the store, off the runtime's threads.
+    let found = match fleet.node_of_known(&fp) {
+        Some(found) => found,
+        None => match blocking(&fleet, move |f| f.node_of(&fp)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => return ApiError::from(e).into_response(),
+            Err(e) => return e.into_response(),
+        },
     };
     match found {
         Ok(node) => {
+            let slot = {
+                let mut m = fleet.admission.per_node.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let n = m.entry(node.clone()).or_insert(0);
+                (*n < REQUESTS_PER_NODE).then(|| {
+                    *n += 1;
+                    NodeRequest(fleet.clone(), node.clone())
+                })
+            };
+            let Some(_slot) = slot else {
+                fleet.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+                return ApiError(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("{node} has {REQUESTS_PER_NODE} requests in flight already"),
+                    Some(jitter()),
+                )
+                .into_response();
+            };
             req.extensions_mut().insert(Node(node));
             next.run(req).await
         }
@@ -176,12 +248,16 @@ async fn authenticate(
     }
 }
 
-/// Requests in flight are capped; every answer carries the headers that keep browsers from
-/// framing or sniffing it.
+/// Requests being worked on are capped (a request with a body takes its place once the body
+/// is in, in its handler); every answer carries the headers that keep browsers from framing or
+/// sniffing it.
 async fn admit(State(fleet): State<Arc<Fleet>>, req: Request, next: Next) -> Response {
-    let Ok(permit) = fleet.admission.requests.clone().try_acquire_owned() else {
-        fleet.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
-        return protect(busy("the server is busy").into_response());
+    if req.method() == axum::http::Method::POST {
+        return protect(next.run(req).await);
+    }
+    let permit = match fleet.admission.work(&fleet) {
+        Ok(p) => p,
+        Err(e) => return protect(e.into_response()),
     };
     let response = next.run(req).await;
     drop(permit);
@@ -233,11 +309,12 @@ async fn enroll(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let (body, _budget) = read_body(&fleet, &headers, body, Limits::ENROLL_BODY).await?;
+    let _work = fleet.admission.work(&fleet)?;
     let Ok(_permit) = fleet.admission.enrollments.clone().try_acquire_owned() else {
         fleet.metrics.enroll_refused.fetch_add(1, Ordering::Relaxed);
         return Err(busy("too many enrollments at once"));
     };
-    let body = read_body(&headers, body, Limits::ENROLL_BODY, fleet.admission.body).await?;
     let req: EnrollRequest = json_body(&body)?;
     let from = peer.addr.map(|a| a.ip().to_string()).unwrap_or_default();
     let name = req.name.clone();
@@ -260,7 +337,8 @@ async fn catalog(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(&headers, body, Limits::CATALOG_BODY, fleet.admission.body).await?;
+    let (body, _budget) = read_body(&fleet, &headers, body, Limits::CATALOG_BODY).await?;
+    let _work = fleet.admission.work(&fleet)?;
     let req: CatalogRequest = json_body(&body)?;
     req.check().map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why, None))?;
     fleet.saw(&node, &req.agent_version, &req.facts);
@@ -303,7 +381,8 @@ async fn report(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let body = read_body(&headers, body, Limits::REPORT_BODY, fleet.admission.body).await?;
+    let (body, _budget) = read_body(&fleet, &headers, body, Limits::REPORT_BODY).await?;
+    let _work = fleet.admission.work(&fleet)?;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "bad request body: not UTF-8".into(), None))?;
     let report: Report = json_body(text.as_bytes())?;
@@ -593,11 +672,21 @@ pub fn raise_open_files() -> u64 {
     soft
 }
 
-/// The connections open, in all and per address.
+/// The connections open, in all and per address, and each address's allowance of new ones.
 struct Connections {
     max: usize,
     per_address: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    /// New connections a second per address.
+    rate: f64,
+    open: Mutex<(usize, HashMap<IpAddr, Address>)>,
+}
+
+/// One address: its connections open, and a token bucket of new ones (refilled at the
+/// configured rate, holding at most its connection cap).
+struct Address {
+    open: usize,
+    tokens: f64,
+    at: std::time::Instant,
 }
 
 /// One open connection; closing it (dropping this) frees its place.
@@ -605,13 +694,26 @@ struct Slot(Arc<Connections>, IpAddr);
 
 impl Connections {
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let now = std::time::Instant::now();
+        let burst = self.per_address as f64;
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let here = open.1.get(&ip).copied().unwrap_or(0);
-        if open.0 >= self.max || here >= self.per_address {
+        if open.0 >= self.max {
             return None;
         }
+        // Addresses with nothing open and a full bucket are forgotten: the map stays as small
+        // as the set of clients connected, and a bucket refilled is the same as a new one.
+        if open.1.len() > 4 * self.max {
+            open.1.retain(|_, a| a.open > 0 || (a.tokens + now.duration_since(a.at).as_secs_f64() * self.rate) < burst);
+        }
+        let a = open.1.entry(ip).or_insert(Address { open: 0, tokens: burst, at: now });
+        a.tokens = (a.tokens + now.duration_since(a.at).as_secs_f64() * self.rate).min(burst);
+        a.at = now;
+        if a.open >= self.per_address || a.tokens < 1.0 {
+            return None;
+        }
+        a.tokens -= 1.0;
+        a.open += 1;
         open.0 += 1;
-        *open.1.entry(ip).or_insert(0) += 1;
         Some(Slot(self.clone(), ip))
     }
 }
@@ -620,11 +722,8 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.0.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         open.0 -= 1;
-        if let Some(n) = open.1.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                open.1.remove(&self.1);
-            }
+        if let Some(a) = open.1.get_mut(&self.1) {
+            a.open -= 1;
         }
     }
 }
@@ -645,8 +744,12 @@ pub async fn serve(
     if max < fleet.config.max_connections {
         tracing::warn!("at most {max} connections at once: the open-file limit is {files}");
     }
-    let connections =
-        Arc::new(Connections { max, per_address: fleet.config.max_connections_per_address, open: Mutex::default() });
+    let connections = Arc::new(Connections {
+        max,
+        per_address: fleet.config.max_connections_per_address,
+        rate: fleet.config.new_connections_per_address as f64,
+        open: Mutex::default(),
+    });
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(x) => x,

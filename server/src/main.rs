@@ -603,7 +603,10 @@ fn serve(config_path: &Path) -> Result<u8> {
     // catches it) and the server goes on.
     std::panic::set_hook(Box::new(|info| {
         let place = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
-        tracing::error!("internal error (a bug; please report it) at {place}: {}", converge_modules::text::clip(&info.to_string(), 2000));
+        tracing::error!(
+            "internal error (a bug; please report it) at {place}: {}",
+            converge_modules::text::clip(&info.to_string(), 2000)
+        );
     }));
     let config = converge_server::config::Config::read(config_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -637,6 +640,10 @@ fn serve(config_path: &Path) -> Result<u8> {
                 let f = flusher.clone();
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.flush_seen()).await {
                     tracing::warn!("recording nodes: {e:#}");
+                }
+                let f = flusher.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.watch_certs()).await {
+                    tracing::warn!("reading certificates: {e:#}");
                 }
             }
         });

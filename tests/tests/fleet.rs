@@ -96,7 +96,7 @@ fn two_agents_join_converge_pick_up_a_commit_and_report() {
 }
 
 #[test]
-fn a_node_gets_only_its_own_catalog_and_a_revoked_node_is_refused_at_once() {
+fn a_node_gets_only_its_own_catalog_and_a_revoked_node_is_refused_within_a_second() {
     let f = fleet();
     let server = Server::start(&f.config());
     let a = bootstrap(&f, &server, "agent1", &f.token);
@@ -112,6 +112,8 @@ fn a_node_gets_only_its_own_catalog_and_a_revoked_node_is_refused_at_once() {
 
     server_ok(&["node", "revoke", "--config", &f.config(), "agent1"]);
     let before = std::fs::read(a.join("var/lib/converge/applied.json")).unwrap();
+    // The server takes in what `node revoke` wrote within a second.
+    std::thread::sleep(Duration::from_millis(1500));
     let out = converge_in(&a, &["run", "--once"]);
     assert!(out.stdout.contains("the certificate of agent1 is revoked"), "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
