@@ -43,6 +43,9 @@ pub struct Root {
     parent_cache: RefCell<Option<(String, Rc<OwnedFd>)>>,
 }
 
+/// The most the agent reads of one system file (dpkg's status on a large system is tens of MB).
+pub const MAX_SYSTEM_FILE: u64 = 256 << 20;
+
 /// The most symlinks followed in one lookup, as the kernel's limit.
 const MAX_LINKS: usize = 40;
 
@@ -239,10 +242,22 @@ impl Root {
         }
     }
 
-    /// Reads a whole file, following symlinks inside the root (for /etc/passwd and the like).
+    /// Reads a whole file of the system, following symlinks inside the root (for /etc/passwd,
+    /// dpkg's status and the like): a regular file only (never a device or a fifo), at most
+    /// [`MAX_SYSTEM_FILE`] bytes.
     pub fn read_to_string(&self, path: &str) -> io::Result<String> {
-        let fd = self.open_at(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0, true)?;
-        io::read_to_string(std::fs::File::from(fd))
+        use std::io::Read;
+        let fd = self.open_at(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY, 0, true)?;
+        let kind = file_type(&fstat(&fd).map_err(errno)?);
+        if kind != converge_modules::host::FileType::File {
+            return Err(io::Error::other(format!("is a {kind}, not a regular file")));
+        }
+        let mut text = String::new();
+        std::fs::File::from(fd).take(MAX_SYSTEM_FILE + 1).read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_SYSTEM_FILE {
+            return Err(io::Error::other(format!("is more than the {MAX_SYSTEM_FILE} bytes read of a system file")));
+        }
+        Ok(text)
     }
 
     /// Reads one of the agent's own files: a regular file, never through a symlink in its last
@@ -360,6 +375,19 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         renamer.join().unwrap();
         assert_eq!(failures, 0, "lookups failed while files were renamed elsewhere");
+    }
+
+    #[test]
+    fn system_files_are_regular_files_read_within_a_bound() {
+        let (_t, root_path) = setup();
+        // A fifo (nothing ever writes it) where a system file is looked for, reached through
+        // a symlink as /etc/os-release -> ../usr/lib/os-release is.
+        nix::unistd::mkfifo(&root_path.join("etc/fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        symlink("fifo", root_path.join("etc/os-release")).unwrap();
+        let root = Root::open(&root_path).unwrap();
+        let e = root.read_to_string("/etc/os-release").unwrap_err();
+        assert!(e.to_string().contains("fifo, not a regular file"), "{e}");
+        assert_eq!(root.read_to_string("/etc/inside").unwrap(), "inside");
     }
 
     #[test]

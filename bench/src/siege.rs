@@ -33,46 +33,16 @@ struct Attack {
     enroll_busy: AtomicU64,
 }
 
-fn anonymous_tls() -> Arc<rustls::ClientConfig> {
-    #[derive(Debug)]
-    struct Any;
-    impl rustls::client::danger::ServerCertVerifier for Any {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
-        }
-    }
+/// TLS to the server without a client certificate, as anyone on the network may connect.
+fn anonymous_tls(state: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_file(state.join("ca.pem")).unwrap()).unwrap();
     Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Any))
+            .with_root_certificates(roots)
             .with_no_client_auth(),
     )
 }
@@ -216,7 +186,7 @@ pub fn run(nodes: usize, slow: usize, flooders: usize) {
     let stats = Arc::new(Attack::default());
     let stop = Arc::new(AtomicBool::new(false));
     let attack_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let anon = anonymous_tls();
+    let anon = anonymous_tls(&state);
     for k in 0..slow {
         let (stats, stop, anon) = (stats.clone(), stop.clone(), anon.clone());
         attack_rt.spawn(async move {

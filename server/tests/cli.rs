@@ -1,5 +1,6 @@
 //! `converge-server compile | check | diff` as an operator runs them: the real binary.
 
+use converge_e2e::git;
 use std::path::Path;
 use std::process::Command;
 
@@ -26,20 +27,6 @@ fn write(dir: &Path, files: &[(&str, &str)]) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();
     }
-}
-
-/// Runs git in `dir` with an identity of its own (never the machine's configuration).
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"])
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 const SITE: &str = "nodes:\n  web1: {roles: [web]}\n  web2: {roles: [web]}\n  db1: {roles: [db]}\n";

@@ -6,25 +6,11 @@ use axum::extract::Extension;
 use axum::http::{Request, StatusCode};
 use converge_server::fleet::Fleet;
 use converge_server::http::{Peer, router};
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use tower::ServiceExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_converge-server");
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"])
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// A fleet made by `converge-server init` over a small repository.
 fn fleet() -> (tempfile::TempDir, Arc<Fleet>) {
@@ -32,9 +18,9 @@ fn fleet() -> (tempfile::TempDir, Arc<Fleet>) {
     let repo = t.path().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::write(repo.join("site.yaml"), "nodes:\n  \"*\": {roles: []}\n").unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-q", "-m", "first"]);
+    converge_e2e::git(&repo, &["init", "-q", "-b", "main"]);
+    converge_e2e::git(&repo, &["add", "-A"]);
+    converge_e2e::git(&repo, &["commit", "-q", "-m", "first"]);
     let state = t.path().join("state");
     let out = Command::new(BIN)
         .args(["init", "--state", &state.display().to_string(), "--address", "127.0.0.1", "--listen", "127.0.0.1:0"])
