@@ -83,22 +83,11 @@ pub struct ApplyArgs {
 /// catalog are never in memory at once; the text is read whole only for YAML, or to place the
 /// problems of a catalog that has some.
 pub fn read_catalog(file: &Path) -> Result<Loaded> {
-    use std::io::Read;
     let name = file.display().to_string();
     let max = MAX_CATALOG_FILE;
-    let open = || -> Result<std::io::Take<std::fs::File>> {
-        let f = std::fs::File::open(file).with_context(|| format!("cannot read catalog {name}"))?;
-        let meta = f.metadata().with_context(|| format!("cannot read catalog {name}"))?;
-        if !meta.is_file() {
-            bail!("cannot read catalog {name}: not a regular file");
-        }
-        if meta.len() > max {
-            bail!(
-                "refused {name}: {} bytes, more than the {max} a catalog file can be; nothing was changed",
-                meta.len()
-            );
-        }
-        Ok(f.take(max + 1))
+    let open = || {
+        signed::open_bounded(file, max)
+            .map_err(|e| anyhow!("refused {name}: {e} (a catalog file is at most {max} bytes); nothing was changed"))
     };
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
     let read_source = |src: &str| {
@@ -165,10 +154,12 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
 
 /// The first bytes of a file, to tell envelopes from catalogs.
 fn head(file: &Path) -> Result<Vec<u8>> {
-    let mut f = std::fs::File::open(file).with_context(|| format!("cannot read catalog {}", file.display()))?;
-    let mut buf = vec![0; 64 * 1024];
-    let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("cannot read catalog {}", file.display()))?;
-    buf.truncate(n);
+    let name = file.display();
+    let f = signed::open_bounded(file, MAX_CATALOG_FILE)
+        .map_err(|e| anyhow!("refused {name}: {e}; nothing was changed"))?;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 * 1024), &mut buf)
+        .with_context(|| format!("cannot read catalog {name}"))?;
     Ok(buf)
 }
 

@@ -78,8 +78,12 @@ fn client(root: &Root, config: &AgentConfig) -> Result<std::sync::Arc<Client>> {
     let roots = crate::client::pem_certificates(&ca).map_err(|e| damaged(state::CA_FILE, e))?;
     let certs = crate::client::pem_certificates(&cert).map_err(|e| damaged(state::CERT_FILE, e))?;
     let key = crate::client::pem_key(&key).map_err(|e| damaged(state::KEY_FILE, e))?;
-    let c = Client::new(&config.server, roots, Some(Identity { certs, key }))
-        .map_err(|e| anyhow!("{e:#}: {}", damaged(state::CERT_FILE, "with agent.key".into())))?;
+    let c = Client::new(&config.server, roots, Some(Identity { certs, key })).map_err(|e| {
+        damaged(
+            state::CERT_FILE,
+            format!("{e:#} (with {})", root.path().join(state::KEY_FILE.trim_start_matches('/')).display()),
+        )
+    })?;
     let c = std::sync::Arc::new(c);
     *kept = Some((identity, c.clone()));
     Ok(c)
@@ -101,8 +105,9 @@ fn read(root: &Root, path: &str) -> Result<String> {
 pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
     if root.lstat(state::CONFIG_FILE)?.is_none() {
-        // Not joined: nothing to lock, record or create.
-        return AgentConfig::load(&root).map(|_| unreachable!("no configuration file"));
+        // Not joined: nothing to lock, record or create (this says so; should the file have
+        // appeared meanwhile, the run goes on).
+        AgentConfig::load(&root)?;
     }
     let lock = RunLock::take(&root, args.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
@@ -131,7 +136,7 @@ pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
     outcome
 }
 
-/// A catalog the agent can fall back on: verified, with its bytes, and the ETag to send.
+/// A catalog the agent can fall back on, verified, and the ETag to send for it.
 struct Fallback {
     verified: Verified,
     etag: Option<String>,

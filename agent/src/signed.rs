@@ -85,11 +85,13 @@ fn held_keys(root: &Root, explicit: Option<&Path>) -> Result<Held> {
     Ok(Held { list, own, shown })
 }
 
-/// A file of this machine (not of the root), at most `max` bytes, checked before and while
-/// reading: `/dev/zero` or a growing file is refused, never read to the end.
-pub fn read_file_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+/// Opens a file of this machine (not of the root) for reading at most `max` bytes: without
+/// blocking (a fifo would wait for a writer for ever), a regular file only, no larger than
+/// `max` as it stands; the reader stops one byte past `max`, so a file that grows is caught.
+pub fn open_bounded(path: &Path, max: u64) -> std::io::Result<std::io::Take<std::fs::File>> {
     use std::io::Read;
-    let f = std::fs::File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
     let meta = f.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
@@ -97,8 +99,15 @@ pub fn read_file_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     if meta.len() > max {
         return Err(std::io::Error::other(format!("{} bytes, more than the {max} accepted", meta.len())));
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    f.take(max + 1).read_to_end(&mut bytes)?;
+    Ok(f.take(max + 1))
+}
+
+/// A whole file of this machine, at most `max` bytes (see [`open_bounded`]): `/dev/zero` or a
+/// growing file is refused, never read to the end.
+pub fn read_file_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_bounded(path, max)?.read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::other(format!("more than the {max} bytes accepted")));
     }

@@ -183,6 +183,39 @@ fn devices_and_huge_files_are_refused_without_being_read() {
 }
 
 #[test]
+fn a_fifo_is_refused_not_waited_on() {
+    let s = keyed();
+    let fifo = s.dir.path().join("catalog.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let keys = s.at("/etc/converge/trusted-keys.json").display().to_string();
+    let f = fifo.display().to_string();
+    let root = s.root_str();
+    for args in [vec!["apply", f.as_str(), "--root", root.as_str()], vec!["verify", "--trusted-keys", &keys, &f]] {
+        let mut child = std::process::Command::new(BIN)
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?} waits on a fifo");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("not a regular file"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn a_refusal_is_one_short_line_whatever_the_envelope_holds() {
     let s = keyed();
     let hostile = format!(
