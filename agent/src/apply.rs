@@ -155,8 +155,11 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
 /// The first bytes of a file, to tell envelopes from catalogs.
 fn head(file: &Path) -> Result<Vec<u8>> {
     let name = file.display();
-    let f = signed::open_bounded(file, MAX_CATALOG_FILE)
-        .map_err(|e| anyhow!("refused {name}: {e}; nothing was changed"))?;
+    let f = signed::open_bounded(file, MAX_CATALOG_FILE).map_err(|e| match e.kind() {
+        // What the file is (a fifo, a device, too large), not whether it can be opened.
+        std::io::ErrorKind::Other => anyhow!("refused {name}: {e}; nothing was changed"),
+        _ => anyhow!("cannot read catalog {name}: {e}"),
+    })?;
     let mut buf = Vec::with_capacity(64 * 1024);
     std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 * 1024), &mut buf)
         .with_context(|| format!("cannot read catalog {name}"))?;
