@@ -22,6 +22,11 @@ if [ "$(id -u)" = 0 ]; then
     if ! command -v chromium >/dev/null; then # the fleet page is tested in a real browser
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 chromium >/dev/null
     fi
+    # Certificates and keys are tested over simulated years: libfaketime shifts the binaries'
+    # clock (never the machine's).
+    if ! ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 libfaketime >/dev/null
+    fi
     CONVERGE_TESTBED="$(tests/testbed/prepare)"
     export CONVERGE_TESTBED CONVERGE_CONTAINER_TESTS=1
     echo "container suite: on (testbed $CONVERGE_TESTBED)"

@@ -45,7 +45,7 @@ pub struct BootstrapArgs {
     pub no_run: bool,
 }
 
-fn new_key() -> Result<ed25519_dalek::SigningKey> {
+pub fn new_key() -> Result<ed25519_dalek::SigningKey> {
     use ring::rand::SecureRandom;
     let mut seed = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut seed).map_err(|_| anyhow!("cannot read random bytes from the kernel"))?;

@@ -6,7 +6,7 @@
 //! is the one the operator pinned.
 
 use anyhow::{Context, Result, anyhow, bail};
-use converge_modules::wire::{CatalogRequest, EnrollRequest, EnrollResponse, ErrorBody};
+use converge_modules::wire::{CatalogRequest, EnrollRequest, EnrollResponse, ErrorBody, RenewRequest, RenewResponse};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -206,9 +206,20 @@ impl Client {
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse> {
+        self.post_json("/v1/enroll", req, "enrollment").await
+    }
+
+    /// POSTs `req` as JSON to `path` and reads the answer (within 1 MiB) as JSON; `what` names
+    /// the exchange in an error.
+    async fn post_json<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Q,
+        what: &str,
+    ) -> Result<A> {
         let resp = self
             .http
-            .post(format!("{}/v1/enroll", self.base))
+            .post(format!("{}{path}", self.base))
             .json(req)
             .send()
             .await
@@ -217,7 +228,7 @@ impl Client {
             return Err(error_of(resp).await);
         }
         let body = bounded_body(resp, 1 << 20).await?;
-        serde_json::from_slice(&body).context("the server's answer to enrollment is not understood")
+        serde_json::from_slice(&body).with_context(|| format!("the server's answer to {what} is not understood"))
     }
 
     pub async fn catalog(&self, req: &CatalogRequest, etag: Option<&str>) -> Result<CatalogReply> {
@@ -249,6 +260,11 @@ impl Client {
             }
             _ => Err(error_of(resp).await),
         }
+    }
+
+    /// Asks for a new certificate for the key in `req` (over mutual TLS with the current one).
+    pub async fn renew(&self, req: &RenewRequest) -> Result<RenewResponse> {
+        self.post_json("/v1/renew", req, "a renewal").await
     }
 
     /// Sends a report. An error means "not now" (unreachable, busy, our identity refused);

@@ -2,7 +2,8 @@
 //!
 //! Code map: [`apply`] holds the `apply` and `verify` commands and the converge step every run
 //! shares; [`bootstrap`] joins a server; [`run`] pulls, verifies, converges and reports (once
-//! or as a daemon) and shows `status`; [`client`] speaks to the server; [`facts`] describes the
+//! or as a daemon) and shows `status`; [`renew`] keeps the host's certificate alive;
+//! [`client`] speaks to the server; [`facts`] describes the
 //! host; [`state`] and [`signed`] keep what lasts between runs; [`host`] is the real OS behind the `Host`
 //! boundary, confined to a root by [`fs`]; [`backup`] keeps replaced content; [`command`] runs
 //! argv commands (validate) with a timeout. Everything that decides anything lives in
@@ -16,6 +17,7 @@ mod command;
 mod facts;
 mod fs;
 mod host;
+mod renew;
 mod run;
 mod signed;
 mod state;

@@ -182,14 +182,16 @@ fn locked_run(
     lock: &RunLock,
     started: Timestamp,
 ) -> Result<Outcome> {
-    let client = client(host.root(), config)?;
+    let mut notes: Vec<String> = crate::renew::finish_switch(host).into_iter().collect();
+    let mut client = client(host.root(), config)?;
     let mut trust = Trust::load(host, lock, None, config.name.clone()).with_context(|| {
         let shown = host.root().path().join(state::CONFIG_FILE.trim_start_matches('/'));
         format!("{} names this node {}", shown.display(), config.name)
     })?;
-    let mut notes = std::mem::take(&mut trust.notes);
+    notes.append(&mut trust.notes);
     let facts = crate::facts::collect(host.root(), &config.name);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let certificate = keep_certificate(host, config, &rt, &mut client, &mut notes, args.dry_run);
     let cached = fallback(host, lock, &trust, &mut notes);
     let queued = state::queued_reports(host, &mut notes);
     let request = CatalogRequest { agent_version: env!("CARGO_PKG_VERSION").into(), formats: vec![FORMAT], facts };
@@ -319,9 +321,62 @@ fn locked_run(
             notes,
             error: None,
         });
+        status.certificate = certificate.or(status.certificate);
         state::write_status(host, &status)?;
     }
     Ok(Outcome { code: apply::exit_code(args.detailed_exitcodes, &summary), reached, retry_after })
+}
+
+/// This host's certificate: renewed from two thirds of its life (the new one serves the rest
+/// of this run), and when it has expired, the exact way back. A failure is a note, tried again
+/// each run, and never stops enforcement.
+fn keep_certificate(
+    host: &RealHost,
+    config: &AgentConfig,
+    rt: &tokio::runtime::Runtime,
+    client: &mut std::sync::Arc<Client>,
+    notes: &mut Vec<String>,
+    dry_run: bool,
+) -> Option<state::Certificate> {
+    let v = crate::renew::validity(&read(host.root(), state::CERT_FILE).ok()?).ok()?;
+    let now = Timestamp::now();
+    let mut seen = state::Certificate { expires: v.not_after, renew_from: v.renew_from(), renewal_error: None };
+    if now >= v.not_after {
+        let ca = read(host.root(), state::CA_FILE).ok().and_then(|p| crate::client::pem_certificates(&p).ok());
+        let hash = ca.and_then(|c| c.first().map(|d| converge_modules::hash::sha256_hex(d))).unwrap_or_default();
+        let why = format!(
+            "this host's certificate expired at {}: ask an operator for a one-time token (converge-server token new \
+             --name {name}) and run: converge bootstrap --server {} --ca-hash sha256:{hash} --name {name} --token TOKEN",
+            v.not_after,
+            config.server,
+            name = config.name
+        );
+        notes.push(why.clone());
+        seen.renewal_error = Some(why);
+        return Some(seen);
+    }
+    if now < v.renew_from() || dry_run {
+        return Some(seen);
+    }
+    match crate::renew::renew(host, client, rt) {
+        Ok(new) => {
+            notes.push(format!("this host's certificate was renewed: the new one is valid until {}", new.not_after));
+            match self::client(host.root(), config) {
+                Ok(c) => *client = c,
+                Err(e) => notes.push(format!("the renewed certificate cannot be used: {e:#}")),
+            }
+            seen = state::Certificate { expires: new.not_after, renew_from: new.renew_from(), renewal_error: None };
+        }
+        Err(e) => {
+            let why = clip(&format!("{e:#}"), 500).into_owned();
+            notes.push(format!(
+                "this host's certificate could not be renewed ({why}); it expires at {}, and each run tries again",
+                v.not_after
+            ));
+            seen.renewal_error = Some(why);
+        }
+    }
+    Some(seen)
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -412,7 +467,7 @@ fn set_next(root: &std::path::Path, wait: Duration) {
 pub fn status(root: &std::path::Path) -> Result<i32> {
     let r = Root::open(root).with_context(|| format!("cannot open root {}", root.display()))?;
     let config = AgentConfig::load(&r);
-    let (Status { last_run, next_run }, damaged) = state::read_status(&r);
+    let (Status { last_run, next_run, certificate }, damaged) = state::read_status(&r);
     match &config {
         Ok(c) => println!("node        {} (server {}, every {} s)", c.name, clip(&c.server, 200), c.interval),
         Err(e) => println!("node        {}", clip(&format!("{e:#}"), 400)),
@@ -460,6 +515,12 @@ pub fn status(root: &std::path::Path) -> Result<i32> {
     }
     if let Some(n) = next_run {
         println!("next run    {n}");
+    }
+    if let Some(c) = certificate {
+        match &c.renewal_error {
+            None => println!("certificate valid until {} (renewed automatically from {})", c.expires, c.renew_from),
+            Some(e) => println!("certificate valid until {}: RENEWAL FAILED: {}", c.expires, clip(e, 1000)),
+        }
     }
     Ok(0)
 }

@@ -274,6 +274,19 @@ pub fn queued_reports(host: &RealHost, notes: &mut Vec<String>) -> Vec<(String, 
 pub struct Status {
     pub last_run: Option<LastRun>,
     pub next_run: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<Certificate>,
+}
+
+/// This host's certificate, as the last run saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Certificate {
+    pub expires: Timestamp,
+    /// From when each run renews it.
+    pub renew_from: Timestamp,
+    /// Why the last renewal failed, when it did (it is tried again each run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,6 +4,8 @@
 //! - `POST /v1/enroll` [`EnrollRequest`] -> [`EnrollResponse`]: a client certificate for a node.
 //! - `POST /v1/catalog` [`CatalogRequest`] (mutual TLS, `If-None-Match`) -> an envelope or 304.
 //! - `POST /v1/reports` [`Report`] (mutual TLS).
+//! - `POST /v1/renew` [`RenewRequest`] (mutual TLS) -> [`RenewResponse`]: a new certificate
+//!   for the node, for a key made on the host.
 //! - `GET /healthz`, `GET /metrics`.
 //!
 //! Errors come back as [`ErrorBody`] with a status code; a 503 carries `Retry-After`.
@@ -37,6 +39,27 @@ pub enum EnrollResponse {
     Issued { certificate: String, trusted_keys: Envelope },
     /// Waiting for an operator: ask again with the same key.
     Pending { message: String },
+}
+
+/// A node asks for a new certificate (over mutual TLS with its current one), for a new key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The new public key, SPKI PEM (made on the host; its private key never leaves it).
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewResponse {
+    /// The new certificate (PEM), for the same node name.
+    pub certificate: String,
+}
+
+impl RenewRequest {
+    pub fn check(&self) -> Result<(), String> {
+        within("the public key", &self.public_key, Limits::PUBLIC_KEY)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

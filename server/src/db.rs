@@ -80,6 +80,8 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
     // A report's counts and its first failed resources (JSON, small): the node page shows
     // them without reading whole report bodies.
     ("reports", "digest", "TEXT"),
+    // The certificate a renewed one replaces: revoked once the new one is first used.
+    ("certificates", "replaces", "TEXT"),
 ];
 
 /// Enrollment requests waiting for approval, at most: past that, new ones are refused (an
@@ -121,8 +123,11 @@ pub struct Db {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cert {
     pub node: String,
+    pub issued: i64,
     pub expires: i64,
     pub revoked: Option<i64>,
+    /// The certificate this one renewed, until this one is first used and that one revoked.
+    pub replaces: Option<String>,
 }
 
 /// The last catalog served to a node.
@@ -252,11 +257,19 @@ impl Db {
 
     pub fn cert(&self, fingerprint: &str) -> Result<Option<Cert>> {
         self.with(|c| {
-            c.prepare_cached("SELECT node, expires, revoked FROM certificates WHERE fingerprint = ?1")?
-                .query_row(params![fingerprint], |r| {
-                    Ok(Cert { node: r.get(0)?, expires: r.get(1)?, revoked: r.get(2)? })
+            c.prepare_cached(
+                "SELECT node, issued, expires, revoked, replaces FROM certificates WHERE fingerprint = ?1",
+            )?
+            .query_row(params![fingerprint], |r| {
+                Ok(Cert {
+                    node: r.get(0)?,
+                    issued: r.get(1)?,
+                    expires: r.get(2)?,
+                    revoked: r.get(3)?,
+                    replaces: r.get(4)?,
                 })
-                .optional()
+            })
+            .optional()
         })
     }
 
@@ -265,11 +278,18 @@ impl Db {
     pub fn certs_changed(&self, after: i64, revoked_since: i64) -> Result<Vec<(i64, String, Cert)>> {
         self.with(|c| {
             let mut s = c.prepare_cached(
-                "SELECT rowid, fingerprint, node, expires, revoked FROM certificates
+                "SELECT rowid, fingerprint, node, issued, expires, revoked, replaces FROM certificates
                  WHERE rowid > ?1 OR revoked >= ?2",
             )?;
             s.query_map(params![after, revoked_since], |r| {
-                Ok((r.get(0)?, r.get(1)?, Cert { node: r.get(2)?, expires: r.get(3)?, revoked: r.get(4)? }))
+                let cert = Cert {
+                    node: r.get(2)?,
+                    issued: r.get(3)?,
+                    expires: r.get(4)?,
+                    revoked: r.get(5)?,
+                    replaces: r.get(6)?,
+                };
+                Ok((r.get(0)?, r.get(1)?, cert))
             })?
             .collect()
         })
@@ -303,6 +323,34 @@ impl Db {
     pub fn revoke(&self, node: &str, now: i64) -> Result<usize> {
         self.with(|c| {
             c.execute("UPDATE certificates SET revoked = ?2 WHERE node = ?1 AND revoked IS NULL", params![node, now])
+        })
+    }
+
+    /// A renewed certificate for `node`, replacing `old` (still live until the new one is
+    /// used). An earlier renewal of `old` never used is dropped: one waits at a time.
+    pub fn add_renewal(&self, fingerprint: &str, node: &str, old: &str, issued: i64, expires: i64) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM certificates WHERE replaces = ?1 AND node = ?2", params![old, node])?;
+            tx.execute(
+                "INSERT INTO certificates (fingerprint, node, issued, expires, replaces) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![fingerprint, node, issued, expires, old],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// The renewed certificate `fingerprint` is in use: the one it replaced is revoked.
+    pub fn renewal_used(&self, fingerprint: &str, now: i64) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE certificates SET revoked = ?2
+                 WHERE revoked IS NULL AND fingerprint = (SELECT replaces FROM certificates WHERE fingerprint = ?1)",
+                params![fingerprint, now],
+            )?;
+            tx.execute("UPDATE certificates SET replaces = NULL WHERE fingerprint = ?1", params![fingerprint])?;
+            tx.commit()
         })
     }
 

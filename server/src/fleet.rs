@@ -19,7 +19,7 @@ use converge_modules::catalog::FORMAT;
 use converge_modules::hash::sha256_hex;
 use converge_modules::time::Timestamp;
 use converge_modules::trust::{Envelope, resources_sha256};
-use converge_modules::wire::{EnrollRequest, EnrollResponse, Report};
+use converge_modules::wire::{EnrollRequest, EnrollResponse, RenewRequest, RenewResponse, Report};
 use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value as Json};
 use std::collections::HashMap;
@@ -52,6 +52,7 @@ pub struct Metrics {
     pub connections: AtomicU64,
     pub resumed: AtomicU64,
     pub connections_refused: AtomicU64,
+    pub renewals: AtomicU64,
     pub requests_refused: AtomicU64,
 }
 
@@ -228,6 +229,63 @@ impl Fleet {
         })
     }
 
+    /// A new certificate for `node`, which asked with the certificate `presented` (checked
+    /// live by the caller), for the key in `req`. Refused before the presented certificate is
+    /// half through its life: a host renews at two thirds, and no host can mint certificates
+    /// in a loop. The presented certificate stays live until the new one is first used.
+    pub fn renew(&self, node: &str, presented: &str, req: &RenewRequest) -> Result<Result<RenewResponse, String>> {
+        if let Err(why) = req.check() {
+            return Ok(Err(why));
+        }
+        if let Err(e) = crate::ca::public_key(&req.public_key) {
+            return Ok(Err(e.to_string()));
+        }
+        let Some(current) =
+            self.certs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(presented).cloned()
+        else {
+            return Ok(Err("this certificate is not known".into()));
+        };
+        let t = now();
+        let half = current.issued + (current.expires - current.issued) / 2;
+        if t < half {
+            return Ok(Err(format!(
+                "the certificate of {node} is renewed from {} on (half its life), not before",
+                converge_modules::time::Timestamp(half)
+            )));
+        }
+        let (pem, der) = match self.ca.issue_client(node, &req.public_key, self.config.cert_days) {
+            Ok(x) => x,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let (fp, expires) = (sha256_hex(&der), t + self.config.cert_days * 86_400);
+        self.db.add_renewal(&fp, node, presented, t, expires)?;
+        let mut certs = self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // An earlier renewal of the same certificate, never used, is gone from the store too.
+        certs.retain(|_, c| c.replaces.as_deref() != Some(presented));
+        let cert = Cert { node: node.to_string(), issued: t, expires, revoked: None, replaces: Some(presented.into()) };
+        certs.insert(fp.clone(), cert);
+        drop(certs);
+        self.metrics.renewals.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node, key = %fp, "renewed a certificate");
+        Ok(Ok(RenewResponse { certificate: pem }))
+    }
+
+    /// Notes that the certificate `fingerprint` was just used: when it is a renewal used for
+    /// the first time, the certificate it replaced is revoked here at once, and the store must
+    /// be told (returns true).
+    pub fn first_use(&self, fingerprint: &str) -> bool {
+        let renewed = |c: &Cert| c.replaces.is_some();
+        if !self.certs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(fingerprint).is_some_and(renewed) {
+            return false;
+        }
+        let mut certs = self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(old) = certs.get_mut(fingerprint).and_then(|c| c.replaces.take()) else { return false };
+        if let Some(c) = certs.get_mut(&old) {
+            c.revoked.get_or_insert(now());
+        }
+        true
+    }
+
     /// Takes in what changed in the store's certificates since the last look (new ones, and
     /// revocations by `node revoke`): called every second, off the runtime's threads.
     pub fn watch_certs(&self) -> Result<()> {
@@ -291,7 +349,7 @@ impl Fleet {
         };
         let (fp, expires) = (sha256_hex(&der), t + self.config.cert_days * 86_400);
         self.db.add_cert(&fp, name, t, expires)?;
-        let cert = Cert { node: name.to_string(), expires, revoked: None };
+        let cert = Cert { node: name.to_string(), issued: t, expires, revoked: None, replaces: None };
         self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fp, cert);
         self.metrics.enroll_issued.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = name, key = %fingerprint, "enrolled");

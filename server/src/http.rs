@@ -50,9 +50,9 @@ pub struct Peer {
     pub addr: Option<std::net::SocketAddr>,
 }
 
-/// The node a request's client certificate belongs to, once checked.
+/// The node a request's client certificate belongs to, once checked, and that certificate.
 #[derive(Clone, Debug)]
-struct Node(String);
+struct Node(String, String);
 
 /// What the router admits at once.
 pub struct Admission {
@@ -211,6 +211,7 @@ async fn authenticate(
     };
     // In memory, as the store was a second ago at most; a certificate not seen yet is looked
     // up in the store, off the runtime's threads.
+    let presented = fp.clone();
     let found = match fleet.node_of_known(&fp) {
         Some(found) => found,
         None => match blocking(&fleet, move |f| f.node_of(&fp)).await {
@@ -238,7 +239,17 @@ async fn authenticate(
                 )
                 .into_response();
             };
-            req.extensions_mut().insert(Node(node));
+            // A renewed certificate used for the first time: the one it replaced is revoked.
+            if fleet.first_use(&presented) {
+                let fp = presented.clone();
+                let f = fleet.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = f.db.renewal_used(&fp, crate::db::now()) {
+                        tracing::error!("recording a renewed certificate in use: {e:#}");
+                    }
+                });
+            }
+            req.extensions_mut().insert(Node(node, presented));
             next.run(req).await
         }
         Err(why) => {
@@ -278,6 +289,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
     let authenticated = Router::new()
         .route("/v1/catalog", post(catalog))
         .route("/v1/reports", post(report))
+        .route("/v1/renew", post(renew))
         .route_layer(middleware::from_fn_with_state(fleet.clone(), authenticate));
     Router::new()
         .route("/v1/ca", get(ca))
@@ -333,7 +345,7 @@ async fn enroll(
 
 async fn catalog(
     State(fleet): State<Arc<Fleet>>,
-    Extension(Node(node)): Extension<Node>,
+    Extension(Node(node, _)): Extension<Node>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -377,7 +389,7 @@ async fn catalog(
 
 async fn report(
     State(fleet): State<Arc<Fleet>>,
-    Extension(Node(node)): Extension<Node>,
+    Extension(Node(node, _)): Extension<Node>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
@@ -396,6 +408,21 @@ async fn report(
     let stored = blocking(&fleet, move |f| f.report(&node, &report, &text)).await??;
     stored.map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("the report is refused: {why}"), None))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn renew(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(Node(node, presented)): Extension<Node>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (body, _budget) = read_body(&fleet, &headers, body, Limits::ENROLL_BODY).await?;
+    let _work = fleet.admission.work(&fleet)?;
+    let req: converge_modules::wire::RenewRequest = json_body(&body)?;
+    match blocking(&fleet, move |f| f.renew(&node, &presented, &req)).await?? {
+        Ok(r) => Ok(axum::Json(r).into_response()),
+        Err(why) => Err(ApiError(StatusCode::FORBIDDEN, why, None)),
+    }
 }
 
 /// `/bootstrap.sh`: the script a new machine runs, for the server as it reached it.
@@ -597,6 +624,7 @@ fn metrics_text(fleet: &Fleet) -> Result<Response, ApiError> {
         ],
     );
     counter("reports_total", "Reports received.", &[("", l(&m.reports))]);
+    counter("renewals_total", "Client certificates renewed.", &[("", l(&m.renewals))]);
     counter("auth_refused_total", "Requests refused for their client certificate.", &[("", l(&m.auth_refused))]);
     counter("connections_total", "TLS connections accepted.", &[("", l(&m.connections))]);
     counter(

@@ -52,13 +52,14 @@ fn human(seconds: i64) -> String {
 }
 
 /// What `/?status=` may ask for: a node status (spaces as `-`), or `late`.
-pub const FILTERS: &[&str] = &["failed", "late", "changed", "in-sync", "never-ran", "revoked"];
+pub const FILTERS: &[&str] = &["failed", "late", "changed", "in-sync", "never-ran", "revoked", "renewal-due"];
 
 /// Whether `n` is shown under `filter`. Pure.
 fn shown(n: &NodeView, filter: Option<&str>) -> bool {
     match filter {
         None => true,
         Some("late") => n.late,
+        Some("renewal-due") => n.renewal_due,
         Some(s) => n.status.replace(' ', "-") == s,
     }
 }

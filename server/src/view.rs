@@ -89,8 +89,14 @@ pub struct NodeView {
     pub stale: bool,
     pub agent_version: String,
     pub certificate: String,
+    /// Its certificate expires within [`CERT_WARNING`]: renewal (from two thirds of its life)
+    /// has been failing for weeks, or the host has been away.
+    pub renewal_due: bool,
     pub compile_error: Option<String>,
 }
+
+/// How long before a certificate expires the fleet page warns.
+pub const CERT_WARNING: i64 = 30 * 86_400;
 
 pub fn node_view(n: &NodeRow, created: Option<i64>, now: i64, late_after: i64) -> NodeView {
     let last = n.last_report.map(|(at, ..)| at);
@@ -120,6 +126,7 @@ pub fn node_view(n: &NodeRow, created: Option<i64>, now: i64, late_after: i64) -
         } else {
             n.cert_expires.map_or("-".into(), |t| format!("until {}", &when(t)[..10]))
         },
+        renewal_due: !n.revoked && n.cert_expires.is_some_and(|t| t - now < CERT_WARNING),
         compile_error: n.compile_error.clone(),
     }
 }
@@ -133,6 +140,7 @@ pub struct FleetSummary {
     pub changed: usize,
     pub in_sync: usize,
     pub never_ran: usize,
+    pub renewal_due: usize,
 }
 
 pub fn summary(nodes: &[NodeView]) -> FleetSummary {
@@ -144,6 +152,7 @@ pub fn summary(nodes: &[NodeView]) -> FleetSummary {
         changed: count("changed"),
         in_sync: count("in sync"),
         never_ran: count("never ran"),
+        renewal_due: nodes.iter().filter(|n| n.renewal_due).count(),
     }
 }
 
@@ -374,6 +383,13 @@ mod tests {
         let all = [node_view(&row(Some((1000, 0, 1, false))), None, 9000, 3600), v];
         let s = summary(&all);
         assert_eq!((s.nodes, s.failed, s.late, s.never_ran), (2, 1, 1, 1));
+        // A certificate (expiring at 90,000,000) is due for attention in its last 30 days.
+        let expires = 90_000_000;
+        assert!(!node_view(&row(None), None, expires - CERT_WARNING - 1, 3600).renewal_due);
+        assert!(node_view(&row(None), None, expires - CERT_WARNING + 1, 3600).renewal_due);
+        let mut revoked = row(None);
+        revoked.revoked = true;
+        assert!(!node_view(&revoked, None, expires, 3600).renewal_due, "a revoked node is not due");
     }
 
     #[test]

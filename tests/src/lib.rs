@@ -37,9 +37,20 @@ pub fn run(name: &str, args: &[&str]) -> Out {
 
 /// Runs `converge-server` and demands success; returns its standard output.
 pub fn server_ok(args: &[&str]) -> String {
-    let out = run("converge-server", args);
-    assert_eq!(out.code, 0, "converge-server {args:?}: {}{}", out.stdout, out.stderr);
-    out.stdout
+    server_at(None, args)
+}
+
+/// [`server_ok`], seeing `clock` when given (an operator's command at that time).
+pub fn server_at(clock: Option<&Clock>, args: &[&str]) -> String {
+    let mut cmd = Command::new(bin("converge-server"));
+    cmd.args(args);
+    if let Some(c) = clock {
+        cmd.envs(c.env());
+    }
+    let out = cmd.output().expect("run converge-server");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "converge-server {args:?}: {stdout}{stderr}");
+    stdout.into_owned()
 }
 
 /// Writes files under `dir`, creating directories.
@@ -146,7 +157,12 @@ impl Fleet {
 
     /// A new single-use token for `name`.
     pub fn token(&self, name: &str) -> String {
-        server_ok(&["token", "new", "--config", &self.config(), "--name", name]).trim().to_string()
+        self.token_at(None, name)
+    }
+
+    /// A new single-use token for `name`, made at the time of `clock`.
+    pub fn token_at(&self, clock: Option<&Clock>, name: &str) -> String {
+        server_at(clock, &["token", "new", "--config", &self.config(), "--name", name]).trim().to_string()
     }
 
     /// A root directory for an agent named `name`.
@@ -165,11 +181,80 @@ pub struct Server {
 
 /// How to start a server for a test.
 #[derive(Default)]
-pub struct Launch {
+pub struct Launch<'a> {
     /// The open-file limit (soft and hard) the server runs under.
     pub open_files: Option<u64>,
     /// Where its log (standard error) goes.
     pub log: Option<PathBuf>,
+    /// The clock it sees.
+    pub clock: Option<&'a Clock>,
+}
+
+/// The clock the binaries of a test see (libfaketime): the real time shifted by an offset the
+/// test moves forward, in a file the binaries read at every call. Monotonic time is left
+/// alone, so timers and timeouts behave. The machine's clock is never touched.
+pub struct Clock {
+    file: PathBuf,
+    library: PathBuf,
+    offset: std::cell::Cell<i64>,
+}
+
+impl Clock {
+    /// A clock at the real time, or `None` when libfaketime is not installed (Debian's
+    /// libfaketime package; `./test.sh` as root installs it).
+    pub fn new(dir: &Path) -> Option<Clock> {
+        let library = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+            .iter()
+            .map(|a| PathBuf::from(format!("/usr/lib/{a}/faketime/libfaketimeMT.so.1")))
+            .find(|p| p.exists())?;
+        let c = Clock { file: dir.join("faketime"), library, offset: std::cell::Cell::new(0) };
+        c.advance(0);
+        Some(c)
+    }
+
+    /// Moves the clock `seconds` forward.
+    pub fn advance(&self, seconds: i64) {
+        self.offset.set(self.offset.get() + seconds);
+        let tmp = self.file.with_extension("new");
+        std::fs::write(&tmp, format!("{:+}s\n", self.offset.get())).unwrap();
+        std::fs::rename(&tmp, &self.file).unwrap();
+    }
+
+    /// How far ahead of the real time it is, in seconds.
+    pub fn offset(&self) -> i64 {
+        self.offset.get()
+    }
+
+    /// Now, on this clock.
+    pub fn now(&self) -> i64 {
+        converge_modules::time::Timestamp::now().0 + self.offset.get()
+    }
+
+    /// What a process needs in its environment to see this clock.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LD_PRELOAD", self.library.display().to_string()),
+            ("FAKETIME_TIMESTAMP_FILE", self.file.display().to_string()),
+            ("FAKETIME_NO_CACHE", "1".into()),
+            ("DONT_FAKE_MONOTONIC", "1".into()),
+        ]
+    }
+}
+
+/// A [`Clock`], or the test says why it cannot run: a skip when not demanded, a failure under
+/// `CONVERGE_REQUIRE_CONTAINERS=1` (CI), which installs libfaketime.
+pub fn clock(dir: &Path, test: &str) -> Option<Clock> {
+    let c = Clock::new(dir);
+    if c.is_none() {
+        assert!(
+            std::env::var("CONVERGE_REQUIRE_CONTAINERS").as_deref() != Ok("1"),
+            "{test}: libfaketime is not installed (apt-get install libfaketime), and CI demands this test"
+        );
+        eprintln!(
+            "{test}: skipped: libfaketime is not installed (apt-get install libfaketime; ./test.sh as root does)"
+        );
+    }
+    c
 }
 
 impl Server {
@@ -193,6 +278,9 @@ impl Server {
             Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
             None => std::process::Stdio::null(),
         };
+        if let Some(clock) = how.clock {
+            cmd.envs(clock.env());
+        }
         let mut child = cmd
             .args(["serve", "--config", config])
             .stdout(std::process::Stdio::piped())
@@ -334,10 +422,23 @@ impl Drop for Server {
 
 /// Runs `converge` with `args` in `root`.
 pub fn converge_in(root: &Path, args: &[&str]) -> Out {
-    let mut all: Vec<&str> = args.to_vec();
+    converge_at(None, root, args)
+}
+
+/// Runs `converge` with `args` in `root`, seeing `clock` when given.
+pub fn converge_at(clock: Option<&Clock>, root: &Path, args: &[&str]) -> Out {
     let r = root.display().to_string();
-    all.extend(["--root", &r]);
-    run("converge", &all)
+    let mut cmd = Command::new(bin("converge"));
+    cmd.args(args).args(["--root", &r]);
+    if let Some(c) = clock {
+        cmd.envs(c.env());
+    }
+    let out = cmd.output().expect("run converge");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 /// A child process killed when dropped, so a failing test leaves nothing running.

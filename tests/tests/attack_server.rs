@@ -82,7 +82,7 @@ fn public_key(f: &Fleet, n: usize) -> String {
 #[test]
 fn slow_clients_under_a_low_open_file_limit_starve_no_agent() {
     let f = fleet("3s");
-    let server = Server::launch(&f.config(), Launch { open_files: Some(512), log: None });
+    let server = Server::launch(&f.config(), Launch { open_files: Some(512), ..Launch::default() });
     let agent = enroll(&f, &server, "agent1");
     let quiet_rss = server.rss();
     // 600 connections from elsewhere, every kind of slow: no handshake at all, a handshake
@@ -290,7 +290,7 @@ fn enrollment_floods_are_bounded_and_races_have_one_winner() {
 fn log_lines_cannot_be_forged_and_pages_cannot_be_bombed() {
     let f = fleet("3s");
     let log = f.dir.path().join("server.log");
-    let server = Server::launch(&f.config(), Launch { open_files: None, log: Some(log.clone()) });
+    let server = Server::launch(&f.config(), Launch { log: Some(log.clone()), ..Launch::default() });
     let agent = enroll(&f, &server, "agent1");
     let key = public_key(&f, 0);
     for name in [

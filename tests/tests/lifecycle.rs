@@ -1,0 +1,163 @@
+//! A fleet over simulated time (libfaketime: the binaries see the real time shifted by an
+//! offset the test moves forward; the machine's clock is never touched): client certificates
+//! renew themselves, hosts that stayed up never fail a run, and a host off for longer than its
+//! certificate's life comes back by the one command it is told.
+
+use converge_e2e::*;
+use std::path::Path;
+
+const SITE: &str = "nodes:\n  \"*\": {roles: [motd]}\n";
+const ROLE: &str = "resources:\n  - file: /etc/motd\n    content: \"{{ node.name }}\\n\"\n";
+const DAY: i64 = 86_400;
+
+fn fingerprint(root: &Path) -> String {
+    std::fs::read_to_string(root.join("etc/converge/agent.pem")).unwrap()
+}
+
+fn bootstrap(clock: &Clock, f: &Fleet, server: &Server, name: &str) -> std::path::PathBuf {
+    let root = f.root(name);
+    let token = f.token_at(Some(clock), name);
+    let out = converge_at(
+        Some(clock),
+        &root,
+        &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &token],
+    );
+    assert_eq!(out.code, 0, "bootstrap {name}: {}{}", out.stdout, out.stderr);
+    root
+}
+
+#[test]
+fn client_certificates_renew_themselves_and_an_absent_host_is_told_the_way_back() {
+    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", ROLE)]);
+    let Some(clock) = clock(f.dir.path(), "lifecycle") else { return };
+    let server = Server::launch(&f.config(), Launch { clock: Some(&clock), ..Launch::default() });
+    let up = bootstrap(&clock, &f, &server, "up");
+    let away = bootstrap(&clock, &f, &server, "away");
+    // The first identity of `up`, kept aside to try once it has been replaced.
+    let first = f.dir.path().join("first");
+    std::fs::create_dir_all(first.join("etc/converge")).unwrap();
+    for file in ["agent.pem", "agent.key"] {
+        std::fs::copy(up.join("etc/converge").join(file), first.join("etc/converge").join(file)).unwrap();
+    }
+    // A month at a time for eleven months: the host that stays up runs each time, served by
+    // the server (never from its cache), and renews its certificate from day 60 of each one's
+    // 90. The other host is off from day 0 to day 120.
+    let mut certificates = vec![fingerprint(&up)];
+    let mut revocation_seen = false;
+    for month in 1..=11 {
+        clock.advance(30 * DAY);
+        let out = converge_at(Some(&clock), &up, &["run", "--once"]);
+        assert_eq!(out.code, 0, "month {month}: {}{}", out.stdout, out.stderr);
+        assert!(!out.stdout.contains("enforcing the cached catalog"), "month {month}: {}", out.stdout);
+        assert!(!out.stdout.contains("could not be renewed"), "month {month}: {}", out.stdout);
+        let now = fingerprint(&up);
+        if certificates.last() != Some(&now) {
+            assert!(out.stdout.contains("certificate was renewed"), "month {month}: {}", out.stdout);
+            certificates.push(now);
+        }
+        if certificates.len() == 2 && month == 2 {
+            // Day 60: the first certificate would be valid 30 more days, but its successor is
+            // in use, so it is revoked.
+            let head = "POST /v1/catalog HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n";
+            let (status, body) = server.request_as(&f, &first, head, b"{}");
+            assert_eq!(status, 403, "{body}");
+            assert!(body.contains("the certificate of up is revoked"), "{body}");
+            revocation_seen = true;
+        }
+        let status = converge_at(Some(&clock), &up, &["status"]);
+        assert!(status.stdout.contains("certificate valid until"), "{}", status.stdout);
+        assert!(!status.stdout.contains("RENEWAL FAILED"), "{}", status.stdout);
+        if month == 4 {
+            // 120 days without a run: its certificate (90 days) has expired.
+            let out = converge_at(Some(&clock), &away, &["run", "--once"]);
+            assert_eq!(out.code, 0, "it still enforces its cache: {}{}", out.stdout, out.stderr);
+            assert!(out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
+            let told = out
+                .stdout
+                .lines()
+                .find(|l| l.contains("certificate expired"))
+                .unwrap_or_else(|| panic!("{}", out.stdout));
+            assert!(told.contains(&format!("--ca-hash {}", f.ca_hash)) && told.contains("--name away"), "{told}");
+            let status = converge_at(Some(&clock), &away, &["status"]);
+            assert!(
+                status.stdout.contains("RENEWAL FAILED") && status.stdout.contains("converge bootstrap"),
+                "{}",
+                status.stdout
+            );
+            // The fleet page warns of it, and /metrics says how long ago it expired.
+            let (_, page) = server.get(&f, "/?status=renewal-due");
+            assert!(page.contains("data-node=\"away\"") && !page.contains("data-node=\"up\""), "{page}");
+            assert!(page.contains("id=\"renewal-due\""), "{page}");
+            let metrics = server.get(&f, "/metrics").1;
+            let left =
+                metrics.lines().find_map(|l| l.strip_prefix("converge_certificate_expiry_seconds{node=\"away\"} "));
+            assert!(left.and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v < 0), "{metrics}");
+            // The operator gives it a token, and it runs what it was told: no revocation by hand.
+            let token = f.token_at(Some(&clock), "away");
+            let command: Vec<String> = told
+                .split("run: ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .map(|w| if w == "TOKEN" { token.clone() } else { w.to_string() })
+                .collect();
+            assert_eq!(command[..2], ["converge".to_string(), "bootstrap".to_string()]);
+            let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
+            let back = converge_at(Some(&clock), &away, &args);
+            assert_eq!(back.code, 0, "{}{}", back.stdout, back.stderr);
+            let out = converge_at(Some(&clock), &away, &["run", "--once", "--detailed-exitcodes"]);
+            assert_eq!(out.code, 0, "back in the fleet: {}{}", out.stdout, out.stderr);
+        }
+    }
+    // Eleven months of 90-day certificates renewed from day 60: five renewals.
+    assert_eq!(certificates.len(), 6, "{} certificates", certificates.len());
+    assert!(revocation_seen, "the first renewal came on day 60");
+    let metrics = server.get(&f, "/metrics").1;
+    assert!(metrics.contains("converge_renewals_total 5"), "{metrics}");
+}
+
+#[test]
+fn a_renewal_is_refused_early_and_one_that_fails_never_stops_enforcement() {
+    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", ROLE)]);
+    let Some(clock) = clock(f.dir.path(), "lifecycle") else { return };
+    let mut server = Server::launch(&f.config(), Launch { clock: Some(&clock), ..Launch::default() });
+    let host = bootstrap(&clock, &f, &server, "host");
+    // On day 0 a host cannot renew (the server renews from half a certificate's life), so an
+    // enrolled host cannot mint certificates in a loop.
+    let keys = f.dir.path().join("keys");
+    server_ok(&["keygen", "--out", &keys.display().to_string()]);
+    let body =
+        serde_json::json!({"public_key": std::fs::read_to_string(keys.join("catalog.pub")).unwrap()}).to_string();
+    let head =
+        format!("POST /v1/renew HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    let (status, answer) = server.request_as(&f, &host, &head, body.as_bytes());
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("is renewed from"), "{answer}");
+    // Day 61, the server away: the run enforces its cache and says the renewal failed.
+    clock.advance(61 * DAY);
+    server.kill();
+    let before = fingerprint(&host);
+    let out = converge_at(Some(&clock), &host, &["run", "--once"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("could not be renewed") && out.stdout.contains("each run tries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(fingerprint(&host), before, "the certificate in use is untouched");
+    let status = converge_at(Some(&clock), &host, &["status"]);
+    assert!(status.stdout.contains("RENEWAL FAILED"), "{}", status.stdout);
+    // The server back (on another port: the host is pointed at it), the next run renews.
+    server = Server::launch(&f.config(), Launch { clock: Some(&clock), ..Launch::default() });
+    let toml = host.join("etc/converge/agent.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let line = text.lines().find(|l| l.starts_with("server")).unwrap().to_string();
+    std::fs::write(&toml, text.replace(&line, &format!("server = \"{}\"", server.url))).unwrap();
+    let out = converge_at(Some(&clock), &host, &["run", "--once"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("certificate was renewed"), "{}", out.stdout);
+    assert_ne!(fingerprint(&host), before);
+    let status = converge_at(Some(&clock), &host, &["status"]);
+    assert!(!status.stdout.contains("RENEWAL FAILED"), "{}", status.stdout);
+}
