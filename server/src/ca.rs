@@ -59,6 +59,52 @@ fn random_serial() -> Result<rcgen::SerialNumber> {
     Ok(rcgen::SerialNumber::from_slice(&bytes))
 }
 
+/// The server certificate's parameters: its names and addresses, valid [`SERVER_DAYS`] from
+/// `now` (five minutes earlier, for clocks a little behind).
+fn server_params(names: &[String], addresses: &[IpAddr], now: OffsetDateTime) -> Result<CertificateParams> {
+    let mut sp = CertificateParams::new(names.to_vec()).context("a --name is not a valid DNS name")?;
+    sp.serial_number = Some(random_serial()?);
+    sp.subject_alt_names.extend(addresses.iter().map(|a| SanType::IpAddress(*a)));
+    let common = names.first().cloned().or_else(|| addresses.first().map(ToString::to_string));
+    sp.distinguished_name.push(DnType::CommonName, common.unwrap_or_default());
+    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    sp.not_before = now - Duration::minutes(5);
+    sp.not_after = now + Duration::days(SERVER_DAYS);
+    Ok(sp)
+}
+
+/// The DNS names and IP addresses a certificate (DER) is for.
+fn subject_names(der: &[u8]) -> Result<(Vec<String>, Vec<IpAddr>)> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| anyhow!("server.pem is not X.509"))?;
+    let (mut names, mut addresses) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::IPAddress(b) if b.len() == 4 => {
+                    addresses.push(IpAddr::from(<[u8; 4]>::try_from(*b).expect("4 bytes")))
+                }
+                GeneralName::IPAddress(b) if b.len() == 16 => {
+                    addresses.push(IpAddr::from(<[u8; 16]>::try_from(*b).expect("16 bytes")))
+                }
+                _ => {}
+            }
+        }
+    }
+    if names.is_empty() && addresses.is_empty() {
+        bail!("server.pem names no host or address");
+    }
+    Ok((names, addresses))
+}
+
+/// When a certificate (DER) is valid: (not before, not after), in seconds since the epoch.
+pub fn validity(der: &[u8]) -> Result<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| anyhow!("not an X.509 certificate"))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// `sha256:HEX` of a certificate in DER, the form agents pin.
 pub fn cert_hash(der: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(der))
@@ -80,18 +126,30 @@ impl Ca {
         write_new(&dir.join("ca.pem"), &cert.pem(), 0o644)?;
         let ca = Ca { issuer: Issuer::new(ca_params(), key), pem: cert.pem(), der: cert.der().to_vec() };
         let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut sp = CertificateParams::new(names.to_vec()).context("a --name is not a valid DNS name")?;
-        sp.serial_number = Some(random_serial()?);
-        sp.subject_alt_names.extend(addresses.iter().map(|a| SanType::IpAddress(*a)));
-        sp.distinguished_name
-            .push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| addresses[0].to_string()));
-        sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        sp.not_before = now - Duration::minutes(5);
-        sp.not_after = now + Duration::days(SERVER_DAYS);
-        let server = sp.signed_by(&server_key, &ca.issuer)?;
+        let server = server_params(names, addresses, now)?.signed_by(&server_key, &ca.issuer)?;
         write_new(&dir.join("server.key"), &server_key.serialize_pem(), 0o600)?;
         write_new(&dir.join("server.pem"), &server.pem(), 0o644)?;
         Ok(ca)
+    }
+
+    /// A new certificate for the server's own key (kept: `/bootstrap.sh` pins it), for the
+    /// same names and addresses as the one in `dir`, valid [`SERVER_DAYS`] from now. Replaces
+    /// `server.pem` atomically; returns the new certificate's DER.
+    pub fn renew_server(&self, dir: &Path) -> Result<Vec<u8>> {
+        let pem = std::fs::read_to_string(dir.join("server.pem"))
+            .with_context(|| format!("cannot read {}/server.pem", dir.display()))?;
+        let der = pem_der(&pem).ok_or_else(|| anyhow!("{}/server.pem is not a PEM certificate", dir.display()))?;
+        let (names, addresses) = subject_names(&der)?;
+        let key_pem = std::fs::read_to_string(dir.join("server.key"))
+            .with_context(|| format!("cannot read {}/server.key", dir.display()))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| anyhow!("{}/server.key: {e}", dir.display()))?;
+        let cert = server_params(&names, &addresses, OffsetDateTime::now_utc())?.signed_by(&key, &self.issuer)?;
+        let tmp = dir.join("server.pem.new");
+        let _ = std::fs::remove_file(&tmp);
+        write_new(&tmp, &cert.pem(), 0o644)?;
+        std::fs::rename(&tmp, dir.join("server.pem")).context("cannot replace server.pem")?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(cert.der().to_vec())
     }
 
     /// Loads the CA of a state directory.

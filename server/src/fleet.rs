@@ -83,6 +83,8 @@ pub struct Fleet {
     cert_watch: Mutex<(i64, i64)>,
     pub compiles: tokio::sync::Semaphore,
     pub admission: crate::http::Admission,
+    /// The server's own certificate, renewed in place.
+    pub server_cert: Arc<crate::http::ServerCert>,
     pub metrics: Metrics,
     pub started: i64,
     /// The server key's pin for `curl --pinnedpubkey` (bootstrap.sh).
@@ -160,6 +162,7 @@ impl Fleet {
             );
         }
         let pin = crate::bootstrap::pin(&config.state)?;
+        let server_cert = Arc::new(crate::http::ServerCert::load(&config.state, &ca.der)?);
         let started = now();
         let all = db.certs_changed(0, 0)?;
         let newest = all.iter().map(|(rowid, ..)| *rowid).max().unwrap_or(0);
@@ -170,6 +173,7 @@ impl Fleet {
         Ok(Fleet {
             compiles: tokio::sync::Semaphore::new(config.max_compiles),
             admission: crate::http::Admission::new(&config),
+            server_cert,
             config,
             db,
             ca,

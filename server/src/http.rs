@@ -648,38 +648,99 @@ fn metrics_text(fleet: &Fleet) -> Result<Response, ApiError> {
         }
     }
     out.push_str(&format!(
+        "# HELP converge_server_certificate_expiry_seconds Seconds until the server's certificate expires.\n# TYPE converge_server_certificate_expiry_seconds gauge\nconverge_server_certificate_expiry_seconds {}\n",
+        fleet.server_cert.expires() - now
+    ));
+    out.push_str(&format!(
         "# HELP converge_uptime_seconds Seconds since the server started.\n# TYPE converge_uptime_seconds gauge\nconverge_uptime_seconds {}\n",
         now - fleet.started
     ));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
-/// The server's TLS configuration: TLS 1.3, its certificate, and client certificates checked
-/// against its CA when presented (enrollment and the CA download come without one).
-pub fn tls_config(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<rustls::ServerConfig> {
-    use anyhow::Context;
-    // AES-128-GCM with SHA-256 first, whatever the client prefers: SHA-256 runs on the CPU's
-    // SHA extensions where SHA-384 does not, and it was an eighth of the server's time per poll.
+/// The cryptography of the server's TLS: ring, with AES-128-GCM and SHA-256 first, whatever
+/// the client prefers (SHA-256 runs on the CPU's SHA extensions where SHA-384 does not, and it
+/// was an eighth of the server's time per poll).
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = vec![
         rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
         rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
         rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
     ];
-    let provider = Arc::new(provider);
+    Arc::new(provider)
+}
+
+/// The server's certificate, swapped in place when it is renewed: connections already open
+/// keep the one they began with, new handshakes get the new one; no restart, no connection
+/// dropped. The key stays the same (bootstrap.sh pins it); only the certificate is renewed.
+#[derive(Debug)]
+pub struct ServerCert {
+    state: std::path::PathBuf,
+    ca_der: Vec<u8>,
+    /// The certificate in use, and when it is valid (seconds since the epoch).
+    current: std::sync::RwLock<(Arc<rustls::sign::CertifiedKey>, (i64, i64))>,
+}
+
+impl ServerCert {
+    /// The certificate and key of the state directory `state`, chained to the CA `ca_der`.
+    pub fn load(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<ServerCert> {
+        let current = std::sync::RwLock::new(Self::read(state, ca_der)?);
+        Ok(ServerCert { state: state.to_path_buf(), ca_der: ca_der.to_vec(), current })
+    }
+
+    fn read(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<(Arc<rustls::sign::CertifiedKey>, (i64, i64))> {
+        use anyhow::Context;
+        let cert = CertificateDer::from_pem_file(state.join("server.pem")).context("cannot read server.pem")?;
+        let key = PrivateKeyDer::from_pem_file(state.join("server.key")).context("cannot read server.key")?;
+        let validity = crate::ca::validity(&cert)?;
+        let signer = provider().key_provider.load_private_key(key).context("the server key")?;
+        let chain = vec![cert, CertificateDer::from(ca_der.to_vec())];
+        Ok((Arc::new(rustls::sign::CertifiedKey::new(chain, signer)), validity))
+    }
+
+    /// When the certificate in use expires (seconds since the epoch).
+    pub fn expires(&self) -> i64 {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).1.1
+    }
+
+    /// Renews the certificate from two thirds of its life (a comparison of times until then:
+    /// cheap to call every second). Returns the new expiry when it renewed.
+    pub fn renew_if_due(&self, ca: &crate::ca::Ca, now: i64) -> anyhow::Result<Option<i64>> {
+        let (from, until) = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).1;
+        if now < from + (until - from) * 2 / 3 {
+            return Ok(None);
+        }
+        ca.renew_server(&self.state)?;
+        let renewed = Self::read(&self.state, &self.ca_der)?;
+        let expires = renewed.1.1;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = renewed;
+        Ok(Some(expires))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).0.clone())
+    }
+}
+
+/// The server's TLS configuration: TLS 1.3, its certificate (renewed in place), and client
+/// certificates checked against its CA when presented (enrollment and the CA download come
+/// without one).
+pub fn tls_config(fleet: &Fleet) -> anyhow::Result<rustls::ServerConfig> {
+    use anyhow::Context;
+    let provider = provider();
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(ca_der.to_vec())).context("the CA certificate")?;
+    roots.add(CertificateDer::from(fleet.ca.der.clone())).context("the CA certificate")?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
         .context("the client certificate verifier")?;
-    let cert = CertificateDer::from_pem_file(state.join("server.pem")).context("cannot read server.pem")?;
-    let key = PrivateKeyDer::from_pem_file(state.join("server.key")).context("cannot read server.key")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![cert, CertificateDer::from(ca_der.to_vec())], key)
-        .context("the server certificate and key")?;
+        .with_cert_resolver(fleet.server_cert.clone());
     // Session tickets (keys rotate every 6 h, tickets live 12 h): an agent polling every 30
     // minutes resumes its session instead of a full handshake. The ticket carries the client
     // certificate, so every request is still checked against the deny list.

@@ -612,7 +612,7 @@ fn serve(config_path: &Path) -> Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let fleet = std::sync::Arc::new(converge_server::fleet::Fleet::open(config.clone())?);
-        let tls = converge_server::http::tls_config(&config.state, &fleet.ca.der)?;
+        let tls = converge_server::http::tls_config(&fleet)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -644,6 +644,19 @@ fn serve(config_path: &Path) -> Result<u8> {
                 let f = flusher.clone();
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.watch_certs()).await {
                     tracing::warn!("reading certificates: {e:#}");
+                }
+                // The server's own certificate, from two thirds of its life; a failure is
+                // tried again each second and shows in /metrics and on the fleet page.
+                let f = flusher.clone();
+                match tokio::task::spawn_blocking(move || f.server_cert.renew_if_due(&f.ca, converge_server::db::now()))
+                    .await
+                {
+                    Ok(Ok(Some(expires))) => tracing::info!(
+                        "renewed the server's certificate: valid until {}",
+                        converge_modules::time::Timestamp(expires)
+                    ),
+                    Ok(Err(e)) => tracing::warn!("renewing the server's certificate: {e:#}"),
+                    _ => {}
                 }
             }
         });

@@ -90,11 +90,16 @@ pub fn fleet_page(fleet: &Fleet, filter: Option<&str>) -> Result<Option<String>>
             }
         })
         .collect();
+    // The server's own certificate renews itself from two thirds of its life: within 30 days
+    // of its end, renewal has been failing for months (the log says why).
+    let server_expires = fleet.server_cert.expires();
+    let server_cert_warning = (server_expires - now < view::CERT_WARNING)
+        .then(|| converge_modules::time::Timestamp(server_expires).to_string());
     render(
         "fleet.html",
         context! {
             commit, now => now_text, summary, total, filter => filter.map(|f| f.replace('-', " ")),
-            nodes => val(&nodes), pending, late_after => human(late_after),
+            nodes => val(&nodes), pending, late_after => human(late_after), server_cert_warning,
         },
     )
     .map(Some)

@@ -177,6 +177,22 @@ impl Fleet {
 pub struct Server {
     child: std::process::Child,
     pub url: String,
+    /// The file of the clock it runs on, when it runs on a [`Clock`]: the test's own TLS
+    /// clients check its certificates at that time too.
+    pub clock_file: Option<PathBuf>,
+}
+
+/// A rustls time source reading a [`Clock`]'s offset file: the test's view of the time the
+/// binaries see.
+#[derive(Debug)]
+struct ClockTime(PathBuf);
+
+impl rustls::time_provider::TimeProvider for ClockTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        let offset: i64 = std::fs::read_to_string(&self.0).ok()?.trim().trim_end_matches('s').parse().ok()?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs((now + offset) as u64)))
+    }
 }
 
 /// How to start a server for a test.
@@ -297,7 +313,7 @@ impl Server {
             }
         });
         let url = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the server starts listening");
-        Server { child, url }
+        Server { child, url, clock_file: how.clock.map(|c| c.file.clone()) }
     }
 
     /// The server's process id.
@@ -351,12 +367,45 @@ impl Server {
     /// Sends a request (`head` is the request line and headers but the last CRLF), returns the
     /// status and body.
     pub fn request(&self, fleet: &Fleet, head: &str, body: &[u8]) -> (u16, String) {
-        self.request_with(Self::tls(fleet), head, body)
+        let config = match &self.clock_file {
+            Some(file) => Self::tls_at(fleet, None, file),
+            None => Self::tls(fleet),
+        };
+        self.request_with(config, head, body)
+    }
+
+    /// TLS trusting the fleet's CA (presenting the client certificate of the agent under
+    /// `root`, if given) that checks certificates at the time of the clock in `clock_file`.
+    pub fn tls_at(fleet: &Fleet, root: Option<&Path>, clock_file: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let ca = CertificateDer::from_pem_file(fleet.dir.path().join("state/ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let builder = rustls::ClientConfig::builder_with_details(
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+            std::sync::Arc::new(ClockTime(clock_file.to_path_buf())),
+        )
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        std::sync::Arc::new(match root {
+            None => builder.with_no_client_auth(),
+            Some(root) => {
+                let cert = CertificateDer::from_pem_file(root.join("etc/converge/agent.pem")).unwrap();
+                let key = PrivateKeyDer::from_pem_file(root.join("etc/converge/agent.key")).unwrap();
+                builder.with_client_auth_cert(vec![cert], key).unwrap()
+            }
+        })
     }
 
     /// The same, with the client certificate of the agent joined under `root`.
     pub fn request_as(&self, fleet: &Fleet, root: &Path, head: &str, body: &[u8]) -> (u16, String) {
-        self.request_with(Self::tls_as(fleet, root), head, body)
+        let config = match &self.clock_file {
+            Some(file) => Self::tls_at(fleet, Some(root), file),
+            None => Self::tls_as(fleet, root),
+        };
+        self.request_with(config, head, body)
     }
 
     /// A TLS client configuration trusting only the fleet's CA, presenting the client

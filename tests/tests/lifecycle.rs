@@ -161,3 +161,84 @@ fn a_renewal_is_refused_early_and_one_that_fails_never_stops_enforcement() {
     let status = converge_at(Some(&clock), &host, &["status"]);
     assert!(!status.stdout.contains("RENEWAL FAILED"), "{}", status.stdout);
 }
+
+/// One request on an open HTTP/1.1 connection, kept open: the status line and the body.
+fn keep_alive_get<S: std::io::Read + std::io::Write>(s: &mut S, path: &str) -> (String, String) {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection was closed");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return (head.lines().next().unwrap().to_string(), body[..len].to_string());
+            }
+        }
+    }
+}
+
+#[test]
+fn the_server_certificate_renews_itself_without_a_restart_or_a_dropped_connection() {
+    use std::io::Write as _;
+    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", ROLE)]);
+    let Some(clock) = clock(f.dir.path(), "lifecycle") else { return };
+    let server = Server::launch(&f.config(), Launch { clock: Some(&clock), ..Launch::default() });
+    let host = bootstrap(&clock, &f, &server, "host");
+    let state = f.dir.path().join("state");
+    let (cert, key) =
+        (std::fs::read(state.join("server.pem")).unwrap(), std::fs::read(state.join("server.key")).unwrap());
+    let pin_line = |s: &str| s.lines().find(|l| l.contains("--pinnedpubkey")).map(str::to_string);
+    let (_, script) = server.get(&f, "/bootstrap.sh");
+    // A connection opened before the renewal, kept alive across it.
+    let file = server.clock_file.clone().unwrap();
+    let conn = rustls::ClientConnection::new(Server::tls_at(&f, None, &file), "127.0.0.1".try_into().unwrap()).unwrap();
+    let mut open = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(server.addr()).unwrap());
+    assert_eq!(keep_alive_get(&mut open, "/healthz").0, "HTTP/1.1 200 OK");
+    // The host lives through the months, renewing its own certificate on the way...
+    for _ in 0..3 {
+        clock.advance(80 * DAY);
+        let out = converge_at(Some(&clock), &host, &["run", "--once"]);
+        assert!(out.code == 0 && !out.stdout.contains("enforcing the cached catalog"), "{}{}", out.stdout, out.stderr);
+    }
+    // ...and two thirds of 397 days on, the server renews its own within a second.
+    clock.advance(30 * DAY);
+    eventually(std::time::Duration::from_secs(10), std::time::Duration::from_millis(200), || {
+        (std::fs::read(state.join("server.pem")).unwrap() != cert).then_some(()).ok_or("not renewed yet".into())
+    });
+    assert_eq!(std::fs::read(state.join("server.key")).unwrap(), key, "the key is kept");
+    assert_eq!(pin_line(&server.get(&f, "/bootstrap.sh").1), pin_line(&script), "so bootstrap.sh's pin holds");
+    // The open connection goes on; a new one gets the new certificate.
+    assert_eq!(keep_alive_get(&mut open, "/healthz").0, "HTTP/1.1 200 OK");
+    let conn = rustls::ClientConnection::new(Server::tls_at(&f, None, &file), "127.0.0.1".try_into().unwrap()).unwrap();
+    let mut fresh = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(server.addr()).unwrap());
+    assert_eq!(keep_alive_get(&mut fresh, "/healthz").0, "HTTP/1.1 200 OK");
+    let presented = fresh.conn.peer_certificates().unwrap()[0].to_vec();
+    let renewed = std::fs::read_to_string(state.join("server.pem")).unwrap();
+    assert!(!presented.is_empty() && renewed.contains("BEGIN CERTIFICATE"));
+    assert_ne!(
+        Some(&presented[..]),
+        open.conn.peer_certificates().map(|c| &c[0][..]),
+        "a new certificate on a new connection"
+    );
+    let metrics = server.get(&f, "/metrics").1;
+    let left: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("converge_server_certificate_expiry_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(left > 390 * DAY, "valid 397 days from the renewal: {left}");
+    // The host notices nothing: served by the renewed server.
+    let out = converge_at(Some(&clock), &host, &["run", "--once", "--detailed-exitcodes"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(!out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
+    let _ = open.flush();
+}
