@@ -61,18 +61,31 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
         bail!("--ca-hash {} is not sha256:HEX (64 hex digits) as converge-server init printed it", args.ca_hash);
     }
     // 1. The CA, believed only with the pinned hash.
-    let ca_pem = rt.block_on(Client::fetch_ca(&args.server))?;
-    let ca_der = {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|_| anyhow!("the server sent no CA certificate"))?
-    };
-    let hash = format!("sha256:{}", converge_modules::hash::sha256_hex(&ca_der));
-    if hash != pinned {
+    // The server sends its CA bundle (two CAs during a rollover), over a connection nothing
+    // vouches for yet: only the CA with the pinned hash is kept. The rest of the bundle comes
+    // later, over the mutual TLS this CA verifies.
+    let bundle = rt.block_on(Client::fetch_ca(&args.server))?;
+    // Each certificate of the bundle, as its own PEM block.
+    let blocks: Vec<String> = bundle
+        .split_inclusive("-----END CERTIFICATE-----")
+        .filter_map(|b| b.find("-----BEGIN CERTIFICATE-----").map(|i| format!("{}\n", &b[i..])))
+        .collect();
+    let hashed: Vec<(String, String)> = blocks
+        .into_iter()
+        .filter_map(|pem| {
+            let der = crate::client::pem_certificates(&pem).ok()?.into_iter().next()?;
+            Some((format!("sha256:{}", converge_modules::hash::sha256_hex(&der)), pem))
+        })
+        .collect();
+    let Some((_, ca_pem)) = hashed.iter().find(|(h, _)| *h == pinned).cloned() else {
+        let seen: Vec<&str> = hashed.iter().map(|(h, _)| h.as_str()).collect();
         bail!(
-            "the server's CA is {hash}, not the pinned {pinned}: refusing to trust it (another server, or someone in between); nothing was changed"
+            "the server's CA is {}, not the pinned {pinned}: refusing to trust it (another server, or someone in \
+             between; or the operator rotated the CA: ask for its current hash, converge-server ca status); nothing \
+             was changed",
+            if seen.is_empty() { "missing".to_string() } else { seen.join(" or ") }
         );
-    }
+    };
     let name = match &args.name {
         Some(n) => n.clone(),
         None => signed::node_name(&root, None)?,

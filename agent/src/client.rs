@@ -52,10 +52,10 @@ pub enum Sent {
 
 /// What the server said about the catalog.
 pub enum CatalogReply {
-    /// A new envelope, with its ETag.
-    Envelope { bytes: Vec<u8>, etag: Option<String> },
-    /// The cached one is current.
-    NotModified,
+    /// A new envelope, with its ETag, and the hash of the server's CA bundle.
+    Envelope { bytes: Vec<u8>, etag: Option<String>, ca_bundle: Option<String> },
+    /// The cached one is current; the hash of the server's CA bundle.
+    NotModified { ca_bundle: Option<String> },
     /// Busy: ask again after this many seconds.
     Retry(u64),
 }
@@ -130,6 +130,12 @@ fn unreachable(base: &str, e: reqwest::Error) -> anyhow::Error {
     }
     let why = if timeout { "no answer in time".to_string() } else { cause.to_string() };
     anyhow!("cannot reach the server {base}: {why}")
+}
+
+/// The CA bundle hash a catalog answer names (64 hex digits, or nothing).
+fn bundle_of(resp: &reqwest::Response) -> Option<String> {
+    let v = resp.headers().get("x-converge-ca-bundle")?.to_str().ok()?;
+    (v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit())).then(|| v.to_string())
 }
 
 /// The server's message from an error response, or its status.
@@ -238,7 +244,7 @@ impl Client {
         }
         let resp = r.send().await.map_err(|e| unreachable(&self.base, e))?;
         match resp.status().as_u16() {
-            304 => Ok(CatalogReply::NotModified),
+            304 => Ok(CatalogReply::NotModified { ca_bundle: bundle_of(&resp) }),
             503 => {
                 let after = resp
                     .headers()
@@ -248,6 +254,7 @@ impl Client {
                 Ok(CatalogReply::Retry(after))
             }
             200 => {
+                let ca_bundle = bundle_of(&resp);
                 let etag = resp
                     .headers()
                     .get(reqwest::header::ETAG)
@@ -256,10 +263,25 @@ impl Client {
                     .map(str::to_string);
                 let bytes =
                     bounded_body(resp, converge_modules::trust::MAX_ENVELOPE).await.context("the catalog download")?;
-                Ok(CatalogReply::Envelope { bytes, etag })
+                Ok(CatalogReply::Envelope { bytes, etag, ca_bundle })
             }
             _ => Err(error_of(resp).await),
         }
+    }
+
+    /// The server's CA bundle (PEM), over the connection this host already trusts.
+    pub async fn ca_bundle(&self) -> Result<String> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/ca-bundle", self.base))
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.base, e))?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        let pem = bounded_body(resp, 64 << 10).await?;
+        String::from_utf8(pem).map_err(|_| anyhow!("the server's CA bundle is not PEM text"))
     }
 
     /// Asks for a new certificate for the key in `req` (over mutual TLS with the current one).

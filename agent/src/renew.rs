@@ -45,6 +45,18 @@ fn certificate(pem: &str) -> Result<(Validity, Vec<u8>), String> {
     Ok((validity, cert.public_key().subject_public_key.data.to_vec()))
 }
 
+/// The subject of the first CA of a bundle (the newest; the server sends it first).
+pub fn newest_ca_name(bundle: &str) -> Option<String> {
+    let der = crate::client::pem_certificates(bundle).ok()?.into_iter().next()?;
+    x509_parser::parse_x509_certificate(&der).ok().map(|(_, c)| c.subject().to_string())
+}
+
+/// The issuer of the first certificate of `pem`.
+pub fn issuer_name(pem: &str) -> Option<String> {
+    let der = crate::client::pem_certificates(pem).ok()?.into_iter().next()?;
+    x509_parser::parse_x509_certificate(&der).ok().map(|(_, c)| c.issuer().to_string())
+}
+
 /// The validity of the certificate in `pem`.
 pub fn validity(pem: &str) -> Result<Validity, String> {
     certificate(pem).map(|(v, _)| v)

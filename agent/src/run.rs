@@ -194,16 +194,24 @@ fn locked_run(
     let certificate = keep_certificate(host, config, &rt, &mut client, &mut notes, args.dry_run);
     let cached = fallback(host, lock, &trust, &mut notes);
     let queued = state::queued_reports(host, &mut notes);
-    let request = CatalogRequest { agent_version: env!("CARGO_PKG_VERSION").into(), formats: vec![FORMAT], facts };
+    let held_bundle = read(host.root(), state::CA_FILE).map(|t| converge_modules::hash::sha256_hex(t.as_bytes())).ok();
+    let request = CatalogRequest {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        formats: vec![FORMAT],
+        facts,
+        ca_bundle: held_bundle.clone(),
+    };
     let (mut reached, mut retry_after) = (false, None);
     let reply = rt.block_on(client.catalog(&request, cached.as_ref().and_then(|c| c.etag.as_deref())));
     let fresh = match reply {
-        Ok(CatalogReply::Envelope { bytes, etag }) => {
+        Ok(CatalogReply::Envelope { bytes, etag, ca_bundle }) => {
             reached = true;
+            adopt_bundle(host, &rt, &client, held_bundle.as_deref(), ca_bundle, &mut notes);
             Some((bytes, etag))
         }
-        Ok(CatalogReply::NotModified) => {
+        Ok(CatalogReply::NotModified { ca_bundle }) => {
             reached = true;
+            adopt_bundle(host, &rt, &client, held_bundle.as_deref(), ca_bundle, &mut notes);
             None
         }
         Ok(CatalogReply::Retry(after)) => {
@@ -213,7 +221,16 @@ fn locked_run(
             None
         }
         Err(e) => {
-            notes.push(format!("{e:#}: enforcing the cached catalog"));
+            let text = format!("{e:#}");
+            notes.push(format!("{text}: enforcing the cached catalog"));
+            if text.contains("UnknownIssuer") {
+                notes.push(format!(
+                    "the server's certificate is not from a CA this host trusts: if the operator has rotated the CA, \
+                     ask for a one-time token and the current CA hash (converge-server ca status) and run: converge \
+                     bootstrap --server {} --ca-hash sha256:NEW --name {} --token TOKEN",
+                    config.server, config.name
+                ));
+            }
             None
         }
     };
@@ -327,6 +344,35 @@ fn locked_run(
     Ok(Outcome { code: apply::exit_code(args.detailed_exitcodes, &summary), reached, retry_after })
 }
 
+/// Adopts the server's CA bundle when the server names another than the one held: fetched
+/// over the mutual TLS this host already trusts (during a CA rollover: the successor beside
+/// the current CA; after it: the successor alone). A failure is a note; the next run tries
+/// again.
+fn adopt_bundle(
+    host: &RealHost,
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    held: Option<&str>,
+    named: Option<String>,
+    notes: &mut Vec<String>,
+) {
+    let Some(named) = named.filter(|n| Some(n.as_str()) != held) else { return };
+    let adopted = rt.block_on(client.ca_bundle()).and_then(|pem| {
+        let certs = crate::client::pem_certificates(&pem).map_err(|e| anyhow!("the server's CA bundle: {e}"))?;
+        if converge_modules::hash::sha256_hex(pem.as_bytes()) != named {
+            return Err(anyhow!("the CA bundle the server sent is not the one it named (it changed meanwhile?)"));
+        }
+        state::write(host, state::CA_FILE, pem.as_bytes(), 0o644)?;
+        Ok(certs.len())
+    });
+    match adopted {
+        Ok(n) => {
+            notes.push(format!("this host now trusts the server's CA bundle ({n} CA{})", if n == 1 { "" } else { "s" }))
+        }
+        Err(e) => notes.push(format!("the server's CA bundle could not be adopted: {e:#}; the next run tries again")),
+    }
+}
+
 /// This host's certificate: renewed from two thirds of its life (the new one serves the rest
 /// of this run), and when it has expired, the exact way back. A failure is a note, tried again
 /// each run, and never stops enforcement.
@@ -355,7 +401,13 @@ fn keep_certificate(
         seen.renewal_error = Some(why);
         return Some(seen);
     }
-    if now < v.renew_from() || dry_run {
+    // During a CA rollover, a certificate from a CA that is not the newest this host trusts
+    // is renewed at once (the server issues from the newest).
+    let newest_ca = read(host.root(), state::CA_FILE).ok().and_then(|p| crate::renew::newest_ca_name(&p));
+    let from_old_ca = newest_ca.is_some_and(|ca| {
+        crate::renew::issuer_name(&read(host.root(), state::CERT_FILE).unwrap_or_default()).is_some_and(|i| i != ca)
+    });
+    if (now < v.renew_from() && !from_old_ca) || dry_run {
         return Some(seen);
     }
     match crate::renew::renew(host, client, rt) {

@@ -70,6 +70,9 @@ pub struct CatalogRequest {
     pub formats: Vec<u32>,
     /// What the host reports about itself (never used to classify it).
     pub facts: serde_json::Map<String, serde_json::Value>,
+    /// The hash of the CA bundle the host trusts (see the server's `ca status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 /// One run's report, as the agent sends it.
@@ -176,6 +179,11 @@ impl CatalogRequest {
             return Err("agent_version holds control characters".into());
         }
         count_within("formats", self.formats.len(), Limits::FORMATS)?;
+        if let Some(h) = &self.ca_bundle
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err("ca_bundle is not a SHA-256 in hex".into());
+        }
         count_within("facts", self.facts.len(), Limits::FACTS)
     }
 }

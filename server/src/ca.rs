@@ -6,6 +6,12 @@
 //! The CA is only ever used by converge: agents trust nothing else for the server, and the
 //! server accepts client certificates only from it. The CA hash agents pin at bootstrap is the
 //! SHA-256 of the CA certificate (DER).
+//!
+//! A rollover ([`Ca::rotate`]) makes a successor CA and keeps, for the overlap, the CA before
+//! it (`ca-previous.pem`, still trusted) and the successor cross-signed by it
+//! (`ca-cross.pem`, sent after the server's certificate so hosts that trust only the old CA
+//! still verify it). The trust bundle is this CA and, during the overlap, the previous one.
+//! [`Ca::retire`] ends the overlap. A rotation cut short is completed at the next load.
 
 use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::hash::sha256_hex;
@@ -27,13 +33,26 @@ pub struct Ca {
     /// The CA certificate, PEM and DER.
     pub pem: String,
     pub der: Vec<u8>,
+    /// During a rollover: the CA before this one (PEM, DER), still trusted.
+    pub previous: Option<(String, Vec<u8>)>,
+    /// During a rollover: this CA cross-signed by the previous one (DER).
+    pub cross: Option<Vec<u8>>,
+    /// When the rollover began: client certificates issued before come from the previous CA.
+    pub rotated_at: Option<i64>,
 }
 
-/// The CA's parameters: fixed, so that the issuer can be rebuilt from the key alone.
-fn ca_params() -> CertificateParams {
+/// The files of a rollover.
+const PREVIOUS: &str = "ca-previous.pem";
+const CROSS: &str = "ca-cross.pem";
+const ROTATED_AT: &str = "ca-rotated-at";
+const NEXT_KEY: &str = "ca-next.key";
+const NEXT_PEM: &str = "ca-next.pem";
+
+/// A CA's parameters with its common name: enough to rebuild its issuer from its key.
+fn ca_params(name: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "converge CA");
+    dn.push(DnType::CommonName, name);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -57,6 +76,49 @@ fn random_serial() -> Result<rcgen::SerialNumber> {
     let mut bytes = crate::keys::random()?[..16].to_vec();
     bytes[0] &= 0x7f;
     Ok(rcgen::SerialNumber::from_slice(&bytes))
+}
+
+/// A CA's validity: from a day before `now`, [`CA_YEARS`] long.
+fn ca_validity(mut p: CertificateParams, now: OffsetDateTime) -> CertificateParams {
+    p.not_before = now - Duration::days(1);
+    p.not_after = now + Duration::days(365 * CA_YEARS);
+    p
+}
+
+/// Completes a rotation that wrote the successor's key and certificate (`ca-next.*`) but
+/// did not move both into place: the key first, then the certificate.
+fn finish_rotation(dir: &Path) -> Result<()> {
+    let (key, pem) = (dir.join(NEXT_KEY), dir.join(NEXT_PEM));
+    if key.exists() && pem.exists() {
+        std::fs::rename(&key, dir.join("ca.key")).context("cannot move the new CA key into place")?;
+    }
+    if pem.exists() && !key.exists() {
+        std::fs::rename(&pem, dir.join("ca.pem")).context("cannot move the new CA certificate into place")?;
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The subject of a certificate (DER), as text; `None` when it is not one.
+pub fn subject_name(der: &[u8]) -> Option<String> {
+    x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.subject().to_string())
+}
+
+/// The issuer of a certificate (DER), as text; `None` when it is not one.
+pub fn issuer_name(der: &[u8]) -> Option<String> {
+    x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.issuer().to_string())
+}
+
+/// The DER of the first certificate of a PEM text (empty when there is none).
+pub fn pem_to_der(pem: &[u8]) -> Vec<u8> {
+    std::str::from_utf8(pem).ok().and_then(pem_der).unwrap_or_default()
+}
+
+/// The common name of a certificate's subject (DER).
+fn common_name(der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| anyhow!("ca.pem is not X.509"))?;
+    let name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+    name.ok_or_else(|| anyhow!("ca.pem has no common name"))
 }
 
 /// The server certificate's parameters: its names and addresses, valid [`SERVER_DAYS`] from
@@ -117,14 +179,19 @@ impl Ca {
             bail!("the server certificate needs at least one --name or --address agents will connect to");
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = ca_params();
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::days(1);
-        params.not_after = now + Duration::days(365 * CA_YEARS);
-        let cert = params.self_signed(&key)?;
+        let name = "converge CA";
+        let cert = ca_validity(ca_params(name), now).self_signed(&key)?;
         write_new(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
         write_new(&dir.join("ca.pem"), &cert.pem(), 0o644)?;
-        let ca = Ca { issuer: Issuer::new(ca_params(), key), pem: cert.pem(), der: cert.der().to_vec() };
+        let ca = Ca {
+            issuer: Issuer::new(ca_params(name), key),
+            pem: cert.pem(),
+            der: cert.der().to_vec(),
+            previous: None,
+            cross: None,
+            rotated_at: None,
+        };
         let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let server = server_params(names, addresses, now)?.signed_by(&server_key, &ca.issuer)?;
         write_new(&dir.join("server.key"), &server_key.serialize_pem(), 0o600)?;
@@ -152,19 +219,101 @@ impl Ca {
         Ok(cert.der().to_vec())
     }
 
-    /// Loads the CA of a state directory.
+    /// Loads the CA of a state directory (completing a rotation a crash cut short).
     pub fn load(dir: &Path) -> Result<Ca> {
+        finish_rotation(dir)?;
         let key_pem = std::fs::read_to_string(dir.join("ca.key"))
             .with_context(|| format!("cannot read {}/ca.key", dir.display()))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| anyhow!("{}/ca.key: {e}", dir.display()))?;
         let pem = std::fs::read_to_string(dir.join("ca.pem"))
             .with_context(|| format!("cannot read {}/ca.pem", dir.display()))?;
         let der = pem_der(&pem).ok_or_else(|| anyhow!("{}/ca.pem is not a PEM certificate", dir.display()))?;
-        Ok(Ca { issuer: Issuer::new(ca_params(), key), pem, der })
+        let name = common_name(&der)?;
+        let read_der = |file: &str| -> Result<Option<(String, Vec<u8>)>> {
+            match std::fs::read_to_string(dir.join(file)) {
+                Ok(p) => {
+                    let d = pem_der(&p).ok_or_else(|| anyhow!("{}/{file} is not a PEM certificate", dir.display()))?;
+                    Ok(Some((p, d)))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("cannot read {}/{file}", dir.display())),
+            }
+        };
+        let previous = read_der(PREVIOUS)?;
+        let cross = read_der(CROSS)?.map(|(_, d)| d);
+        let rotated_at = std::fs::read_to_string(dir.join(ROTATED_AT)).ok().and_then(|t| t.trim().parse().ok());
+        Ok(Ca { issuer: Issuer::new(ca_params(&name), key), pem, der, previous, cross, rotated_at })
     }
 
     pub fn hash(&self) -> String {
         cert_hash(&self.der)
+    }
+
+    /// The CAs hosts trust (PEM, this one first, then the previous one during a rollover).
+    pub fn bundle(&self) -> String {
+        let mut b = self.pem.clone();
+        if let Some((p, _)) = &self.previous {
+            b.push_str(p);
+        }
+        b
+    }
+
+    /// The bundle's own hash (of its text, as hosts keep it in `ca.pem`): a host whose
+    /// `ca.pem` has another fetches the bundle.
+    pub fn bundle_hash(&self) -> String {
+        sha256_hex(self.bundle().as_bytes())
+    }
+
+    /// Every CA trusted (DER): client certificates from any of them are accepted.
+    pub fn trusted(&self) -> Vec<Vec<u8>> {
+        std::iter::once(self.der.clone()).chain(self.previous.iter().map(|(_, d)| d.clone())).collect()
+    }
+
+    /// What the server sends after its own certificate: this CA cross-signed by the previous
+    /// one during a rollover, and this CA.
+    pub fn chain(&self) -> Vec<Vec<u8>> {
+        self.cross.iter().cloned().chain(std::iter::once(self.der.clone())).collect()
+    }
+
+    /// Starts a rollover in `dir`: a successor CA (10 years), cross-signed by this one; the
+    /// server's certificate issued anew by the successor (same key). Returns the successor's
+    /// hash. Refused while a rollover is under way.
+    pub fn rotate(dir: &Path) -> Result<String> {
+        let old = Ca::load(dir)?;
+        if old.previous.is_some() {
+            bail!("a rollover is under way already: retire the previous CA first (converge-server ca retire)");
+        }
+        let now = OffsetDateTime::now_utc();
+        let name = format!("converge CA {}", converge_modules::time::Timestamp(now.unix_timestamp()));
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = ca_validity(ca_params(&name), now).self_signed(&key)?;
+        let cross = ca_validity(ca_params(&name), now).signed_by(&key, &old.issuer)?;
+        for file in [NEXT_KEY, NEXT_PEM, PREVIOUS, CROSS, ROTATED_AT] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        write_new(&dir.join(PREVIOUS), &old.pem, 0o644)?;
+        write_new(&dir.join(CROSS), &cross.pem(), 0o644)?;
+        write_new(&dir.join(ROTATED_AT), &format!("{}\n", now.unix_timestamp()), 0o644)?;
+        write_new(&dir.join(NEXT_KEY), &key.serialize_pem(), 0o600)?;
+        write_new(&dir.join(NEXT_PEM), &cert.pem(), 0o644)?;
+        finish_rotation(dir)?;
+        let new = Ca::load(dir)?;
+        new.renew_server(dir)?;
+        Ok(new.hash())
+    }
+
+    /// Ends a rollover: the previous CA is trusted no more. Returns whether one was under way.
+    pub fn retire(dir: &Path) -> Result<bool> {
+        let was = dir.join(PREVIOUS).exists();
+        for file in [CROSS, PREVIOUS, ROTATED_AT] {
+            match std::fs::remove_file(dir.join(file)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot remove {}/{file}", dir.display())),
+            }
+        }
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(was)
     }
 
     /// A client certificate for `node` and the public key the agent sent (SPKI PEM), valid

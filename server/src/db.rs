@@ -82,6 +82,8 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
     ("reports", "digest", "TEXT"),
     // The certificate a renewed one replaces: revoked once the new one is first used.
     ("certificates", "replaces", "TEXT"),
+    // The hash of the CA bundle a node trusts, as it last said.
+    ("nodes", "ca_bundle", "TEXT"),
 ];
 
 /// Enrollment requests waiting for approval, at most: past that, new ones are refused (an
@@ -149,6 +151,7 @@ pub struct Visit {
     pub at: i64,
     pub version: String,
     pub facts: Option<(String, String)>,
+    pub ca_bundle: Option<String>,
 }
 
 /// A report row, for [`Db::add_report`].
@@ -323,6 +326,24 @@ impl Db {
     pub fn revoke(&self, node: &str, now: i64) -> Result<usize> {
         self.with(|c| {
             c.execute("UPDATE certificates SET revoked = ?2 WHERE node = ?1 AND revoked IS NULL", params![node, now])
+        })
+    }
+
+    /// Revokes every live certificate issued before `before` (those of a retired CA); returns
+    /// the nodes they were for.
+    pub fn revoke_issued_before(&self, before: i64, now: i64) -> Result<Vec<String>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let nodes: Vec<String> = tx
+                .prepare("SELECT DISTINCT node FROM certificates WHERE revoked IS NULL AND issued < ?1 ORDER BY node")?
+                .query_map(params![before], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            tx.execute(
+                "UPDATE certificates SET revoked = ?2 WHERE revoked IS NULL AND issued < ?1",
+                params![before, now],
+            )?;
+            tx.commit()?;
+            Ok(nodes)
         })
     }
 
@@ -548,11 +569,12 @@ impl Db {
         self.with(|c| {
             let tx = c.transaction()?;
             {
-                let mut seen =
-                    tx.prepare_cached("UPDATE nodes SET last_seen = ?2, agent_version = ?3 WHERE name = ?1")?;
+                let mut seen = tx.prepare_cached(
+                    "UPDATE nodes SET last_seen = ?2, agent_version = ?3, ca_bundle = COALESCE(?4, ca_bundle) WHERE name = ?1",
+                )?;
                 let mut facts = tx.prepare_cached("UPDATE nodes SET facts = ?2, facts_sha256 = ?3 WHERE name = ?1")?;
                 for v in batch {
-                    seen.execute(params![v.node, v.at, v.version])?;
+                    seen.execute(params![v.node, v.at, v.version, v.ca_bundle])?;
                     if let Some((json, sha)) = &v.facts {
                         facts.execute(params![v.node, json, sha])?;
                     }
@@ -669,6 +691,19 @@ impl Db {
         })
     }
 
+    /// For a CA rollover: every node with a live certificate, the bundle hash it last said it
+    /// trusts, and the issue time of its newest live certificate.
+    pub fn trust_of_nodes(&self, now: i64) -> Result<Vec<(String, Option<String>, i64)>> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT n.name, n.ca_bundle, MAX(k.issued) FROM nodes n
+                 JOIN certificates k ON k.node = n.name AND k.revoked IS NULL AND k.expires > ?1
+                 GROUP BY n.name ORDER BY n.name",
+            )?;
+            s.query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+        })
+    }
+
     pub fn count_nodes(&self) -> Result<i64> {
         self.with(|c| c.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0)))
     }
@@ -730,6 +765,7 @@ mod tests {
             at: 150,
             version: "0.1".into(),
             facts: Some(("{}".into(), "x".into())),
+            ca_bundle: None,
         }])
         .unwrap();
         let row = ReportRow {

@@ -61,12 +61,19 @@ struct Seen {
     at: i64,
     version: String,
     facts: Option<(String, String)>,
+    ca_bundle: Option<String>,
 }
 
 pub struct Fleet {
     pub config: Config,
     pub db: Db,
-    pub ca: Ca,
+    /// The CA, and during a rollover the one before it: taken in again when `ca rotate` or
+    /// `ca retire` changes the state directory ([`Fleet::watch_ca`]).
+    ca: RwLock<Arc<Ca>>,
+    ca_bundle_hash: RwLock<String>,
+    /// The TLS configuration in force (rebuilt when the trusted CAs change).
+    tls: RwLock<Arc<rustls::ServerConfig>>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
     signer: SigningKey,
     keys: Envelope,
     current: RwLock<Arc<Current>>,
@@ -162,7 +169,9 @@ impl Fleet {
             );
         }
         let pin = crate::bootstrap::pin(&config.state)?;
-        let server_cert = Arc::new(crate::http::ServerCert::load(&config.state, &ca.der)?);
+        let server_cert = Arc::new(crate::http::ServerCert::load(&config.state, &ca.chain())?);
+        let ticketer = crate::http::ticketer()?;
+        let tls = crate::http::tls_config(&ca, server_cert.clone(), ticketer.clone())?;
         let started = now();
         let all = db.certs_changed(0, 0)?;
         let newest = all.iter().map(|(rowid, ..)| *rowid).max().unwrap_or(0);
@@ -176,7 +185,10 @@ impl Fleet {
             server_cert,
             config,
             db,
-            ca,
+            ca_bundle_hash: RwLock::new(ca.bundle_hash()),
+            ca: RwLock::new(Arc::new(ca)),
+            tls: RwLock::new(tls),
+            ticketer,
             signer,
             keys: keys_env,
             current: RwLock::new(Arc::new(current)),
@@ -189,6 +201,49 @@ impl Fleet {
             started,
             pin,
         })
+    }
+
+    /// The CA (and the previous one during a rollover).
+    pub fn ca(&self) -> Arc<Ca> {
+        self.ca.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The hash of the CA bundle in force.
+    pub fn ca_bundle_hash(&self) -> String {
+        self.ca_bundle_hash.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The TLS configuration in force.
+    pub fn tls(&self) -> Arc<rustls::ServerConfig> {
+        self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Takes in a CA rollover begun or ended by `converge-server ca` (called every second, off
+    /// the runtime's threads): the CA, the server's certificate and chain (issued anew when it
+    /// came from another CA), and the TLS configuration, with the trusted CAs. Returns whether
+    /// anything changed.
+    pub fn watch_ca(&self) -> Result<bool> {
+        let state = &self.config.state;
+        let read = |f: &str| std::fs::read_to_string(state.join(f)).unwrap_or_default();
+        if format!("{}{}", read("ca.pem"), read("ca-previous.pem")) == self.ca().bundle() {
+            return Ok(false);
+        }
+        let ca = Ca::load(state)?;
+        let server = crate::ca::pem_to_der(read("server.pem").as_bytes());
+        if crate::ca::issuer_name(&server) != crate::ca::subject_name(&ca.der) {
+            ca.renew_server(state)?;
+        }
+        self.server_cert.reload(&ca)?;
+        let tls = crate::http::tls_config(&ca, self.server_cert.clone(), self.ticketer.clone())?;
+        *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
+        *self.ca_bundle_hash.write().unwrap_or_else(std::sync::PoisonError::into_inner) = ca.bundle_hash();
+        tracing::info!(
+            "CA {} in force{}",
+            ca.hash(),
+            if ca.previous.is_some() { ", with the previous one trusted during the rollover" } else { "" }
+        );
+        *self.ca.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(ca);
+        Ok(true)
     }
 
     pub fn commit(&self) -> String {
@@ -251,13 +306,15 @@ impl Fleet {
         };
         let t = now();
         let half = current.issued + (current.expires - current.issued) / 2;
-        if t < half {
+        // During a CA rollover a certificate from the previous CA renews at once.
+        let from_previous_ca = self.ca().rotated_at.is_some_and(|r| current.issued < r);
+        if t < half && !from_previous_ca {
             return Ok(Err(format!(
                 "the certificate of {node} is renewed from {} on (half its life), not before",
                 converge_modules::time::Timestamp(half)
             )));
         }
-        let (pem, der) = match self.ca.issue_client(node, &req.public_key, self.config.cert_days) {
+        let (pem, der) = match self.ca().issue_client(node, &req.public_key, self.config.cert_days) {
             Ok(x) => x,
             Err(e) => return Ok(Err(e.to_string())),
         };
@@ -347,7 +404,7 @@ impl Fleet {
                 }
             }
         }
-        let (pem, der) = match self.ca.issue_client(name, &req.public_key, self.config.cert_days) {
+        let (pem, der) = match self.ca().issue_client(name, &req.public_key, self.config.cert_days) {
             Ok(x) => x,
             Err(e) => return Ok(Err(e.to_string())),
         };
@@ -375,7 +432,7 @@ impl Fleet {
     }
 
     /// Notes that a node asked, with its facts (written in batches by [`Fleet::flush_seen`]).
-    pub fn saw(&self, node: &str, version: &str, facts: &Map<String, Json>) {
+    pub fn saw(&self, node: &str, version: &str, facts: &Map<String, Json>, ca_bundle: Option<&str>) {
         let json = serde_json::to_string(facts).unwrap_or_default();
         let sha = sha256_hex(json.as_bytes());
         let changed = self.facts.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node) != Some(&sha);
@@ -384,9 +441,17 @@ impl Fleet {
         }
         let facts = changed.then_some((json, sha));
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = seen.entry(node.to_string()).or_insert(Seen { at: 0, version: String::new(), facts: None });
+        let entry = seen.entry(node.to_string()).or_insert(Seen {
+            at: 0,
+            version: String::new(),
+            facts: None,
+            ca_bundle: None,
+        });
         entry.at = now();
         entry.version = version.to_string();
+        if let Some(b) = ca_bundle {
+            entry.ca_bundle = Some(b.to_string());
+        }
         if facts.is_some() {
             entry.facts = facts;
         }
@@ -396,7 +461,7 @@ impl Fleet {
         let batch: Vec<Visit> =
             std::mem::take(&mut *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
                 .into_iter()
-                .map(|(node, s)| Visit { node, at: s.at, version: s.version, facts: s.facts })
+                .map(|(node, s)| Visit { node, at: s.at, version: s.version, facts: s.facts, ca_bundle: s.ca_bundle })
                 .collect();
         self.db.seen(&batch)
     }

@@ -34,6 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
+/// The header of catalog answers naming the CA bundle in force (the SHA-256 of its text).
+pub const CA_BUNDLE_HEADER: &str = "x-converge-ca-bundle";
+
 /// Enrollments handled at once (they need no certificate).
 pub const ENROLLMENTS_AT_ONCE: usize = 4;
 /// Requests in flight from one node at once (an agent makes one at a time).
@@ -290,6 +293,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/catalog", post(catalog))
         .route("/v1/reports", post(report))
         .route("/v1/renew", post(renew))
+        .route("/v1/ca-bundle", get(ca_bundle))
         .route_layer(middleware::from_fn_with_state(fleet.clone(), authenticate));
     Router::new()
         .route("/v1/ca", get(ca))
@@ -311,8 +315,14 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .with_state(fleet)
 }
 
+/// The CA bundle, newest first: a new host keeps only the CA whose hash it pinned.
 async fn ca(State(fleet): State<Arc<Fleet>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/x-pem-file")], fleet.ca.pem.clone())
+    ([(header::CONTENT_TYPE, "application/x-pem-file")], fleet.ca().bundle())
+}
+
+/// The CA bundle, over mutual TLS: what a host that already trusts this server adopts.
+async fn ca_bundle(State(fleet): State<Arc<Fleet>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/x-pem-file")], fleet.ca().bundle())
 }
 
 async fn enroll(
@@ -353,7 +363,7 @@ async fn catalog(
     let _work = fleet.admission.work(&fleet)?;
     let req: CatalogRequest = json_body(&body)?;
     req.check().map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why, None))?;
-    fleet.saw(&node, &req.agent_version, &req.facts);
+    fleet.saw(&node, &req.agent_version, &req.facts, req.ca_bundle.as_deref());
     let stored = match fleet.catalog(&node, &req.formats, req.facts).await {
         Ok(s) => s,
         Err(Refused::Busy) => {
@@ -378,13 +388,16 @@ async fn catalog(
     };
     let etag = format!("\"{}\"", stored.etag);
     let etag_value = HeaderValue::from_str(&etag).expect("hex is a header value");
+    // Every answer says which CA bundle is in force: a host holding another fetches it.
+    let bundle =
+        (HeaderName::from_static(CA_BUNDLE_HEADER), HeaderValue::from_str(&fleet.ca_bundle_hash()).expect("hex"));
     if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
         fleet.metrics.catalog_304.fetch_add(1, Ordering::Relaxed);
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value), bundle]).into_response());
     }
     fleet.metrics.catalog_200.fetch_add(1, Ordering::Relaxed);
-    let headers = [(header::ETAG, etag_value), (header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
-    Ok((headers, stored.envelope.clone()).into_response())
+    let content_type = (header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(([(header::ETAG, etag_value), content_type, bundle], stored.envelope.clone()).into_response())
 }
 
 async fn report(
@@ -436,7 +449,7 @@ async fn bootstrap_script(State(fleet): State<Arc<Fleet>>, headers: HeaderMap) -
     // Hashing the packages reads megabytes: off the runtime's threads.
     let dir = fleet.config.state.join("packages");
     let packages = tokio::task::spawn_blocking(move || crate::bootstrap::packages(&dir)).await.unwrap_or_default();
-    let script = crate::bootstrap::script(&format!("https://{host}"), &fleet.ca.hash(), &fleet.pin, &packages);
+    let script = crate::bootstrap::script(&format!("https://{host}"), &fleet.ca().hash(), &fleet.pin, &packages);
     ([(header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8")], script).into_response()
 }
 
@@ -677,26 +690,36 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 #[derive(Debug)]
 pub struct ServerCert {
     state: std::path::PathBuf,
-    ca_der: Vec<u8>,
     /// The certificate in use, and when it is valid (seconds since the epoch).
     current: std::sync::RwLock<(Arc<rustls::sign::CertifiedKey>, (i64, i64))>,
 }
 
+/// A certificate in use and when it is valid.
+type InUse = (Arc<rustls::sign::CertifiedKey>, (i64, i64));
+
 impl ServerCert {
-    /// The certificate and key of the state directory `state`, chained to the CA `ca_der`.
-    pub fn load(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<ServerCert> {
-        let current = std::sync::RwLock::new(Self::read(state, ca_der)?);
-        Ok(ServerCert { state: state.to_path_buf(), ca_der: ca_der.to_vec(), current })
+    /// The certificate and key of the state directory `state`, followed by `chain` (see
+    /// [`crate::ca::Ca::chain`]).
+    pub fn load(state: &std::path::Path, chain: &[Vec<u8>]) -> anyhow::Result<ServerCert> {
+        let current = std::sync::RwLock::new(Self::read(state, chain)?);
+        Ok(ServerCert { state: state.to_path_buf(), current })
     }
 
-    fn read(state: &std::path::Path, ca_der: &[u8]) -> anyhow::Result<(Arc<rustls::sign::CertifiedKey>, (i64, i64))> {
+    fn read(state: &std::path::Path, chain: &[Vec<u8>]) -> anyhow::Result<InUse> {
         use anyhow::Context;
         let cert = CertificateDer::from_pem_file(state.join("server.pem")).context("cannot read server.pem")?;
         let key = PrivateKeyDer::from_pem_file(state.join("server.key")).context("cannot read server.key")?;
         let validity = crate::ca::validity(&cert)?;
         let signer = provider().key_provider.load_private_key(key).context("the server key")?;
-        let chain = vec![cert, CertificateDer::from(ca_der.to_vec())];
+        let chain = std::iter::once(cert).chain(chain.iter().map(|d| CertificateDer::from(d.clone()))).collect();
         Ok((Arc::new(rustls::sign::CertifiedKey::new(chain, signer)), validity))
+    }
+
+    /// Takes the files in again (after a CA rollover began or ended), with `ca`'s chain.
+    pub fn reload(&self, ca: &crate::ca::Ca) -> anyhow::Result<()> {
+        let read = Self::read(&self.state, &ca.chain())?;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = read;
+        Ok(())
     }
 
     /// When the certificate in use expires (seconds since the epoch).
@@ -712,7 +735,7 @@ impl ServerCert {
             return Ok(None);
         }
         ca.renew_server(&self.state)?;
-        let renewed = Self::read(&self.state, &self.ca_der)?;
+        let renewed = Self::read(&self.state, &ca.chain())?;
         let expires = renewed.1.1;
         *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = renewed;
         Ok(Some(expires))
@@ -728,11 +751,17 @@ impl rustls::server::ResolvesServerCert for ServerCert {
 /// The server's TLS configuration: TLS 1.3, its certificate (renewed in place), and client
 /// certificates checked against its CA when presented (enrollment and the CA download come
 /// without one).
-pub fn tls_config(fleet: &Fleet) -> anyhow::Result<rustls::ServerConfig> {
+pub fn tls_config(
+    ca: &crate::ca::Ca,
+    server_cert: Arc<ServerCert>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use anyhow::Context;
     let provider = provider();
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(fleet.ca.der.clone())).context("the CA certificate")?;
+    for der in ca.trusted() {
+        roots.add(CertificateDer::from(der)).context("a trusted CA certificate")?;
+    }
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
@@ -740,14 +769,21 @@ pub fn tls_config(fleet: &Fleet) -> anyhow::Result<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(fleet.server_cert.clone());
+        .with_cert_resolver(server_cert);
     // Session tickets (keys rotate every 6 h, tickets live 12 h): an agent polling every 30
     // minutes resumes its session instead of a full handshake. The ticket carries the client
-    // certificate, so every request is still checked against the deny list.
-    config.ticketer = rustls::crypto::ring::Ticketer::new().context("session tickets")?;
+    // certificate, so every request is still checked against the deny list. The ticketer
+    // outlives a configuration rebuilt for a CA rollover, so sessions resume across it.
+    config.ticketer = ticketer;
     config.send_tls13_tickets = 1;
     config.ignore_client_order = true;
-    Ok(config)
+    Ok(Arc::new(config))
+}
+
+/// Session tickets for the server's TLS, made once per process.
+pub fn ticketer() -> anyhow::Result<Arc<dyn rustls::server::ProducesTickets>> {
+    use anyhow::Context;
+    rustls::crypto::ring::Ticketer::new().context("session tickets")
 }
 
 /// Raises this process's soft limit on open files to its hard limit (connections are files);
@@ -820,12 +856,7 @@ impl Drop for Slot {
 /// Accepts connections forever: past the caps a connection is closed at once; then TLS, then
 /// HTTP/1.1 (the handshake and each request head within the configured `request_timeout`),
 /// with the client certificate's fingerprint attached to every request of the connection.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    tls: rustls::ServerConfig,
-    fleet: Arc<Fleet>,
-) -> anyhow::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+pub async fn serve(listener: tokio::net::TcpListener, fleet: Arc<Fleet>) -> anyhow::Result<()> {
     let app = router(fleet.clone());
     // A file descriptor per connection, and some for the database, the repository and logs.
     let files = raise_open_files();
@@ -855,7 +886,9 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, app, fleet) = (acceptor.clone(), app.clone(), fleet.clone());
+        // The configuration in force now (a CA rollover rebuilds it; open connections keep theirs).
+        let acceptor = tokio_rustls::TlsAcceptor::from(fleet.tls());
+        let (app, fleet) = (app.clone(), fleet.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let head = fleet.admission.head;

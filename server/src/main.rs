@@ -104,6 +104,30 @@ enum NodeAction {
 }
 
 #[derive(Debug, Subcommand)]
+enum CaAction {
+    /// Begin a rollover: a successor CA, cross-signed by the current one; both are trusted
+    /// until `ca retire`.
+    Rotate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// The CA in force, a rollover under way, and which hosts hold what.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// End a rollover: the previous CA is trusted no more. Refused while a host with a live
+    /// certificate lacks the new bundle or a certificate from the new CA, unless --force.
+    Retire {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Retire even though hosts are not there yet (they will need to bootstrap again).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TokenAction {
     /// A one-time token for one node name, or a pattern of names.
     New {
@@ -249,6 +273,11 @@ enum Command {
         #[arg(long)]
         details: bool,
     },
+    /// The certificate authority over the years: rotate, status, retire.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
     /// Make enrollment and operator tokens.
     Token {
         #[command(subcommand)]
@@ -288,6 +317,7 @@ fn main() -> ExitCode {
             report(&config, node, failed, since.as_deref(), limit, details)
         }
         Command::Token { action } => token_command(action),
+        Command::Ca { action } => ca_command(action),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -612,7 +642,6 @@ fn serve(config_path: &Path) -> Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let fleet = std::sync::Arc::new(converge_server::fleet::Fleet::open(config.clone())?);
-        let tls = converge_server::http::tls_config(&fleet)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -645,11 +674,18 @@ fn serve(config_path: &Path) -> Result<u8> {
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.watch_certs()).await {
                     tracing::warn!("reading certificates: {e:#}");
                 }
+                // A CA rollover begun or ended by `converge-server ca`.
+                let f = flusher.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.watch_ca()).await {
+                    tracing::warn!("taking in the CA: {e:#}");
+                }
                 // The server's own certificate, from two thirds of its life; a failure is
                 // tried again each second and shows in /metrics and on the fleet page.
                 let f = flusher.clone();
-                match tokio::task::spawn_blocking(move || f.server_cert.renew_if_due(&f.ca, converge_server::db::now()))
-                    .await
+                match tokio::task::spawn_blocking(move || {
+                    f.server_cert.renew_if_due(&f.ca(), converge_server::db::now())
+                })
+                .await
                 {
                     Ok(Ok(Some(expires))) => tracing::info!(
                         "renewed the server's certificate: valid until {}",
@@ -662,7 +698,7 @@ fn serve(config_path: &Path) -> Result<u8> {
         });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = converge_server::http::serve(listener, tls, fleet.clone()) => r?,
+            r = converge_server::http::serve(listener, fleet.clone()) => r?,
             _ = term.recv() => tracing::info!("stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
         }
@@ -781,6 +817,111 @@ fn node_command(action: NodeAction) -> Result<u8> {
                 bail!("{name} has no live certificate");
             }
             println!("revoked {n} certificate(s) of {name}: it is refused from now on");
+        }
+    }
+    Ok(0)
+}
+
+/// The hosts not yet through a CA rollover: those with a live certificate that do not hold
+/// the new bundle, or whose newest certificate came from the previous CA.
+fn behind_in_rollover(db: &converge_server::db::Db, ca: &converge_server::ca::Ca) -> Result<(usize, Vec<String>)> {
+    let now = converge_server::db::now();
+    let nodes = db.trust_of_nodes(now)?;
+    let bundle = ca.bundle_hash();
+    let behind = nodes
+        .iter()
+        .filter(|(_, held, issued)| {
+            held.as_deref() != Some(bundle.as_str()) || ca.rotated_at.is_some_and(|r| *issued < r)
+        })
+        .map(|(n, ..)| n.clone())
+        .collect();
+    Ok((nodes.len(), behind))
+}
+
+fn ca_command(action: CaAction) -> Result<u8> {
+    use converge_server::ca::Ca;
+    match action {
+        CaAction::Rotate { config } => {
+            let (config, _) = open_db(&config)?;
+            let hash = Ca::rotate(&config.state)?;
+            println!("rollover begun: the new CA is {hash}; the previous one stays trusted until `ca retire`");
+            println!("- the server takes it in within a second (its own certificate is issued by the new CA);");
+            println!(
+                "- each host adopts the bundle at its next run, and renews its certificate from the new CA at the one after;"
+            );
+            println!(
+                "- `converge-server ca status --config ...` shows the hosts not there yet; then `converge-server ca retire --config ...`"
+            );
+            println!("- new hosts join with --ca-hash {hash} (the old hash works until the retirement)");
+        }
+        CaAction::Status { config } => {
+            let (config, db) = open_db(&config)?;
+            let ca = Ca::load(&config.state)?;
+            let (not_before, not_after) = converge_server::ca::validity(&ca.der)?;
+            let t = |s: i64| converge_modules::time::Timestamp(s).to_string();
+            println!("CA          {} (from {} until {})", ca.hash(), t(not_before), t(not_after));
+            match (&ca.previous, ca.rotated_at) {
+                (Some((_, prev)), at) => {
+                    println!(
+                        "rollover    begun {}: the previous CA {} is still trusted",
+                        at.map_or("?".to_string(), t),
+                        converge_server::ca::cert_hash(prev)
+                    );
+                    let (total, behind) = behind_in_rollover(&db, &ca)?;
+                    println!(
+                        "hosts       {total} with a live certificate; {} not through the rollover yet",
+                        behind.len()
+                    );
+                    for n in behind.iter().take(20) {
+                        println!("            {n}");
+                    }
+                    if behind.len() > 20 {
+                        println!("            and {} more", behind.len() - 20);
+                    }
+                    if behind.is_empty() {
+                        println!("next        converge-server ca retire --config {}", config.file.display());
+                    }
+                }
+                (None, _) => println!("rollover    none under way"),
+            }
+            println!("join with   --ca-hash {}", ca.hash());
+        }
+        CaAction::Retire { config, force } => {
+            let (config, db) = open_db(&config)?;
+            let ca = Ca::load(&config.state)?;
+            if ca.previous.is_none() {
+                bail!("no rollover is under way (converge-server ca status)");
+            }
+            let (_, behind) = behind_in_rollover(&db, &ca)?;
+            if !behind.is_empty() && !force {
+                let shown: Vec<&str> = behind.iter().take(10).map(String::as_str).collect();
+                bail!(
+                    "{} host(s) are not through the rollover yet ({}{}): they hold the previous bundle or a certificate \
+                     from the previous CA, and would be cut off. Wait for their next runs, or --force (they then need a \
+                     token and `converge bootstrap --ca-hash {}`)",
+                    behind.len(),
+                    shown.join(", "),
+                    if behind.len() > 10 { ", ..." } else { "" },
+                    ca.hash()
+                );
+            }
+            // Certificates from the retired CA can no longer be used: revoked, so the fleet page
+            // shows their hosts, and those can enroll again with a token.
+            let revoked = match ca.rotated_at {
+                Some(at) => db.revoke_issued_before(at, converge_server::db::now())?,
+                None => Vec::new(),
+            };
+            Ca::retire(&config.state)?;
+            println!("retired the previous CA: the server trusts only {} from within a second", ca.hash());
+            if !revoked.is_empty() {
+                println!(
+                    "revoked the certificates from the previous CA of {} host(s): {}; each comes back with a token and \
+                     `converge bootstrap --ca-hash {}`",
+                    revoked.len(),
+                    revoked.join(", "),
+                    ca.hash()
+                );
+            }
         }
     }
     Ok(0)

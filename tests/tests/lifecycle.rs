@@ -14,6 +14,14 @@ fn fingerprint(root: &Path) -> String {
     std::fs::read_to_string(root.join("etc/converge/agent.pem")).unwrap()
 }
 
+/// A fleet whose server runs on a simulated clock (`None`, said, when libfaketime is missing).
+fn fleet_on_a_clock() -> Option<(Fleet, Clock, Server)> {
+    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", ROLE)]);
+    let clock = clock(f.dir.path(), "lifecycle")?;
+    let server = Server::launch(&f.config(), Launch { clock: Some(&clock), ..Launch::default() });
+    Some((f, clock, server))
+}
+
 fn bootstrap(clock: &Clock, f: &Fleet, server: &Server, name: &str) -> std::path::PathBuf {
     let root = f.root(name);
     let token = f.token_at(Some(clock), name);
@@ -28,9 +36,7 @@ fn bootstrap(clock: &Clock, f: &Fleet, server: &Server, name: &str) -> std::path
 
 #[test]
 fn client_certificates_renew_themselves_and_an_absent_host_is_told_the_way_back() {
-    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", ROLE)]);
-    let Some(clock) = clock(f.dir.path(), "lifecycle") else { return };
-    let server = Server::launch(&f.config(), Launch { clock: Some(&clock), ..Launch::default() });
+    let Some((f, clock, server)) = fleet_on_a_clock() else { return };
     let up = bootstrap(&clock, &f, &server, "up");
     let away = bootstrap(&clock, &f, &server, "away");
     // The first identity of `up`, kept aside to try once it has been replaced.
@@ -69,9 +75,7 @@ fn client_certificates_renew_themselves_and_an_absent_host_is_told_the_way_back(
         assert!(!status.stdout.contains("RENEWAL FAILED"), "{}", status.stdout);
         if month == 4 {
             // 120 days without a run: its certificate (90 days) has expired.
-            let out = converge_at(Some(&clock), &away, &["run", "--once"]);
-            assert_eq!(out.code, 0, "it still enforces its cache: {}{}", out.stdout, out.stderr);
-            assert!(out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
+            let out = from_cache(&clock, &away, "it still enforces its cache");
             let told = out
                 .stdout
                 .lines()
@@ -118,9 +122,7 @@ fn client_certificates_renew_themselves_and_an_absent_host_is_told_the_way_back(
 
 #[test]
 fn a_renewal_is_refused_early_and_one_that_fails_never_stops_enforcement() {
-    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", ROLE)]);
-    let Some(clock) = clock(f.dir.path(), "lifecycle") else { return };
-    let mut server = Server::launch(&f.config(), Launch { clock: Some(&clock), ..Launch::default() });
+    let Some((f, clock, mut server)) = fleet_on_a_clock() else { return };
     let host = bootstrap(&clock, &f, &server, "host");
     // On day 0 a host cannot renew (the server renews from half a certificate's life), so an
     // enrolled host cannot mint certificates in a loop.
@@ -137,9 +139,7 @@ fn a_renewal_is_refused_early_and_one_that_fails_never_stops_enforcement() {
     clock.advance(61 * DAY);
     server.kill();
     let before = fingerprint(&host);
-    let out = converge_at(Some(&clock), &host, &["run", "--once"]);
-    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    assert!(out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
+    let out = from_cache(&clock, &host, "the server away");
     assert!(
         out.stdout.contains("could not be renewed") && out.stdout.contains("each run tries again"),
         "{}",
@@ -189,9 +189,7 @@ fn keep_alive_get<S: std::io::Read + std::io::Write>(s: &mut S, path: &str) -> (
 #[test]
 fn the_server_certificate_renews_itself_without_a_restart_or_a_dropped_connection() {
     use std::io::Write as _;
-    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", ROLE)]);
-    let Some(clock) = clock(f.dir.path(), "lifecycle") else { return };
-    let server = Server::launch(&f.config(), Launch { clock: Some(&clock), ..Launch::default() });
+    let Some((f, clock, server)) = fleet_on_a_clock() else { return };
     let host = bootstrap(&clock, &f, &server, "host");
     let state = f.dir.path().join("state");
     let (cert, key) =
@@ -241,4 +239,110 @@ fn the_server_certificate_renews_itself_without_a_restart_or_a_dropped_connectio
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(!out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
     let _ = open.flush();
+}
+
+/// Runs an operator's `converge-server` command at the clock's time; returns its output.
+fn operator(clock: &Clock, f: &Fleet, args: &[&str]) -> Out {
+    let config = f.config();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--config", &config]);
+    run_at(Some(clock), "converge-server", &all)
+}
+
+/// A run that could not use the server and enforced its cache.
+fn from_cache(clock: &Clock, root: &Path, what: &str) -> Out {
+    let out = converge_at(Some(clock), root, &["run", "--once"]);
+    assert_eq!(out.code, 0, "{what}: {}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("enforcing the cached catalog"), "{what}: {}", out.stdout);
+    out
+}
+
+fn served(clock: &Clock, root: &Path, what: &str) -> Out {
+    let out = converge_at(Some(clock), root, &["run", "--once"]);
+    assert_eq!(out.code, 0, "{what}: {}{}", out.stdout, out.stderr);
+    assert!(!out.stdout.contains("enforcing the cached catalog"), "{what}: {}", out.stdout);
+    out
+}
+
+#[test]
+fn the_ca_rolls_over_and_a_host_asleep_through_it_comes_back_with_the_operator() {
+    let Some((f, clock, server)) = fleet_on_a_clock() else { return };
+    let hosts: Vec<_> = ["a", "b"].iter().map(|n| bootstrap(&clock, &f, &server, n)).collect();
+    let sleeper = bootstrap(&clock, &f, &server, "sleeper");
+    clock.advance(30 * DAY);
+    // The rollover begins: a successor CA, cross-signed by the current one.
+    let out = operator(&clock, &f, &["ca", "rotate"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let new_hash = out.stdout.split("the new CA is ").nth(1).unwrap().split(';').next().unwrap().to_string();
+    assert_ne!(new_hash, f.ca_hash);
+    // The server takes it in within a second (the test's client now trusts only the new CA).
+    eventually(std::time::Duration::from_secs(10), std::time::Duration::from_millis(200), || {
+        (server.get(&f, "/healthz").0 == 200).then_some(()).ok_or("the server still presents the old chain".into())
+    });
+    let status = operator(&clock, &f, &["ca", "status"]);
+    assert!(status.stdout.contains("3 with a live certificate; 3 not through the rollover yet"), "{}", status.stdout);
+    // Hosts that trust only the old CA still reach the server (the chain holds the successor
+    // cross-signed by the old CA), adopt the bundle, then renew from the new CA.
+    for (i, root) in hosts.iter().enumerate() {
+        let first = served(&clock, root, "adopting the bundle");
+        assert!(first.stdout.contains("now trusts the server's CA bundle (2 CAs)"), "{}", first.stdout);
+        let second = served(&clock, root, "renewing from the new CA");
+        assert!(second.stdout.contains("certificate was renewed"), "host {i}: {}", second.stdout);
+        served(&clock, root, "in the new CA");
+    }
+    // One host slept through it: the retirement waits for it, unless forced. (The server
+    // records what hosts said once a second.)
+    eventually(std::time::Duration::from_secs(10), std::time::Duration::from_millis(300), || {
+        let status = operator(&clock, &f, &["ca", "status"]).stdout;
+        let one = status.contains("1 not through the rollover yet") && status.contains("sleeper");
+        one.then_some(()).ok_or(status)
+    });
+    let refused = operator(&clock, &f, &["ca", "retire"]);
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.contains("sleeper") && refused.stderr.contains("--force"), "{}", refused.stderr);
+    clock.advance(60 * DAY);
+    for root in &hosts {
+        served(&clock, root, "during the overlap");
+    }
+    let retired = operator(&clock, &f, &["ca", "retire", "--force"]);
+    assert_eq!(retired.code, 0, "{}{}", retired.stdout, retired.stderr);
+    assert!(
+        retired.stdout.contains("revoked the certificates from the previous CA of 1 host(s): sleeper"),
+        "{}",
+        retired.stdout
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The others go on, and adopt the bundle of the new CA alone.
+    for root in &hosts {
+        let out = served(&clock, root, "after the retirement");
+        assert!(out.stdout.contains("now trusts the server's CA bundle (1 CA)"), "{}", out.stdout);
+        served(&clock, root, "after the retirement, again");
+    }
+    // The sleeper wakes: it cannot verify the server (never trusting on first use), enforces
+    // its cache, and says how to come back.
+    let out = from_cache(&clock, &sleeper, "the sleeper");
+    assert!(
+        out.stdout.contains("not from a CA this host trusts") && out.stdout.contains("ca status"),
+        "{}",
+        out.stdout
+    );
+    // With the operator: a token and the current CA hash.
+    let token = f.token_at(Some(&clock), "sleeper");
+    let back = converge_at(
+        Some(&clock),
+        &sleeper,
+        &["bootstrap", "--server", &server.url, "--ca-hash", &new_hash, "--name", "sleeper", "--token", &token],
+    );
+    assert_eq!(back.code, 0, "{}{}", back.stdout, back.stderr);
+    served(&clock, &sleeper, "back");
+    // A new host pinned to the old hash is refused now, and told why.
+    let late = f.root("late");
+    let token = f.token_at(Some(&clock), "late");
+    let out = converge_at(
+        Some(&clock),
+        &late,
+        &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &token],
+    );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("rotated the CA") && out.stderr.contains("ca status"), "{}", out.stderr);
 }
