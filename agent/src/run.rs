@@ -200,6 +200,7 @@ fn locked_run(
         formats: vec![FORMAT],
         facts,
         ca_bundle: held_bundle.clone(),
+        keys_version: Some(trust.held.list.version),
     };
     let (mut reached, mut retry_after) = (false, None);
     let reply = rt.block_on(client.catalog(&request, cached.as_ref().and_then(|c| c.etag.as_deref())));

@@ -52,7 +52,14 @@ pub fn run(sizes: &[usize]) {
                 digest: "{}",
             };
             db.add_report(&report).unwrap();
-            visits.push(Visit { node: name, at, version: "0.1.0".into(), facts: None, ca_bundle: None });
+            visits.push(Visit {
+                node: name,
+                at,
+                version: "0.1.0".into(),
+                facts: None,
+                ca_bundle: None,
+                keys_version: None,
+            });
         }
         db.seen(&visits).unwrap();
         drop(db);

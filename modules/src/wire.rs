@@ -73,6 +73,9 @@ pub struct CatalogRequest {
     /// The hash of the CA bundle the host trusts (see the server's `ca status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
+    /// The version of the key list the host holds (see the server's `keys status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_version: Option<u64>,
 }
 
 /// One run's report, as the agent sends it.

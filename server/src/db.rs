@@ -84,6 +84,8 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
     ("certificates", "replaces", "TEXT"),
     // The hash of the CA bundle a node trusts, as it last said.
     ("nodes", "ca_bundle", "TEXT"),
+    // The version of the key list a node holds, as it last said.
+    ("nodes", "keys_version", "INTEGER"),
 ];
 
 /// Enrollment requests waiting for approval, at most: past that, new ones are refused (an
@@ -152,6 +154,7 @@ pub struct Visit {
     pub version: String,
     pub facts: Option<(String, String)>,
     pub ca_bundle: Option<String>,
+    pub keys_version: Option<u64>,
 }
 
 /// A report row, for [`Db::add_report`].
@@ -570,11 +573,12 @@ impl Db {
             let tx = c.transaction()?;
             {
                 let mut seen = tx.prepare_cached(
-                    "UPDATE nodes SET last_seen = ?2, agent_version = ?3, ca_bundle = COALESCE(?4, ca_bundle) WHERE name = ?1",
+                    "UPDATE nodes SET last_seen = ?2, agent_version = ?3, ca_bundle = COALESCE(?4, ca_bundle),
+                         keys_version = COALESCE(?5, keys_version) WHERE name = ?1",
                 )?;
                 let mut facts = tx.prepare_cached("UPDATE nodes SET facts = ?2, facts_sha256 = ?3 WHERE name = ?1")?;
                 for v in batch {
-                    seen.execute(params![v.node, v.at, v.version, v.ca_bundle])?;
+                    seen.execute(params![v.node, v.at, v.version, v.ca_bundle, v.keys_version.map(|k| k as i64)])?;
                     if let Some((json, sha)) = &v.facts {
                         facts.execute(params![v.node, json, sha])?;
                     }
@@ -704,6 +708,19 @@ impl Db {
         })
     }
 
+    /// Nodes with a live certificate by the key-list version they last said they hold
+    /// (`None`: not said yet).
+    pub fn keys_versions(&self, now: i64) -> Result<Vec<(Option<u64>, i64)>> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT n.keys_version, COUNT(*) FROM nodes n WHERE EXISTS
+                   (SELECT 1 FROM certificates k WHERE k.node = n.name AND k.revoked IS NULL AND k.expires > ?1)
+                 GROUP BY n.keys_version ORDER BY n.keys_version",
+            )?;
+            s.query_map(params![now], |r| Ok((r.get::<_, Option<i64>>(0)?.map(|v| v as u64), r.get(1)?)))?.collect()
+        })
+    }
+
     pub fn count_nodes(&self) -> Result<i64> {
         self.with(|c| c.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0)))
     }
@@ -766,6 +783,7 @@ mod tests {
             version: "0.1".into(),
             facts: Some(("{}".into(), "x".into())),
             ca_bundle: None,
+            keys_version: None,
         }])
         .unwrap();
         let row = ReportRow {

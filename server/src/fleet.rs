@@ -62,6 +62,7 @@ struct Seen {
     version: String,
     facts: Option<(String, String)>,
     ca_bundle: Option<String>,
+    keys_version: Option<u64>,
 }
 
 pub struct Fleet {
@@ -74,8 +75,9 @@ pub struct Fleet {
     /// The TLS configuration in force (rebuilt when the trusted CAs change).
     tls: RwLock<Arc<rustls::ServerConfig>>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
-    signer: SigningKey,
-    keys: Envelope,
+    /// The key catalogs are signed with and the key list sent along: replaced together, and
+    /// only when they agree, when `keys rotate` changes them ([`Fleet::watch_keys`]).
+    signing: RwLock<Arc<Signing>>,
     current: RwLock<Arc<Current>>,
     /// The last catalog of each node, as in the store.
     catalogs: RwLock<HashMap<String, Arc<Stored>>>,
@@ -96,6 +98,41 @@ pub struct Fleet {
     pub started: i64,
     /// The server key's pin for `curl --pinnedpubkey` (bootstrap.sh).
     pub pin: String,
+}
+
+/// The catalog key and the key list, which agree: the key is a catalog key of the list.
+pub struct Signing {
+    pub signer: SigningKey,
+    pub list: converge_modules::trust::KeyList,
+    pub envelope: Envelope,
+    /// The files' bytes as read, to tell when they change.
+    read: (Vec<u8>, Vec<u8>),
+}
+
+impl Signing {
+    /// Reads the signing key and the key list of `config`; refused unless they agree.
+    pub fn read(config: &Config) -> Result<Signing> {
+        let key_bytes = std::fs::read(&config.signing_key)
+            .with_context(|| format!("cannot read key {}", config.signing_key.display()))?;
+        let list_bytes = std::fs::read(&config.trusted_keys)
+            .with_context(|| format!("cannot read key list {}", config.trusted_keys.display()))?;
+        let signer = keys::read_private(&config.signing_key)?;
+        let (list, envelope) = keys::read_key_list(&config.trusted_keys)?;
+        let id = converge_modules::trust::key_id(&signer.verifying_key());
+        if !list.keys.iter().any(|k| k.id == id && k.role == converge_modules::trust::KeyRole::Catalog) {
+            anyhow::bail!(
+                "{} (key {id}) is not a catalog key of {}",
+                config.signing_key.display(),
+                config.trusted_keys.display()
+            );
+        }
+        Ok(Signing { signer, list, envelope, read: (key_bytes, list_bytes) })
+    }
+
+    /// The signing key's id.
+    pub fn key_id(&self) -> String {
+        converge_modules::trust::key_id(&self.signer.verifying_key())
+    }
 }
 
 /// Why a catalog cannot be served.
@@ -158,16 +195,7 @@ impl Fleet {
         crate::db::require_state(&config.state)?;
         let db = Db::open(&config.state.join("state.db"), 8)?;
         let ca = Ca::load(&config.state)?;
-        let signer = keys::read_private(&config.signing_key)?;
-        let (list, keys_env) = keys::read_key_list(&config.trusted_keys)?;
-        let id = converge_modules::trust::key_id(&signer.verifying_key());
-        if !list.keys.iter().any(|k| k.id == id && k.role == converge_modules::trust::KeyRole::Catalog) {
-            anyhow::bail!(
-                "{} (key {id}) is not a catalog key of {}",
-                config.signing_key.display(),
-                config.trusted_keys.display()
-            );
-        }
+        let signing = Signing::read(&config)?;
         let pin = crate::bootstrap::pin(&config.state)?;
         let server_cert = Arc::new(crate::http::ServerCert::load(&config.state, &ca.chain())?);
         let ticketer = crate::http::ticketer()?;
@@ -189,8 +217,7 @@ impl Fleet {
             ca: RwLock::new(Arc::new(ca)),
             tls: RwLock::new(tls),
             ticketer,
-            signer,
-            keys: keys_env,
+            signing: RwLock::new(Arc::new(signing)),
             current: RwLock::new(Arc::new(current)),
             catalogs: RwLock::new(HashMap::new()),
             facts: RwLock::new(HashMap::new()),
@@ -201,6 +228,35 @@ impl Fleet {
             started,
             pin,
         })
+    }
+
+    /// The signing key and key list in force.
+    pub fn signing(&self) -> Arc<Signing> {
+        self.signing.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Takes in a new signing key and key list (`keys rotate`, or `keys add`/`retire`), once
+    /// they agree; until then the pair in force stays (called every second, off the runtime's
+    /// threads). Returns whether it changed.
+    pub fn watch_keys(&self) -> Result<bool> {
+        let current = self.signing();
+        let key = std::fs::read(&self.config.signing_key).unwrap_or_default();
+        let list = std::fs::read(&self.config.trusted_keys).unwrap_or_default();
+        if (key.as_slice(), list.as_slice()) == (current.read.0.as_slice(), current.read.1.as_slice()) {
+            return Ok(false);
+        }
+        match Signing::read(&self.config) {
+            Ok(new) => {
+                tracing::info!("signing with key {}, key list version {}", new.key_id(), new.list.version);
+                *self.signing.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+                Ok(true)
+            }
+            // Half-way through a rotation (or a mistake): the pair in force stays.
+            Err(e) => {
+                tracing::debug!("the signing key and key list do not agree (yet): {e:#}");
+                Ok(false)
+            }
+        }
     }
 
     /// The CA (and the previous one during a rollover).
@@ -414,7 +470,7 @@ impl Fleet {
         self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fp, cert);
         self.metrics.enroll_issued.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = name, key = %fingerprint, "enrolled");
-        Ok(Ok(EnrollResponse::Issued { certificate: pem, trusted_keys: self.keys.clone() }))
+        Ok(Ok(EnrollResponse::Issued { certificate: pem, trusted_keys: self.signing().envelope.clone() }))
     }
 
     fn stored(&self, node: &str) -> Result<Option<Arc<Stored>>> {
@@ -432,7 +488,8 @@ impl Fleet {
     }
 
     /// Notes that a node asked, with its facts (written in batches by [`Fleet::flush_seen`]).
-    pub fn saw(&self, node: &str, version: &str, facts: &Map<String, Json>, ca_bundle: Option<&str>) {
+    pub fn saw(&self, node: &str, req: &converge_modules::wire::CatalogRequest) {
+        let (version, facts, ca_bundle) = (&req.agent_version, &req.facts, req.ca_bundle.as_deref());
         let json = serde_json::to_string(facts).unwrap_or_default();
         let sha = sha256_hex(json.as_bytes());
         let changed = self.facts.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node) != Some(&sha);
@@ -446,7 +503,11 @@ impl Fleet {
             version: String::new(),
             facts: None,
             ca_bundle: None,
+            keys_version: None,
         });
+        if req.keys_version.is_some() {
+            entry.keys_version = req.keys_version;
+        }
         entry.at = now();
         entry.version = version.to_string();
         if let Some(b) = ca_bundle {
@@ -461,7 +522,14 @@ impl Fleet {
         let batch: Vec<Visit> =
             std::mem::take(&mut *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
                 .into_iter()
-                .map(|(node, s)| Visit { node, at: s.at, version: s.version, facts: s.facts, ca_bundle: s.ca_bundle })
+                .map(|(node, s)| Visit {
+                    node,
+                    at: s.at,
+                    version: s.version,
+                    facts: s.facts,
+                    ca_bundle: s.ca_bundle,
+                    keys_version: s.keys_version,
+                })
                 .collect();
         self.db.seen(&batch)
     }
@@ -481,11 +549,16 @@ impl Fleet {
             Some(site) => facts.into_iter().filter(|(k, _)| site.facts.contains_key(k)).collect(),
             None => Map::new(),
         };
+        // A new signing key or key list signs every catalog anew at its next poll (the serial
+        // stays when the resources do): no catalog is left signed by a retired key.
+        let signing = self.signing();
         let cache_key = sha256_hex(
             format!(
-                "{}\0{node}\0{}\0{COMPILER_VERSION}",
+                "{}\0{node}\0{}\0{COMPILER_VERSION}\0{}\0{}",
                 current.commit,
-                serde_json::to_string(&declared).unwrap_or_default()
+                serde_json::to_string(&declared).unwrap_or_default(),
+                signing.key_id(),
+                signing.list.version
             )
             .as_bytes(),
         );
@@ -536,8 +609,8 @@ impl Fleet {
         let issued = Timestamp::now();
         let envelope = keys::sign_catalog(
             catalog,
-            &self.signer,
-            Some(self.keys.clone()),
+            &signing.signer,
+            Some(signing.envelope.clone()),
             Some(serial),
             self.config.catalog_ttl,
             issued,

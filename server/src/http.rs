@@ -363,7 +363,7 @@ async fn catalog(
     let _work = fleet.admission.work(&fleet)?;
     let req: CatalogRequest = json_body(&body)?;
     req.check().map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why, None))?;
-    fleet.saw(&node, &req.agent_version, &req.facts, req.ca_bundle.as_deref());
+    fleet.saw(&node, &req);
     let stored = match fleet.catalog(&node, &req.formats, req.facts).await {
         Ok(s) => s,
         Err(Refused::Busy) => {

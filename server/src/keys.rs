@@ -13,7 +13,7 @@ use converge_modules::trust::{self, CATALOG_TYPE, Envelope, KEYS_TYPE, KeyList, 
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 /// A new key from the operating system's random source.
@@ -149,6 +149,43 @@ pub fn retire(list_path: &Path, root: &SigningKey, id: &str) -> Result<u64> {
     list.version += 1;
     replace(list_path, &signed_list(&list, root)?)?;
     Ok(list.version)
+}
+
+/// `keys rotate`: a new catalog key takes the place of the one at `signing_key`. The next
+/// version of the list (signed by `root`, the one moment the root key is needed) holds the
+/// new key instead of the old; the new key is written beside the old, the list replaced, then
+/// the new key moved into place and the old one into `retired/` (to destroy). A running server
+/// takes in the key and the list once they agree. Returns (old id, new id, list version).
+pub fn rotate(list_path: &Path, signing_key: &Path, root: &SigningKey) -> Result<(String, String, u64)> {
+    let old = read_private(signing_key)?;
+    let old_id = key_id(&old.verifying_key());
+    let (mut list, _) = read_key_list(list_path)?;
+    if !list.keys.iter().any(|k| k.id == old_id && k.role == KeyRole::Catalog) {
+        bail!("{} (key {old_id}) is not a catalog key of {}", signing_key.display(), list_path.display());
+    }
+    let new = generate()?;
+    let new_id = key_id(&new.verifying_key());
+    list.keys.retain(|k| k.id != old_id);
+    list.keys.push(TrustedKey::new(&new.verifying_key(), KeyRole::Catalog));
+    list.version += 1;
+    let text = signed_list(&list, root)?;
+    let dir = signing_key.parent().unwrap_or(Path::new("."));
+    let next = dir.join("catalog-next.key");
+    let _ = std::fs::remove_file(&next);
+    write_private(&next, &new)?;
+    let retired = dir.join("retired");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&retired)
+        .with_context(|| format!("cannot create {}", retired.display()))?;
+    replace(list_path, &text)?;
+    std::fs::rename(signing_key, retired.join(format!("catalog-{old_id}.key")))
+        .with_context(|| format!("cannot move {} aside", signing_key.display()))?;
+    std::fs::rename(&next, signing_key)
+        .with_context(|| format!("cannot put the new key in {}", signing_key.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok((old_id, new_id, list.version))
 }
 
 /// Signs a catalog for its host: stamps issued_at, expires_at (`ttl` seconds later) and a

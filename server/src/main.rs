@@ -70,6 +70,21 @@ enum KeysAction {
         #[arg(long, value_name = "FILE")]
         keys: PathBuf,
     },
+    /// Replace the server's catalog key, in one step on a live fleet: a new key, the next key
+    /// list without the old one (signed by the root key, brought online for this command
+    /// only), the new key in place. The server takes both in within a second; hosts adopt the
+    /// list with their next catalog.
+    Rotate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_name = "KEYFILE")]
+        root_key: PathBuf,
+    },
+    /// The key the server signs with, the key list, and which version hosts hold.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -521,6 +536,39 @@ fn keys_command(action: KeysAction) -> Result<u8> {
             let v = keys::retire(&list, &root, &key_id)?;
             println!("{}: version {v}, without key {key_id}", list.display());
         }
+        KeysAction::Rotate { config, root_key } => {
+            let (config, _) = open_db(&config)?;
+            let root = keys::read_private(&root_key)?;
+            let (old, new, version) = keys::rotate(&config.trusted_keys, &config.signing_key, &root)?;
+            println!("{}: version {version}, with catalog key {new} instead of {old}", config.trusted_keys.display());
+            println!(
+                "- the server signs with {new} from within a second; each host adopts the list with its next catalog"
+            );
+            println!(
+                "- the old key is in {}: destroy it once `converge-server keys status` shows every host at version {version}",
+                config.signing_key.parent().unwrap_or(Path::new(".")).join("retired").display()
+            );
+            println!("- take the root key offline again");
+        }
+        KeysAction::Status { config } => {
+            let (config, db) = open_db(&config)?;
+            let signer = keys::read_private(&config.signing_key)?;
+            let (l, _) = keys::read_key_list(&config.trusted_keys)?;
+            println!("signing with {}", converge_modules::trust::key_id(&signer.verifying_key()));
+            println!("key list    {}: version {}", config.trusted_keys.display(), l.version);
+            for k in &l.keys {
+                println!("            {} {:?}", k.id, k.role);
+            }
+            let versions = db.keys_versions(converge_server::db::now())?;
+            let behind: i64 = versions.iter().filter(|(v, _)| *v != Some(l.version)).map(|(_, n)| n).sum();
+            for (v, n) in &versions {
+                let v = v.map_or("not said yet".to_string(), |v| format!("version {v}"));
+                println!("hosts       {n} hold {v}");
+            }
+            if behind == 0 {
+                println!("every host with a live certificate holds version {}", l.version);
+            }
+        }
         KeysAction::List { keys: list } => {
             let (l, _) = keys::read_key_list(&list)?;
             println!("{}: version {}", list.display(), l.version);
@@ -673,6 +721,11 @@ fn serve(config_path: &Path) -> Result<u8> {
                 let f = flusher.clone();
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.watch_certs()).await {
                     tracing::warn!("reading certificates: {e:#}");
+                }
+                // A new signing key or key list (`converge-server keys rotate`).
+                let f = flusher.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.watch_keys()).await {
+                    tracing::warn!("taking in the signing keys: {e:#}");
                 }
                 // A CA rollover begun or ended by `converge-server ca`.
                 let f = flusher.clone();

@@ -390,3 +390,59 @@ fn the_daemon_runs_on_sighup_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn the_catalog_key_rotates_on_a_live_fleet_and_the_retired_key_signs_nothing_more() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    let a = bootstrap(&f, &server, "agent1", &f.token);
+    let b = bootstrap(&f, &server, "agent2", &f.token("agent2"));
+    let keys = f.dir.path().join("state/keys");
+    let old = std::fs::read(keys.join("catalog.key")).unwrap();
+    // One command, with the root key brought online for it.
+    let out = server_ok(&[
+        "keys",
+        "rotate",
+        "--config",
+        &f.config(),
+        "--root-key",
+        &keys.join("root.key").display().to_string(),
+    ]);
+    assert!(out.contains("version 2, with catalog key"), "{out}");
+    let new_id = out.split("with catalog key ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    assert_ne!(std::fs::read(keys.join("catalog.key")).unwrap(), old);
+    let retired: Vec<_> = std::fs::read_dir(keys.join("retired")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(retired.len(), 1, "the old key is kept aside, to destroy");
+    // The server signs with the new key within a second; each host adopts the list with its
+    // next catalog, signed by the new key.
+    for root in [&a, &b] {
+        eventually(Duration::from_secs(10), Duration::from_millis(300), || {
+            let out = converge_in(root, &["run", "--once"]);
+            if out.code != 0 || out.stdout.contains("enforcing the cached catalog") {
+                return Err(format!("{}{}", out.stdout, out.stderr));
+            }
+            out.stdout.contains(&format!("signed by key {new_id}")).then_some(()).ok_or(out.stdout)
+        });
+        let held = std::fs::read_to_string(root.join("etc/converge/trusted-keys.json")).unwrap();
+        let (list, _) = converge_modules::trust::read_key_list(held.as_bytes()).unwrap();
+        assert_eq!(list.version, 2);
+    }
+    // A host says which list it holds when it asks: the server knows at their next runs.
+    for root in [&a, &b] {
+        assert_eq!(converge_in(root, &["run", "--once"]).code, 0);
+    }
+    eventually(Duration::from_secs(10), Duration::from_millis(300), || {
+        let status = server_ok(&["keys", "status", "--config", &f.config()]);
+        status.contains("every host with a live certificate holds version 2").then_some(()).ok_or(status)
+    });
+    // A catalog signed with the retired key (stolen, say) is refused by the hosts.
+    let catalog = f.dir.path().join("evil.yaml");
+    std::fs::write(&catalog, "format: 1\nhost: agent1\nresources:\n  - file: /etc/evil\n    content: \"x\"\n").unwrap();
+    let envelope = server_ok(&["sign", &retired[0].display().to_string(), &catalog.display().to_string()]);
+    let path = f.dir.path().join("evil.env");
+    std::fs::write(&path, envelope).unwrap();
+    let out = converge_in(&a, &["apply", &path.display().to_string(), "--node", "agent1"]);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("no valid signature by a trusted catalog key"), "{}", out.stderr);
+    assert!(!a.join("etc/evil").exists());
+}
