@@ -147,8 +147,10 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
         }
     }
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
-    let (_, collect) = converge(&Output::of(args), &host, &loaded, None, Vec::new(), None);
+    let notes = if lock.exclusive() { crate::upgrade::outcome(&host).into_iter().collect() } else { Vec::new() };
+    let (_, collect) = converge(&Output::of(args), &host, &loaded, None, notes, None);
     drop(lock);
+    start_upgrade(&host, args);
     Ok(exit_code(args.detailed_exitcodes, &collect.summary.unwrap_or_default()))
 }
 
@@ -198,13 +200,27 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
     }
     drop(bytes);
     let mut warnings = std::mem::take(&mut trust.notes);
+    if lock.exclusive() {
+        warnings.extend(crate::upgrade::outcome(&host));
+    }
     warnings.extend(verified.warnings);
     for w in &warnings {
         tracing::warn!("{name}: {}", converge_modules::text::clean(w));
     }
     let (_, collect) = converge(&Output::of(args), &host, &loaded, Some(verified.signed_by), warnings, None);
     drop(lock);
+    start_upgrade(&host, args);
     Ok(exit_code(args.detailed_exitcodes, &collect.summary.unwrap_or_default()))
+}
+
+/// Starts the agent's own upgrade the run deferred, once the run has let go of the lock.
+fn start_upgrade(host: &RealHost, args: &ApplyArgs) {
+    if let Some(note) = crate::upgrade::start(host, &args.root) {
+        if args.format == Format::Text {
+            eprintln!("converge: {note}");
+        }
+        tracing::info!("{note}");
+    }
 }
 
 /// Where and how a run reports.

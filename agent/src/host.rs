@@ -32,6 +32,8 @@ pub struct RealHost {
     backups: BackupStore,
     /// The root's accounts, read once and again after a change.
     accounts: RefCell<Option<Accounts>>,
+    /// The change to the agent's own package, made after the run (see `crate::upgrade`).
+    deferred: RefCell<Option<Install>>,
 }
 
 fn to_stat(st: &FileStat) -> Stat {
@@ -58,7 +60,7 @@ pub fn temp_name(name: &str) -> String {
 
 impl RealHost {
     pub fn new(root: Root, backups: BackupStore) -> RealHost {
-        RealHost { root, backups, accounts: RefCell::new(None) }
+        RealHost { root, backups, accounts: RefCell::new(None), deferred: RefCell::new(None) }
     }
 
     pub fn root(&self) -> &Root {
@@ -67,6 +69,11 @@ impl RealHost {
 
     pub fn backups(&self) -> &BackupStore {
         &self.backups
+    }
+
+    /// The change to the agent's own package this run deferred, if any (taken).
+    pub fn deferred_upgrade(&self) -> Option<Install> {
+        self.deferred.borrow_mut().take()
     }
 
     /// Renames `from` to `to` (the agent's own files: setting a damaged one aside), replacing
@@ -329,6 +336,17 @@ impl Host for RealHost {
     fn available(&self, names: &[&str], refresh: bool) -> HostResult<HashMap<String, Available>> {
         let system = self.package_system().map_err(HostError::Refused)?;
         self.tools().available(system, names, refresh)
+    }
+
+    /// A live system defers a change to the agent's own package; an image (`--root`) has no
+    /// agent running in it to replace.
+    fn defers_self_upgrade(&self) -> bool {
+        self.root.is_slash()
+    }
+
+    fn defer_self_upgrade(&self, install: &Install) -> HostResult<()> {
+        *self.deferred.borrow_mut() = Some(install.clone());
+        Ok(())
     }
 
     fn install(&self, packages: &[Install], downgrade: bool) -> HostResult<()> {

@@ -6,7 +6,8 @@
 //! [`client`] speaks to the server; [`facts`] describes the
 //! host; [`state`] and [`signed`] keep what lasts between runs; [`host`] is the real OS behind the `Host`
 //! boundary, confined to a root by [`fs`]; [`backup`] keeps replaced content; [`command`] runs
-//! argv commands (validate) with a timeout. Everything that decides anything lives in
+//! argv commands (validate) with a timeout; [`upgrade`] has the agent upgrade itself after a
+//! run. Everything that decides anything lives in
 //! `converge-modules`.
 
 mod apply;
@@ -22,6 +23,7 @@ mod run;
 mod signed;
 mod state;
 mod system;
+mod upgrade;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -46,6 +48,9 @@ enum Command {
     Bootstrap(bootstrap::BootstrapArgs),
     /// Pull, verify, converge and report: once, or every interval as a daemon.
     Run(run::RunArgs),
+    /// Installs the agent's own package (launched by a run, detached, after its report).
+    #[command(hide = true)]
+    UpgradeSelf(upgrade::UpgradeArgs),
     /// The last run, its outcome and catalog, and the next run.
     Status {
         #[arg(long, value_name = "DIR", default_value = "/")]
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) if args.once => run::run_once(args, None).map(|o| o.code),
         Some(Command::Run(args)) => run::daemon(args),
         Some(Command::Status { root }) => run::status(root),
+        Some(Command::UpgradeSelf(args)) => upgrade::upgrade_self(args),
         None => run::run_once(&cli.run, None).map(|o| o.code),
     };
     match result {
@@ -99,5 +105,15 @@ fn main() -> ExitCode {
             eprintln!("converge: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's arguments are well-formed (clap checks these only when a command
+    /// is parsed, so a clash would otherwise surface as a panic in the field).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

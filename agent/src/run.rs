@@ -133,6 +133,11 @@ pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
         });
         let _ = state::write_status(&host, &status);
     }
+    // The agent's own upgrade, deferred by the run, starts once the run has let go.
+    drop(lock);
+    if let Some(note) = crate::upgrade::start(&host, &args.root) {
+        tracing::info!("{note}");
+    }
     outcome
 }
 
@@ -183,6 +188,9 @@ fn locked_run(
     started: Timestamp,
 ) -> Result<Outcome> {
     let mut notes: Vec<String> = crate::renew::finish_switch(host).into_iter().collect();
+    if lock.exclusive() {
+        notes.extend(crate::upgrade::outcome(host));
+    }
     let mut client = client(host.root(), config)?;
     let mut trust = Trust::load(host, lock, None, config.name.clone()).with_context(|| {
         let shown = host.root().path().join(state::CONFIG_FILE.trim_start_matches('/'));

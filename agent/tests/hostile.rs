@@ -371,3 +371,38 @@ fn a_damaged_key_list_is_named_and_nothing_is_applied() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("symbolic link"), "{}", out.stderr);
 }
+
+#[test]
+fn a_damaged_upgrade_record_is_reported_and_removed_never_followed() {
+    const RECORD: &str = "/var/lib/converge/upgrade.json";
+    let s = Scratch::new();
+    let plain = s.catalog("plain.yaml", PLAIN);
+    // Garbage, non-UTF-8, huge: one note, the record gone, the run goes on.
+    for bad in [b"{\"version\":".to_vec(), vec![0xff, 0xfe, 0x00], vec![b' '; 2 << 20]] {
+        std::fs::create_dir_all(s.at("/var/lib/converge")).unwrap();
+        std::fs::write(s.at(RECORD), &bad).unwrap();
+        let out = s.apply(&plain, &[]);
+        sane(&out);
+        assert!(out.stdout.contains("the record of the last agent upgrade was damaged: removed"), "{}", out.stdout);
+        assert!(!s.at(RECORD).exists());
+    }
+    // A symlink to a file elsewhere: never read through, never its target removed.
+    s.write(
+        "/etc/precious",
+        r#"{"version":"9","started":"2026-12-02T08:00:00Z","finished":"2026-12-02T08:01:00Z","ok":true}"#,
+    );
+    let outside = s.at("/etc/precious");
+    std::os::unix::fs::symlink(&outside, s.at(RECORD)).unwrap();
+    let out = s.apply(&plain, &[]);
+    sane(&out);
+    assert!(!out.stdout.contains("upgraded to 9"), "{}", out.stdout);
+    assert!(outside.exists() && std::fs::symlink_metadata(s.at(RECORD)).is_err());
+    // A good record is said once.
+    std::fs::write(
+        s.at(RECORD),
+        r#"{"version":"1.1.0","started":"2026-12-02T08:00:00Z","finished":"2026-12-02T08:01:00Z","ok":true}"#,
+    )
+    .unwrap();
+    assert!(s.apply(&plain, &[]).stdout.contains("the agent was upgraded to 1.1.0"));
+    assert!(!s.apply(&plain, &[]).stdout.contains("upgraded"));
+}

@@ -338,6 +338,18 @@ pub trait Host {
     /// local configuration files and never asking anything.
     fn install(&self, packages: &[Install], downgrade: bool) -> HostResult<()>;
 
+    /// Whether a change to the agent's own package ([`crate::providers::package::AGENT`])
+    /// waits for the end of the run: on a live system the package manager would replace and
+    /// restart the running agent mid-run. An image installs it like any package.
+    fn defers_self_upgrade(&self) -> bool {
+        false
+    }
+
+    /// Records the change to the agent's own package, made after the run's report, detached.
+    fn defer_self_upgrade(&self, _install: &Install) -> HostResult<()> {
+        Err(HostError::Refused("this host does not upgrade the agent after the run".into()))
+    }
+
     /// Removes in one transaction.
     fn uninstall(&self, names: &[&str]) -> HostResult<()>;
 

@@ -165,8 +165,9 @@ fn check_package(r: &Resource, p: &PackageSpec, say: &mut impl FnMut(String)) {
     if name.chars().any(|c| c.is_whitespace() || c == '/') {
         say(format!("{}: a package name has no spaces or slashes", r.id));
     }
-    if name == "converge" {
-        say(format!("{} is protected: converge never manages its own package", r.id));
+    if name == crate::providers::package::AGENT && p.ensure.as_deref().is_some_and(|e| matches!(e, "absent" | "purged"))
+    {
+        say(format!("{} is protected: converge never removes its own package (that would cut the host off)", r.id));
     }
     let version = match p.ensure.as_deref() {
         None | Some("present" | "absent" | "latest") => false,
@@ -312,10 +313,10 @@ mod tests {
     #[test]
     fn system_kinds_are_checked() {
         use crate::load::load;
-        let text = "format: 1\nresources:\n  - package: nginx\n    ensure: \"1.24 beta\"\n  - package: curl\n    allow_downgrade: true\n  - user: 9lives\n  - user: root\n    ensure: absent\n  - user: deploy\n    home: home/deploy\n  - service: converge\n  - exec: reload\n    command: []\n  - exec: sysctl\n    command: [sysctl, --system]\n    creates: relative\n  - package: converge\n  - group: \"bad name\"\n";
+        let text = "format: 1\nresources:\n  - package: nginx\n    ensure: \"1.24 beta\"\n  - package: curl\n    allow_downgrade: true\n  - user: 9lives\n  - user: root\n    ensure: absent\n  - user: deploy\n    home: home/deploy\n  - service: converge\n  - exec: reload\n    command: []\n  - exec: sysctl\n    command: [sysctl, --system]\n    creates: relative\n  - package: converge\n    ensure: purged\n  - group: \"bad name\"\n";
         let e = load("c.yaml", text, None).unwrap_err();
         let lines: Vec<u32> = e.iter().map(|d| d.mark.line).collect();
-        assert_eq!(lines, [3, 5, 7, 8, 10, 12, 13, 15, 18, 19], "{e}");
+        assert_eq!(lines, [3, 5, 7, 8, 10, 12, 13, 15, 18, 20], "{e}");
         let ok = "format: 1\nresources:\n  - package: nginx\n    ensure: \"1.24.*\"\n    allow_downgrade: true\n  - user: deploy\n    uid: 2001\n    groups: [www-data]\n    membership: minimum\n  - service: nginx\n    ensure: running\n    enabled: true\n    refresh: reload-or-restart\n  - exec: apply-sysctl\n    command: [sysctl, --system]\n    refreshonly: true\n";
         load("c.yaml", ok, None).unwrap();
     }

@@ -1046,3 +1046,13 @@ fn diff(dir: &Path, from: &str, to: &str, only: Option<&str>) -> Result<u8> {
     println!("{differ} of {} nodes change between {from} and {to}", nodes.len());
     Ok(if differ > 0 { 2 } else { 0 })
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's arguments are well-formed (clap checks these only when a command
+    /// is parsed, so a clash would otherwise surface as a panic in the field).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

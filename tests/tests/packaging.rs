@@ -162,3 +162,93 @@ fn the_packages_carry_their_units_configuration_and_dependencies() {
         assert!(unit.contains(&format!("EnvironmentFile=-/etc/sysconfig/{bin}\n")), "{unit}");
     }
 }
+
+/// `deb` repackaged as version `version`, with `preinst` as its install script when given.
+fn repackaged(deb: &Path, version: &str, preinst: Option<&str>, out: &Path) -> PathBuf {
+    let dir = out.join(format!("tree-{version}"));
+    run_ok(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&dir), "dpkg-deb -R");
+    let control = std::fs::read_to_string(dir.join("DEBIAN/control")).unwrap();
+    let control: String = control
+        .lines()
+        .map(|l| if l.starts_with("Version:") { format!("Version: {version}\n") } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(dir.join("DEBIAN/control"), control).unwrap();
+    if let Some(script) = preinst {
+        let p = dir.join("DEBIAN/preinst");
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let file = out.join(format!("converge_{version}_amd64.deb"));
+    run_ok(
+        Command::new("dpkg-deb").args(["--build", "--root-owner-group", "-Zgzip"]).arg(&dir).arg(&file),
+        "dpkg-deb --build",
+    );
+    file
+}
+
+#[test]
+fn the_agent_upgrades_itself_after_its_run_and_a_failed_upgrade_leaves_it_running() {
+    if !enabled("agent upgrade") {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let packages = build_packages(&w.path().join("packages"));
+    let built = package(&packages, "converge_");
+    // Three versions on offer: the one installed, the next, and one whose install fails.
+    let repo = w.path().join("self");
+    std::fs::create_dir_all(&repo).unwrap();
+    repackaged(&built, "1.0.0", None, &repo);
+    repackaged(&built, "1.1.0", None, &repo);
+    repackaged(&built, "1.2.0", Some("#!/bin/sh\necho 'this version refuses to install' >&2\nexit 1\n"), &repo);
+    for e in std::fs::read_dir(&repo).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        }
+    }
+    let index =
+        run_ok(Command::new("dpkg-scanpackages").args(["--multiversion", "."]).current_dir(&repo), "dpkg-scanpackages");
+    std::fs::write(repo.join("Packages"), index).unwrap();
+    let c = converge_e2e::container::Container::boot();
+    copy_tree(&repo, &c.path("/srv/self"));
+    std::fs::write(c.path("/etc/apt/sources.list.d/self.list"), "deb [trusted=yes] file:/srv/self ./\n").unwrap();
+    c.sh("apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q converge=1.0.0 >/dev/null");
+    let version = || c.sh("dpkg-query -W -f '${Version}' converge");
+    assert_eq!(version(), "1.0.0");
+    let apply = |want: &str| {
+        std::fs::write(
+            c.path("/root/agent.yaml"),
+            format!("format: 1\nresources:\n  - package: converge\n    ensure: \"{want}\"\n"),
+        )
+        .unwrap();
+        c.run(&["/usr/bin/converge", "apply", "/root/agent.yaml", "--detailed-exitcodes"])
+    };
+    // The run reports the upgrade as its change and leaves it for after its report.
+    let out = apply("1.1.0");
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("upgraded to 1.1.0 after this run's report"), "{}", out.stdout);
+    assert!(out.stderr.contains("converge-upgrade-"), "started detached: {}", out.stderr);
+    eventually(Duration::from_secs(60), Duration::from_millis(500), || {
+        (version() == "1.1.0").then_some(()).ok_or_else(|| {
+            format!("{}: {}", version(), c.sh("journalctl -q --no-pager -u 'converge-upgrade-*' | tail -20"))
+        })
+    });
+    // The next run says how it went, and finds nothing to do.
+    eventually(Duration::from_secs(20), Duration::from_millis(300), || {
+        let out = apply("1.1.0");
+        (out.code == 0 && out.stdout.contains("the agent was upgraded to 1.1.0"))
+            .then_some(())
+            .ok_or(format!("{}{}", out.stdout, out.stderr))
+    });
+    // A version that will not install: the agent that was there goes on, and says why.
+    let out = apply("1.2.0");
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    eventually(Duration::from_secs(60), Duration::from_millis(500), || {
+        c.path("/var/lib/converge/upgrade.json").exists().then_some(()).ok_or("not done yet".into())
+    });
+    assert_eq!(version(), "1.1.0", "the failed upgrade left the agent that was there");
+    let out = apply("1.1.0");
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("the agent upgrade to 1.2.0 failed"), "{}", out.stdout);
+    assert!(out.stdout.contains("the agent that was there goes on"), "{}", out.stdout);
+}

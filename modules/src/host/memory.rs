@@ -45,6 +45,9 @@ struct Inner {
     mutations: usize,
     failures: HashMap<String, String>,
     validator: Option<Validator>,
+    /// A live system (the agent's own package is changed after the run), and what it deferred.
+    live_agent: bool,
+    deferred: Vec<Install>,
 }
 
 pub struct MemHost {
@@ -96,6 +99,17 @@ impl MemHost {
             g.members.push(user.into());
         }
         self
+    }
+
+    /// A live system running the agent: a change to its own package is deferred.
+    pub fn with_live_agent(self) -> Self {
+        self.inner.borrow_mut().live_agent = true;
+        self
+    }
+
+    /// The changes to the agent's own package deferred until after the run.
+    pub fn deferred(&self) -> Vec<Install> {
+        self.inner.borrow().deferred.clone()
     }
 
     /// A package the repositories offer, in these versions (oldest first).
@@ -422,6 +436,15 @@ impl Host for MemHost {
 
     fn package_system(&self) -> Result<PackageSystem, String> {
         Ok(PackageSystem::Apt)
+    }
+
+    fn defers_self_upgrade(&self) -> bool {
+        self.inner.borrow().live_agent
+    }
+
+    fn defer_self_upgrade(&self, install: &Install) -> HostResult<()> {
+        self.inner.borrow_mut().deferred.push(install.clone());
+        Ok(())
     }
 
     fn installed(&self, names: &[&str]) -> HostResult<HashMap<String, Installed>> {

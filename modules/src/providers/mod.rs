@@ -454,6 +454,7 @@ impl Providers for System<'_> {
             Spec::File(f) => file::apply(self, r, f, state, changes),
             Spec::Directory(d) => directory::apply(self, r, d, state),
             Spec::Symlink(s) => symlink::apply(self, r, s, &state.seen),
+            Spec::Package(_) if package::deferred(self, r) => return package::apply_deferred(self, state),
             Spec::Package(_) => return package::apply_all(self, &[(r, state)]).pop().unwrap_or(Ok(None)),
             Spec::User(_) | Spec::Group(_) => return account::apply(self, state),
             Spec::Service(_) => return service::apply(self, r, state),
@@ -464,7 +465,7 @@ impl Providers for System<'_> {
     }
 
     fn batched(&self, r: &Resource) -> bool {
-        matches!(r.spec, Spec::Package(_))
+        matches!(r.spec, Spec::Package(_)) && !package::deferred(self, r)
     }
 
     fn apply_batch(&self, items: &[(&Resource, &Checked, &[Change])]) -> Vec<Result<Option<String>, String>> {
@@ -472,9 +473,10 @@ impl Providers for System<'_> {
         package::apply_all(self, &items)
     }
 
-    /// A command's change is that it ran: inspecting again would only run its guards again.
+    /// A command's change is that it ran: inspecting again would only run its guards again. A
+    /// deferred upgrade of the agent happens after the run.
     fn verify_after_apply(&self, r: &Resource) -> bool {
-        !matches!(r.spec, Spec::Exec(_))
+        !matches!(r.spec, Spec::Exec(_)) && !package::deferred(self, r)
     }
 
     fn held(&self, state: &Checked) -> Option<String> {

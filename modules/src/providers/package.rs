@@ -12,6 +12,27 @@ use crate::host::{Available, Install, Installed, PackageSystem};
 use crate::report::Change;
 use crate::version::{best_match, matches};
 
+/// The agent's own package: managed like any (never removed: that would cut the host off),
+/// but on a live system changed only after the run's report, detached from the running agent.
+pub const AGENT: &str = "converge";
+
+/// Whether `r` is the agent's own package, changed after the run on this host.
+pub fn deferred(sys: &System, r: &Resource) -> bool {
+    matches!(r.spec, crate::catalog::Spec::Package(_)) && r.id.title == AGENT && sys.host.defers_self_upgrade()
+}
+
+/// Defers the change to the agent's own package until after the run's report.
+pub fn apply_deferred(sys: &System, state: &Checked) -> Result<Option<String>, String> {
+    match &state.op {
+        Op::Install(i) => {
+            sys.host.defer_self_upgrade(i).map_err(fail)?;
+            let to = i.version.as_deref().unwrap_or("the newest version");
+            Ok(Some(format!("the agent is upgraded to {to} after this run's report, detached from it")))
+        }
+        _ => Err("converge never removes its own package".into()),
+    }
+}
+
 /// What `ensure` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Want<'a> {
@@ -340,5 +361,45 @@ mod tests {
         assert!(events.iter().all(|e| e.status == Status::WouldChange), "{events:?}");
         assert_eq!(host.mutations(), 0);
         assert!(host.installed_version("a").is_none());
+    }
+
+    #[test]
+    fn the_agents_own_package_is_upgraded_after_the_run_on_a_live_host() {
+        let catalog = "  - package: converge\n    ensure: \"0.2.0-1\"\n  - package: a\n";
+        let live = || {
+            MemHost::new()
+                .with_live_agent()
+                .with_installed("converge", "0.1.0-1", false)
+                .with_available("converge", &["0.1.0-1", "0.2.0-1"])
+                .with_available("a", &["1.0"])
+        };
+        let host = live();
+        let events = converge_yaml(&host, catalog, false);
+        assert_eq!(events[0].status, Status::Changed, "{events:?}");
+        assert!(events[0].message.as_deref().unwrap().contains("after this run's report"), "{events:?}");
+        assert_eq!(host.installed_version("converge").as_deref(), Some("0.1.0-1"), "not during the run");
+        assert_eq!(host.deferred().len(), 1);
+        assert_eq!(host.deferred()[0].version.as_deref(), Some("0.2.0-1"));
+        assert_eq!(host.installed_version("a").as_deref(), Some("1.0"), "the rest converges as ever");
+        let installs: Vec<String> = host.processes().into_iter().filter(|p| p.starts_with("install")).collect();
+        assert_eq!(installs, vec!["install a"], "never in a transaction of the run");
+        // A dry-run says it would change, and defers nothing.
+        let host = live();
+        let events = converge_yaml(&host, catalog, true);
+        assert_eq!(events[0].status, Status::WouldChange);
+        assert!(host.deferred().is_empty());
+        // In an image (no agent running in it) it is installed like any package.
+        let image =
+            MemHost::new().with_installed("converge", "0.1.0-1", false).with_available("converge", &["0.2.0-1"]);
+        let events = converge_yaml(&image, "  - package: converge\n    ensure: latest\n", false);
+        assert_eq!(events[0].status, Status::Changed);
+        assert_eq!(image.installed_version("converge").as_deref(), Some("0.2.0-1"));
+    }
+
+    #[test]
+    fn the_agents_own_package_is_never_removed() {
+        let e = crate::load::load("t.yaml", "format: 1\nresources:\n  - package: converge\n    ensure: absent\n", None)
+            .unwrap_err();
+        assert!(e.render(None).contains("never removes its own package"), "{}", e.render(None));
     }
 }
