@@ -383,8 +383,9 @@ fn adopt_bundle(
 }
 
 /// This host's certificate: renewed from two thirds of its life (the new one serves the rest
-/// of this run), and when it has expired, the exact way back. A failure is a note, tried again
-/// each run, and never stops enforcement.
+/// of this run). Expired (the host was off for months), it is renewed all the same where the
+/// server still allows it (`renew_expired_within`), and otherwise the note says the exact way
+/// back. A failure is a note, tried again each run, and never stops enforcement.
 fn keep_certificate(
     host: &RealHost,
     config: &AgentConfig,
@@ -396,20 +397,18 @@ fn keep_certificate(
     let v = crate::renew::validity(&read(host.root(), state::CERT_FILE).ok()?).ok()?;
     let now = Timestamp::now();
     let mut seen = state::Certificate { expires: v.not_after, renew_from: v.renew_from(), renewal_error: None };
-    if now >= v.not_after {
+    let expired = now >= v.not_after;
+    let way_back = || {
         let ca = read(host.root(), state::CA_FILE).ok().and_then(|p| crate::client::pem_certificates(&p).ok());
         let hash = ca.and_then(|c| c.first().map(|d| converge_modules::hash::sha256_hex(d))).unwrap_or_default();
-        let why = format!(
+        format!(
             "this host's certificate expired at {}: ask an operator for a one-time token (converge-server token new \
              --name {name}) and run: converge bootstrap --server {} --ca-hash sha256:{hash} --name {name} --token TOKEN",
             v.not_after,
             config.server,
             name = config.name
-        );
-        notes.push(why.clone());
-        seen.renewal_error = Some(why);
-        return Some(seen);
-    }
+        )
+    };
     // During a CA rollover, a certificate from a CA that is not the newest this host trusts
     // is renewed at once (the server issues from the newest).
     let newest_ca = read(host.root(), state::CA_FILE).ok().and_then(|p| crate::renew::newest_ca_name(&p));
@@ -417,11 +416,20 @@ fn keep_certificate(
         crate::renew::issuer_name(&read(host.root(), state::CERT_FILE).unwrap_or_default()).is_some_and(|i| i != ca)
     });
     if (now < v.renew_from() && !from_old_ca) || dry_run {
+        if expired {
+            let why = way_back();
+            notes.push(why.clone());
+            seen.renewal_error = Some(why);
+        }
         return Some(seen);
     }
     match crate::renew::renew(host, client, rt) {
         Ok(new) => {
-            notes.push(format!("this host's certificate was renewed: the new one is valid until {}", new.not_after));
+            let had = if expired { format!(" (it had expired at {})", v.not_after) } else { String::new() };
+            notes.push(format!(
+                "this host's certificate was renewed{had}: the new one is valid until {}",
+                new.not_after
+            ));
             match self::client(host.root(), config) {
                 Ok(c) => *client = c,
                 Err(e) => notes.push(format!("the renewed certificate cannot be used: {e:#}")),
@@ -430,11 +438,16 @@ fn keep_certificate(
         }
         Err(e) => {
             let why = clip(&format!("{e:#}"), 500).into_owned();
-            notes.push(format!(
-                "this host's certificate could not be renewed ({why}); it expires at {}, and each run tries again",
-                v.not_after
-            ));
-            seen.renewal_error = Some(why);
+            let note = if expired {
+                format!("{} (renewing it failed: {why})", way_back())
+            } else {
+                format!(
+                    "this host's certificate could not be renewed ({why}); it expires at {}, and each run tries again",
+                    v.not_after
+                )
+            };
+            notes.push(note.clone());
+            seen.renewal_error = Some(if expired { note } else { why });
         }
     }
     Some(seen)

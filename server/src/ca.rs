@@ -39,6 +39,8 @@ pub struct Ca {
     pub cross: Option<Vec<u8>>,
     /// When the rollover began: client certificates issued before come from the previous CA.
     pub rotated_at: Option<i64>,
+    /// When this CA ends: no certificate it issues outlives it.
+    pub not_after: i64,
 }
 
 /// The files of a rollover.
@@ -191,6 +193,7 @@ impl Ca {
             previous: None,
             cross: None,
             rotated_at: None,
+            not_after: validity(cert.der())?.1,
         };
         let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let server = server_params(names, addresses, now)?.signed_by(&server_key, &ca.issuer)?;
@@ -210,7 +213,9 @@ impl Ca {
         let key_pem = std::fs::read_to_string(dir.join("server.key"))
             .with_context(|| format!("cannot read {}/server.key", dir.display()))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| anyhow!("{}/server.key: {e}", dir.display()))?;
-        let cert = server_params(&names, &addresses, OffsetDateTime::now_utc())?.signed_by(&key, &self.issuer)?;
+        let mut params = server_params(&names, &addresses, OffsetDateTime::now_utc())?;
+        params.not_after = params.not_after.min(self.end());
+        let cert = params.signed_by(&key, &self.issuer)?;
         let tmp = dir.join("server.pem.new");
         let _ = std::fs::remove_file(&tmp);
         write_new(&tmp, &cert.pem(), 0o644)?;
@@ -242,11 +247,17 @@ impl Ca {
         let previous = read_der(PREVIOUS)?;
         let cross = read_der(CROSS)?.map(|(_, d)| d);
         let rotated_at = std::fs::read_to_string(dir.join(ROTATED_AT)).ok().and_then(|t| t.trim().parse().ok());
-        Ok(Ca { issuer: Issuer::new(ca_params(&name), key), pem, der, previous, cross, rotated_at })
+        let not_after = validity(&der).with_context(|| format!("{}/ca.pem", dir.display()))?.1;
+        Ok(Ca { issuer: Issuer::new(ca_params(&name), key), pem, der, previous, cross, rotated_at, not_after })
     }
 
     pub fn hash(&self) -> String {
         cert_hash(&self.der)
+    }
+
+    /// This CA's end, the latest any certificate it issues may end.
+    fn end(&self) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(self.not_after).unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 
     /// The CAs hosts trust (PEM, this one first, then the previous one during a rollover).
@@ -329,7 +340,7 @@ impl Ca {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         p.not_before = now - Duration::minutes(5);
-        p.not_after = now + Duration::days(days);
+        p.not_after = (now + Duration::days(days)).min(self.end());
         let cert = p.signed_by(&spki, &self.issuer)?;
         Ok((cert.pem(), cert.der().to_vec()))
     }

@@ -25,6 +25,7 @@ pub const KEYS: &[&str] = &[
     "max_requests",
     "request_timeout",
     "new_connections_per_address",
+    "renew_expired_within",
 ];
 
 #[derive(Debug, Clone)]
@@ -62,6 +63,10 @@ pub struct Config {
     /// address's whole cap at once. Behind a load balancer that hides client addresses, raise
     /// this and `max_connections_per_address` to the totals.
     pub new_connections_per_address: u64,
+    /// Seconds after its end that an expired, unrevoked client certificate can still renew
+    /// itself (and do nothing else) [180d; 0 turns it off]: a host that was off for months
+    /// comes back on its own.
+    pub renew_expired_within: i64,
 }
 
 impl Config {
@@ -103,6 +108,7 @@ impl Config {
                 .int("new_connections_per_address")
                 .map_err(e)?
                 .map_or(64, |n| n.max(1) as u64),
+            renew_expired_within: conf.duration("renew_expired_within").map_err(e)?.unwrap_or(180 * 86_400),
             state,
         })
     }

@@ -153,11 +153,19 @@ impl From<anyhow::Error> for Refused {
 }
 
 /// Whether a certificate may be served at `t`, and for which node.
-fn verdict(c: &Cert, t: i64) -> Result<String, String> {
+/// Whether the certificate `c` may be used at `t`: live, or (`grace` > 0, to renew itself)
+/// expired less than `grace` seconds ago. Pure.
+fn verdict(c: &Cert, t: i64, grace: i64) -> Result<String, String> {
     if c.revoked.is_some() {
         Err(format!("the certificate of {} is revoked", c.node))
+    } else if c.expires <= t && t - c.expires < grace {
+        Ok(c.node.clone())
     } else if c.expires <= t {
-        Err(format!("the certificate of {} has expired; bootstrap again", c.node))
+        Err(format!(
+            "the certificate of {} expired at {}: the agent renews it itself (within renew_expired_within of its end), else bootstrap again",
+            c.node,
+            converge_modules::time::Timestamp(c.expires)
+        ))
     } else {
         Ok(c.node.clone())
     }
@@ -199,7 +207,7 @@ impl Fleet {
         let pin = crate::bootstrap::pin(&config.state)?;
         let server_cert = Arc::new(crate::http::ServerCert::load(&config.state, &ca.chain())?);
         let ticketer = crate::http::ticketer()?;
-        let tls = crate::http::tls_config(&ca, server_cert.clone(), ticketer.clone())?;
+        let tls = crate::http::tls_config(&ca, server_cert.clone(), ticketer.clone(), config.renew_expired_within)?;
         let started = now();
         let all = db.certs_changed(0, 0)?;
         let newest = all.iter().map(|(rowid, ..)| *rowid).max().unwrap_or(0);
@@ -290,7 +298,12 @@ impl Fleet {
             ca.renew_server(state)?;
         }
         self.server_cert.reload(&ca)?;
-        let tls = crate::http::tls_config(&ca, self.server_cert.clone(), self.ticketer.clone())?;
+        let tls = crate::http::tls_config(
+            &ca,
+            self.server_cert.clone(),
+            self.ticketer.clone(),
+            self.config.renew_expired_within,
+        )?;
         *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
         *self.ca_bundle_hash.write().unwrap_or_else(std::sync::PoisonError::into_inner) = ca.bundle_hash();
         tracing::info!(
@@ -321,20 +334,25 @@ impl Fleet {
     /// The node a client certificate belongs to, if it may be served: issued by this server,
     /// neither revoked nor expired. Checked on every request, in memory; `None` for a
     /// certificate this server has not seen yet (then [`Fleet::node_of`] asks the store).
-    pub fn node_of_known(&self, fingerprint: &str) -> Option<Result<String, String>> {
+    pub fn node_of_known(&self, fingerprint: &str, renewing: bool) -> Option<Result<String, String>> {
         let certs = self.certs.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        certs.get(fingerprint).map(|c| verdict(c, now()))
+        certs.get(fingerprint).map(|c| verdict(c, now(), self.grace(renewing)))
+    }
+
+    /// How long after its end a certificate may still be used for what is asked.
+    fn grace(&self, renewing: bool) -> i64 {
+        if renewing { self.config.renew_expired_within } else { 0 }
     }
 
     /// [`Fleet::node_of_known`], asking the store about a certificate not known yet.
-    pub fn node_of(&self, fingerprint: &str) -> Result<Result<String, String>> {
-        if let Some(v) = self.node_of_known(fingerprint) {
+    pub fn node_of(&self, fingerprint: &str, renewing: bool) -> Result<Result<String, String>> {
+        if let Some(v) = self.node_of_known(fingerprint, renewing) {
             return Ok(v);
         }
         Ok(match self.db.cert(fingerprint)? {
             None => Err("this certificate was not issued by this server".into()),
             Some(c) => {
-                let v = verdict(&c, now());
+                let v = verdict(&c, now(), self.grace(renewing));
                 self.certs
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -374,7 +392,7 @@ impl Fleet {
             Ok(x) => x,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        let (fp, expires) = (sha256_hex(&der), t + self.config.cert_days * 86_400);
+        let (fp, expires) = (sha256_hex(&der), crate::ca::validity(&der)?.1);
         self.db.add_renewal(&fp, node, presented, t, expires)?;
         let mut certs = self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // An earlier renewal of the same certificate, never used, is gone from the store too.
@@ -464,7 +482,7 @@ impl Fleet {
             Ok(x) => x,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        let (fp, expires) = (sha256_hex(&der), t + self.config.cert_days * 86_400);
+        let (fp, expires) = (sha256_hex(&der), crate::ca::validity(&der)?.1);
         self.db.add_cert(&fp, name, t, expires)?;
         let cert = Cert { node: name.to_string(), issued: t, expires, revoked: None, replaces: None };
         self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fp, cert);
@@ -664,5 +682,23 @@ impl Fleet {
         })?;
         self.metrics.reports.fetch_add(1, Ordering::Relaxed);
         Ok(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expired_certificate_only_renews_and_only_within_its_grace() {
+        let cert = |revoked| Cert { node: "n".into(), issued: 0, expires: 1000, revoked, replaces: None };
+        let grace = 500;
+        assert_eq!(verdict(&cert(None), 999, 0), Ok("n".into()), "live");
+        assert!(verdict(&cert(None), 1000, 0).unwrap_err().contains("expired at"), "to anything but renewal");
+        assert_eq!(verdict(&cert(None), 1000, grace), Ok("n".into()), "to renew, at its end");
+        assert_eq!(verdict(&cert(None), 1499, grace), Ok("n".into()), "to renew, within the grace");
+        assert!(verdict(&cert(None), 1500, grace).is_err(), "past the grace");
+        assert!(verdict(&cert(Some(1)), 999, grace).unwrap_err().contains("revoked"), "revoked is revoked");
+        assert!(verdict(&cert(Some(1)), 1200, grace).unwrap_err().contains("revoked"));
     }
 }

@@ -215,9 +215,12 @@ async fn authenticate(
     // In memory, as the store was a second ago at most; a certificate not seen yet is looked
     // up in the store, off the runtime's threads.
     let presented = fp.clone();
-    let found = match fleet.node_of_known(&fp) {
+    // An expired certificate, within `renew_expired_within` of its end, may renew itself and
+    // do nothing else.
+    let renewing = req.uri().path() == "/v1/renew";
+    let found = match fleet.node_of_known(&fp, renewing) {
         Some(found) => found,
-        None => match blocking(&fleet, move |f| f.node_of(&fp)).await {
+        None => match blocking(&fleet, move |f| f.node_of(&fp, renewing)).await {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => return ApiError::from(e).into_response(),
             Err(e) => return e.into_response(),
@@ -665,6 +668,10 @@ fn metrics_text(fleet: &Fleet) -> Result<Response, ApiError> {
         fleet.server_cert.expires() - now
     ));
     out.push_str(&format!(
+        "# HELP converge_ca_expiry_seconds Seconds until the CA expires (roll it over with ca rotate while it still outlives the client certificates it issues).\n# TYPE converge_ca_expiry_seconds gauge\nconverge_ca_expiry_seconds {}\n",
+        fleet.ca().not_after - now
+    ));
+    out.push_str(&format!(
         "# HELP converge_uptime_seconds Seconds since the server started.\n# TYPE converge_uptime_seconds gauge\nconverge_uptime_seconds {}\n",
         now - fleet.started
     ));
@@ -755,6 +762,7 @@ pub fn tls_config(
     ca: &crate::ca::Ca,
     server_cert: Arc<ServerCert>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    renew_expired_within: i64,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use anyhow::Context;
     let provider = provider();
@@ -766,6 +774,7 @@ pub fn tls_config(
         .allow_unauthenticated()
         .build()
         .context("the client certificate verifier")?;
+    let verifier = Arc::new(GraceVerifier { inner: verifier, grace: renew_expired_within });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -778,6 +787,68 @@ pub fn tls_config(
     config.send_tls13_tickets = 1;
     config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// Client certificates checked by webpki, except that one expired less than `grace` seconds
+/// ago is checked as of its last second: the handshake still proves the host holds its key,
+/// and [`authenticate`] lets such a certificate do one thing, renew itself. Everything else
+/// (the chain to a trusted CA, the signatures, the key usage) is checked as ever.
+#[derive(Debug)]
+struct GraceVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    grace: i64,
+}
+
+impl rustls::server::danger::ClientCertVerifier for GraceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let t = now.as_secs() as i64;
+        let at = match crate::ca::validity(end_entity) {
+            Ok((_, not_after)) if t > not_after && t - not_after < self.grace && not_after > 0 => {
+                rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_after as u64 - 1))
+            }
+            _ => now,
+        };
+        self.inner.verify_client_cert(end_entity, intermediates, at)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Session tickets for the server's TLS, made once per process.

@@ -95,11 +95,16 @@ pub fn fleet_page(fleet: &Fleet, filter: Option<&str>) -> Result<Option<String>>
     let server_expires = fleet.server_cert.expires();
     let server_cert_warning = (server_expires - now < view::CERT_WARNING)
         .then(|| converge_modules::time::Timestamp(server_expires).to_string());
+    // The CA: the operator rolls it over (`ca rotate`) while it still outlives the client
+    // certificates it issues; from then on they are cut short to end with it.
+    let ca_end = fleet.ca().not_after;
+    let ca_warning = (ca_end - now < view::ca_warning(fleet.config.cert_days))
+        .then(|| converge_modules::time::Timestamp(ca_end).to_string());
     render(
         "fleet.html",
         context! {
             commit, now => now_text, summary, total, filter => filter.map(|f| f.replace('-', " ")),
-            nodes => val(&nodes), pending, late_after => human(late_after), server_cert_warning,
+            nodes => val(&nodes), pending, late_after => human(late_after), server_cert_warning, ca_warning,
         },
     )
     .map(Some)

@@ -98,6 +98,12 @@ pub struct NodeView {
 /// How long before a certificate expires the fleet page warns.
 pub const CERT_WARNING: i64 = 30 * 86_400;
 
+/// How long before its end the CA is a warning: [`CERT_WARNING`] before it stops outliving the
+/// client certificates it issues (`cert_days` long), when the rollover becomes urgent.
+pub fn ca_warning(cert_days: i64) -> i64 {
+    cert_days * 86_400 + CERT_WARNING
+}
+
 pub fn node_view(n: &NodeRow, created: Option<i64>, now: i64, late_after: i64) -> NodeView {
     let last = n.last_report.map(|(at, ..)| at);
     let status = match (n.revoked, n.last_report) {

@@ -169,6 +169,23 @@ impl Fleet {
         server_at(clock, &["token", "new", "--config", &self.config(), "--name", name]).trim().to_string()
     }
 
+    /// Waits (10 s at most) until the server has renewed its own certificate if it is due at
+    /// the clock's time: a test moves the clock in jumps, faster than the server's check once a
+    /// second, where real months would leave it all the time it needs.
+    pub fn server_keeps_up(&self, clock: &Clock) {
+        let pem = self.dir.path().join("state/server.pem");
+        let due = || {
+            let text = std::fs::read(&pem).unwrap();
+            let (_, pem) = x509_parser::pem::parse_x509_pem(&text).expect("server.pem is PEM");
+            let cert = pem.parse_x509().expect("server.pem is a certificate");
+            let (from, until) = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
+            clock.now() >= from + (until - from) * 2 / 3
+        };
+        eventually(std::time::Duration::from_secs(10), std::time::Duration::from_millis(100), || {
+            (!due()).then_some(()).ok_or("the server has not renewed its certificate".into())
+        });
+    }
+
     /// A root directory for an agent named `name`.
     pub fn root(&self, name: &str) -> PathBuf {
         let root = self.dir.path().join(name);

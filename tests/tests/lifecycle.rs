@@ -39,6 +39,7 @@ fn client_certificates_renew_themselves_and_an_absent_host_is_told_the_way_back(
     let Some((f, clock, server)) = fleet_on_a_clock() else { return };
     let up = bootstrap(&clock, &f, &server, "up");
     let away = bootstrap(&clock, &f, &server, "away");
+    let gone = bootstrap(&clock, &f, &server, "gone");
     // The first identity of `up`, kept aside to try once it has been replaced.
     let first = f.dir.path().join("first");
     std::fs::create_dir_all(first.join("etc/converge")).unwrap();
@@ -47,7 +48,7 @@ fn client_certificates_renew_themselves_and_an_absent_host_is_told_the_way_back(
     }
     // A month at a time for eleven months: the host that stays up runs each time, served by
     // the server (never from its cache), and renews its certificate from day 60 of each one's
-    // 90. The other host is off from day 0 to day 120.
+    // 90. One host is off from day 0 to day 120, another to day 300.
     let mut certificates = vec![fingerprint(&up)];
     let mut revocation_seen = false;
     for month in 1..=11 {
@@ -74,21 +75,8 @@ fn client_certificates_renew_themselves_and_an_absent_host_is_told_the_way_back(
         assert!(status.stdout.contains("certificate valid until"), "{}", status.stdout);
         assert!(!status.stdout.contains("RENEWAL FAILED"), "{}", status.stdout);
         if month == 4 {
-            // 120 days without a run: its certificate (90 days) has expired.
-            let out = from_cache(&clock, &away, "it still enforces its cache");
-            let told = out
-                .stdout
-                .lines()
-                .find(|l| l.contains("certificate expired"))
-                .unwrap_or_else(|| panic!("{}", out.stdout));
-            assert!(told.contains(&format!("--ca-hash {}", f.ca_hash)) && told.contains("--name away"), "{told}");
-            let status = converge_at(Some(&clock), &away, &["status"]);
-            assert!(
-                status.stdout.contains("RENEWAL FAILED") && status.stdout.contains("converge bootstrap"),
-                "{}",
-                status.stdout
-            );
-            // The fleet page warns of it, and /metrics says how long ago it expired.
+            // 120 days without a run: its certificate (90 days) expired 30 days ago. The fleet
+            // page warns of it, and /metrics says how long ago it expired.
             let (_, page) = server.get(&f, "/?status=renewal-due");
             assert!(page.contains("data-node=\"away\"") && !page.contains("data-node=\"up\""), "{page}");
             assert!(page.contains("id=\"renewal-due\""), "{page}");
@@ -96,28 +84,61 @@ fn client_certificates_renew_themselves_and_an_absent_host_is_told_the_way_back(
             let left =
                 metrics.lines().find_map(|l| l.strip_prefix("converge_certificate_expiry_seconds{node=\"away\"} "));
             assert!(left.and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v < 0), "{metrics}");
+            // An expired certificate does nothing but renew itself.
+            let head = "POST /v1/catalog HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n";
+            let (status, body) = server.request_as(&f, &away, head, b"{}");
+            assert_eq!(status, 403, "{body}");
+            assert!(body.contains("the certificate of away expired at"), "{body}");
+            // Back on, the host renews it on its own (within renew_expired_within, 180 days)
+            // and is served in the same run.
+            let out = converge_at(Some(&clock), &away, &["run", "--once", "--detailed-exitcodes"]);
+            assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+            assert!(out.stdout.contains("certificate was renewed (it had expired at"), "{}", out.stdout);
+            assert!(!out.stdout.contains("enforcing the cached catalog"), "{}", out.stdout);
+            let status = converge_at(Some(&clock), &away, &["status"]);
+            assert!(!status.stdout.contains("RENEWAL FAILED"), "{}", status.stdout);
+        }
+        if month == 10 {
+            // 300 days without a run: expired 210 days ago, past renew_expired_within. It
+            // enforces its cache and is told the way back.
+            let out = from_cache(&clock, &gone, "it still enforces its cache");
+            let told = out
+                .stdout
+                .lines()
+                .find(|l| l.contains("certificate expired"))
+                .unwrap_or_else(|| panic!("{}", out.stdout));
+            assert!(told.contains(&format!("--ca-hash {}", f.ca_hash)) && told.contains("--name gone"), "{told}");
+            assert!(told.contains("renewing it failed"), "{told}");
+            let status = converge_at(Some(&clock), &gone, &["status"]);
+            assert!(
+                status.stdout.contains("RENEWAL FAILED") && status.stdout.contains("converge bootstrap"),
+                "{}",
+                status.stdout
+            );
             // The operator gives it a token, and it runs what it was told: no revocation by hand.
-            let token = f.token_at(Some(&clock), "away");
+            let token = f.token_at(Some(&clock), "gone");
             let command: Vec<String> = told
                 .split("run: ")
                 .nth(1)
                 .unwrap()
                 .split_whitespace()
+                .take_while(|w| !w.starts_with('('))
                 .map(|w| if w == "TOKEN" { token.clone() } else { w.to_string() })
                 .collect();
             assert_eq!(command[..2], ["converge".to_string(), "bootstrap".to_string()]);
             let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
-            let back = converge_at(Some(&clock), &away, &args);
+            let back = converge_at(Some(&clock), &gone, &args);
             assert_eq!(back.code, 0, "{}{}", back.stdout, back.stderr);
-            let out = converge_at(Some(&clock), &away, &["run", "--once", "--detailed-exitcodes"]);
+            let out = converge_at(Some(&clock), &gone, &["run", "--once", "--detailed-exitcodes"]);
             assert_eq!(out.code, 0, "back in the fleet: {}{}", out.stdout, out.stderr);
         }
     }
-    // Eleven months of 90-day certificates renewed from day 60: five renewals.
+    // Eleven months of 90-day certificates renewed from day 60: five renewals, and the one of
+    // the host back after 120 days.
     assert_eq!(certificates.len(), 6, "{} certificates", certificates.len());
     assert!(revocation_seen, "the first renewal came on day 60");
     let metrics = server.get(&f, "/metrics").1;
-    assert!(metrics.contains("converge_renewals_total 5"), "{metrics}");
+    assert!(metrics.contains("converge_renewals_total 6"), "{metrics}");
 }
 
 #[test]
@@ -345,4 +366,67 @@ fn the_ca_rolls_over_and_a_host_asleep_through_it_comes_back_with_the_operator()
     );
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("rotated the CA") && out.stderr.contains("ca status"), "{}", out.stderr);
+}
+
+/// A gauge of `/metrics`, by its full name with labels.
+fn gauge(metrics: &str, name: &str) -> i64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+#[test]
+fn a_ca_near_its_end_is_a_warning_and_a_metric_and_the_rollover_clears_it() {
+    let Some((f, clock, server)) = fleet_on_a_clock() else { return };
+    let host = bootstrap(&clock, &f, &server, "host");
+    let (_, page) = server.get(&f, "/");
+    assert!(!page.contains("id=\"ca-expiry\""), "no warning for years");
+    let left = gauge(&server.get(&f, "/metrics").1, "converge_ca_expiry_seconds");
+    assert!(left > 3640 * DAY, "ten years: {left}");
+    // Nine years and two thirds on (the host living through them, renewing every 80 days):
+    // 100 days are left, less than a client certificate's 90 and 30 days of warning.
+    let mut days = 0;
+    while days < 3550 {
+        let step = (3550 - days).min(80);
+        clock.advance(step * DAY);
+        days += step;
+        f.server_keeps_up(&clock);
+        served(&clock, &host, &format!("day {days}"));
+    }
+    let (_, page) = server.get(&f, "/");
+    assert!(page.contains("id=\"ca-expiry\"") && page.contains("converge-server ca rotate"), "{page}");
+    let metrics = server.get(&f, "/metrics").1;
+    let ca_left = gauge(&metrics, "converge_ca_expiry_seconds");
+    assert!(ca_left < 101 * DAY && ca_left > 99 * DAY, "{ca_left}");
+    // Certificates it issues from now on end with it, never after: 70 days on, the host's
+    // renewal brings one of 30 days, not 90.
+    clock.advance(70 * DAY);
+    f.server_keeps_up(&clock);
+    let out = served(&clock, &host, "renewing in the CA's last 30 days");
+    assert!(out.stdout.contains("certificate was renewed"), "{}", out.stdout);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let metrics = server.get(&f, "/metrics").1;
+    let (ca_left, cert_left) = (
+        gauge(&metrics, "converge_ca_expiry_seconds"),
+        gauge(&metrics, "converge_certificate_expiry_seconds{node=\"host\"}"),
+    );
+    assert!(cert_left <= ca_left && cert_left > 29 * DAY, "ends with the CA: {cert_left} against {ca_left}");
+    // The operator rolls it over: the warning goes within a second, and the host follows on
+    // its own in two runs, with a whole certificate from the new CA.
+    let out = operator(&clock, &f, &["ca", "rotate"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    eventually(std::time::Duration::from_secs(10), std::time::Duration::from_millis(200), || {
+        let (status, page) = server.get(&f, "/");
+        (status == 200 && !page.contains("id=\"ca-expiry\"")).then_some(()).ok_or(page)
+    });
+    served(&clock, &host, "adopting the bundle");
+    let out = served(&clock, &host, "renewing from the new CA");
+    assert!(out.stdout.contains("certificate was renewed"), "{}", out.stdout);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let metrics = server.get(&f, "/metrics").1;
+    assert!(gauge(&metrics, "converge_ca_expiry_seconds") > 3640 * DAY, "{metrics}");
+    let cert_left = gauge(&metrics, "converge_certificate_expiry_seconds{node=\"host\"}");
+    assert!(cert_left > 89 * DAY, "a whole certificate again: {cert_left}");
 }
