@@ -193,6 +193,78 @@ pub fn repo() -> PathBuf {
     repo
 }
 
+/// Builds the packages (from the binaries this test run built) into `out`.
+pub fn build_packages(out: &Path) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = bin("converge").parent().unwrap().parent().unwrap().to_path_buf();
+    let built = Command::new(root.join("packaging/build"))
+        .args(["--profile", "debug", "--out"])
+        .arg(out)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "packaging/build: {}", String::from_utf8_lossy(&built.stderr));
+    String::from_utf8_lossy(&built.stdout).lines().map(PathBuf::from).collect()
+}
+
+/// The package among `packages` whose file name starts with `prefix`.
+pub fn package(packages: &[PathBuf], prefix: &str) -> PathBuf {
+    packages.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).expect(prefix).clone()
+}
+
+/// `deb` repackaged as version `version`, with `preinst` as its install script when given. Its
+/// binary carries `converge test build VERSION` at its end (an ELF runs as ever with bytes
+/// after it), so a test can tell which version's binary is in place.
+pub fn repackaged(deb: &Path, version: &str, preinst: Option<&str>, out: &Path) -> PathBuf {
+    let dir = out.join(format!("tree-{version}"));
+    run_ok(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&dir), "dpkg-deb -R");
+    let control = std::fs::read_to_string(dir.join("DEBIAN/control")).unwrap();
+    let control: String = control
+        .lines()
+        .map(|l| if l.starts_with("Version:") { format!("Version: {version}\n") } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(dir.join("DEBIAN/control"), control).unwrap();
+    let binary = dir.join("usr/bin/converge");
+    let mut bytes = std::fs::read(&binary).unwrap();
+    bytes.extend_from_slice(format!("\nconverge test build {version}\n").as_bytes());
+    std::fs::write(&binary, &bytes).unwrap();
+    let sums = dir.join("DEBIAN/md5sums");
+    if sums.exists() {
+        let fresh = run_ok(Command::new("md5sum").arg("usr/bin/converge").current_dir(&dir), "md5sum");
+        let text = std::fs::read_to_string(&sums).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| if l.ends_with(" usr/bin/converge") { fresh.clone() } else { format!("{l}\n") })
+            .collect();
+        std::fs::write(&sums, text).unwrap();
+    }
+    if let Some(script) = preinst {
+        let p = dir.join("DEBIAN/preinst");
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let file = out.join(format!("converge_{version}_amd64.deb"));
+    run_ok(
+        Command::new("dpkg-deb").args(["--build", "--root-owner-group", "-Zgzip"]).arg(&dir).arg(&file),
+        "dpkg-deb --build",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    file
+}
+
+/// A flat apt repository in `dir` of the agent's package `deb` repackaged as each of
+/// `versions` (with its install script, when given): for a container's
+/// `deb [trusted=yes] file:/srv/self ./`.
+pub fn self_repo(deb: &Path, versions: &[(&str, Option<&str>)], dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (version, preinst) in versions {
+        repackaged(deb, version, *preinst, dir);
+    }
+    let index =
+        run_ok(Command::new("dpkg-scanpackages").args(["--multiversion", "."]).current_dir(dir), "dpkg-scanpackages");
+    std::fs::write(dir.join("Packages"), index).unwrap();
+}
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A booted container.
@@ -316,11 +388,7 @@ impl Container {
             .stdin(Stdio::null())
             .output()
             .expect("nsenter");
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Out::from(out)
     }
 
     /// Runs a shell script inside the container and demands success; its standard output.
@@ -360,6 +428,34 @@ impl Container {
             .stderr(Stdio::null())
             .spawn()
             .expect("nsenter")
+    }
+
+    /// Offers the agent's packages of the flat repository `repo` ([`self_repo`]) to apt, as
+    /// `/srv/self`, and installs `version` of them in place of the `converge` of this build.
+    pub fn install_self(&self, repo: &Path, version: &str) {
+        crate::copy_tree(repo, &self.path("/srv/self"));
+        std::fs::write(self.path("/etc/apt/sources.list.d/self.list"), "deb [trusted=yes] file:/srv/self ./\n")
+            .unwrap();
+        self.sh(&format!(
+            "rm -f /usr/local/bin/converge && apt-get update -q >/dev/null && \
+             DEBIAN_FRONTEND=noninteractive apt-get install -y -q converge={version} >/dev/null"
+        ));
+    }
+
+    /// Waits (60 s at most) until the agent's own upgrade has finished: its record written
+    /// and its transient unit gone (so the run lock is free again).
+    pub fn upgrade_finished(&self) {
+        crate::eventually(Duration::from_secs(60), Duration::from_millis(300), || {
+            let units = self.run(&[
+                "systemctl",
+                "list-units",
+                "--no-legend",
+                "--state=active,activating",
+                "converge-upgrade-*",
+            ]);
+            let done = self.path("/var/lib/converge/upgrade.json").exists() && units.stdout.trim().is_empty();
+            done.then_some(()).ok_or(format!("the upgrade has not finished: {}", units.stdout))
+        });
     }
 
     /// Every path of the container's writable layer with its type, size, mode, owner and

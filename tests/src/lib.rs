@@ -25,6 +25,16 @@ pub struct Out {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Out {
+    fn from(out: std::process::Output) -> Out {
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// Runs a workspace binary with `args`.
 pub fn run(name: &str, args: &[&str]) -> Out {
     run_at(None, name, args)
@@ -38,11 +48,7 @@ pub fn run_at(clock: Option<&Clock>, name: &str, args: &[&str]) -> Out {
         cmd.envs(c.env());
     }
     let out = cmd.output().expect("run");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Out::from(out)
 }
 
 /// Runs `converge-server` and demands success; returns its standard output.
@@ -118,6 +124,12 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn new(files: &[(&str, &str)]) -> Fleet {
+        Fleet::serving(files, "127.0.0.1", "127.0.0.1:0")
+    }
+
+    /// As [`Fleet::new`], for a server that agents reach at `address` and that listens on
+    /// `listen`.
+    pub fn serving(files: &[(&str, &str)], address: &str, listen: &str) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
         write(&repo, files);
@@ -130,9 +142,9 @@ impl Fleet {
             "--state",
             &state.display().to_string(),
             "--address",
-            "127.0.0.1",
+            address,
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--repo",
             &repo.display().to_string(),
         ]);
@@ -156,7 +168,8 @@ impl Fleet {
     /// Commits changed files to the repository.
     pub fn commit(&self, files: &[(&str, &str)]) {
         write(&self.repo(), files);
-        git(&self.repo(), &["commit", "-q", "-am", "change"]);
+        git(&self.repo(), &["add", "-A"]);
+        git(&self.repo(), &["commit", "-q", "-m", "change"]);
     }
 
     /// A new single-use token for `name`.
@@ -225,6 +238,9 @@ pub struct Launch<'a> {
     pub log: Option<PathBuf>,
     /// The clock it sees.
     pub clock: Option<&'a Clock>,
+    /// The network namespace it runs in (a name under /run/netns the test made), instead of
+    /// the test's own.
+    pub netns: Option<&'a str>,
 }
 
 /// The clock the binaries of a test see (libfaketime): the real time shifted by an offset the
@@ -255,6 +271,11 @@ impl Clock {
         let tmp = self.file.with_extension("new");
         std::fs::write(&tmp, format!("{:+}s\n", self.offset.get())).unwrap();
         std::fs::rename(&tmp, &self.file).unwrap();
+    }
+
+    /// The libfaketime library the binaries are run with (`LD_PRELOAD`).
+    pub fn library(&self) -> &Path {
+        &self.library
     }
 
     /// How far ahead of the real time it is, in seconds.
@@ -303,14 +324,16 @@ impl Server {
     /// Starts the server of `config` as `how` says, and waits until it listens.
     pub fn launch(config: &str, how: Launch) -> Server {
         use std::io::BufRead;
-        let mut cmd = match how.open_files {
-            Some(n) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin("converge-server"));
-                c
-            }
-            None => Command::new(bin("converge-server")),
-        };
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = how.netns {
+            argv.extend(["ip".into(), "netns".into(), "exec".into(), ns.into()]);
+        }
+        if let Some(n) = how.open_files {
+            argv.extend(["prlimit".into(), format!("--nofile={n}:{n}").into(), "--".into()]);
+        }
+        argv.push(bin("converge-server").into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         let stderr = match &how.log {
             Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
             None => std::process::Stdio::null(),

@@ -3,31 +3,12 @@
 //! container. (The server's .deb under its hardened unit is proven by the lab, `lab.rs`.) Gated
 //! with the container suite (`converge_e2e::container`).
 
-use converge_e2e::container::{Container, NetPair, enabled, run_ok};
+use converge_e2e::container::{Container, NetPair, build_packages, enabled, package, run_ok, self_repo};
 use converge_e2e::{Child, bin, copy_tree, eventually, git};
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// Builds the packages (from the binaries this test run built) into `out`.
-fn build_packages(out: &Path) -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = bin("converge").parent().unwrap().parent().unwrap().to_path_buf();
-    let built = Command::new(root.join("packaging/build"))
-        .args(["--profile", "debug", "--out"])
-        .arg(out)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "packaging/build: {}", String::from_utf8_lossy(&built.stderr));
-    String::from_utf8_lossy(&built.stdout).lines().map(PathBuf::from).collect()
-}
-
-/// The package among `packages` whose file name starts with `prefix`.
-fn package(packages: &[PathBuf], prefix: &str) -> PathBuf {
-    packages.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).expect(prefix).clone()
-}
 
 /// The `sha256//...` pin in a join line.
 fn pin_of(join: &str) -> String {
@@ -163,29 +144,6 @@ fn the_packages_carry_their_units_configuration_and_dependencies() {
     }
 }
 
-/// `deb` repackaged as version `version`, with `preinst` as its install script when given.
-fn repackaged(deb: &Path, version: &str, preinst: Option<&str>, out: &Path) -> PathBuf {
-    let dir = out.join(format!("tree-{version}"));
-    run_ok(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&dir), "dpkg-deb -R");
-    let control = std::fs::read_to_string(dir.join("DEBIAN/control")).unwrap();
-    let control: String = control
-        .lines()
-        .map(|l| if l.starts_with("Version:") { format!("Version: {version}\n") } else { format!("{l}\n") })
-        .collect();
-    std::fs::write(dir.join("DEBIAN/control"), control).unwrap();
-    if let Some(script) = preinst {
-        let p = dir.join("DEBIAN/preinst");
-        std::fs::write(&p, script).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
-    let file = out.join(format!("converge_{version}_amd64.deb"));
-    run_ok(
-        Command::new("dpkg-deb").args(["--build", "--root-owner-group", "-Zgzip"]).arg(&dir).arg(&file),
-        "dpkg-deb --build",
-    );
-    file
-}
-
 #[test]
 fn the_agent_upgrades_itself_after_its_run_and_a_failed_upgrade_leaves_it_running() {
     if !enabled("agent upgrade") {
@@ -196,23 +154,17 @@ fn the_agent_upgrades_itself_after_its_run_and_a_failed_upgrade_leaves_it_runnin
     let built = package(&packages, "converge_");
     // Three versions on offer: the one installed, the next, and one whose install fails.
     let repo = w.path().join("self");
-    std::fs::create_dir_all(&repo).unwrap();
-    repackaged(&built, "1.0.0", None, &repo);
-    repackaged(&built, "1.1.0", None, &repo);
-    repackaged(&built, "1.2.0", Some("#!/bin/sh\necho 'this version refuses to install' >&2\nexit 1\n"), &repo);
-    for e in std::fs::read_dir(&repo).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            std::fs::remove_dir_all(p).unwrap();
-        }
-    }
-    let index =
-        run_ok(Command::new("dpkg-scanpackages").args(["--multiversion", "."]).current_dir(&repo), "dpkg-scanpackages");
-    std::fs::write(repo.join("Packages"), index).unwrap();
+    self_repo(
+        &built,
+        &[
+            ("1.0.0", None),
+            ("1.1.0", None),
+            ("1.2.0", Some("#!/bin/sh\necho 'this version refuses to install' >&2\nexit 1\n")),
+        ],
+        &repo,
+    );
     let c = converge_e2e::container::Container::boot();
-    copy_tree(&repo, &c.path("/srv/self"));
-    std::fs::write(c.path("/etc/apt/sources.list.d/self.list"), "deb [trusted=yes] file:/srv/self ./\n").unwrap();
-    c.sh("apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q converge=1.0.0 >/dev/null");
+    c.install_self(&repo, "1.0.0");
     let version = || c.sh("dpkg-query -W -f '${Version}' converge");
     assert_eq!(version(), "1.0.0");
     let apply = |want: &str| {
@@ -233,6 +185,7 @@ fn the_agent_upgrades_itself_after_its_run_and_a_failed_upgrade_leaves_it_runnin
             format!("{}: {}", version(), c.sh("journalctl -q --no-pager -u 'converge-upgrade-*' | tail -20"))
         })
     });
+    assert_eq!(c.sh("grep -c 'converge test build 1.1.0' /usr/bin/converge"), "1\n", "the new binary is in place");
     // The next run says how it went, and finds nothing to do.
     eventually(Duration::from_secs(20), Duration::from_millis(300), || {
         let out = apply("1.1.0");
@@ -243,9 +196,7 @@ fn the_agent_upgrades_itself_after_its_run_and_a_failed_upgrade_leaves_it_runnin
     // A version that will not install: the agent that was there goes on, and says why.
     let out = apply("1.2.0");
     assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
-    eventually(Duration::from_secs(60), Duration::from_millis(500), || {
-        c.path("/var/lib/converge/upgrade.json").exists().then_some(()).ok_or("not done yet".into())
-    });
+    c.upgrade_finished();
     assert_eq!(version(), "1.1.0", "the failed upgrade left the agent that was there");
     let out = apply("1.1.0");
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);

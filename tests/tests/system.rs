@@ -293,11 +293,7 @@ fn an_image_under_root() {
             .args(extra)
             .output()
             .unwrap();
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Out::from(out)
     };
     let out = apply(&[]);
     assert_code(&out, 2, "into the image");
@@ -362,11 +358,7 @@ fn dnf_into_an_install_root() {
             .args(extra)
             .output()
             .unwrap();
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Out::from(out)
     };
     let dry = apply(&["--dry-run"]);
     assert_code(&dry, 2, "dry-run");
