@@ -453,45 +453,39 @@ fn keep_certificate(
     Some(seen)
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-static RUN_NOW: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    if sig == libc::SIGHUP {
-        RUN_NOW.store(true, Ordering::SeqCst);
-    } else {
-        STOP.store(true, Ordering::SeqCst);
-    }
+/// What the daemon's signals ask: SIGTERM and SIGINT to stop, SIGHUP to run now.
+#[derive(Default)]
+struct Signals {
+    stop: std::sync::Arc<AtomicBool>,
+    run_now: std::sync::Arc<AtomicBool>,
 }
 
-fn install_signals() -> Result<()> {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
-    for sig in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to atomics, which is async-signal-safe.
-        unsafe { sigaction(sig, &action) }.context("cannot install signal handlers")?;
+impl Signals {
+    fn install() -> Result<Signals> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let s = Signals::default();
+        for (sig, flag) in [(SIGTERM, &s.stop), (SIGINT, &s.stop), (SIGHUP, &s.run_now)] {
+            signal_hook::flag::register(sig, flag.clone()).context("cannot install signal handlers")?;
+        }
+        Ok(s)
     }
-    Ok(())
-}
 
-/// Sleeps until `wait` has passed, SIGHUP asks for a run, or SIGTERM asks to stop.
-fn sleep(wait: Duration) {
-    let until = Instant::now() + wait;
-    while Instant::now() < until && !STOP.load(Ordering::SeqCst) && !RUN_NOW.swap(false, Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
-}
 
-/// A little randomness for back-off jitter.
-fn jitter(range: u64) -> u64 {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos() as u64;
-    if range == 0 { 0 } else { nanos % range }
+    /// Sleeps until `wait` has passed, SIGHUP asks for a run, or SIGTERM asks to stop.
+    fn sleep(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        while Instant::now() < until && !self.stopping() && !self.run_now.swap(false, Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
+        }
+    }
 }
 
 /// `converge run` without `--once`.
 pub fn daemon(args: &RunArgs) -> Result<i32> {
-    install_signals()?;
+    let signals = Signals::install()?;
     let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
     let config = AgentConfig::load(&root)?;
     let mut wait = Duration::from_secs(config.splay_offset() as u64);
@@ -499,14 +493,14 @@ pub fn daemon(args: &RunArgs) -> Result<i32> {
     tracing::info!("converge agent for {} ({}); first run in {} s", config.name, config.server, wait.as_secs());
     loop {
         set_next(&args.root, wait);
-        sleep(wait);
-        if STOP.load(Ordering::SeqCst) {
+        signals.sleep(wait);
+        if signals.stopping() {
             return Ok(0);
         }
         let config = AgentConfig::load(&root)?;
         let interval = config.interval as u64;
-        let outcome = run_once(args, Some(&STOP));
-        if STOP.load(Ordering::SeqCst) {
+        let outcome = run_once(args, Some(&signals.stop));
+        if signals.stopping() {
             return Ok(0);
         }
         wait = match outcome {
@@ -521,7 +515,7 @@ pub fn daemon(args: &RunArgs) -> Result<i32> {
                 }
                 failures += 1;
                 let base = (30u64 << failures.min(10)).min(interval);
-                Duration::from_secs(base - base / 4 + jitter(base / 2 + 1))
+                Duration::from_secs(base - base / 4 + fastrand::u64(0..=base / 2))
             }
         };
     }

@@ -11,8 +11,8 @@
 use crate::fs::{Root, errno};
 use crate::host::RealHost;
 use anyhow::{Context, Result, anyhow, bail};
-use converge_modules::conf::Conf;
 use converge_modules::host::{Host, NewAttrs};
+use converge_modules::settings::{self, Settings, Spanned};
 use converge_modules::text::clip;
 use converge_modules::time::Timestamp;
 use converge_modules::wire::{Limits, Report};
@@ -110,7 +110,17 @@ pub struct AgentConfig {
     pub splay: i64,
 }
 
-pub const CONFIG_KEYS: &[&str] = &["server", "name", "interval", "splay"];
+/// `agent.toml` as written.
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    server: String,
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    interval: Option<Spanned<settings::Duration>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    splay: Option<settings::Duration>,
+}
 
 impl AgentConfig {
     pub fn load(root: &Root) -> Result<AgentConfig> {
@@ -122,26 +132,26 @@ impl AgentConfig {
             }
             Err(why) => bail!("{why}: restore it, or join again (converge bootstrap)"),
         };
-        let conf = Conf::parse(&shown, &text, CONFIG_KEYS)
-            .map_err(|d| anyhow!("{}", d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")))?;
-        let e = |d: converge_modules::diag::Diagnostic| anyhow!("{d}");
-        let interval = conf.duration_at_least("interval", 10).map_err(e)?.unwrap_or(1800);
-        Ok(AgentConfig {
-            server: conf.required("server").map_err(e)?.to_string(),
-            name: conf.required("name").map_err(e)?.to_string(),
-            interval,
-            splay: conf.duration("splay").map_err(e)?.unwrap_or(interval).max(0),
-        })
+        let file = Settings { file: &shown, text: &text };
+        let f: AgentFile = file.parse().map_err(|d| anyhow!("{d}"))?;
+        let interval = match &f.interval {
+            Some(i) => file.at_least("interval", i, 10).map_err(|d| anyhow!("{d}"))?,
+            None => 1800,
+        };
+        Ok(AgentConfig { server: f.server, name: f.name, interval, splay: f.splay.map_or(interval, |s| s.0).max(0) })
     }
 
     /// The text bootstrap writes.
     pub fn text(server: &str, name: &str) -> String {
-        let q = converge_modules::conf::quote;
-        format!(
-            "# converge agent (written by converge bootstrap)\nserver = {}\nname = {}\ninterval = \"30m\"\n# splay = \"30m\"   # the most a run is delayed, fixed per host\n",
-            q(server),
-            q(name)
-        )
+        let file = AgentFile {
+            server: server.into(),
+            name: name.into(),
+            interval: Some(Spanned::new(0..0, settings::Duration(1800))),
+            splay: None,
+        };
+        let mut text = settings::write(&["converge agent (written by converge bootstrap)"], &file);
+        text.push_str("# splay = \"30m\"   # the most a run is delayed, fixed per host\n");
+        text
     }
 
     /// This host's fixed delay within the splay: the same every run, different across hosts.

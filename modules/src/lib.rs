@@ -13,7 +13,6 @@
 //! `Host`), never prints (output goes through `report::Sink`), and never panics on bad input.
 
 pub mod catalog;
-pub mod conf;
 pub mod diag;
 pub mod engine;
 pub mod hash;
@@ -22,6 +21,7 @@ pub mod load;
 pub mod plan;
 pub mod providers;
 pub mod report;
+pub mod settings;
 pub mod stream;
 pub mod text;
 pub mod time;

@@ -599,23 +599,9 @@ pub fn unknown_field_message(name: &str, fields: &[&str]) -> String {
     }
 }
 
-/// True when `a` is within one edit (or one transposition) of `b`.
+/// True when `a` is within one edit (or one transposition) of `b`, and not `b` itself.
 pub fn similar_name(a: &str, b: &str) -> bool {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    if a.len().abs_diff(b.len()) > 1 || a == b {
-        return false;
-    }
-    let mismatches: Vec<usize> = (0..a.len().min(b.len())).filter(|&i| a[i] != b[i]).collect();
-    if a.len() == b.len() {
-        return mismatches.len() == 1
-            || (mismatches.len() == 2
-                && mismatches[1] == mismatches[0] + 1
-                && a[mismatches[0]] == b[mismatches[1]]
-                && a[mismatches[1]] == b[mismatches[0]]);
-    }
-    let (long, short) = if a.len() > b.len() { (&a, &b) } else { (&b, &a) };
-    let i = (0..short.len()).find(|&i| short[i] != long[i]).unwrap_or(short.len());
-    short[i..] == long[i + 1..]
+    strsim::osa_distance(a, b) == 1
 }
 
 fn visit_seq<'a, V: Visitor<'a>>(items: &'a [Node], v: V, m: Mark) -> Result<V::Value, DeError> {

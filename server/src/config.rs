@@ -3,30 +3,9 @@
 //! directory, so the whole state moves as one directory).
 
 use anyhow::{Result, anyhow};
-use converge_modules::conf::Conf;
+use converge_modules::settings::{Duration, Settings, Spanned};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-
-pub const KEYS: &[&str] = &[
-    "listen",
-    "state",
-    "repo",
-    "branch",
-    "signing_key",
-    "trusted_keys",
-    "catalog_ttl",
-    "cert_lifetime",
-    "token_ttl",
-    "max_compiles",
-    "repo_poll",
-    "run_interval",
-    "max_connections",
-    "max_connections_per_address",
-    "max_requests",
-    "request_timeout",
-    "new_connections_per_address",
-    "renew_expired_within",
-];
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -69,47 +48,91 @@ pub struct Config {
     pub renew_expired_within: i64,
 }
 
+/// `server.toml` as written: every key optional but `repo`, unknown ones refused.
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    pub repo: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_keys: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catalog_ttl: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_lifetime: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ttl: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_compiles: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo_poll: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_interval: Option<Spanned<Duration>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_address: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<Spanned<Duration>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_connections_per_address: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_expired_within: Option<Duration>,
+}
+
 impl Config {
     pub fn read(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
         let shown = path.display().to_string();
-        let conf = Conf::parse(&shown, &text, KEYS)
-            .map_err(|d| anyhow!("{}", d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")))?;
+        let file = Settings { file: &shown, text: &text };
+        let e = |d: converge_modules::diag::Diagnostic| anyhow!("{d}");
+        let f: ServerFile = file.parse().map_err(e)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let at = |p: &str| if Path::new(p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
-        let e = |d: converge_modules::diag::Diagnostic| anyhow!("{d}");
-        let listen = conf.str("listen").map_err(e)?.unwrap_or("0.0.0.0:8443");
-        let listen = listen
-            .parse()
-            .map_err(|_| e(conf.err("listen", format!("`{listen}` is not an address like 0.0.0.0:8443"))))?;
-        let state = at(conf.str("state").map_err(e)?.unwrap_or("."));
+        let listen = match &f.listen {
+            Some(l) => l.get_ref().parse().map_err(|_| {
+                e(file.at(l, format!("`listen`: `{}` is not an address like 0.0.0.0:8443", l.get_ref())))
+            })?,
+            None => SocketAddr::from(([0, 0, 0, 0], 8443)),
+        };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let seconds = |d: Option<Duration>, default: i64| d.map_or(default, |d| d.0);
+        let count = |n: Option<u32>, default: usize, min: usize| n.map_or(default, |n| (n as usize).max(min));
         Ok(Config {
             file: path.to_path_buf(),
             listen,
-            repo: at(conf.required("repo").map_err(e)?),
-            branch: conf.str("branch").map_err(e)?.unwrap_or("main").to_string(),
-            signing_key: at(conf.str("signing_key").map_err(e)?.unwrap_or("keys/catalog.key")),
-            trusted_keys: at(conf.str("trusted_keys").map_err(e)?.unwrap_or("keys/trusted-keys.json")),
-            catalog_ttl: conf.duration("catalog_ttl").map_err(e)?.unwrap_or(7 * 86_400),
-            cert_days: conf.duration("cert_lifetime").map_err(e)?.map_or(90, |s| (s / 86_400).max(1)),
-            token_ttl: conf.duration("token_ttl").map_err(e)?.unwrap_or(86_400),
-            max_compiles: conf.int("max_compiles").map_err(e)?.map_or(cores, |n| n.max(1) as usize),
-            repo_poll: conf.duration("repo_poll").map_err(e)?.unwrap_or(5).max(1) as u64,
-            run_interval: conf.duration_at_least("run_interval", 10).map_err(e)?.unwrap_or(1800),
-            max_connections: conf.int("max_connections").map_err(e)?.map_or(4096, |n| n.max(16) as usize),
-            max_connections_per_address: conf
-                .int("max_connections_per_address")
-                .map_err(e)?
-                .map_or(256, |n| n.max(1) as usize),
-            max_requests: conf.int("max_requests").map_err(e)?.map_or(512, |n| n.max(1) as usize),
-            request_timeout: conf.duration_at_least("request_timeout", 1).map_err(e)?.map_or(10, |s| s as u64),
-            new_connections_per_address: conf
-                .int("new_connections_per_address")
-                .map_err(e)?
-                .map_or(64, |n| n.max(1) as u64),
-            renew_expired_within: conf.duration("renew_expired_within").map_err(e)?.unwrap_or(180 * 86_400),
-            state,
+            state: at(f.state.as_deref().unwrap_or(".")),
+            repo: at(&f.repo),
+            branch: f.branch.unwrap_or_else(|| "main".into()),
+            signing_key: at(f.signing_key.as_deref().unwrap_or("keys/catalog.key")),
+            trusted_keys: at(f.trusted_keys.as_deref().unwrap_or("keys/trusted-keys.json")),
+            catalog_ttl: seconds(f.catalog_ttl, 7 * 86_400),
+            cert_days: f.cert_lifetime.map_or(90, |d| (d.0 / 86_400).max(1)),
+            token_ttl: seconds(f.token_ttl, 86_400),
+            max_compiles: count(f.max_compiles, cores, 1),
+            repo_poll: seconds(f.repo_poll, 5).max(1) as u64,
+            run_interval: match &f.run_interval {
+                Some(d) => file.at_least("run_interval", d, 10).map_err(e)?,
+                None => 1800,
+            },
+            max_connections: count(f.max_connections, 4096, 16),
+            max_connections_per_address: count(f.max_connections_per_address, 256, 1),
+            max_requests: count(f.max_requests, 512, 1),
+            request_timeout: match &f.request_timeout {
+                Some(d) => file.at_least("request_timeout", d, 1).map_err(e)? as u64,
+                None => 10,
+            },
+            new_connections_per_address: count(f.new_connections_per_address, 64, 1) as u64,
+            renew_expired_within: seconds(f.renew_expired_within, 180 * 86_400),
         })
     }
 }

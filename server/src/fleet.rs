@@ -23,7 +23,6 @@ use converge_modules::wire::{EnrollRequest, EnrollResponse, RenewRequest, RenewR
 use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value as Json};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Changes whenever compiling the same inputs could give another catalog.
@@ -33,27 +32,6 @@ pub const COMPILER_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "/format-"
 pub struct Current {
     pub commit: String,
     pub compiler: Compiler,
-}
-
-/// Counters for /metrics.
-#[derive(Default)]
-pub struct Metrics {
-    pub catalog_200: AtomicU64,
-    pub catalog_304: AtomicU64,
-    pub catalog_busy: AtomicU64,
-    pub catalog_error: AtomicU64,
-    pub compiles: AtomicU64,
-    pub compile_failures: AtomicU64,
-    pub enroll_issued: AtomicU64,
-    pub enroll_pending: AtomicU64,
-    pub enroll_refused: AtomicU64,
-    pub reports: AtomicU64,
-    pub auth_refused: AtomicU64,
-    pub connections: AtomicU64,
-    pub resumed: AtomicU64,
-    pub connections_refused: AtomicU64,
-    pub renewals: AtomicU64,
-    pub requests_refused: AtomicU64,
 }
 
 /// What a node told the server last time it asked, to be written in batches.
@@ -94,7 +72,7 @@ pub struct Fleet {
     pub admission: crate::http::Admission,
     /// The server's own certificate, renewed in place.
     pub server_cert: Arc<crate::http::ServerCert>,
-    pub metrics: Metrics,
+    pub metrics: crate::metrics::Metrics,
     pub started: i64,
     /// The server key's pin for `curl --pinnedpubkey` (bootstrap.sh).
     pub pin: String,
@@ -232,7 +210,7 @@ impl Fleet {
             seen: Mutex::new(HashMap::new()),
             certs: RwLock::new(certs),
             cert_watch: Mutex::new((newest, started)),
-            metrics: Metrics::default(),
+            metrics: crate::metrics::Metrics::default(),
             started,
             pin,
         })
@@ -400,7 +378,7 @@ impl Fleet {
         let cert = Cert { node: node.to_string(), issued: t, expires, revoked: None, replaces: Some(presented.into()) };
         certs.insert(fp.clone(), cert);
         drop(certs);
-        self.metrics.renewals.fetch_add(1, Ordering::Relaxed);
+        self.metrics.renewals.inc();
         tracing::info!(node, key = %fp, "renewed a certificate");
         Ok(Ok(RenewResponse { certificate: pem }))
     }
@@ -468,7 +446,7 @@ impl Fleet {
                 Pending::Approved => {}
                 Pending::Refused(why) => return Ok(Err(why)),
                 Pending::Waiting => {
-                    self.metrics.enroll_pending.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.enroll_pending.inc();
                     return Ok(Ok(EnrollResponse::Pending {
                         message: format!(
                             "waiting for an operator: converge-server node approve {name} --key {}",
@@ -486,7 +464,7 @@ impl Fleet {
         self.db.add_cert(&fp, name, t, expires)?;
         let cert = Cert { node: name.to_string(), issued: t, expires, revoked: None, replaces: None };
         self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fp, cert);
-        self.metrics.enroll_issued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.enroll_issued.inc();
         tracing::info!(node = name, key = %fingerprint, "enrolled");
         Ok(Ok(EnrollResponse::Issued { certificate: pem, trusted_keys: self.signing().envelope.clone() }))
     }
@@ -597,7 +575,7 @@ impl Fleet {
         else {
             return Err(Refused::Busy);
         };
-        self.metrics.compiles.fetch_add(1, Ordering::Relaxed);
+        self.metrics.compiles.inc();
         let name = node.to_string();
         let compiled = tokio::task::spawn_blocking(move || current.compiler.compile(&name, &declared))
             .await
@@ -605,7 +583,7 @@ impl Fleet {
         let catalog = match compiled {
             Ok(c) => c,
             Err(diags) => {
-                self.metrics.compile_failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.compile_failures.inc();
                 let what = diags.iter().take(5).map(|d| d.to_string()).collect::<Vec<_>>().join("; ");
                 tracing::warn!(node, "compile failed: {}", converge_modules::text::clip(&what, 2000));
                 let error = what.clone();
@@ -680,7 +658,7 @@ impl Fleet {
             body,
             digest: &digest,
         })?;
-        self.metrics.reports.fetch_add(1, Ordering::Relaxed);
+        self.metrics.reports.inc();
         Ok(Ok(()))
     }
 }

@@ -29,7 +29,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -105,7 +104,7 @@ impl Admission {
     /// body that trickles in holds its connection, never a place of work.
     fn work(&self, fleet: &Fleet) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         self.requests.clone().try_acquire_owned().map_err(|_| {
-            fleet.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+            fleet.metrics.requests_refused.inc();
             busy("the server is busy")
         })
     }
@@ -134,8 +133,7 @@ impl From<anyhow::Error> for ApiError {
 /// A number of seconds between 5 and 29, different from call to call: clients told to come
 /// back do not all come back at once.
 fn jitter() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    5 + u64::from(nanos) % 25
+    fastrand::u64(5..30)
 }
 
 fn busy(what: &str) -> ApiError {
@@ -170,7 +168,7 @@ async fn read_body(
     let expected = declared.map_or(limit, |n| n as usize);
     let kib = u32::try_from(expected.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
     let Ok(budget) = fleet.admission.bodies.clone().try_acquire_many_owned(kib) else {
-        fleet.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+        fleet.metrics.requests_refused.inc();
         return Err(busy("too many request bodies at once"));
     };
     let limit = expected.min(limit);
@@ -204,7 +202,7 @@ async fn authenticate(
     next: Next,
 ) -> Response {
     let Some(fp) = peer.fingerprint.clone() else {
-        fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+        fleet.metrics.auth_refused.inc();
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "a client certificate is required (converge bootstrap)".into(),
@@ -237,7 +235,7 @@ async fn authenticate(
                 })
             };
             let Some(_slot) = slot else {
-                fleet.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+                fleet.metrics.requests_refused.inc();
                 return ApiError(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!("{node} has {REQUESTS_PER_NODE} requests in flight already"),
@@ -259,7 +257,7 @@ async fn authenticate(
             next.run(req).await
         }
         Err(why) => {
-            fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+            fleet.metrics.auth_refused.inc();
             ApiError(StatusCode::FORBIDDEN, why, None).into_response()
         }
     }
@@ -337,7 +335,7 @@ async fn enroll(
     let (body, _budget) = read_body(&fleet, &headers, body, Limits::ENROLL_BODY).await?;
     let _work = fleet.admission.work(&fleet)?;
     let Ok(_permit) = fleet.admission.enrollments.clone().try_acquire_owned() else {
-        fleet.metrics.enroll_refused.fetch_add(1, Ordering::Relaxed);
+        fleet.metrics.enroll_refused.inc();
         return Err(busy("too many enrollments at once"));
     };
     let req: EnrollRequest = json_body(&body)?;
@@ -349,7 +347,7 @@ async fn enroll(
         }
         Ok(r) => Ok(axum::Json(r).into_response()),
         Err(why) => {
-            fleet.metrics.enroll_refused.fetch_add(1, Ordering::Relaxed);
+            fleet.metrics.enroll_refused.inc();
             tracing::warn!("enrollment of {} refused: {}", clip(&name, 80), clip(&why, 300));
             Err(ApiError(StatusCode::FORBIDDEN, why, None))
         }
@@ -370,7 +368,7 @@ async fn catalog(
     let stored = match fleet.catalog(&node, &req.formats, req.facts).await {
         Ok(s) => s,
         Err(Refused::Busy) => {
-            fleet.metrics.catalog_busy.fetch_add(1, Ordering::Relaxed);
+            fleet.metrics.catalog_busy.inc();
             return Err(busy("too many compiles at once"));
         }
         Err(Refused::TooOld(formats)) => {
@@ -384,7 +382,7 @@ async fn catalog(
             ));
         }
         Err(Refused::Compile(what)) => {
-            fleet.metrics.catalog_error.fetch_add(1, Ordering::Relaxed);
+            fleet.metrics.catalog_error.inc();
             return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("no catalog for {node}: {what}"), None));
         }
         Err(Refused::Internal(e)) => return Err(e.into()),
@@ -395,10 +393,10 @@ async fn catalog(
     let bundle =
         (HeaderName::from_static(CA_BUNDLE_HEADER), HeaderValue::from_str(&fleet.ca_bundle_hash()).expect("hex"));
     if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
-        fleet.metrics.catalog_304.fetch_add(1, Ordering::Relaxed);
+        fleet.metrics.catalog_304.inc();
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value), bundle]).into_response());
     }
-    fleet.metrics.catalog_200.fetch_add(1, Ordering::Relaxed);
+    fleet.metrics.catalog_200.inc();
     let content_type = (header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(([(header::ETAG, etag_value), content_type, bundle], stored.envelope.clone()).into_response())
 }
@@ -517,7 +515,7 @@ fn operator(fleet: &Fleet, peer: &Peer, headers: &HeaderMap, uri: &axum::http::U
             Some((StatusCode::SEE_OTHER, [(header::LOCATION, back), (header::SET_COOKIE, set)]).into_response())
         }
         Access::Refused => {
-            fleet.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+            fleet.metrics.auth_refused.inc();
             let body = "<!doctype html><title>converge</title><p>The fleet page answers on loopback, or with an \
                         operator token: make one with <code>converge-server token operator --config ...</code> and \
                         open this page with <code>?token=THE_TOKEN</code> once.</p>";
@@ -609,73 +607,18 @@ async fn metrics(
 }
 
 fn metrics_text(fleet: &Fleet) -> Result<Response, ApiError> {
-    let m = &fleet.metrics;
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, labels: &[(&str, u64)]| {
-        out.push_str(&format!("# HELP converge_{name} {help}\n# TYPE converge_{name} counter\n"));
-        for (label, v) in labels {
-            out.push_str(&format!("converge_{name}{label} {v}\n"));
-        }
-    };
-    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    counter(
-        "catalog_requests_total",
-        "Catalog requests by outcome.",
-        &[
-            ("{outcome=\"sent\"}", l(&m.catalog_200)),
-            ("{outcome=\"not_modified\"}", l(&m.catalog_304)),
-            ("{outcome=\"busy\"}", l(&m.catalog_busy)),
-            ("{outcome=\"no_catalog\"}", l(&m.catalog_error)),
-        ],
-    );
-    counter("compiles_total", "Catalog compiles.", &[("", l(&m.compiles))]);
-    counter("compile_failures_total", "Catalog compiles that failed.", &[("", l(&m.compile_failures))]);
-    counter(
-        "enrollments_total",
-        "Enrollment requests by outcome.",
-        &[
-            ("{outcome=\"issued\"}", l(&m.enroll_issued)),
-            ("{outcome=\"pending\"}", l(&m.enroll_pending)),
-            ("{outcome=\"refused\"}", l(&m.enroll_refused)),
-        ],
-    );
-    counter("reports_total", "Reports received.", &[("", l(&m.reports))]);
-    counter("renewals_total", "Client certificates renewed.", &[("", l(&m.renewals))]);
-    counter("auth_refused_total", "Requests refused for their client certificate.", &[("", l(&m.auth_refused))]);
-    counter("connections_total", "TLS connections accepted.", &[("", l(&m.connections))]);
-    counter(
-        "refused_total",
-        "Connections closed at once and requests answered 503, for the caps on them.",
-        &[("{what=\"connection\"}", l(&m.connections_refused)), ("{what=\"request\"}", l(&m.requests_refused))],
-    );
-    counter(
-        "tls_resumed_total",
-        "TLS connections that resumed a session (no certificate signatures checked again).",
-        &[("", l(&m.resumed))],
-    );
     let nodes = fleet.db.nodes()?;
     let now = crate::db::now();
-    out.push_str("# HELP converge_nodes Enrolled nodes.\n# TYPE converge_nodes gauge\n");
-    out.push_str(&format!("converge_nodes {}\n", nodes.len()));
-    out.push_str("# HELP converge_certificate_expiry_seconds Seconds until a certificate expires.\n# TYPE converge_certificate_expiry_seconds gauge\n");
-    for n in nodes.iter().filter(|n| !n.revoked) {
-        if let Some(exp) = n.cert_expires {
-            out.push_str(&format!("converge_certificate_expiry_seconds{{node=\"{}\"}} {}\n", n.name, exp - now));
-        }
-    }
-    out.push_str(&format!(
-        "# HELP converge_server_certificate_expiry_seconds Seconds until the server's certificate expires.\n# TYPE converge_server_certificate_expiry_seconds gauge\nconverge_server_certificate_expiry_seconds {}\n",
-        fleet.server_cert.expires() - now
-    ));
-    out.push_str(&format!(
-        "# HELP converge_ca_expiry_seconds Seconds until the CA expires (roll it over with ca rotate while it still outlives the client certificates it issues).\n# TYPE converge_ca_expiry_seconds gauge\nconverge_ca_expiry_seconds {}\n",
-        fleet.ca().not_after - now
-    ));
-    out.push_str(&format!(
-        "# HELP converge_uptime_seconds Seconds since the server started.\n# TYPE converge_uptime_seconds gauge\nconverge_uptime_seconds {}\n",
-        now - fleet.started
-    ));
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    let certificates =
+        nodes.iter().filter(|n| !n.revoked).filter_map(|n| Some((n.name.clone(), n.cert_expires? - now))).collect();
+    let page = fleet.metrics.render(crate::metrics::Snapshot {
+        nodes: nodes.len(),
+        certificates,
+        server_certificate_left: fleet.server_cert.expires() - now,
+        ca_left: fleet.ca().not_after - now,
+        uptime: now - fleet.started,
+    });
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], page).into_response())
 }
 
 /// The cryptography of the server's TLS: ring, with AES-128-GCM and SHA-256 first, whatever
@@ -952,7 +895,7 @@ pub async fn serve(listener: tokio::net::TcpListener, fleet: Arc<Fleet>) -> anyh
             }
         };
         let Some(slot) = connections.admit(addr.ip()) else {
-            fleet.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            fleet.metrics.connections_refused.inc();
             drop(tcp);
             continue;
         };
@@ -964,9 +907,9 @@ pub async fn serve(listener: tokio::net::TcpListener, fleet: Arc<Fleet>) -> anyh
             let _slot = slot;
             let head = fleet.admission.head;
             let Ok(Ok(tls)) = tokio::time::timeout(head, acceptor.accept(tcp)).await else { return };
-            fleet.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            fleet.metrics.connections.inc();
             if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                fleet.metrics.resumed.fetch_add(1, Ordering::Relaxed);
+                fleet.metrics.resumed.inc();
             }
             let fingerprint = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| sha256_hex(c));
             let peer = Peer { fingerprint, addr: Some(addr) };

@@ -22,6 +22,7 @@ pub mod diff;
 pub mod fleet;
 pub mod http;
 pub mod keys;
+pub mod metrics;
 pub mod page;
 pub mod repo;
 pub mod role;

@@ -474,7 +474,7 @@ fn signed(catalog: Catalog, key_path: &Path, keys: Option<&Path>, serial: Option
             );
         }
     }
-    let ttl = converge_modules::conf::parse_duration(ttl).map_err(anyhow::Error::msg)?;
+    let ttl = converge_modules::settings::parse_duration(ttl).map_err(anyhow::Error::msg)?;
     converge_server::keys::sign_catalog(
         catalog,
         &key,
@@ -624,18 +624,24 @@ fn init(
     converge_server::keys::read_key_list(&trusted_keys)?;
     let db = converge_server::db::Db::open(&state.join("state.db"), 1)?;
     let token = new_token(&db, "*", 86_400)?;
-    let q = converge_modules::conf::quote;
     // Paths inside the state directory are written relative to it (server.toml lives there),
     // so the whole state moves as one directory: to another path, or into another machine.
     let within = |p: &Path| p.strip_prefix(&state).unwrap_or(p).display().to_string();
-    let config = format!(
-        "# converge-server configuration (written by init)\nlisten = {}\nstate = \".\"\nrepo = {}\nbranch = {}\nsigning_key = {}\ntrusted_keys = {}\ncatalog_ttl = \"7d\"\ncert_lifetime = \"90d\"\ntoken_ttl = \"24h\"\nrepo_poll = \"5s\"\n",
-        q(listen),
-        q(&repo.display().to_string()),
-        q(branch),
-        q(&within(&signing_key)),
-        q(&within(&trusted_keys)),
-    );
+    use converge_modules::settings::{Duration, Spanned};
+    let file = converge_server::config::ServerFile {
+        listen: Some(Spanned::new(0..0, listen.to_string())),
+        state: Some(".".into()),
+        repo: repo.display().to_string(),
+        branch: Some(branch.to_string()),
+        signing_key: Some(within(&signing_key)),
+        trusted_keys: Some(within(&trusted_keys)),
+        catalog_ttl: Some(Duration(7 * 86_400)),
+        cert_lifetime: Some(Duration(90 * 86_400)),
+        token_ttl: Some(Duration(86_400)),
+        repo_poll: Some(Duration(5)),
+        ..Default::default()
+    };
+    let config = converge_modules::settings::write(&["converge-server configuration (written by init)"], &file);
     std::fs::write(state.join("server.toml"), config)?;
     let host = names.first().cloned().unwrap_or_else(|| match addresses[0] {
         std::net::IpAddr::V6(a) => format!("[{a}]"),
@@ -785,7 +791,7 @@ fn report(
     let now = converge_server::db::now();
     let since = match since {
         None => None,
-        Some(t) => Some(match converge_modules::conf::parse_duration(t) {
+        Some(t) => Some(match converge_modules::settings::parse_duration(t) {
             Ok(d) => now - d,
             Err(_) => {
                 converge_modules::time::Timestamp::parse(t)
@@ -985,7 +991,7 @@ fn token_command(action: TokenAction) -> Result<u8> {
         TokenAction::New { config, name, ttl } => {
             let (config, db) = open_db(&config)?;
             let ttl = match ttl {
-                Some(t) => converge_modules::conf::parse_duration(&t).map_err(anyhow::Error::msg)?,
+                Some(t) => converge_modules::settings::parse_duration(&t).map_err(anyhow::Error::msg)?,
                 None => config.token_ttl,
             };
             let token = new_token(&db, &name, ttl)?;
@@ -995,7 +1001,7 @@ fn token_command(action: TokenAction) -> Result<u8> {
         }
         TokenAction::Operator { config, ttl } => {
             let (_, db) = open_db(&config)?;
-            let ttl = converge_modules::conf::parse_duration(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let ttl = converge_modules::settings::parse_duration(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
             let token = format!("cvo_{}", converge_modules::hash::hex(&converge_server::keys::random()?));
             let now = converge_server::db::now();
             db.add_operator(&converge_modules::hash::sha256_hex(token.as_bytes()), now, now + ttl)?;
