@@ -90,7 +90,9 @@ pub fn capture(spec: &Spec) -> Result<(Ran, String), HostError> {
     let ids = spec.user.as_ref().map(|(uid, gid, groups, _, _)| (*uid, *gid, groups.clone()));
     if chroot.is_some() || cwd.is_some() || ids.is_some() {
         // SAFETY: only async-signal-safe calls (chroot, chdir, setgroups, setgid, setuid) on
-        // memory prepared before fork.
+        // memory prepared before fork. The workspace's one `unsafe` (std has no safe way to
+        // act between fork and exec).
+        #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(dir) = &chroot

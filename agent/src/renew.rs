@@ -154,7 +154,7 @@ mod tests {
         for (what, files, (want_key, want_cert)) in cases {
             let t = tempfile::tempdir().unwrap();
             std::fs::create_dir_all(t.path().join("etc/converge")).unwrap();
-            let host = RealHost::new(Root::open(t.path()).unwrap(), BackupStore::new(crate::state::STATE_DIR));
+            let host = RealHost::new(Root::open(t.path()).unwrap(), BackupStore::new(state::STATE_DIR));
             let at = |p: &str| t.path().join(p.trim_start_matches('/'));
             std::fs::write(at(KEY_FILE), &old_key).unwrap();
             std::fs::write(at(CERT_FILE), &old_cert).unwrap();

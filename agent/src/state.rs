@@ -246,7 +246,7 @@ pub fn keep_envelope(host: &RealHost, serial: u64, bytes: &[u8], etag: Option<&s
 
 /// Queues a report that could not be delivered.
 pub fn queue_report(host: &RealHost, body: &[u8]) -> Result<()> {
-    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let millis = converge_modules::time::unix_millis();
     write(host, &format!("{QUEUE_DIR}/{millis:020}.json"), body, 0o600)?;
     let mut queued = names(host, QUEUE_DIR);
     queued.sort();

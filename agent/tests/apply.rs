@@ -298,12 +298,11 @@ fn no_symlink_inside_the_root_leads_outside() {
 
 #[test]
 fn a_held_lock_refuses_a_second_run() {
-    use std::os::fd::AsRawFd;
     let s = Scratch::new();
     let c = s.catalog("c.yaml", "format: 1\nresources:\n  - file: /x\n    content: x\n");
     assert_eq!(s.apply(&c, &[]).code, 2);
     let dir = std::fs::File::open(s.at("/var/lib/converge")).unwrap();
-    assert_eq!(unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) }, 0);
+    dir.lock().unwrap(); // flock(2), as the agent's run lock
     std::fs::remove_file(s.at("/x")).unwrap();
     let out = s.apply(&c, &[]);
     assert_eq!(out.code, 1);

@@ -74,15 +74,6 @@ fn temp_files(dir: &Path) -> Vec<String> {
 }
 
 /// A small xorshift generator: deterministic from a printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 #[test]
 fn kill_9_at_random_moments_leaves_every_file_old_or_new() {
@@ -99,14 +90,15 @@ fn kill_9_at_random_moments_leaves_every_file_old_or_new() {
     let full = t0.elapsed();
     assert_eq!(census(&root), (0, FILES));
 
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-    eprintln!("crash test: a full run takes {full:?}; seed {seed}");
-    let mut rng = Rng(seed);
+    let seed =
+        std::env::var("CONVERGE_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("crash test: a full run takes {full:?}; seed {seed} (CONVERGE_CRASH_SEED={seed} repeats it)");
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut mid_run = 0;
     for k in 0..KILLS {
         reset(&root);
         let mut child = Command::new(BIN).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        let delay = Duration::from_micros(rng.next() % (full.as_micros() as u64 + 1));
+        let delay = Duration::from_micros(rng.u64(..=full.as_micros() as u64));
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL
         child.wait().unwrap();

@@ -25,7 +25,6 @@
 use converge_modules::catalog::{Catalog, DirectorySpec, FileSpec, Kind, Meta, Mode, Resource, ResourceId, Spec};
 use sha2::{Digest, Sha256};
 use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -152,21 +151,17 @@ struct Run {
     code: i32,
 }
 
-/// `launch CMD...`: runs CMD and prints `wall_ns rss_kib exit_code`. A peak RSS read by wait4
-/// includes the memory of whatever process forked the child (it survives exec), so measured
-/// commands are started from this small, fresh process rather than from the benchmark itself.
-#[allow(clippy::zombie_processes)] // reaped by wait4, which also reports its usage
+/// `launch CMD...`: runs CMD and prints `wall_ns rss_kib exit_code`. A peak RSS read of a
+/// child includes the memory of whatever process forked it (it survives exec), so measured
+/// commands are started from this small, fresh process rather than from the benchmark itself;
+/// and as CMD is its only child, the children's usage is CMD's.
 fn launch(argv: &[String]) {
     let t = Instant::now();
-    let child =
-        Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("spawn");
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32, "wait4");
+    let status =
+        Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::null()).stderr(Stdio::inherit()).status().expect("spawn");
     let wall = t.elapsed();
-    let code = std::process::ExitStatus::from_raw(status).code().unwrap_or(-1);
-    println!("{} {} {code}", wall.as_nanos(), usage.ru_maxrss);
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).expect("getrusage");
+    println!("{} {} {}", wall.as_nanos(), usage.max_rss(), status.code().unwrap_or(-1));
 }
 
 /// Runs a command through `launch` and reads its wall time and peak RSS.

@@ -174,7 +174,7 @@ pub async fn phase<F, Fut>(
 ) -> (Phase, Vec<(usize, Option<String>)>)
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<(u16, Option<String>), String>> + Send,
+    Fut: Future<Output = Result<(u16, Option<String>), String>> + Send,
 {
     let op = Arc::new(op);
     let queue = Arc::new(std::sync::Mutex::new(order.clone().into_iter()));

@@ -162,7 +162,7 @@ impl Kind {
 
 /// Merges two specs through their serialized form: a field set in one and not the other is
 /// taken; set in both, it must be equal.
-fn merge_fields<S: Serialize + serde::de::DeserializeOwned>(a: &S, b: &S) -> Result<S, Vec<String>> {
+fn merge_fields<S: Serialize + de::DeserializeOwned>(a: &S, b: &S) -> Result<S, Vec<String>> {
     let to_map = |x: &S| match serde_json::to_value(x) {
         Ok(serde_json::Value::Object(m)) => m,
         _ => serde_json::Map::new(),
@@ -683,7 +683,7 @@ mod schema {
         }
     }
 
-    impl JsonSchema for crate::time::Timestamp {
+    impl JsonSchema for Timestamp {
         fn schema_name() -> Cow<'static, str> {
             "Timestamp".into()
         }

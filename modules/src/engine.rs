@@ -10,8 +10,8 @@
 use crate::catalog::Resource;
 use crate::load::Loaded;
 use crate::report::{Change, Event, ResourceEvent, RunInfo, Sink, Status, Summary};
+use crate::time::Stopwatch;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::Instant;
 
 /// How each kind is inspected, changed and refreshed on some system.
 pub trait Providers {
@@ -69,7 +69,7 @@ pub fn run<P: Providers>(
     info: RunInfo,
     sink: &mut dyn Sink,
 ) -> Summary {
-    let started = Instant::now();
+    let started = Stopwatch::start();
     let resources = &loaded.catalog.resources;
     let plan = &loaded.plan;
     sink.emit(Event::Started(&info));
@@ -80,7 +80,7 @@ pub fn run<P: Providers>(
     let mut early: Vec<Option<ResourceEvent>> = vec![None; resources.len()];
     for (pos, &i) in plan.order.iter().enumerate() {
         let r = &resources[i];
-        let t0 = Instant::now();
+        let t0 = Stopwatch::start();
         let stopping = options.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
         if stopping && early[i].is_none() {
             let event = ResourceEvent {

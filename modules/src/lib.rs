@@ -8,6 +8,10 @@
 //! - [`engine`]: runs a plan resource by resource and emits [`report`] events to a sink.
 //! - [`trust`]: signed envelopes, key lists, and every check before a catalog is believed.
 //! - [`wire`]: the HTTPS API's bodies and their bounds; [`text`]: hostile text made printable.
+//! - [`yaml`]: YAML with the line and column of every node; [`diag`]: file:line:col messages;
+//!   [`stream`]: a JSON catalog decoded one resource at a time.
+//! - [`settings`]: `agent.toml` and `server.toml`; [`time`]: RFC 3339 timestamps and the one
+//!   reader of the clock; [`hash`]: `sha256:HEX`; [`version`]: dpkg's and rpm's version order.
 //!
 //! Invariants: this crate never touches the OS itself (all system access goes through
 //! `Host`), never prints (output goes through `report::Sink`), and never panics on bad input.

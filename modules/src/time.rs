@@ -1,4 +1,6 @@
-//! UTC timestamps, spelled RFC 3339 with a `Z` (`2026-11-30T03:50:07Z`), whole seconds.
+//! UTC timestamps, spelled RFC 3339 with a `Z` (`2026-11-30T03:50:07Z`), whole seconds; and
+//! the workspace's one reader of the clock (clippy's `disallowed-methods` refuses
+//! `SystemTime::now` everywhere else, and `Instant::now` anywhere else in this crate).
 //!
 //! Parsing and formatting are the `time` crate's; this type only fixes the spelling (UTC,
 //! whole seconds) and keeps arithmetic checked: a time from input can be any `i64`, and
@@ -16,10 +18,31 @@ pub struct Timestamp(pub i64);
 /// The longest time text worth reading: RFC 3339 with nanoseconds and an offset is 35 bytes.
 const MAX_TEXT: usize = 64;
 
+/// Milliseconds since the Unix epoch, now: for serials and names that sort by time.
+#[allow(clippy::disallowed_methods)] // the one wall-clock reader
+pub fn unix_millis() -> u64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Measures how long something took, on the monotonic clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Stopwatch(std::time::Instant);
+
+impl Stopwatch {
+    #[allow(clippy::disallowed_methods)] // the one monotonic-clock reader of this crate
+    pub fn start() -> Stopwatch {
+        Stopwatch(std::time::Instant::now())
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.0.elapsed()
+    }
+}
+
 impl Timestamp {
     pub fn now() -> Timestamp {
-        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        Timestamp(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        Timestamp(i64::try_from(unix_millis() / 1000).unwrap_or(i64::MAX))
     }
 
     /// Parses RFC 3339 (`2026-11-30T03:50:07Z`, fractions dropped, any offset taken to UTC).

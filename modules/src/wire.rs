@@ -335,7 +335,7 @@ mod tests {
 
     fn report() -> Report {
         Report {
-            started_at: crate::time::Timestamp(0),
+            started_at: Timestamp(0),
             info: RunInfo {
                 catalog: "x".into(),
                 host: None,

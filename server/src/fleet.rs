@@ -142,7 +142,7 @@ fn verdict(c: &Cert, t: i64, grace: i64) -> Result<String, String> {
         Err(format!(
             "the certificate of {} expired at {}: the agent renews it itself (within renew_expired_within of its end), else bootstrap again",
             c.node,
-            converge_modules::time::Timestamp(c.expires)
+            Timestamp(c.expires)
         ))
     } else {
         Ok(c.node.clone())
@@ -363,7 +363,7 @@ impl Fleet {
         if t < half && !from_previous_ca {
             return Ok(Err(format!(
                 "the certificate of {node} is renewed from {} on (half its life), not before",
-                converge_modules::time::Timestamp(half)
+                Timestamp(half)
             )));
         }
         let (pem, der) = match self.ca().issue_client(node, &req.public_key, self.config.cert_days) {
@@ -595,8 +595,7 @@ impl Fleet {
             }
         };
         let resources = resources_sha256(&catalog);
-        let millis =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        let millis = converge_modules::time::unix_millis();
         let serial = match &stored {
             Some(s) if s.resources_sha256 == resources => s.serial,
             Some(s) => (s.serial + 1).max(millis),

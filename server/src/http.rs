@@ -528,7 +528,7 @@ fn html(result: anyhow::Result<Option<String>>, missing: &str) -> Response {
     let headers = [
         (header::CONTENT_TYPE, "text/html; charset=utf-8"),
         (header::CACHE_CONTROL, "no-store"),
-        (header::HeaderName::from_static("content-security-policy"), "default-src 'none'; style-src 'unsafe-inline'"),
+        (HeaderName::from_static("content-security-policy"), "default-src 'none'; style-src 'unsafe-inline'"),
     ];
     match result {
         Ok(Some(page)) => (headers, page).into_response(),
@@ -764,7 +764,7 @@ impl rustls::server::danger::ClientCertVerifier for GraceVerifier {
         let t = now.as_secs() as i64;
         let at = match crate::ca::validity(end_entity) {
             Ok((_, not_after)) if t > not_after && t - not_after < self.grace && not_after > 0 => {
-                rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_after as u64 - 1))
+                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(not_after as u64 - 1))
             }
             _ => now,
         };

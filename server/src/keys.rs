@@ -202,8 +202,7 @@ pub fn sign_catalog(
     if catalog.host.is_none() {
         bail!("the catalog names no host: a signed catalog is for one host (compile it with --node)");
     }
-    let millis =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    let millis = converge_modules::time::unix_millis();
     catalog.issued_at = Some(now);
     catalog.expires_at = Some(now.checked_add(ttl).ok_or_else(|| anyhow!("a lifetime of {ttl} s is past any date"))?);
     catalog.serial = Some(serial.unwrap_or(millis));

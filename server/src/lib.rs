@@ -8,6 +8,7 @@
 //! - [`schemas`] generates the JSON Schemas of site.yaml, role files and catalogs.
 //! - [`ca`], [`db`], [`config`], [`fleet`], [`http`]: the server: its CA, state, configuration,
 //!   enrollment and catalogs, and HTTPS. [`view`] and [`page`]: what operators see.
+//!   [`metrics`]: `/metrics`. [`bootstrap`]: `/bootstrap.sh` and the server key's pin.
 //!
 //! Invariants: after `repo`, everything is a pure function of the repository, the node name and
 //! its facts; classification never reads facts; an undefined template variable is an error,

@@ -33,7 +33,7 @@ fn val<T: serde::Serialize>(x: T) -> Value {
     crate::compiler::json_value(&serde_json::to_value(x).unwrap_or_default())
 }
 
-fn render(name: &str, ctx: minijinja::Value) -> Result<String> {
+fn render(name: &str, ctx: Value) -> Result<String> {
     Ok(env().get_template(name)?.render(ctx)?)
 }
 

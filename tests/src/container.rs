@@ -141,9 +141,7 @@ pub fn repo() -> PathBuf {
     }
     let lock = std::fs::File::create(testbed.join(".repo.lock")).unwrap();
     // Serialise builders across test processes.
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&lock);
-    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
-    unsafe { libc::flock(fd, libc::LOCK_EX) };
+    lock.lock().unwrap();
     if repo.join("Packages").exists() {
         return repo;
     }

@@ -194,7 +194,7 @@ impl Fleet {
             let (from, until) = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
             clock.now() >= from + (until - from) * 2 / 3
         };
-        eventually(std::time::Duration::from_secs(10), std::time::Duration::from_millis(100), || {
+        eventually(Duration::from_secs(10), Duration::from_millis(100), || {
             (!due()).then_some(()).ok_or("the server has not renewed its certificate".into())
         });
     }
@@ -224,8 +224,8 @@ struct ClockTime(PathBuf);
 impl rustls::time_provider::TimeProvider for ClockTime {
     fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
         let offset: i64 = std::fs::read_to_string(&self.0).ok()?.trim().trim_end_matches('s').parse().ok()?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
-        Some(rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs((now + offset) as u64)))
+        let now = converge_modules::time::Timestamp::now().0;
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs((now + offset) as u64)))
     }
 }
 
@@ -356,7 +356,7 @@ impl Server {
                 }
             }
         });
-        let url = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the server starts listening");
+        let url = rx.recv_timeout(Duration::from_secs(30)).expect("the server starts listening");
         Server { child, url, clock_file: how.clock.map(|c| c.file.clone()) }
     }
 

@@ -163,7 +163,7 @@ fn the_agent_upgrades_itself_after_its_run_and_a_failed_upgrade_leaves_it_runnin
         ],
         &repo,
     );
-    let c = converge_e2e::container::Container::boot();
+    let c = Container::boot();
     c.install_self(&repo, "1.0.0");
     let version = || c.sh("dpkg-query -W -f '${Version}' converge");
     assert_eq!(version(), "1.0.0");
