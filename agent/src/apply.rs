@@ -16,8 +16,10 @@ use crate::signed::{self, Trust};
 use crate::state::{RunLock, STATE_DIR};
 use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::engine::{self, Options};
+use converge_modules::host::Host;
 use converge_modules::load::{Loaded, load, load_decoded};
 use converge_modules::providers::System;
+use converge_modules::providers::tool::ToolOptions;
 use converge_modules::report::{Collect, JsonSink, RunInfo, Summary, Tee, TextSink};
 use converge_modules::time::Timestamp;
 use converge_modules::trust;
@@ -243,6 +245,13 @@ impl Output {
     }
 }
 
+/// What this agent decides about the system's tools: how long apt and dnf wait for another
+/// package manager's lock (`CONVERGE_PACKAGE_LOCK_TIMEOUT`, seconds) [120].
+pub fn tool_options() -> ToolOptions {
+    let lock_timeout = std::env::var("CONVERGE_PACKAGE_LOCK_TIMEOUT").ok().and_then(|v| v.parse().ok());
+    ToolOptions { lock_timeout: lock_timeout.unwrap_or(ToolOptions::default().lock_timeout) }
+}
+
 /// Converges `loaded` on `host`, reporting to stdout in the chosen format; returns every
 /// event as well, for a report.
 pub fn converge(
@@ -253,7 +262,10 @@ pub fn converge(
     warnings: Vec<String>,
     stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> (RunInfo, Collect) {
-    let system = System::new(host, &loaded.catalog.resources).dry_run(out.dry_run);
+    let system = System::new(host, &loaded.catalog.resources)
+        .dry_run(out.dry_run)
+        .tool_options(tool_options())
+        .self_upgrade_after_run(!host.is_image());
     let info = RunInfo {
         catalog: out.label.clone(),
         host: loaded.catalog.host.clone(),
@@ -282,6 +294,7 @@ pub fn converge(
             engine::run(loaded, &system, options, info.clone(), &mut Tee(vec![&mut text, &mut collect]));
         }
     }
+    host.defer_upgrade(system.deferred_upgrade());
     if host.backups().saved() > 0
         && let Err(e) = host.backups().prune(host.root())
     {

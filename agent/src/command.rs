@@ -1,7 +1,7 @@
 //! Running a command from a catalog (an argv, never a shell string), bounded in time, inside
 //! the managed root when it is not `/`.
 
-use converge_modules::host::{HostError, Ran};
+use converge_modules::host::{HostError, MAX_STDOUT, Ran};
 use std::ffi::CString;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -54,14 +54,10 @@ pub fn check(spec: &Spec) -> Result<(), HostError> {
     Err(HostError::Command { command: spec.argv.join(" "), status, output: ran.tail })
 }
 
-/// Runs the command to its end (or its timeout) and says how it ended; an error only when it
+/// Runs the command to its end (or its timeout) and says how it ended, with its standard
+/// output (at most [`MAX_STDOUT`]) and the tail of all its output; an error only when it
 /// could not be started.
 pub fn execute(spec: &Spec) -> Result<Ran, HostError> {
-    capture(spec).map(|(ran, _)| ran)
-}
-
-/// As [`execute`], and its whole standard output (for queries).
-pub fn capture(spec: &Spec) -> Result<(Ran, String), HostError> {
     let shown = spec.argv.join(" ");
     let fail = |status: String| HostError::Command { command: shown.clone(), status, output: String::new() };
     let (program, args) = spec.argv.split_first().ok_or_else(|| fail("is empty".into()))?;
@@ -121,21 +117,17 @@ pub fn capture(spec: &Spec) -> Result<(Ran, String), HostError> {
         use std::io::Write;
         let _ = pipe.write_all(input);
     }
-    let mut readers = Vec::new();
-    for pipe in [
+    let readers: Vec<_> = [
         child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
         child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
-    {
-        readers.push(std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let mut pipe = pipe;
-            let _ = pipe.read_to_end(&mut buf);
-            buf
-        }));
-    }
+    .enumerate()
+    // Standard output is kept up to MAX_STDOUT (a tool's answer); of both, the tail. Both are
+    // drained to the end, so a chatty command never blocks on a full pipe.
+    .map(|(i, pipe)| std::thread::spawn(move || Kept::read(pipe, if i == 0 { MAX_STDOUT } else { 0 })))
+    .collect();
     let started = Instant::now();
     let mut timed_out = false;
     let status = loop {
@@ -150,14 +142,51 @@ pub fn capture(spec: &Spec) -> Result<(Ran, String), HostError> {
             Err(_) => break None,
         }
     };
-    let mut outputs = readers.into_iter().map(|r| r.join().unwrap_or_default());
-    let stdout = outputs.next().unwrap_or_default();
-    let mut output = stdout.clone();
-    output.extend(outputs.flatten());
-    let start = output.len().saturating_sub(OUTPUT_TAIL);
-    let tail = String::from_utf8_lossy(&output[start..]).into_owned();
-    let ran = Ran { code: if timed_out { None } else { status.and_then(|s| s.code()) }, timed_out, tail };
-    Ok((ran, String::from_utf8_lossy(&stdout).into_owned()))
+    let mut kept = readers.into_iter().map(|r| r.join().unwrap_or_default());
+    let out = kept.next().unwrap_or_default();
+    let err = kept.next().unwrap_or_default();
+    let mut both = out.tail.clone();
+    both.extend_from_slice(&err.tail);
+    let tail = String::from_utf8_lossy(&both[both.len().saturating_sub(OUTPUT_TAIL)..]).into_owned();
+    let stdout = String::from_utf8_lossy(&out.head).into_owned();
+    Ok(Ran {
+        code: if timed_out { None } else { status.and_then(|s| s.code()) },
+        timed_out,
+        tail,
+        stdout,
+        stdout_truncated: out.truncated,
+    })
+}
+
+/// What is kept of one output stream: its beginning up to a bound, and its last bytes.
+#[derive(Default)]
+struct Kept {
+    head: Vec<u8>,
+    truncated: bool,
+    tail: Vec<u8>,
+}
+
+impl Kept {
+    fn read(mut pipe: Box<dyn Read + Send>, head_limit: usize) -> Kept {
+        let mut kept = Kept::default();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            let room = head_limit.saturating_sub(kept.head.len());
+            kept.head.extend_from_slice(&chunk[..room.min(n)]);
+            kept.truncated |= n > room;
+            kept.tail.extend_from_slice(chunk);
+            if kept.tail.len() > 2 * OUTPUT_TAIL {
+                kept.tail.drain(..kept.tail.len() - OUTPUT_TAIL);
+            }
+        }
+        kept.truncated &= head_limit > 0;
+        kept
+    }
 }
 
 #[cfg(test)]

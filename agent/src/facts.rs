@@ -6,6 +6,7 @@
 //! addresses) comes from the machine itself.
 
 use crate::fs::Root;
+use converge_modules::providers::tool;
 use serde_json::{Map, Value, json};
 
 /// Every fact this agent collects. A fact it cannot read is left out, never guessed.
@@ -23,17 +24,12 @@ pub fn collect(root: &Root, node: &str) -> Map<String, Value> {
         f.insert("fqdn".into(), json!(fqdn));
     }
     if let Some(os) = read("/etc/os-release").or_else(|| read("/usr/lib/os-release")) {
-        let field = |k: &str| {
-            os.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(|v| v.trim_matches('"').to_string())
-        };
-        let id = field("ID").unwrap_or_default();
-        let like = field("ID_LIKE").unwrap_or_default();
-        let family = os_family(&id, &like);
-        f.insert("os_name".into(), json!(id));
+        let field = |k: &str| tool::os_release_field(&os, k);
+        f.insert("os_name".into(), json!(field("ID").unwrap_or_default()));
         if let Some(v) = field("VERSION_ID") {
             f.insert("os_version".into(), json!(v));
         }
-        if let Some(family) = family {
+        if let Some(family) = tool::os_family(&os) {
             f.insert("os_family".into(), json!(family));
         }
     }
@@ -61,33 +57,6 @@ pub fn collect(root: &Root, node: &str) -> Map<String, Value> {
     f.insert("ipv4_addresses".into(), json!(v4));
     f.insert("ipv6_addresses".into(), json!(v6));
     f
-}
-
-/// The os family of the system in `root` (debian, redhat, ...), from its os-release.
-pub fn family(root: &Root) -> Option<String> {
-    let os = root.read_to_string("/etc/os-release").or_else(|_| root.read_to_string("/usr/lib/os-release")).ok()?;
-    let field =
-        |k: &str| os.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(|v| v.trim_matches('"').to_string());
-    os_family(&field("ID").unwrap_or_default(), &field("ID_LIKE").unwrap_or_default()).map(str::to_string)
-}
-
-/// The family of an os-release ID (debian, redhat, suse, arch, alpine).
-fn os_family(id: &str, like: &str) -> Option<&'static str> {
-    let words: Vec<&str> = std::iter::once(id).chain(like.split_whitespace()).collect();
-    let has = |w: &[&str]| words.iter().any(|x| w.contains(x));
-    if has(&["debian", "ubuntu"]) {
-        Some("debian")
-    } else if has(&["rhel", "fedora", "centos", "rocky", "almalinux"]) {
-        Some("redhat")
-    } else if has(&["suse", "opensuse", "sles"]) {
-        Some("suse")
-    } else if has(&["arch"]) {
-        Some("arch")
-    } else if has(&["alpine"]) {
-        Some("alpine")
-    } else {
-        None
-    }
 }
 
 /// Non-loopback addresses, IPv4 and IPv6.
@@ -119,13 +88,6 @@ fn addresses() -> (Vec<String>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn families() {
-        assert_eq!(os_family("ubuntu", "debian"), Some("debian"));
-        assert_eq!(os_family("rocky", "rhel centos fedora"), Some("redhat"));
-        assert_eq!(os_family("plan9", ""), None);
-    }
 
     #[test]
     fn an_image_reports_its_own_release_and_identity() {

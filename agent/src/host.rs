@@ -8,18 +8,15 @@
 use crate::backup::BackupStore;
 use crate::command;
 use crate::fs::{Root, absent, errno, file_type};
-use crate::system::Tools;
 use converge_modules::catalog::join_path;
-use converge_modules::host::{
-    AccountOp, Accounts, Available, FileRead, FileType, Host, HostError, HostResult, Install, Installed, NewAttrs,
-    PackageSystem, Ran, Run, Stat, Unit, UnitAction,
-};
+use converge_modules::host::{FileRead, FileType, Host, HostError, HostResult, NewAttrs, Ran, Run, Stat};
+use converge_modules::providers::account::{Accounts, shadow};
+use converge_modules::providers::package::Install;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat, renameat};
 use nix::sys::stat::{FileStat, Mode, fchmod, fstat, fstatat, mkdirat};
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, fsync, symlinkat, unlinkat};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::time::Duration;
@@ -30,7 +27,8 @@ pub const VALIDATE_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct RealHost {
     root: Root,
     backups: BackupStore,
-    /// The root's accounts, read once and again after a change.
+    /// The root's accounts (for names under `--root`, and commands run as a user), read once
+    /// and again after any command, which may have changed them.
     accounts: RefCell<Option<Accounts>>,
     /// The change to the agent's own package, made after the run (see `crate::upgrade`).
     deferred: RefCell<Option<Install>>,
@@ -76,6 +74,11 @@ impl RealHost {
         self.deferred.borrow_mut().take()
     }
 
+    /// Records the change to the agent's own package that the run deferred.
+    pub fn defer_upgrade(&self, install: Option<Install>) {
+        *self.deferred.borrow_mut() = install;
+    }
+
     /// Renames `from` to `to` (the agent's own files: setting a damaged one aside), replacing
     /// what `to` was; both resolved inside the root, neither followed.
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
@@ -116,16 +119,12 @@ impl RealHost {
         file.sync_all().map_err(|e| HostError::io("fsync", path, e))
     }
 
-    fn tools(&self) -> Tools<'_> {
-        Tools { root: &self.root }
-    }
-
     /// The root's accounts (for `--root`: names resolve against the image's own files).
     fn cached_accounts(&self) -> HostResult<Accounts> {
         if let Some(a) = self.accounts.borrow().as_ref() {
             return Ok(a.clone());
         }
-        let a = self.tools().accounts()?;
+        let a = shadow::read(self)?;
         *self.accounts.borrow_mut() = Some(a.clone());
         Ok(a)
     }
@@ -310,87 +309,36 @@ impl Host for RealHost {
         self.cached_accounts().ok()?.groups.into_iter().find(|g| g.gid == gid).map(|g| g.name)
     }
 
-    fn is_image(&self) -> bool {
-        !self.root.is_slash()
-    }
-
-    fn package_system(&self) -> Result<PackageSystem, String> {
-        match crate::facts::family(&self.root).as_deref() {
-            Some("debian") => Ok(PackageSystem::Apt),
-            Some("redhat") => Ok(PackageSystem::Dnf),
-            Some(other) => Err(format!(
-                "converge manages packages with apt (Debian, Ubuntu) or dnf (the RHEL family), not on a {other} system"
-            )),
-            None => Err(format!(
-                "{}/etc/os-release does not say which system this is: converge cannot choose apt or dnf",
-                if self.root.is_slash() { String::new() } else { self.root.path().display().to_string() }
-            )),
-        }
-    }
-
-    fn installed(&self, names: &[&str]) -> HostResult<HashMap<String, Installed>> {
-        let system = self.package_system().map_err(HostError::Refused)?;
-        self.tools().installed(system, names)
-    }
-
-    fn available(&self, names: &[&str], refresh: bool) -> HostResult<HashMap<String, Available>> {
-        let system = self.package_system().map_err(HostError::Refused)?;
-        self.tools().available(system, names, refresh)
-    }
-
-    /// A live system defers a change to the agent's own package; an image (`--root`) has no
-    /// agent running in it to replace.
-    fn defers_self_upgrade(&self) -> bool {
-        self.root.is_slash()
-    }
-
-    fn defer_self_upgrade(&self, install: &Install) -> HostResult<()> {
-        *self.deferred.borrow_mut() = Some(install.clone());
-        Ok(())
-    }
-
-    fn install(&self, packages: &[Install], downgrade: bool) -> HostResult<()> {
-        let system = self.package_system().map_err(HostError::Refused)?;
-        self.tools().install(system, packages, downgrade)
-    }
-
-    fn uninstall(&self, names: &[&str]) -> HostResult<()> {
-        let system = self.package_system().map_err(HostError::Refused)?;
-        self.tools().uninstall(system, names)
-    }
-
-    fn accounts(&self) -> HostResult<Accounts> {
-        self.cached_accounts()
-    }
-
-    fn change_account(&self, op: &AccountOp) -> HostResult<()> {
-        let done = self.tools().change_account(op);
-        *self.accounts.borrow_mut() = None;
-        done
-    }
-
-    fn units(&self, names: &[&str]) -> HostResult<HashMap<String, Unit>> {
-        self.tools().units(names)
-    }
-
-    fn unit_action(&self, name: &str, action: UnitAction) -> HostResult<()> {
-        self.tools().unit_action(name, action)
-    }
-
-    fn set_unit_enabled(&self, name: &str, enabled: bool) -> HostResult<()> {
-        self.tools().set_unit_enabled(name, enabled)
-    }
-
-    fn daemon_reload(&self) -> HostResult<()> {
-        self.tools().daemon_reload()
-    }
-
-    fn unit_journal(&self, name: &str) -> String {
-        if self.root.is_slash() { self.tools().journal(name) } else { String::new() }
+    fn image_root(&self) -> Option<String> {
+        (!self.root.is_slash()).then(|| self.root.path().display().to_string())
     }
 
     fn run(&self, cmd: &Run) -> HostResult<Ran> {
-        self.tools().run(cmd, || self.cached_accounts())
+        let user = match cmd.user {
+            None => None,
+            Some(name) => {
+                let accounts = self.cached_accounts()?;
+                let Some(u) = accounts.user(name) else {
+                    return Err(HostError::Refused(format!("user `{name}` does not exist on this system")));
+                };
+                let mut groups: Vec<u32> =
+                    accounts.groups.iter().filter(|g| g.members.iter().any(|m| m == name)).map(|g| g.gid).collect();
+                groups.push(u.gid);
+                Some((u.uid, u.gid, groups, u.home.clone(), u.name.clone()))
+            }
+        };
+        let chroot = (!cmd.outside && !self.root.is_slash()).then(|| self.root.path());
+        let spec = command::Spec {
+            user,
+            cwd: cmd.cwd,
+            env: cmd.env,
+            stdin: cmd.stdin,
+            ..command::Spec::new(cmd.argv, chroot, cmd.timeout)
+        };
+        let ran = command::execute(&spec);
+        // Any command may have changed the accounts (a package's scripts add users).
+        *self.accounts.borrow_mut() = None;
+        ran
     }
 }
 

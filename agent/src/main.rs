@@ -5,8 +5,8 @@
 //! or as a daemon) and shows `status`; [`renew`] keeps the host's certificate alive;
 //! [`client`] speaks to the server; [`facts`] describes the
 //! host; [`state`] and [`signed`] keep what lasts between runs; [`host`] is the real OS behind the `Host`
-//! boundary, confined to a root by [`fs`], with the package, account and unit tools in
-//! [`system`]; [`backup`] keeps replaced content; [`command`] runs
+//! boundary (file operations, account lookups, running a command), confined to a root by
+//! [`fs`]; [`backup`] keeps replaced content; [`command`] runs
 //! argv commands (validate) with a timeout; [`upgrade`] has the agent upgrade itself after a
 //! run. Everything that decides anything lives in
 //! `converge-modules`.
@@ -23,7 +23,6 @@ mod renew;
 mod run;
 mod signed;
 mod state;
-mod system;
 mod upgrade;
 
 use clap::{Parser, Subcommand};

@@ -12,7 +12,8 @@ use crate::fs::Root;
 use crate::host::RealHost;
 use crate::state::{self, RunLock, STATE_DIR};
 use anyhow::{Context, Result, anyhow};
-use converge_modules::host::{Host, Install};
+use converge_modules::host::Host;
+use converge_modules::providers::package::{self, Install};
 use converge_modules::text::clip;
 use converge_modules::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -102,14 +103,17 @@ pub fn upgrade_self(args: &UpgradeArgs) -> Result<i32> {
     }
     let lock = lock?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
-    let install = Install { name: converge_modules::providers::package::AGENT.into(), version: args.to.clone() };
-    let done = host.install(std::slice::from_ref(&install), false);
+    let install = Install { name: package::AGENT.into(), version: args.to.clone() };
+    let done = package::tool_of(&host).and_then(|tool| {
+        let options = crate::apply::tool_options();
+        tool.install(&host, std::slice::from_ref(&install), false, &options).map_err(|e| e.to_string())
+    });
     let outcome = Outcome {
         version: args.to.clone().unwrap_or_else(|| "the newest".into()),
         started,
         finished: Timestamp::now(),
         ok: done.is_ok(),
-        detail: done.as_ref().err().map(|e| clip(&e.to_string(), 4000).into_owned()).unwrap_or_default(),
+        detail: done.as_ref().err().map(|e| clip(e, 4000).into_owned()).unwrap_or_default(),
     };
     state::write(&host, OUTCOME, &serde_json::to_vec_pretty(&outcome)?, 0o644)?;
     drop(lock);

@@ -89,178 +89,45 @@ pub struct FileRead {
     pub content: Option<Vec<u8>>,
 }
 
-/// A package as the package database has it installed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Installed {
-    /// The full version (with its epoch when it has one).
-    pub version: String,
-    /// Held (dpkg `hold`, dnf versionlock): converge never changes it.
-    pub held: bool,
-}
-
-/// What the configured repositories offer of a package.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Available {
-    /// What an install or upgrade would take.
-    pub candidate: Option<String>,
-    /// Every version on offer, newest first.
-    pub versions: Vec<String>,
-}
-
-/// The package system of a host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PackageSystem {
-    /// apt and dpkg (Debian, Ubuntu).
-    Apt,
-    /// dnf and rpm (the RHEL family).
-    Dnf,
-}
-
-impl PackageSystem {
-    /// How versions compare on this system.
-    pub fn compare(self, a: &str, b: &str) -> std::cmp::Ordering {
-        match self {
-            PackageSystem::Apt => crate::version::compare_deb(a, b),
-            PackageSystem::Dnf => crate::version::compare_rpm(a, b),
-        }
-    }
-}
-
-/// One package to install, at its candidate version or at `version`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Install {
-    pub name: String,
-    pub version: Option<String>,
-}
-
-/// A line of `/etc/passwd` (with its `/etc/shadow` password).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Account {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub comment: String,
-    pub home: String,
-    pub shell: String,
-    /// From `/etc/shadow`, when readable.
-    pub password_hash: Option<String>,
-}
-
-/// A line of `/etc/group`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct GroupEntry {
-    pub name: String,
-    pub gid: u32,
-    pub members: Vec<String>,
-}
-
-/// The local accounts, read at once.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Accounts {
-    pub users: Vec<Account>,
-    pub groups: Vec<GroupEntry>,
-    /// The highest uid and gid of system accounts (`SYS_UID_MAX` of login.defs) [999].
-    pub system_max: u32,
-}
-
-impl Accounts {
-    pub fn user(&self, name: &str) -> Option<&Account> {
-        self.users.iter().find(|u| u.name == name)
-    }
-
-    pub fn group(&self, name: &str) -> Option<&GroupEntry> {
-        self.groups.iter().find(|g| g.name == name)
-    }
-
-    /// The supplementary groups of `user`, sorted.
-    pub fn groups_of(&self, user: &str) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.groups.iter().filter(|g| g.members.iter().any(|m| m == user)).map(|g| g.name.clone()).collect();
-        v.sort();
-        v
-    }
-}
-
-/// A change to the local accounts, carried out with shadow-utils.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccountOp {
-    AddGroup { name: String, gid: Option<u32>, system: bool },
-    SetGid { name: String, gid: u32 },
-    DelGroup { name: String },
-    AddUser(UserFields),
-    ModUser(UserFields),
-    DelUser { name: String, remove_home: bool },
-}
-
-/// The attributes of a user to set; `None` is left alone.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct UserFields {
-    pub name: String,
-    pub uid: Option<u32>,
-    pub gid: Option<String>,
-    /// The supplementary groups, exactly (`append` false) or added to the current ones.
-    pub groups: Option<Vec<String>>,
-    pub append: bool,
-    pub home: Option<String>,
-    pub shell: Option<String>,
-    pub comment: Option<String>,
-    pub system: bool,
-    /// Never shown: passed to the tools on standard input.
-    pub password_hash: Option<String>,
-}
-
-/// A systemd unit as `systemctl show` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Unit {
-    /// `LoadState` is not `not-found`.
-    pub exists: bool,
-    /// `ActiveState`: active, inactive, failed, activating...
-    pub active: String,
-    /// `UnitFileState`: enabled, disabled, static, masked, indirect...
-    pub enabled: String,
-    pub can_reload: bool,
-    /// The unit file changed on disk since systemd read it.
-    pub needs_daemon_reload: bool,
-}
-
-/// What to do to a unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnitAction {
-    Start,
-    Stop,
-    Restart,
-    Reload,
-}
-
-impl UnitAction {
-    pub fn verb(self) -> &'static str {
-        match self {
-            UnitAction::Start => "start",
-            UnitAction::Stop => "stop",
-            UnitAction::Restart => "restart",
-            UnitAction::Reload => "reload",
-        }
-    }
-}
-
-/// A command to run for an `exec` resource or its guards.
+/// A command to run: an `exec` resource, its guards, or a system tool of a provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run<'a> {
     pub argv: &'a [String],
     pub user: Option<&'a str>,
     pub cwd: Option<&'a str>,
+    /// Added to a minimal environment (`PATH`, `LC_ALL=C`).
     pub env: &'a [(String, String)],
+    /// Written to standard input: secrets go here, never into an argv.
+    pub stdin: Option<&'a [u8]>,
     pub timeout: std::time::Duration,
+    /// Run from the host itself rather than inside the root: a tool given the root as an
+    /// argument (`rpm --root`, `dnf --installroot`, `systemctl --root`).
+    pub outside: bool,
 }
 
+impl<'a> Run<'a> {
+    /// `argv` inside the root, as root, with nothing more.
+    pub fn new(argv: &'a [String], timeout: std::time::Duration) -> Run<'a> {
+        Run { argv, user: None, cwd: None, env: &[], stdin: None, timeout, outside: false }
+    }
+}
+
+/// The most of a command's standard output a host keeps for its caller ([`Ran::stdout`]).
+pub const MAX_STDOUT: usize = 64 << 20;
+
 /// How a command ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Ran {
     /// The exit code; `None` when killed by a signal or the timeout.
     pub code: Option<i32>,
     pub timed_out: bool,
-    /// The end of its output (standard output and error together).
+    /// The end of its output (standard output and error together), for a report.
     pub tail: String,
+    /// Its standard output, at most [`MAX_STDOUT`] bytes (a tool's answer, parsed by its
+    /// provider).
+    pub stdout: String,
+    /// The standard output was longer than [`MAX_STDOUT`]: `stdout` is its beginning.
+    pub stdout_truncated: bool,
 }
 
 impl Ran {
@@ -278,8 +145,11 @@ impl Ran {
     }
 }
 
-/// The operations providers may perform. Implementations: the real OS (in the agent), and
-/// [`memory::MemHost`] for tests.
+/// The operations providers may perform: file operations, account lookups, and running a
+/// command. Everything a system's tools do (packages, accounts, units) is built on these by
+/// the providers (`providers::<kind>::<tool>`), so a new tool never widens this boundary.
+/// Implementations: the real OS (in the agent), and [`memory::MemHost`] for tests, which
+/// emulates the tools' command lines and outputs.
 pub trait Host {
     /// The metadata of the path itself; `None` when nothing is there.
     fn stat(&self, path: &str) -> HostResult<Option<Stat>>;
@@ -320,57 +190,18 @@ pub trait Host {
     fn user_name(&self, uid: u32) -> Option<String>;
     fn group_name(&self, gid: u32) -> Option<String>;
 
+    /// The directory of the image under `--root`, or `None` for the running system. Only
+    /// tools that take the root as an argument need it ([`Run::outside`]).
+    fn image_root(&self) -> Option<String>;
+
     /// True when this host is an image under `--root`, not a running system: services are
     /// enabled or disabled there, never started or stopped.
-    fn is_image(&self) -> bool;
-
-    /// The package system, or why there is none.
-    fn package_system(&self) -> Result<PackageSystem, String>;
-
-    /// The installed packages among `names`, in one query.
-    fn installed(&self, names: &[&str]) -> HostResult<std::collections::HashMap<String, Installed>>;
-
-    /// What the repositories offer of `names`, in one query. With `refresh`, the package lists
-    /// are brought up to date first.
-    fn available(&self, names: &[&str], refresh: bool) -> HostResult<std::collections::HashMap<String, Available>>;
-
-    /// Installs (or upgrades, or downgrades with `downgrade`) in one transaction, keeping
-    /// local configuration files and never asking anything.
-    fn install(&self, packages: &[Install], downgrade: bool) -> HostResult<()>;
-
-    /// Whether a change to the agent's own package ([`crate::providers::package::AGENT`])
-    /// waits for the end of the run: on a live system the package manager would replace and
-    /// restart the running agent mid-run. An image installs it like any package.
-    fn defers_self_upgrade(&self) -> bool {
-        false
+    fn is_image(&self) -> bool {
+        self.image_root().is_some()
     }
 
-    /// Records the change to the agent's own package, made after the run's report, detached.
-    fn defer_self_upgrade(&self, _install: &Install) -> HostResult<()> {
-        Err(HostError::Refused("this host does not upgrade the agent after the run".into()))
-    }
-
-    /// Removes in one transaction.
-    fn uninstall(&self, names: &[&str]) -> HostResult<()>;
-
-    /// Every local user and group, from the files (no process).
-    fn accounts(&self) -> HostResult<Accounts>;
-
-    fn change_account(&self, op: &AccountOp) -> HostResult<()>;
-
-    /// The state of `names` (unit names, `.service` implied), in one query.
-    fn units(&self, names: &[&str]) -> HostResult<std::collections::HashMap<String, Unit>>;
-
-    fn unit_action(&self, name: &str, action: UnitAction) -> HostResult<()>;
-
-    fn set_unit_enabled(&self, name: &str, enabled: bool) -> HostResult<()>;
-
-    fn daemon_reload(&self) -> HostResult<()>;
-
-    /// The last lines of a unit's journal, for a failure report.
-    fn unit_journal(&self, name: &str) -> String;
-
-    /// Runs a command (inside the root), with the output's tail.
+    /// Runs a command (inside the root unless [`Run::outside`]): how it ended and what it
+    /// printed. An error only when it could not be started.
     fn run(&self, cmd: &Run) -> HostResult<Ran>;
 }
 

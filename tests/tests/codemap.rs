@@ -56,7 +56,7 @@ fn readme_section(readme: &str, dir: &str) -> String {
 /// The modules a README entry names: every `` `name` — `` (its description follows).
 fn readme_modules(section: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for (i, _) in section.match_indices("` — ") {
+    for (i, _) in section.match_indices("` —") {
         let before = &section[..i];
         let Some(open) = before.rfind('`') else { continue };
         let name = &before[open + 1..];

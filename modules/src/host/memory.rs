@@ -3,9 +3,19 @@
 //! Paths are keys in a map; a parent must be a directory. Intermediate symlinks are not
 //! followed (providers never rely on that). Every mutation is counted so tests can assert that
 //! a dry-run made none, and failures can be injected per path.
+//!
+//! Its system (packages, accounts, units) is held as data and reached as a real one is: the
+//! files the tools keep (`/var/lib/dpkg/status`, `/etc/passwd`, `/etc/group`, `/etc/shadow`,
+//! `/etc/os-release`, unit files) read back rendered from that data, and the tools' command
+//! lines (`apt-get`, `apt-cache policy`, shadow-utils, `chpasswd`, `systemctl`, `journalctl`)
+//! emulated with their outputs and exit codes. Any other command is decided by
+//! [`MemHost::with_runner`].
 
 use super::*;
 use crate::catalog::parent_path;
+use crate::providers::account::{Account, AccountOp, Accounts, GroupEntry, UserFields};
+use crate::providers::package::{Install, Installed};
+use crate::providers::service::{Unit, UnitAction};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
@@ -45,9 +55,6 @@ struct Inner {
     mutations: usize,
     failures: HashMap<String, String>,
     validator: Option<Validator>,
-    /// A live system (the agent's own package is changed after the run), and what it deferred.
-    live_agent: bool,
-    deferred: Vec<Install>,
 }
 
 pub struct MemHost {
@@ -99,17 +106,6 @@ impl MemHost {
             g.members.push(user.into());
         }
         self
-    }
-
-    /// A live system running the agent: a change to its own package is deferred.
-    pub fn with_live_agent(self) -> Self {
-        self.inner.borrow_mut().live_agent = true;
-        self
-    }
-
-    /// The changes to the agent's own package deferred until after the run.
-    pub fn deferred(&self) -> Vec<Install> {
-        self.inner.borrow().deferred.clone()
     }
 
     /// A package the repositories offer, in these versions (oldest first).
@@ -286,12 +282,19 @@ fn stat_of(node: &MemNode) -> Stat {
 
 impl Host for MemHost {
     fn stat(&self, path: &str) -> HostResult<Option<Stat>> {
-        Ok(self.inner.borrow().nodes.get(path).map(stat_of))
+        if let Some(node) = self.inner.borrow().nodes.get(path) {
+            return Ok(Some(stat_of(node)));
+        }
+        Ok(self.system_file(path).map(|content| stat_of(&system_node(content))))
     }
 
     fn read_file(&self, path: &str, limit: u64) -> HostResult<Option<FileRead>> {
         let inner = self.inner.borrow();
-        Ok(inner.nodes.get(path).map(|node| {
+        let rendered = match inner.nodes.contains_key(path) {
+            true => None,
+            false => self.system_file(path).map(system_node),
+        };
+        Ok(inner.nodes.get(path).or(rendered.as_ref()).map(|node| {
             let stat = stat_of(node);
             let content = match node {
                 MemNode::File { content, .. } if content.len() as u64 <= limit => Some(content.clone()),
@@ -430,64 +433,230 @@ impl Host for MemHost {
         self.inner.borrow().system.accounts.groups.iter().find(|g| g.gid == gid).map(|g| g.name.clone())
     }
 
-    fn is_image(&self) -> bool {
-        self.inner.borrow().system.image
+    fn image_root(&self) -> Option<String> {
+        self.inner.borrow().system.image.then(|| "/srv/image".to_string())
     }
 
-    fn package_system(&self) -> Result<PackageSystem, String> {
-        Ok(PackageSystem::Apt)
+    fn run(&self, cmd: &Run) -> HostResult<Ran> {
+        self.spawned(cmd.argv.join(" "));
+        let Some((program, args)) = cmd.argv.split_first() else {
+            return Err(HostError::Command {
+                command: String::new(),
+                status: "is empty".into(),
+                output: String::new(),
+            });
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let emulated = match program.rsplit('/').next().unwrap_or(program) {
+            "apt-get" => Some(self.apt_get(&args)),
+            "apt-cache" => Some(self.apt_cache(&args)),
+            tool @ ("useradd" | "usermod" | "userdel" | "groupadd" | "groupmod" | "groupdel") => {
+                Some(parse_account_op(tool, &args).and_then(|op| self.change_account(&op)).map(|()| String::new()))
+            }
+            "chpasswd" => Some(self.chpasswd(cmd.stdin.unwrap_or_default())),
+            "systemctl" => Some(self.systemctl(&args)),
+            "journalctl" => Some(Ok(format!("(the journal of {})", operands(&args).first().copied().unwrap_or("")))),
+            _ => None,
+        };
+        let ran = match emulated {
+            Some(Ok(stdout)) => Ran { code: Some(0), stdout, ..Ran::default() },
+            Some(Err((code, message))) => Ran { code: Some(code), tail: message, ..Ran::default() },
+            None => {
+                let runner = self.inner.borrow_mut().system.runner.take();
+                let ran = match &runner {
+                    Some(f) => f(self, cmd),
+                    None => Ran { code: Some(0), ..Ran::default() },
+                };
+                self.inner.borrow_mut().system.runner = runner;
+                ran
+            }
+        };
+        Ok(ran)
     }
+}
 
-    fn defers_self_upgrade(&self) -> bool {
-        self.inner.borrow().live_agent
-    }
+/// A failed emulated tool: its exit code and what it printed.
+type Failed = (i32, String);
 
-    fn defer_self_upgrade(&self, install: &Install) -> HostResult<()> {
-        self.inner.borrow_mut().deferred.push(install.clone());
-        Ok(())
-    }
+fn system_node(content: Vec<u8>) -> MemNode {
+    MemNode::File { content, mode: 0o644, uid: 0, gid: 0 }
+}
 
-    fn installed(&self, names: &[&str]) -> HostResult<HashMap<String, Installed>> {
-        self.spawned(format!("query packages {}", names.join(" ")));
-        let inner = self.inner.borrow();
-        Ok(names.iter().filter_map(|n| Some((n.to_string(), inner.system.installed.get(*n)?.clone()))).collect())
-    }
-
-    fn available(&self, names: &[&str], refresh: bool) -> HostResult<HashMap<String, Available>> {
-        if refresh {
-            self.spawned("refresh package lists".into());
+/// The words of a command line that are not options (nor an option's value): after `--`, all.
+fn operands<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut words = args.iter();
+    while let Some(w) = words.next() {
+        match *w {
+            "--" => out.extend(words.by_ref().copied()),
+            "-o" | "-u" | "-g" | "-G" | "-d" | "-s" | "-c" | "-n" => {
+                words.next();
+            }
+            w if w.starts_with('-') => {}
+            w => out.push(w),
         }
-        self.spawned(format!("query available {}", names.join(" ")));
+    }
+    out
+}
+
+/// The value after `flag` in a command line.
+fn flag<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    let end = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+    args[..end].iter().position(|a| *a == flag).and_then(|i| args.get(i + 1).copied())
+}
+
+fn has(args: &[&str], flag: &str) -> bool {
+    let end = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+    args[..end].contains(&flag)
+}
+
+/// A shadow-utils command line back into the change it makes.
+fn parse_account_op(tool: &str, args: &[&str]) -> Result<AccountOp, Failed> {
+    let name = operands(args).last().map(|n| n.to_string()).ok_or((2, format!("{tool}: no name given")))?;
+    let number = |f: &str| -> Result<Option<u32>, Failed> {
+        flag(args, f).map(|v| v.parse().map_err(|_| (3, format!("{tool}: invalid id '{v}'")))).transpose()
+    };
+    Ok(match tool {
+        "groupadd" => AccountOp::AddGroup { name, gid: number("-g")?, system: has(args, "-r") },
+        "groupmod" => AccountOp::SetGid { name, gid: number("-g")?.ok_or((2, "groupmod: -g expected".to_string()))? },
+        "groupdel" => AccountOp::DelGroup { name },
+        "userdel" => AccountOp::DelUser { name, remove_home: has(args, "-r") },
+        _ => {
+            let text = |f: &str| flag(args, f).map(str::to_string);
+            let fields = UserFields {
+                name,
+                uid: number("-u")?,
+                gid: text("-g"),
+                groups: text("-G").map(|g| g.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect()),
+                append: has(args, "-a"),
+                home: text("-d"),
+                shell: text("-s"),
+                comment: text("-c"),
+                system: has(args, "-r"),
+                password_hash: None,
+            };
+            if tool == "useradd" { AccountOp::AddUser(fields) } else { AccountOp::ModUser(fields) }
+        }
+    })
+}
+
+impl MemHost {
+    /// The files a system's tools keep, rendered from this host's system (when no node of
+    /// the same path was put there).
+    fn system_file(&self, path: &str) -> Option<Vec<u8>> {
         let inner = self.inner.borrow();
-        Ok(names
-            .iter()
-            .filter_map(|n| {
-                let versions = inner.system.repo.get(*n)?;
-                let mut newest_first = versions.clone();
-                newest_first.reverse();
-                Some((n.to_string(), Available { candidate: newest_first.first().cloned(), versions: newest_first }))
-            })
-            .collect())
+        let sys = &inner.system;
+        let a = &sys.accounts;
+        let text = match path {
+            "/etc/os-release" => "ID=debian\nVERSION_ID=\"12\"\n".to_string(),
+            "/var/lib/dpkg/status" => sys
+                .installed
+                .iter()
+                .map(|(n, p)| {
+                    let want = if p.held { "hold" } else { "install" };
+                    format!("Package: {n}\nStatus: {want} ok installed\nVersion: {}\n\n", p.version)
+                })
+                .collect(),
+            "/etc/passwd" => a
+                .users
+                .iter()
+                .map(|u| format!("{}:x:{}:{}:{}:{}:{}\n", u.name, u.uid, u.gid, u.comment, u.home, u.shell))
+                .collect(),
+            "/etc/shadow" => a
+                .users
+                .iter()
+                .map(|u| format!("{}:{}:19000:0:99999:7:::\n", u.name, u.password_hash.as_deref().unwrap_or("!")))
+                .collect(),
+            "/etc/group" => {
+                a.groups.iter().map(|g| format!("{}:x:{}:{}\n", g.name, g.gid, g.members.join(","))).collect()
+            }
+            "/etc/login.defs" => format!("SYS_UID_MAX {}\n", a.system_max),
+            _ => {
+                let unit = path.strip_prefix("/lib/systemd/system/")?;
+                sys.units.get(unit).filter(|u| u.exists)?;
+                "[Service]\nExecStart=/bin/true\n".to_string()
+            }
+        };
+        Some(text.into_bytes())
     }
 
-    fn install(&self, packages: &[Install], downgrade: bool) -> HostResult<()> {
-        let names: Vec<String> =
-            packages.iter().map(|p| p.version.as_ref().map_or(p.name.clone(), |v| format!("{}={v}", p.name))).collect();
-        self.spawned(format!("install {}", names.join(" ")));
-        let command = || format!("apt-get install {}", names.join(" "));
+    /// `apt-get update | install | remove`.
+    fn apt_get(&self, args: &[&str]) -> Result<String, Failed> {
+        let words = operands(args);
+        let (verb, names) = words.split_first().ok_or((100, "E: Invalid operation".to_string()))?;
+        match *verb {
+            "update" => Ok(String::new()),
+            "install" => {
+                let packages: Vec<Install> = names
+                    .iter()
+                    .map(|n| match n.split_once('=') {
+                        Some((n, v)) => Install { name: n.into(), version: Some(v.into()) },
+                        None => Install { name: n.to_string(), version: None },
+                    })
+                    .collect();
+                self.install(&packages, has(args, "--allow-downgrades")).map(|()| String::new())
+            }
+            "remove" => {
+                let mut inner = self.inner.borrow_mut();
+                inner.mutations += 1;
+                for n in names {
+                    inner.system.installed.remove(*n);
+                }
+                Ok(String::new())
+            }
+            other => Err((100, format!("E: Invalid operation {other}"))),
+        }
+    }
+
+    /// `apt-cache policy NAME...`, as apt prints it.
+    fn apt_cache(&self, args: &[&str]) -> Result<String, Failed> {
+        let words = operands(args);
+        let Some((&"policy", names)) = words.split_first() else {
+            return Err((100, "E: only `policy` is emulated".into()));
+        };
+        let inner = self.inner.borrow();
+        let mut out = String::new();
+        for name in names {
+            let installed = inner.system.installed.get(*name).map(|p| p.version.clone());
+            let mut offered: Vec<String> = inner.system.repo.get(*name).cloned().unwrap_or_default();
+            offered.reverse();
+            if installed.is_none() && offered.is_empty() {
+                continue;
+            }
+            let newest = offered.first().cloned();
+            let candidate = match (&installed, &newest) {
+                (Some(i), Some(n)) if crate::version::compare_deb(i, n).is_gt() => Some(i.clone()),
+                (_, Some(n)) => Some(n.clone()),
+                (i, None) => i.clone(),
+            };
+            out.push_str(&format!(
+                "{name}:\n  Installed: {}\n  Candidate: {}\n  Version table:\n",
+                installed.as_deref().unwrap_or("(none)"),
+                candidate.as_deref().unwrap_or("(none)")
+            ));
+            for v in &offered {
+                let mark = if installed.as_ref() == Some(v) { " ***" } else { "    " };
+                out.push_str(&format!("{mark} {v} 500\n        500 file:/srv/repo ./ Packages\n"));
+            }
+            if let Some(i) = installed.as_ref().filter(|i| !offered.contains(i)) {
+                out.push_str(&format!(" *** {i} 100\n        100 /var/lib/dpkg/status\n"));
+            }
+        }
+        Ok(out)
+    }
+
+    fn install(&self, packages: &[Install], downgrade: bool) -> Result<(), Failed> {
         let mut inner = self.inner.borrow_mut();
         inner.mutations += 1;
         // All or nothing, as one apt transaction.
         let mut chosen = Vec::new();
         for p in packages {
             let Some(versions) = inner.system.repo.get(&p.name) else {
-                let output = format!("E: Unable to locate package {}", p.name);
-                return Err(HostError::Command { command: command(), status: "exited with 100".into(), output });
+                return Err((100, format!("E: Unable to locate package {}", p.name)));
             };
             let version = match &p.version {
                 Some(v) if !versions.contains(v) => {
-                    let output = format!("E: Version '{v}' for '{}' was not found", p.name);
-                    return Err(HostError::Command { command: command(), status: "exited with 100".into(), output });
+                    return Err((100, format!("E: Version '{v}' for '{}' was not found", p.name)));
                 }
                 Some(v) => v.clone(),
                 None => versions.last().cloned().unwrap_or_default(),
@@ -498,7 +667,7 @@ impl Host for MemHost {
             {
                 let output =
                     format!("E: Packages were downgraded and -y was used without --allow-downgrades ({})", p.name);
-                return Err(HostError::Command { command: command(), status: "exited with 100".into(), output });
+                return Err((100, output));
             }
             chosen.push((p.name.clone(), version));
         }
@@ -508,27 +677,98 @@ impl Host for MemHost {
         Ok(())
     }
 
-    fn uninstall(&self, names: &[&str]) -> HostResult<()> {
-        self.spawned(format!("remove {}", names.join(" ")));
+    /// `chpasswd -e`: `name:hash` lines on standard input.
+    fn chpasswd(&self, input: &[u8]) -> Result<String, Failed> {
         let mut inner = self.inner.borrow_mut();
         inner.mutations += 1;
-        for n in names {
-            inner.system.installed.remove(*n);
+        for line in String::from_utf8_lossy(input).lines() {
+            let (name, hash) = line.split_once(':').ok_or((1, "chpasswd: line 1: missing new password".to_string()))?;
+            let user = inner.system.accounts.users.iter_mut().find(|u| u.name == name);
+            let user = user.ok_or((1, format!("chpasswd: line 1: user '{name}' does not exist")))?;
+            user.password_hash = Some(hash.to_string());
         }
-        Ok(())
+        Ok(String::new())
     }
 
-    fn accounts(&self) -> HostResult<Accounts> {
-        Ok(self.inner.borrow().system.accounts.clone())
+    /// `systemctl [--root=DIR] show | start | stop | restart | reload | enable | disable |
+    /// is-enabled | daemon-reload`.
+    fn systemctl(&self, args: &[&str]) -> Result<String, Failed> {
+        let words = operands(args);
+        let (verb, names) = words.split_first().ok_or((1, "systemctl: too few arguments".to_string()))?;
+        let mut inner = self.inner.borrow_mut();
+        let sys = &mut inner.system;
+        match *verb {
+            "show" => Ok(names
+                .iter()
+                .map(|n| {
+                    let u = sys.units.get(*n).cloned().unwrap_or_default();
+                    let yes = |b: bool| if b { "yes" } else { "no" };
+                    format!(
+                        "Id={n}\nLoadState={}\nActiveState={}\nUnitFileState={}\nCanReload={}\nNeedDaemonReload={}\n",
+                        if u.exists { "loaded" } else { "not-found" },
+                        if u.exists { u.active.as_str() } else { "inactive" },
+                        u.enabled,
+                        yes(u.can_reload),
+                        yes(u.needs_daemon_reload)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")),
+            "is-enabled" => {
+                let states: Vec<String> =
+                    names.iter().map(|n| sys.units.get(*n).map(|u| u.enabled.clone()).unwrap_or_default()).collect();
+                let all = states.iter().all(|s| s == "enabled");
+                let out = states.join("\n") + "\n";
+                if all { Ok(out) } else { Err((1, out)) }
+            }
+            "daemon-reload" => {
+                for unit in sys.units.values_mut() {
+                    unit.needs_daemon_reload = false;
+                }
+                Ok(String::new())
+            }
+            "enable" | "disable" => {
+                inner.mutations += 1;
+                for n in names {
+                    if let Some(unit) = inner.system.units.get_mut(&unit_name(n)) {
+                        unit.enabled = if *verb == "enable" { "enabled" } else { "disabled" }.into();
+                    }
+                }
+                Ok(String::new())
+            }
+            verb => {
+                let action = match verb {
+                    "start" => UnitAction::Start,
+                    "stop" => UnitAction::Stop,
+                    "restart" => UnitAction::Restart,
+                    "reload" => UnitAction::Reload,
+                    other => return Err((1, format!("Unknown command verb {other}."))),
+                };
+                inner.mutations += 1;
+                for name in names {
+                    let n = unit_name(name);
+                    let sys = &mut inner.system;
+                    let Some(unit) = sys.units.get_mut(&n) else {
+                        return Err((5, format!("Failed to {verb} {n}: Unit {n} not found.")));
+                    };
+                    match action {
+                        UnitAction::Start | UnitAction::Restart => {
+                            unit.active = "active".into();
+                            *sys.starts.entry(n).or_default() += 1;
+                        }
+                        UnitAction::Stop => unit.active = "inactive".into(),
+                        UnitAction::Reload => *sys.reloads.entry(n).or_default() += 1,
+                    }
+                }
+                Ok(String::new())
+            }
+        }
     }
 
-    fn change_account(&self, op: &AccountOp) -> HostResult<()> {
-        self.spawned(format!("{op:?}"));
+    fn change_account(&self, op: &AccountOp) -> Result<(), Failed> {
         let mut inner = self.inner.borrow_mut();
         inner.mutations += 1;
-        let refused = |what: String| {
-            Err(HostError::Command { command: "shadow-utils".into(), status: "exited with 4".into(), output: what })
-        };
+        let refused = |what: String| Err((4, what));
         let accounts = &mut inner.system.accounts;
         match op {
             AccountOp::AddGroup { name, gid, system } => {
@@ -619,73 +859,6 @@ impl Host for MemHost {
             }
         }
         Ok(())
-    }
-
-    fn units(&self, names: &[&str]) -> HostResult<HashMap<String, Unit>> {
-        self.spawned(format!("query units {}", names.join(" ")));
-        let inner = self.inner.borrow();
-        Ok(names
-            .iter()
-            .map(|n| (n.to_string(), inner.system.units.get(&unit_name(n)).cloned().unwrap_or_default()))
-            .collect())
-    }
-
-    fn unit_action(&self, name: &str, action: UnitAction) -> HostResult<()> {
-        self.spawned(format!("{} {name}", action.verb()));
-        let mut inner = self.inner.borrow_mut();
-        inner.mutations += 1;
-        let n = unit_name(name);
-        let Some(unit) = inner.system.units.get_mut(&n) else {
-            let output = format!("Failed to {} {n}: Unit {n} not found.", action.verb());
-            return Err(HostError::Command {
-                command: format!("systemctl {} {n}", action.verb()),
-                status: "exited with 5".into(),
-                output,
-            });
-        };
-        match action {
-            UnitAction::Start | UnitAction::Restart => {
-                unit.active = "active".into();
-                *inner.system.starts.entry(n).or_default() += 1;
-            }
-            UnitAction::Stop => unit.active = "inactive".into(),
-            UnitAction::Reload => *inner.system.reloads.entry(n).or_default() += 1,
-        }
-        Ok(())
-    }
-
-    fn set_unit_enabled(&self, name: &str, enabled: bool) -> HostResult<()> {
-        self.spawned(format!("{} {name}", if enabled { "enable" } else { "disable" }));
-        let mut inner = self.inner.borrow_mut();
-        inner.mutations += 1;
-        if let Some(unit) = inner.system.units.get_mut(&unit_name(name)) {
-            unit.enabled = if enabled { "enabled" } else { "disabled" }.into();
-        }
-        Ok(())
-    }
-
-    fn daemon_reload(&self) -> HostResult<()> {
-        self.spawned("daemon-reload".into());
-        let mut inner = self.inner.borrow_mut();
-        for unit in inner.system.units.values_mut() {
-            unit.needs_daemon_reload = false;
-        }
-        Ok(())
-    }
-
-    fn unit_journal(&self, name: &str) -> String {
-        format!("(the journal of {})", unit_name(name))
-    }
-
-    fn run(&self, cmd: &Run) -> HostResult<Ran> {
-        self.spawned(format!("run {}", cmd.argv.join(" ")));
-        let runner = self.inner.borrow_mut().system.runner.take();
-        let ran = match &runner {
-            Some(f) => f(self, cmd),
-            None => Ran { code: Some(0), timed_out: false, tail: String::new() },
-        };
-        self.inner.borrow_mut().system.runner = runner;
-        Ok(ran)
     }
 }
 

@@ -24,7 +24,7 @@ fn env(e: &ExecSpec) -> Vec<(String, String)> {
 
 fn run(sys: &System, e: &ExecSpec, argv: &[String]) -> Result<Ran, String> {
     let env = env(e);
-    let cmd = Run { argv, user: e.user.as_deref(), cwd: e.cwd.as_deref(), env: &env, timeout: timeout(e) };
+    let cmd = Run { user: e.user.as_deref(), cwd: e.cwd.as_deref(), env: &env, ..Run::new(argv, timeout(e)) };
     sys.host.run(&cmd).map_err(fail)
 }
 
@@ -98,11 +98,11 @@ mod tests {
     use crate::report::Status;
 
     fn ok(tail: &str) -> Ran {
-        Ran { code: Some(0), timed_out: false, tail: tail.into() }
+        Ran { code: Some(0), tail: tail.into(), ..Ran::default() }
     }
 
     fn exit(code: i32, tail: &str) -> Ran {
-        Ran { code: Some(code), timed_out: false, tail: tail.into() }
+        Ran { code: Some(code), tail: tail.into(), ..Ran::default() }
     }
 
     #[test]
@@ -143,7 +143,7 @@ mod tests {
         let yaml = "  - exec: x\n    command: [/usr/bin/change-things]\n    unless: [/bin/false]\n";
         let events = converge_yaml(&host, yaml, true);
         assert_eq!(events[0].status, Status::WouldChange);
-        assert_eq!(host.processes(), vec!["run /bin/false"]);
+        assert_eq!(host.processes(), vec!["/bin/false"]);
     }
 
     #[test]
@@ -153,14 +153,19 @@ mod tests {
         let events = converge_yaml(&host, yaml, false);
         assert_eq!(events[2].status, Status::Unchanged);
         assert_eq!(events[2].refresh.as_deref(), Some("ran (notified by file:/etc/a)"));
-        assert_eq!(host.processes(), vec!["run /sbin/sysctl --system"]);
+        assert_eq!(host.processes(), vec!["/sbin/sysctl --system"]);
         let again = converge_yaml(&host, yaml, false);
         assert_eq!(again[2].refresh, None, "nothing changed, nothing notified");
     }
 
     #[test]
     fn a_timeout_says_so() {
-        let host = MemHost::new().with_runner(|_, _| Ran { code: None, timed_out: true, tail: "waiting\n".into() });
+        let host = MemHost::new().with_runner(|_, _| Ran {
+            code: None,
+            timed_out: true,
+            tail: "waiting\n".into(),
+            ..Ran::default()
+        });
         let events =
             converge_yaml(&host, "  - exec: slow\n    command: [/bin/sleep, \"100\"]\n    timeout: 2\n", false);
         assert_eq!(events[0].message.as_deref(), Some("`/bin/sleep 100` was killed after 2 s (its timeout): waiting"));

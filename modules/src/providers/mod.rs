@@ -12,14 +12,15 @@
 
 use crate::catalog::{Ensure, Mode, PackageSpec, Resource, Spec, join_path as join, parent_path as parent};
 use crate::engine::Providers;
-use crate::host::{
-    AccountOp, Accounts, Available, FileType, Host, HostError, Install, Installed, PackageSystem, Stat, Unit,
-    UnitAction,
-};
+use crate::host::{FileType, Host, HostError, Stat};
 use crate::report::{Change, describe_content, unified_diff};
 use crate::validate::holds_protected;
+use account::{AccountOp, Accounts};
+use package::{Available, Install, Installed, PackageTool};
+use service::{Unit, UnitAction};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use tool::ToolOptions;
 
 pub mod account;
 pub mod directory;
@@ -28,6 +29,7 @@ pub mod file;
 pub mod package;
 pub mod service;
 pub mod symlink;
+pub mod tool;
 
 /// Where systemd reads unit files: a change there needs a daemon-reload before services act.
 pub const UNIT_DIRS: &[&str] =
@@ -43,6 +45,14 @@ pub struct System<'h> {
     packages: Vec<(&'h str, &'h PackageSpec)>,
     services: Vec<&'h str>,
     dry_run: bool,
+    /// What the caller decided about the tools (the package lock's timeout).
+    tools: ToolOptions,
+    /// A live system running the agent: a change to its own package waits for the end of
+    /// the run (the package manager would replace and restart the agent mid-run).
+    self_upgrade_after_run: bool,
+    /// That change, when this run deferred one.
+    deferred_upgrade: RefCell<Option<Install>>,
+    package_tool: std::cell::OnceCell<Result<&'static dyn PackageTool, String>>,
     run: RefCell<RunState>,
 }
 
@@ -136,7 +146,39 @@ impl<'h> System<'h> {
             .collect();
         let services =
             resources.iter().filter(|r| matches!(r.spec, Spec::Service(_))).map(|r| r.id.title.as_str()).collect();
-        System { host, managed, packages, services, dry_run: false, run: RefCell::default() }
+        System {
+            host,
+            managed,
+            packages,
+            services,
+            dry_run: false,
+            tools: ToolOptions::default(),
+            self_upgrade_after_run: false,
+            deferred_upgrade: RefCell::default(),
+            package_tool: std::cell::OnceCell::new(),
+            run: RefCell::default(),
+        }
+    }
+
+    pub fn tool_options(mut self, tools: ToolOptions) -> Self {
+        self.tools = tools;
+        self
+    }
+
+    /// On a live system running the agent: its own package is changed after the run's report.
+    pub fn self_upgrade_after_run(mut self, yes: bool) -> Self {
+        self.self_upgrade_after_run = yes;
+        self
+    }
+
+    /// The change to the agent's own package this run deferred, if any (taken).
+    pub fn deferred_upgrade(&self) -> Option<Install> {
+        self.deferred_upgrade.borrow_mut().take()
+    }
+
+    /// The host's package manager, chosen once a run.
+    fn package_tool(&self) -> Result<&'static dyn PackageTool, String> {
+        self.package_tool.get_or_init(|| package::tool_of(self.host)).clone()
     }
 
     /// For a dry-run: nothing is refreshed (package lists, systemd's view of unit files).
@@ -149,7 +191,7 @@ impl<'h> System<'h> {
     fn installed(&self, name: &str) -> Result<Option<Installed>, String> {
         if self.run.borrow().installed.is_none() {
             let names: Vec<&str> = self.packages.iter().map(|(n, _)| *n).collect();
-            let installed = self.host.installed(&names).map_err(fail)?;
+            let installed = self.package_tool()?.installed(self.host, &names).map_err(fail)?;
             self.run.borrow_mut().installed = Some(installed);
         }
         Ok(self.run.borrow().installed.as_ref().and_then(|m| m.get(name).cloned()))
@@ -158,7 +200,7 @@ impl<'h> System<'h> {
     /// What the repositories offer of `name`, asked once for every package that needs it.
     /// When some package is not on offer, the package lists are refreshed once (not in a
     /// dry-run) and asked again.
-    fn available(&self, name: &str, system: PackageSystem) -> Result<Option<Available>, String> {
+    fn available(&self, name: &str, system: &dyn PackageTool) -> Result<Option<Available>, String> {
         if self.run.borrow().available.is_none() {
             let mut names: Vec<&str> = Vec::new();
             for (n, spec) in &self.packages {
@@ -170,11 +212,11 @@ impl<'h> System<'h> {
             if !names.contains(&name) {
                 names.push(name);
             }
-            let mut offered = self.host.available(&names, false).map_err(fail)?;
+            let mut offered = system.available(self.host, &names, false, &self.tools).map_err(fail)?;
             let missing = names.iter().any(|n| offered.get(*n).is_none_or(|a| a.versions.is_empty()));
             if missing && !self.dry_run && !self.run.borrow().lists_refreshed {
                 self.run.borrow_mut().lists_refreshed = true;
-                offered = self.host.available(&names, true).map_err(fail)?;
+                offered = system.available(self.host, &names, true, &self.tools).map_err(fail)?;
             }
             self.run.borrow_mut().available = Some(offered);
         }
@@ -188,7 +230,7 @@ impl<'h> System<'h> {
     /// Every local account, read once until something changes them.
     fn accounts(&self) -> Result<Accounts, String> {
         if self.run.borrow().accounts.is_none() {
-            let accounts = self.host.accounts().map_err(fail)?;
+            let accounts = account::shadow::read(self.host).map_err(fail)?;
             self.run.borrow_mut().accounts = Some(accounts);
         }
         Ok(self.run.borrow().accounts.clone().unwrap_or_default())
@@ -204,17 +246,17 @@ impl<'h> System<'h> {
     fn unit(&self, name: &str) -> Result<Unit, String> {
         if self.run.borrow().units.is_none() {
             if self.run.borrow().unit_files_changed && !self.dry_run && !self.host.is_image() {
-                self.host.daemon_reload().map_err(fail)?;
+                service::systemd::daemon_reload(self.host).map_err(fail)?;
                 self.run.borrow_mut().unit_files_changed = false;
             }
             let mut names = self.services.clone();
             if !names.contains(&name) {
                 names.push(name);
             }
-            let mut units = self.host.units(&names).map_err(fail)?;
+            let mut units = service::systemd::units(self.host, &names).map_err(fail)?;
             if units.values().any(|u| u.needs_daemon_reload) && !self.dry_run && !self.host.is_image() {
-                self.host.daemon_reload().map_err(fail)?;
-                units = self.host.units(&names).map_err(fail)?;
+                service::systemd::daemon_reload(self.host).map_err(fail)?;
+                units = service::systemd::units(self.host, &names).map_err(fail)?;
             }
             self.run.borrow_mut().units = Some(units);
         }
@@ -505,10 +547,22 @@ pub(crate) fn converge_yaml(
     yaml: &str,
     dry_run: bool,
 ) -> Vec<crate::report::ResourceEvent> {
+    converge_live(host, yaml, dry_run, false).0
+}
+
+/// As [`converge_yaml`], on a live system running the agent when `live_agent`: the events,
+/// and the change to the agent's own package deferred to after the run.
+#[cfg(test)]
+pub(crate) fn converge_live(
+    host: &crate::host::memory::MemHost,
+    yaml: &str,
+    dry_run: bool,
+    live_agent: bool,
+) -> (Vec<crate::report::ResourceEvent>, Option<Install>) {
     use crate::engine::{Options, run};
     use crate::report::{Collect, RunInfo};
     let loaded = crate::load::load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
-    let sys = System::new(host, &loaded.catalog.resources).dry_run(dry_run);
+    let sys = System::new(host, &loaded.catalog.resources).dry_run(dry_run).self_upgrade_after_run(live_agent);
     let mut sink = Collect::default();
     let info = RunInfo {
         catalog: "t".into(),
@@ -521,5 +575,5 @@ pub(crate) fn converge_yaml(
         warnings: vec![],
     };
     run(&loaded, &sys, Options { dry_run, stop: None }, info, &mut sink);
-    sink.resources
+    (sink.resources, sys.deferred_upgrade())
 }

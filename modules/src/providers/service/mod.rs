@@ -1,4 +1,4 @@
-//! `service`: systemd units, through the host.
+//! `service`: systemd units ([`systemd`]).
 //!
 //! One query answers every service of a run. Enabling comes before starting. A notify restarts
 //! (or reloads, where the catalog asks and the unit can) a running service once, after it
@@ -7,8 +7,43 @@
 
 use super::{Checked, Op, System, fail};
 use crate::catalog::{Refresh, Resource, ServiceEnsure, ServiceSpec};
-use crate::host::{Unit, UnitAction};
 use crate::report::Change;
+
+pub mod systemd;
+
+/// A systemd unit as `systemctl show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Unit {
+    /// `LoadState` is not `not-found`.
+    pub exists: bool,
+    /// `ActiveState`: active, inactive, failed, activating...
+    pub active: String,
+    /// `UnitFileState`: enabled, disabled, static, masked, indirect...
+    pub enabled: String,
+    pub can_reload: bool,
+    /// The unit file changed on disk since systemd read it.
+    pub needs_daemon_reload: bool,
+}
+
+/// What to do to a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitAction {
+    Start,
+    Stop,
+    Restart,
+    Reload,
+}
+
+impl UnitAction {
+    pub fn verb(self) -> &'static str {
+        match self {
+            UnitAction::Start => "start",
+            UnitAction::Stop => "stop",
+            UnitAction::Restart => "restart",
+            UnitAction::Reload => "reload",
+        }
+    }
+}
 
 fn running(u: &Unit) -> bool {
     matches!(u.active.as_str(), "active" | "activating" | "reloading")
@@ -84,10 +119,10 @@ pub fn apply(sys: &System, r: &Resource, state: &Checked) -> Result<Option<Strin
     let name = unit_name(&r.id.title);
     let result = (|| {
         if let Some(e) = enable {
-            sys.host.set_unit_enabled(&name, *e).map_err(fail)?;
+            systemd::set_enabled(sys.host, &name, *e).map_err(fail)?;
         }
         if let Some(a) = action {
-            sys.host.unit_action(&name, *a).map_err(|e| with_journal(sys, &name, fail(e)))?;
+            systemd::action(sys.host, &name, *a).map_err(|e| with_journal(sys, &name, fail(e)))?;
             if *a == UnitAction::Start {
                 sys.run.borrow_mut().started.insert(name.clone());
                 // A service can start and die at once: say so with its journal.
@@ -107,7 +142,7 @@ pub fn apply(sys: &System, r: &Resource, state: &Checked) -> Result<Option<Strin
 
 /// A failure with the end of the unit's journal, which says why.
 fn with_journal(sys: &System, name: &str, message: String) -> String {
-    let journal = sys.host.unit_journal(name);
+    let journal = systemd::journal(sys.host, name);
     if journal.trim().is_empty() { message } else { format!("{message}\n{journal}") }
 }
 
@@ -131,7 +166,7 @@ pub fn refresh(sys: &System, r: &Resource, s: &ServiceSpec, dry_run: bool) -> Re
     if dry_run {
         return Ok(Some(format!("would be {done}")));
     }
-    let result = sys.host.unit_action(&name, action).map_err(|e| with_journal(sys, &name, fail(e)));
+    let result = systemd::action(sys.host, &name, action).map_err(|e| with_journal(sys, &name, fail(e)));
     sys.forget_units();
     result?;
     sys.run.borrow_mut().started.insert(name);
@@ -201,7 +236,12 @@ mod tests {
         let before = host.processes().len();
         let again = converge_yaml(&host, yaml, false);
         assert!(again.iter().all(|e| e.status == Status::Unchanged && e.refresh.is_none()), "{again:?}");
-        assert_eq!(host.processes()[before..], ["query units web db cache".to_string()]);
+        assert_eq!(
+            host.processes()[before..],
+            ["systemctl show --property=Id,LoadState,ActiveState,UnitFileState,CanReload,NeedDaemonReload \
+              -- web.service db.service cache.service"
+                .to_string()]
+        );
     }
 
     #[test]
@@ -225,10 +265,10 @@ mod tests {
         let events = converge_yaml(&host, yaml, false);
         assert!(events.iter().all(|e| e.status == Status::Changed), "{events:?}");
         let p = host.processes();
-        let reload = p.iter().position(|x| x == "daemon-reload").expect("a daemon-reload");
-        let enable = p.iter().position(|x| x == "enable app.service").unwrap();
+        let reload = p.iter().position(|x| x == "systemctl daemon-reload").expect("a daemon-reload");
+        let enable = p.iter().position(|x| x == "systemctl enable -- app.service").unwrap();
         assert!(reload < enable, "{p:?}");
-        assert_eq!(p.iter().filter(|x| *x == "daemon-reload").count(), 1);
+        assert_eq!(p.iter().filter(|x| *x == "systemctl daemon-reload").count(), 1);
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! `package`: apt/dpkg or dnf/rpm, through the host.
+//! `package`: installed, a version, the latest, or absent, through the package tool of the
+//! host's family: [`apt`] (Debian, Ubuntu) or [`dnf`] (the RHEL family). A new package
+//! manager is one new file implementing [`PackageTool`] and one entry in [`TOOLS`].
 //!
 //! One query of the package database answers every package of a run; what the repositories
 //! offer is asked (once, for all) only when some package needs it: not installed, `latest`, or
@@ -6,11 +8,92 @@
 //! into one transaction; when that transaction fails, each is tried alone so that the failure
 //! lands on the package that caused it.
 
+use super::tool::ToolOptions;
 use super::{Checked, Op, System, fail};
 use crate::catalog::{PackageSpec, Resource};
-use crate::host::{Available, Install, Installed, PackageSystem};
+use crate::host::{Host, HostResult};
 use crate::report::Change;
 use crate::version::{best_match, matches};
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+pub mod apt;
+pub mod dnf;
+
+/// A package as the package database has it installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// The full version (with its epoch when it has one).
+    pub version: String,
+    /// Held (dpkg `hold`, dnf versionlock): converge never changes it.
+    pub held: bool,
+}
+
+/// What the configured repositories offer of a package.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Available {
+    /// What an install or upgrade would take.
+    pub candidate: Option<String>,
+    /// Every version on offer, newest first.
+    pub versions: Vec<String>,
+}
+
+/// One package to install, at its candidate version or at `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Install {
+    pub name: String,
+    pub version: Option<String>,
+}
+
+/// A package manager: how packages are asked about and changed on a family of systems. Its
+/// command lines and the parsing of their output live in its module, tested on captured
+/// output; it reaches the system only through [`Host`].
+pub trait PackageTool: Sync {
+    /// `apt`, `dnf`.
+    fn name(&self) -> &'static str;
+    /// Whether it manages the packages of this os-release family (`debian`, `redhat`).
+    fn serves(&self, family: &str) -> bool;
+    /// How versions compare on its systems.
+    fn compare(&self, a: &str, b: &str) -> Ordering;
+    /// The command that shows an operator what the repositories offer of `name`.
+    fn offer_hint(&self, name: &str) -> String;
+    /// The installed packages among `names`, in one query.
+    fn installed(&self, host: &dyn Host, names: &[&str]) -> HostResult<HashMap<String, Installed>>;
+    /// What the repositories offer of `names`, in one query; with `refresh`, the package
+    /// lists are brought up to date first.
+    fn available(
+        &self,
+        host: &dyn Host,
+        names: &[&str],
+        refresh: bool,
+        opts: &ToolOptions,
+    ) -> HostResult<HashMap<String, Available>>;
+    /// Installs (or upgrades, or downgrades with `downgrade`) in one transaction, keeping
+    /// local configuration files and never asking anything.
+    fn install(&self, host: &dyn Host, packages: &[Install], downgrade: bool, opts: &ToolOptions) -> HostResult<()>;
+    /// Removes in one transaction.
+    fn uninstall(&self, host: &dyn Host, names: &[&str], opts: &ToolOptions) -> HostResult<()>;
+}
+
+/// Every package manager of this build.
+pub const TOOLS: &[&dyn PackageTool] = &[&apt::Apt, &dnf::Dnf];
+
+/// The package manager of `host`, by the family its os-release names, or why there is none.
+pub fn tool_of(host: &dyn Host) -> Result<&'static dyn PackageTool, String> {
+    let os = super::tool::os_release(host).map_err(fail)?;
+    let family = os.as_deref().and_then(super::tool::os_family);
+    let root = host.image_root().unwrap_or_default();
+    let Some(family) = family else {
+        return Err(format!(
+            "{root}/etc/os-release does not say which system this is: converge cannot choose apt or dnf"
+        ));
+    };
+    TOOLS.iter().copied().find(|t| t.serves(family)).ok_or_else(|| {
+        format!(
+            "converge manages packages with apt (Debian, Ubuntu) or dnf (the RHEL family), not on a {family} system"
+        )
+    })
+}
 
 /// The agent's own package: managed like any (never removed: that would cut the host off),
 /// but on a live system changed only after the run's report, detached from the running agent.
@@ -18,14 +101,14 @@ pub const AGENT: &str = "converge";
 
 /// Whether `r` is the agent's own package, changed after the run on this host.
 pub fn deferred(sys: &System, r: &Resource) -> bool {
-    matches!(r.spec, crate::catalog::Spec::Package(_)) && r.id.title == AGENT && sys.host.defers_self_upgrade()
+    matches!(r.spec, crate::catalog::Spec::Package(_)) && r.id.title == AGENT && sys.self_upgrade_after_run
 }
 
 /// Defers the change to the agent's own package until after the run's report.
 pub fn apply_deferred(sys: &System, state: &Checked) -> Result<Option<String>, String> {
     match &state.op {
         Op::Install(i) => {
-            sys.host.defer_self_upgrade(i).map_err(fail)?;
+            *sys.deferred_upgrade.borrow_mut() = Some(i.clone());
             let to = i.version.as_deref().unwrap_or("the newest version");
             Ok(Some(format!("the agent is upgraded to {to} after this run's report, detached from it")))
         }
@@ -52,7 +135,7 @@ pub fn want(p: &PackageSpec) -> Want<'_> {
 }
 
 /// Whether deciding needs what the repositories offer.
-pub fn needs_available(want: &Want, installed: Option<&Installed>, system: PackageSystem) -> bool {
+pub fn needs_available(want: &Want, installed: Option<&Installed>, system: &dyn PackageTool) -> bool {
     match want {
         Want::Absent => false,
         Want::Present => installed.is_none(),
@@ -67,15 +150,12 @@ pub fn diff(
     p: &PackageSpec,
     installed: Option<&Installed>,
     available: Option<&Available>,
-    system: PackageSystem,
+    system: &dyn PackageTool,
 ) -> Result<(Vec<Change>, Op), String> {
     let compare = |a: &str, b: &str| system.compare(a, b);
     let have = installed.map_or("absent", |i| i.version.as_str());
     let none_on_offer = || {
-        let ask = match system {
-            PackageSystem::Apt => format!("apt-cache policy {name}"),
-            PackageSystem::Dnf => format!("dnf list --available {name}"),
-        };
+        let ask = system.offer_hint(name);
         format!("no package `{name}` in the configured repositories (`{ask}` shows what they offer)")
     };
     let install = |version: &str, pinned: bool| {
@@ -129,7 +209,7 @@ pub fn diff(
 
 /// Inspects and diffs a package from the run's queries.
 pub fn check(sys: &System, r: &Resource, p: &PackageSpec) -> Result<(Checked, Vec<Change>), String> {
-    let system = sys.host.package_system()?;
+    let system = sys.package_tool()?;
     let name = r.id.title.as_str();
     let installed = sys.installed(name)?;
     let available =
@@ -169,25 +249,32 @@ pub fn apply_all(sys: &System, items: &[(&Resource, &Checked)]) -> Vec<Result<Op
     if !installs.is_empty() {
         let all: Vec<Install> = installs.iter().map(|(_, i)| (*i).clone()).collect();
         let ks: Vec<usize> = installs.iter().map(|(k, _)| *k).collect();
-        if let Err(e) = sys.host.install(&all, downgrade(&ks)) {
+        let install = |p: &[Install], downgrade: bool| match sys.package_tool() {
+            Ok(t) => t.install(sys.host, p, downgrade, &sys.tools).map_err(fail),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = install(&all, downgrade(&ks)) {
             if installs.len() == 1 {
-                results[installs[0].0] = Err(fail(e));
+                results[installs[0].0] = Err(e);
             } else {
                 for (k, i) in &installs {
-                    results[*k] =
-                        sys.host.install(std::slice::from_ref(*i), downgrade(&[*k])).map(|()| None).map_err(fail);
+                    results[*k] = install(std::slice::from_ref(*i), downgrade(&[*k])).map(|()| None);
                 }
             }
         }
     }
     if !removals.is_empty() {
         let names: Vec<&str> = removals.iter().map(|(_, n)| *n).collect();
-        if let Err(e) = sys.host.uninstall(&names) {
+        let uninstall = |n: &[&str]| match sys.package_tool() {
+            Ok(t) => t.uninstall(sys.host, n, &sys.tools).map_err(fail),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = uninstall(&names) {
             if removals.len() == 1 {
-                results[removals[0].0] = Err(fail(e));
+                results[removals[0].0] = Err(e);
             } else {
                 for (k, n) in &removals {
-                    results[*k] = sys.host.uninstall(&[n]).map(|()| None).map_err(fail);
+                    results[*k] = uninstall(&[n]).map(|()| None);
                 }
             }
         }
@@ -200,7 +287,7 @@ pub fn apply_all(sys: &System, items: &[(&Resource, &Checked)]) -> Vec<Result<Op
 mod tests {
     use super::*;
     use crate::host::memory::MemHost;
-    use crate::providers::converge_yaml;
+    use crate::providers::{converge_live, converge_yaml};
     use crate::report::Status;
 
     fn spec(ensure: &str) -> PackageSpec {
@@ -220,7 +307,7 @@ mod tests {
 
     mod pure {
         use super::*;
-        const APT: PackageSystem = PackageSystem::Apt;
+        const APT: &dyn PackageTool = &apt::Apt;
 
         #[test]
         fn present_absent_latest() {
@@ -291,15 +378,20 @@ mod tests {
                 ("package:c", Status::Changed)
             ]
         );
+        // What is installed is read from dpkg's status file: no process at all.
         let p = host.processes();
-        assert_eq!(p.iter().filter(|x| x.starts_with("install")).collect::<Vec<_>>(), vec!["install a b c"], "{p:?}");
-        assert_eq!(p.iter().filter(|x| x.starts_with("query packages")).count(), 2, "before and after: {p:?}");
+        let installs: Vec<&String> = p.iter().filter(|x| x.starts_with("apt-get install")).collect();
+        assert_eq!(installs.len(), 1, "one transaction: {p:?}");
+        assert!(installs[0].ends_with(" -- a b c"), "{p:?}");
+        assert_eq!(
+            p.iter().filter(|x| x.starts_with("apt-cache policy")).collect::<Vec<_>>(),
+            ["apt-cache policy -- a b c"]
+        );
         assert_eq!(host.installed_version("c").as_deref(), Some("3.0"));
         let before = host.processes().len();
         let again = converge_yaml(&host, yaml, false);
         assert!(again.iter().all(|e| e.status == Status::Unchanged), "{again:?}");
-        let p = host.processes();
-        assert_eq!(p[before..], ["query packages base a b c".to_string()], "one query, nothing else");
+        assert_eq!(host.processes()[before..], [] as [String; 0], "a no-op runs no process");
     }
 
     #[test]
@@ -341,8 +433,12 @@ mod tests {
         };
         assert!(events[0].is_ok() && events[2].is_ok(), "{events:?}");
         assert!(events[1].as_ref().unwrap_err().contains("Version '9.9' for 'b' was not found"), "{events:?}");
-        let installs: Vec<String> = host.processes().into_iter().filter(|p| p.starts_with("install")).collect();
-        assert_eq!(installs, vec!["install a b=9.9 c", "install a", "install b=9.9", "install c"]);
+        let installs: Vec<String> = host
+            .processes()
+            .into_iter()
+            .filter_map(|p| p.strip_prefix("apt-get install").map(|p| p.rsplit(" -- ").next().unwrap().to_string()))
+            .collect();
+        assert_eq!(installs, vec!["a b=9.9 c", "a", "b=9.9", "c"]);
     }
 
     #[test]
@@ -366,33 +462,32 @@ mod tests {
     #[test]
     fn the_agents_own_package_is_upgraded_after_the_run_on_a_live_host() {
         let catalog = "  - package: converge\n    ensure: \"0.2.0-1\"\n  - package: a\n";
-        let live = || {
+        let host = || {
             MemHost::new()
-                .with_live_agent()
                 .with_installed("converge", "0.1.0-1", false)
                 .with_available("converge", &["0.1.0-1", "0.2.0-1"])
                 .with_available("a", &["1.0"])
         };
-        let host = live();
-        let events = converge_yaml(&host, catalog, false);
+        let live = host();
+        let (events, deferred) = converge_live(&live, catalog, false, true);
         assert_eq!(events[0].status, Status::Changed, "{events:?}");
         assert!(events[0].message.as_deref().unwrap().contains("after this run's report"), "{events:?}");
-        assert_eq!(host.installed_version("converge").as_deref(), Some("0.1.0-1"), "not during the run");
-        assert_eq!(host.deferred().len(), 1);
-        assert_eq!(host.deferred()[0].version.as_deref(), Some("0.2.0-1"));
-        assert_eq!(host.installed_version("a").as_deref(), Some("1.0"), "the rest converges as ever");
-        let installs: Vec<String> = host.processes().into_iter().filter(|p| p.starts_with("install")).collect();
-        assert_eq!(installs, vec!["install a"], "never in a transaction of the run");
+        assert_eq!(live.installed_version("converge").as_deref(), Some("0.1.0-1"), "not during the run");
+        assert_eq!(deferred.and_then(|d| d.version).as_deref(), Some("0.2.0-1"));
+        assert_eq!(live.installed_version("a").as_deref(), Some("1.0"), "the rest converges as ever");
+        let installs: Vec<String> = live.processes().into_iter().filter(|p| p.starts_with("apt-get install")).collect();
+        assert_eq!(installs.len(), 1, "{installs:?}");
+        assert!(installs[0].ends_with("-- a"), "never in a transaction of the run: {installs:?}");
         // A dry-run says it would change, and defers nothing.
-        let host = live();
-        let events = converge_yaml(&host, catalog, true);
+        let (events, deferred) = converge_live(&host(), catalog, true, true);
         assert_eq!(events[0].status, Status::WouldChange);
-        assert!(host.deferred().is_empty());
+        assert!(deferred.is_none());
         // In an image (no agent running in it) it is installed like any package.
         let image =
             MemHost::new().with_installed("converge", "0.1.0-1", false).with_available("converge", &["0.2.0-1"]);
-        let events = converge_yaml(&image, "  - package: converge\n    ensure: latest\n", false);
+        let (events, deferred) = converge_live(&image, "  - package: converge\n    ensure: latest\n", false, false);
         assert_eq!(events[0].status, Status::Changed);
+        assert!(deferred.is_none());
         assert_eq!(image.installed_version("converge").as_deref(), Some("0.2.0-1"));
     }
 

@@ -1,5 +1,5 @@
 //! `user` and `group`: local accounts, read from the account files once a run and changed with
-//! shadow-utils (through the host).
+//! shadow-utils ([`shadow`]).
 //!
 //! A user's supplementary groups are exactly the listed ones unless `membership: minimum`. The
 //! account with uid 0 is never removed, nor a system account (or group) not declared
@@ -7,8 +7,85 @@
 
 use super::{Checked, Op, System, fail};
 use crate::catalog::{Ensure, GroupSpec, Membership, Resource, UserSpec};
-use crate::host::{Account, AccountOp, Accounts, GroupEntry, UserFields};
 use crate::report::Change;
+
+pub mod shadow;
+
+/// A line of `/etc/passwd` (with its `/etc/shadow` password).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub comment: String,
+    pub home: String,
+    pub shell: String,
+    /// From `/etc/shadow`, when readable.
+    pub password_hash: Option<String>,
+}
+
+/// A line of `/etc/group`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupEntry {
+    pub name: String,
+    pub gid: u32,
+    pub members: Vec<String>,
+}
+
+/// The local accounts, read at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accounts {
+    pub users: Vec<Account>,
+    pub groups: Vec<GroupEntry>,
+    /// The highest uid and gid of system accounts (`SYS_UID_MAX` of login.defs) [999].
+    pub system_max: u32,
+}
+
+impl Accounts {
+    pub fn user(&self, name: &str) -> Option<&Account> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn group(&self, name: &str) -> Option<&GroupEntry> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The supplementary groups of `user`, sorted.
+    pub fn groups_of(&self, user: &str) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.groups.iter().filter(|g| g.members.iter().any(|m| m == user)).map(|g| g.name.clone()).collect();
+        v.sort();
+        v
+    }
+}
+
+/// A change to the local accounts, carried out with shadow-utils.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountOp {
+    AddGroup { name: String, gid: Option<u32>, system: bool },
+    SetGid { name: String, gid: u32 },
+    DelGroup { name: String },
+    AddUser(UserFields),
+    ModUser(UserFields),
+    DelUser { name: String, remove_home: bool },
+}
+
+/// The attributes of a user to set; `None` is left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserFields {
+    pub name: String,
+    pub uid: Option<u32>,
+    pub gid: Option<String>,
+    /// The supplementary groups, exactly (`append` false) or added to the current ones.
+    pub groups: Option<Vec<String>>,
+    pub append: bool,
+    pub home: Option<String>,
+    pub shell: Option<String>,
+    pub comment: Option<String>,
+    pub system: bool,
+    /// Never shown: passed to the tools on standard input.
+    pub password_hash: Option<String>,
+}
 
 const HIDDEN: &str = "(hidden)";
 
@@ -194,7 +271,7 @@ pub fn check_group(sys: &System, r: &Resource, g: &GroupSpec) -> Result<(Checked
 
 pub fn apply(sys: &System, state: &Checked) -> Result<Option<String>, String> {
     let Op::Accounts(ops) = &state.op else { return Ok(None) };
-    let result = ops.iter().try_for_each(|op| sys.host.change_account(op).map_err(fail));
+    let result = ops.iter().try_for_each(|op| shadow::change(sys.host, op).map_err(fail));
     sys.forget_accounts();
     result.map(|()| None)
 }
