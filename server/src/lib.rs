@@ -9,6 +9,7 @@
 //! - [`ca`], [`db`], [`config`], [`fleet`], [`http`]: the server: its CA, state, configuration,
 //!   enrollment and catalogs, and HTTPS. [`view`] and [`page`]: what operators see.
 //!   [`metrics`]: `/metrics`. [`bootstrap`]: `/bootstrap.sh` and the server key's pin.
+//! - [`cli`]: every command of `converge-server`, one module per group (`main.rs` parses).
 //!
 //! Invariants: after `repo`, everything is a pure function of the repository, the node name and
 //! its facts; classification never reads facts; an undefined template variable is an error,
@@ -16,6 +17,7 @@
 
 pub mod bootstrap;
 pub mod ca;
+pub mod cli;
 pub mod compiler;
 pub mod config;
 pub mod db;

@@ -1,0 +1,319 @@
+//! `report`, `node`, `ca` and `token`: what a server's state holds, and changes to it.
+
+use super::*;
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// Every node: last seen, certificate, catalog, last report; and requests waiting.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Let a node that asked to enroll without a token have its certificate: the request
+    /// whose key is KEY (the fingerprint the host printed, as `node list` shows it).
+    Approve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        name: String,
+        /// The key's fingerprint: sha256:HEX (at least its first 16 hex digits).
+        #[arg(long)]
+        key: String,
+    },
+    /// Remove a waiting enrollment request (one from a key the host did not make).
+    Reject {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        name: String,
+    },
+    /// Refuse a node's certificates from now on (it must bootstrap again to return).
+    Revoke {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaAction {
+    /// Begin a rollover: a successor CA, cross-signed by the current one; both are trusted
+    /// until `ca retire`.
+    Rotate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// The CA in force, a rollover under way, and which hosts hold what.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// End a rollover: the previous CA is trusted no more. Refused while a host with a live
+    /// certificate lacks the new bundle or a certificate from the new CA, unless --force.
+    Retire {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Retire even though hosts are not there yet (they will need to bootstrap again).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// A one-time token for one node name, or a pattern of names.
+    New {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The node name (or glob pattern) it may enroll [*].
+        #[arg(long, default_value = "*")]
+        name: String,
+        /// How long it stays valid [token_ttl of the configuration, 24h].
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// A token for the fleet page from another machine (loopback needs none).
+    Operator {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// How long it stays valid.
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+    },
+}
+
+/// `converge-server report`.
+pub fn report(
+    config: &Path,
+    node: Option<String>,
+    failed: bool,
+    since: Option<&str>,
+    limit: i64,
+    details: bool,
+) -> Result<u8> {
+    let (_, db) = open_db(config)?;
+    let now = crate::db::now();
+    let since = match since {
+        None => None,
+        Some(t) => Some(match converge_modules::settings::parse_duration(t) {
+            Ok(d) => now - d,
+            Err(_) => {
+                converge_modules::time::Timestamp::parse(t)
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "--since {t}: give a duration like 24h or 7d, or a time like 2026-11-30T08:00:00Z"
+                        )
+                    })?
+                    .0
+            }
+        }),
+    };
+    if let Some(n) = &node
+        && db.node(n)?.is_none()
+    {
+        bail!("there is no node {n} (converge-server node list shows them)");
+    }
+    let filter = crate::db::ReportFilter { node, failed, since, limit, bodies: true };
+    let reports = db.reports(&filter)?;
+    if reports.is_empty() {
+        println!("no reports match");
+    }
+    for r in &reports {
+        print!("{}", crate::view::report_text(&crate::view::report_view(r, now), details));
+    }
+    Ok(0)
+}
+
+pub fn node_command(action: NodeAction) -> Result<u8> {
+    match action {
+        NodeAction::List { config } => {
+            let (config, db) = open_db(&config)?;
+            let now = crate::db::now();
+            let nodes = db.nodes()?;
+            println!(
+                "{:<28} {:<10} {:<12} {:<12} {:<14} {:>7} {:>6}  CERTIFICATE",
+                "NODE", "STATUS", "LAST RUN", "COMMIT", "SERIAL", "CHANGED", "FAILED"
+            );
+            for n in &nodes {
+                let v = crate::view::node_view(n, None, now, 2 * config.run_interval);
+                let late = if v.late { " LATE" } else { "" };
+                println!(
+                    "{:<28} {:<10} {:<12} {:<12} {:<14} {:>7} {:>6}  {}{late}",
+                    v.name, v.status, v.last_run_ago, v.commit, v.serial, v.changed, v.failed, v.certificate
+                );
+                if let Some(e) = &v.compile_error {
+                    let e = converge_modules::text::clip(e, 2000);
+                    println!("{:<28} compile failing (last good catalog served): {e}", "");
+                }
+            }
+            let pending = db.pending_list(now)?;
+            for p in &pending {
+                let state = if p.approved { "approved, waiting for the agent" } else { "waiting for approval" };
+                println!(
+                    "{:<28} enrollment requested {} from {}, key {}: {state}",
+                    p.node,
+                    when(Some(p.requested)),
+                    if p.address.is_empty() { "?" } else { &p.address },
+                    p.fingerprint
+                );
+            }
+            if nodes.is_empty() && pending.is_empty() {
+                println!("no nodes yet");
+            }
+        }
+        NodeAction::Approve { config, name, key } => {
+            let (_, db) = open_db(&config)?;
+            let fingerprint = db.approve(&name, &key, crate::db::now())?.map_err(anyhow::Error::msg)?;
+            println!("approved {name} with key {fingerprint}: it gets its certificate the next time it asks");
+        }
+        NodeAction::Reject { config, name } => {
+            let (_, db) = open_db(&config)?;
+            if !db.reject(&name)? {
+                bail!("no enrollment request from {name} is waiting (converge-server node list shows them)");
+            }
+            println!("rejected the request waiting for {name}: the host may ask again");
+        }
+        NodeAction::Revoke { config, name } => {
+            let (_, db) = open_db(&config)?;
+            let n = db.revoke(&name, crate::db::now())?;
+            if n == 0 {
+                bail!("{name} has no live certificate");
+            }
+            println!("revoked {n} certificate(s) of {name}: it is refused from now on");
+        }
+    }
+    Ok(0)
+}
+
+/// The hosts not yet through a CA rollover: those with a live certificate that do not hold
+/// the new bundle, or whose newest certificate came from the previous CA.
+pub fn behind_in_rollover(db: &crate::db::Db, ca: &crate::ca::Ca) -> Result<(usize, Vec<String>)> {
+    let now = crate::db::now();
+    let nodes = db.trust_of_nodes(now)?;
+    let bundle = ca.bundle_hash();
+    let behind = nodes
+        .iter()
+        .filter(|(_, held, issued)| {
+            held.as_deref() != Some(bundle.as_str()) || ca.rotated_at.is_some_and(|r| *issued < r)
+        })
+        .map(|(n, ..)| n.clone())
+        .collect();
+    Ok((nodes.len(), behind))
+}
+
+pub fn ca_command(action: CaAction) -> Result<u8> {
+    use crate::ca::Ca;
+    match action {
+        CaAction::Rotate { config } => {
+            let (config, _) = open_db(&config)?;
+            let hash = Ca::rotate(&config.state)?;
+            println!("rollover begun: the new CA is {hash}; the previous one stays trusted until `ca retire`");
+            println!("- the server takes it in within a second (its own certificate is issued by the new CA);");
+            println!(
+                "- each host adopts the bundle at its next run, and renews its certificate from the new CA at the one after;"
+            );
+            println!(
+                "- `converge-server ca status --config ...` shows the hosts not there yet; then `converge-server ca retire --config ...`"
+            );
+            println!("- new hosts join with --ca-hash {hash} (the old hash works until the retirement)");
+        }
+        CaAction::Status { config } => {
+            let (config, db) = open_db(&config)?;
+            let ca = Ca::load(&config.state)?;
+            let (not_before, not_after) = crate::ca::validity(&ca.der)?;
+            let t = |s: i64| converge_modules::time::Timestamp(s).to_string();
+            println!("CA          {} (from {} until {})", ca.hash(), t(not_before), t(not_after));
+            match (&ca.previous, ca.rotated_at) {
+                (Some((_, prev)), at) => {
+                    println!(
+                        "rollover    begun {}: the previous CA {} is still trusted",
+                        at.map_or("?".to_string(), t),
+                        crate::ca::cert_hash(prev)
+                    );
+                    let (total, behind) = behind_in_rollover(&db, &ca)?;
+                    println!(
+                        "hosts       {total} with a live certificate; {} not through the rollover yet",
+                        behind.len()
+                    );
+                    for n in behind.iter().take(20) {
+                        println!("            {n}");
+                    }
+                    if behind.len() > 20 {
+                        println!("            and {} more", behind.len() - 20);
+                    }
+                    if behind.is_empty() {
+                        println!("next        converge-server ca retire --config {}", config.file.display());
+                    }
+                }
+                (None, _) => println!("rollover    none under way"),
+            }
+            println!("join with   --ca-hash {}", ca.hash());
+        }
+        CaAction::Retire { config, force } => {
+            let (config, db) = open_db(&config)?;
+            let ca = Ca::load(&config.state)?;
+            if ca.previous.is_none() {
+                bail!("no rollover is under way (converge-server ca status)");
+            }
+            let (_, behind) = behind_in_rollover(&db, &ca)?;
+            if !behind.is_empty() && !force {
+                let shown: Vec<&str> = behind.iter().take(10).map(String::as_str).collect();
+                bail!(
+                    "{} host(s) are not through the rollover yet ({}{}): they hold the previous bundle or a certificate \
+                     from the previous CA, and would be cut off. Wait for their next runs, or --force (they then need a \
+                     token and `converge bootstrap --ca-hash {}`)",
+                    behind.len(),
+                    shown.join(", "),
+                    if behind.len() > 10 { ", ..." } else { "" },
+                    ca.hash()
+                );
+            }
+            // Certificates from the retired CA can no longer be used: revoked, so the fleet page
+            // shows their hosts, and those can enroll again with a token.
+            let revoked = match ca.rotated_at {
+                Some(at) => db.revoke_issued_before(at, crate::db::now())?,
+                None => Vec::new(),
+            };
+            Ca::retire(&config.state)?;
+            println!("retired the previous CA: the server trusts only {} from within a second", ca.hash());
+            if !revoked.is_empty() {
+                println!(
+                    "revoked the certificates from the previous CA of {} host(s): {}; each comes back with a token and \
+                     `converge bootstrap --ca-hash {}`",
+                    revoked.len(),
+                    revoked.join(", "),
+                    ca.hash()
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn token_command(action: TokenAction) -> Result<u8> {
+    match action {
+        TokenAction::New { config, name, ttl } => {
+            let (config, db) = open_db(&config)?;
+            let ttl = match ttl {
+                Some(t) => converge_modules::settings::parse_duration(&t).map_err(anyhow::Error::msg)?,
+                None => config.token_ttl,
+            };
+            let token = new_token(&db, &name, ttl)?;
+            println!("{token}");
+            let until = converge_modules::time::Timestamp(crate::db::now() + ttl);
+            eprintln!("single-use, for `{name}`, valid until {until}");
+        }
+        TokenAction::Operator { config, ttl } => {
+            let (_, db) = open_db(&config)?;
+            let ttl = converge_modules::settings::parse_duration(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let token = format!("cvo_{}", converge_modules::hash::hex(&crate::keys::random()?));
+            let now = crate::db::now();
+            db.add_operator(&converge_modules::hash::sha256_hex(token.as_bytes()), now, now + ttl)?;
+            println!("{token}");
+            let until = converge_modules::time::Timestamp(now + ttl);
+            eprintln!(
+                "for the fleet page until {until}: open https://SERVER/?token={token} once, or send `Authorization: Bearer {token}`"
+            );
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,163 @@
+//! `compile`, `check`, `diff` and `schemas`: an operator repository, no server state.
+
+use super::*;
+use crate::cli::keys::signed;
+use crate::compiler::Compiler;
+use crate::repo::Repo;
+use crate::{diff, site};
+use converge_modules::catalog::Catalog;
+use converge_modules::diag::Diagnostic;
+use serde_json::{Map, Value as Json};
+use std::collections::BTreeMap;
+
+/// Reads a facts file: a map, in YAML or JSON.
+pub fn read_facts(path: &Path) -> Result<Map<String, Json>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read facts {}", path.display()))?;
+    let node = converge_modules::yaml::parse(&text).map_err(|e| {
+        let (m, msg) = &e.problems[0];
+        anyhow::anyhow!("{}:{}:{}: {msg}", path.display(), m.line, m.col)
+    })?;
+    match converge_modules::yaml::from_node::<Json>(&node) {
+        Ok(Json::Object(m)) => Ok(m),
+        Ok(Json::Null) => Ok(Map::new()),
+        Ok(_) => bail!("{}: facts are a mapping of names to values", path.display()),
+        Err(e) => bail!("{}: {e}", path.display()),
+    }
+}
+
+/// Prints diagnostics with their source lines, paths shown under `shown` (the repository as
+/// the operator named it). Each carries the nodes it occurred for, if any.
+pub fn print_diagnostics(repo: &Repo, shown: &str, diags: Vec<NodeDiagnostic>) -> usize {
+    let mut grouped: BTreeMap<(String, u32, u32, String), Vec<String>> = BTreeMap::new();
+    for (d, nodes) in diags {
+        grouped.entry((d.file, d.mark.line, d.mark.col, d.message)).or_default().extend(nodes);
+    }
+    let n = grouped.len();
+    for ((file, line, col, message), mut nodes) in grouped {
+        nodes.sort();
+        nodes.dedup();
+        let mut message = message;
+        if !nodes.is_empty() {
+            let more = if nodes.len() > 3 { format!(" and {} more", nodes.len() - 3) } else { String::new() };
+            message = format!("{message} [node {}{more}]", nodes.into_iter().take(3).collect::<Vec<_>>().join(", "));
+        }
+        let d = Diagnostic::new(format!("{shown}/{file}"), converge_modules::diag::Mark::new(line, col), message);
+        let source = repo.text(&file).and_then(Result::ok);
+        eprintln!("{}\n", d.render(source));
+    }
+    n
+}
+
+pub fn compile(dir: &Path, node: &str, facts: Option<&Path>, format: Format, signing: &Signing) -> Result<u8> {
+    let repo = Repo::from_dir(dir)?;
+    let facts = facts.map(read_facts).transpose()?.unwrap_or_default();
+    let compiler = Compiler::new(&repo);
+    let shown = dir.display().to_string();
+    let catalog = match compiler.compile(node, &facts) {
+        Ok(c) if compiler.problems.is_empty() => c,
+        result => {
+            let mut diags: Vec<_> = compiler.problems.iter().cloned().map(|d| (d, vec![])).collect();
+            if let Err(e) = result {
+                diags.extend(e.into_iter().map(|d| (d, vec![])));
+            }
+            let n = print_diagnostics(&repo, &shown, diags);
+            bail!("{n} problem{} in {shown}; no catalog for {node}", if n == 1 { "" } else { "s" });
+        }
+    };
+    if let Some(key) = &signing.sign {
+        let envelope = signed(catalog, key, signing.keys.as_deref(), None, &signing.ttl)?;
+        print!("{envelope}");
+        return Ok(0);
+    }
+    let text = match format {
+        Format::Yaml => yaml_serde::to_string(&catalog).context("cannot write YAML")?,
+        Format::Json => serde_json::to_string_pretty(&catalog).context("cannot write JSON")? + "\n",
+    };
+    print!("{text}");
+    Ok(0)
+}
+
+/// Compiles every node; returns the catalogs that compiled and every diagnostic (with the
+/// nodes it came from).
+pub fn compile_all(
+    repo: &Repo,
+    facts_for: &dyn Fn(&str) -> Result<Map<String, Json>>,
+    only: Option<&str>,
+) -> Result<(BTreeMap<String, Catalog>, Vec<NodeDiagnostic>)> {
+    let compiler = Compiler::new(repo);
+    let mut diags: Vec<_> = compiler.problems.iter().cloned().map(|d| (d, vec![])).collect();
+    let mut catalogs = BTreeMap::new();
+    let names = compiler.site.as_ref().map(|s| s.node_names()).unwrap_or_default();
+    for name in names.into_iter().filter(|n| only.is_none_or(|p| site::glob_match(p, n))) {
+        match compiler.compile(&name, &facts_for(&name)?) {
+            Ok(c) => {
+                catalogs.insert(name, c);
+            }
+            Err(e) => diags.extend(e.into_iter().map(|d| (d, vec![name.clone()]))),
+        }
+    }
+    Ok((catalogs, diags))
+}
+
+pub fn check(dir: &Path, facts_dir: Option<&Path>) -> Result<u8> {
+    let repo = Repo::from_dir(dir)?;
+    let facts_for = |node: &str| -> Result<Map<String, Json>> {
+        let Some(fd) = facts_dir else { return Ok(Map::new()) };
+        for ext in ["yaml", "yml", "json"] {
+            let p = fd.join(format!("{node}.{ext}"));
+            if p.exists() {
+                return read_facts(&p);
+            }
+        }
+        Ok(Map::new())
+    };
+    let (catalogs, diags) = compile_all(&repo, &facts_for, None)?;
+    let shown = dir.display().to_string();
+    if diags.is_empty() {
+        let resources: usize = catalogs.values().map(|c| c.resources.len()).sum();
+        let n = catalogs.len();
+        println!("{shown}: {n} node{} compiled, {resources} resources, no problems", if n == 1 { "" } else { "s" });
+        return Ok(0);
+    }
+    let n = print_diagnostics(&repo, &shown, diags);
+    eprintln!("{shown}: {n} problem{}", if n == 1 { "" } else { "s" });
+    Ok(1)
+}
+
+pub fn diff(dir: &Path, from: &str, to: &str, only: Option<&str>) -> Result<u8> {
+    let no_facts = |_: &str| Ok(Map::new());
+    let mut sides = Vec::new();
+    for rev in [from, to] {
+        let repo = Repo::from_git(dir, rev)?;
+        let (catalogs, diags) = compile_all(&repo, &no_facts, only)?;
+        if !diags.is_empty() {
+            let n = print_diagnostics(&repo, &format!("{rev}:"), diags);
+            bail!("{n} problem{} at {rev}; fix them before comparing", if n == 1 { "" } else { "s" });
+        }
+        sides.push(catalogs);
+    }
+    let (a, b) = (&sides[0], &sides[1]);
+    let mut nodes: Vec<&String> = a.keys().chain(b.keys()).collect();
+    nodes.sort();
+    nodes.dedup();
+    let mut differ = 0;
+    for node in &nodes {
+        let d = diff::diff(a.get(*node), b.get(*node), (from, to));
+        if !d.is_empty() {
+            differ += 1;
+            print!("{}", diff::render(node, &d));
+        }
+    }
+    println!("{differ} of {} nodes change between {from} and {to}", nodes.len());
+    Ok(if differ > 0 { 2 } else { 0 })
+}
+
+pub fn schemas(out: &Path) -> Result<u8> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (name, text) in crate::schemas::all() {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(0)
+}
