@@ -9,6 +9,7 @@
 
 use crate::catalog::Resource;
 use crate::load::Loaded;
+use crate::providers::ProviderError;
 use crate::report::{Change, Event, ResourceEvent, RunInfo, Sink, Status, Summary};
 use crate::time::Stopwatch;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -20,15 +21,15 @@ pub trait Providers {
 
     /// Inspects the system (read only) and returns what differs from the resource. An `Err`
     /// means the resource cannot be converged as declared (and a run would fail on it too).
-    fn check(&self, r: &Resource) -> Result<(Self::State, Vec<Change>), String>;
+    fn check(&self, r: &Resource) -> Result<(Self::State, Vec<Change>), ProviderError>;
 
     /// Makes the changes `check` found; `Ok(Some(note))` puts the note in the report (the
     /// tail of a command's output).
-    fn apply(&self, r: &Resource, state: &Self::State, changes: &[Change]) -> Result<Option<String>, String>;
+    fn apply(&self, r: &Resource, state: &Self::State, changes: &[Change]) -> Result<Option<String>, ProviderError>;
 
     /// Reacts to a notify (restart a service, run a refresh-only exec). `Ok(None)` when the
     /// kind has nothing to do; otherwise what was done.
-    fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, String>;
+    fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, ProviderError>;
 
     /// Whether the resource's kind converges in one transaction (packages): the engine hands
     /// every such resource that is ready at the same moment to [`Providers::apply_batch`].
@@ -37,7 +38,10 @@ pub trait Providers {
     }
 
     /// Applies several resources at once; one result per item, in order.
-    fn apply_batch(&self, items: &[(&Resource, &Self::State, &[Change])]) -> Vec<Result<Option<String>, String>> {
+    fn apply_batch(
+        &self,
+        items: &[(&Resource, &Self::State, &[Change])],
+    ) -> Vec<Result<Option<String>, ProviderError>> {
         items.iter().map(|(r, state, changes)| self.apply(r, state, changes)).collect()
     }
 
@@ -186,7 +190,7 @@ fn prepare<P: Providers>(
     }
     event.changes = changes;
     if let Some(why) = providers.held(&state) {
-        event.status = Status::Other("held".into());
+        event.status = Status::Held;
         event.message = Some(why);
         return Step::Done(event);
     }
@@ -203,7 +207,7 @@ fn finish<P: Providers>(
     r: &Resource,
     providers: &P,
     mut event: ResourceEvent,
-    applied: Result<Option<String>, String>,
+    applied: Result<Option<String>, ProviderError>,
 ) -> ResourceEvent {
     match applied {
         Err(e) => return failed(event, e),
@@ -216,15 +220,15 @@ fn finish<P: Providers>(
         Ok((_, left)) if left.is_empty() => ResourceEvent { status: Status::Changed, ..event },
         Ok((_, left)) => {
             let what: Vec<String> = left.iter().map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to)).collect();
-            failed(event, format!("still differs after apply: {}", what.join("; ")))
+            failed(event, format!("still differs after apply: {}", what.join("; ")).into())
         }
-        Err(e) => failed(event, format!("after apply: {e}")),
+        Err(e) => failed(event, format!("after apply: {e}").into()),
     }
 }
 
-fn failed(mut event: ResourceEvent, message: String) -> ResourceEvent {
+fn failed(mut event: ResourceEvent, error: ProviderError) -> ResourceEvent {
     event.status = Status::Failed;
-    event.message = Some(message);
+    event.message = Some(error.to_string());
     event
 }
 
@@ -263,8 +267,10 @@ fn converge_batch<P: Providers>(
     let items: Vec<(&Resource, &P::State, &[Change])> = pending.iter().map(|&(_, r, s, c)| (r, s, c)).collect();
     let mut results = match catch_unwind(AssertUnwindSafe(|| providers.apply_batch(&items))) {
         Ok(results) if results.len() == items.len() => results,
-        Ok(_) => vec![Err("the provider answered for another number of resources".to_string()); items.len()],
-        Err(_) => vec![Err("provider panicked".to_string()); items.len()],
+        Ok(_) => {
+            (0..items.len()).map(|_| Err("the provider answered for another number of resources".into())).collect()
+        }
+        Err(_) => (0..items.len()).map(|_| Err("provider panicked".into())).collect(),
     }
     .into_iter();
     steps
@@ -281,14 +287,14 @@ fn converge_batch<P: Providers>(
 }
 
 /// Runs a provider call, turning a panic into an error.
-fn guard<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+fn guard<T>(f: impl FnOnce() -> Result<T, ProviderError>) -> Result<T, ProviderError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".to_string());
-        Err(format!("provider panicked: {msg}"))
+        Err(format!("provider panicked: {msg}").into())
     })
 }
 
@@ -322,7 +328,7 @@ mod tests {
     impl Providers for Script {
         type State = ();
 
-        fn check(&self, r: &Resource) -> Result<((), Vec<Change>), String> {
+        fn check(&self, r: &Resource) -> Result<((), Vec<Change>), ProviderError> {
             let path = r.id.title.as_str();
             if self.panic_check.contains(&path) {
                 panic!("boom in {path}");
@@ -333,11 +339,11 @@ mod tests {
             Ok(((), if have == want { vec![] } else { vec![Change::new("content", have, want)] }))
         }
 
-        fn apply(&self, r: &Resource, _: &(), _: &[Change]) -> Result<Option<String>, String> {
+        fn apply(&self, r: &Resource, _: &(), _: &[Change]) -> Result<Option<String>, ProviderError> {
             let path = r.id.title.as_str();
             self.log.borrow_mut().push(format!("apply {path}"));
             if self.fail_apply.contains(&path) {
-                return Err(format!("cannot write {path}"));
+                return Err(format!("cannot write {path}").into());
             }
             if !self.sticky.contains(&path) {
                 self.value.borrow_mut().insert(path.to_string(), want(r));
@@ -345,7 +351,7 @@ mod tests {
             Ok(None)
         }
 
-        fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, String> {
+        fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, ProviderError> {
             if !dry_run {
                 self.refreshes.borrow_mut().push(r.id.to_string());
             }

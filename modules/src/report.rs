@@ -21,6 +21,9 @@ pub enum Status {
     WouldChange,
     Failed,
     Skipped,
+    /// A package the system holds (dpkg `hold`, dnf versionlock) that the catalog would change:
+    /// left as it is, and said.
+    Held,
     Other(String),
 }
 
@@ -32,6 +35,7 @@ impl Status {
             Status::WouldChange => "would-change",
             Status::Failed => "failed",
             Status::Skipped => "skipped",
+            Status::Held => "held",
             Status::Other(s) => s,
         }
     }
@@ -43,6 +47,7 @@ impl Status {
             "would-change" => Status::WouldChange,
             "failed" => Status::Failed,
             "skipped" => Status::Skipped,
+            "held" => Status::Held,
             other => Status::Other(other.to_string()),
         }
     }
@@ -151,6 +156,10 @@ pub struct Summary {
     pub would_change: usize,
     pub failed: usize,
     pub skipped: usize,
+    /// Resources left as the system holds them ([`Status::Held`]); absent from the reports
+    /// of agents before it was counted.
+    #[serde(default)]
+    pub held: usize,
     pub dry_run: bool,
     pub duration_ms: f64,
 }
@@ -164,6 +173,7 @@ impl Summary {
             Status::WouldChange => self.would_change += 1,
             Status::Failed => self.failed += 1,
             Status::Skipped => self.skipped += 1,
+            Status::Held => self.held += 1,
             Status::Other(_) => {}
         }
     }
@@ -278,6 +288,7 @@ impl<W: Write> TextSink<W> {
             Status::WouldChange => ("33", "would change"),
             Status::Failed => ("1;31", "FAILED"),
             Status::Skipped => ("35", "skipped"),
+            Status::Held => ("36", "held"),
             Status::Other(o) => ("0", o.as_str()),
         };
         self.paint(code, &format!("{word:<12}"))
@@ -344,6 +355,9 @@ impl<W: Write> TextSink<W> {
                 }
                 parts.push(format!("{} failed", t.failed));
                 parts.push(format!("{} skipped", t.skipped));
+                if t.held > 0 {
+                    parts.push(format!("{} held", t.held));
+                }
                 let _ = write!(
                     s,
                     "summary: {} resources: {} in {:.3} s{}",
@@ -443,6 +457,26 @@ mod tests {
         assert_eq!(v["type"], "resource");
         assert_eq!(v["status"], "would-change");
         assert_eq!(v["changes"][1]["to"], "0644");
+    }
+
+    #[test]
+    fn held_is_counted_said_and_never_a_failure() {
+        let mut sum = Summary::default();
+        for s in [Status::Held, Status::Unchanged, Status::parse("held")] {
+            sum.count(&s);
+        }
+        assert_eq!((sum.resources, sum.held, sum.unchanged, sum.failed), (3, 2, 1, 0));
+        assert_eq!(sum.detailed_exit_code(), 0, "a held package is the system's choice, not a failure");
+        assert_eq!(serde_json::to_string(&Status::Held).unwrap(), "\"held\"");
+        let mut out = Vec::new();
+        TextSink::new(&mut out, false, false).emit(Event::Finished(&sum));
+        assert!(String::from_utf8(out).unwrap().contains("0 skipped, 2 held"));
+        // A summary from an agent that did not count it yet still reads.
+        let old: Summary = serde_json::from_str(
+            r#"{"resources":1,"unchanged":1,"changed":0,"would_change":0,"failed":0,"skipped":0,"dry_run":false,"duration_ms":1.0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.held, 0);
     }
 
     #[test]

@@ -238,6 +238,7 @@ impl Report {
             ("summary.would_change", s.would_change),
             ("summary.failed", s.failed),
             ("summary.skipped", s.skipped),
+            ("summary.held", s.held),
         ] {
             count_within(what, n, Limits::RESOURCES)?;
         }

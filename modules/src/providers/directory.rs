@@ -8,11 +8,12 @@
 use super::{Checked, Observed, System, Wanted, diff_absent, diff_attrs, diff_type, fail, fail_create, present};
 use crate::catalog::{DEFAULT_PURGE_LIMIT, DirectorySpec, Resource, join_path as join};
 use crate::host::{FileType, NewAttrs};
+use crate::providers::ProviderError;
 use crate::report::Change;
 use crate::validate::holds_protected;
 
 /// Reads what is at the path and, for a purge, its unmanaged children.
-pub fn inspect(sys: &System, path: &str, d: &DirectorySpec, present: bool) -> Result<Observed, String> {
+pub fn inspect(sys: &System, path: &str, d: &DirectorySpec, present: bool) -> Result<Observed, ProviderError> {
     let mut seen = Observed { stat: sys.host.stat(path).map_err(fail)?, ..Observed::default() };
     if !present {
         sys.count_entries(path, &mut seen)?;
@@ -35,7 +36,7 @@ pub fn inspect(sys: &System, path: &str, d: &DirectorySpec, present: bool) -> Re
 }
 
 /// What differs between what was seen and what is declared. Pure.
-pub fn diff(r: &Resource, d: &DirectorySpec, want: &Wanted, seen: &Observed) -> Result<Vec<Change>, String> {
+pub fn diff(r: &Resource, d: &DirectorySpec, want: &Wanted, seen: &Observed) -> Result<Vec<Change>, ProviderError> {
     let path = r.id.title.as_str();
     let force = d.force.unwrap_or(false);
     if !present(r) {
@@ -49,13 +50,14 @@ pub fn diff(r: &Resource, d: &DirectorySpec, want: &Wanted, seen: &Observed) -> 
     if let Some((child, _, _)) = seen.purge.iter().find(|(_, _, non_empty)| *non_empty && !force) {
         return Err(format!(
             "purge would remove {child}, a directory that is not empty; set `force: true` to allow it"
-        ));
+        )
+        .into());
     }
     if seen.purge.len() > limit {
         return Err(format!(
             "purge would remove {} entries from {path}, more than purge_limit ({limit}); raise purge_limit if that is meant",
             seen.purge.len()
-        ));
+        ).into());
     }
     for (child, cs, _) in &seen.purge {
         changes.push(Change::new("purge", format!("{child} ({})", cs.file_type.name()), "absent"));
@@ -63,7 +65,7 @@ pub fn diff(r: &Resource, d: &DirectorySpec, want: &Wanted, seen: &Observed) -> 
     Ok(changes)
 }
 
-pub fn apply(sys: &System, r: &Resource, d: &DirectorySpec, state: &Checked) -> Result<(), String> {
+pub fn apply(sys: &System, r: &Resource, d: &DirectorySpec, state: &Checked) -> Result<(), ProviderError> {
     let path = r.id.title.as_str();
     let Checked { seen, want, .. } = state;
     let backup = d.backup.unwrap_or(true) && !r.sensitive();
@@ -109,7 +111,8 @@ mod tests {
                 Spec::Directory(spec.clone()),
             );
             let want = Wanted { mode: spec.mode.map(|m| m.0), ..Wanted::default() };
-            Ok(diff(&r, &spec, &want, seen)?
+            Ok(diff(&r, &spec, &want, seen)
+                .map_err(|e| e.to_string())?
                 .into_iter()
                 .map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to))
                 .collect())
@@ -127,8 +130,13 @@ mod tests {
                 check(purge.clone(), &kids(2, false)).unwrap(),
                 ["purge: /d/0 (directory) -> absent", "purge: /d/1 (directory) -> absent"]
             );
-            assert!(check(purge.clone(), &kids(101, false)).unwrap_err().contains("more than purge_limit (100)"));
-            assert!(check(purge.clone(), &kids(1, true)).unwrap_err().contains("set `force: true`"));
+            assert!(
+                check(purge.clone(), &kids(101, false))
+                    .unwrap_err()
+                    .to_string()
+                    .contains("more than purge_limit (100)")
+            );
+            assert!(check(purge.clone(), &kids(1, true)).unwrap_err().to_string().contains("set `force: true`"));
             assert_eq!(check(DirectorySpec { force: Some(true), ..purge }, &kids(1, true)).unwrap().len(), 1);
         }
 
@@ -136,7 +144,7 @@ mod tests {
         fn removal_of_a_non_empty_directory_needs_force() {
             let seen = Observed { stat: Some(stat(FileType::Directory)), entries: 3, ..Observed::default() };
             let absent = DirectorySpec { ensure: Some(Ensure::Absent), ..Default::default() };
-            assert!(check(absent.clone(), &seen).unwrap_err().contains("holding 3 entries"));
+            assert!(check(absent.clone(), &seen).unwrap_err().to_string().contains("holding 3 entries"));
             assert_eq!(
                 check(DirectorySpec { force: Some(true), ..absent }, &seen).unwrap(),
                 ["ensure: directory -> absent"]

@@ -9,6 +9,7 @@
 use super::{Checked, Op, System, fail};
 use crate::catalog::{ExecSpec, Resource};
 use crate::host::{Ran, Run};
+use crate::providers::ProviderError;
 use crate::report::Change;
 use std::time::Duration;
 
@@ -22,14 +23,14 @@ fn env(e: &ExecSpec) -> Vec<(String, String)> {
     e.environment.iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-fn run(sys: &System, e: &ExecSpec, argv: &[String]) -> Result<Ran, String> {
+fn run(sys: &System, e: &ExecSpec, argv: &[String]) -> Result<Ran, ProviderError> {
     let env = env(e);
     let cmd = Run { user: e.user.as_deref(), cwd: e.cwd.as_deref(), env: &env, ..Run::new(argv, timeout(e)) };
     sys.host.run(&cmd).map_err(fail)
 }
 
 /// Why the guards say no, or `None` when the command should run.
-fn guarded(sys: &System, e: &ExecSpec) -> Result<Option<String>, String> {
+fn guarded(sys: &System, e: &ExecSpec) -> Result<Option<String>, ProviderError> {
     if let Some(path) = &e.creates
         && sys.host.stat(path).map_err(fail)?.is_some()
     {
@@ -52,7 +53,7 @@ fn shown(argv: &[String]) -> String {
     argv.join(" ")
 }
 
-pub fn check(sys: &System, r: &Resource, e: &ExecSpec) -> Result<(Checked, Vec<Change>), String> {
+pub fn check(sys: &System, r: &Resource, e: &ExecSpec) -> Result<(Checked, Vec<Change>), ProviderError> {
     if e.refreshonly == Some(true) || sys.run.borrow().ran.contains(&r.id.to_string()) {
         return Ok((Checked::default(), vec![]));
     }
@@ -64,7 +65,7 @@ pub fn check(sys: &System, r: &Resource, e: &ExecSpec) -> Result<(Checked, Vec<C
 }
 
 /// Runs the command; the tail of its output is the report's note.
-pub fn apply(sys: &System, r: &Resource, e: &ExecSpec) -> Result<Option<String>, String> {
+pub fn apply(sys: &System, r: &Resource, e: &ExecSpec) -> Result<Option<String>, ProviderError> {
     sys.run.borrow_mut().ran.insert(r.id.to_string());
     let ran = run(sys, e, &e.command)?;
     let tail =
@@ -72,12 +73,12 @@ pub fn apply(sys: &System, r: &Resource, e: &ExecSpec) -> Result<Option<String>,
     if ran.success() {
         Ok((!tail.is_empty()).then(|| format!("output{tail}")))
     } else {
-        Err(format!("`{}` {}{tail}", shown(&e.command), ran.describe(timeout(e))))
+        Err(format!("`{}` {}{tail}", shown(&e.command), ran.describe(timeout(e))).into())
     }
 }
 
 /// A notify runs the command (its guards permitting), once a run.
-pub fn refresh(sys: &System, r: &Resource, e: &ExecSpec, dry_run: bool) -> Result<Option<String>, String> {
+pub fn refresh(sys: &System, r: &Resource, e: &ExecSpec, dry_run: bool) -> Result<Option<String>, ProviderError> {
     if sys.run.borrow().ran.contains(&r.id.to_string()) {
         return Ok(None);
     }

@@ -11,10 +11,11 @@ use super::{
 use super::{present, unified_diff};
 use crate::catalog::{FileSpec, Resource};
 use crate::host::{FileType, HostError, NewAttrs};
+use crate::providers::ProviderError;
 use crate::report::Change;
 
 /// Reads what is at the path: metadata, and the content when the catalog manages it.
-pub fn inspect(sys: &System, path: &str, f: &FileSpec, present: bool) -> Result<Observed, String> {
+pub fn inspect(sys: &System, path: &str, f: &FileSpec, present: bool) -> Result<Observed, ProviderError> {
     let want = f.content.as_deref().map(str::len);
     let limit = want.map_or(0, |w| (w as u64).max(crate::report::DIFF_LIMIT));
     let read = sys.host.read_file(path, limit).map_err(fail)?;
@@ -30,7 +31,7 @@ pub fn inspect(sys: &System, path: &str, f: &FileSpec, present: bool) -> Result<
 }
 
 /// What differs between what was seen and what is declared. Pure.
-pub fn diff(r: &Resource, f: &FileSpec, want: &Wanted, seen: &Observed) -> Result<Vec<Change>, String> {
+pub fn diff(r: &Resource, f: &FileSpec, want: &Wanted, seen: &Observed) -> Result<Vec<Change>, ProviderError> {
     let path = r.id.title.as_str();
     let force = f.force.unwrap_or(false);
     if !present(r) {
@@ -65,7 +66,13 @@ fn content_change(path: &str, sensitive: bool, is_file: bool, seen: &Observed, w
     change
 }
 
-pub fn apply(sys: &System, r: &Resource, f: &FileSpec, state: &Checked, changes: &[Change]) -> Result<(), String> {
+pub fn apply(
+    sys: &System,
+    r: &Resource,
+    f: &FileSpec,
+    state: &Checked,
+    changes: &[Change],
+) -> Result<(), ProviderError> {
     let path = r.id.title.as_str();
     let Checked { seen, want, .. } = state;
     let backup = f.backup.unwrap_or(true) && !r.sensitive();
@@ -100,10 +107,12 @@ pub fn apply(sys: &System, r: &Resource, f: &FileSpec, state: &Checked, changes:
         (None, None) => &[],
     };
     sys.host.write_file(path, content, new, f.validate.as_deref()).map_err(|e| match e {
-        HostError::Command { command, status, .. } if r.sensitive() => {
-            format!("validate `{command}` {status} (its output is hidden: the resource is sensitive)")
+        HostError::Command { command, status, .. } if r.sensitive() => ProviderError::Declared(format!(
+            "validate `{command}` {status} (its output is hidden: the resource is sensitive)"
+        )),
+        HostError::Command { .. } => {
+            ProviderError::Declared(format!("validate refused the new content, {path} left as it was: {e}"))
         }
-        HostError::Command { .. } => format!("validate refused the new content, {path} left as it was: {e}"),
         e => fail_create(e),
     })
 }
@@ -135,7 +144,11 @@ mod tests {
         fn check(spec: FileSpec, want: Wanted, seen: &Observed) -> Result<Vec<(String, String, String)>, String> {
             let r = file(spec.clone());
             let Spec::File(f) = &r.spec else { unreachable!() };
-            Ok(diff(&r, f, &want, seen)?.into_iter().map(|c| (c.attribute, c.from, c.to)).collect())
+            Ok(diff(&r, f, &want, seen)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|c| (c.attribute, c.from, c.to))
+                .collect())
         }
 
         fn t(a: &str, b: &str, c: &str) -> (String, String, String) {
@@ -184,7 +197,7 @@ mod tests {
                 stat: Some(Stat { file_type: FileType::Directory, mode: 0o755, uid: 0, gid: 0, size: 0 }),
                 ..Observed::default()
             };
-            let e = check(FileSpec::default(), Wanted::default(), &dir).unwrap_err();
+            let e = check(FileSpec::default(), Wanted::default(), &dir).unwrap_err().to_string();
             assert_eq!(e, "/f is a directory, not a file; set `force: true` to replace it");
             let forced = check(FileSpec { force: Some(true), ..Default::default() }, Wanted::default(), &dir).unwrap();
             assert_eq!(forced, vec![t("ensure", "directory", "file")]);

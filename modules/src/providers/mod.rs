@@ -177,8 +177,8 @@ impl<'h> System<'h> {
     }
 
     /// The host's package manager, chosen once a run.
-    fn package_tool(&self) -> Result<&'static dyn PackageTool, String> {
-        self.package_tool.get_or_init(|| package::tool_of(self.host)).clone()
+    fn package_tool(&self) -> Result<&'static dyn PackageTool, ProviderError> {
+        self.package_tool.get_or_init(|| package::tool_of(self.host)).clone().map_err(ProviderError::Declared)
     }
 
     /// For a dry-run: nothing is refreshed (package lists, systemd's view of unit files).
@@ -188,7 +188,7 @@ impl<'h> System<'h> {
     }
 
     /// The installed version of `name`, from one query for every package of the run.
-    fn installed(&self, name: &str) -> Result<Option<Installed>, String> {
+    fn installed(&self, name: &str) -> Result<Option<Installed>, ProviderError> {
         if self.run.borrow().installed.is_none() {
             let names: Vec<&str> = self.packages.iter().map(|(n, _)| *n).collect();
             let installed = self.package_tool()?.installed(self.host, &names).map_err(fail)?;
@@ -200,7 +200,7 @@ impl<'h> System<'h> {
     /// What the repositories offer of `name`, asked once for every package that needs it.
     /// When some package is not on offer, the package lists are refreshed once (not in a
     /// dry-run) and asked again.
-    fn available(&self, name: &str, system: &dyn PackageTool) -> Result<Option<Available>, String> {
+    fn available(&self, name: &str, system: &dyn PackageTool) -> Result<Option<Available>, ProviderError> {
         if self.run.borrow().available.is_none() {
             let mut names: Vec<&str> = Vec::new();
             for (n, spec) in &self.packages {
@@ -228,7 +228,7 @@ impl<'h> System<'h> {
     }
 
     /// Every local account, read once until something changes them.
-    fn accounts(&self) -> Result<Accounts, String> {
+    fn accounts(&self) -> Result<Accounts, ProviderError> {
         if self.run.borrow().accounts.is_none() {
             let accounts = account::shadow::read(self.host).map_err(fail)?;
             self.run.borrow_mut().accounts = Some(accounts);
@@ -243,7 +243,7 @@ impl<'h> System<'h> {
     /// The unit of a service, from one query for every service of the run. A unit file
     /// changed by this run, or one systemd reports as changed on disk, gets one daemon-reload
     /// first (not in a dry-run).
-    fn unit(&self, name: &str) -> Result<Unit, String> {
+    fn unit(&self, name: &str) -> Result<Unit, ProviderError> {
         if self.run.borrow().units.is_none() {
             if self.run.borrow().unit_files_changed && !self.dry_run && !self.host.is_image() {
                 service::systemd::daemon_reload(self.host).map_err(fail)?;
@@ -281,7 +281,7 @@ impl<'h> System<'h> {
     }
 
     /// Resolves the declared mode, owner and group (names or numbers).
-    fn wanted(&self, mode: Option<Mode>, owner: Option<&str>, group: Option<&str>) -> Result<Wanted, String> {
+    fn wanted(&self, mode: Option<Mode>, owner: Option<&str>, group: Option<&str>) -> Result<Wanted, ProviderError> {
         let owner = match owner {
             None => None,
             Some(o) => Some(match o.parse() {
@@ -319,18 +319,19 @@ impl<'h> System<'h> {
 
     /// Fails early, in a dry-run too, when `path` is to be created inside a directory that does
     /// not exist and that no resource will create.
-    fn parent_must_exist(&self, path: &str, seen: &Observed) -> Result<(), String> {
+    fn parent_must_exist(&self, path: &str, seen: &Observed) -> Result<(), ProviderError> {
         let Some(parent) = parent(path) else { return Ok(()) };
         if seen.stat.is_some() || self.is_managed(parent) || self.host.stat(parent).map_err(fail)?.is_some() {
             return Ok(());
         }
         Err(format!(
             "cannot create {path}: its directory {parent} does not exist; declare it as a `directory` resource"
-        ))
+        )
+        .into())
     }
 
     /// Counts a directory's entries when the resource would remove it.
-    fn count_entries(&self, path: &str, seen: &mut Observed) -> Result<(), String> {
+    fn count_entries(&self, path: &str, seen: &mut Observed) -> Result<(), ProviderError> {
         if seen.stat.is_some_and(|s| s.file_type == FileType::Directory) {
             seen.entries = self.host.list_dir(path).map_err(fail)?.len();
         }
@@ -338,7 +339,7 @@ impl<'h> System<'h> {
     }
 
     /// Sets what differs of mode, owner and group on an existing path.
-    fn apply_attrs(&self, path: &str, want: &Wanted, have: &Stat) -> Result<(), String> {
+    fn apply_attrs(&self, path: &str, want: &Wanted, have: &Stat) -> Result<(), ProviderError> {
         let uid = want.uid().filter(|u| *u != have.uid);
         let gid = want.gid().filter(|g| *g != have.gid);
         // Owner first: chown clears setuid/setgid bits, so the mode goes on afterwards.
@@ -355,7 +356,7 @@ impl<'h> System<'h> {
 
     /// Removes what is at `path`, depth first, never following a symlink; regular files are
     /// backed up first when `backup`.
-    fn remove_tree(&self, path: &str, stat: &Stat, backup: bool) -> Result<(), String> {
+    fn remove_tree(&self, path: &str, stat: &Stat, backup: bool) -> Result<(), ProviderError> {
         refuse_protected(path)?;
         match stat.file_type {
             FileType::Directory => {
@@ -404,12 +405,13 @@ fn diff_attrs(want: &Wanted, have: Option<&Stat>, seen: &Observed) -> Vec<Change
 
 /// The change that makes `path` of type `want`, if it is another type. Replacing another type
 /// needs `force`; the error says so. Pure.
-fn diff_type(path: &str, have: Option<&Stat>, want: FileType, force: bool) -> Result<Option<Change>, String> {
+fn diff_type(path: &str, have: Option<&Stat>, want: FileType, force: bool) -> Result<Option<Change>, ProviderError> {
     match have {
         None => Ok(Some(Change::new("ensure", "absent", want.name()))),
         Some(s) if s.file_type == want => Ok(None),
         Some(s) if !force => {
-            Err(format!("{path} is a {}, not a {}; set `force: true` to replace it", s.file_type.name(), want.name()))
+            Err(format!("{path} is a {}, not a {}; set `force: true` to replace it", s.file_type.name(), want.name())
+                .into())
         }
         Some(s) => {
             refuse_protected(path)?;
@@ -419,42 +421,99 @@ fn diff_type(path: &str, have: Option<&Stat>, want: FileType, force: bool) -> Re
 }
 
 /// The change that removes whatever is at `path`; a non-empty directory needs `force`. Pure.
-fn diff_absent(path: &str, seen: &Observed, force: bool) -> Result<Vec<Change>, String> {
+fn diff_absent(path: &str, seen: &Observed, force: bool) -> Result<Vec<Change>, ProviderError> {
     let Some(s) = seen.stat else { return Ok(vec![]) };
     if s.file_type == FileType::Directory && seen.entries > 0 && !force {
         return Err(format!(
             "{path} is a directory holding {} entries; set `force: true` to remove it and everything in it",
             seen.entries
-        ));
+        )
+        .into());
     }
     refuse_protected(path)?;
     Ok(vec![Change::new("ensure", s.file_type.name(), "absent")])
 }
 
-fn refuse_protected(path: &str) -> Result<(), String> {
+fn refuse_protected(path: &str) -> Result<(), ProviderError> {
     if holds_protected(path) {
-        return Err(format!("{path} holds converge's own files; it is never removed"));
+        return Err(format!("{path} holds converge's own files; it is never removed").into());
     }
     Ok(())
 }
 
-fn fail(e: HostError) -> String {
-    e.to_string()
+/// Why a resource could not be converged: the kind of failure, and its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The system failed an operation: a file operation (with the OS error as its source) or
+    /// a tool (with its command line, exit status and output).
+    #[error(transparent)]
+    System(#[from] HostError),
+    /// As `System`, with what the operator can do about it.
+    #[error("{source} ({hint})")]
+    Hinted {
+        #[source]
+        source: HostError,
+        hint: &'static str,
+    },
+    /// A failure with the log that says why (a unit's journal).
+    #[error("{source}\n{log}")]
+    Logged {
+        #[source]
+        source: Box<ProviderError>,
+        log: String,
+    },
+    /// The resource cannot be converged as declared on this system: no such package on
+    /// offer, a downgrade not allowed, a system account that is never removed, a type
+    /// change without `force`...
+    #[error("{0}")]
+    Declared(String),
+}
+
+impl ProviderError {
+    /// `system`, `declared`: what kind of failure, for a report or a log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderError::System(_) | ProviderError::Hinted { .. } => "system",
+            ProviderError::Declared(_) => "declared",
+            ProviderError::Logged { source, .. } => source.kind(),
+        }
+    }
+}
+
+impl From<String> for ProviderError {
+    fn from(message: String) -> Self {
+        ProviderError::Declared(message)
+    }
+}
+
+impl From<&str> for ProviderError {
+    fn from(message: &str) -> Self {
+        ProviderError::Declared(message.to_string())
+    }
+}
+
+pub type ProviderResult<T> = Result<T, ProviderError>;
+
+fn fail(e: HostError) -> ProviderError {
+    e.into()
 }
 
 /// For operations that create something: a missing parent gets a hint.
-fn fail_create(e: HostError) -> String {
+fn fail_create(e: HostError) -> ProviderError {
     if e.is_not_found() {
-        format!("{e} (its parent directory is missing: declare it as a `directory` resource)")
+        ProviderError::Hinted {
+            source: e,
+            hint: "its parent directory is missing: declare it as a `directory` resource",
+        }
     } else {
-        e.to_string()
+        e.into()
     }
 }
 
 impl Providers for System<'_> {
     type State = Checked;
 
-    fn check(&self, r: &Resource) -> Result<(Checked, Vec<Change>), String> {
+    fn check(&self, r: &Resource) -> Result<(Checked, Vec<Change>), ProviderError> {
         let path = r.id.title.as_str();
         let (seen, want, changes) = match &r.spec {
             Spec::File(f) => {
@@ -491,7 +550,7 @@ impl Providers for System<'_> {
         Ok((Checked { seen, want, ..Checked::default() }, changes))
     }
 
-    fn apply(&self, r: &Resource, state: &Checked, changes: &[Change]) -> Result<Option<String>, String> {
+    fn apply(&self, r: &Resource, state: &Checked, changes: &[Change]) -> Result<Option<String>, ProviderError> {
         let done = match &r.spec {
             Spec::File(f) => file::apply(self, r, f, state, changes),
             Spec::Directory(d) => directory::apply(self, r, d, state),
@@ -510,7 +569,7 @@ impl Providers for System<'_> {
         matches!(r.spec, Spec::Package(_)) && !package::deferred(self, r)
     }
 
-    fn apply_batch(&self, items: &[(&Resource, &Checked, &[Change])]) -> Vec<Result<Option<String>, String>> {
+    fn apply_batch(&self, items: &[(&Resource, &Checked, &[Change])]) -> Vec<Result<Option<String>, ProviderError>> {
         let items: Vec<(&Resource, &Checked)> = items.iter().map(|(r, c, _)| (*r, *c)).collect();
         package::apply_all(self, &items)
     }
@@ -525,7 +584,7 @@ impl Providers for System<'_> {
         state.held.clone()
     }
 
-    fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, String> {
+    fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, ProviderError> {
         match &r.spec {
             Spec::Service(s) => service::refresh(self, r, s, dry_run),
             Spec::Exec(e) => exec::refresh(self, r, e, dry_run),
@@ -576,4 +635,38 @@ pub(crate) fn converge_live(
     };
     run(&loaded, &sys, Options { dry_run, stop: None }, info, &mut sink);
     (sink.resources, sys.deferred_upgrade())
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+    use crate::host::memory::MemHost;
+    use std::error::Error as _;
+
+    #[test]
+    fn a_failure_carries_its_kind_and_cause() {
+        let host = MemHost::new().with_dir("/etc", 0o755).fail_on("/etc/motd", "disk full");
+        let loaded =
+            crate::load::load("t.yaml", "format: 1\nresources:\n  - file: /etc/motd\n    content: hi\n", None).unwrap();
+        let sys = System::new(&host, &loaded.catalog.resources);
+        let r = &loaded.catalog.resources[0];
+        let (state, changes) = sys.check(r).unwrap();
+        let e = sys.apply(r, &state, &changes).unwrap_err();
+        assert_eq!(e.kind(), "system");
+        assert!(matches!(&e, ProviderError::System(HostError::Io { op: "write", .. })), "{e:?}");
+        assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("disk full"), "the OS error is its cause");
+        // What cannot be done as declared is of its own kind.
+        let e = sys_check(&MemHost::new(), "  - file: /nowhere/x\n    content: hi\n");
+        assert_eq!(e.kind(), "declared");
+        assert!(e.to_string().contains("declare it as a `directory` resource"), "{e}");
+        let e = sys_check(&MemHost::new(), "  - package: nope\n");
+        assert_eq!(e.kind(), "declared");
+        assert!(e.to_string().starts_with("no package `nope`"), "{e}");
+    }
+
+    fn sys_check(host: &MemHost, yaml: &str) -> ProviderError {
+        let loaded = crate::load::load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).unwrap();
+        let sys = System::new(host, &loaded.catalog.resources);
+        sys.check(&loaded.catalog.resources[0]).expect_err("a failure")
+    }
 }

@@ -3,10 +3,11 @@
 use super::{Observed, System, diff_absent, diff_type, fail, fail_create, present};
 use crate::catalog::{Resource, SymlinkSpec};
 use crate::host::FileType;
+use crate::providers::ProviderError;
 use crate::report::Change;
 
 /// Reads what is at the path and, for a symlink, its target.
-pub fn inspect(sys: &System, path: &str, present: bool) -> Result<Observed, String> {
+pub fn inspect(sys: &System, path: &str, present: bool) -> Result<Observed, ProviderError> {
     let mut seen = Observed { stat: sys.host.stat(path).map_err(fail)?, ..Observed::default() };
     if seen.stat.is_some_and(|s| s.file_type == FileType::Symlink) {
         seen.target = Some(sys.host.read_link(path).map_err(fail)?);
@@ -20,7 +21,7 @@ pub fn inspect(sys: &System, path: &str, present: bool) -> Result<Observed, Stri
 }
 
 /// What differs between what was seen and what is declared. Pure.
-pub fn diff(r: &Resource, s: &SymlinkSpec, seen: &Observed) -> Result<Vec<Change>, String> {
+pub fn diff(r: &Resource, s: &SymlinkSpec, seen: &Observed) -> Result<Vec<Change>, ProviderError> {
     let path = r.id.title.as_str();
     let force = s.force.unwrap_or(false);
     if !present(r) {
@@ -34,7 +35,7 @@ pub fn diff(r: &Resource, s: &SymlinkSpec, seen: &Observed) -> Result<Vec<Change
     Ok(changes)
 }
 
-pub fn apply(sys: &System, r: &Resource, s: &SymlinkSpec, seen: &Observed) -> Result<(), String> {
+pub fn apply(sys: &System, r: &Resource, s: &SymlinkSpec, seen: &Observed) -> Result<(), ProviderError> {
     let path = r.id.title.as_str();
     match &seen.stat {
         Some(st) if !present(r) => return sys.remove_tree(path, st, true),
@@ -66,7 +67,11 @@ mod tests {
                 Meta::default(),
                 Spec::Symlink(spec.clone()),
             );
-            Ok(diff(&r, &spec, seen)?.into_iter().map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to)).collect())
+            Ok(diff(&r, &spec, seen)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|c| format!("{}: {} -> {}", c.attribute, c.from, c.to))
+                .collect())
         }
 
         #[test]

@@ -7,6 +7,7 @@
 
 use super::{Checked, Op, System, fail};
 use crate::catalog::{Ensure, GroupSpec, Membership, Resource, UserSpec};
+use crate::providers::ProviderError;
 use crate::report::Change;
 
 pub mod shadow;
@@ -95,7 +96,7 @@ pub fn diff_group(
     g: &GroupSpec,
     have: Option<&GroupEntry>,
     accounts: &Accounts,
-) -> Result<(Vec<Change>, Vec<AccountOp>), String> {
+) -> Result<(Vec<Change>, Vec<AccountOp>), ProviderError> {
     let taken = |gid: u32| accounts.groups.iter().find(|x| x.gid == gid && x.name != name);
     if g.ensure == Some(Ensure::Absent) {
         let Some(have) = have else { return Ok((vec![], vec![])) };
@@ -103,14 +104,15 @@ pub fn diff_group(
             return Err(format!(
                 "{name} is a system group (gid {}); it is removed only when declared `system: true`",
                 have.gid
-            ));
+            )
+            .into());
         }
         return Ok((vec![Change::new("ensure", "present", "absent")], vec![AccountOp::DelGroup { name: name.into() }]));
     }
     if let Some(gid) = g.gid
         && let Some(other) = taken(gid)
     {
-        return Err(format!("gid {gid} is already the group {}'s", other.name));
+        return Err(format!("gid {gid} is already the group {}'s", other.name).into());
     }
     match have {
         None => {
@@ -150,17 +152,18 @@ pub fn diff_user(
     u: &UserSpec,
     have: Option<&Account>,
     accounts: &Accounts,
-) -> Result<(Vec<Change>, Vec<AccountOp>), String> {
+) -> Result<(Vec<Change>, Vec<AccountOp>), ProviderError> {
     if u.ensure == Some(Ensure::Absent) {
         let Some(have) = have else { return Ok((vec![], vec![])) };
         if have.uid == 0 {
-            return Err(format!("{name} has uid 0; converge never removes it"));
+            return Err(format!("{name} has uid 0; converge never removes it").into());
         }
         if have.uid <= accounts.system_max && u.system != Some(true) {
             return Err(format!(
                 "{name} is a system account (uid {}); it is removed only when declared `system: true`",
                 have.uid
-            ));
+            )
+            .into());
         }
         let op = AccountOp::DelUser { name: name.into(), remove_home: u.remove_home == Some(true) };
         return Ok((vec![Change::new("ensure", "present", "absent")], vec![op]));
@@ -168,7 +171,7 @@ pub fn diff_user(
     if let Some(uid) = u.uid
         && let Some(other) = accounts.users.iter().find(|x| x.uid == uid && x.name != name)
     {
-        return Err(format!("uid {uid} is already the user {}'s", other.name));
+        return Err(format!("uid {uid} is already the user {}'s", other.name).into());
     }
     let minimum = u.membership == Some(Membership::Minimum);
     let mut wanted_groups: Option<Vec<String>> = u.groups.clone().map(|mut g| {
@@ -257,19 +260,19 @@ pub fn diff_user(
     Ok((changes, vec![AccountOp::ModUser(fields)]))
 }
 
-pub fn check_user(sys: &System, r: &Resource, u: &UserSpec) -> Result<(Checked, Vec<Change>), String> {
+pub fn check_user(sys: &System, r: &Resource, u: &UserSpec) -> Result<(Checked, Vec<Change>), ProviderError> {
     let accounts = sys.accounts()?;
     let (changes, ops) = diff_user(&r.id.title, u, accounts.user(&r.id.title), &accounts)?;
     Ok((Checked { op: Op::Accounts(ops), ..Checked::default() }, changes))
 }
 
-pub fn check_group(sys: &System, r: &Resource, g: &GroupSpec) -> Result<(Checked, Vec<Change>), String> {
+pub fn check_group(sys: &System, r: &Resource, g: &GroupSpec) -> Result<(Checked, Vec<Change>), ProviderError> {
     let accounts = sys.accounts()?;
     let (changes, ops) = diff_group(&r.id.title, g, accounts.group(&r.id.title), &accounts)?;
     Ok((Checked { op: Op::Accounts(ops), ..Checked::default() }, changes))
 }
 
-pub fn apply(sys: &System, state: &Checked) -> Result<Option<String>, String> {
+pub fn apply(sys: &System, state: &Checked) -> Result<Option<String>, ProviderError> {
     let Op::Accounts(ops) = &state.op else { return Ok(None) };
     let result = ops.iter().try_for_each(|op| shadow::change(sys.host, op).map_err(fail));
     sys.forget_accounts();
@@ -368,17 +371,17 @@ mod tests {
         #[test]
         fn refusals() {
             let a = accounts();
-            let e = diff_user("bob", &user("    uid: 1000\n"), None, &a).unwrap_err();
+            let e = diff_user("bob", &user("    uid: 1000\n"), None, &a).unwrap_err().to_string();
             assert_eq!(e, "uid 1000 is already the user alice's");
-            let e = diff_user("root", &user("    ensure: absent\n"), a.user("root"), &a).unwrap_err();
+            let e = diff_user("root", &user("    ensure: absent\n"), a.user("root"), &a).unwrap_err().to_string();
             assert!(e.contains("uid 0"), "{e}");
-            let e = diff_user("daemon", &user("    ensure: absent\n"), a.user("daemon"), &a).unwrap_err();
+            let e = diff_user("daemon", &user("    ensure: absent\n"), a.user("daemon"), &a).unwrap_err().to_string();
             assert!(e.contains("system account (uid 1)"), "{e}");
             assert!(diff_user("daemon", &user("    ensure: absent\n    system: true\n"), a.user("daemon"), &a).is_ok());
             let g = GroupSpec { ensure: None, gid: Some(27), system: None };
-            assert_eq!(diff_group("ops", &g, None, &a).unwrap_err(), "gid 27 is already the group sudo's");
+            assert_eq!(diff_group("ops", &g, None, &a).unwrap_err().to_string(), "gid 27 is already the group sudo's");
             let g = GroupSpec { ensure: Some(Ensure::Absent), gid: None, system: None };
-            assert!(diff_group("adm", &g, a.group("adm"), &a).unwrap_err().contains("system group"));
+            assert!(diff_group("adm", &g, a.group("adm"), &a).unwrap_err().to_string().contains("system group"));
         }
     }
 

@@ -12,6 +12,7 @@ use super::tool::ToolOptions;
 use super::{Checked, Op, System, fail};
 use crate::catalog::{PackageSpec, Resource};
 use crate::host::{Host, HostResult};
+use crate::providers::ProviderError;
 use crate::report::Change;
 use crate::version::{best_match, matches};
 use std::cmp::Ordering;
@@ -80,7 +81,7 @@ pub const TOOLS: &[&dyn PackageTool] = &[&apt::Apt, &dnf::Dnf];
 
 /// The package manager of `host`, by the family its os-release names, or why there is none.
 pub fn tool_of(host: &dyn Host) -> Result<&'static dyn PackageTool, String> {
-    let os = super::tool::os_release(host).map_err(fail)?;
+    let os = super::tool::os_release(host).map_err(|e| e.to_string())?;
     let family = os.as_deref().and_then(super::tool::os_family);
     let root = host.image_root().unwrap_or_default();
     let Some(family) = family else {
@@ -105,7 +106,7 @@ pub fn deferred(sys: &System, r: &Resource) -> bool {
 }
 
 /// Defers the change to the agent's own package until after the run's report.
-pub fn apply_deferred(sys: &System, state: &Checked) -> Result<Option<String>, String> {
+pub fn apply_deferred(sys: &System, state: &Checked) -> Result<Option<String>, ProviderError> {
     match &state.op {
         Op::Install(i) => {
             *sys.deferred_upgrade.borrow_mut() = Some(i.clone());
@@ -151,7 +152,7 @@ pub fn diff(
     installed: Option<&Installed>,
     available: Option<&Available>,
     system: &dyn PackageTool,
-) -> Result<(Vec<Change>, Op), String> {
+) -> Result<(Vec<Change>, Op), ProviderError> {
     let compare = |a: &str, b: &str| system.compare(a, b);
     let have = installed.map_or("absent", |i| i.version.as_str());
     let none_on_offer = || {
@@ -171,13 +172,13 @@ pub fn diff(
         Want::Present => match (installed, available.and_then(|a| a.candidate.as_deref())) {
             (Some(_), _) => Ok((vec![], Op::None)),
             (None, Some(candidate)) => install(candidate, false),
-            (None, None) => Err(none_on_offer()),
+            (None, None) => Err(none_on_offer().into()),
         },
         Want::Latest => match (installed, available.and_then(|a| a.candidate.as_deref())) {
             (Some(i), Some(c)) if compare(c, &i.version).is_gt() => install(c, true),
             (Some(_), _) => Ok((vec![], Op::None)),
             (None, Some(c)) => install(c, false),
-            (None, None) => Err(none_on_offer()),
+            (None, None) => Err(none_on_offer().into()),
         },
         Want::Version(pattern) => {
             if installed.is_some_and(|i| matches(&i.version, pattern, compare)) {
@@ -186,12 +187,13 @@ pub fn diff(
             let versions = available.map(|a| a.versions.as_slice()).unwrap_or_default();
             let Some(target) = best_match(versions, pattern, compare) else {
                 if versions.is_empty() {
-                    return Err(none_on_offer());
+                    return Err(none_on_offer().into());
                 }
                 return Err(format!(
                     "no version of `{name}` matches {pattern} in the configured repositories (they offer {})",
                     versions.join(", ")
-                ));
+                )
+                .into());
             };
             if let Some(i) = installed
                 && compare(target, &i.version).is_lt()
@@ -200,7 +202,7 @@ pub fn diff(
                 return Err(format!(
                     "`{name}` {} is installed and {pattern} means a downgrade to {target}: set `allow_downgrade: true` to allow it",
                     i.version
-                ));
+                ).into());
             }
             install(target, true)
         }
@@ -208,7 +210,7 @@ pub fn diff(
 }
 
 /// Inspects and diffs a package from the run's queries.
-pub fn check(sys: &System, r: &Resource, p: &PackageSpec) -> Result<(Checked, Vec<Change>), String> {
+pub fn check(sys: &System, r: &Resource, p: &PackageSpec) -> Result<(Checked, Vec<Change>), ProviderError> {
     let system = sys.package_tool()?;
     let name = r.id.title.as_str();
     let installed = sys.installed(name)?;
@@ -224,7 +226,7 @@ pub fn check(sys: &System, r: &Resource, p: &PackageSpec) -> Result<(Checked, Ve
 
 /// Installs and removes every package of `items` in one transaction each; when one fails,
 /// every package of it is tried alone. One result per item.
-pub fn apply_all(sys: &System, items: &[(&Resource, &Checked)]) -> Vec<Result<Option<String>, String>> {
+pub fn apply_all(sys: &System, items: &[(&Resource, &Checked)]) -> Vec<Result<Option<String>, ProviderError>> {
     let installs: Vec<(usize, &Install)> = items
         .iter()
         .enumerate()
@@ -241,7 +243,7 @@ pub fn apply_all(sys: &System, items: &[(&Resource, &Checked)]) -> Vec<Result<Op
             _ => None,
         })
         .collect();
-    let mut results: Vec<Result<Option<String>, String>> = vec![Ok(None); items.len()];
+    let mut results: Vec<Result<Option<String>, ProviderError>> = (0..items.len()).map(|_| Ok(None)).collect();
     let downgrade = |ks: &[usize]| {
         ks.iter()
             .any(|&k| matches!(&items[k].0.spec, crate::catalog::Spec::Package(p) if p.allow_downgrade == Some(true)))
@@ -333,13 +335,13 @@ mod tests {
             assert_eq!(c, vec![Change::new("ensure", "absent", "1.24.2-1")]);
             assert_eq!(op, Op::Install(Install { name: "x".into(), version: Some("1.24.2-1".into()) }));
             assert!(diff("x", &spec("1.24.*"), Some(&inst("1.24.0-1")), None, APT).unwrap().0.is_empty());
-            let e = diff("x", &spec("1.24.*"), Some(&inst("1.25.0-1")), Some(&offered), APT).unwrap_err();
+            let e = diff("x", &spec("1.24.*"), Some(&inst("1.25.0-1")), Some(&offered), APT).unwrap_err().to_string();
             assert!(e.contains("downgrade to 1.24.2-1: set `allow_downgrade: true`"), "{e}");
             let mut allowed = spec("1.24.*");
             allowed.allow_downgrade = Some(true);
             let (c, _) = diff("x", &allowed, Some(&inst("1.25.0-1")), Some(&offered), APT).unwrap();
             assert_eq!(c, vec![Change::new("version", "1.25.0-1", "1.24.2-1")]);
-            let e = diff("x", &spec("2.*"), None, Some(&offered), APT).unwrap_err();
+            let e = diff("x", &spec("2.*"), None, Some(&offered), APT).unwrap_err().to_string();
             assert!(
                 e.contains("no version of `x` matches 2.* in the configured repositories (they offer 1.25.0-1"),
                 "{e}"
@@ -348,7 +350,7 @@ mod tests {
 
         #[test]
         fn nothing_on_offer_is_an_error_naming_the_tool() {
-            let e = diff("nope", &spec("present"), None, None, APT).unwrap_err();
+            let e = diff("nope", &spec("present"), None, None, APT).unwrap_err().to_string();
             assert_eq!(
                 e,
                 "no package `nope` in the configured repositories (`apt-cache policy nope` shows what they offer)"
@@ -432,7 +434,10 @@ mod tests {
             apply_all(&sys, &refs)
         };
         assert!(events[0].is_ok() && events[2].is_ok(), "{events:?}");
-        assert!(events[1].as_ref().unwrap_err().contains("Version '9.9' for 'b' was not found"), "{events:?}");
+        assert!(
+            events[1].as_ref().unwrap_err().to_string().contains("Version '9.9' for 'b' was not found"),
+            "{events:?}"
+        );
         let installs: Vec<String> = host
             .processes()
             .into_iter()
@@ -445,7 +450,7 @@ mod tests {
     fn held_packages_are_reported_and_never_changed() {
         let host = MemHost::new().with_installed("pinned", "1.0-1", true).with_available("pinned", &["1.0-1", "2.0-1"]);
         let events = converge_yaml(&host, "  - package: pinned\n    ensure: latest\n", false);
-        assert_eq!(events[0].status, Status::Other("held".into()));
+        assert_eq!(events[0].status, Status::Held);
         assert!(events[0].message.as_deref().unwrap().contains("held"), "{events:?}");
         assert_eq!(host.installed_version("pinned").as_deref(), Some("1.0-1"));
     }

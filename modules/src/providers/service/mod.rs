@@ -7,6 +7,7 @@
 
 use super::{Checked, Op, System, fail};
 use crate::catalog::{Refresh, Resource, ServiceEnsure, ServiceSpec};
+use crate::providers::ProviderError;
 use crate::report::Change;
 
 pub mod systemd;
@@ -54,18 +55,22 @@ fn enabled(u: &Unit) -> bool {
 }
 
 /// What makes the unit as declared. Pure.
-pub fn diff(name: &str, s: &ServiceSpec, u: &Unit, image: bool) -> Result<(Vec<Change>, Op), String> {
+pub fn diff(name: &str, s: &ServiceSpec, u: &Unit, image: bool) -> Result<(Vec<Change>, Op), ProviderError> {
     if !u.exists {
-        return Err(format!("there is no unit {name} on this system (is the package that ships it installed?)"));
+        return Err(format!("there is no unit {name} on this system (is the package that ships it installed?)").into());
     }
     let mut changes = Vec::new();
     let mut enable = None;
     match (s.enabled, u.enabled.as_str()) {
         (Some(true), "masked" | "masked-runtime") => {
-            return Err(format!("{name} is masked: unmask it (systemctl unmask {name}) before it can be enabled"));
+            return Err(
+                format!("{name} is masked: unmask it (systemctl unmask {name}) before it can be enabled").into()
+            );
         }
         (Some(true), state @ ("static" | "indirect" | "generated" | "transient")) => {
-            return Err(format!("{name} cannot be enabled: its unit file is {state} (it has no [Install] section)"));
+            return Err(
+                format!("{name} cannot be enabled: its unit file is {state} (it has no [Install] section)").into()
+            );
         }
         (Some(want), _) if want != enabled(u) => {
             changes.push(Change::new("enabled", enabled(u).to_string(), want.to_string()));
@@ -95,7 +100,7 @@ pub fn unit_name(title: &str) -> String {
     if title.contains('.') { title.to_string() } else { format!("{title}.service") }
 }
 
-pub fn check(sys: &System, r: &Resource, s: &ServiceSpec) -> Result<(Checked, Vec<Change>), String> {
+pub fn check(sys: &System, r: &Resource, s: &ServiceSpec) -> Result<(Checked, Vec<Change>), ProviderError> {
     let name = unit_name(&r.id.title);
     let unit = sys.unit(&r.id.title)?;
     if !unit.exists && sys.dry_run {
@@ -114,7 +119,7 @@ pub fn check(sys: &System, r: &Resource, s: &ServiceSpec) -> Result<(Checked, Ve
     Ok((Checked { op, ..Checked::default() }, changes))
 }
 
-pub fn apply(sys: &System, r: &Resource, state: &Checked) -> Result<Option<String>, String> {
+pub fn apply(sys: &System, r: &Resource, state: &Checked) -> Result<Option<String>, ProviderError> {
     let Op::Unit { enable, action } = &state.op else { return Ok(None) };
     let name = unit_name(&r.id.title);
     let result = (|| {
@@ -130,7 +135,7 @@ pub fn apply(sys: &System, r: &Resource, state: &Checked) -> Result<Option<Strin
                 let now = sys.unit(&r.id.title)?;
                 if !running(&now) {
                     let message = format!("{name} started but did not stay running (it is {} now)", now.active);
-                    return Err(with_journal(sys, &name, message));
+                    return Err(with_journal(sys, &name, message.into()));
                 }
             }
         }
@@ -141,13 +146,13 @@ pub fn apply(sys: &System, r: &Resource, state: &Checked) -> Result<Option<Strin
 }
 
 /// A failure with the end of the unit's journal, which says why.
-fn with_journal(sys: &System, name: &str, message: String) -> String {
+fn with_journal(sys: &System, name: &str, error: ProviderError) -> ProviderError {
     let journal = systemd::journal(sys.host, name);
-    if journal.trim().is_empty() { message } else { format!("{message}\n{journal}") }
+    if journal.trim().is_empty() { error } else { ProviderError::Logged { source: Box::new(error), log: journal } }
 }
 
 /// A notify: restart or reload once, unless stopped or started by this very run.
-pub fn refresh(sys: &System, r: &Resource, s: &ServiceSpec, dry_run: bool) -> Result<Option<String>, String> {
+pub fn refresh(sys: &System, r: &Resource, s: &ServiceSpec, dry_run: bool) -> Result<Option<String>, ProviderError> {
     let name = unit_name(&r.id.title);
     let how = s.refresh.unwrap_or(Refresh::Restart);
     if how == Refresh::None || sys.host.is_image() || sys.run.borrow().started.contains(&name) {
@@ -209,11 +214,11 @@ mod tests {
             diff("a.service", &spec(Some(ServiceEnsure::Stopped), Some(false)), &unit("active", "enabled"), false)
                 .unwrap();
         assert_eq!(c, vec![Change::new("enabled", "true", "false"), Change::new("ensure", "active", "stopped")]);
-        let e = diff("a.service", &spec(None, Some(true)), &unit("active", "static"), false).unwrap_err();
+        let e = diff("a.service", &spec(None, Some(true)), &unit("active", "static"), false).unwrap_err().to_string();
         assert!(e.contains("its unit file is static"), "{e}");
-        let e = diff("a.service", &spec(None, Some(true)), &unit("active", "masked"), false).unwrap_err();
+        let e = diff("a.service", &spec(None, Some(true)), &unit("active", "masked"), false).unwrap_err().to_string();
         assert!(e.contains("unmask"), "{e}");
-        let e = diff("a.service", &spec(None, None), &Unit::default(), false).unwrap_err();
+        let e = diff("a.service", &spec(None, None), &Unit::default(), false).unwrap_err().to_string();
         assert!(e.contains("there is no unit a.service"), "{e}");
     }
 
