@@ -205,3 +205,24 @@ fn hostile_durations_and_times_are_one_line_errors_never_panics() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("c.yaml:3:") && !out.stderr.contains("panicked"), "{}", out.stderr);
 }
+
+/// What `converge-server check` prints for a repository with problems, as a snapshot: every
+/// problem at once, each with its file, line, column, source line and the nodes it hit.
+#[test]
+fn check_output_snapshot() {
+    let t = tempfile::tempdir().unwrap();
+    write(
+        t.path(),
+        &[
+            ("site.yaml", "nodes:\n  web1: {roles: [web]}\n  web2: {roles: [web, nope]}\n"),
+            (
+                "roles/web.yaml",
+                "params:\n  port: 80\nresources:\n  - file: /etc/web.conf\n    content: \"{{ data.missing }}\"\n  - file: relative\n  - servcie: nginx\n",
+            ),
+        ],
+    );
+    let out = server(&["check", "--repo", &t.path().display().to_string()]);
+    assert_eq!(out.code, 1);
+    let shown = out.stderr.replace(&t.path().display().to_string(), "[repo]");
+    insta::assert_snapshot!("check_problems", shown);
+}

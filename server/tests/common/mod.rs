@@ -5,6 +5,11 @@ use std::sync::Arc;
 
 /// A fleet made by `converge-server init` over a small repository.
 pub fn fleet() -> (tempfile::TempDir, Arc<Fleet>) {
+    fleet_with("")
+}
+
+/// As [`fleet`], with `settings` added to its server.toml.
+pub fn fleet_with(settings: &str) -> (tempfile::TempDir, Arc<Fleet>) {
     let t = tempfile::tempdir().unwrap();
     let repo = t.path().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
@@ -24,6 +29,9 @@ pub fn fleet() -> (tempfile::TempDir, Arc<Fleet>) {
         keys: None,
     })
     .unwrap();
+    let toml = state.join("server.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("{text}{settings}")).unwrap();
     let config = converge_server::config::Config::read(&state.join("server.toml")).unwrap();
     (t, Arc::new(Fleet::open(config).unwrap()))
 }
