@@ -262,6 +262,16 @@ pub fn converge(
     warnings: Vec<String>,
     stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> (RunInfo, Collect) {
+    // Everything logged during the run carries its node, serial and commit.
+    let c = &loaded.catalog;
+    let _run = tracing::info_span!(
+        "run",
+        node = c.host.as_deref().unwrap_or("-"),
+        serial = c.serial.unwrap_or(0),
+        commit = c.source.as_ref().map_or("-", |s| s.commit.as_str()),
+        dry_run = out.dry_run,
+    )
+    .entered();
     let system = System::new(host, &loaded.catalog.resources)
         .dry_run(out.dry_run)
         .tool_options(tool_options())

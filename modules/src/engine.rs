@@ -84,6 +84,8 @@ pub fn run<P: Providers>(
     let mut early: Vec<Option<ResourceEvent>> = vec![None; resources.len()];
     for (pos, &i) in plan.order.iter().enumerate() {
         let r = &resources[i];
+        // Whatever a provider logs is tagged with its resource.
+        let _resource = tracing::debug_span!("resource", id = %r.id).entered();
         let t0 = Stopwatch::start();
         let stopping = options.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
         if stopping && early[i].is_none() {

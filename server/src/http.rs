@@ -253,6 +253,7 @@ async fn authenticate(
                     }
                 });
             }
+            tracing::Span::current().record("node", tracing::field::display(&node));
             req.extensions_mut().insert(Node(node, presented));
             next.run(req).await
         }
@@ -266,16 +267,40 @@ async fn authenticate(
 /// Requests being worked on are capped (a request with a body takes its place once the body
 /// is in, in its handler); every answer carries the headers that keep browsers from framing or
 /// sniffing it.
+///
+/// Each request runs in a `request` span (method, path, peer; the node once its certificate
+/// is checked; a catalog's serial and commit) and ends with one line of the access log
+/// (target `converge::access`: `CONVERGE_LOG=converge::access=off` silences it).
 async fn admit(State(fleet): State<Arc<Fleet>>, req: Request, next: Next) -> Response {
-    if req.method() == axum::http::Method::POST {
-        return protect(next.run(req).await);
+    use tracing::Instrument;
+    let peer = req.extensions().get::<Peer>().and_then(|p| p.addr).map(|a| a.to_string()).unwrap_or_default();
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %clip(req.uri().path(), 200),
+        peer = %peer,
+        node = tracing::field::Empty,
+        serial = tracing::field::Empty,
+        commit = tracing::field::Empty,
+    );
+    let started = std::time::Instant::now();
+    let response = async {
+        if req.method() == axum::http::Method::POST {
+            return next.run(req).await;
+        }
+        let permit = match fleet.admission.work(&fleet) {
+            Ok(p) => p,
+            Err(e) => return e.into_response(),
+        };
+        let response = next.run(req).await;
+        drop(permit);
+        response
     }
-    let permit = match fleet.admission.work(&fleet) {
-        Ok(p) => p,
-        Err(e) => return protect(e.into_response()),
-    };
-    let response = next.run(req).await;
-    drop(permit);
+    .instrument(span.clone())
+    .await;
+    let status = response.status().as_u16();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| tracing::info!(target: "converge::access", status, ms = %format_args!("{ms:.1}"), "answered"));
     protect(response)
 }
 
@@ -387,6 +412,9 @@ async fn catalog(
         }
         Err(Refused::Internal(e)) => return Err(e.into()),
     };
+    let span = tracing::Span::current();
+    span.record("serial", stored.serial);
+    span.record("commit", tracing::field::display(fleet.commit()));
     let etag = format!("\"{}\"", stored.etag);
     let etag_value = HeaderValue::from_str(&etag).expect("hex is a header value");
     // Every answer says which CA bundle is in force: a host holding another fetches it.

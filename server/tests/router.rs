@@ -209,3 +209,50 @@ async fn until_refused(fleet: &Arc<Fleet>, node: &Peer) -> (StatusCode, axum::ht
     }
     panic!("the held requests never took their slots")
 }
+
+/// A writer the test reads back: where the log goes.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_is_one_access_log_line_in_a_span_naming_its_node_serial_and_commit() {
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber =
+        tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).with_env_filter("info").finish();
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let (_t, fleet) = fleet();
+    let now = converge_server::db::now();
+    fleet.db.add_token(&converge_modules::hash::sha256_hex(b"cvg_log"), "*", now, now + 600).unwrap();
+    let outside = Peer { fingerprint: None, addr: Some("10.0.0.7:40000".parse().unwrap()) };
+    let (status, _, issued) = send(&fleet, &outside, post("/v1/enroll", enroll_body("web3", Some("cvg_log")))).await;
+    assert_eq!(status, StatusCode::OK, "{issued}");
+    let issued: converge_modules::wire::EnrollResponse = serde_json::from_str(&issued).unwrap();
+    let converge_modules::wire::EnrollResponse::Issued { certificate, .. } = issued else { panic!() };
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(certificate.as_bytes()).unwrap();
+    let node = Peer {
+        fingerprint: Some(converge_modules::hash::sha256_hex(&der)),
+        addr: Some("10.0.0.9:40001".parse().unwrap()),
+    };
+    assert_eq!(send(&fleet, &node, post("/v1/catalog", catalog_body(&[1]))).await.0, StatusCode::OK);
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("converge::access")).collect();
+    assert_eq!(lines.len(), 2, "one line per request:\n{text}");
+    assert!(lines[0].contains("request{method=POST path=/v1/enroll peer=10.0.0.7:40000}"), "{}", lines[0]);
+    assert!(lines[0].contains("status=200"), "{}", lines[0]);
+    let commit = fleet.commit();
+    let want = "path=/v1/catalog peer=10.0.0.9:40001 node=web3 serial=";
+    assert!(lines[1].contains(want) && lines[1].contains(&format!("commit={commit}")), "{}", lines[1]);
+    assert!(lines[1].contains("status=200 ms="), "{}", lines[1]);
+}
