@@ -39,10 +39,9 @@ pub enum Color {
     Never,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct ApplyArgs {
-    /// The catalog to converge to: YAML, or JSON (the wire spelling).
-    pub file: PathBuf,
+/// How a run goes and speaks: what `apply`, `run` and a bootstrap's first run share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunOptions {
     /// Show what would change (diffs included) and change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -62,6 +61,27 @@ pub struct ApplyArgs {
     /// List unchanged resources too.
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            dry_run: false,
+            root: PathBuf::from("/"),
+            format: Format::Text,
+            detailed_exitcodes: false,
+            color: Color::Auto,
+            verbose: false,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// The catalog to converge to: YAML, or JSON (the wire spelling).
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub opts: RunOptions,
     /// For a signed catalog: the key list to trust [ROOT/etc/converge/trusted-keys.json].
     #[arg(long, value_name = "FILE")]
     pub trusted_keys: Option<PathBuf>,
@@ -129,8 +149,8 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
         return run_signed(args);
     }
     let loaded = read_catalog(&args.file)?;
-    let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
-    let lock = RunLock::take(&root, args.dry_run)?;
+    let root = Root::open(&args.opts.root).with_context(|| format!("cannot open root {}", args.opts.root.display()))?;
+    let lock = RunLock::take(&root, args.opts.dry_run)?;
     if !args.unsigned && (args.trusted_keys.is_some() || signed::has_keys(&root)) {
         let keys = args.trusted_keys.as_ref().map_or_else(
             || root.path().join(signed::KEYS_FILE.trim_start_matches('/')).display().to_string(),
@@ -153,7 +173,7 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
     let (_, collect) = converge(&Output::of(args), &host, &loaded, None, notes, None);
     drop(lock);
     start_upgrade(&host, args);
-    Ok(exit_code(args.detailed_exitcodes, &collect.summary.unwrap_or_default()))
+    Ok(exit_code(args.opts.detailed_exitcodes, &collect.summary.unwrap_or_default()))
 }
 
 /// The first bytes of a file, to tell envelopes from catalogs.
@@ -185,9 +205,9 @@ fn read_envelope_file(file: &Path) -> Result<Vec<u8>> {
 fn run_signed(args: &ApplyArgs) -> Result<i32> {
     let name = args.file.display().to_string();
     let bytes = read_envelope_file(&args.file)?;
-    let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
+    let root = Root::open(&args.opts.root).with_context(|| format!("cannot open root {}", args.opts.root.display()))?;
     let node = signed::node_name(&root, args.node.as_deref())?;
-    let lock = RunLock::take(&root, args.dry_run)?;
+    let lock = RunLock::take(&root, args.opts.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let mut trust = Trust::load(&host, &lock, args.trusted_keys.as_deref(), node)?;
     let verified = trust
@@ -197,7 +217,7 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
         let first = d.0.first().map(|d| d.message.as_str()).unwrap_or("?");
         anyhow!("refused {name}: the signed catalog is not valid: {first}; nothing was changed")
     })?;
-    if !args.dry_run {
+    if !args.opts.dry_run {
         trust.record(&host, &lock, &verified, &bytes)?;
     }
     drop(bytes);
@@ -212,13 +232,13 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
     let (_, collect) = converge(&Output::of(args), &host, &loaded, Some(verified.signed_by), warnings, None);
     drop(lock);
     start_upgrade(&host, args);
-    Ok(exit_code(args.detailed_exitcodes, &collect.summary.unwrap_or_default()))
+    Ok(exit_code(args.opts.detailed_exitcodes, &collect.summary.unwrap_or_default()))
 }
 
 /// Starts the agent's own upgrade the run deferred, once the run has let go of the lock.
 fn start_upgrade(host: &RealHost, args: &ApplyArgs) {
-    if let Some(note) = crate::upgrade::start(host, &args.root) {
-        if args.format == Format::Text {
+    if let Some(note) = crate::upgrade::start(host, &args.opts.root) {
+        if args.opts.format == Format::Text {
             eprintln!("converge: {note}");
         }
         tracing::info!("{note}");
@@ -238,10 +258,16 @@ pub struct Output {
 impl Output {
     fn of(args: &ApplyArgs) -> Output {
         let mut label = args.file.display().to_string();
-        if args.root != Path::new("/") {
-            label.push_str(&format!(" into {}", args.root.display()));
+        if args.opts.root != Path::new("/") {
+            label.push_str(&format!(" into {}", args.opts.root.display()));
         }
-        Output { label, dry_run: args.dry_run, format: args.format, color: args.color, verbose: args.verbose }
+        Output {
+            label,
+            dry_run: args.opts.dry_run,
+            format: args.opts.format,
+            color: args.opts.color,
+            verbose: args.opts.verbose,
+        }
     }
 }
 

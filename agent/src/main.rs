@@ -82,15 +82,8 @@ fn main() -> ExitCode {
             if args.no_run {
                 return Ok(0);
             }
-            let once = run::RunArgs {
-                once: true,
-                dry_run: false,
-                root: args.root.clone(),
-                format: apply::Format::Text,
-                detailed_exitcodes: false,
-                color: apply::Color::Auto,
-                verbose: false,
-            };
+            let once =
+                run::RunArgs { once: true, opts: apply::RunOptions { root: args.root.clone(), ..Default::default() } };
             run::run_once(&once, None).map(|o| o.code)
         }),
         Some(Command::Run(args)) if args.once => run::run_once(args, None).map(|o| o.code),

@@ -10,7 +10,7 @@
 //! server fails, back-off doubles (with jitter) up to the interval; SIGHUP runs now; SIGTERM
 //! finishes the resource in hand and exits. Runs never overlap (the state directory's lock).
 
-use crate::apply::{self, Color, Format, Output};
+use crate::apply::{self, Output};
 use crate::backup::BackupStore;
 use crate::client::{CatalogReply, Client, Identity, Sent};
 use crate::fs::Root;
@@ -24,7 +24,6 @@ use converge_modules::text::clip;
 use converge_modules::time::Timestamp;
 use converge_modules::trust::{Refusal, Verified};
 use converge_modules::wire::{CatalogRequest, Report};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -33,20 +32,8 @@ pub struct RunArgs {
     /// Run once and exit (the default when `converge` is run with no command).
     #[arg(long)]
     pub once: bool,
-    /// Show what would change and change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// The system image under DIR instead of this host.
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    pub root: PathBuf,
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-    #[arg(long)]
-    pub detailed_exitcodes: bool,
-    #[arg(long, value_enum, default_value_t = Color::Auto)]
-    pub color: Color,
-    #[arg(short, long)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub opts: apply::RunOptions,
 }
 
 /// How a run went, for the daemon's schedule.
@@ -103,13 +90,13 @@ fn read(root: &Root, path: &str) -> Result<String> {
 /// it can trust, damaged state) says why in the status, so `converge status` never shows an
 /// old success instead.
 pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
-    let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
+    let root = Root::open(&args.opts.root).with_context(|| format!("cannot open root {}", args.opts.root.display()))?;
     if root.lstat(state::CONFIG_FILE)?.is_none() {
         // Not joined: nothing to lock, record or create (this says so; should the file have
         // appeared meanwhile, the run goes on).
         AgentConfig::load(&root)?;
     }
-    let lock = RunLock::take(&root, args.dry_run)?;
+    let lock = RunLock::take(&root, args.opts.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let started = Timestamp::now();
     let outcome =
@@ -135,7 +122,7 @@ pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
     }
     // The agent's own upgrade, deferred by the run, starts once the run has let go.
     drop(lock);
-    if let Some(note) = crate::upgrade::start(&host, &args.root) {
+    if let Some(note) = crate::upgrade::start(&host, &args.opts.root) {
         tracing::info!("{note}");
     }
     outcome
@@ -199,7 +186,7 @@ fn locked_run(
     notes.append(&mut trust.notes);
     let facts = crate::facts::collect(host.root(), &config.name);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let certificate = keep_certificate(host, config, &rt, &mut client, &mut notes, args.dry_run);
+    let certificate = keep_certificate(host, config, &rt, &mut client, &mut notes, args.opts.dry_run);
     let cached = fallback(host, lock, &trust, &mut notes);
     let queued = state::queued_reports(host, &mut notes);
     let held_bundle = read(host.root(), state::CA_FILE).map(|t| converge_modules::hash::sha256_hex(t.as_bytes())).ok();
@@ -250,7 +237,7 @@ fn locked_run(
     if let Some((bytes, etag)) = &fresh {
         match trust.verify(host, bytes, false, false) {
             Ok(v) => {
-                if !args.dry_run {
+                if !args.opts.dry_run {
                     trust.record(host, lock, &v, bytes)?;
                     state::keep_envelope(host, v.applied.serial, bytes, etag.as_deref())?;
                 }
@@ -283,10 +270,10 @@ fn locked_run(
     warnings.extend(v.warnings);
     let out = Output {
         label: format!("{} from {}", config.name, config.server),
-        dry_run: args.dry_run,
-        format: args.format,
-        color: args.color,
-        verbose: args.verbose,
+        dry_run: args.opts.dry_run,
+        format: args.opts.format,
+        color: args.opts.color,
+        verbose: args.opts.verbose,
     };
     let (info, collect) = apply::converge(&out, host, &loaded, Some(v.signed_by), warnings, stop);
     let summary = collect.summary.clone().unwrap_or_default();
@@ -328,10 +315,10 @@ fn locked_run(
                 false
             }
         };
-    if !sent && !args.dry_run {
+    if !sent && !args.opts.dry_run {
         state::queue_report(host, &body)?;
     }
-    if !args.dry_run {
+    if !args.opts.dry_run {
         let (mut status, _) = state::read_status(host.root());
         status.last_run = Some(LastRun {
             started,
@@ -350,7 +337,7 @@ fn locked_run(
         status.certificate = certificate.or(status.certificate);
         state::write_status(host, &status)?;
     }
-    Ok(Outcome { code: apply::exit_code(args.detailed_exitcodes, &summary), reached, retry_after })
+    Ok(Outcome { code: apply::exit_code(args.opts.detailed_exitcodes, &summary), reached, retry_after })
 }
 
 /// Adopts the server's CA bundle when the server names another than the one held: fetched
@@ -486,13 +473,13 @@ impl Signals {
 /// `converge run` without `--once`.
 pub fn daemon(args: &RunArgs) -> Result<i32> {
     let signals = Signals::install()?;
-    let root = Root::open(&args.root).with_context(|| format!("cannot open root {}", args.root.display()))?;
+    let root = Root::open(&args.opts.root).with_context(|| format!("cannot open root {}", args.opts.root.display()))?;
     let config = AgentConfig::load(&root)?;
     let mut wait = Duration::from_secs(config.splay_offset() as u64);
     let mut failures = 0u32;
     tracing::info!("converge agent for {} ({}); first run in {} s", config.name, config.server, wait.as_secs());
     loop {
-        set_next(&args.root, wait);
+        set_next(&args.opts.root, wait);
         signals.sleep(wait);
         if signals.stopping() {
             return Ok(0);

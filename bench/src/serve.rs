@@ -49,13 +49,7 @@ pub async fn request(
     body: &[u8],
     etag: Option<&str>,
 ) -> Result<(u16, Option<String>), String> {
-    let tcp = connect_from(from, addr).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).ok();
-    let connector = tokio_rustls::TlsConnector::from(tls);
-    let mut s = connector
-        .connect(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut s = connect_tls(from, addr, tls).await?;
     let mut req = format!(
         "POST /v1/catalog HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
@@ -82,18 +76,24 @@ pub async fn request(
 }
 
 /// A bare mutual TLS handshake.
+/// A TLS connection to the server from `from`, handshake done.
+async fn connect_tls(
+    from: std::net::Ipv4Addr,
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = connect_from(from, addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).ok();
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    connector.connect(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()), tcp).await.map_err(|e| e.to_string())
+}
+
 async fn handshake(
     from: std::net::Ipv4Addr,
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<(u16, Option<String>), String> {
-    let tcp = connect_from(from, addr).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).ok();
-    let connector = tokio_rustls::TlsConnector::from(tls);
-    let mut s = connector
-        .connect(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut s = connect_tls(from, addr, tls).await?;
     let _ = s.shutdown().await;
     Ok((0, None))
 }

@@ -19,9 +19,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ED25519, PublicKeyData, SanType, SignatureAlgorithm,
 };
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use time::{Duration, OffsetDateTime};
 
@@ -59,18 +57,6 @@ fn ca_params(name: &str) -> CertificateParams {
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     p
-}
-
-fn write_new(path: &Path, text: &str, mode: u32) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot create {} (it is never overwritten)", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
 }
 
 /// 16 random bytes, positive as X.509 wants serials.
@@ -184,8 +170,8 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         let name = "converge CA";
         let cert = ca_validity(ca_params(name), now).self_signed(&key)?;
-        write_new(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
-        write_new(&dir.join("ca.pem"), &cert.pem(), 0o644)?;
+        crate::keys::create(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
+        crate::keys::create(&dir.join("ca.pem"), &cert.pem(), 0o644)?;
         let ca = Ca {
             issuer: Issuer::new(ca_params(name), key),
             pem: cert.pem(),
@@ -197,8 +183,8 @@ impl Ca {
         };
         let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let server = server_params(names, addresses, now)?.signed_by(&server_key, &ca.issuer)?;
-        write_new(&dir.join("server.key"), &server_key.serialize_pem(), 0o600)?;
-        write_new(&dir.join("server.pem"), &server.pem(), 0o644)?;
+        crate::keys::create(&dir.join("server.key"), &server_key.serialize_pem(), 0o600)?;
+        crate::keys::create(&dir.join("server.pem"), &server.pem(), 0o644)?;
         Ok(ca)
     }
 
@@ -218,7 +204,7 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer)?;
         let tmp = dir.join("server.pem.new");
         let _ = std::fs::remove_file(&tmp);
-        write_new(&tmp, &cert.pem(), 0o644)?;
+        crate::keys::create(&tmp, &cert.pem(), 0o644)?;
         std::fs::rename(&tmp, dir.join("server.pem")).context("cannot replace server.pem")?;
         std::fs::File::open(dir)?.sync_all()?;
         Ok(cert.der().to_vec())
@@ -302,11 +288,11 @@ impl Ca {
         for file in [NEXT_KEY, NEXT_PEM, PREVIOUS, CROSS, ROTATED_AT] {
             let _ = std::fs::remove_file(dir.join(file));
         }
-        write_new(&dir.join(PREVIOUS), &old.pem, 0o644)?;
-        write_new(&dir.join(CROSS), &cross.pem(), 0o644)?;
-        write_new(&dir.join(ROTATED_AT), &format!("{}\n", now.unix_timestamp()), 0o644)?;
-        write_new(&dir.join(NEXT_KEY), &key.serialize_pem(), 0o600)?;
-        write_new(&dir.join(NEXT_PEM), &cert.pem(), 0o644)?;
+        crate::keys::create(&dir.join(PREVIOUS), &old.pem, 0o644)?;
+        crate::keys::create(&dir.join(CROSS), &cross.pem(), 0o644)?;
+        crate::keys::create(&dir.join(ROTATED_AT), &format!("{}\n", now.unix_timestamp()), 0o644)?;
+        crate::keys::create(&dir.join(NEXT_KEY), &key.serialize_pem(), 0o600)?;
+        crate::keys::create(&dir.join(NEXT_PEM), &cert.pem(), 0o644)?;
         finish_rotation(dir)?;
         let new = Ca::load(dir)?;
         new.renew_server(dir)?;

@@ -30,7 +30,7 @@ pub fn random() -> Result<[u8; 32]> {
 }
 
 /// Writes `text` to a new file with `mode`; never replaces an existing one.
-fn create(path: &Path, text: &str, mode: u32) -> Result<()> {
+pub(crate) fn create(path: &Path, text: &str, mode: u32) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
