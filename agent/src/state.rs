@@ -268,7 +268,7 @@ pub fn queued_reports(host: &RealHost, notes: &mut Vec<String>) -> Vec<(String, 
         let body = host.root().read_bounded(&path, Limits::REPORT_BODY as u64).map_err(|e| e.to_string());
         let checked = body.and_then(|b| {
             let r: Report = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
-            r.check()?;
+            r.check().map_err(|e| e.to_string())?;
             Ok(b)
         });
         match checked {

@@ -57,7 +57,7 @@ pub struct RenewResponse {
 }
 
 impl RenewRequest {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), WireError> {
         within("the public key", &self.public_key, Limits::PUBLIC_KEY)
     }
 }
@@ -126,13 +126,29 @@ impl Limits {
     pub const LIST: usize = 256;
 }
 
+/// Why a body from the wire, or a node's name, is refused: each a field and the bound it
+/// broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("`{0}` is not a node name: 1 to {max} characters", max = Limits::NAME)]
+    NameLength(String),
+    #[error("`{0}` is not a node name: dot-separated labels of letters, digits, - and _ (not starting with -)")]
+    NameLabels(String),
+    #[error("{what} is {len} bytes, more than the {max} allowed")]
+    TooLong { what: &'static str, len: usize, max: usize },
+    #[error("{what}: {n}, more than the {max} allowed")]
+    TooMany { what: &'static str, n: usize, max: usize },
+    #[error("{0}")]
+    Malformed(&'static str),
+}
+
 /// Why `name` cannot be a node's name, if it cannot: DNS-like labels of letters, digits, `-`
 /// and `_`, separated by single dots, none starting with `-` (it would read as an option),
 /// 253 bytes at most. `.` and `..` are not names.
-pub fn check_node_name(name: &str) -> Result<(), String> {
+pub fn check_node_name(name: &str) -> Result<(), WireError> {
     let shown = || crate::text::clip(name, 64).into_owned();
     if name.is_empty() || name.len() > Limits::NAME {
-        return Err(format!("`{}` is not a node name: 1 to {} characters", shown(), Limits::NAME));
+        return Err(WireError::NameLength(shown()));
     }
     for label in name.split('.') {
         let ok = !label.is_empty()
@@ -140,10 +156,7 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
             && !label.starts_with('-')
             && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
-            return Err(format!(
-                "`{}` is not a node name: dot-separated labels of letters, digits, - and _ (not starting with -)",
-                shown()
-            ));
+            return Err(WireError::NameLabels(shown()));
         }
     }
     Ok(())
@@ -155,20 +168,16 @@ pub fn key_fingerprint(public: &[u8; 32]) -> String {
     format!("sha256:{}", crate::hash::sha256_hex(public))
 }
 
-fn within(what: &str, value: &str, max: usize) -> Result<(), String> {
-    if value.len() > max {
-        Err(format!("{what} is {} bytes, more than the {max} allowed", value.len()))
-    } else {
-        Ok(())
-    }
+fn within(what: &'static str, value: &str, max: usize) -> Result<(), WireError> {
+    if value.len() > max { Err(WireError::TooLong { what, len: value.len(), max }) } else { Ok(()) }
 }
 
-fn count_within(what: &str, n: usize, max: usize) -> Result<(), String> {
-    if n > max { Err(format!("{what}: {n}, more than the {max} allowed")) } else { Ok(()) }
+fn count_within(what: &'static str, n: usize, max: usize) -> Result<(), WireError> {
+    if n > max { Err(WireError::TooMany { what, n, max }) } else { Ok(()) }
 }
 
 impl EnrollRequest {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), WireError> {
         check_node_name(&self.name)?;
         within("the public key", &self.public_key, Limits::PUBLIC_KEY)?;
         self.token.as_deref().map_or(Ok(()), |t| within("the token", t, Limits::TOKEN))
@@ -176,16 +185,16 @@ impl EnrollRequest {
 }
 
 impl CatalogRequest {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), WireError> {
         within("agent_version", &self.agent_version, Limits::AGENT_VERSION)?;
         if self.agent_version.chars().any(|c| c.is_control()) {
-            return Err("agent_version holds control characters".into());
+            return Err(WireError::Malformed("agent_version holds control characters"));
         }
         count_within("formats", self.formats.len(), Limits::FORMATS)?;
         if let Some(h) = &self.ca_bundle
             && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
         {
-            return Err("ca_bundle is not a SHA-256 in hex".into());
+            return Err(WireError::Malformed("ca_bundle is not a SHA-256 in hex"));
         }
         count_within("facts", self.facts.len(), Limits::FACTS)
     }
@@ -206,7 +215,7 @@ fn clip_string(s: &mut String, max: usize) {
 
 impl Report {
     /// Every field within [`Limits`]: what the server demands of a report it stores.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), WireError> {
         let i = &self.info;
         within("info.catalog", &i.catalog, Limits::ID)?;
         for (what, v) in [("info.host", &i.host), ("info.commit", &i.commit), ("info.signed_by", &i.signed_by)] {
@@ -243,7 +252,7 @@ impl Report {
             count_within(what, n, Limits::RESOURCES)?;
         }
         if !s.duration_ms.is_finite() {
-            return Err("summary.duration_ms is not a number".into());
+            return Err(WireError::Malformed("summary.duration_ms is not a number"));
         }
         Ok(())
     }
@@ -330,7 +339,7 @@ mod tests {
         }
         assert!(check_node_name(&"a".repeat(254)).is_err());
         assert!(check_node_name(&"a".repeat(64)).is_err(), "a label is at most 63");
-        let e = check_node_name("evil\n[ERROR] x").unwrap_err();
+        let e = check_node_name("evil\n[ERROR] x").unwrap_err().to_string();
         assert!(!e.contains('\n'));
     }
 
@@ -361,14 +370,14 @@ mod tests {
     #[test]
     fn an_honest_report_is_clipped_to_fit_and_a_hostile_one_refused() {
         let mut r = report();
-        assert!(r.check().unwrap_err().contains("a diff is"), "{:?}", r.check());
+        assert!(r.check().unwrap_err().to_string().contains("a diff is"), "{:?}", r.check());
         r.clip();
         assert_eq!(r.check(), Ok(()));
         assert!(r.resources[0].changes[0].diff.as_ref().unwrap().ends_with("[cut]"));
         let mut r = report();
         r.clip();
         r.summary.changed = usize::MAX;
-        assert!(r.check().unwrap_err().contains("summary.changed"));
+        assert!(r.check().unwrap_err().to_string().contains("summary.changed"));
         r.summary.changed = 1;
         r.summary.duration_ms = f64::NAN;
         assert!(r.check().is_err());

@@ -346,7 +346,7 @@ impl Fleet {
     /// in a loop. The presented certificate stays live until the new one is first used.
     pub fn renew(&self, node: &str, presented: &str, req: &RenewRequest) -> Result<Result<RenewResponse, String>> {
         if let Err(why) = req.check() {
-            return Ok(Err(why));
+            return Ok(Err(why.to_string()));
         }
         if let Err(e) = crate::ca::public_key(&req.public_key) {
             return Ok(Err(e.to_string()));
@@ -423,7 +423,7 @@ impl Fleet {
     /// the operator beside the key's fingerprint.
     pub fn enroll(&self, req: &EnrollRequest, from: &str) -> Result<Result<EnrollResponse, String>> {
         if let Err(why) = req.check() {
-            return Ok(Err(why));
+            return Ok(Err(why.to_string()));
         }
         let name = req.name.as_str();
         let raw = match crate::ca::public_key(&req.public_key) {
@@ -642,7 +642,7 @@ impl Fleet {
     /// refused with the reason, and nothing is stored).
     pub fn report(&self, node: &str, report: &Report, body: &str) -> Result<Result<(), String>> {
         if let Err(why) = report.check() {
-            return Ok(Err(why));
+            return Ok(Err(why.to_string()));
         }
         let s = &report.summary;
         let digest = serde_json::to_string(&crate::view::Digest::of(report))?;

@@ -388,7 +388,7 @@ async fn catalog(
     let (body, _budget) = read_body(&fleet, &headers, body, Limits::CATALOG_BODY).await?;
     let _work = fleet.admission.work(&fleet)?;
     let req: CatalogRequest = json_body(&body)?;
-    req.check().map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why, None))?;
+    req.check().map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why.to_string(), None))?;
     fleet.saw(&node, &req);
     let stored = match fleet.catalog(&node, &req.formats, req.facts).await {
         Ok(s) => s,
