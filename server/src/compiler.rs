@@ -6,6 +6,10 @@
 //! merge data (the hierarchy of site.yaml, later wins, maps merged deeply) -> params -> render
 //! -> decode -> merge, check and plan (as every catalog is). A `Compiler` is immutable and
 //! shared by threads.
+//!
+//! One value model from data to render: site attributes, role params and data files are read
+//! from YAML straight into template values (`minijinja::Value`), merged and rendered as such;
+//! only a host's facts (JSON from the wire) are converted, once per compile.
 
 use crate::repo::Repo;
 use crate::role::{self, Expr, Role, TNode};
@@ -27,7 +31,7 @@ pub struct Compiler {
     pub site: Option<Site>,
     roles: BTreeMap<String, Role>,
     /// `data/` files by level path (`os/debian`), with their file names.
-    data: BTreeMap<String, (Arc<str>, Json)>,
+    data: BTreeMap<String, (Arc<str>, Value)>,
     /// `files/` by path under it.
     files: BTreeMap<String, Vec<u8>>,
     env: Environment<'static>,
@@ -93,11 +97,11 @@ impl Compiler {
                 Err(e) => problems.extend(e.problems.into_iter().map(|(m, msg)| Diagnostic::new(path, m, msg))),
                 Ok(node) => {
                     check_param_overrides(path, &node, &roles, &mut problems);
-                    match yaml::from_node::<Json>(&node) {
-                        Ok(v @ Json::Object(_)) => {
+                    match yaml::from_node::<Value>(&node) {
+                        Ok(v) if v.kind() == ValueKind::Map => {
                             data.insert(level, (Arc::from(path), v));
                         }
-                        Ok(Json::Null) => {}
+                        Ok(v) if v.is_none() => {}
                         Ok(_) => problems.push(Diagnostic::new(
                             path,
                             node.mark,
@@ -223,8 +227,8 @@ impl Compiler {
     }
 
     /// The node's data: every level of the hierarchy that exists, merged in order.
-    fn data_for(&self, site: &Site, node: &str, attributes: &Map<String, Json>, roles: &[&Role]) -> Json {
-        let mut merged = Json::Object(Map::new());
+    fn data_for(&self, site: &Site, node: &str, attributes: &BTreeMap<String, Value>, roles: &[&Role]) -> Value {
+        let mut merged = Value::from(BTreeMap::<String, Value>::new());
         for level in &site.data {
             let variants: Vec<String> = if level.value.contains("{role}") {
                 roles.iter().map(|r| level.value.replace("{role}", &r.name)).collect()
@@ -234,7 +238,7 @@ impl Compiler {
             for path in variants {
                 let Some(path) = expand(&path, node, attributes) else { continue };
                 if let Some((_, v)) = self.data.get(&path) {
-                    deep_merge(&mut merged, v);
+                    merged = deep_merge(&merged, v);
                 }
             }
         }
@@ -248,7 +252,7 @@ impl Compiler {
         };
         let (_, entry) = site.classify(node).map_err(|m| vec![Diagnostic::new(SITE, Mark::UNKNOWN, m)])?;
         let (roles, mut diags) = self.order(&entry.value.roles);
-        let mut attributes: Map<String, Json> = site.attributes.clone().into_iter().collect();
+        let mut attributes: BTreeMap<String, Value> = site.attributes.clone();
         attributes.extend(entry.value.attributes.clone());
         let facts = match self.facts(site, reported) {
             Ok(f) => f,
@@ -258,22 +262,28 @@ impl Compiler {
             }
         };
         let data = self.data_for(site, node, &attributes, &roles);
-        let mut node_v: Map<String, Json> = attributes;
-        node_v.insert("name".into(), Json::String(node.to_string()));
-        node_v.insert("roles".into(), roles.iter().map(|r| Json::String(r.name.clone())).collect());
-        let (node_v, facts_v, data_v) =
-            (json_value(&Json::Object(node_v)), json_value(&Json::Object(facts)), json_value(&data));
-        let overrides = data.get("params");
+        let mut node_v = attributes;
+        node_v.insert("name".into(), Value::from(node));
+        node_v.insert("roles".into(), roles.iter().map(|r| Value::from(r.name.as_str())).collect());
+        // The facts are the one input that arrives as JSON: made template values once.
+        let (node_v, facts_v) = (Value::from(node_v), Value::from(minijinja::value::Serde(&facts)));
+        let overrides = data.get_attr("params").ok().filter(|v| !v.is_undefined());
+        let data_v = data;
 
         let mut declared = Vec::new();
         let mut origins: Vec<(Arc<str>, Mark)> = Vec::new();
         let mut broken = HashSet::new();
         for role in roles {
-            let mut params: Map<String, Json> = role.head.params.clone().into_iter().collect();
+            let mut params: BTreeMap<String, Value> = role.head.params.clone();
             // Only declared params take values from data (others are reported by `new`).
-            if let Some(Json::Object(o)) = overrides.and_then(|p| p.get(&role.name)) {
-                for (k, v) in o.iter().filter(|(k, _)| role.head.params.contains_key(*k)) {
-                    params.insert(k.clone(), v.clone());
+            if let Some(o) = overrides.as_ref().and_then(|p| p.get_attr(&role.name).ok())
+                && o.kind() == ValueKind::Map
+                && let Ok(keys) = o.try_iter()
+            {
+                for k in keys {
+                    if let Some(name) = k.as_str().filter(|n| role.head.params.contains_key(*n)) {
+                        params.insert(name.to_string(), o.get_item(&k).unwrap_or_default());
+                    }
                 }
             }
             let ctx = |item: Option<Value>| {
@@ -281,7 +291,7 @@ impl Compiler {
                     ("node", node_v.clone()),
                     ("facts", facts_v.clone()),
                     ("data", data_v.clone()),
-                    ("params", json_value(&Json::Object(params.clone()))),
+                    ("params", Value::from(params.clone())),
                 ];
                 pairs.extend(item.map(|i| ("item", i)));
                 Value::from_pairs(pairs)
@@ -494,7 +504,7 @@ fn check_param_overrides(file: &str, node: &Node, roles: &BTreeMap<String, Role>
 }
 
 /// Replaces `{node}` and `{ATTRIBUTE}` in a data level; `None` when an attribute is unset.
-fn expand(level: &str, node: &str, attributes: &Map<String, Json>) -> Option<String> {
+fn expand(level: &str, node: &str, attributes: &BTreeMap<String, Value>) -> Option<String> {
     let mut out = String::with_capacity(level.len());
     let mut rest = level;
     while let Some(start) = rest.find('{') {
@@ -504,10 +514,9 @@ fn expand(level: &str, node: &str, attributes: &Map<String, Json>) -> Option<Str
         let value = if key == "node" {
             node.to_string()
         } else {
-            match attributes.get(key)? {
-                Json::String(s) => s.clone(),
-                Json::Number(n) => n.to_string(),
-                Json::Bool(b) => b.to_string(),
+            let v = attributes.get(key)?;
+            match v.kind() {
+                ValueKind::String | ValueKind::Number | ValueKind::Bool => v.to_string(),
                 _ => return None,
             }
         };
@@ -518,37 +527,29 @@ fn expand(level: &str, node: &str, attributes: &Map<String, Json>) -> Option<Str
     Some(out)
 }
 
-/// Merges `b` into `a`: maps merge key by key, anything else is replaced.
-pub fn deep_merge(a: &mut Json, b: &Json) {
-    match (a, b) {
-        (Json::Object(x), Json::Object(y)) => {
-            for (k, v) in y {
-                match x.get_mut(k) {
-                    Some(existing) => deep_merge(existing, v),
-                    None => {
-                        x.insert(k.clone(), v.clone());
-                    }
-                }
+/// `b` merged over `a`: maps merge key by key, anything else is replaced by `b`.
+pub fn deep_merge(a: &Value, b: &Value) -> Value {
+    if a.kind() != ValueKind::Map || b.kind() != ValueKind::Map {
+        return b.clone();
+    }
+    let entries = |v: &Value| -> Vec<(Value, Value)> {
+        v.try_iter()
+            .map(|keys| keys.map(|k| (k.clone(), v.get_item(&k).unwrap_or_default())).collect())
+            .unwrap_or_default()
+    };
+    let mut merged = entries(a);
+    let mut at: std::collections::HashMap<Value, usize> =
+        merged.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+    for (k, v) in entries(b) {
+        match at.get(&k) {
+            Some(&i) => merged[i].1 = deep_merge(&merged[i].1, &v),
+            None => {
+                at.insert(k.clone(), merged.len());
+                merged.push((k, v));
             }
         }
-        (a, b) => *a = b.clone(),
     }
-}
-
-/// A JSON value as a template value.
-pub fn json_value(v: &Json) -> Value {
-    match v {
-        Json::Null => Value::from(()),
-        Json::Bool(b) => Value::from(*b),
-        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => Value::from(i),
-            (None, Some(u)) => Value::from(u),
-            _ => Value::from(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Json::String(s) => Value::from(s.as_str()),
-        Json::Array(a) => a.iter().map(json_value).collect(),
-        Json::Object(m) => Value::from_pairs(m.iter().map(|(k, v)| (k.as_str(), json_value(v)))),
-    }
+    Value::from_pairs(merged)
 }
 
 /// A template value as a YAML node, keeping its type for the decoder.

@@ -28,9 +28,9 @@ fn env() -> &'static Environment<'static> {
     })
 }
 
-/// A view as a template value (through JSON, as the compiler's data).
+/// A view as a template value.
 fn val<T: serde::Serialize>(x: T) -> Value {
-    crate::compiler::json_value(&serde_json::to_value(x).unwrap_or_default())
+    Value::from(minijinja::value::Serde(x))
 }
 
 fn render(name: &str, ctx: Value) -> Result<String> {

@@ -28,7 +28,8 @@ pub struct RoleHead {
     pub include: Vec<Spanned<String>>,
     /// Parameters and their defaults; data overrides them under `params: {ROLE: {NAME: VALUE}}`.
     #[serde(default)]
-    pub params: BTreeMap<String, serde_json::Value>,
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub params: BTreeMap<String, minijinja::Value>,
 }
 
 #[derive(Debug, Clone)]

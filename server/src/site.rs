@@ -23,7 +23,8 @@ pub struct Site {
     pub facts: BTreeMap<String, FactDecl>,
     /// Server-side attributes every node starts with (an entry's own attributes win).
     #[serde(default)]
-    pub attributes: BTreeMap<String, serde_json::Value>,
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub attributes: BTreeMap<String, minijinja::Value>,
     /// Node names and glob patterns (`*`, `?`) -> their roles and attributes. An exact name
     /// beats the longest matching pattern.
     #[schemars(with = "BTreeMap<String, NodeEntry>")]
@@ -43,7 +44,8 @@ pub struct NodeEntry {
     #[schemars(with = "Vec<String>")]
     pub roles: Vec<Spanned<String>>,
     #[serde(default)]
-    pub attributes: BTreeMap<String, serde_json::Value>,
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub attributes: BTreeMap<String, minijinja::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
