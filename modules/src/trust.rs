@@ -78,6 +78,35 @@ pub struct KeyList {
     pub keys: Vec<TrustedKey>,
 }
 
+/// Why a key list is refused: one line for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyListError {
+    #[error("key {id}: {why}")]
+    BadKey { id: String, why: &'static str },
+    #[error("a key is listed twice")]
+    Duplicate,
+    #[error("it lists no root key")]
+    NoRoot,
+    #[error("the payload is not base64")]
+    NotBase64,
+    /// Not a key list (the JSON reader's words).
+    #[error("{0}")]
+    Malformed(String),
+    /// Its envelope is not signed as a key list must be.
+    #[error("{0}")]
+    Envelope(Box<Refusal>),
+    #[error("version {new} is older than the version {held} held")]
+    Older { new: u64, held: u64 },
+    #[error("version {0} differs from the list of the same version held")]
+    Differs(u64),
+}
+
+impl From<Refusal> for KeyListError {
+    fn from(r: Refusal) -> Self {
+        KeyListError::Envelope(Box::new(r))
+    }
+}
+
 /// Why an envelope was refused: one line for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -90,7 +119,7 @@ pub enum Refusal {
         seen: Vec<String>,
     },
     BadSignature(String),
-    Keys(String),
+    Keys(KeyListError),
     Incomplete(&'static str),
     NewerFormat(u32),
     WrongHost {
@@ -129,7 +158,7 @@ impl fmt::Display for Refusal {
                 )
             }
             Refusal::BadSignature(id) => write!(f, "the signature by key {} does not match the payload", c(id)),
-            Refusal::Keys(why) => write!(f, "the key list it carries is refused: {}", c(why)),
+            Refusal::Keys(why) => write!(f, "the key list it carries is refused: {}", c(&why.to_string())),
             Refusal::Incomplete(what) => write!(f, "a signed catalog must carry {what}"),
             Refusal::NewerFormat(v) => {
                 write!(f, "catalog format {v} is newer than this agent understands ({FORMAT}); upgrade converge")
@@ -179,14 +208,13 @@ impl TrustedKey {
         TrustedKey { id: key_id(key), role, public: Base64::encode_string(key.as_bytes()) }
     }
 
-    fn verifying_key(&self) -> Result<VerifyingKey, String> {
-        let bytes =
-            Base64::decode_vec(&self.public).map_err(|_| format!("key {}: public key is not base64", self.id))?;
-        let bytes: [u8; 32] = bytes.try_into().map_err(|_| format!("key {}: public key is not 32 bytes", self.id))?;
-        let key =
-            VerifyingKey::from_bytes(&bytes).map_err(|_| format!("key {}: not an ed25519 public key", self.id))?;
+    fn verifying_key(&self) -> Result<VerifyingKey, KeyListError> {
+        let bad = |why| KeyListError::BadKey { id: self.id.clone(), why };
+        let bytes = Base64::decode_vec(&self.public).map_err(|_| bad("public key is not base64"))?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| bad("public key is not 32 bytes"))?;
+        let key = VerifyingKey::from_bytes(&bytes).map_err(|_| bad("not an ed25519 public key"))?;
         if key_id(&key) != self.id {
-            return Err(format!("key {}: its id does not match its public key", self.id));
+            return Err(bad("its id does not match its public key"));
         }
         Ok(key)
     }
@@ -194,14 +222,14 @@ impl TrustedKey {
 
 impl KeyList {
     /// The list's own consistency: ids match keys, at least one root key, no duplicates.
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), KeyListError> {
         let mut ids: Vec<&str> = self.keys.iter().map(|k| k.id.as_str()).collect();
         ids.sort();
         if ids.windows(2).any(|w| w[0] == w[1]) {
-            return Err("a key is listed twice".into());
+            return Err(KeyListError::Duplicate);
         }
         if !self.keys.iter().any(|k| k.role == KeyRole::Root) {
-            return Err("it lists no root key".into());
+            return Err(KeyListError::NoRoot);
         }
         self.keys.iter().try_for_each(|k| k.verifying_key().map(drop))
     }
@@ -239,32 +267,32 @@ pub fn open(env: &Envelope, payload_type: &str, keys: &KeyList, role: KeyRole) -
 
 /// A key list as first installed (copied from the server, or pinned at bootstrap): it must be
 /// signed by one of its own root keys.
-pub fn trust_key_list(env: &Envelope) -> Result<KeyList, String> {
-    let payload = Base64::decode_vec(&env.payload).map_err(|_| "the payload is not base64".to_string())?;
-    let list: KeyList = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+pub fn trust_key_list(env: &Envelope) -> Result<KeyList, KeyListError> {
+    let payload = Base64::decode_vec(&env.payload).map_err(|_| KeyListError::NotBase64)?;
+    let list: KeyList = serde_json::from_slice(&payload).map_err(|e| KeyListError::Malformed(e.to_string()))?;
     list.check()?;
-    open(env, KEYS_TYPE, &list, KeyRole::Root).map_err(|r| r.to_string())?;
+    open(env, KEYS_TYPE, &list, KeyRole::Root)?;
     Ok(list)
 }
 
 /// Reads a key list file's bytes: the list and its envelope, signed by one of its own roots.
-pub fn read_key_list(bytes: &[u8]) -> Result<(KeyList, Envelope), String> {
-    let env = parse_envelope(bytes).map_err(|r| r.to_string())?;
+pub fn read_key_list(bytes: &[u8]) -> Result<(KeyList, Envelope), KeyListError> {
+    let env = parse_envelope(bytes)?;
     let list = trust_key_list(&env)?;
     Ok((list, env))
 }
 
 /// Accepts `new` in place of `held` if a root key of `held` signed it and it is not older.
 /// An equal version must be the identical list.
-pub fn update_key_list(held: &KeyList, new: &Envelope) -> Result<KeyList, String> {
-    let (payload, _) = open(new, KEYS_TYPE, held, KeyRole::Root).map_err(|r| r.to_string())?;
-    let list: KeyList = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+pub fn update_key_list(held: &KeyList, new: &Envelope) -> Result<KeyList, KeyListError> {
+    let (payload, _) = open(new, KEYS_TYPE, held, KeyRole::Root)?;
+    let list: KeyList = serde_json::from_slice(&payload).map_err(|e| KeyListError::Malformed(e.to_string()))?;
     list.check()?;
     if list.version < held.version {
-        return Err(format!("version {} is older than the version {} held", list.version, held.version));
+        return Err(KeyListError::Older { new: list.version, held: held.version });
     }
     if list.version == held.version && list != *held {
-        return Err(format!("version {} differs from the list of the same version held", list.version));
+        return Err(KeyListError::Differs(list.version));
     }
     Ok(list)
 }
