@@ -14,11 +14,21 @@ pub use toml::Spanned;
 /// expiry, a certificate's end) then stays far inside what the types and formats can hold.
 pub const MAX_DURATION: i64 = 100 * 365 * 86_400;
 
+/// Why text is not a duration (shown escaped and clipped).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{0}` is not a duration like 7d, 12h, 30m or 90s")]
+    Malformed(String),
+    #[error("`{0}` is longer than the 100 years a duration can be")]
+    TooLong(String),
+}
+
 /// Parses a duration like `7d`, `12h`, `30m` or `90s` (seconds when unit-less), at most
 /// [`MAX_DURATION`].
-pub fn parse_duration(s: &str) -> Result<i64, String> {
+pub fn parse_duration(s: &str) -> Result<i64, DurationError> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let bad = || format!("`{}` is not a duration like 7d, 12h, 30m or 90s", crate::text::clip(s, 40));
+    let shown = || crate::text::clip(s, 40).into_owned();
+    let bad = || DurationError::Malformed(shown());
     let n: i64 = n.parse().map_err(|_| bad())?;
     let unit = match unit {
         "d" => 86_400,
@@ -29,7 +39,7 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
     };
     match n.checked_mul(unit) {
         Some(d) if d <= MAX_DURATION => Ok(d),
-        _ => Err(format!("`{}` is longer than the 100 years a duration can be", crate::text::clip(s, 40))),
+        _ => Err(DurationError::TooLong(shown())),
     }
 }
 
@@ -149,7 +159,7 @@ mod tests {
             ("server = \"x\"\nserver = \"y\"\n", "a.toml:2:1: duplicate key"),
             ("[agent]\nserver = \"x\"\n", "a.toml:1:"),
         ] {
-            let e = parse(text).unwrap_err();
+            let e = parse(text).unwrap_err().to_string();
             assert!(e.starts_with(want), "{text:?}: {e}");
         }
     }
@@ -170,7 +180,7 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap(), 90);
         assert!(parse_duration("7w").is_err());
         assert!(parse_duration("d").is_err());
-        assert!(parse_duration("9223372036854775807s").unwrap_err().contains("100 years"));
+        assert!(parse_duration("9223372036854775807s").unwrap_err().to_string().contains("100 years"));
         assert!(parse_duration("99999999999999999999d").is_err());
         assert_eq!(parse_duration("36500d").unwrap(), MAX_DURATION);
     }

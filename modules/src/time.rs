@@ -11,6 +11,11 @@ use std::fmt;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+/// Text that is not an RFC 3339 time (shown escaped and clipped).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a time like 2026-11-30T03:50:07Z")]
+pub struct NotATime(pub String);
+
 /// Seconds since the Unix epoch, UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
@@ -46,11 +51,8 @@ impl Timestamp {
     }
 
     /// Parses RFC 3339 (`2026-11-30T03:50:07Z`, fractions dropped, any offset taken to UTC).
-    pub fn parse(s: &str) -> Result<Timestamp, String> {
-        let bad = || {
-            let shown = crate::text::clip(s, MAX_TEXT);
-            format!("`{shown}` is not a time like 2026-11-30T03:50:07Z")
-        };
+    pub fn parse(s: &str) -> Result<Timestamp, NotATime> {
+        let bad = || NotATime(crate::text::clip(s, MAX_TEXT).into_owned());
         if s.len() > MAX_TEXT {
             return Err(bad());
         }
@@ -111,9 +113,9 @@ mod tests {
         for s in ["2026-11-3é03:50:07Z", "202é-11-30T03:50:07Z", "2026-11-30T03:50:0\u{1b}Z", "\u{0}", ""] {
             assert!(Timestamp::parse(s).is_err(), "{s:?}");
         }
-        let e = Timestamp::parse(&"9".repeat(1 << 20)).unwrap_err();
+        let e = Timestamp::parse(&"9".repeat(1 << 20)).unwrap_err().to_string();
         assert!(e.len() < 200, "the message is bounded: {} bytes", e.len());
-        let e = Timestamp::parse("2026-11-30T03:50:07Z\n[ERROR] forged").unwrap_err();
+        let e = Timestamp::parse("2026-11-30T03:50:07Z\n[ERROR] forged").unwrap_err().to_string();
         assert!(!e.contains('\n'), "{e}");
     }
 
