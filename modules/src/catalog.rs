@@ -197,13 +197,38 @@ pub struct ResourceId {
     pub title: String,
 }
 
+/// Why a path, a title, a resource id or a resource's kind cannot be what the catalog says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("path `{path}` is relative; write it from the root, like `/{}`", path.trim_start_matches("./"))]
+    Relative { path: String },
+    #[error("path contains a NUL byte")]
+    Nul,
+    #[error("path `{0}` contains `..`; write the path it means")]
+    DotDot(String),
+    #[error("path `{0}` has a component longer than 255 bytes")]
+    LongComponent(String),
+    #[error("the {0} title is empty")]
+    EmptyTitle(Kind),
+    #[error("`{0}` is not a resource id: write `kind:title`, like `file:/etc/motd`")]
+    NotAnId(String),
+    #[error("`{id}`: unknown resource kind `{kind}` (known: {})", Kind::names())]
+    UnknownKind { id: String, kind: String },
+    #[error("`{id}`: {cause}")]
+    InId { id: String, cause: Box<IdError> },
+    #[error("a resource's first key must be its kind: `{key}` is not one (did you mean `{close}`?)")]
+    CloseKind { key: String, close: Kind },
+    #[error("a resource's first key must be its kind ({kinds}), found `{key}`", kinds = Kind::names())]
+    NotAKind { key: String },
+}
+
 impl ResourceId {
     /// Builds an id, normalising a path title; the error says what is wrong with the title.
-    pub fn new(kind: Kind, title: &str) -> Result<ResourceId, String> {
+    pub fn new(kind: Kind, title: &str) -> Result<ResourceId, IdError> {
         let title = if kind.is_path() {
             normalize_path(title)?
         } else if title.is_empty() {
-            return Err(format!("the {kind} title is empty"));
+            return Err(IdError::EmptyTitle(kind));
         } else {
             title.to_string()
         };
@@ -211,14 +236,14 @@ impl ResourceId {
     }
 
     /// Parses `kind:title`.
-    pub fn parse(s: &str) -> Result<ResourceId, String> {
+    pub fn parse(s: &str) -> Result<ResourceId, IdError> {
         let Some((kind, title)) = s.split_once(':') else {
-            return Err(format!("`{s}` is not a resource id: write `kind:title`, like `file:/etc/motd`"));
+            return Err(IdError::NotAnId(s.to_string()));
         };
         let Some(kind) = Kind::from_name(kind) else {
-            return Err(format!("`{s}`: unknown resource kind `{kind}` (known: {})", Kind::names()));
+            return Err(IdError::UnknownKind { id: s.to_string(), kind: kind.to_string() });
         };
-        ResourceId::new(kind, title).map_err(|e| format!("`{s}`: {e}"))
+        ResourceId::new(kind, title).map_err(|e| IdError::InId { id: s.to_string(), cause: Box::new(e) })
     }
 }
 
@@ -243,21 +268,21 @@ impl<'de> Deserialize<'de> for ResourceId {
 
 /// Normalises an absolute path: no trailing `/`, no `//`, no `.`; `..` and relative paths are
 /// refused rather than guessed at.
-pub fn normalize_path(p: &str) -> Result<String, String> {
+pub fn normalize_path(p: &str) -> Result<String, IdError> {
     if !p.starts_with('/') {
-        return Err(format!("path `{p}` is relative; write it from the root, like `/{}`", p.trim_start_matches("./")));
+        return Err(IdError::Relative { path: p.to_string() });
     }
     if p.contains('\0') {
-        return Err("path contains a NUL byte".to_string());
+        return Err(IdError::Nul);
     }
     let mut out = String::with_capacity(p.len());
     for comp in p.split('/') {
         match comp {
             "" | "." => {}
-            ".." => return Err(format!("path `{p}` contains `..`; write the path it means")),
+            ".." => return Err(IdError::DotDot(p.to_string())),
             c => {
                 if c.len() > 255 {
-                    return Err(format!("path `{p}` has a component longer than 255 bytes"));
+                    return Err(IdError::LongComponent(p.to_string()));
                 }
                 out.push('/');
                 out.push_str(c);
@@ -651,10 +676,10 @@ impl<'de> Visitor<'de> for ResourceVisitor {
 }
 
 /// The kind named by a resource's first key, or why it is not one.
-pub fn kind_from_first_key(key: &str) -> Result<Kind, String> {
+pub fn kind_from_first_key(key: &str) -> Result<Kind, IdError> {
     Kind::from_name(key).ok_or_else(|| match Kind::close_to(key) {
-        Some(k) => format!("a resource's first key must be its kind: `{key}` is not one (did you mean `{k}`?)"),
-        None => format!("a resource's first key must be its kind ({}), found `{key}`", Kind::names()),
+        Some(close) => IdError::CloseKind { key: key.to_string(), close },
+        None => IdError::NotAKind { key: key.to_string() },
     })
 }
 
@@ -784,16 +809,16 @@ mod tests {
     fn paths_are_normalised() {
         assert_eq!(normalize_path("/etc//nginx/./conf.d/").unwrap(), "/etc/nginx/conf.d");
         assert_eq!(normalize_path("/").unwrap(), "/");
-        assert!(normalize_path("etc/motd").unwrap_err().contains("relative"));
-        assert!(normalize_path("/etc/../motd").unwrap_err().contains(".."));
+        assert!(normalize_path("etc/motd").unwrap_err().to_string().contains("relative"));
+        assert!(normalize_path("/etc/../motd").unwrap_err().to_string().contains(".."));
     }
 
     #[test]
     fn ids_parse_and_print() {
         let id = ResourceId::parse("directory:/srv/app/").unwrap();
         assert_eq!(id.to_string(), "directory:/srv/app");
-        assert!(ResourceId::parse("service").unwrap_err().contains("kind:title"));
-        assert!(ResourceId::parse("widget:x").unwrap_err().contains("unknown resource kind"));
+        assert!(ResourceId::parse("service").unwrap_err().to_string().contains("kind:title"));
+        assert!(ResourceId::parse("widget:x").unwrap_err().to_string().contains("unknown resource kind"));
     }
 
     #[test]
@@ -811,13 +836,14 @@ mod tests {
 
     #[test]
     fn json_refuses_unknown_and_duplicate_fields() {
-        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","mdoe":"0644"}"#).unwrap_err();
+        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","mdoe":"0644"}"#).unwrap_err().to_string();
         assert!(e.to_string().contains("unknown field `mdoe`"), "{e}");
-        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","requires":[],"requires":[]}"#).unwrap_err();
+        let e =
+            serde_json::from_str::<Resource>(r#"{"file":"/x","requires":[],"requires":[]}"#).unwrap_err().to_string();
         assert!(e.to_string().contains("duplicate field"), "{e}");
-        let e = serde_json::from_str::<Resource>(r#"{"mode":"0644","file":"/x"}"#).unwrap_err();
+        let e = serde_json::from_str::<Resource>(r#"{"mode":"0644","file":"/x"}"#).unwrap_err().to_string();
         assert!(e.to_string().contains("first key must be its kind"), "{e}");
-        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","mode":420}"#).unwrap_err();
+        let e = serde_json::from_str::<Resource>(r#"{"file":"/x","mode":420}"#).unwrap_err().to_string();
         assert!(e.to_string().contains("octal mode"), "{e}");
     }
 }

@@ -233,7 +233,7 @@ pub fn decode_resource(node: Node) -> Result<Resource, (Option<ResourceId>, DeEr
         Err(m) => {
             // A misspelt kind still declares its id: relations to it are not reported again.
             let id = Kind::close_to(first).zip(v.as_str()).and_then(|(k, t)| ResourceId::new(k, t).ok());
-            return Err((id, DeError(vec![(Some(k.mark), m)])));
+            return Err((id, DeError(vec![(Some(k.mark), m.to_string())])));
         }
     };
     let title = match v.as_str() {
@@ -242,7 +242,7 @@ pub fn decode_resource(node: Node) -> Result<Resource, (Option<ResourceId>, DeEr
             return Err(fail(v.mark, format!("the {kind} title must be a string, found {}", v.describe())));
         }
     };
-    let id = ResourceId::new(kind, title).map_err(|m| fail(v.mark, m))?;
+    let id = ResourceId::new(kind, title).map_err(|m| fail(v.mark, m.to_string()))?;
     let (meta_entries, spec_entries): (Vec<_>, Vec<_>) =
         entries.partition(|(k, _)| k.as_str().is_some_and(|k| Meta::FIELDS.contains(&k)));
     let meta_node = Node { mark, value: Value::Map(meta_entries) };
