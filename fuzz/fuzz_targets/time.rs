@@ -12,8 +12,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(Timestamp::parse(&t.to_string()), Ok(t));
         let _ = t.checked_add(i64::MAX);
     }
-    if let Ok(d) = converge_modules::conf::parse_duration(s) {
-        assert!(d <= converge_modules::conf::MAX_DURATION);
+    if let Ok(d) = converge_modules::settings::parse_duration(s) {
+        assert!(d <= converge_modules::settings::MAX_DURATION);
         let _ = Timestamp::now().checked_add(d).expect("a century from now is a time");
     }
     let clean = converge_modules::text::clean(s);
