@@ -217,6 +217,22 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_output_is_kept_within_its_bounds_and_said() {
+        // 80 MiB on stdout and 8 MiB on stderr: drained to the end (the command is not blocked),
+        // stdout kept up to MAX_STDOUT and marked cut, the tail bounded.
+        let words = argv(&["sh", "-c", "head -c 83886080 /dev/zero; head -c 8388608 /dev/zero >&2; echo end >&2"]);
+        let ran = execute(&Spec::new(&words, None, Duration::from_secs(60))).unwrap();
+        assert_eq!(ran.code, Some(0));
+        assert!(ran.stdout_truncated);
+        assert_eq!(ran.stdout.len(), MAX_STDOUT);
+        assert!(ran.tail.len() <= OUTPUT_TAIL && ran.tail.ends_with("end\n"), "{} bytes", ran.tail.len());
+        // A short answer is whole.
+        let words = argv(&["sh", "-c", "printf 'a\\nb\\n'"]);
+        let ran = execute(&Spec::new(&words, None, Duration::from_secs(10))).unwrap();
+        assert_eq!((ran.stdout.as_str(), ran.stdout_truncated), ("a\nb\n", false));
+    }
+
+    #[test]
     fn stdin_env_cwd_and_how_it_ended() {
         let env = [("GREETING".to_string(), "hi".to_string())];
         let words = argv(&["sh", "-c", "read x; echo \"$GREETING $x $(pwd)\"; exit 4"]);

@@ -170,6 +170,23 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_cut_short_is_refused_never_read_in_part() {
+        use crate::host::memory::MemHost;
+        let host = MemHost::new().with_runner(|_, _| Ran {
+            code: Some(0),
+            stdout: "pkg:\n  Candidate: 1.0\n".into(),
+            stdout_truncated: true,
+            ..Ran::default()
+        });
+        let a = argv(&["some-tool", "query"]);
+        let e = query(&host, &Run::new(&a, QUERY)).unwrap_err().to_string();
+        assert!(e.contains("`some-tool query` answered more than 64 MiB"), "{e}");
+        let failing = MemHost::new().with_runner(|_, _| Ran { code: Some(3), tail: "no".into(), ..Ran::default() });
+        let e = checked_query(&failing, &Run::new(&a, QUERY)).unwrap_err().to_string();
+        assert_eq!(e, "`some-tool query` exited with 3: no");
+    }
+
+    #[test]
     fn system_files_are_read_through_their_symlinks_inside_the_root() {
         use crate::host::memory::MemHost;
         assert_eq!(resolve("/etc/os-release", "../usr/lib/os-release"), "/usr/lib/os-release");
