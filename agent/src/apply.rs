@@ -17,7 +17,7 @@ use crate::state::{RunLock, STATE_DIR};
 use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::engine::{self, Options};
 use converge_modules::host::Host;
-use converge_modules::load::{Loaded, load, load_decoded};
+use converge_modules::load::{Loaded, SourceError, load, load_decoded};
 use converge_modules::providers::System;
 use converge_modules::providers::tool::ToolOptions;
 use converge_modules::report::{Collect, JsonSink, RunInfo, Summary, Tee, TextSink};
@@ -113,8 +113,8 @@ pub fn read_catalog(file: &Path) -> Result<Loaded> {
     };
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
     let read_source = |src: &str| {
-        let bytes = signed::read_file_bounded(&base.join(src), trust::MAX_PAYLOAD as u64).map_err(|e| e.to_string())?;
-        String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())
+        let bytes = signed::read_file_bounded(&base.join(src), trust::MAX_PAYLOAD as u64)?;
+        String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8)
     };
     let mut reader = std::io::BufReader::with_capacity(1 << 16, open()?);
     let head = reader.fill_buf().with_context(|| format!("cannot read catalog {name}"))?;

@@ -104,7 +104,7 @@ pub fn upgrade_self(args: &UpgradeArgs) -> Result<i32> {
     let lock = lock?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let install = Install { name: package::AGENT.into(), version: args.to.clone() };
-    let done = package::tool_of(&host).and_then(|tool| {
+    let done = package::tool_of(&host).map_err(|e| e.to_string()).and_then(|tool| {
         let options = crate::apply::tool_options();
         tool.install(&host, std::slice::from_ref(&install), false, &options).map_err(|e| e.to_string())
     });

@@ -4,7 +4,7 @@
 //! normalised; everything else is exactly what an operator sees.
 
 mod common;
-use common::Scratch;
+use common::{Scratch, converge_env};
 
 const CATALOG: &str = "format: 1
 resources:
@@ -58,4 +58,40 @@ fn apply_text_and_json_for_a_run_and_its_dry_run() {
         insta::assert_snapshot!(format!("apply_{format}_dry_run"), normalise(&s, &dry.stdout));
         insta::assert_snapshot!(format!("apply_{format}"), normalise(&s, &run.stdout));
     }
+}
+
+/// With `CONVERGE_LOG=debug`, each resource's line names its resource inside the run's span,
+/// which names the node, serial and commit: a log line found alone in a journal says where it
+/// came from.
+#[test]
+fn log_lines_carry_the_run_and_the_resource() {
+    let s = Scratch::new();
+    let c = s.catalog(
+        "c.json",
+        r#"{"format":1,"host":"web1","serial":42,"source":{"repository":"ops","commit":"c0ffee"},"resources":[{"file":"/motd","content":"hi\n"}]}"#,
+    );
+    let root = s.root();
+    let out = converge_env(
+        &["apply", "--root", root.to_str().unwrap(), "--node", "web1", &c],
+        &[("CONVERGE_LOG", "debug"), ("NO_COLOR", "1")],
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("converged"))
+        .unwrap_or_else(|| panic!("no resource line: {}", out.stderr));
+    for field in [
+        "run{",
+        "node=\"web1\"",
+        "serial=42",
+        "commit=\"c0ffee\"",
+        "dry_run=false",
+        "resource{id=file:/motd}",
+        "status=Changed",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    let quiet = converge_env(&["apply", "--root", root.to_str().unwrap(), "--node", "web1", &c], &[]);
+    assert_eq!((quiet.code, quiet.stderr.as_str()), (0, ""), "nothing on stderr by default");
 }

@@ -23,6 +23,7 @@ use std::fmt;
 /// The catalog format this build writes and the newest major it reads.
 pub const FORMAT: u32 = 1;
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -30,15 +31,10 @@ pub struct Catalog {
     /// The format major version; an agent refuses a newer one.
     pub format: u32,
     /// The node this catalog was compiled for. Hand-written catalogs may omit it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_at: Option<Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
     #[serde(default)]
     pub resources: Vec<Resource>,
@@ -357,6 +353,7 @@ pub enum Ensure {
 }
 
 /// Fields every kind shares: relations and sensitivity.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -369,7 +366,6 @@ pub struct Meta {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notify: Vec<ResourceId>,
     /// Keeps the resource's content out of all output, diffs, logs, reports and backups.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sensitive: Option<bool>,
 }
 
@@ -377,85 +373,67 @@ impl Meta {
     pub const FIELDS: &'static [&'static str] = &["requires", "notify", "sensitive"];
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FileSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensure: Option<Ensure>,
     /// The whole content, as text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     /// A file to take the content from; a loader resolves it into `content`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// Keep replaced content in the local backup store [true].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<bool>,
     /// A command run on the new content before it replaces the old: `%` is the temporary file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validate: Option<Vec<String>>,
     /// Allows replacing a directory or another type at the path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DirectorySpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensure: Option<Ensure>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// Remove unmanaged direct children [false].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purge: Option<bool>,
     /// Fail instead of purging more than this many children [100].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purge_limit: Option<u32>,
     /// Keep the content of what is removed in the backup store [true].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<bool>,
     /// Allows removing a non-empty directory, or replacing another type at the path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SymlinkSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensure: Option<Ensure>,
     /// What the link points to, written into the link as it is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
     /// Allows replacing a file or directory at the path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
 }
 
 /// A package, by name. `ensure`: present, absent, latest, or a distribution version (epoch
 /// aware) or prefix like `1.24.*`.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PackageSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensure: Option<String>,
     /// Allows installing an older version than the one installed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_downgrade: Option<bool>,
 }
 
@@ -471,48 +449,36 @@ pub enum Membership {
 }
 
 /// A local user account, by name.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UserSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensure: Option<Ensure>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
     /// The primary group, by name or number.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups: Option<Vec<String>>,
     /// [exact]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership: Option<Membership>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<bool>,
     /// Always sensitive: never shown, logged or reported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<String>,
     /// Removes the home directory with the user [false].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_home: Option<bool>,
 }
 
 /// A local group, by name.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GroupSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensure: Option<Ensure>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<bool>,
 }
 
@@ -536,45 +502,36 @@ pub enum Refresh {
 }
 
 /// A systemd service, by unit name.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensure: Option<ServiceEnsure>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// [restart]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<Refresh>,
 }
 
 /// A guarded command, by a name of its own; `command` is an argv, never a shell string.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecSpec {
     pub command: Vec<String>,
     /// Runs only while this path does not exist.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creates: Option<String>,
     /// Runs only when this command fails (it must only read).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unless: Option<Vec<String>>,
     /// Runs only when this command succeeds (it must only read).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onlyif: Option<Vec<String>>,
     /// Runs only when notified [false].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refreshonly: Option<bool>,
     /// Seconds before it is killed [300].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<std::collections::BTreeMap<String, String>>,
 }
 

@@ -141,6 +141,7 @@ pub fn run<P: Providers>(
             }
         }
         event.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(status = ?event.status, ms = event.duration_ms, "converged");
         summary.count(&event.status);
         sink.emit(Event::Resource(&event));
         status[i] = Some(event.status);

@@ -22,7 +22,16 @@ pub struct Loaded {
 
 /// Reads `source:` files of file resources: given the `source` value, returns the content or
 /// why it cannot.
-pub type SourceReader<'a> = &'a dyn Fn(&str) -> Result<String, String>;
+pub type SourceReader<'a> = &'a dyn Fn(&str) -> Result<String, SourceError>;
+
+/// Why a `source:` file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("not UTF-8 text")]
+    NotUtf8,
+}
 
 /// Loads and checks a catalog. `name` is the file name used in diagnostics.
 pub fn load(name: &str, text: &str, read_source: Option<SourceReader>) -> Result<Loaded, Diagnostics> {
@@ -361,10 +370,17 @@ resources:
         let text =
             "format: 1\nresources:\n  - file: /a\n    source: files/a\n  - file: /b\n    source: files/missing\n";
         let read = |p: &str| {
-            if p == "files/a" { Ok("A".to_string()) } else { Err("No such file or directory".to_string()) }
+            if p == "files/a" {
+                Ok("A".to_string())
+            } else {
+                Err(SourceError::Io(std::io::Error::from_raw_os_error(2)))
+            }
         };
         let e = load("c.yaml", text, Some(&read)).unwrap_err();
-        assert_eq!(e.to_string(), "c.yaml:5:5: file:/b: cannot read source files/missing: No such file or directory");
+        assert_eq!(
+            e.to_string(),
+            "c.yaml:5:5: file:/b: cannot read source files/missing: No such file or directory (os error 2)"
+        );
         let ok = load("c.yaml", "format: 1\nresources:\n  - file: /a\n    source: files/a\n", Some(&read)).unwrap();
         let Spec::File(f) = &ok.catalog.resources[0].spec else { panic!() };
         assert_eq!((f.content.as_deref(), f.source.as_deref()), (Some("A"), None));

@@ -14,10 +14,33 @@ use std::io::Read;
 /// How much is read at a time.
 const CHUNK: usize = 256 * 1024;
 
+/// Why a catalog could not be decoded from a reader.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("reading the catalog: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("expected {wanted}, found {}", found.map(|b| format!("`{}`", b.escape_ascii())).unwrap_or_else(|| "the end of the input".into()))]
+    Unexpected { wanted: &'static str, found: Option<u8> },
+    #[error("the input ends inside {0}")]
+    Truncated(&'static str),
+    #[error("duplicate field `resources`")]
+    DuplicateResources,
+    #[error("trailing characters after the catalog")]
+    Trailing,
+    #[error("a field name is not valid UTF-8")]
+    NotUtf8,
+    #[error("{at}: {source}")]
+    Json { at: String, source: serde_json::Error },
+}
+
+fn json(at: impl Into<String>) -> impl FnOnce(serde_json::Error) -> StreamError {
+    move |source| StreamError::Json { at: at.into(), source }
+}
+
 /// Decodes a catalog in the JSON spelling from `r`.
-pub fn catalog_from_reader<R: Read>(r: R) -> Result<Catalog, String> {
+pub fn catalog_from_reader<R: Read>(r: R) -> Result<Catalog, StreamError> {
     let mut s = Scanner { r, buf: Vec::with_capacity(CHUNK), pos: 0, eof: false };
-    s.expect(b'{')?;
+    s.expect(b'{', "`{` opening the catalog")?;
     let mut header = String::from("{");
     let mut resources: Option<Vec<Resource>> = None;
     if s.peek()? == Some(b'}') {
@@ -25,12 +48,12 @@ pub fn catalog_from_reader<R: Read>(r: R) -> Result<Catalog, String> {
     } else {
         loop {
             let key_end = s.value_end()?;
-            let key: String = serde_json::from_slice(&s.buf[s.pos..key_end]).map_err(|e| format!("a key: {e}"))?;
+            let key: String = serde_json::from_slice(&s.buf[s.pos..key_end]).map_err(json("a field name"))?;
             s.pos = key_end;
-            s.expect(b':')?;
+            s.expect(b':', "`:` after a field name")?;
             if key == "resources" {
                 if resources.is_some() {
-                    return Err("duplicate field `resources`".into());
+                    return Err(StreamError::DuplicateResources);
                 }
                 resources = Some(s.resources()?);
             } else {
@@ -40,30 +63,23 @@ pub fn catalog_from_reader<R: Read>(r: R) -> Result<Catalog, String> {
                 }
                 header.push_str(&serde_json::to_string(&key).expect("a string serializes"));
                 header.push(':');
-                header.push_str(std::str::from_utf8(&s.buf[s.pos..end]).map_err(|e| e.to_string())?);
+                header.push_str(std::str::from_utf8(&s.buf[s.pos..end]).map_err(|_| StreamError::NotUtf8)?);
                 s.pos = end;
             }
             match s.next_byte()? {
                 Some(b',') => continue,
                 Some(b'}') => break,
-                other => return Err(unexpected(other, "`,` or `}` after a field")),
+                found => return Err(StreamError::Unexpected { wanted: "`,` or `}` after a field", found }),
             }
         }
     }
     if s.peek()?.is_some() {
-        return Err("trailing characters after the catalog".into());
+        return Err(StreamError::Trailing);
     }
     header.push('}');
-    let mut catalog: Catalog = serde_json::from_str(&header).map_err(|e| e.to_string())?;
+    let mut catalog: Catalog = serde_json::from_str(&header).map_err(json("the catalog header"))?;
     catalog.resources = resources.unwrap_or_default();
     Ok(catalog)
-}
-
-fn unexpected(b: Option<u8>, wanted: &str) -> String {
-    match b {
-        Some(b) => format!("expected {wanted}, found `{}`", b as char),
-        None => format!("expected {wanted}, found the end of the input"),
-    }
 }
 
 struct Scanner<R> {
@@ -77,7 +93,7 @@ struct Scanner<R> {
 impl<R: Read> Scanner<R> {
     /// Reads more; drops consumed bytes first when they are most of the buffer. Returns false
     /// at the end of the input.
-    fn fill(&mut self) -> Result<bool, String> {
+    fn fill(&mut self) -> Result<bool, StreamError> {
         if self.eof {
             return Ok(false);
         }
@@ -85,13 +101,13 @@ impl<R: Read> Scanner<R> {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
-        let n = (&mut self.r).take(CHUNK as u64).read_to_end(&mut self.buf).map_err(|e| e.to_string())?;
+        let n = (&mut self.r).take(CHUNK as u64).read_to_end(&mut self.buf)?;
         self.eof = n < CHUNK;
         Ok(n > 0)
     }
 
     /// The next byte that is not white space, left unconsumed.
-    fn peek(&mut self) -> Result<Option<u8>, String> {
+    fn peek(&mut self) -> Result<Option<u8>, StreamError> {
         loop {
             while self.pos < self.buf.len() {
                 let b = self.buf[self.pos];
@@ -106,7 +122,7 @@ impl<R: Read> Scanner<R> {
         }
     }
 
-    fn next_byte(&mut self) -> Result<Option<u8>, String> {
+    fn next_byte(&mut self) -> Result<Option<u8>, StreamError> {
         let b = self.peek()?;
         if b.is_some() {
             self.pos += 1;
@@ -114,16 +130,16 @@ impl<R: Read> Scanner<R> {
         Ok(b)
     }
 
-    fn expect(&mut self, want: u8) -> Result<(), String> {
+    fn expect(&mut self, want: u8, wanted: &'static str) -> Result<(), StreamError> {
         match self.next_byte()? {
             Some(b) if b == want => Ok(()),
-            other => Err(unexpected(other, &format!("`{}`", want as char))),
+            found => Err(StreamError::Unexpected { wanted, found }),
         }
     }
 
     /// The byte `off` bytes past `pos`, reading more when needed; `None` at the end of the
     /// input. Offsets from `pos` stay valid when a refill drops consumed bytes.
-    fn at(&mut self, off: usize) -> Result<Option<u8>, String> {
+    fn at(&mut self, off: usize) -> Result<Option<u8>, StreamError> {
         while self.pos + off >= self.buf.len() {
             if !self.fill()? {
                 return Ok(None);
@@ -134,8 +150,8 @@ impl<R: Read> Scanner<R> {
 
     /// Where the value starting at the next non-space byte ends (an index into `buf`, past
     /// the value). Moves `pos` to the value's first byte.
-    fn value_end(&mut self) -> Result<usize, String> {
-        let first = self.peek()?.ok_or_else(|| unexpected(None, "a value"))?;
+    fn value_end(&mut self) -> Result<usize, StreamError> {
+        let first = self.peek()?.ok_or(StreamError::Unexpected { wanted: "a value", found: None })?;
         let mut off = 0;
         let end = match first {
             b'"' => self.string_end(0)?,
@@ -156,7 +172,7 @@ impl<R: Read> Scanner<R> {
                             }
                         }
                         Some(_) => off += 1,
-                        None => return Err("the input ends inside a value".into()),
+                        None => return Err(StreamError::Truncated("a value")),
                     }
                 }
             }
@@ -174,21 +190,21 @@ impl<R: Read> Scanner<R> {
     }
 
     /// `off` is at an opening quote; returns the offset just past the closing one.
-    fn string_end(&mut self, mut off: usize) -> Result<usize, String> {
+    fn string_end(&mut self, mut off: usize) -> Result<usize, StreamError> {
         off += 1;
         loop {
             match self.at(off)? {
                 Some(b'\\') => off += 2,
                 Some(b'"') => return Ok(off + 1),
                 Some(_) => off += 1,
-                None => return Err("the input ends inside a string".into()),
+                None => return Err(StreamError::Truncated("a string")),
             }
         }
     }
 
     /// The `resources` array, each element decoded as soon as its extent is known.
-    fn resources(&mut self) -> Result<Vec<Resource>, String> {
-        self.expect(b'[')?;
+    fn resources(&mut self) -> Result<Vec<Resource>, StreamError> {
+        self.expect(b'[', "`[` opening the resource list")?;
         let mut out = Vec::new();
         if self.peek()? == Some(b']') {
             self.pos += 1;
@@ -197,13 +213,13 @@ impl<R: Read> Scanner<R> {
         loop {
             let end = self.value_end()?;
             let r: Resource =
-                serde_json::from_slice(&self.buf[self.pos..end]).map_err(|e| format!("resource {}: {e}", out.len()))?;
+                serde_json::from_slice(&self.buf[self.pos..end]).map_err(json(format!("resource {}", out.len())))?;
             out.push(r);
             self.pos = end;
             match self.next_byte()? {
                 Some(b',') => continue,
                 Some(b']') => return Ok(out),
-                other => return Err(unexpected(other, "`,` or `]` in the resource list")),
+                found => return Err(StreamError::Unexpected { wanted: "`,` or `]` in the resource list", found }),
             }
         }
     }
@@ -226,7 +242,7 @@ mod tests {
     }
 
     fn both(text: &str) -> (Result<Catalog, String>, Result<Catalog, String>) {
-        let streamed = catalog_from_reader(Trickle(text.as_bytes(), 7));
+        let streamed = catalog_from_reader(Trickle(text.as_bytes(), 7)).map_err(|e| e.to_string());
         let whole = serde_json::from_str::<Catalog>(text).map_err(|e| e.to_string());
         (streamed, whole)
     }
@@ -262,6 +278,26 @@ mod tests {
             assert!(s.is_err(), "streamed accepted {text:?}");
             assert!(w.is_err(), "whole accepted {text:?}");
         }
+    }
+
+    #[test]
+    fn each_refusal_says_what_kind_it_is() {
+        let kind = |text: &str| catalog_from_reader(text.as_bytes()).unwrap_err();
+        assert!(matches!(kind(r#"{"format":1,"resources":[{"file":"/a"#), StreamError::Truncated("a string")));
+        assert!(matches!(kind(r#"{"format":1,"resources":[{"file":1"#), StreamError::Truncated("a value")));
+        assert!(matches!(kind(r#"{"resources":[],"resources":[]}"#), StreamError::DuplicateResources));
+        assert!(matches!(kind(r#"{"format":1} {"#), StreamError::Trailing));
+        assert!(matches!(kind(r#"{"resources":[{"file":"/a","mdoe":1}]}"#), StreamError::Json { .. }));
+        let e = kind("[");
+        assert_eq!(e.to_string(), "expected `{` opening the catalog, found `[`");
+        assert_eq!(kind("").to_string(), "expected `{` opening the catalog, found the end of the input");
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk gone"))
+            }
+        }
+        assert!(matches!(catalog_from_reader(Broken), Err(StreamError::Read(_))));
     }
 
     fn arb_text() -> impl Strategy<Value = String> {

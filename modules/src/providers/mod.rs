@@ -52,7 +52,7 @@ pub struct System<'h> {
     self_upgrade_after_run: bool,
     /// That change, when this run deferred one.
     deferred_upgrade: RefCell<Option<Install>>,
-    package_tool: std::cell::OnceCell<Result<&'static dyn PackageTool, String>>,
+    package_tool: std::cell::OnceCell<Result<&'static dyn PackageTool, package::NoPackageTool>>,
     run: RefCell<RunState>,
 }
 
@@ -178,7 +178,10 @@ impl<'h> System<'h> {
 
     /// The host's package manager, chosen once a run.
     fn package_tool(&self) -> Result<&'static dyn PackageTool, ProviderError> {
-        self.package_tool.get_or_init(|| package::tool_of(self.host)).clone().map_err(ProviderError::Declared)
+        self.package_tool
+            .get_or_init(|| package::tool_of(self.host))
+            .clone()
+            .map_err(|e| ProviderError::Declared(e.to_string()))
     }
 
     /// For a dry-run: nothing is refreshed (package lists, systemd's view of unit files).

@@ -87,7 +87,7 @@ pub fn sign(key: &Path, file: &Path, keys: Option<&Path>, serial: Option<u64>, t
     let name = file.display().to_string();
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read catalog {name}"))?;
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let read_source = |src: &str| std::fs::read_to_string(base.join(src)).map_err(|e| e.to_string());
+    let read_source = |src: &str| Ok(std::fs::read_to_string(base.join(src))?);
     let loaded = converge_modules::load::load(&name, &text, Some(&read_source)).map_err(|d| {
         anyhow::anyhow!("{}\n\n{name}: {} problems; nothing was signed", d.render(Some(&text)), d.len())
     })?;

@@ -79,21 +79,25 @@ pub trait PackageTool: Sync {
 /// Every package manager of this build.
 pub const TOOLS: &[&dyn PackageTool] = &[&apt::Apt, &dnf::Dnf];
 
+/// Why a host has no package manager converge can drive.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoPackageTool {
+    #[error("cannot read os-release: {0}")]
+    Unreadable(String),
+    #[error("{root}/etc/os-release does not say which system this is: converge cannot choose apt or dnf")]
+    Unknown { root: String },
+    #[error("converge manages packages with apt (Debian, Ubuntu) or dnf (the RHEL family), not on a {0} system")]
+    Unsupported(String),
+}
+
 /// The package manager of `host`, by the family its os-release names, or why there is none.
-pub fn tool_of(host: &dyn Host) -> Result<&'static dyn PackageTool, String> {
-    let os = super::tool::os_release(host).map_err(|e| e.to_string())?;
+pub fn tool_of(host: &dyn Host) -> Result<&'static dyn PackageTool, NoPackageTool> {
+    let os = super::tool::os_release(host).map_err(|e| NoPackageTool::Unreadable(e.to_string()))?;
     let family = os.as_deref().and_then(super::tool::os_family);
-    let root = host.image_root().unwrap_or_default();
     let Some(family) = family else {
-        return Err(format!(
-            "{root}/etc/os-release does not say which system this is: converge cannot choose apt or dnf"
-        ));
+        return Err(NoPackageTool::Unknown { root: host.image_root().unwrap_or_default() });
     };
-    TOOLS.iter().copied().find(|t| t.serves(family)).ok_or_else(|| {
-        format!(
-            "converge manages packages with apt (Debian, Ubuntu) or dnf (the RHEL family), not on a {family} system"
-        )
-    })
+    TOOLS.iter().copied().find(|t| t.serves(family)).ok_or_else(|| NoPackageTool::Unsupported(family.to_string()))
 }
 
 /// The agent's own package: managed like any (never removed: that would cut the host off),
