@@ -79,7 +79,7 @@ fn log_lines_carry_the_run_and_the_resource() {
     let line = out
         .stderr
         .lines()
-        .find(|l| l.contains("converged"))
+        .find(|l| l.contains("converged") && !l.contains("plan:"))
         .unwrap_or_else(|| panic!("no resource line: {}", out.stderr));
     for field in [
         "run{",
@@ -92,6 +92,8 @@ fn log_lines_carry_the_run_and_the_resource() {
     ] {
         assert!(line.contains(field), "{field} missing from {line}");
     }
+    let planned = out.stderr.lines().find(|l| l.contains("converged") && l.contains("plan:")).expect("the plan's line");
+    assert!(planned.contains("resource{id=file:/motd}") && planned.contains("status=WouldChange"), "{planned}");
     let quiet = converge_env(&["apply", "--root", root.to_str().unwrap(), "--node", "web1", &c], &[]);
     assert_eq!((quiet.code, quiet.stderr.as_str()), (0, ""), "nothing on stderr by default");
 }

@@ -6,6 +6,13 @@
 //! refreshes the resources it notifies (once, after they are converged themselves). A panic in
 //! a provider becomes that resource's failure. The engine decides every status; providers only
 //! inspect and change.
+//!
+//! A dry-run plans with what the run itself will have done by each resource's turn: each
+//! change it predicts is handed to [`Providers::assume`], so a directory owned by a user the
+//! catalog creates first is planned, not failed. A real run is that dry-run (its plan) and then
+//! the changes: when the plan changes nothing, the plan is the run (a no-op costs one pass);
+//! otherwise each resource's outcome is held against its plan, and a change the plan did not
+//! predict is reported [`Status::Unplanned`]: a provider that lies shows in production.
 
 use crate::catalog::Resource;
 use crate::load::Loaded;
@@ -56,6 +63,15 @@ pub trait Providers {
     fn held(&self, _state: &Self::State) -> Option<String> {
         None
     }
+
+    /// In a dry-run, `r` would be changed as `state` and `changes` say: later checks of the
+    /// same run see the system as if it had been (an account that would exist, a directory
+    /// that would be there).
+    fn assume(&self, _r: &Resource, _state: &Self::State, _changes: &[Change]) {}
+
+    /// A real run's plan begins (`true`: check as in a dry-run, assume what would change) or
+    /// ends (`false`: forget every assumption; what was read of the system stays valid).
+    fn planning(&self, _on: bool) {}
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -74,9 +90,100 @@ pub fn run<P: Providers>(
     sink: &mut dyn Sink,
 ) -> Summary {
     let started = Stopwatch::start();
+    sink.emit(Event::Started(&info));
+    let mut summary = if options.dry_run {
+        pass(loaded, providers, options, None, sink)
+    } else {
+        providers.planning(true);
+        let mut planned = Planned::default();
+        let predicted = {
+            let _plan = tracing::debug_span!("plan").entered();
+            pass(loaded, providers, Options { dry_run: true, ..options }, None, &mut planned)
+        };
+        providers.planning(false);
+        if predicted.would_change == 0 {
+            // Nothing to change: the plan is the run.
+            for event in &planned.0 {
+                sink.emit(Event::Resource(event));
+            }
+            Summary { dry_run: false, ..predicted }
+        } else {
+            pass(loaded, providers, options, Some(&planned.by_index(&loaded.plan.order)), sink)
+        }
+    };
+    summary.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    sink.emit(Event::Finished(&summary));
+    summary
+}
+
+/// The events of a run's plan, in plan order.
+#[derive(Default)]
+struct Planned(Vec<ResourceEvent>);
+
+impl Sink for Planned {
+    fn emit(&mut self, event: Event<'_>) {
+        if let Event::Resource(e) = event {
+            self.0.push(e.clone());
+        }
+    }
+}
+
+impl Planned {
+    /// Each resource's planned event, by its index in the catalog.
+    fn by_index<'a>(&'a self, order: &[usize]) -> Vec<Option<&'a ResourceEvent>> {
+        let mut out = vec![None; order.len()];
+        for (event, &i) in self.0.iter().zip(order) {
+            out[i] = Some(event);
+        }
+        out
+    }
+}
+
+/// Holds a real outcome against its plan. A change the plan did not predict is `unplanned`; a
+/// state the plan would have changed, found converged at its turn, was changed by an earlier
+/// resource of this run (a package's install script made the account): that is this run's
+/// change, and reported as one. Actions (a command) are not states: one that no longer needs
+/// to run did not run.
+fn against_plan<P: Providers>(
+    r: &Resource,
+    providers: &P,
+    mut event: ResourceEvent,
+    planned: &ResourceEvent,
+) -> ResourceEvent {
+    let foreseen = planned.status == Status::WouldChange;
+    match event.status {
+        Status::Changed if !foreseen => {
+            event.status = Status::Unplanned;
+            let was = match (&planned.status, &planned.message) {
+                (Status::Failed, Some(m)) => format!("its plan expected a failure: {m}"),
+                (s, _) => format!("its plan found it {}", s.as_str()),
+            };
+            event.message = Some(match event.message.take() {
+                Some(m) => format!("not in this run's plan ({was}); {m}"),
+                None => format!("not in this run's plan ({was})"),
+            });
+        }
+        Status::Unchanged if foreseen && providers.verify_after_apply(r) => {
+            event.status = Status::Changed;
+            event.changes = planned.changes.clone();
+            event.message = Some("made so by an earlier change of this run".into());
+        }
+        _ => {}
+    }
+    event
+}
+
+/// One pass over the catalog: a dry-run, or a real run held against `planned` (each
+/// resource's planned event, by index). Returns the totals, without the duration.
+fn pass<P: Providers>(
+    loaded: &Loaded,
+    providers: &P,
+    options: Options,
+    planned: Option<&[Option<&ResourceEvent>]>,
+    sink: &mut dyn Sink,
+) -> Summary {
     let resources = &loaded.catalog.resources;
     let plan = &loaded.plan;
-    sink.emit(Event::Started(&info));
     let mut status: Vec<Option<Status>> = vec![None; resources.len()];
     let mut notified_by: Vec<Option<usize>> = vec![None; resources.len()];
     let mut summary = Summary { dry_run: options.dry_run, ..Summary::default() };
@@ -140,14 +247,15 @@ pub fn run<P: Providers>(
                 notified_by[t].get_or_insert(i);
             }
         }
+        if let Some(Some(p)) = planned.map(|p| p[i]) {
+            event = against_plan(r, providers, event, p);
+        }
         event.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
         tracing::debug!(status = ?event.status, ms = event.duration_ms, "converged");
         summary.count(&event.status);
         sink.emit(Event::Resource(&event));
         status[i] = Some(event.status);
     }
-    summary.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    sink.emit(Event::Finished(&summary));
     summary
 }
 
@@ -198,6 +306,7 @@ fn prepare<P: Providers>(
         return Step::Done(event);
     }
     if options.dry_run {
+        providers.assume(r, &state, &event.changes);
         event.status = Status::WouldChange;
         return Step::Done(event);
     }

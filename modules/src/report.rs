@@ -24,6 +24,10 @@ pub enum Status {
     /// A package the system holds (dpkg `hold`, dnf versionlock) that the catalog would change:
     /// left as it is, and said.
     Held,
+    /// A change the run did not plan: its plan (a dry-run of the catalog made just before)
+    /// said the resource was in sync. The change was made; a provider or something else on
+    /// the host behaved otherwise than predicted, and the operator should know.
+    Unplanned,
     Other(String),
 }
 
@@ -36,6 +40,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Skipped => "skipped",
             Status::Held => "held",
+            Status::Unplanned => "unplanned",
             Status::Other(s) => s,
         }
     }
@@ -48,6 +53,7 @@ impl Status {
             "failed" => Status::Failed,
             "skipped" => Status::Skipped,
             "held" => Status::Held,
+            "unplanned" => Status::Unplanned,
             other => Status::Other(other.to_string()),
         }
     }
@@ -160,6 +166,10 @@ pub struct Summary {
     /// of agents before it was counted.
     #[serde(default)]
     pub held: usize,
+    /// Changes the run's plan did not predict ([`Status::Unplanned`]); also counted in
+    /// `changed`.
+    #[serde(default)]
+    pub unplanned: usize,
     pub dry_run: bool,
     pub duration_ms: f64,
 }
@@ -174,6 +184,10 @@ impl Summary {
             Status::Failed => self.failed += 1,
             Status::Skipped => self.skipped += 1,
             Status::Held => self.held += 1,
+            Status::Unplanned => {
+                self.changed += 1;
+                self.unplanned += 1;
+            }
             Status::Other(_) => {}
         }
     }
@@ -289,6 +303,7 @@ impl<W: Write> TextSink<W> {
             Status::Failed => ("1;31", "FAILED"),
             Status::Skipped => ("35", "skipped"),
             Status::Held => ("36", "held"),
+            Status::Unplanned => ("1;33", "UNPLANNED"),
             Status::Other(o) => ("0", o.as_str()),
         };
         self.paint(code, &format!("{word:<12}"))
@@ -357,6 +372,9 @@ impl<W: Write> TextSink<W> {
                 parts.push(format!("{} skipped", t.skipped));
                 if t.held > 0 {
                     parts.push(format!("{} held", t.held));
+                }
+                if t.unplanned > 0 {
+                    parts.push(format!("{} of the changes unplanned", t.unplanned));
                 }
                 let _ = write!(
                     s,

@@ -248,6 +248,7 @@ impl Report {
             ("summary.failed", s.failed),
             ("summary.skipped", s.skipped),
             ("summary.held", s.held),
+            ("summary.unplanned", s.unplanned),
         ] {
             count_within(what, n, Limits::RESOURCES)?;
         }

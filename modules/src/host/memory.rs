@@ -29,6 +29,7 @@ pub enum MemNode {
 
 type Validator = Box<dyn Fn(&[String], &[u8]) -> Result<(), String>>;
 type Runner = Box<dyn Fn(&MemHost, &Run) -> Ran>;
+type Script = Box<dyn Fn(&MemHost)>;
 
 /// The system side of a memory host: packages, accounts, units, commands.
 #[derive(Default)]
@@ -45,6 +46,8 @@ struct System {
     /// Every operation that a real host carries out with a process, in order.
     processes: Vec<String>,
     runner: Option<Runner>,
+    /// What installing a package does beyond installing it (its maintainer scripts).
+    scripts: BTreeMap<String, std::rc::Rc<Script>>,
 }
 
 #[derive(Default)]
@@ -122,6 +125,12 @@ impl MemHost {
 
     /// A service unit, `active` or not, `enabled` as systemctl says it (enabled, disabled, static).
     pub fn with_unit(self, name: &str, active: bool, enabled: &str) -> Self {
+        self.add_unit(name, active, enabled);
+        self
+    }
+
+    /// As [`MemHost::with_unit`], from a maintainer script.
+    pub fn add_unit(&self, name: &str, active: bool, enabled: &str) {
         let unit = Unit {
             exists: true,
             active: if active { "active" } else { "inactive" }.into(),
@@ -130,7 +139,6 @@ impl MemHost {
             needs_daemon_reload: false,
         };
         self.inner.borrow_mut().system.units.insert(unit_name(name), unit);
-        self
     }
 
     /// Marks a unit as changed on disk since systemd read it.
@@ -150,6 +158,28 @@ impl MemHost {
     pub fn with_runner(self, f: impl Fn(&MemHost, &Run) -> Ran + 'static) -> Self {
         self.inner.borrow_mut().system.runner = Some(Box::new(f));
         self
+    }
+
+    /// What installing `package` does besides (a maintainer script making its system user).
+    pub fn with_install_script(self, package: &str, f: impl Fn(&MemHost) + 'static) -> Self {
+        self.inner.borrow_mut().system.scripts.insert(package.into(), std::rc::Rc::new(Box::new(f)));
+        self
+    }
+
+    /// Adds an account as a maintainer script would (`adduser --system`): a user with its group.
+    pub fn add_account(&self, name: &str, id: u32, home: &str) {
+        let mut inner = self.inner.borrow_mut();
+        let a = &mut inner.system.accounts;
+        a.groups.push(GroupEntry { name: name.into(), gid: id, members: vec![] });
+        a.users.push(Account {
+            name: name.into(),
+            uid: id,
+            gid: id,
+            comment: String::new(),
+            home: home.into(),
+            shell: "/usr/sbin/nologin".into(),
+            password_hash: None,
+        });
     }
 
     pub fn installed_version(&self, name: &str) -> Option<String> {
@@ -451,7 +481,17 @@ impl Host for MemHost {
             "apt-get" => Some(self.apt_get(&args)),
             "apt-cache" => Some(self.apt_cache(&args)),
             tool @ ("useradd" | "usermod" | "userdel" | "groupadd" | "groupmod" | "groupdel") => {
-                Some(parse_account_op(tool, &args).and_then(|op| self.change_account(&op)).map(|()| String::new()))
+                Some(parse_account_op(tool, &args).and_then(|op| {
+                    self.change_account(&op)?;
+                    // `useradd -m` makes the home, owned by the new user.
+                    if let (AccountOp::AddUser(f), true) = (&op, has(&args, "-m"))
+                        && let Some(u) = self.account(&f.name)
+                        && self.stat(&u.home).ok().flatten().is_none()
+                    {
+                        self.put(&u.home, MemNode::Directory { mode: 0o755, uid: u.uid, gid: u.gid });
+                    }
+                    Ok(String::new())
+                }))
             }
             "chpasswd" => Some(self.chpasswd(cmd.stdin.unwrap_or_default())),
             "systemctl" => Some(self.systemctl(&args)),
@@ -671,8 +711,14 @@ impl MemHost {
             }
             chosen.push((p.name.clone(), version));
         }
+        let mut scripts = Vec::new();
         for (name, version) in chosen {
+            scripts.extend(inner.system.scripts.get(&name).cloned());
             inner.system.installed.insert(name, Installed { version, held: false });
+        }
+        drop(inner);
+        for script in scripts {
+            script(self);
         }
         Ok(())
     }
@@ -765,99 +811,47 @@ impl MemHost {
         }
     }
 
+    /// Refuses what shadow-utils refuses, then carries the change out as they would.
     fn change_account(&self, op: &AccountOp) -> Result<(), Failed> {
         let mut inner = self.inner.borrow_mut();
         inner.mutations += 1;
         let refused = |what: String| Err((4, what));
         let accounts = &mut inner.system.accounts;
         match op {
-            AccountOp::AddGroup { name, gid, system } => {
-                let gid = match gid {
-                    Some(g) if accounts.groups.iter().any(|x| x.gid == *g) => {
-                        return refused(format!("groupadd: GID '{g}' already exists"));
-                    }
-                    Some(g) => *g,
-                    None => next_id(accounts.groups.iter().map(|g| g.gid), *system),
-                };
-                accounts.groups.push(GroupEntry { name: name.clone(), gid, members: vec![] });
+            AccountOp::AddGroup { gid: Some(g), .. } if accounts.groups.iter().any(|x| x.gid == *g) => {
+                return refused(format!("groupadd: GID '{g}' already exists"));
             }
-            AccountOp::SetGid { name, gid } => {
-                if let Some(g) = accounts.groups.iter_mut().find(|g| g.name == *name) {
-                    g.gid = *gid;
-                }
+            AccountOp::AddGroup { name, .. } if accounts.group(name).is_some() => {
+                return refused(format!("groupadd: group '{name}' already exists"));
             }
-            AccountOp::DelGroup { name } => accounts.groups.retain(|g| g.name != *name),
             AccountOp::AddUser(f) | AccountOp::ModUser(f) => {
                 let adding = matches!(op, AccountOp::AddUser(_));
+                if adding && accounts.user(&f.name).is_some() {
+                    return refused(format!("useradd: user '{}' already exists", f.name));
+                }
+                if !adding && accounts.user(&f.name).is_none() {
+                    return refused(format!("usermod: user '{}' does not exist", f.name));
+                }
                 if let Some(uid) = f.uid
                     && accounts.users.iter().any(|u| u.uid == uid && u.name != f.name)
                 {
                     return refused(format!("useradd: UID {uid} is not unique"));
                 }
-                let gid = match &f.gid {
-                    Some(g) => match g.parse::<u32>().ok().or_else(|| accounts.group(g).map(|x| x.gid)) {
-                        Some(gid) => Some(gid),
-                        None => return refused(format!("useradd: group '{g}' does not exist")),
-                    },
-                    None => None,
-                };
+                if let Some(g) = &f.gid
+                    && g.parse::<u32>().is_err()
+                    && accounts.group(g).is_none()
+                {
+                    return refused(format!("useradd: group '{g}' does not exist"));
+                }
                 if let Some(groups) = &f.groups
                     && let Some(missing) = groups.iter().find(|g| accounts.group(g).is_none())
                 {
                     return refused(format!("useradd: group '{missing}' does not exist"));
                 }
-                if adding {
-                    let uid = f.uid.unwrap_or_else(|| next_id(accounts.users.iter().map(|u| u.uid), f.system));
-                    let gid = gid.unwrap_or_else(|| {
-                        accounts.groups.push(GroupEntry { name: f.name.clone(), gid: uid, members: vec![] });
-                        uid
-                    });
-                    accounts.users.push(Account {
-                        name: f.name.clone(),
-                        uid,
-                        gid,
-                        comment: f.comment.clone().unwrap_or_default(),
-                        home: f.home.clone().unwrap_or_else(|| format!("/home/{}", f.name)),
-                        shell: f.shell.clone().unwrap_or_else(|| "/bin/sh".into()),
-                        password_hash: None,
-                    });
-                }
-                let Some(u) = accounts.users.iter_mut().find(|u| u.name == f.name) else {
-                    return refused(format!("usermod: user '{}' does not exist", f.name));
-                };
-                if let Some(uid) = f.uid {
-                    u.uid = uid;
-                }
-                if let Some(gid) = gid {
-                    u.gid = gid;
-                }
-                for (field, v) in [(&mut u.home, &f.home), (&mut u.shell, &f.shell), (&mut u.comment, &f.comment)] {
-                    if let Some(v) = v {
-                        *field = v.clone();
-                    }
-                }
-                if let Some(h) = &f.password_hash {
-                    u.password_hash = Some(h.clone());
-                }
-                if let Some(groups) = &f.groups {
-                    for g in accounts.groups.iter_mut() {
-                        let listed = groups.contains(&g.name);
-                        let member = g.members.contains(&f.name);
-                        if listed && !member {
-                            g.members.push(f.name.clone());
-                        } else if !listed && member && !f.append {
-                            g.members.retain(|m| *m != f.name);
-                        }
-                    }
-                }
             }
-            AccountOp::DelUser { name, .. } => {
-                accounts.users.retain(|u| u.name != *name);
-                for g in accounts.groups.iter_mut() {
-                    g.members.retain(|m| m != name);
-                }
-            }
+            _ => {}
         }
+        crate::providers::account::simulate(accounts, op);
         Ok(())
     }
 }
@@ -868,15 +862,6 @@ fn unit_name(name: &str) -> String {
 }
 
 /// The next free id: system ids count down from 999, others up from 1000.
-fn next_id(taken: impl Iterator<Item = u32>, system: bool) -> u32 {
-    let taken: std::collections::HashSet<u32> = taken.collect();
-    if system {
-        (100..1000).rev().find(|i| !taken.contains(i)).unwrap_or(999)
-    } else {
-        (1000..).find(|i| !taken.contains(i)).unwrap_or(1000)
-    }
-}
-
 impl MemHost {
     /// The names in a directory (for assertions).
     pub fn list_dir_names(&self, path: &str) -> Vec<String> {

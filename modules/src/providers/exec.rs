@@ -32,7 +32,7 @@ fn run(sys: &System, e: &ExecSpec, argv: &[String]) -> Result<Ran, ProviderError
 /// Why the guards say no, or `None` when the command should run.
 fn guarded(sys: &System, e: &ExecSpec) -> Result<Option<String>, ProviderError> {
     if let Some(path) = &e.creates
-        && sys.host.stat(path).map_err(fail)?.is_some()
+        && (sys.assumed_path(path) || sys.host.stat(path).map_err(fail)?.is_some())
     {
         return Ok(Some(format!("{path} exists")));
     }
@@ -67,7 +67,10 @@ pub fn check(sys: &System, r: &Resource, e: &ExecSpec) -> Result<(Checked, Vec<C
 /// Runs the command; the tail of its output is the report's note.
 pub fn apply(sys: &System, r: &Resource, e: &ExecSpec) -> Result<Option<String>, ProviderError> {
     sys.run.borrow_mut().ran.insert(r.id.to_string());
-    let ran = run(sys, e, &e.command)?;
+    let ran = run(sys, e, &e.command);
+    // A command can change anything: accounts, units and packages are read again.
+    sys.forget_system();
+    let ran = ran?;
     let tail =
         if r.sensitive() || ran.tail.trim().is_empty() { String::new() } else { format!(": {}", ran.tail.trim_end()) };
     if ran.success() {

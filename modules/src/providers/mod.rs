@@ -8,7 +8,13 @@
 //!
 //! The system kinds read through caches that live for one run: one query of the package
 //! database, of the accounts and of the units answers every resource, so a run that changes
-//! nothing runs (almost) no process. A change forgets what it made stale.
+//! nothing runs (almost) no process. A change forgets what it made stale, and a package
+//! transaction or a command can change anything: accounts, units and packages are read again
+//! after one (a package's install script makes its system user).
+//!
+//! A dry-run, and the plan a real run makes first, see the system as the run will have left
+//! it by each resource's turn ([`Assumed`]): accounts the catalog creates earlier, directories
+//! and homes that will exist.
 
 use crate::catalog::{Ensure, Mode, PackageSpec, Resource, Spec, join_path as join, parent_path as parent};
 use crate::engine::Providers;
@@ -26,6 +32,8 @@ pub mod account;
 pub mod directory;
 pub mod exec;
 pub mod file;
+#[cfg(test)]
+mod honest;
 pub mod package;
 pub mod service;
 pub mod symlink;
@@ -54,6 +62,21 @@ pub struct System<'h> {
     deferred_upgrade: RefCell<Option<Install>>,
     package_tool: std::cell::OnceCell<Result<&'static dyn PackageTool, package::NoPackageTool>>,
     run: RefCell<RunState>,
+    /// A real run's plan is being made: check as in a dry-run.
+    planning: std::cell::Cell<bool>,
+    assumed: RefCell<Assumed>,
+}
+
+/// What a dry-run assumes the run will have done by the resource in hand.
+#[derive(Debug, Default)]
+struct Assumed {
+    /// Account changes, replayed over the accounts read from the system.
+    accounts: Vec<AccountOp>,
+    /// Paths that will exist: declared ones, and homes `useradd` makes.
+    paths: HashSet<String>,
+    /// A package transaction or a command would have run before: it may make accounts, units
+    /// and files that no resource declares.
+    side_effects: bool,
 }
 
 /// What one run has learnt of the system, and what it did.
@@ -157,6 +180,8 @@ impl<'h> System<'h> {
             deferred_upgrade: RefCell::default(),
             package_tool: std::cell::OnceCell::new(),
             run: RefCell::default(),
+            planning: std::cell::Cell::new(false),
+            assumed: RefCell::default(),
         }
     }
 
@@ -190,6 +215,21 @@ impl<'h> System<'h> {
         self
     }
 
+    /// Whether checks are a prediction: a dry-run, or a real run's plan.
+    fn dry(&self) -> bool {
+        self.dry_run || self.planning.get()
+    }
+
+    /// Whether `path` will exist by now, by what this dry-run assumed.
+    fn assumed_path(&self, path: &str) -> bool {
+        self.dry() && self.assumed.borrow().paths.contains(path)
+    }
+
+    /// Whether an earlier assumed change may have made what no resource declares.
+    fn assumed_side_effects(&self) -> bool {
+        self.dry() && self.assumed.borrow().side_effects
+    }
+
     /// The installed version of `name`, from one query for every package of the run.
     fn installed(&self, name: &str) -> Result<Option<Installed>, ProviderError> {
         if self.run.borrow().installed.is_none() {
@@ -217,7 +257,7 @@ impl<'h> System<'h> {
             }
             let mut offered = system.available(self.host, &names, false, &self.tools).map_err(fail)?;
             let missing = names.iter().any(|n| offered.get(*n).is_none_or(|a| a.versions.is_empty()));
-            if missing && !self.dry_run && !self.run.borrow().lists_refreshed {
+            if missing && !self.dry() && !self.run.borrow().lists_refreshed {
                 self.run.borrow_mut().lists_refreshed = true;
                 offered = system.available(self.host, &names, true, &self.tools).map_err(fail)?;
             }
@@ -226,21 +266,32 @@ impl<'h> System<'h> {
         Ok(self.run.borrow().available.as_ref().and_then(|m| m.get(name).cloned()))
     }
 
-    fn forget_packages(&self) {
-        self.run.borrow_mut().installed = None;
-    }
-
-    /// Every local account, read once until something changes them.
+    /// Every local account, read once until something changes them; in a dry-run, with the
+    /// account changes it assumed made.
     fn accounts(&self) -> Result<Accounts, ProviderError> {
         if self.run.borrow().accounts.is_none() {
             let accounts = account::shadow::read(self.host).map_err(fail)?;
             self.run.borrow_mut().accounts = Some(accounts);
         }
-        Ok(self.run.borrow().accounts.clone().unwrap_or_default())
+        let mut accounts = self.run.borrow().accounts.clone().unwrap_or_default();
+        if self.dry() {
+            for op in &self.assumed.borrow().accounts {
+                account::simulate(&mut accounts, op);
+            }
+        }
+        Ok(accounts)
     }
 
     fn forget_accounts(&self) {
         self.run.borrow_mut().accounts = None;
+    }
+
+    /// After a package transaction or a command: whatever they changed is read again.
+    fn forget_system(&self) {
+        let mut run = self.run.borrow_mut();
+        run.installed = None;
+        run.accounts = None;
+        run.units = None;
     }
 
     /// The unit of a service, from one query for every service of the run. A unit file
@@ -248,7 +299,7 @@ impl<'h> System<'h> {
     /// first (not in a dry-run).
     fn unit(&self, name: &str) -> Result<Unit, ProviderError> {
         if self.run.borrow().units.is_none() {
-            if self.run.borrow().unit_files_changed && !self.dry_run && !self.host.is_image() {
+            if self.run.borrow().unit_files_changed && !self.dry() && !self.host.is_image() {
                 service::systemd::daemon_reload(self.host).map_err(fail)?;
                 self.run.borrow_mut().unit_files_changed = false;
             }
@@ -257,7 +308,7 @@ impl<'h> System<'h> {
                 names.push(name);
             }
             let mut units = service::systemd::units(self.host, &names).map_err(fail)?;
-            if units.values().any(|u| u.needs_daemon_reload) && !self.dry_run && !self.host.is_image() {
+            if units.values().any(|u| u.needs_daemon_reload) && !self.dry() && !self.host.is_image() {
                 service::systemd::daemon_reload(self.host).map_err(fail)?;
                 units = service::systemd::units(self.host, &names).map_err(fail)?;
             }
@@ -287,25 +338,39 @@ impl<'h> System<'h> {
     fn wanted(&self, mode: Option<Mode>, owner: Option<&str>, group: Option<&str>) -> Result<Wanted, ProviderError> {
         let owner = match owner {
             None => None,
-            Some(o) => Some(match o.parse() {
-                Ok(n) => (n, o.to_string()),
-                Err(_) => {
-                    let uid = self.host.user_id(o).map_err(fail)?;
-                    (uid.ok_or_else(|| format!("owner `{o}` does not exist on this system"))?, o.to_string())
-                }
-            }),
+            Some(o) => Some(self.resolve("owner", o, |n| self.host.user_id(n), |a| a.user(o).map(|u| u.uid))?),
         };
         let group = match group {
             None => None,
-            Some(g) => Some(match g.parse() {
-                Ok(n) => (n, g.to_string()),
-                Err(_) => {
-                    let gid = self.host.group_id(g).map_err(fail)?;
-                    (gid.ok_or_else(|| format!("group `{g}` does not exist on this system"))?, g.to_string())
-                }
-            }),
+            Some(g) => Some(self.resolve("group", g, |n| self.host.group_id(n), |a| a.group(g).map(|x| x.gid))?),
         };
         Ok(Wanted { mode: mode.map(|m| m.0), owner, group })
+    }
+
+    /// An owner or group by number or name. A dry-run also knows the accounts it assumed made
+    /// (a placeholder id when an earlier package or command may make it).
+    fn resolve(
+        &self,
+        what: &str,
+        name: &str,
+        lookup: impl Fn(&str) -> crate::host::HostResult<Option<u32>>,
+        assumed: impl Fn(&Accounts) -> Option<u32>,
+    ) -> Result<(u32, String), ProviderError> {
+        if let Ok(n) = name.parse() {
+            return Ok((n, name.to_string()));
+        }
+        if let Some(id) = lookup(name).map_err(fail)? {
+            return Ok((id, name.to_string()));
+        }
+        if self.dry() {
+            if let Some(id) = assumed(&self.accounts()?) {
+                return Ok((id, name.to_string()));
+            }
+            if self.assumed_side_effects() {
+                return Ok((UNKNOWN_ID, name.to_string()));
+            }
+        }
+        Err(format!("{what} `{name}` does not exist on this system").into())
     }
 
     /// Looks up the names of what owns the path, for the attributes the resource manages.
@@ -324,7 +389,11 @@ impl<'h> System<'h> {
     /// not exist and that no resource will create.
     fn parent_must_exist(&self, path: &str, seen: &Observed) -> Result<(), ProviderError> {
         let Some(parent) = parent(path) else { return Ok(()) };
-        if seen.stat.is_some() || self.is_managed(parent) || self.host.stat(parent).map_err(fail)?.is_some() {
+        if seen.stat.is_some()
+            || self.is_managed(parent)
+            || self.assumed_path(parent)
+            || self.host.stat(parent).map_err(fail)?.is_some()
+        {
             return Ok(());
         }
         Err(format!(
@@ -587,6 +656,33 @@ impl Providers for System<'_> {
         state.held.clone()
     }
 
+    fn assume(&self, r: &Resource, state: &Checked, _changes: &[Change]) {
+        let mut assumed = self.assumed.borrow_mut();
+        match (&r.spec, &state.op) {
+            (Spec::File(_) | Spec::Directory(_) | Spec::Symlink(_), _) if present(r) => {
+                assumed.paths.insert(r.id.title.clone());
+            }
+            (_, Op::Accounts(ops)) => {
+                for op in ops {
+                    if let AccountOp::AddUser(f) = op
+                        && (!f.system || f.home.is_some())
+                    {
+                        let home = f.home.clone().unwrap_or_else(|| format!("/home/{}", f.name));
+                        assumed.paths.insert(home);
+                    }
+                }
+                assumed.accounts.extend(ops.iter().cloned());
+            }
+            (_, Op::Install(_) | Op::Remove(_) | Op::Run) => assumed.side_effects = true,
+            _ => {}
+        }
+    }
+
+    fn planning(&self, on: bool) {
+        self.planning.set(on);
+        *self.assumed.borrow_mut() = Assumed::default();
+    }
+
     fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, ProviderError> {
         match &r.spec {
             Spec::Service(s) => service::refresh(self, r, s, dry_run),
@@ -595,6 +691,10 @@ impl Providers for System<'_> {
         }
     }
 }
+
+/// The id a dry-run gives an account that an earlier package or command is expected to make:
+/// `(uid_t)-1`, which no account can have.
+const UNKNOWN_ID: u32 = u32::MAX;
 
 /// Whether the resource wants its path to exist.
 fn present(r: &Resource) -> bool {

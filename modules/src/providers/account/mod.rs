@@ -260,6 +260,87 @@ pub fn diff_user(
     Ok((changes, vec![AccountOp::ModUser(fields)]))
 }
 
+/// Carries out `op` on `accounts` in memory, as shadow-utils would on Debian and the RHEL
+/// family (a user gets a group of its own name unless given one; ids are the first free ones
+/// in the system or the ordinary range): what a dry-run assumes. Pure.
+pub fn simulate(accounts: &mut Accounts, op: &AccountOp) {
+    let free = |taken: &dyn Fn(u32) -> bool, system: bool, max: u32| -> u32 {
+        if system { (1..=max).rev().find(|&i| !taken(i)) } else { (max + 1..u32::MAX).find(|&i| !taken(i)) }
+            .unwrap_or(u32::MAX - 1)
+    };
+    let max = accounts.system_max;
+    match op {
+        AccountOp::AddGroup { name, gid, system } => {
+            let taken = |g: u32| accounts.groups.iter().any(|x| x.gid == g);
+            let gid = gid.unwrap_or_else(|| free(&taken, *system, max));
+            accounts.groups.push(GroupEntry { name: name.clone(), gid, members: vec![] });
+        }
+        AccountOp::SetGid { name, gid } => {
+            if let Some(g) = accounts.groups.iter_mut().find(|g| &g.name == name) {
+                g.gid = *gid;
+            }
+        }
+        AccountOp::DelGroup { name } => accounts.groups.retain(|g| &g.name != name),
+        AccountOp::AddUser(f) => {
+            let taken = |u: u32| accounts.users.iter().any(|x| x.uid == u);
+            let uid = f.uid.unwrap_or_else(|| free(&taken, f.system, max));
+            let gid = match &f.gid {
+                Some(g) => g.parse().ok().or_else(|| accounts.group(g).map(|x| x.gid)).unwrap_or(u32::MAX),
+                None => {
+                    let taken = |g: u32| accounts.groups.iter().any(|x| x.gid == g);
+                    let gid = if taken(uid) { free(&taken, f.system, max) } else { uid };
+                    accounts.groups.push(GroupEntry { name: f.name.clone(), gid, members: vec![] });
+                    gid
+                }
+            };
+            accounts.users.push(Account {
+                name: f.name.clone(),
+                uid,
+                gid,
+                comment: f.comment.clone().unwrap_or_default(),
+                home: f.home.clone().unwrap_or_else(|| format!("/home/{}", f.name)),
+                shell: f.shell.clone().unwrap_or_else(|| "/bin/sh".into()),
+                password_hash: f.password_hash.clone(),
+            });
+            set_groups(accounts, &f.name, f.groups.as_deref(), false);
+        }
+        AccountOp::ModUser(f) => {
+            let gid = f.gid.as_ref().map(|g| g.parse().ok().or_else(|| accounts.group(g).map(|x| x.gid)));
+            if let Some(u) = accounts.users.iter_mut().find(|u| u.name == f.name) {
+                u.uid = f.uid.unwrap_or(u.uid);
+                u.gid = gid.flatten().unwrap_or(u.gid);
+                for (have, want) in [(&mut u.home, &f.home), (&mut u.shell, &f.shell), (&mut u.comment, &f.comment)] {
+                    if let Some(w) = want {
+                        *have = w.clone();
+                    }
+                }
+                if f.password_hash.is_some() {
+                    u.password_hash = f.password_hash.clone();
+                }
+            }
+            set_groups(accounts, &f.name, f.groups.as_deref(), f.append);
+        }
+        AccountOp::DelUser { name, .. } => {
+            accounts.users.retain(|u| &u.name != name);
+            set_groups(accounts, name, Some(&[]), false);
+        }
+    }
+}
+
+/// Makes `user` a member of exactly `groups`, or of them too when `append`.
+fn set_groups(accounts: &mut Accounts, user: &str, groups: Option<&[String]>, append: bool) {
+    let Some(groups) = groups else { return };
+    for g in &mut accounts.groups {
+        let want = groups.contains(&g.name);
+        let has = g.members.iter().any(|m| m == user);
+        if want && !has {
+            g.members.push(user.to_string());
+        } else if has && !want && !append {
+            g.members.retain(|m| m != user);
+        }
+    }
+}
+
 pub fn check_user(sys: &System, r: &Resource, u: &UserSpec) -> Result<(Checked, Vec<Change>), ProviderError> {
     let accounts = sys.accounts()?;
     let (changes, ops) = diff_user(&r.id.title, u, accounts.user(&r.id.title), &accounts)?;

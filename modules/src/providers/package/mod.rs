@@ -220,7 +220,20 @@ pub fn check(sys: &System, r: &Resource, p: &PackageSpec) -> Result<(Checked, Ve
     let installed = sys.installed(name)?;
     let available =
         if needs_available(&want(p), installed.as_ref(), system) { sys.available(name, system)? } else { None };
-    let (changes, op) = diff(name, p, installed.as_ref(), available.as_ref(), system)?;
+    let (changes, op) = match diff(name, p, installed.as_ref(), available.as_ref(), system) {
+        // A dry-run does not refresh the package lists, which the run does when a package is
+        // not on offer: say what the run would try.
+        Err(_) if sys.dry() && installed.is_none() && available.as_ref().is_none_or(|a| a.versions.is_empty()) => {
+            let to = match want(p) {
+                Want::Version(v) => v.to_string(),
+                _ => "present".to_string(),
+            };
+            let change =
+                Change::new("ensure", "absent", format!("{to} (not on offer before the package lists are refreshed)"));
+            (vec![change], Op::Install(Install { name: name.to_string(), version: None }))
+        }
+        other => other?,
+    };
     let held = installed
         .as_ref()
         .filter(|i| i.held && !changes.is_empty())
@@ -285,7 +298,8 @@ pub fn apply_all(sys: &System, items: &[(&Resource, &Checked)]) -> Vec<Result<Op
             }
         }
     }
-    sys.forget_packages();
+    // Install scripts make accounts, units and files: all of it is read again.
+    sys.forget_system();
     results
 }
 

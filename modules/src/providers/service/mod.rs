@@ -103,7 +103,7 @@ pub fn unit_name(title: &str) -> String {
 pub fn check(sys: &System, r: &Resource, s: &ServiceSpec) -> Result<(Checked, Vec<Change>), ProviderError> {
     let name = unit_name(&r.id.title);
     let unit = sys.unit(&r.id.title)?;
-    if !unit.exists && sys.dry_run {
+    if !unit.exists && sys.dry() {
         // Its package may be installed by this run: say what the run would do.
         let mut changes = Vec::new();
         if let Some(e) = s.enabled {
