@@ -44,6 +44,7 @@ pub fn run(sizes: &[usize]) {
                 node: &name,
                 at,
                 changed: i64::from(i % 10 == 3),
+                dry_run: false,
                 failed: if i % 100 == 5 { 2 } else { 0 },
                 stale: false,
                 serial: Some(1_796_000_000_000 + i as u64),

@@ -533,6 +533,9 @@ pub struct ExecSpec {
     pub user: Option<String>,
     pub cwd: Option<String>,
     pub environment: Option<std::collections::BTreeMap<String, String>>,
+    /// Given to the command (not to its guards) on standard input, and never shown: the way
+    /// to hand it a secret, which in an argument list any user of the host could read.
+    pub stdin: Option<String>,
 }
 
 pub const DEFAULT_PURGE_LIMIT: u32 = 100;

@@ -86,6 +86,9 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
     ("nodes", "ca_bundle", "TEXT"),
     // The version of the key list a node holds, as it last said.
     ("nodes", "keys_version", "INTEGER"),
+    // A dry-run's report: `changed` counts what would change, and the node's state stays
+    // that of its last real run.
+    ("reports", "dry_run", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Enrollment requests waiting for approval, at most: past that, new ones are refused (an
@@ -162,7 +165,9 @@ pub struct Visit {
 pub struct ReportRow<'a> {
     pub node: &'a str,
     pub at: i64,
+    /// What changed, or for a dry-run what would.
     pub changed: i64,
+    pub dry_run: bool,
     pub failed: i64,
     pub stale: bool,
     pub serial: Option<u64>,
@@ -177,7 +182,9 @@ pub struct StoredReport {
     pub id: i64,
     pub node: String,
     pub received: i64,
+    /// What changed, or for a dry-run what would.
     pub changed: i64,
+    pub dry_run: bool,
     pub failed: i64,
     pub stale: bool,
     pub serial: Option<u64>,
@@ -216,7 +223,10 @@ pub struct NodeRow {
     pub revoked: bool,
     pub serial: Option<u64>,
     pub compile_error: Option<String>,
+    /// The last real run's report: when, changed, failed, stale.
     pub last_report: Option<(i64, i64, i64, bool)>,
+    /// What a dry-run since the last real run said would change.
+    pub dry_run_pending: Option<i64>,
     /// The commit of the catalog the last report was about.
     pub last_commit: Option<String>,
     pub agent_version: Option<String>,
@@ -592,8 +602,8 @@ impl Db {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO reports (node, received, changed, failed, stale, serial, body, commit_id, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![r.node, r.at, r.changed, r.failed, r.stale, r.serial.map(|s| s as i64), r.body, r.commit, r.digest],
+                "INSERT INTO reports (node, received, changed, failed, stale, serial, body, commit_id, digest, dry_run) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![r.node, r.at, r.changed, r.failed, r.stale, r.serial.map(|s| s as i64), r.body, r.commit, r.digest, r.dry_run],
             )?;
             tx.execute(
                 "DELETE FROM reports WHERE node = ?1 AND id NOT IN (SELECT id FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
@@ -615,10 +625,12 @@ impl Db {
                     (SELECT MAX(expires) FROM certificates WHERE node = n.name AND revoked IS NULL),
                     NOT EXISTS (SELECT 1 FROM certificates WHERE node = n.name AND revoked IS NULL),
                     k.serial, k.compile_error,
-                    r.received, r.changed, r.failed, r.stale, r.commit_id, n.agent_version
+                    r.received, r.changed, r.failed, r.stale, r.commit_id, n.agent_version,
+                    (SELECT d.changed FROM reports d WHERE d.node = n.name AND d.dry_run AND d.id > COALESCE(r.id, 0)
+                     ORDER BY d.id DESC LIMIT 1)
                  FROM nodes n
                  LEFT JOIN catalogs k ON k.node = n.name
-                 LEFT JOIN reports r ON r.id = (SELECT MAX(id) FROM reports WHERE node = n.name)
+                 LEFT JOIN reports r ON r.id = (SELECT MAX(id) FROM reports WHERE node = n.name AND NOT dry_run)
                  WHERE ?1 IS NULL OR n.name = ?1
                  ORDER BY n.name",
             )?;
@@ -637,6 +649,7 @@ impl Db {
                     last_report: report,
                     last_commit: r.get(10)?,
                     agent_version: r.get(11)?,
+                    dry_run_pending: r.get(12)?,
                 })
             })?
             .collect()
@@ -659,7 +672,7 @@ impl Db {
         self.with(|c| {
             let mut s = c.prepare(
                 "SELECT id, node, received, changed, failed, stale, serial, commit_id,
-                    CASE WHEN ?5 THEN body ELSE '' END, digest FROM reports
+                    CASE WHEN ?5 THEN body ELSE '' END, digest, dry_run FROM reports
                  WHERE (?1 IS NULL OR node = ?1) AND (NOT ?2 OR failed > 0) AND (?3 IS NULL OR received >= ?3)
                  ORDER BY id DESC LIMIT ?4",
             )?;
@@ -670,7 +683,7 @@ impl Db {
     pub fn report(&self, id: i64) -> Result<Option<StoredReport>> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, node, received, changed, failed, stale, serial, commit_id, body, digest FROM reports WHERE id = ?1",
+                "SELECT id, node, received, changed, failed, stale, serial, commit_id, body, digest, dry_run FROM reports WHERE id = ?1",
                 params![id],
                 stored_report,
             )
@@ -746,6 +759,7 @@ fn stored_report(r: &rusqlite::Row) -> rusqlite::Result<StoredReport> {
         commit: r.get(7)?,
         body: r.get(8)?,
         digest: r.get(9)?,
+        dry_run: r.get(10)?,
     })
 }
 
@@ -790,6 +804,7 @@ mod tests {
             node: "web1",
             at: 160,
             changed: 2,
+            dry_run: false,
             failed: 0,
             stale: false,
             serial: Some(7),
@@ -802,12 +817,20 @@ mod tests {
         }
         let all = ReportFilter { node: Some("web1".into()), limit: 1000, ..ReportFilter::default() };
         assert_eq!(db.reports(&all).unwrap().len(), REPORTS_PER_NODE as usize, "bounded per node");
-        db.add_report(&ReportRow { failed: 1, at: 170, ..row }).unwrap();
+        db.add_report(&ReportRow { failed: 1, at: 170, ..row.clone() }).unwrap();
         let failed = db.reports(&ReportFilter { failed: true, limit: 10, ..ReportFilter::default() }).unwrap();
         assert_eq!((failed.len(), failed[0].received, failed[0].commit.as_deref()), (1, 170, Some("abc")));
         let since = db.reports(&ReportFilter { since: Some(165), limit: 100, ..ReportFilter::default() }).unwrap();
         assert_eq!(since.len(), 1);
         assert_eq!(db.report(failed[0].id).unwrap().unwrap().failed, 1);
+        // A dry-run is not a run: the node's state stays its last real run's, and what the
+        // dry-run would change is said beside it until the next real run.
+        db.add_report(&ReportRow { at: 180, changed: 3, dry_run: true, ..row.clone() }).unwrap();
+        let n = &db.nodes().unwrap()[0];
+        assert_eq!((n.last_report, n.dry_run_pending), (Some((170, 2, 1, false)), Some(3)));
+        db.add_report(&ReportRow { at: 190, changed: 0, ..row.clone() }).unwrap();
+        let n = &db.nodes().unwrap()[0];
+        assert_eq!((n.last_report, n.dry_run_pending), (Some((190, 0, 0, false)), None));
         assert_eq!(db.node("web1").unwrap().unwrap().facts.as_deref(), Some("{}"));
         assert!(db.node("nobody").unwrap().is_none());
         assert!(db.live_cert("web1", 500).unwrap());
@@ -818,7 +841,7 @@ mod tests {
         let nodes = db.nodes().unwrap();
         assert_eq!(nodes.len(), 1);
         assert!(nodes[0].revoked);
-        assert_eq!((nodes[0].last_seen, nodes[0].last_report), (Some(150), Some((170, 2, 1, false))));
+        assert_eq!((nodes[0].last_seen, nodes[0].last_report), (Some(150), Some((190, 0, 0, false))));
         // The store survives a reopen.
         drop(db);
         let db = Db::open(&t.path().join("state.db"), 1).unwrap();

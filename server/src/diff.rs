@@ -31,7 +31,7 @@ impl NodeDiff {
 }
 
 /// Fields whose values are never shown, whatever the resource.
-const SECRET_FIELDS: &[&str] = &["password_hash"];
+const SECRET_FIELDS: &[&str] = &["password_hash", "stdin"];
 
 fn fields(r: &Resource) -> Map<String, Json> {
     match serde_json::to_value(r) {
@@ -52,11 +52,11 @@ fn show(v: Option<&Json>) -> String {
     }
 }
 
-/// The differences from `a` to `b` (either may be missing: a node that appears or goes);
-/// `labels` name the two sides in content diffs.
-pub fn diff(a: Option<&Catalog>, b: Option<&Catalog>, labels: (&str, &str)) -> NodeDiff {
-    let index = |c: Option<&Catalog>| -> BTreeMap<ResourceId, Resource> {
-        c.map(|c| c.resources.iter().map(|r| (r.id.clone(), r.clone())).collect()).unwrap_or_default()
+/// The differences from `a` to `b`, one node's two catalogs; `labels` name the two sides in
+/// content diffs.
+pub fn diff(a: &Catalog, b: &Catalog, labels: (&str, &str)) -> NodeDiff {
+    let index = |c: &Catalog| -> BTreeMap<ResourceId, Resource> {
+        c.resources.iter().map(|r| (r.id.clone(), r.clone())).collect()
     };
     let (a, b) = (index(a), index(b));
     let mut out = NodeDiff::default();
@@ -141,14 +141,14 @@ mod tests {
         let b = catalog(
             "  - file: /a\n    content: \"one\\nthree\\n\"\n    mode: \"0640\"\n  - package: nginx\n  - service: nginx\n    enabled: true\n",
         );
-        let d = diff(Some(&a), Some(&b), ("a", "b"));
+        let d = diff(&a, &b, ("a", "b"));
         let text = render("web01", &d);
         assert!(text.starts_with("node web01: 1 added, 1 removed, 2 changed\n"), "{text}");
         assert!(text.contains("  + package:nginx\n  - package:apache2\n"), "{text}");
         assert!(text.contains("-two\n        +three"), "{text}");
         assert!(text.contains("      mode: (unset) -> \"0640\""), "{text}");
         assert!(text.contains("  ~ service:nginx\n      enabled: (unset) -> true"), "{text}");
-        assert!(diff(Some(&a), Some(&a), ("a", "a")).is_empty());
+        assert!(diff(&a, &a, ("a", "a")).is_empty());
     }
 
     #[test]
@@ -159,7 +159,7 @@ mod tests {
         let b = catalog(
             "  - file: /k\n    content: new-secret\n    sensitive: true\n  - user: u\n    password_hash: $6$b\n",
         );
-        let text = render("n", &diff(Some(&a), Some(&b), ("a", "b")));
+        let text = render("n", &diff(&a, &b, ("a", "b")));
         assert!(!text.contains("secret") && !text.contains("$6$"), "{text}");
         assert!(text.contains("content: sha256:"), "{text}");
         assert!(text.contains("password_hash: sha256:"), "{text}");

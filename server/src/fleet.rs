@@ -649,7 +649,8 @@ impl Fleet {
         self.db.add_report(&ReportRow {
             node,
             at: now(),
-            changed: (s.changed + s.would_change) as i64,
+            changed: if s.dry_run { s.would_change } else { s.changed } as i64,
+            dry_run: s.dry_run,
             failed: s.failed as i64,
             stale: report.stale,
             serial: report.info.serial,

@@ -152,6 +152,11 @@ impl Site {
         }
     }
 
+    /// Whether an entry names `node` exactly or by a pattern.
+    pub fn knows(&self, node: &str) -> bool {
+        self.nodes.keys().any(|k| k == node || (is_pattern(k) && glob_match(k, node)))
+    }
+
     /// The names `check` compiles: every exact name, and one example name per pattern (its
     /// `*` and `?` replaced) so that pattern-only entries are compiled too.
     pub fn node_names(&self) -> Vec<String> {

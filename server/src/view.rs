@@ -85,6 +85,8 @@ pub struct NodeView {
     pub commit: String,
     pub serial: String,
     pub changed: i64,
+    /// What a dry-run since its last real run said would change.
+    pub would_change: Option<i64>,
     pub failed: i64,
     pub stale: bool,
     pub agent_version: String,
@@ -124,6 +126,7 @@ pub fn node_view(n: &NodeRow, created: Option<i64>, now: i64, late_after: i64) -
         commit: n.last_commit.as_deref().map_or("-".into(), short),
         serial: n.serial.map_or("-".into(), |s| s.to_string()),
         changed: n.last_report.map_or(0, |r| r.1),
+        would_change: n.dry_run_pending,
         failed: n.last_report.map_or(0, |r| r.2),
         stale: n.last_report.is_some_and(|r| r.3),
         agent_version: n.agent_version.clone().unwrap_or_else(|| "-".into()),
@@ -244,14 +247,13 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         serial: r.serial.map_or("-".into(), |s| s.to_string()),
         commit: r.commit.as_deref().map_or("-".into(), short),
         signed_by: "-".into(),
-        status: if r.failed > 0 {
-            "failed"
-        } else if r.changed > 0 {
-            "changed"
-        } else {
-            "in sync"
+        status: match (r.failed > 0, r.changed > 0, r.dry_run) {
+            (true, ..) => "failed",
+            (_, true, true) => "would change",
+            (_, true, false) => "changed",
+            _ => "in sync",
         },
-        dry_run: false,
+        dry_run: r.dry_run,
         stale: r.stale,
         changed: r.changed as usize,
         would_change: 0,
@@ -372,6 +374,7 @@ mod tests {
             last_report: report,
             last_commit: Some("0123456789abcdef".into()),
             agent_version: Some("0.1.0".into()),
+            dry_run_pending: None,
         }
     }
 
@@ -406,6 +409,7 @@ mod tests {
             node: "web1".into(),
             received: 0,
             changed: 1,
+            dry_run: false,
             failed: 1,
             stale: false,
             serial: Some(9),

@@ -106,6 +106,33 @@ fn diff_finds_exactly_the_per_node_changes() {
     assert!(status.stdout.is_empty());
 }
 
+/// A node moved from a pattern to an entry of its own is compared with what the pattern gave
+/// it; a node that appears or goes is said to, not listed resource by resource.
+#[test]
+fn diff_follows_a_node_from_a_pattern_to_its_own_entry() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    first_commit(dir);
+    write(dir, &[("site.yaml", "nodes:\n  web*: {roles: [web]}\n  db1: {roles: [db]}\n")]);
+    git(dir, &["commit", "-q", "-am", "web by pattern"]);
+    write(
+        dir,
+        &[(
+            "site.yaml",
+            "nodes:\n  web*: {roles: [web]}\n  web7: {roles: [web], attributes: {tier: gold}}\n  db2: {roles: [db]}\n",
+        )],
+    );
+    git(dir, &["commit", "-q", "-am", "web7 by name, db1 becomes db2"]);
+    let repo = dir.display().to_string();
+    let out = server(&["diff", "--repo", &repo, "--from", "HEAD~1", "--to", "HEAD"]);
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(!out.stdout.contains("node web7"), "web7 gets what the pattern gave it: nothing changes\n{}", out.stdout);
+    assert!(out.stdout.contains("node db1: gone at HEAD (it had 3 resources)\n"), "{}", out.stdout);
+    assert!(out.stdout.contains("node db2: new at HEAD (3 resources)\n"), "{}", out.stdout);
+    assert!(!out.stdout.contains("  + "), "no resource listed as added: {}", out.stdout);
+    assert!(out.stdout.ends_with("2 of 4 nodes change between HEAD~1 and HEAD\n"), "{}", out.stdout);
+}
+
 #[test]
 fn diff_of_an_unknown_revision_says_so() {
     let t = tempfile::tempdir().unwrap();

@@ -136,8 +136,9 @@ pub fn node_command(action: NodeAction) -> Result<u8> {
             for n in &nodes {
                 let v = crate::view::node_view(n, None, now, 2 * config.run_interval);
                 let late = if v.late { " LATE" } else { "" };
+                let pending = v.would_change.map_or(String::new(), |n| format!(" (dry-run since: {n} would change)"));
                 println!(
-                    "{:<28} {:<10} {:<12} {:<12} {:<14} {:>7} {:>6}  {}{late}",
+                    "{:<28} {:<10} {:<12} {:<12} {:<14} {:>7} {:>6}  {}{late}{pending}",
                     v.name, v.status, v.last_run_ago, v.commit, v.serial, v.changed, v.failed, v.certificate
                 );
                 if let Some(e) = &v.compile_error {

@@ -85,13 +85,29 @@ pub fn compile_all(
     only: Option<&str>,
 ) -> Result<(BTreeMap<String, Catalog>, Vec<NodeDiagnostic>)> {
     let compiler = Compiler::new(repo);
+    let names: Vec<String> =
+        node_names(&compiler).into_iter().filter(|n| only.is_none_or(|p| site::glob_match(p, n))).collect();
+    compile_names(&compiler, &names, facts_for)
+}
+
+/// The names a repository's site compiles (see [`site::Site::node_names`]).
+fn node_names(compiler: &Compiler) -> Vec<String> {
+    compiler.site.as_ref().map(|s| s.node_names()).unwrap_or_default()
+}
+
+/// Compiles `names`; returns the catalogs that compiled and every diagnostic (the
+/// repository's own, and each node's with its name).
+fn compile_names(
+    compiler: &Compiler,
+    names: &[String],
+    facts_for: &dyn Fn(&str) -> Result<Map<String, Json>>,
+) -> Result<(BTreeMap<String, Catalog>, Vec<NodeDiagnostic>)> {
     let mut diags: Vec<_> = compiler.problems.iter().cloned().map(|d| (d, vec![])).collect();
     let mut catalogs = BTreeMap::new();
-    let names = compiler.site.as_ref().map(|s| s.node_names()).unwrap_or_default();
-    for name in names.into_iter().filter(|n| only.is_none_or(|p| site::glob_match(p, n))) {
-        match compiler.compile(&name, &facts_for(&name)?) {
+    for name in names {
+        match compiler.compile(name, &facts_for(name)?) {
             Ok(c) => {
-                catalogs.insert(name, c);
+                catalogs.insert(name.clone(), c);
             }
             Err(e) => diags.extend(e.into_iter().map(|d| (d, vec![name.clone()]))),
         }
@@ -124,31 +140,48 @@ pub fn check(dir: &Path, facts_dir: Option<&Path>) -> Result<u8> {
     Ok(1)
 }
 
+/// Every node either side names is compiled on both sides, each through its own site: a node
+/// named exactly on one side and matched by a pattern on the other (moved to an entry of its
+/// own) shows only what changes for it. A node no entry of one side matches is said to appear
+/// or go, not listed as every resource added or removed.
 pub fn diff(dir: &Path, from: &str, to: &str, only: Option<&str>) -> Result<u8> {
     let no_facts = |_: &str| Ok(Map::new());
+    let repos = [Repo::from_git(dir, from)?, Repo::from_git(dir, to)?];
+    let compilers = [Compiler::new(&repos[0]), Compiler::new(&repos[1])];
+    let mut names: Vec<String> =
+        compilers.iter().flat_map(node_names).filter(|n| only.is_none_or(|p| site::glob_match(p, n))).collect();
+    names.sort();
+    names.dedup();
     let mut sides = Vec::new();
-    for rev in [from, to] {
-        let repo = Repo::from_git(dir, rev)?;
-        let (catalogs, diags) = compile_all(&repo, &no_facts, only)?;
+    for ((compiler, repo), rev) in compilers.iter().zip(&repos).zip([from, to]) {
+        let here: Vec<String> =
+            names.iter().filter(|n| compiler.site.as_ref().is_some_and(|s| s.knows(n))).cloned().collect();
+        let (catalogs, diags) = compile_names(compiler, &here, &no_facts)?;
         if !diags.is_empty() {
-            let n = print_diagnostics(&repo, &format!("{rev}:"), diags);
+            let n = print_diagnostics(repo, &format!("{rev}:"), diags);
             bail!("{n} problem{} at {rev}; fix them before comparing", if n == 1 { "" } else { "s" });
         }
         sides.push(catalogs);
     }
     let (a, b) = (&sides[0], &sides[1]);
-    let mut nodes: Vec<&String> = a.keys().chain(b.keys()).collect();
-    nodes.sort();
-    nodes.dedup();
     let mut differ = 0;
-    for node in &nodes {
-        let d = diff::diff(a.get(*node), b.get(*node), (from, to));
-        if !d.is_empty() {
-            differ += 1;
-            print!("{}", diff::render(node, &d));
-        }
+    for node in &names {
+        let text = match (a.get(node), b.get(node)) {
+            (None, None) => continue,
+            (None, Some(c)) => format!("node {node}: new at {to} ({} resources)\n", c.resources.len()),
+            (Some(c), None) => format!("node {node}: gone at {to} (it had {} resources)\n", c.resources.len()),
+            (Some(x), Some(y)) => {
+                let d = diff::diff(x, y, (from, to));
+                if d.is_empty() {
+                    continue;
+                }
+                diff::render(node, &d)
+            }
+        };
+        differ += 1;
+        print!("{text}");
     }
-    println!("{differ} of {} nodes change between {from} and {to}", nodes.len());
+    println!("{differ} of {} nodes change between {from} and {to}", names.len());
     Ok(if differ > 0 { 2 } else { 0 })
 }
 
