@@ -37,6 +37,12 @@ else
     echo "container suite: SKIPPED (not root); run ./test.sh as root to include it"
 fi
 cargo nextest run --locked --workspace --profile ci
+if [ "$(id -u)" = 0 ]; then
+    # Every system test again on Debian 13 (trixie); the run above booted Debian 12.
+    CONVERGE_TESTBED="$(tests/testbed/prepare trixie)"
+    echo "container suite on Debian 13: testbed $CONVERGE_TESTBED"
+    cargo nextest run --locked --workspace --profile ci -E 'binary(system) or binary(services)'
+fi
 
 # Fuzz every parser that reads the network, a catalog or a repository, for a bounded time in
 # all (FUZZ_SECONDS, 0 to skip; run them for hours as the README says). cargo-fuzz wants

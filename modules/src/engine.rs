@@ -69,6 +69,13 @@ pub trait Providers {
     /// that would be there).
     fn assume(&self, _r: &Resource, _state: &Self::State, _changes: &[Change]) {}
 
+    /// In a dry-run: whether the change `check` found is needed only if an earlier change of
+    /// the run makes something first (a file to remove that a package about to be installed
+    /// ships).
+    fn conditional(&self, _state: &Self::State) -> bool {
+        false
+    }
+
     /// A real run's plan begins (`true`: check as in a dry-run, assume what would change) or
     /// ends (`false`: forget every assumption; what was read of the system stays valid).
     fn planning(&self, _on: bool) {}
@@ -115,6 +122,9 @@ pub fn run<P: Providers>(
     sink.emit(Event::Finished(&summary));
     summary
 }
+
+/// What a dry-run says of a change needed only if an earlier change makes something first.
+const CONDITIONAL: &str = "only if an earlier change of this run makes it";
 
 /// The events of a run's plan, in plan order.
 #[derive(Default)]
@@ -163,7 +173,9 @@ fn against_plan<P: Providers>(
                 None => format!("not in this run's plan ({was})"),
             });
         }
-        Status::Unchanged if foreseen && providers.verify_after_apply(r) => {
+        Status::Unchanged
+            if foreseen && planned.message.as_deref() != Some(CONDITIONAL) && providers.verify_after_apply(r) =>
+        {
             event.status = Status::Changed;
             event.changes = planned.changes.clone();
             event.message = Some("made so by an earlier change of this run".into());
@@ -307,6 +319,9 @@ fn prepare<P: Providers>(
     }
     if options.dry_run {
         providers.assume(r, &state, &event.changes);
+        if providers.conditional(&state) {
+            event.message = Some(CONDITIONAL.into());
+        }
         event.status = Status::WouldChange;
         return Step::Done(event);
     }

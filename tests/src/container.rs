@@ -407,12 +407,27 @@ impl Container {
         self.apply_env(&[], name, catalog, args)
     }
 
+    ///
+    /// Every real run is held to an honest dry-run: a dry-run on the same state first, and
+    /// the run must change exactly what it predicted (a predicted change may fail for real, as
+    /// when another process holds the package lock), fail nowhere the dry-run did not, and
+    /// report nothing `unplanned`.
     pub fn apply_env(&self, env: &[&str], name: &str, catalog: &str, args: &[&str]) -> Out {
         std::fs::write(self.path(&format!("/root/{name}")), catalog).unwrap();
         let file = format!("/root/{name}");
         let mut argv = vec!["/usr/local/bin/converge", "apply", file.as_str(), "--detailed-exitcodes"];
         argv.extend(args);
-        self.run_env(env, &argv)
+        if args.contains(&"--dry-run") {
+            return self.run_env(env, &argv);
+        }
+        let mut dry_argv = argv.clone();
+        dry_argv.extend(["--dry-run", "--format", "json"]);
+        let dry = self.run_env(env, &dry_argv);
+        let out = self.run_env(env, &argv);
+        if out.stdout.starts_with("converge: ") {
+            honest(&dry, &out);
+        }
+        out
     }
 
     /// Starts a command inside the container and leaves it running (it ends with the container).
@@ -546,4 +561,63 @@ impl Drop for NetPair {
             let _ = Command::new("ip").args(["netns", "delete", ns]).status();
         }
     }
+}
+
+/// Each resource's status in a dry-run's JSON Lines.
+fn json_statuses(out: &Out) -> Vec<(String, String)> {
+    out.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "resource")
+        .map(|v| {
+            (v["status"].as_str().unwrap_or_default().to_string(), v["id"].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+/// Each resource's status in a run's text output (`  STATUS      ID[: message]`).
+fn text_statuses(out: &Out) -> Vec<(String, String)> {
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   ") && l.len() > 15)
+        .map(|l| {
+            let status = l[2..14].trim().to_lowercase().replace(' ', "-");
+            let id = l[15..].split(": ").next().unwrap_or_default().to_string();
+            (status, id)
+        })
+        .collect()
+}
+
+/// Fails unless the run `real` did what the dry-run `dry` said it would.
+fn honest(dry: &Out, real: &Out) {
+    use std::collections::BTreeSet;
+    let (dry_s, real_s) = (json_statuses(dry), text_statuses(real));
+    let with = |v: &[(String, String)], s: &str| -> BTreeSet<String> {
+        v.iter().filter(|(st, _)| st == s).map(|(_, id)| id.clone()).collect()
+    };
+    let (predicted, dry_failed) = (with(&dry_s, "would-change"), with(&dry_s, "failed"));
+    let (changed, unplanned) = (with(&real_s, "changed"), with(&real_s, "unplanned"));
+    // A predicted change may fail for real, or be skipped because one it depends on failed.
+    let failed: BTreeSet<String> = with(&real_s, "failed").union(&with(&real_s, "skipped")).cloned().collect();
+    let show = || format!("dry-run:\n{}{}\nrun:\n{}{}", dry.stdout, dry.stderr, real.stdout, real.stderr);
+    assert!(unplanned.is_empty(), "changes the run did not plan: {unplanned:?}\n{}", show());
+    assert!(
+        changed.is_subset(&predicted),
+        "changed, not predicted: {:?}\n{}",
+        changed.difference(&predicted).collect::<Vec<_>>(),
+        show()
+    );
+    let done: BTreeSet<String> = changed.union(&failed).cloned().collect();
+    assert!(
+        predicted.is_subset(&done),
+        "predicted, not changed: {:?}\n{}",
+        predicted.difference(&done).collect::<Vec<_>>(),
+        show()
+    );
+    assert!(
+        dry_failed.is_subset(&failed),
+        "failed in the dry-run only: {:?}\n{}",
+        dry_failed.difference(&failed).collect::<Vec<_>>(),
+        show()
+    );
 }

@@ -34,7 +34,8 @@ fn packages_install_pin_remove_and_repair_drift() {
         c.sh("dpkg-query -W -f '${Package} ${Version} ${db:Status-Abbrev}\\n' hello cvt-hello cvb-pkg-001 2>/dev/null; true")
     };
     let after = state();
-    assert!(after.contains("hello 2.10-3 ii"), "{after}");
+    let hello = c.sh("apt-cache policy hello | sed -n 's/^ *Candidate: //p'");
+    assert!(after.contains(&format!("hello {} ii", hello.trim())), "{after}");
     assert!(after.contains("cvt-hello 1.0 ii"), "{after}");
     assert!(!after.contains("cvb-pkg-001 1.0 ii"), "{after}");
     assert_code(&c.apply("p.yaml", catalog, &[]), 0, "second run: nothing to do");
@@ -128,7 +129,9 @@ fn guarded_commands_and_a_dry_run_that_never_runs_them() {
     let catalog = "format: 1\nresources:\n  - exec: make-marker\n    command: [/bin/sh, -c, \"echo made > /srv/t/marker; echo done making\"]\n    creates: /srv/t/marker\n  - exec: unless-true\n    command: [/bin/touch, /srv/t/never1]\n    unless: [/bin/true]\n  - exec: onlyif-false\n    command: [/bin/touch, /srv/t/never2]\n    onlyif: [/bin/false]\n  - exec: as-nobody\n    command: [/bin/sh, -c, \"id -un > /srv/t/whoami; pwd >> /srv/t/whoami\"]\n    user: nobody\n    cwd: /srv/t\n    unless: [/usr/bin/test, -s, /srv/t/whoami]\n  - exec: slow\n    command: [/bin/sleep, \"30\"]\n    timeout: 1\n    creates: /srv/t/marker\n";
     let dry = c.apply("e.yaml", catalog, &["--dry-run"]);
     assert_code(&dry, 2, "dry-run");
-    assert_eq!(changed(&dry), vec!["exec:make-marker", "exec:as-nobody", "exec:slow"], "{}", dry.stdout);
+    // slow is guarded by the marker that make-marker says it makes: the dry-run knows it will
+    // not run.
+    assert_eq!(changed(&dry), vec!["exec:make-marker", "exec:as-nobody"], "{}", dry.stdout);
     assert_eq!(c.sh("ls /srv/t"), "", "a dry-run runs no command");
     let out = c.apply("e.yaml", catalog, &[]);
     assert_code(&out, 2, "run");
@@ -151,7 +154,7 @@ fn a_notify_restarts_once_and_reload_keeps_the_process() {
     let c = Container::boot();
     let catalog = |v: &str| {
         format!(
-            "format: 1\nresources:\n  - package: cvt-svc\n  - file: /etc/cvt-svc.conf\n    content: \"{v}\\n\"\n    notify: [service:cvt-svc]\n  - file: /etc/cvt-svc.extra\n    content: \"{v}\\n\"\n    notify: [service:cvt-svc]\n  - service: cvt-svc\n    ensure: running\n  - package: nginx-light\n  - file: /etc/nginx/conf.d/converge.conf\n    content: \"# {v}\\n\"\n    notify: [service:nginx]\n  - service: nginx\n    ensure: running\n    refresh: reload\n"
+            "format: 1\nresources:\n  - package: cvt-svc\n  - file: /etc/cvt-svc.conf\n    content: \"{v}\\n\"\n    notify: [service:cvt-svc]\n  - file: /etc/cvt-svc.extra\n    content: \"{v}\\n\"\n    notify: [service:cvt-svc]\n  - service: cvt-svc\n    ensure: running\n  - package: nginx\n  - file: /etc/nginx/conf.d/converge.conf\n    content: \"# {v}\\n\"\n    notify: [service:nginx]\n  - service: nginx\n    ensure: running\n    refresh: reload\n"
         )
     };
     let starts = || c.sh("grep -c start /var/log/cvt-svc.log || true").trim().to_string();

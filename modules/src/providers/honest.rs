@@ -128,3 +128,51 @@ fn a_change_the_plan_did_not_foresee_is_reported_unplanned() {
     assert!(file.message.as_deref().unwrap().contains("its plan found it unchanged"), "{file:?}");
     assert_eq!(host.content("/etc/app.conf").as_deref(), Some("mine\n"), "the change was still made");
 }
+
+#[test]
+fn a_file_a_package_ships_and_the_catalog_removes_is_predicted_and_removed() {
+    let yaml = "
+  - package: web
+  - file: /etc/web/sites-enabled/default
+    ensure: absent
+    requires: [package:web]
+";
+    let ships = || {
+        MemHost::new().with_dir("/etc", 0o755).with_available("web", &["1.0"]).with_install_script("web", |h| {
+            h.put(
+                "/etc/web/sites-enabled/default",
+                MemNode::File { content: b"x".to_vec(), mode: 0o644, uid: 0, gid: 0 },
+            )
+        })
+    };
+    let dry = converge_yaml(&ships(), yaml, true);
+    assert_eq!(dry[1].message.as_deref(), Some("only if an earlier change of this run makes it"), "{dry:#?}");
+    let real = predicted_exactly(ships, yaml);
+    assert_eq!(real[1].status, Status::Changed);
+    // A package that does not ship it: nothing was removed, and the run does not claim otherwise.
+    let bare = MemHost::new().with_dir("/etc", 0o755).with_available("web", &["1.0"]);
+    let real = converge_yaml(&bare, yaml, false);
+    assert_eq!((real[1].status.clone(), real[1].message.as_deref()), (Status::Unchanged, None), "{real:#?}");
+}
+
+#[test]
+fn a_command_makes_what_its_creates_guard_names() {
+    let yaml = "
+  - exec: make-marker
+    command: [/usr/bin/make-marker]
+    creates: /srv/marker
+  - exec: once-marked
+    command: [/usr/bin/slow]
+    creates: /srv/marker
+";
+    let fresh = || {
+        MemHost::new().with_dir("/srv", 0o755).with_runner(|h, cmd| {
+            if cmd.argv[0] == "/usr/bin/make-marker" {
+                h.put("/srv/marker", MemNode::File { content: vec![], mode: 0o644, uid: 0, gid: 0 });
+            }
+            crate::host::Ran { code: Some(0), ..Default::default() }
+        })
+    };
+    let real = predicted_exactly(fresh, yaml);
+    assert_eq!(with(&real, Status::Changed), BTreeSet::from(["exec:make-marker".to_string()]));
+}

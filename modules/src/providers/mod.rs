@@ -155,6 +155,8 @@ pub struct Checked {
     pub op: Op,
     /// Why a held package is left as it is.
     pub held: Option<String>,
+    /// In a dry-run: a removal needed only if an earlier change makes the path first.
+    pub conditional: bool,
 }
 
 impl<'h> System<'h> {
@@ -385,13 +387,28 @@ impl<'h> System<'h> {
         }
     }
 
+    /// In a dry-run, whether `path` may be made by a package or command planned earlier: its
+    /// directory does not exist yet either.
+    fn may_be_made(&self, path: &str) -> Result<bool, ProviderError> {
+        if !self.assumed_side_effects() {
+            return Ok(false);
+        }
+        match parent(path) {
+            Some(dir) => Ok(self.host.stat(dir).map_err(fail)?.is_none()),
+            None => Ok(false),
+        }
+    }
+
     /// Fails early, in a dry-run too, when `path` is to be created inside a directory that does
     /// not exist and that no resource will create.
     fn parent_must_exist(&self, path: &str, seen: &Observed) -> Result<(), ProviderError> {
         let Some(parent) = parent(path) else { return Ok(()) };
+        // In a dry-run, a package or command planned earlier may make it (a package makes
+        // /etc/nginx).
         if seen.stat.is_some()
             || self.is_managed(parent)
             || self.assumed_path(parent)
+            || self.assumed_side_effects()
             || self.host.stat(parent).map_err(fail)?.is_some()
         {
             return Ok(());
@@ -619,7 +636,12 @@ impl Providers for System<'_> {
             Spec::Service(s) => return service::check(self, r, s),
             Spec::Exec(e) => return exec::check(self, r, e),
         };
-        Ok((Checked { seen, want, ..Checked::default() }, changes))
+        // Nothing to remove yet, in a directory that does not exist yet either: a package or
+        // command planned earlier may make both (nginx ships sites-enabled/default).
+        let conditional = !present(r) && changes.is_empty() && seen.stat.is_none() && self.may_be_made(path)?;
+        let changes =
+            if conditional { vec![Change::new("ensure", "made by an earlier change", "absent")] } else { changes };
+        Ok((Checked { seen, want, conditional, ..Checked::default() }, changes))
     }
 
     fn apply(&self, r: &Resource, state: &Checked, changes: &[Change]) -> Result<Option<String>, ProviderError> {
@@ -673,9 +695,18 @@ impl Providers for System<'_> {
                 }
                 assumed.accounts.extend(ops.iter().cloned());
             }
-            (_, Op::Install(_) | Op::Remove(_) | Op::Run) => assumed.side_effects = true,
+            (Spec::Exec(e), Op::Run) => {
+                // A command says what it makes by its `creates` guard.
+                assumed.paths.extend(e.creates.clone());
+                assumed.side_effects = true;
+            }
+            (_, Op::Install(_) | Op::Remove(_)) => assumed.side_effects = true,
             _ => {}
         }
+    }
+
+    fn conditional(&self, state: &Checked) -> bool {
+        state.conditional
     }
 
     fn planning(&self, on: bool) {

@@ -115,6 +115,12 @@ pub fn check(sys: &System, r: &Resource, s: &ServiceSpec) -> Result<(Checked, Ve
         }
         return Ok((Checked::default(), changes));
     }
+    // A service this run started and that is not running now died after systemd said it
+    // started (a simple unit's start returns at once): its journal says why.
+    if sys.run.borrow().started.contains(&name) && !running(&unit) && s.ensure == Some(ServiceEnsure::Running) {
+        let message = format!("{name} started but did not stay running (it is {} now)", unit.active);
+        return Err(with_journal(sys, &name, message.into()));
+    }
     let (changes, op) = diff(&name, s, &unit, sys.host.is_image())?;
     Ok((Checked { op, ..Checked::default() }, changes))
 }
