@@ -20,6 +20,9 @@
 //! `converge-bench system`: a no-op run over packages, users, services and files in a container,
 //! beside the one query it cannot avoid and `puppet apply`; see `system.rs`.
 //!
+//! `converge-bench services`: the real-service roles of catalogs/, first run and no-op, beside
+//! `puppet apply` of the same state; see `services.rs`.
+//!
 //! `converge-bench baseline LIST`: the baseline itself, over the paths listed in LIST.
 
 use converge_modules::catalog::{Catalog, DirectorySpec, FileSpec, Kind, Meta, Mode, Resource, ResourceId, Spec};
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 mod compile;
 mod page;
 mod serve;
+mod services;
 mod siege;
 mod signing;
 mod system;
@@ -50,6 +54,7 @@ fn main() {
         Some("compile") => compile::run(&sizes()),
         Some("sign") => signing::run(),
         Some("system") => system::run(),
+        Some("services") => services::run(),
         Some("serve") => {
             let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
             serve::run(n(1, 10_000), n(2, 1_000), n(3, 64));
@@ -62,7 +67,7 @@ fn main() {
         Some("noop") => noop(&sizes()),
         _ => {
             eprintln!(
-                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | siege [NODES SLOW FLOODERS] | system | baseline LIST"
+                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | siege [NODES SLOW FLOODERS] | system | services | baseline LIST"
             );
             std::process::exit(1);
         }

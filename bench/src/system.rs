@@ -92,7 +92,7 @@ fn state(base_packages: &[String]) -> (String, String) {
 }
 
 /// `converge-bench launch` inside the container: (wall, peak RSS in KiB, exit code).
-fn launch(c: &Container, argv: &[&str]) -> (Duration, u64, i32) {
+pub fn launch(c: &Container, argv: &[&str]) -> (Duration, u64, i32) {
     let mut all = vec!["/usr/local/bin/converge-bench", "launch"];
     all.extend(argv);
     let out = c.run(&all);
@@ -103,7 +103,7 @@ fn launch(c: &Container, argv: &[&str]) -> (Duration, u64, i32) {
 
 /// Processes `argv` spawns (successful execve calls under `strace -f`, the command itself
 /// excluded; the failed tries of a PATH search are not processes).
-fn processes(c: &Container, argv: &[&str]) -> usize {
+pub fn processes(c: &Container, argv: &[&str]) -> usize {
     let mut all = vec!["strace", "-f", "-qq", "-e", "trace=execve,execveat", "-o", "/tmp/trace"];
     all.extend(argv);
     let _ = c.run(&all);

@@ -1,0 +1,268 @@
+//! `converge-bench services`: the real-service roles of catalogs/ (ssh, web, db, cache: five
+//! packages, accounts, sshd and sudoers checked before they are put in place, four services, a
+//! PostgreSQL role and database), their first run and their no-op run, beside `puppet apply` of
+//! the same state. Each tool gets a fresh booted container of the same testbed, in the same
+//! run: wall time and peak RSS (a launcher inside the container), processes spawned (`strace
+//! -f`, counting execve, on a no-op run). The Puppet manifest is made from the compiled catalog,
+//! resource for resource, so both converge exactly the same state.
+//!
+//! Needs root, the testbed (`CONVERGE_TESTBED`, Debian 12: puppet comes from its repository)
+//! and the release build: `cargo build --release -p converge-agent -p converge-server -p
+//! converge-bench`.
+
+use crate::system::{launch, processes};
+use converge_e2e::container::Container;
+use converge_modules::catalog::{Catalog, Ensure, Kind, Membership, ResourceId, Spec};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+const NOOP_RUNS: usize = 5;
+const PUPPET_NOOP_RUNS: usize = 3;
+
+/// A Puppet single-quoted string.
+fn pq(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// A word for `sh`, single-quoted.
+fn shq(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn sh_line(argv: &[String]) -> String {
+    argv.iter().map(|a| shq(a)).collect::<Vec<_>>().join(" ")
+}
+
+fn reference(id: &ResourceId) -> String {
+    let kind = match id.kind {
+        Kind::File | Kind::Directory | Kind::Symlink => "File",
+        Kind::Package => "Package",
+        Kind::User => "User",
+        Kind::Group => "Group",
+        Kind::Service => "Service",
+        Kind::Exec => "Exec",
+    };
+    format!("{kind}[{}]", pq(&id.title))
+}
+
+/// The Puppet manifest that declares what `catalog` does.
+pub fn manifest(catalog: &Catalog) -> String {
+    let mut pp = String::new();
+    for r in &catalog.resources {
+        let mut attrs: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: String| attrs.push((k.to_string(), v));
+        let absent = r.spec.ensure() == Ensure::Absent;
+        let kind = match &r.spec {
+            Spec::File(f) => {
+                set("ensure", if absent { "absent" } else { "file" }.into());
+                if let Some(c) = &f.content {
+                    set("content", pq(c));
+                }
+                if let Some(v) = &f.validate {
+                    set("validate_cmd", pq(&v.join(" ")));
+                }
+                for (k, v) in
+                    [("mode", f.mode.map(|m| m.to_string())), ("owner", f.owner.clone()), ("group", f.group.clone())]
+                {
+                    if let Some(v) = v {
+                        set(k, pq(&v));
+                    }
+                }
+                "file"
+            }
+            Spec::Directory(d) => {
+                set("ensure", if absent { "absent" } else { "directory" }.into());
+                for (k, v) in
+                    [("mode", d.mode.map(|m| m.to_string())), ("owner", d.owner.clone()), ("group", d.group.clone())]
+                {
+                    if let Some(v) = v {
+                        set(k, pq(&v));
+                    }
+                }
+                "file"
+            }
+            Spec::Symlink(s) => {
+                set("ensure", if absent { "absent".into() } else { "link".into() });
+                if let Some(t) = &s.target {
+                    set("target", pq(t));
+                }
+                "file"
+            }
+            Spec::Package(_) => {
+                set("ensure", if absent { "absent" } else { "installed" }.into());
+                "package"
+            }
+            Spec::Group(g) => {
+                set("ensure", if absent { "absent" } else { "present" }.into());
+                if let Some(gid) = g.gid {
+                    set("gid", gid.to_string());
+                }
+                if g.system == Some(true) {
+                    set("system", "true".into());
+                }
+                "group"
+            }
+            Spec::User(u) => {
+                set("ensure", if absent { "absent" } else { "present" }.into());
+                if let Some(uid) = u.uid {
+                    set("uid", uid.to_string());
+                }
+                for (k, v) in [("gid", &u.gid), ("home", &u.home), ("shell", &u.shell), ("comment", &u.comment)] {
+                    if let Some(v) = v {
+                        set(k, pq(v));
+                    }
+                }
+                if let Some(groups) = &u.groups {
+                    set("groups", format!("[{}]", groups.iter().map(|g| pq(g)).collect::<Vec<_>>().join(", ")));
+                    let minimum = u.membership == Some(Membership::Minimum);
+                    set("membership", if minimum { "minimum" } else { "inclusive" }.into());
+                }
+                let system = u.system == Some(true);
+                if system {
+                    set("system", "true".into());
+                }
+                if !system || u.home.is_some() {
+                    set("managehome", "true".into());
+                }
+                "user"
+            }
+            Spec::Service(s) => {
+                if let Some(e) = s.ensure {
+                    set("ensure", format!("{e:?}").to_lowercase());
+                }
+                if let Some(e) = s.enabled {
+                    set("enable", e.to_string());
+                }
+                "service"
+            }
+            Spec::Exec(e) => {
+                let command = match &e.stdin {
+                    // Puppet's exec has no standard input: the secret goes through printf (and
+                    // so into an argument list, which is what `stdin:` avoids).
+                    Some(input) => format!("printf %s {} | {}", shq(input), sh_line(&e.command)),
+                    None => sh_line(&e.command),
+                };
+                set("command", pq(&command));
+                set("provider", "shell".into());
+                for (k, v) in [("unless", &e.unless), ("onlyif", &e.onlyif)] {
+                    if let Some(v) = v {
+                        set(k, pq(&sh_line(v)));
+                    }
+                }
+                for (k, v) in [("creates", &e.creates), ("user", &e.user), ("cwd", &e.cwd)] {
+                    if let Some(v) = v {
+                        set(k, pq(v));
+                    }
+                }
+                if e.refreshonly == Some(true) {
+                    set("refreshonly", "true".into());
+                }
+                "exec"
+            }
+        };
+        for (k, ids) in [("require", &r.meta.requires), ("notify", &r.meta.notify)] {
+            if !ids.is_empty() {
+                set(k, format!("[{}]", ids.iter().map(reference).collect::<Vec<_>>().join(", ")));
+            }
+        }
+        let _ = writeln!(pp, "{kind} {{ {}:", pq(&r.id.title));
+        for (k, v) in attrs {
+            let _ = writeln!(pp, "  {k} => {v},");
+        }
+        let _ = writeln!(pp, "}}");
+    }
+    pp
+}
+
+struct Measured {
+    first: (Duration, u64),
+    noop: Duration,
+    noop_rss: u64,
+    processes: usize,
+}
+
+/// A fresh container, the first run of `argv` (which must succeed with changes: exit `changed`),
+/// then its no-op runs (exit 0) and the processes one spawns.
+fn measure(c: &Container, argv: &[&str], changed: i32, noop_runs: usize) -> Measured {
+    let (first, first_rss, code) = launch(c, argv);
+    assert_eq!(code, changed, "the first run of {argv:?} converges everything");
+    let mut walls = Vec::new();
+    let mut rss = 0;
+    for _ in 0..noop_runs {
+        let (w, r, code) = launch(c, argv);
+        assert_eq!(code, 0, "a no-op run of {argv:?}");
+        walls.push(w);
+        rss = rss.max(r);
+    }
+    Measured { first: (first, first_rss), noop: crate::median(walls), noop_rss: rss, processes: processes(c, argv) }
+}
+
+pub fn run() {
+    let dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let (converge, server) = (dir.join("converge"), dir.join("converge-server"));
+    assert!(
+        converge.exists() && server.exists(),
+        "build it first: cargo build --release -p converge-agent -p converge-server -p converge-bench"
+    );
+    if std::env::var("CONVERGE_TESTBED").is_err() {
+        eprintln!(
+            "converge-bench services needs root and the testbed: export CONVERGE_TESTBED=$(tests/testbed/prepare)"
+        );
+        std::process::exit(1);
+    }
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs");
+    let facts = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(facts.path(), "memory_mb: 512\ncpus: 2\n").unwrap();
+    let out = std::process::Command::new(&server)
+        .args(["compile", "--repo"])
+        .arg(&repo)
+        .args(["--node", "services.test", "--format", "json", "--facts"])
+        .arg(facts.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "compile: {}", String::from_utf8_lossy(&out.stderr));
+    let catalog: Catalog = serde_json::from_slice(&out.stdout).unwrap();
+    let pp = manifest(&catalog);
+
+    let c = Container::boot_with(&converge);
+    std::fs::copy(std::env::current_exe().unwrap(), c.path("/usr/local/bin/converge-bench")).unwrap();
+    std::fs::write(c.path("/root/services.json"), &out.stdout).unwrap();
+    let apply =
+        ["/usr/local/bin/converge", "apply", "/root/services.json", "--detailed-exitcodes", "--node", "services.test"];
+    let ours = measure(&c, &apply, 2, NOOP_RUNS);
+    drop(c);
+
+    let p = Container::boot_with(&converge);
+    std::fs::copy(std::env::current_exe().unwrap(), p.path("/usr/local/bin/converge-bench")).unwrap();
+    std::fs::write(p.path("/root/services.pp"), &pp).unwrap();
+    // Puppet itself is installed before the clock starts: converge's agent is there already too.
+    p.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq puppet >/dev/null 2>&1");
+    let puppet = ["/usr/bin/puppet", "apply", "--detailed-exitcodes", "/root/services.pp"];
+    let theirs = measure(&p, &puppet, 2, PUPPET_NOOP_RUNS);
+
+    println!(
+        "converge-bench services: catalogs/ roles ssh, web, db, cache ({} resources) on a fresh Debian container each",
+        catalog.resources.len()
+    );
+    println!(
+        "{:<30} {:>12} {:>12} {:>12} {:>14} {:>12}",
+        "", "first run", "first RSS", "no-op", "no-op procs", "no-op RSS"
+    );
+    for (name, m) in [("converge apply", &ours), ("puppet apply (Debian's 7)", &theirs)] {
+        println!(
+            "{name:<30} {:>10.2} s {:>8.1} MiB {:>10.3} s {:>14} {:>8.1} MiB",
+            m.first.0.as_secs_f64(),
+            m.first.1 as f64 / 1024.0,
+            m.noop.as_secs_f64(),
+            m.processes,
+            m.noop_rss as f64 / 1024.0
+        );
+    }
+    println!(
+        "puppet / converge: first run {:.1}x, no-op {:.0}x, no-op processes {} / {}",
+        theirs.first.0.as_secs_f64() / ours.first.0.as_secs_f64(),
+        theirs.noop.as_secs_f64() / ours.noop.as_secs_f64(),
+        theirs.processes,
+        ours.processes
+    );
+}
