@@ -153,6 +153,11 @@ pub struct ResourceEvent {
     pub duration_ms: f64,
 }
 
+/// "1 resource", "2 resources".
+fn resources(n: usize) -> String {
+    if n == 1 { "1 resource".into() } else { format!("{n} resources") }
+}
+
 /// Totals of a run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -316,7 +321,7 @@ impl<W: Write> TextSink<W> {
         let mut s = String::new();
         match event {
             Event::Started(i) => {
-                let _ = write!(s, "converge: {} ({} resources", c(&i.catalog), i.resources);
+                let _ = write!(s, "converge: {} ({}", c(&i.catalog), resources(i.resources));
                 if let Some(h) = &i.host {
                     let _ = write!(s, ", host {}", c(h));
                 }
@@ -378,8 +383,8 @@ impl<W: Write> TextSink<W> {
                 }
                 let _ = write!(
                     s,
-                    "summary: {} resources: {} in {:.3} s{}",
-                    t.resources,
+                    "summary: {}: {} in {:.3} s{}",
+                    resources(t.resources),
                     parts.join(", "),
                     t.duration_ms / 1000.0,
                     if t.dry_run { " (dry-run: nothing was changed)" } else { "" }

@@ -26,6 +26,9 @@ pub struct Digest {
     pub failed: usize,
     pub skipped: usize,
     pub unchanged: usize,
+    /// Changes the run's plan did not predict (absent from digests before it was counted).
+    #[serde(default)]
+    pub unplanned: usize,
     pub started: String,
     pub failed_ids: Vec<String>,
 }
@@ -40,6 +43,7 @@ impl Digest {
             failed: s.failed,
             skipped: s.skipped,
             unchanged: s.unchanged,
+            unplanned: s.unplanned,
             started: r.started_at.to_string(),
             failed_ids: r
                 .resources
@@ -225,6 +229,8 @@ pub struct ReportView {
     pub failed: usize,
     pub skipped: usize,
     pub unchanged: usize,
+    /// Changes the run's plan did not predict.
+    pub unplanned: usize,
     pub duration_ms: f64,
     pub warnings: Vec<String>,
     /// Every resource that did not end unchanged (the first [`SHOWN_RESOURCES`]).
@@ -260,6 +266,7 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         failed: r.failed as usize,
         skipped: 0,
         unchanged: 0,
+        unplanned: 0,
         duration_ms: 0.0,
         warnings: vec![],
         resources: vec![],
@@ -269,8 +276,8 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
     if let Some(d) = digest.filter(|_| parsed.is_none()) {
         v.started = d.started;
         v.dry_run = d.dry_run;
-        (v.changed, v.would_change, v.failed, v.skipped, v.unchanged) =
-            (d.changed, d.would_change, d.failed, d.skipped, d.unchanged);
+        (v.changed, v.would_change, v.failed, v.skipped, v.unchanged, v.unplanned) =
+            (d.changed, d.would_change, d.failed, d.skipped, d.unchanged, d.unplanned);
         v.resources = d
             .failed_ids
             .into_iter()
@@ -282,8 +289,8 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         v.started = p.started_at.to_string();
         v.signed_by = p.info.signed_by.clone().unwrap_or_else(|| "-".into());
         v.dry_run = s.dry_run;
-        (v.changed, v.would_change, v.failed, v.skipped, v.unchanged) =
-            (s.changed, s.would_change, s.failed, s.skipped, s.unchanged);
+        (v.changed, v.would_change, v.failed, v.skipped, v.unchanged, v.unplanned) =
+            (s.changed, s.would_change, s.failed, s.skipped, s.unchanged, s.unplanned);
         v.duration_ms = s.duration_ms;
         v.warnings = p.info.warnings.clone();
         if p.stale {
@@ -330,6 +337,9 @@ pub fn report_text(v: &ReportView, details: bool) -> String {
     }
     if v.dry_run {
         flags.push_str(&format!(", dry-run: {} would change", v.would_change));
+    }
+    if v.unplanned > 0 {
+        flags.push_str(&format!(", {} of the changes UNPLANNED", v.unplanned));
     }
     out.push_str(&format!(
         "{}  {}  #{} run of {}, serial {}, commit {}: {} changed, {} failed, {} skipped, {} unchanged{flags}\n",
@@ -444,5 +454,33 @@ mod tests {
             !text.contains('\x1b') && !text.lines().any(|l| l.trim_start().starts_with("failed       package:forged")),
             "{text}"
         );
+    }
+
+    /// A change the agent's plan did not predict is said in the report, from its body or its
+    /// digest alone.
+    #[test]
+    fn unplanned_changes_are_said() {
+        let body = r#"{"started_at":"2026-12-02T10:00:00Z","info":{"catalog":"s","dry_run":false,"resources":1},"resources":[{"id":"file:/etc/app.conf","status":"unplanned","message":"not in this run's plan (its plan found it unchanged)","duration_ms":1.0}],"summary":{"resources":1,"unchanged":0,"changed":1,"would_change":0,"failed":0,"skipped":0,"unplanned":1,"dry_run":false,"duration_ms":1.0}}"#;
+        let r = StoredReport {
+            id: 5,
+            node: "web1".into(),
+            received: 0,
+            changed: 1,
+            dry_run: false,
+            failed: 0,
+            stale: false,
+            serial: None,
+            commit: None,
+            body: body.into(),
+            digest: None,
+        };
+        let v = report_view(&r, 10);
+        let text = report_text(&v, true);
+        assert!(text.contains("1 changed") && text.contains(", 1 of the changes UNPLANNED"), "{text}");
+        assert!(text.contains("unplanned") && text.contains("file:/etc/app.conf"), "{text}");
+        let parsed: Report = serde_json::from_str(body).unwrap();
+        let digest = serde_json::to_string(&Digest::of(&parsed)).unwrap();
+        let light = report_view(&StoredReport { body: String::new(), digest: Some(digest), ..r }, 10);
+        assert_eq!(light.unplanned, 1);
     }
 }
