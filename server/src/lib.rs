@@ -6,6 +6,7 @@
 //! - [`diff`] compares two compiles node by node.
 //! - [`keys`] generates and stores signing keys and the key list, and signs catalogs.
 //! - [`schemas`] generates the JSON Schemas of site.yaml, role files and catalogs.
+//! - [`secrets`]: `data/secrets/`, values encrypted one by one with age to a list of recipients.
 //! - [`ca`], [`db`], [`config`], [`fleet`], [`http`]: the server: its CA, state, configuration,
 //!   enrollment and catalogs, and HTTPS. [`view`] and [`page`]: what operators see.
 //!   [`metrics`]: `/metrics`. [`bootstrap`]: `/bootstrap.sh` and the server key's pin.
@@ -30,5 +31,6 @@ pub mod page;
 pub mod repo;
 pub mod role;
 pub mod schemas;
+pub mod secrets;
 pub mod site;
 pub mod view;

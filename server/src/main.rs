@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use converge_server::cli::fleet::{CaAction, NodeAction, TokenAction};
 use converge_server::cli::keys::KeysAction;
-use converge_server::cli::{Format, Signing, fleet, keys, repo, serve};
+use converge_server::cli::{Format, Signing, fleet, keys, repo, secret, serve};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -148,6 +148,11 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Secrets in the operator repository (data/secrets/), encrypted per value with age.
+    Secret {
+        #[command(subcommand)]
+        action: secret::SecretAction,
+    },
     /// Write the JSON Schemas of site.yaml, role files and catalogs (for editors).
     Schemas {
         #[arg(long, value_name = "DIR")]
@@ -173,6 +178,7 @@ fn main() -> ExitCode {
         Command::Check { repo, facts_dir } => repo::check(&repo, facts_dir.as_deref()),
         Command::Diff { repo, from, to, node } => repo::diff(&repo, &from, &to, node.as_deref()),
         Command::Schemas { out } => repo::schemas(&out),
+        Command::Secret { action } => secret::secret_command(action),
         Command::Init { state, names, addresses, repo, branch, listen, keys } => {
             let keys = keys.as_deref();
             serve::init(&serve::InitArgs {

@@ -5,10 +5,13 @@
 //! - [`keys`]: `keygen`, `sign`, `keys` (the catalog keys and their signed list).
 //! - [`serve`]: `init` (a new server's state) and `serve` (the HTTPS server and its loops).
 //! - [`fleet`]: `report`, `node`, `ca`, `token` (a running server's state).
+//! - [`secret`]: `secret keygen|set|show|edit|rekey` (values in an operator repository's
+//!   `data/secrets/`).
 
 pub mod fleet;
 pub mod keys;
 pub mod repo;
+pub mod secret;
 pub mod serve;
 
 pub(crate) use anyhow::{Context, Result, bail};
