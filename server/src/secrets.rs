@@ -36,22 +36,26 @@ fn read_bounded(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// The recipients of a repository's secrets.
-pub fn recipients(repo: &Path) -> Result<Vec<age::x25519::Recipient>> {
-    let path = repo.join(DIR).join(RECIPIENTS);
-    let text = read_bounded(&path)
-        .with_context(|| format!("{DIR}/{RECIPIENTS} lists who can read the secrets: one age recipient a line"))?;
+/// The entries of a keys file, one a line (`#` starts a comment), each parsed by `parse`;
+/// `what` says what a line must be.
+fn key_lines<T>(path: &Path, text: &str, what: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or_default().trim();
         if line.is_empty() {
             continue;
         }
-        let r = line
-            .parse::<age::x25519::Recipient>()
-            .map_err(|e| anyhow!("{}:{}: `{line}` is not an age recipient (age1...): {e}", path.display(), n + 1))?;
-        out.push(r);
+        out.push(parse(line).map_err(|e| anyhow!("{}:{}: `{line}` is not {what}: {e}", path.display(), n + 1))?);
     }
+    Ok(out)
+}
+
+/// The recipients of a repository's secrets.
+pub fn recipients(repo: &Path) -> Result<Vec<age::x25519::Recipient>> {
+    let path = repo.join(DIR).join(RECIPIENTS);
+    let text = read_bounded(&path)
+        .with_context(|| format!("{DIR}/{RECIPIENTS} lists who can read the secrets: one age recipient a line"))?;
+    let out = key_lines(&path, &text, "an age recipient (age1...)", |l| l.parse().map_err(|e: &str| e.to_string()))?;
     if out.is_empty() {
         bail!("{}: no recipient: add the server's secrets key and your own (age1...)", path.display());
     }
@@ -61,17 +65,10 @@ pub fn recipients(repo: &Path) -> Result<Vec<age::x25519::Recipient>> {
 /// The identities in an age identity file (`AGE-SECRET-KEY-1...` lines, `#` comments).
 pub fn identities(path: &Path) -> Result<Vec<age::x25519::Identity>> {
     let text = read_bounded(path)?;
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let id = line
-            .parse::<age::x25519::Identity>()
-            .map_err(|e| anyhow!("{}:{}: not an age identity (AGE-SECRET-KEY-1...): {e}", path.display(), n + 1))?;
-        out.push(id);
-    }
+    // An identity line is never repeated in an error: it is the secret key.
+    let out =
+        key_lines(path, &text, "an age identity", |l| l.parse::<age::x25519::Identity>().map_err(|e| e.to_string()))
+            .map_err(|_| anyhow!("{}: a line is not an age identity (AGE-SECRET-KEY-1...)", path.display()))?;
     if out.is_empty() {
         bail!("{}: no identity in it", path.display());
     }

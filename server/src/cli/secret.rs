@@ -26,26 +26,9 @@ pub enum SecretAction {
         name: String,
     },
     /// Print a secret's value.
-    Show {
-        #[arg(long, value_name = "DIR")]
-        repo: PathBuf,
-        #[arg(long, default_value = "common")]
-        level: String,
-        /// Your age key [$CONVERGE_SECRETS_IDENTITY].
-        #[arg(long, value_name = "FILE", env = "CONVERGE_SECRETS_IDENTITY")]
-        identity: PathBuf,
-        name: String,
-    },
+    Show(Opened),
     /// Change a secret in $EDITOR (the value sits in a private file under /dev/shm meanwhile).
-    Edit {
-        #[arg(long, value_name = "DIR")]
-        repo: PathBuf,
-        #[arg(long, default_value = "common")]
-        level: String,
-        #[arg(long, value_name = "FILE", env = "CONVERGE_SECRETS_IDENTITY")]
-        identity: PathBuf,
-        name: String,
-    },
+    Edit(Opened),
     /// Encrypt every secret again to the recipients listed now (after adding or removing one).
     Rekey {
         #[arg(long, value_name = "DIR")]
@@ -53,6 +36,20 @@ pub enum SecretAction {
         #[arg(long, value_name = "FILE", env = "CONVERGE_SECRETS_IDENTITY")]
         identity: PathBuf,
     },
+}
+
+/// A secret to open with the operator's key.
+#[derive(Debug, clap::Args)]
+pub struct Opened {
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+    /// The data level it belongs to: common, role/NAME, node/NAME...
+    #[arg(long, default_value = "common")]
+    level: String,
+    /// Your age key [$CONVERGE_SECRETS_IDENTITY].
+    #[arg(long, value_name = "FILE", env = "CONVERGE_SECRETS_IDENTITY")]
+    identity: PathBuf,
+    name: String,
 }
 
 pub fn secret_command(action: SecretAction) -> Result<u8> {
@@ -80,12 +77,12 @@ pub fn secret_command(action: SecretAction) -> Result<u8> {
             eprintln!("set {name} in {}/{level}.yaml", secrets::DIR);
             Ok(0)
         }
-        SecretAction::Show { repo, level, identity, name } => {
+        SecretAction::Show(Opened { repo, level, identity, name }) => {
             let value = open(&repo, &level, &name, &identity)?;
             std::io::stdout().write_all(&value)?;
             Ok(0)
         }
-        SecretAction::Edit { repo, level, identity, name } => {
+        SecretAction::Edit(Opened { repo, level, identity, name }) => {
             let old = match open(&repo, &level, &name, &identity) {
                 Ok(v) => v,
                 Err(_) if !SecretsFile::read(&secrets::level_path(&repo, &level)?)?.values.contains_key(&name) => {
