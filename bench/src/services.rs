@@ -1,9 +1,9 @@
 //! `converge-bench services`: the real-service roles of catalogs/ (ssh, web, db, cache: five
 //! packages, accounts, sshd and sudoers checked before they are put in place, four services, a
 //! PostgreSQL role and database), their first run and their no-op run, beside `puppet apply` of
-//! the same state. Each tool gets a fresh booted container of the same testbed, in the same
+//! the same state. Each tool gets fresh booted containers of the same testbed, in the same
 //! run: wall time and peak RSS (a launcher inside the container), processes spawned (`strace
-//! -f`, counting execve, on a no-op run). The Puppet manifest is made from the compiled catalog,
+//! -f`, counting execve: a no-op run, and a first run on a second fresh container). The Puppet manifest is made from the compiled catalog,
 //! resource for resource, so both converge exactly the same state.
 //!
 //! Needs root, the testbed (`CONVERGE_TESTBED`, Debian 12: puppet comes from its repository)
@@ -176,25 +176,37 @@ pub fn manifest(catalog: &Catalog) -> String {
 
 struct Measured {
     first: (Duration, u64),
+    first_processes: usize,
     noop: Duration,
     noop_rss: u64,
     processes: usize,
 }
 
-/// A fresh container, the first run of `argv` (which must succeed with changes: exit `changed`),
-/// then its no-op runs (exit 0) and the processes one spawns.
-fn measure(c: &Container, argv: &[&str], changed: i32, noop_runs: usize) -> Measured {
-    let (first, first_rss, code) = launch(c, argv);
+/// On a fresh container from `boot`: the first run of `argv` (which must succeed with changes:
+/// exit `changed`), then its no-op runs (exit 0) and the processes one spawns; the processes of
+/// a first run are counted on a second fresh container (`strace` would slow the timed one).
+fn measure(boot: &dyn Fn() -> Container, argv: &[&str], changed: i32, noop_runs: usize) -> Measured {
+    let c = boot();
+    let (first, first_rss, code) = launch(&c, argv);
     assert_eq!(code, changed, "the first run of {argv:?} converges everything");
     let mut walls = Vec::new();
     let mut rss = 0;
     for _ in 0..noop_runs {
-        let (w, r, code) = launch(c, argv);
+        let (w, r, code) = launch(&c, argv);
         assert_eq!(code, 0, "a no-op run of {argv:?}");
         walls.push(w);
         rss = rss.max(r);
     }
-    Measured { first: (first, first_rss), noop: crate::median(walls), noop_rss: rss, processes: processes(c, argv) }
+    let noop_processes = processes(&c, argv);
+    drop(c);
+    let first_processes = processes(&boot(), argv);
+    Measured {
+        first: (first, first_rss),
+        first_processes,
+        noop: crate::median(walls),
+        noop_rss: rss,
+        processes: noop_processes,
+    }
 }
 
 pub fn run() {
@@ -224,34 +236,35 @@ pub fn run() {
     let catalog: Catalog = serde_json::from_slice(&out.stdout).unwrap();
     let pp = manifest(&catalog);
 
-    let c = Container::boot_with(&converge);
-    std::fs::copy(std::env::current_exe().unwrap(), c.path("/usr/local/bin/converge-bench")).unwrap();
-    std::fs::write(c.path("/root/services.json"), &out.stdout).unwrap();
+    let ready = |file: &str, text: &[u8], puppet: bool| {
+        let c = Container::boot_with(&converge);
+        std::fs::copy(std::env::current_exe().unwrap(), c.path("/usr/local/bin/converge-bench")).unwrap();
+        std::fs::write(c.path(file), text).unwrap();
+        if puppet {
+            // Puppet itself is installed before the clock starts: converge's agent is there too.
+            c.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq puppet >/dev/null 2>&1");
+        }
+        c
+    };
     let apply =
         ["/usr/local/bin/converge", "apply", "/root/services.json", "--detailed-exitcodes", "--node", "services.test"];
-    let ours = measure(&c, &apply, 2, NOOP_RUNS);
-    drop(c);
-
-    let p = Container::boot_with(&converge);
-    std::fs::copy(std::env::current_exe().unwrap(), p.path("/usr/local/bin/converge-bench")).unwrap();
-    std::fs::write(p.path("/root/services.pp"), &pp).unwrap();
-    // Puppet itself is installed before the clock starts: converge's agent is there already too.
-    p.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq puppet >/dev/null 2>&1");
+    let ours = measure(&|| ready("/root/services.json", &out.stdout, false), &apply, 2, NOOP_RUNS);
     let puppet = ["/usr/bin/puppet", "apply", "--detailed-exitcodes", "/root/services.pp"];
-    let theirs = measure(&p, &puppet, 2, PUPPET_NOOP_RUNS);
+    let theirs = measure(&|| ready("/root/services.pp", pp.as_bytes(), true), &puppet, 2, PUPPET_NOOP_RUNS);
 
     println!(
-        "converge-bench services: catalogs/ roles ssh, web, db, cache ({} resources) on a fresh Debian container each",
+        "converge-bench services: catalogs/ roles ssh, web, db, cache ({} resources) on fresh Debian containers",
         catalog.resources.len()
     );
     println!(
-        "{:<30} {:>12} {:>12} {:>12} {:>14} {:>12}",
-        "", "first run", "first RSS", "no-op", "no-op procs", "no-op RSS"
+        "{:<30} {:>12} {:>12} {:>12} {:>12} {:>14} {:>12}",
+        "", "first run", "first procs", "first RSS", "no-op", "no-op procs", "no-op RSS"
     );
     for (name, m) in [("converge apply", &ours), ("puppet apply (Debian's 7)", &theirs)] {
         println!(
-            "{name:<30} {:>10.2} s {:>8.1} MiB {:>10.3} s {:>14} {:>8.1} MiB",
+            "{name:<30} {:>10.2} s {:>12} {:>8.1} MiB {:>10.3} s {:>14} {:>8.1} MiB",
             m.first.0.as_secs_f64(),
+            m.first_processes,
             m.first.1 as f64 / 1024.0,
             m.noop.as_secs_f64(),
             m.processes,
@@ -259,8 +272,10 @@ pub fn run() {
         );
     }
     println!(
-        "puppet / converge: first run {:.1}x, no-op {:.0}x, no-op processes {} / {}",
+        "puppet / converge: first run {:.1}x ({} / {} processes), no-op {:.0}x ({} / {} processes)",
         theirs.first.0.as_secs_f64() / ours.first.0.as_secs_f64(),
+        theirs.first_processes,
+        ours.first_processes,
         theirs.noop.as_secs_f64() / ours.noop.as_secs_f64(),
         theirs.processes,
         ours.processes
