@@ -12,7 +12,7 @@
 
 use crate::system::{launch, processes};
 use converge_e2e::container::Container;
-use converge_modules::catalog::{Catalog, Ensure, Kind, Membership, ResourceId, Spec};
+use converge_modules::catalog::{Catalog, Ensure, Kind, Membership, Mode, ResourceId, Spec};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -45,6 +45,16 @@ fn reference(id: &ResourceId) -> String {
     format!("{kind}[{}]", pq(&id.title))
 }
 
+/// A path's mode, owner and group, as Puppet's `file` attributes.
+fn ownership(set: &mut dyn FnMut(&str, String), mode: Option<Mode>, owner: &Option<String>, group: &Option<String>) {
+    let mode = mode.map(|m| m.to_string());
+    for (k, v) in [("mode", &mode), ("owner", owner), ("group", group)] {
+        if let Some(v) = v {
+            set(k, pq(v));
+        }
+    }
+}
+
 /// The Puppet manifest that declares what `catalog` does.
 pub fn manifest(catalog: &Catalog) -> String {
     let mut pp = String::new();
@@ -61,24 +71,12 @@ pub fn manifest(catalog: &Catalog) -> String {
                 if let Some(v) = &f.validate {
                     set("validate_cmd", pq(&v.join(" ")));
                 }
-                for (k, v) in
-                    [("mode", f.mode.map(|m| m.to_string())), ("owner", f.owner.clone()), ("group", f.group.clone())]
-                {
-                    if let Some(v) = v {
-                        set(k, pq(&v));
-                    }
-                }
+                ownership(&mut set, f.mode, &f.owner, &f.group);
                 "file"
             }
             Spec::Directory(d) => {
                 set("ensure", if absent { "absent" } else { "directory" }.into());
-                for (k, v) in
-                    [("mode", d.mode.map(|m| m.to_string())), ("owner", d.owner.clone()), ("group", d.group.clone())]
-                {
-                    if let Some(v) = v {
-                        set(k, pq(&v));
-                    }
-                }
+                ownership(&mut set, d.mode, &d.owner, &d.group);
                 "file"
             }
             Spec::Symlink(s) => {
