@@ -15,6 +15,7 @@ use crate::host::RealHost;
 use crate::signed::{self, Trust};
 use crate::state::{RunLock, STATE_DIR};
 use anyhow::{Context, Result, anyhow, bail};
+use converge_modules::catalog::Catalog;
 use converge_modules::engine::{self, Options};
 use converge_modules::host::Host;
 use converge_modules::load::{Loaded, SourceError, load, load_decoded};
@@ -199,6 +200,18 @@ fn read_envelope_file(file: &Path) -> Result<Vec<u8>> {
     })
 }
 
+/// A verified catalog with its sealed values opened (in memory) with the host's sealing key.
+pub fn open_sealed(root: &Root, mut catalog: Catalog) -> Result<Catalog> {
+    if catalog.sealed.is_empty() {
+        return Ok(catalog);
+    }
+    let key = crate::state::read_seal_key(root)?;
+    let shown = root.path().join(crate::state::SEAL_KEY_FILE.trim_start_matches('/'));
+    converge_modules::sealed::open(&mut catalog, key.as_ref(), &shown.display().to_string())
+        .map_err(|e| anyhow::anyhow!("the signed catalog's secrets: {e}"))?;
+    Ok(catalog)
+}
+
 /// `converge apply ENVELOPE`: verify first (signature over the bytes, then host, serial,
 /// freshness, format); a refusal changes nothing. An accepted catalog (not in a dry-run) is
 /// recorded as applied, with the newer key list it carried, before converging.
@@ -213,7 +226,8 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
     let verified = trust
         .verify(&host, &bytes, false, args.allow_rollback)
         .map_err(|r| anyhow!("refused {name}: {r}; nothing was changed"))?;
-    let loaded = load_decoded(&name, verified.catalog.clone(), None).map_err(|d| {
+    let catalog = open_sealed(host.root(), verified.catalog.clone())?;
+    let loaded = load_decoded(&name, catalog, None).map_err(|d| {
         let first = d.0.first().map(|d| d.message.as_str()).unwrap_or("?");
         anyhow!("refused {name}: the signed catalog is not valid: {first}; nothing was changed")
     })?;

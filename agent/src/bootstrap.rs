@@ -116,7 +116,9 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
     // 3. Enrollment: a certificate at once with a token, else when an operator approves.
     let roots = crate::client::pem_certificates(&ca_pem).map_err(|e| anyhow!("the server's CA: {e}"))?;
     let client = Client::new(&args.server, roots, None)?;
-    let request = EnrollRequest { name: name.clone(), public_key, token: args.token.clone() };
+    // The sealing key: the server encrypts this host's secrets to it.
+    let seal_key = Some(state::seal_recipient(&host)?);
+    let request = EnrollRequest { name: name.clone(), public_key, token: args.token.clone(), seal_key };
     let started = Instant::now();
     let mut told = false;
     let (certificate, keys) = loop {

@@ -102,7 +102,8 @@ pub fn finish_switch(host: &RealHost) -> Option<String> {
 pub fn renew(host: &RealHost, client: &Client, rt: &tokio::runtime::Runtime) -> Result<Validity> {
     let key = crate::bootstrap::new_key()?;
     let public_key = key.verifying_key().to_public_key_pem(Default::default()).map_err(|e| anyhow!("{e}"))?;
-    let answer = rt.block_on(client.renew(&RenewRequest { public_key }))?;
+    let seal_key = Some(state::seal_recipient(host)?);
+    let answer = rt.block_on(client.renew(&RenewRequest { public_key, seal_key }))?;
     let (validity, certified) =
         certificate(&answer.certificate).map_err(|e| anyhow!("the server's new certificate: {e}"))?;
     if certified != key.verifying_key().to_bytes() {

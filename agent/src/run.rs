@@ -18,7 +18,7 @@ use crate::host::RealHost;
 use crate::signed::Trust;
 use crate::state::{self, AgentConfig, LastRun, RunLock, STATE_DIR, Status};
 use anyhow::{Context, Result, anyhow};
-use converge_modules::catalog::FORMAT;
+use converge_modules::catalog::{FORMAT, FORMAT_SEALED};
 use converge_modules::load::load_decoded;
 use converge_modules::text::clip;
 use converge_modules::time::Timestamp;
@@ -192,7 +192,7 @@ fn locked_run(
     let held_bundle = read(host.root(), state::CA_FILE).map(|t| converge_modules::hash::sha256_hex(t.as_bytes())).ok();
     let request = CatalogRequest {
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        formats: vec![FORMAT],
+        formats: vec![FORMAT, FORMAT_SEALED],
         facts,
         ca_bundle: held_bundle.clone(),
         keys_version: Some(trust.held.list.version),
@@ -263,7 +263,8 @@ fn locked_run(
         }
     };
     let stale = v.stale;
-    let loaded = load_decoded(&config.server, v.catalog, None).map_err(|d| {
+    let catalog = apply::open_sealed(host.root(), v.catalog)?;
+    let loaded = load_decoded(&config.server, catalog, None).map_err(|d| {
         anyhow!("the signed catalog is not valid: {}", d.0.first().map(|d| d.message.as_str()).unwrap_or("?"))
     })?;
     let mut warnings = notes.clone();
@@ -402,7 +403,10 @@ fn keep_certificate(
     let from_old_ca = newest_ca.is_some_and(|ca| {
         crate::renew::issuer_name(&read(host.root(), state::CERT_FILE).unwrap_or_default()).is_some_and(|i| i != ca)
     });
-    if (now < v.renew_from() && !from_old_ca) || dry_run {
+    // A host without a sealing key (it enrolled before there were any) makes one and renews
+    // at once, which tells the server its key.
+    let no_seal_key = matches!(state::read_seal_key(host.root()), Ok(None));
+    if (now < v.renew_from() && !from_old_ca && !no_seal_key) || dry_run {
         if expired {
             let why = way_back();
             notes.push(why.clone());

@@ -27,6 +27,9 @@ pub const CONFIG_FILE: &str = "/etc/converge/agent.toml";
 pub const CA_FILE: &str = "/etc/converge/ca.pem";
 pub const KEY_FILE: &str = "/etc/converge/agent.key";
 pub const CERT_FILE: &str = "/etc/converge/agent.pem";
+/// The host's sealing key: the age identity its catalogs' secrets are encrypted to (made on the
+/// host, never sent; its recipient goes with enrollment and renewal).
+pub const SEAL_KEY_FILE: &str = "/etc/converge/seal.key";
 const CACHE_DIR: &str = "/var/lib/converge/catalogs";
 const QUEUE_DIR: &str = "/var/lib/converge/reports";
 const STATUS_FILE: &str = "/var/lib/converge/status.json";
@@ -85,6 +88,32 @@ pub fn read_text(root: &Root, path: &str, max: u64) -> Result<String, String> {
     let shown = root.path().join(path.trim_start_matches('/')).display().to_string();
     let bytes = root.read_bounded(path, max).map_err(|e| format!("{shown}: {e}"))?;
     String::from_utf8(bytes).map_err(|_| format!("{shown}: is not UTF-8 text"))
+}
+
+/// The host's sealing key; `None` when there is none yet.
+pub fn read_seal_key(root: &Root) -> Result<Option<converge_modules::sealed::Identity>> {
+    if root.lstat(SEAL_KEY_FILE)?.is_none() {
+        return Ok(None);
+    }
+    let text = read_text(root, SEAL_KEY_FILE, 16 << 10).map_err(|e| anyhow!(e))?;
+    let ids = converge_modules::sealed::parse_identities(&text).map_err(|e| {
+        anyhow!(
+            "{}: {e}: this host cannot open its catalogs' secrets; bootstrap it again to make a new sealing key",
+            root.path().join(SEAL_KEY_FILE.trim_start_matches('/')).display()
+        )
+    })?;
+    Ok(ids.into_iter().next())
+}
+
+/// The recipient of the host's sealing key, made now when there is none (readable by root
+/// alone).
+pub fn seal_recipient(host: &RealHost) -> Result<String> {
+    if let Some(id) = read_seal_key(host.root())? {
+        return Ok(id.to_public().to_string());
+    }
+    let (text, recipient) = converge_modules::sealed::generate("converge sealing key of this host");
+    write(host, SEAL_KEY_FILE, text.as_bytes(), 0o600)?;
+    Ok(recipient)
 }
 
 /// Sets a damaged state file aside as `PATH.damaged` (replacing an older one), so that the

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use converge_modules::catalog::{Catalog, FORMAT, FileSpec, Kind, Meta, Resource, ResourceId, Spec};
+use converge_modules::catalog::{Catalog, FORMAT, FORMAT_SEALED, FileSpec, Kind, Meta, Resource, ResourceId, Spec};
 use converge_modules::time::Timestamp;
 use converge_modules::trust::{self, CATALOG_TYPE, KEYS_TYPE, KeyList, KeyRole, TrustedKey};
 
@@ -120,7 +120,7 @@ fn every_attack_is_refused_and_changes_nothing() {
     expired.expires_at = Some(Timestamp(Timestamp::now().0 - 1));
     refused(sign(&expired, CATALOG_SEED).as_bytes(), &[], "expired");
     let mut future = catalog("web01", 11, "x");
-    future.format = FORMAT + 1;
+    future.format = FORMAT_SEALED + 1;
     refused(sign(&future, CATALOG_SEED).as_bytes(), &[], "newer than this agent understands");
     refused(b"{\"payload_type\": \"garbage", &[], "not a valid envelope");
     refused(&good.as_bytes()[..good.len() / 2], &[], "not a valid envelope");

@@ -20,8 +20,11 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
-/// The catalog format this build writes and the newest major it reads.
+/// The catalog format this build writes for a catalog without sealed values.
 pub const FORMAT: u32 = 1;
+/// The format of a catalog that carries sealed values (`sealed`), and the newest major this
+/// build reads.
+pub const FORMAT_SEALED: u32 = 2;
 
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,11 +41,24 @@ pub struct Catalog {
     pub source: Option<Source>,
     #[serde(default)]
     pub resources: Vec<Resource>,
+    /// The values of sensitive fields, each encrypted to the one host the catalog is for (see
+    /// [`crate::sealed`]); the fields themselves are absent from `resources`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sealed: Vec<crate::sealed::Sealed>,
 }
 
 impl Catalog {
     pub fn new(resources: Vec<Resource>) -> Catalog {
-        Catalog { format: FORMAT, host: None, serial: None, issued_at: None, expires_at: None, source: None, resources }
+        Catalog {
+            format: FORMAT,
+            host: None,
+            serial: None,
+            issued_at: None,
+            expires_at: None,
+            source: None,
+            resources,
+            sealed: Vec::new(),
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`providers`]: inspect, diff and apply for each kind, over a [`host::Host`].
 //! - [`engine`]: runs a plan resource by resource and emits [`report`] events to a sink.
 //! - [`trust`]: signed envelopes, key lists, and every check before a catalog is believed.
+//! - [`sealed`]: secrets in a catalog, encrypted to the one host it is for, opened in memory.
 //! - [`wire`]: the HTTPS API's bodies and their bounds; [`text`]: hostile text made printable.
 //! - [`yaml`]: YAML with the line and column of every node; [`diag`]: file:line:col messages;
 //!   [`stream`]: a JSON catalog decoded one resource at a time.
@@ -25,6 +26,7 @@ pub mod load;
 pub mod plan;
 pub mod providers;
 pub mod report;
+pub mod sealed;
 pub mod settings;
 pub mod stream;
 pub mod text;

@@ -6,7 +6,7 @@
 //! YAML reader, so that every diagnostic has a place. Reading `source:` files is left to the
 //! caller's closure: this module does no I/O.
 
-use crate::catalog::{Catalog, FORMAT, Kind, Meta, Resource, ResourceId, Spec, kind_from_first_key};
+use crate::catalog::{Catalog, FORMAT_SEALED, Kind, Meta, Resource, ResourceId, Spec, kind_from_first_key};
 use crate::diag::{Diagnostic, Diagnostics, Mark};
 use crate::plan::{self, Plan};
 use crate::validate::{self, Problem};
@@ -70,15 +70,22 @@ enum Space {
 
 fn check(name: &str, text: Option<&str>, d: Decoded, read_source: Option<SourceReader>) -> Result<Loaded, Diagnostics> {
     let Decoded { mut catalog, origins, broken, mut diags } = d;
-    if catalog.format > FORMAT || catalog.format == 0 {
+    if catalog.format > FORMAT_SEALED || catalog.format == 0 {
         let msg = if catalog.format == 0 {
             "`format` must be 1 or more".to_string()
         } else {
             format!(
-                "catalog format {} is newer than this converge understands ({FORMAT}); upgrade converge",
+                "catalog format {} is newer than this converge understands ({FORMAT_SEALED}); upgrade converge",
                 catalog.format
             )
         };
+        diags.push(Diagnostic::new(name, Mark::new(1, 1), msg));
+    }
+    if !catalog.sealed.is_empty() {
+        let msg = format!(
+            "`sealed`: {} values are still sealed: converge opens them only in a signed catalog for this host",
+            catalog.sealed.len()
+        );
         diags.push(Diagnostic::new(name, Mark::new(1, 1), msg));
     }
     let mut problems: Vec<Problem> = Vec::new();
@@ -344,8 +351,8 @@ resources:
         assert_eq!(check("format: 1\nresources: {}\n"), ["2:12: `resources` must be a list, found a mapping"]);
         assert_eq!(check("resources: []\n"), ["1:1: missing field `format`"]);
         assert_eq!(
-            check("format: 2\nresources: []\n"),
-            ["1:1: catalog format 2 is newer than this converge understands (1); upgrade converge"]
+            check("format: 3\nresources: []\n"),
+            ["1:1: catalog format 3 is newer than this converge understands (2); upgrade converge"]
         );
         assert_eq!(
             check("format: 1\nresources:\n  - file: [a]\n"),

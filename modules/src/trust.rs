@@ -13,7 +13,7 @@
 //! real ones. Envelopes carry the server's current key list, so rotation reaches agents with
 //! their next catalog.
 
-use crate::catalog::{Catalog, FORMAT};
+use crate::catalog::{Catalog, FORMAT_SEALED};
 use crate::hash::sha256_hex;
 use crate::text::clip;
 use crate::time::Timestamp;
@@ -161,7 +161,7 @@ impl fmt::Display for Refusal {
             Refusal::Keys(why) => write!(f, "the key list it carries is refused: {}", c(&why.to_string())),
             Refusal::Incomplete(what) => write!(f, "a signed catalog must carry {what}"),
             Refusal::NewerFormat(v) => {
-                write!(f, "catalog format {v} is newer than this agent understands ({FORMAT}); upgrade converge")
+                write!(f, "catalog format {v} is newer than this agent understands ({FORMAT_SEALED}); upgrade converge")
             }
             Refusal::WrongHost { catalog, node } => {
                 write!(f, "the catalog is for host {}, and this is {}", c(catalog), c(node))
@@ -356,9 +356,13 @@ pub struct Verified {
     pub stale: bool,
 }
 
-/// The SHA-256 of a catalog's resources as serialized.
+/// The SHA-256 of a catalog's resources as serialized, and of its sealed values' resources,
+/// fields and fingerprints (not their ciphertext, which differs each time a value is sealed).
 pub fn resources_sha256(c: &Catalog) -> String {
-    let bytes = serde_json::to_vec(&c.resources).expect("resources serialize");
+    let mut bytes = serde_json::to_vec(&c.resources).expect("resources serialize");
+    for s in &c.sealed {
+        bytes.extend_from_slice(format!("\0{}\0{}\0{}", s.resource, s.field.name(), s.fingerprint).as_bytes());
+    }
     sha256_hex(&bytes)
 }
 
@@ -374,7 +378,7 @@ fn open_catalog(env: &Envelope, keys: &KeyList) -> Result<(Catalog, String), Ref
         format: u32,
     }
     let head: Head = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
-    if head.format > FORMAT {
+    if head.format > FORMAT_SEALED {
         return Err(Refusal::NewerFormat(head.format));
     }
     let catalog: Catalog = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
@@ -419,7 +423,7 @@ pub fn signed_head(env: &Envelope, held: &KeyList) -> Result<(String, u64, Times
         r => r?,
     };
     let head: Head = serde_json::from_slice(&payload).map_err(|e| Refusal::Malformed(format!("payload: {e}")))?;
-    if head.format > FORMAT {
+    if head.format > FORMAT_SEALED {
         return Err(Refusal::NewerFormat(head.format));
     }
     Ok((
@@ -596,7 +600,7 @@ mod tests {
         );
         refuse(envelope(&catalog("web01", 8, NOW - 8 * 86_400, "hi\n"), &key(2)), None, "expired");
         let mut future = good.clone();
-        future.format = FORMAT + 1;
+        future.format = FORMAT_SEALED + 1;
         refuse(envelope(&future, &key(2)), None, "newer than this agent understands");
         let mut unsigned_fields = good.clone();
         unsigned_fields.serial = None;

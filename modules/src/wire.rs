@@ -30,6 +30,10 @@ pub struct EnrollRequest {
     /// A one-time token; without one the request waits for `converge-server node approve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The host's sealing key (an age recipient, `age1...`): the server encrypts the
+    /// catalog's secrets to it (see `sealed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +51,9 @@ pub enum EnrollResponse {
 pub struct RenewRequest {
     /// The new public key, SPKI PEM (made on the host; its private key never leaves it).
     pub public_key: String,
+    /// The host's sealing key (`age1...`), for a host that made one since it enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,7 +65,8 @@ pub struct RenewResponse {
 
 impl RenewRequest {
     pub fn check(&self) -> Result<(), WireError> {
-        within("the public key", &self.public_key, Limits::PUBLIC_KEY)
+        within("the public key", &self.public_key, Limits::PUBLIC_KEY)?;
+        self.seal_key.as_deref().map_or(Ok(()), |k| within("the sealing key", k, Limits::SEAL_KEY))
     }
 }
 
@@ -110,6 +118,8 @@ impl Limits {
     pub const NAME: usize = 253;
     /// An SPKI PEM public key (an Ed25519 one is 113 bytes).
     pub const PUBLIC_KEY: usize = 1 << 10;
+    /// An age recipient is 62 characters.
+    pub const SEAL_KEY: usize = 128;
     pub const TOKEN: usize = 128;
     pub const AGENT_VERSION: usize = 64;
     pub const FORMATS: usize = 16;
@@ -180,6 +190,7 @@ impl EnrollRequest {
     pub fn check(&self) -> Result<(), WireError> {
         check_node_name(&self.name)?;
         within("the public key", &self.public_key, Limits::PUBLIC_KEY)?;
+        self.seal_key.as_deref().map_or(Ok(()), |k| within("the sealing key", k, Limits::SEAL_KEY))?;
         self.token.as_deref().map_or(Ok(()), |t| within("the token", t, Limits::TOKEN))
     }
 }

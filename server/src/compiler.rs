@@ -14,15 +14,17 @@
 use crate::repo::Repo;
 use crate::role::{self, Expr, Role, TNode};
 use crate::site::{FactDecl, Site};
-use converge_modules::catalog::{Catalog, FORMAT, Source};
+use crate::secrets::SecretsKey;
+use converge_modules::catalog::{Catalog, FORMAT_SEALED, Source};
+use converge_modules::sealed::{Field, Sealed};
 use converge_modules::diag::{Diagnostic, Mark};
 use converge_modules::load::{check_declared, decode_resource};
 use converge_modules::yaml::{self, Node, Spanned, Value as YValue};
 use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
 use serde_json::{Map, Value as Json};
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 
 pub const SITE: &str = "site.yaml";
 
@@ -34,6 +36,12 @@ pub struct Compiler {
     data: BTreeMap<String, (Arc<str>, Value)>,
     /// `files/` by path under it.
     files: BTreeMap<String, Vec<u8>>,
+    /// `data/secrets/` by level path: each name's value, opened with the server's secrets
+    /// key, or (compiled without it) a placeholder that names it.
+    secrets: BTreeMap<String, BTreeMap<String, Value>>,
+    /// The server's secrets key, when compiling with it: the key of sealed values'
+    /// fingerprints.
+    key: Option<Arc<SecretsKey>>,
     env: Environment<'static>,
     /// Problems of the repository itself, found whatever the node.
     pub problems: Vec<Diagnostic>,
@@ -56,7 +64,14 @@ fn environment() -> Environment<'static> {
 }
 
 impl Compiler {
+    /// A compiler without the secrets key (`check`, `diff`, CI): each secret compiles as a
+    /// placeholder naming it and its ciphertext.
     pub fn new(repo: &Repo) -> Compiler {
+        Compiler::with_key(repo, None)
+    }
+
+    /// A compiler that opens the repository's secrets with `key` (in memory only).
+    pub fn with_key(repo: &Repo, key: Option<Arc<SecretsKey>>) -> Compiler {
         let mut env = environment();
         let mut problems = Vec::new();
         let text = |path: &str, problems: &mut Vec<Diagnostic>| match repo.text(path) {
@@ -90,7 +105,29 @@ impl Compiler {
             }
         }
         let mut data = BTreeMap::new();
-        for path in repo.under("data").filter(|p| p.ends_with(".yaml") || p.ends_with(".yml")) {
+        let secrets_dir = format!("{}/", crate::secrets::DIR);
+        let yaml_file = |p: &&str| p.ends_with(".yaml") || p.ends_with(".yml");
+        let mut secrets = BTreeMap::new();
+        for path in repo.under(crate::secrets::DIR).filter(yaml_file) {
+            let Some(source) = text(path, &mut problems) else { continue };
+            let level = path[secrets_dir.len()..].trim_end_matches(".yaml").trim_end_matches(".yml").to_string();
+            match crate::secrets::parse(&source) {
+                Err((m, msg)) => problems.push(Diagnostic::new(path, m, msg)),
+                Ok(entries) => {
+                    let opened = entries.into_iter().filter_map(|(name, mark, armored)| {
+                        match open_secret(key.as_deref(), &name, &armored) {
+                            Ok(v) => Some((name, v)),
+                            Err(msg) => {
+                                problems.push(Diagnostic::new(path, mark, msg));
+                                None
+                            }
+                        }
+                    });
+                    secrets.insert(level, opened.collect());
+                }
+            }
+        }
+        for path in repo.under("data").filter(yaml_file).filter(|p| !p.starts_with(&secrets_dir)) {
             let Some(source) = text(path, &mut problems) else { continue };
             let level = path["data/".len()..].trim_end_matches(".yaml").trim_end_matches(".yml").to_string();
             match yaml::parse(&source) {
@@ -114,7 +151,8 @@ impl Compiler {
             }
         }
         let files = repo.under("files").map(|p| (p["files/".len()..].to_string(), repo.files[p].clone())).collect();
-        let mut compiler = Compiler { source: repo.source.clone(), site, roles, data, files, env, problems };
+        let mut compiler =
+            Compiler { source: repo.source.clone(), site, roles, data, files, secrets, key, env, problems };
         compiler.check_roles();
         compiler
     }
@@ -226,27 +264,69 @@ impl Compiler {
         if diags.is_empty() { Ok(out) } else { Err(diags) }
     }
 
-    /// The node's data: every level of the hierarchy that exists, merged in order.
-    fn data_for(&self, site: &Site, node: &str, attributes: &BTreeMap<String, Value>, roles: &[&Role]) -> Value {
-        let mut merged = Value::from(BTreeMap::<String, Value>::new());
+    /// The node's levels of the data hierarchy, lowest precedence first.
+    fn levels(site: &Site, node: &str, attributes: &BTreeMap<String, Value>, roles: &[&Role]) -> Vec<String> {
+        let mut out = Vec::new();
         for level in &site.data {
             let variants: Vec<String> = if level.value.contains("{role}") {
                 roles.iter().map(|r| level.value.replace("{role}", &r.name)).collect()
             } else {
                 vec![level.value.clone()]
             };
-            for path in variants {
-                let Some(path) = expand(&path, node, attributes) else { continue };
-                if let Some((_, v)) = self.data.get(&path) {
-                    merged = deep_merge(&merged, v);
-                }
-            }
+            out.extend(variants.iter().filter_map(|path| expand(path, node, attributes)));
+        }
+        out
+    }
+
+    /// The node's data: every level of the hierarchy that exists, merged in order.
+    fn data_for(&self, levels: &[String]) -> Value {
+        let mut merged = Value::from(BTreeMap::<String, Value>::new());
+        for v in levels.iter().filter_map(|l| self.data.get(l)) {
+            merged = deep_merge(&merged, &v.1);
         }
         merged
     }
 
-    /// Compiles the catalog of `node` with the facts it reported.
+    /// The node's secrets: by name, from the last level of the hierarchy that has each.
+    fn secrets_for(&self, levels: &[String]) -> Arc<SecretsView> {
+        let mut values = BTreeMap::new();
+        for level in levels.iter().filter_map(|l| self.secrets.get(l)) {
+            values.extend(level.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        Arc::new(SecretsView { values, read: Mutex::new(BTreeSet::new()) })
+    }
+
+    /// Compiles the catalog of `node` with the facts it reported. Its sealed values are
+    /// fingerprinted and left unsealed ([`Compiler::compile_open`] gives them too).
     pub fn compile(&self, node: &str, reported: &Map<String, Json>) -> Result<Catalog, Vec<Diagnostic>> {
+        self.compile_open(node, reported).map(|(c, _)| c)
+    }
+
+    /// Takes the sensitive fields out of the resources into `sealed`, each with its
+    /// fingerprint, and the values beside (in `sealed`'s order).
+    fn seal_out(&self, node: &str, mut catalog: Catalog) -> (Catalog, Opened) {
+        let mut opened = Vec::new();
+        for r in &mut catalog.resources {
+            for (field, value) in converge_modules::sealed::take_fields(r) {
+                let id = r.id.to_string();
+                let parts = [node.as_bytes(), id.as_bytes(), field.name().as_bytes(), value.as_bytes()];
+                let fingerprint = crate::secrets::fingerprint(self.key.as_deref(), &parts);
+                catalog.sealed.push(Sealed { resource: r.id.clone(), field, fingerprint, value: None });
+                opened.push(zeroize::Zeroizing::new(value));
+            }
+        }
+        if !catalog.sealed.is_empty() {
+            catalog.format = FORMAT_SEALED;
+        }
+        (catalog, Opened { values: opened, placeholders: self.key.is_none() })
+    }
+
+    /// [`Compiler::compile`], and the values of its sealed fields, to seal to the host.
+    pub fn compile_open(
+        &self,
+        node: &str,
+        reported: &Map<String, Json>,
+    ) -> Result<(Catalog, Opened), Vec<Diagnostic>> {
         let Some(site) = &self.site else {
             return Err(vec![Diagnostic::new(SITE, Mark::UNKNOWN, "site.yaml could not be read; see its errors")]);
         };
@@ -261,7 +341,10 @@ impl Compiler {
                 return Err(diags);
             }
         };
-        let data = self.data_for(site, node, &attributes, &roles);
+        let levels = Compiler::levels(site, node, &attributes, &roles);
+        let data = self.data_for(&levels);
+        let secrets = self.secrets_for(&levels);
+        let secrets_v = Value::from_dyn_object(secrets.clone());
         let mut node_v = attributes;
         node_v.insert("name".into(), Value::from(node));
         node_v.insert("roles".into(), roles.iter().map(|r| Value::from(r.name.as_str())).collect());
@@ -292,6 +375,7 @@ impl Compiler {
                     ("facts", facts_v.clone()),
                     ("data", data_v.clone()),
                     ("params", Value::from(params.clone())),
+                    ("secrets", secrets_v.clone()),
                 ];
                 pairs.extend(item.map(|i| ("item", i)));
                 Value::from_pairs(pairs)
@@ -309,9 +393,16 @@ impl Compiler {
                         }
                     }
                 }
+                // A condition may read a secret (it yields one bit, which decides nothing
+                // about the value); the items of a loop may not (they go anywhere).
+                secrets.take_read();
                 let items: Vec<Option<Value>> = match &rt.for_each {
                     None => vec![None],
                     Some(e) => match self.eval(e, &base).and_then(|v| iterate(&v)) {
+                        Ok(_) if !secrets.take_read().is_empty() => {
+                            diags.push(place(e.mark, "`for_each` cannot read secrets: read them in the field that needs one".into()));
+                            continue;
+                        }
                         Ok(items) => items.into_iter().map(Some).collect(),
                         Err(msg) => {
                             diags.push(place(e.mark, msg));
@@ -321,7 +412,10 @@ impl Compiler {
                 };
                 for item in items {
                     let ctx = if item.is_some() { ctx(item) } else { base.clone() };
-                    let rendered = self.render(&rt.body, &ctx, role).and_then(|n| self.inline_content(n, &ctx, role));
+                    let mut tainted = BTreeMap::new();
+                    let rendered = self
+                        .render_fields(&rt.body, &ctx, role, &secrets, &mut tainted)
+                        .and_then(|n| self.inline_content(n, &ctx, role, &secrets, &mut tainted));
                     let node = match rendered {
                         Ok(n) => n,
                         Err(d) => {
@@ -330,7 +424,11 @@ impl Compiler {
                         }
                     };
                     match decode_resource(node) {
-                        Ok(r) => {
+                        Ok(mut r) => {
+                            if let Err(e) = taint(&mut r, &tainted) {
+                                diags.extend(e.into_iter().map(|(m, msg)| place(m, msg)));
+                                continue;
+                            }
                             declared.push(r);
                             origins.push((role.file.clone(), rt.mark));
                         }
@@ -344,15 +442,10 @@ impl Compiler {
         }
         let mut place = |i: usize| (origins[i].0.to_string(), origins[i].1);
         match check_declared(declared, &broken, Vec::new(), &mut place) {
-            Ok((resources, _)) if diags.is_empty() => Ok(Catalog {
-                format: FORMAT,
-                host: Some(node.to_string()),
-                serial: None,
-                issued_at: None,
-                expires_at: None,
-                source: self.source.clone(),
-                resources,
-            }),
+            Ok((resources, _)) if diags.is_empty() => Ok(self.seal_out(
+                node,
+                Catalog { host: Some(node.to_string()), source: self.source.clone(), ..Catalog::new(resources) },
+            )),
             Ok(_) => Err(diags),
             Err(more) => {
                 diags.extend(more);
@@ -399,8 +492,37 @@ impl Compiler {
         })
     }
 
-    /// Resolves `template:` and `source:` of a rendered resource into `content`.
-    fn inline_content(&self, node: Node, ctx: &Value, role: &Role) -> Result<Node, Diagnostic> {
+    /// Renders a resource's templates, noting in `tainted` each field that read a secret.
+    fn render_fields(
+        &self,
+        t: &TNode,
+        ctx: &Value,
+        role: &Role,
+        secrets: &SecretsView,
+        tainted: &mut BTreeMap<String, Mark>,
+    ) -> Result<Node, Diagnostic> {
+        let TNode::Map { mark, entries } = t else { return self.render(t, ctx, role) };
+        let mut out = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            secrets.take_read();
+            out.push((k.clone(), self.render(v, ctx, role)?));
+            if !secrets.take_read().is_empty() {
+                tainted.insert(k.as_str().unwrap_or_default().to_string(), k.mark);
+            }
+        }
+        Ok(Node { mark: *mark, value: YValue::Map(out) })
+    }
+
+    /// Resolves `template:` and `source:` of a rendered resource into `content` (tainted when
+    /// the template reads a secret).
+    fn inline_content(
+        &self,
+        node: Node,
+        ctx: &Value,
+        role: &Role,
+        secrets: &SecretsView,
+        tainted: &mut BTreeMap<String, Mark>,
+    ) -> Result<Node, Diagnostic> {
         let place = |mark: Mark, msg: String| Diagnostic::new(&*role.file, mark, msg);
         let mark = node.mark;
         let YValue::Map(mut entries) = node.value else { return Ok(node) };
@@ -428,9 +550,13 @@ impl Compiler {
                     .env
                     .get_template(name)
                     .map_err(|_| place(v.mark, format!("template `{name}` not found in templates/")))?;
+                secrets.take_read();
                 let text = template.render(ctx).map_err(|e| {
                     template_error(&e, &format!("templates/{name}"), template.source(), Some((&role.file, v.mark)))
                 })?;
+                if !secrets.take_read().is_empty() {
+                    tainted.insert("content".into(), v.mark);
+                }
                 Some((v.mark, text))
             }
             (None, Some((_, v))) => {
@@ -453,6 +579,102 @@ impl Compiler {
             entries.push((scalar("content", m, true), scalar(&text, m, false)));
         }
         Ok(Node { mark, value: YValue::Map(entries) })
+    }
+}
+
+/// The `secrets` a template sees: the node's secrets by name. Every read is noted, so that
+/// whatever reads one is sealed (and sensitive), and a field that cannot be sealed is refused.
+struct SecretsView {
+    values: BTreeMap<String, Value>,
+    read: Mutex<BTreeSet<String>>,
+}
+
+impl SecretsView {
+    /// The names read since the last call.
+    fn take_read(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+impl std::fmt::Debug for SecretsView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<secrets: {}>", self.values.keys().cloned().collect::<Vec<_>>().join(", "))
+    }
+}
+
+impl minijinja::value::Object for SecretsView {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let name = key.as_str()?;
+        let v = self.values.get(name)?;
+        self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.to_string());
+        Some(v.clone())
+    }
+}
+
+/// A secret's value: opened with the key, else a placeholder naming it and its ciphertext.
+fn open_secret(key: Option<&SecretsKey>, name: &str, armored: &str) -> Result<Value, String> {
+    let Some(key) = key else {
+        let short = &converge_modules::hash::sha256_hex(armored.as_bytes())[..12];
+        return Ok(Value::from(format!("<secret {name} {short}>")));
+    };
+    let bytes = crate::secrets::decrypt(armored, &key.identities).map_err(|e| {
+        format!(
+            "cannot open secret `{name}` with the server's secrets key: {e}; add the server's recipient to \
+             {}/{} and run `converge-server secret rekey`",
+            crate::secrets::DIR,
+            crate::secrets::RECIPIENTS
+        )
+    })?;
+    String::from_utf8(bytes).map(Value::from).map_err(|_| format!("secret `{name}` is not UTF-8 text"))
+}
+
+/// Marks a resource that read a secret sensitive; refuses a secret in a field that cannot be
+/// sealed (a command's arguments, a path, an owner...).
+fn taint(r: &mut converge_modules::catalog::Resource, tainted: &BTreeMap<String, Mark>) -> Result<(), Vec<(Mark, String)>> {
+    if tainted.is_empty() {
+        return Ok(());
+    }
+    let mut problems = Vec::new();
+    for (field, mark) in tainted {
+        if Field::named(field).and_then(|f| f.slot(&mut r.spec)).is_none() {
+            problems.push((
+                *mark,
+                format!(
+                    "`{field}` reads a secret, which may go only into a file's content (`content` or \
+                     `template`), a command's `stdin` or a user's `password_hash`: a command takes a secret on \
+                     stdin, never in its arguments"
+                ),
+            ));
+        }
+    }
+    if r.meta.sensitive == Some(false) {
+        let mark = tainted.values().next().copied().unwrap_or(Mark::UNKNOWN);
+        problems.push((mark, format!("{} reads a secret but says `sensitive: false`", r.id)));
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    r.meta.sensitive = Some(true);
+    Ok(())
+}
+
+/// The values of a compiled catalog's sealed fields, in its `sealed` order, in memory only.
+pub struct Opened {
+    values: Vec<zeroize::Zeroizing<String>>,
+    /// Compiled without the secrets key: the values are placeholders, never to be sealed.
+    placeholders: bool,
+}
+
+impl Opened {
+    /// Seals each value of `catalog` to `recipient`, the host's sealing key.
+    pub fn seal(&self, catalog: &mut Catalog, recipient: &converge_modules::sealed::Recipient) -> anyhow::Result<()> {
+        if self.placeholders && !self.values.is_empty() {
+            anyhow::bail!("compiled without the secrets key: its secrets are placeholders");
+        }
+        for (s, v) in catalog.sealed.iter_mut().zip(&self.values) {
+            s.value = Some(converge_modules::sealed::encrypt(v.as_bytes(), std::slice::from_ref(recipient))?);
+        }
+        Ok(())
     }
 }
 

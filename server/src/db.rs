@@ -89,6 +89,9 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
     // A dry-run's report: `changed` counts what would change, and the node's state stays
     // that of its last real run.
     ("reports", "dry_run", "INTEGER NOT NULL DEFAULT 0"),
+    // The age recipient a node's sealed values are encrypted to (its sealing key, made on the
+    // host and sent at enrollment or renewal).
+    ("nodes", "seal_key", "TEXT"),
 ];
 
 /// Enrollment requests waiting for approval, at most: past that, new ones are refused (an
@@ -332,6 +335,27 @@ impl Db {
             )?;
             tx.execute("DELETE FROM pending WHERE node = ?1", params![node])?;
             tx.commit()
+        })
+    }
+
+    /// Records the sealing key (an age recipient) `node` sent.
+    pub fn set_seal_key(&self, node: &str, recipient: &str) -> Result<()> {
+        self.with(|c| c.execute("UPDATE nodes SET seal_key = ?2 WHERE name = ?1", params![node, recipient]).map(drop))
+    }
+
+    /// Makes the stored catalog of `node` stale: the next poll compiles and seals it anew (its
+    /// serial stays when its resources do).
+    pub fn forget_catalog(&self, node: &str) -> Result<()> {
+        self.with(|c| c.execute("UPDATE catalogs SET cache_key = '' WHERE node = ?1", params![node]).map(drop))
+    }
+
+    /// The sealing key of `node`, if it sent one.
+    pub fn seal_key(&self, node: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.prepare_cached("SELECT seal_key FROM nodes WHERE name = ?1")?
+                .query_row(params![node], |r| r.get::<_, Option<String>>(0))
+                .optional()
+                .map(Option::flatten)
         })
     }
 

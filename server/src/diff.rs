@@ -1,7 +1,9 @@
 //! What changes for each node between two compiles: resources added, removed and changed,
-//! field by field, with content as a unified diff. Sensitive values never appear.
+//! field by field, with content as a unified diff. Sensitive values never appear, nor any
+//! hash of them: a sealed value is compared by its keyed fingerprint and said to have changed.
 
 use converge_modules::catalog::{Catalog, Resource, ResourceId};
+use converge_modules::sealed::Sealed;
 use converge_modules::report::{describe_content, unified_diff};
 use serde_json::{Map, Value as Json};
 use std::collections::BTreeMap;
@@ -33,13 +35,33 @@ impl NodeDiff {
 /// Fields whose values are never shown, whatever the resource.
 const SECRET_FIELDS: &[&str] = &["password_hash", "stdin"];
 
-fn fields(r: &Resource) -> Map<String, Json> {
-    match serde_json::to_value(r) {
+/// A resource's fields, its sealed ones as their fingerprints (marked as such).
+fn fields(r: &Resource, sealed: &[Sealed]) -> Map<String, Json> {
+    let mut m = match serde_json::to_value(r) {
         Ok(Json::Object(mut m)) => {
             m.remove(r.id.kind.name());
             m
         }
         _ => Map::new(),
+    };
+    for s in sealed.iter().filter(|s| s.resource == r.id) {
+        m.insert(s.field.name().to_string(), Json::String(format!("{SEALED}{}", s.fingerprint)));
+    }
+    m
+}
+
+/// What marks a sealed value's fingerprint among a resource's fields.
+const SEALED: &str = "\0sealed:";
+
+/// A hidden value as the diff shows it: whether it is set, and whether it is a secret.
+fn hidden(v: Option<&Json>, changed: bool) -> String {
+    let secret = v.and_then(Json::as_str).is_some_and(|s| s.starts_with(SEALED));
+    match (v, secret, changed) {
+        (None, ..) => "(unset)".into(),
+        (_, true, false) => "(a secret)".into(),
+        (_, true, true) => "(another secret)".into(),
+        (_, false, false) => "(hidden)".into(),
+        (_, false, true) => "(hidden, changed)".into(),
     }
 }
 
@@ -55,18 +77,21 @@ fn show(v: Option<&Json>) -> String {
 /// The differences from `a` to `b`, one node's two catalogs; `labels` name the two sides in
 /// content diffs.
 pub fn diff(a: &Catalog, b: &Catalog, labels: (&str, &str)) -> NodeDiff {
-    let index = |c: &Catalog| -> BTreeMap<ResourceId, Resource> {
-        c.resources.iter().map(|r| (r.id.clone(), r.clone())).collect()
+    let index = |c: &Catalog| -> BTreeMap<ResourceId, Map<String, Json>> {
+        c.resources.iter().map(|r| (r.id.clone(), fields(r, &c.sealed))).collect()
     };
+    let sensitive = |c: &Catalog| -> Vec<ResourceId> {
+        c.resources.iter().filter(|r| r.sensitive()).map(|r| r.id.clone()).collect()
+    };
+    let hide = [sensitive(a), sensitive(b)].concat();
     let (a, b) = (index(a), index(b));
     let mut out = NodeDiff::default();
-    for (id, rb) in &b {
-        let Some(ra) = a.get(id) else {
+    for (id, fb) in &b {
+        let Some(fa) = a.get(id) else {
             out.added.push(id.clone());
             continue;
         };
-        let (fa, fb) = (fields(ra), fields(rb));
-        let sensitive = ra.sensitive() || rb.sensitive();
+        let sensitive = hide.contains(id);
         let mut keys: Vec<&String> = fa.keys().chain(fb.keys()).collect();
         keys.sort();
         keys.dedup();
@@ -78,9 +103,7 @@ pub fn diff(a: &Catalog, b: &Catalog, labels: (&str, &str)) -> NodeDiff {
             }
             let secret = SECRET_FIELDS.contains(&k.as_str()) || (sensitive && k != "sensitive");
             let change = if secret {
-                let hash =
-                    |v: Option<&Json>| v.map_or("(unset)".to_string(), |v| describe_content(v.to_string().as_bytes()));
-                FieldChange { field: k.clone(), from: hash(va), to: hash(vb), diff: None }
+                FieldChange { field: k.clone(), from: hidden(va, false), to: hidden(vb, va.is_some()), diff: None }
             } else {
                 let text = |v: Option<&Json>| v.and_then(Json::as_str).map(str::to_string);
                 let diff = match (text(va), text(vb)) {
@@ -152,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn sensitive_values_are_hashes() {
+    fn sensitive_values_are_neither_shown_nor_hashed() {
         let a = catalog(
             "  - file: /k\n    content: old-secret\n    sensitive: true\n  - user: u\n    password_hash: $6$a\n",
         );
@@ -160,8 +183,36 @@ mod tests {
             "  - file: /k\n    content: new-secret\n    sensitive: true\n  - user: u\n    password_hash: $6$b\n",
         );
         let text = render("n", &diff(&a, &b, ("a", "b")));
-        assert!(!text.contains("secret") && !text.contains("$6$"), "{text}");
-        assert!(text.contains("content: sha256:"), "{text}");
-        assert!(text.contains("password_hash: sha256:"), "{text}");
+        assert!(!text.contains("old-secret") && !text.contains("new-secret") && !text.contains("$6$"), "{text}");
+        assert!(!text.contains("sha256"), "no plain hash of a secret: {text}");
+        assert!(text.contains("content: (hidden) -> (hidden, changed)"), "{text}");
+        assert!(text.contains("password_hash: (hidden) -> (hidden, changed)"), "{text}");
+    }
+
+    #[test]
+    fn a_sealed_value_is_told_changed_by_its_fingerprint_alone() {
+        let mut a = catalog("  - file: /k\n    sensitive: true\n  - file: /same\n    sensitive: true\n");
+        let seal = |c: &mut Catalog, k: &str, same: &str| {
+            c.sealed = vec![
+                Sealed {
+                    resource: ResourceId::parse("file:/k").unwrap(),
+                    field: converge_modules::sealed::Field::Content,
+                    fingerprint: k.into(),
+                    value: None,
+                },
+                Sealed {
+                    resource: ResourceId::parse("file:/same").unwrap(),
+                    field: converge_modules::sealed::Field::Content,
+                    fingerprint: same.into(),
+                    value: None,
+                },
+            ]
+        };
+        let mut b = a.clone();
+        seal(&mut a, "hmac-sha256:aa", "hmac-sha256:ss");
+        seal(&mut b, "hmac-sha256:bb", "hmac-sha256:ss");
+        let text = render("n", &diff(&a, &b, ("a", "b")));
+        assert!(text.contains("~ file:/k\n      content: (a secret) -> (another secret)\n"), "{text}");
+        assert!(!text.contains("file:/same") && !text.contains("aa") && !text.contains("bb"), "{text}");
     }
 }

@@ -15,6 +15,7 @@ use crate::db::{Cert, Db, Pending, ReportRow, Stored, Visit, now};
 use crate::keys;
 use crate::repo::Repo;
 use anyhow::{Context, Result};
+use crate::secrets::SecretsKey;
 use converge_modules::catalog::FORMAT;
 use converge_modules::hash::sha256_hex;
 use converge_modules::time::Timestamp;
@@ -74,6 +75,9 @@ pub struct Fleet {
     pub server_cert: Arc<crate::http::ServerCert>,
     pub metrics: crate::metrics::Metrics,
     pub started: i64,
+    /// Opens the repository's secrets (in memory only) and keys the fingerprints of sealed
+    /// values.
+    secrets_key: Arc<SecretsKey>,
     /// The server key's pin for `curl --pinnedpubkey` (bootstrap.sh).
     pub pin: String,
 }
@@ -167,9 +171,9 @@ fn head(repo: &std::path::Path, branch: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn load(repo: &std::path::Path, commit: &str) -> Result<Current> {
+fn load(repo: &std::path::Path, commit: &str, key: &Arc<SecretsKey>) -> Result<Current> {
     let r = Repo::from_git(repo, commit)?;
-    let compiler = Compiler::new(&r);
+    let compiler = Compiler::with_key(&r, Some(key.clone()));
     for p in &compiler.problems {
         tracing::warn!("repository {commit}: {}", converge_modules::text::clip(&p.to_string(), 2000));
     }
@@ -191,7 +195,15 @@ impl Fleet {
         let newest = all.iter().map(|(rowid, ..)| *rowid).max().unwrap_or(0);
         let certs = all.into_iter().map(|(_, fp, c)| (fp, c)).collect();
         let commit = head(&config.repo, &config.branch)?;
-        let current = load(&config.repo, &commit)?;
+        let (key, made) = crate::secrets::ensure_key(&config.state)?;
+        if let Some(recipient) = made {
+            tracing::info!(
+                "made the server's secrets key {}: add {recipient} to data/secrets/recipients",
+                config.state.join(crate::secrets::KEY_FILE).display()
+            );
+        }
+        let secrets_key = Arc::new(key);
+        let current = load(&config.repo, &commit, &secrets_key)?;
         tracing::info!("compiling {} at {commit}", config.repo.display());
         Ok(Fleet {
             compiles: tokio::sync::Semaphore::new(config.max_compiles),
@@ -213,6 +225,7 @@ impl Fleet {
             metrics: crate::metrics::Metrics::default(),
             started,
             pin,
+            secrets_key,
         })
     }
 
@@ -303,7 +316,7 @@ impl Fleet {
         if commit == self.commit() {
             return Ok(None);
         }
-        let current = load(&self.config.repo, &commit)?;
+        let current = load(&self.config.repo, &commit, &self.secrets_key)?;
         *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(current);
         tracing::info!("now compiling {} at {commit}", self.config.repo.display());
         Ok(Some(commit))
@@ -351,6 +364,9 @@ impl Fleet {
         if let Err(e) = crate::ca::public_key(&req.public_key) {
             return Ok(Err(e.to_string()));
         }
+        if let Some(Err(e)) = req.seal_key.as_deref().map(converge_modules::sealed::parse_recipient) {
+            return Ok(Err(format!("the sealing key: {e}")));
+        }
         let Some(current) =
             self.certs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(presented).cloned()
         else {
@@ -358,9 +374,11 @@ impl Fleet {
         };
         let t = now();
         let half = current.issued + (current.expires - current.issued) / 2;
-        // During a CA rollover a certificate from the previous CA renews at once.
+        // During a CA rollover a certificate from the previous CA renews at once; so does a
+        // host that brings its first sealing key (once: the server then knows one).
         let from_previous_ca = self.ca().rotated_at.is_some_and(|r| current.issued < r);
-        if t < half && !from_previous_ca {
+        let first_seal_key = req.seal_key.is_some() && self.db.seal_key(node)?.is_none();
+        if t < half && !from_previous_ca && !first_seal_key {
             return Ok(Err(format!(
                 "the certificate of {node} is renewed from {} on (half its life), not before",
                 Timestamp(half)
@@ -372,6 +390,9 @@ impl Fleet {
         };
         let (fp, expires) = (sha256_hex(&der), crate::ca::validity(&der)?.1);
         self.db.add_renewal(&fp, node, presented, t, expires)?;
+        if let Some(k) = &req.seal_key {
+            self.set_seal_key(node, k)?;
+        }
         let mut certs = self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // An earlier renewal of the same certificate, never used, is gone from the store too.
         certs.retain(|_, c| c.replaces.as_deref() != Some(presented));
@@ -381,6 +402,18 @@ impl Fleet {
         self.metrics.renewals.inc();
         tracing::info!(node, key = %fp, "renewed a certificate");
         Ok(Ok(RenewResponse { certificate: pem }))
+    }
+
+    /// Records a node's sealing key; a catalog sealed to another key is compiled anew at the
+    /// node's next poll.
+    fn set_seal_key(&self, node: &str, key: &str) -> Result<()> {
+        if self.db.seal_key(node)?.as_deref() == Some(key.trim()) {
+            return Ok(());
+        }
+        self.db.set_seal_key(node, key.trim())?;
+        self.db.forget_catalog(node)?;
+        self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(node);
+        Ok(())
     }
 
     /// Notes that the certificate `fingerprint` was just used: when it is a renewal used for
@@ -431,6 +464,9 @@ impl Fleet {
             Err(e) => return Ok(Err(e.to_string())),
         };
         let fingerprint = converge_modules::wire::key_fingerprint(&raw);
+        if let Some(Err(e)) = req.seal_key.as_deref().map(converge_modules::sealed::parse_recipient) {
+            return Ok(Err(format!("the sealing key: {e}")));
+        }
         let t = now();
         if self.db.live_cert(name, t)? {
             return Ok(Err(format!(
@@ -462,6 +498,9 @@ impl Fleet {
         };
         let (fp, expires) = (sha256_hex(&der), crate::ca::validity(&der)?.1);
         self.db.add_cert(&fp, name, t, expires)?;
+        if let Some(k) = &req.seal_key {
+            self.set_seal_key(name, k)?;
+        }
         let cert = Cert { node: name.to_string(), issued: t, expires, revoked: None, replaces: None };
         self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fp, cert);
         self.metrics.enroll_issued.inc();
@@ -577,10 +616,29 @@ impl Fleet {
         };
         self.metrics.compiles.inc();
         let name = node.to_string();
-        let compiled = tokio::task::spawn_blocking(move || current.compiler.compile(&name, &declared))
+        let compiled = tokio::task::spawn_blocking(move || current.compiler.compile_open(&name, &declared))
             .await
             .map_err(|e| Refused::Internal(e.into()))?;
         let catalog = match compiled {
+            Ok((mut c, opened)) if !c.sealed.is_empty() => {
+                if !formats.contains(&c.format) {
+                    return Err(Refused::TooOld(formats.to_vec()));
+                }
+                let seal_key = self.off_runtime(node, |f, n| f.db.seal_key(n)).await?;
+                let Some(recipient) = seal_key.as_deref().and_then(|k| converge_modules::sealed::parse_recipient(k).ok())
+                else {
+                    return Err(Refused::Compile(format!(
+                        "its catalog holds secrets, which are sealed to each host's own key, and {node} has not sent \
+                         one yet: its agent makes one and renews its certificate with it at its next run"
+                    )));
+                };
+                opened.seal(&mut c, &recipient).map_err(Refused::Internal)?;
+                Ok(c)
+            }
+            Ok((c, _)) => Ok(c),
+            Err(d) => Err(d),
+        };
+        let catalog = match catalog {
             Ok(c) => c,
             Err(diags) => {
                 self.metrics.compile_failures.inc();

@@ -400,8 +400,10 @@ async fn catalog(
             return Err(ApiError(
                 StatusCode::UPGRADE_REQUIRED,
                 format!(
-                    "this server writes catalog format {}; the agent reads {formats:?}: upgrade converge",
-                    converge_modules::catalog::FORMAT
+                    "this server writes catalog format {} ({} for a catalog that holds secrets); the agent reads \
+                     {formats:?}: upgrade converge",
+                    converge_modules::catalog::FORMAT,
+                    converge_modules::catalog::FORMAT_SEALED
                 ),
                 None,
             ));

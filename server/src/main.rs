@@ -33,6 +33,10 @@ enum Command {
         format: Format,
         #[command(flatten)]
         signing: Signing,
+        /// The server's secrets key (STATE/secrets.key) to open the repository's secrets with;
+        /// without it each secret compiles as a placeholder that names it.
+        #[arg(long, value_name = "FILE", env = "CONVERGE_SECRETS_KEY")]
+        secrets_key: Option<PathBuf>,
     },
     /// Sign a catalog file for its host: an envelope `converge apply` and `converge verify` accept.
     Sign {
@@ -70,6 +74,10 @@ enum Command {
         /// Facts recorded per node: DIR/NODE.yaml or DIR/NODE.json.
         #[arg(long, value_name = "DIR")]
         facts_dir: Option<PathBuf>,
+        /// The server's secrets key (STATE/secrets.key) to open the repository's secrets with;
+        /// without it each secret compiles as a placeholder that names it.
+        #[arg(long, value_name = "FILE", env = "CONVERGE_SECRETS_KEY")]
+        secrets_key: Option<PathBuf>,
     },
     /// Show, per node, the resources a change between two git revisions adds, removes and
     /// changes. Exit 2 when anything differs.
@@ -83,6 +91,10 @@ enum Command {
         /// Only nodes whose names match this glob.
         #[arg(long, value_name = "PATTERN")]
         node: Option<String>,
+        /// The server's secrets key (STATE/secrets.key) to open the repository's secrets with;
+        /// without it each secret compiles as a placeholder that names it.
+        #[arg(long, value_name = "FILE", env = "CONVERGE_SECRETS_KEY")]
+        secrets_key: Option<PathBuf>,
     },
     /// Set up a server: its CA and certificate, signing keys, state database, configuration,
     /// and a first enrollment token; prints the command that joins a host.
@@ -169,14 +181,18 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Compile { repo, node, facts, format, signing } => {
-            repo::compile(&repo, &node, facts.as_deref(), format, &signing)
+        Command::Compile { repo, node, facts, format, signing, secrets_key } => {
+            repo::compile(&repo, &node, facts.as_deref(), format, &signing, secrets_key.as_deref())
         }
         Command::Sign { key, catalog, keys, serial, ttl } => keys::sign(&key, &catalog, keys.as_deref(), serial, &ttl),
         Command::Keygen { out, name } => keys::keygen(&out, name.as_deref()),
         Command::Keys { action } => keys::keys_command(action),
-        Command::Check { repo, facts_dir } => repo::check(&repo, facts_dir.as_deref()),
-        Command::Diff { repo, from, to, node } => repo::diff(&repo, &from, &to, node.as_deref()),
+        Command::Check { repo, facts_dir, secrets_key } => {
+            repo::check(&repo, facts_dir.as_deref(), secrets_key.as_deref())
+        }
+        Command::Diff { repo, from, to, node, secrets_key } => {
+            repo::diff(&repo, &from, &to, node.as_deref(), secrets_key.as_deref())
+        }
         Command::Schemas { out } => repo::schemas(&out),
         Command::Secret { action } => secret::secret_command(action),
         Command::Init { state, names, addresses, repo, branch, listen, keys } => {

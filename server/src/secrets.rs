@@ -9,8 +9,8 @@
 //! Plaintext exists only in memory here (and in what `show` prints); every mistake names its
 //! file, line and name. Nothing here writes anything but the secrets files themselves.
 
-use age::secrecy::ExposeSecret;
 use anyhow::{Context, Result, anyhow, bail};
+use converge_modules::diag::Mark;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -19,8 +19,35 @@ use std::path::{Path, PathBuf};
 pub const DIR: &str = "data/secrets";
 /// The recipients file, under [`DIR`].
 pub const RECIPIENTS: &str = "recipients";
-/// The largest value a secret may hold (a private key, a certificate chain).
-pub const MAX_VALUE: usize = 64 << 10;
+pub use converge_modules::sealed::{MAX_VALUE, decrypt, encrypt};
+/// The server's secrets key, in its state directory.
+pub const KEY_FILE: &str = "secrets.key";
+
+/// The server's secrets key in `state`, made (readable by its owner alone) when there is none
+/// yet; with its recipient when it was just made.
+pub fn ensure_key(state: &Path) -> Result<(SecretsKey, Option<String>)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state.join(KEY_FILE);
+    if path.exists() {
+        return Ok((SecretsKey::read(&path)?, None));
+    }
+    let (text, recipient) = generate();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok((SecretsKey::read(&path)?, Some(recipient)))
+}
+
+/// The recipient of the server's secrets key, to list in `data/secrets/recipients`.
+pub fn recipient_of(key: &SecretsKey) -> String {
+    key.identities[0].to_public().to_string()
+}
+
 /// The largest secrets file or identity file read.
 pub const MAX_FILE: u64 = 16 << 20;
 
@@ -65,55 +92,12 @@ pub fn recipients(repo: &Path) -> Result<Vec<age::x25519::Recipient>> {
 /// The identities in an age identity file (`AGE-SECRET-KEY-1...` lines, `#` comments).
 pub fn identities(path: &Path) -> Result<Vec<age::x25519::Identity>> {
     let text = read_bounded(path)?;
-    // An identity line is never repeated in an error: it is the secret key.
-    let out =
-        key_lines(path, &text, "an age identity", |l| l.parse::<age::x25519::Identity>().map_err(|e| e.to_string()))
-            .map_err(|_| anyhow!("{}: a line is not an age identity (AGE-SECRET-KEY-1...)", path.display()))?;
-    if out.is_empty() {
-        bail!("{}: no identity in it", path.display());
-    }
-    Ok(out)
+    converge_modules::sealed::parse_identities(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
-/// A new identity: the file's text (with its recipient in a comment) and the recipient.
+/// A new secrets key: the file's text (with its recipient in a comment) and the recipient.
 pub fn generate() -> (String, String) {
-    let id = age::x25519::Identity::generate();
-    let recipient = id.to_public().to_string();
-    let text = format!("# converge secrets key; its recipient: {recipient}\n{}\n", id.to_string().expose_secret());
-    (text, recipient)
-}
-
-/// `value` encrypted to every recipient, ASCII-armored.
-pub fn encrypt(value: &[u8], recipients: &[age::x25519::Recipient]) -> Result<String> {
-    if value.len() > MAX_VALUE {
-        bail!("a secret is at most {MAX_VALUE} bytes; this one is {}", value.len());
-    }
-    let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
-        .map_err(|e| anyhow!("cannot encrypt: {e}"))?;
-    let mut out = Vec::new();
-    let armor = age::armor::ArmoredWriter::wrap_output(&mut out, age::armor::Format::AsciiArmor)?;
-    let mut w = encryptor.wrap_output(armor)?;
-    w.write_all(value)?;
-    w.finish()?.finish()?;
-    Ok(String::from_utf8(out).expect("armor is ASCII"))
-}
-
-/// Opens an armored value with any of `identities`.
-pub fn decrypt(armored: &str, identities: &[age::x25519::Identity]) -> Result<Vec<u8>> {
-    let d = age::Decryptor::new(age::armor::ArmoredReader::new(armored.as_bytes()))
-        .map_err(|e| anyhow!("not an age-encrypted value: {e}"))?;
-    let mut r = d.decrypt(identities.iter().map(|i| i as &dyn age::Identity)).map_err(|e| match e {
-        age::DecryptError::NoMatchingKeys => {
-            anyhow!("none of the given identities can open it (is your key among the recipients it was encrypted to?)")
-        }
-        e => anyhow!("cannot open it: {e}"),
-    })?;
-    let mut value = Vec::new();
-    r.by_ref().take(MAX_VALUE as u64 + 1).read_to_end(&mut value).map_err(|e| anyhow!("cannot open it: {e}"))?;
-    if value.len() > MAX_VALUE {
-        bail!("it holds more than the {MAX_VALUE} bytes a secret may");
-    }
-    Ok(value)
+    converge_modules::sealed::generate("converge secrets key")
 }
 
 /// One secrets file: names to armored values, in name order.
@@ -142,6 +126,84 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 128
 }
 
+/// The entries of a secrets file's text: each name, where it stands, and the armored
+/// value; or where the file is wrong, and how.
+pub fn parse(text: &str) -> Result<Vec<(String, Mark, String)>, (Mark, String)> {
+    use converge_modules::yaml::Value as Y;
+    let node = converge_modules::yaml::parse(text).map_err(|mut e| e.problems.swap_remove(0))?;
+    let mut out: Vec<(String, Mark, String)> = Vec::new();
+    match &node.value {
+        Y::Map(entries) => {
+            for (k, v) in entries {
+                let name = k.as_str().filter(|n| valid_name(n)).ok_or_else(|| {
+                    (k.mark, "a secret's name is letters, digits and `_`, not starting with a digit".to_string())
+                })?;
+                let value =
+                    v.as_str().filter(|s| s.trim_start().starts_with("-----BEGIN AGE ENCRYPTED FILE-----")).ok_or_else(
+                        || {
+                            let msg = "is not an age-encrypted value: set it with `converge-server secret set`, never by hand";
+                            (v.mark, format!("`{name}` {msg}"))
+                        },
+                    )?;
+                if out.iter().any(|(n, _, _)| n == name) {
+                    return Err((k.mark, format!("`{name}` is set twice in this file")));
+                }
+                out.push((name.to_string(), k.mark, value.to_string()));
+            }
+        }
+        Y::Scalar { text, .. } if text.is_empty() => {}
+        _ => return Err((node.mark, "a secrets file is a mapping of names to values".into())),
+    }
+    Ok(out)
+}
+
+/// The server's secrets key (`STATE/secrets.key`, made by `init`): the age identity that
+/// opens the repository's secrets, and the key of the fingerprints put beside sealed values.
+pub struct SecretsKey {
+    pub identities: Vec<age::x25519::Identity>,
+    mac: zeroize::Zeroizing<[u8; 32]>,
+}
+
+impl SecretsKey {
+    pub fn read(path: &Path) -> Result<SecretsKey> {
+        let identities = identities(path)?;
+        Ok(SecretsKey::of(identities))
+    }
+
+    pub fn of(identities: Vec<age::x25519::Identity>) -> SecretsKey {
+        use age::secrecy::ExposeSecret;
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"converge fingerprint key v1\0");
+        h.update(identities[0].to_string().expose_secret().as_bytes());
+        SecretsKey { identities, mac: zeroize::Zeroizing::new(h.finalize().into()) }
+    }
+}
+
+/// A fingerprint of `parts`: with the key, a keyed hash (HMAC-SHA-256, 128 bits shown) that
+/// says nothing about its input to whoever lacks the key; without it (a compile with
+/// placeholders, which hold nothing secret), their SHA-256.
+pub fn fingerprint(key: Option<&SecretsKey>, parts: &[&[u8]]) -> String {
+    use hmac::{KeyInit, Mac};
+    use sha2::Digest;
+    let mut framed = Vec::new();
+    for p in parts {
+        framed.extend_from_slice(&(p.len() as u64).to_be_bytes());
+        framed.extend_from_slice(p);
+    }
+    let framed = zeroize::Zeroizing::new(framed);
+    match key {
+        Some(k) => {
+            let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&k.mac[..]).expect("any key length");
+            m.update(&framed);
+            format!("hmac-sha256:{}", &converge_modules::hash::hex(&m.finalize().into_bytes())[..32])
+        }
+        None => {
+            format!("sha256:{}", &converge_modules::hash::hex(&sha2::Sha256::digest(&framed[..]))[..32])
+        }
+    }
+}
+
 impl SecretsFile {
     /// Reads `path`; a missing file is an empty one.
     pub fn read(path: &Path) -> Result<SecretsFile> {
@@ -149,39 +211,8 @@ impl SecretsFile {
             return Ok(SecretsFile::default());
         }
         let text = read_bounded(path)?;
-        let node = converge_modules::yaml::parse(&text).map_err(|e| {
-            let (m, msg) = &e.problems[0];
-            anyhow!("{}:{}:{}: {msg}", path.display(), m.line, m.col)
-        })?;
-        let mut values = BTreeMap::new();
-        match &node.value {
-            converge_modules::yaml::Value::Map(entries) => {
-                for (k, v) in entries {
-                    let at = |m: converge_modules::diag::Mark| format!("{}:{}:{}", path.display(), m.line, m.col);
-                    let name = k.as_str().filter(|n| valid_name(n)).ok_or_else(|| {
-                        anyhow!("{}: a secret's name is letters, digits and `_`, not starting with a digit", at(k.mark))
-                    })?;
-                    let value = v
-                        .as_str()
-                        .filter(|s| s.trim_start().starts_with("-----BEGIN AGE ENCRYPTED FILE-----"))
-                        .ok_or_else(|| {
-                            anyhow!(
-                                "{}: `{name}` is not an age-encrypted value: set it with `converge-server secret set`, never by hand",
-                                at(v.mark)
-                            )
-                        })?;
-                    values.insert(name.to_string(), value.to_string());
-                }
-            }
-            converge_modules::yaml::Value::Scalar { text, .. } if text.is_empty() => {}
-            _ => bail!(
-                "{}:{}:{}: a secrets file is a mapping of names to values",
-                path.display(),
-                node.mark.line,
-                node.mark.col
-            ),
-        }
-        Ok(SecretsFile { values })
+        let entries = parse(&text).map_err(|(m, msg)| anyhow!("{}:{}:{}: {msg}", path.display(), m.line, m.col))?;
+        Ok(SecretsFile { values: entries.into_iter().map(|(name, _, v)| (name, v)).collect() })
     }
 
     /// The file's text: each value as a literal block, so that a change shows as its own lines.

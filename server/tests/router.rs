@@ -84,6 +84,7 @@ fn enroll_body(name: &str, token: Option<&str>) -> String {
         name: name.into(),
         public_key: key.public_key_pem(),
         token: token.map(str::to_string),
+        seal_key: None,
     };
     serde_json::to_string(&req).unwrap()
 }

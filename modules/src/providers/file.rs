@@ -54,12 +54,15 @@ pub fn diff(r: &Resource, f: &FileSpec, want: &Wanted, seen: &Observed) -> Resul
 }
 
 fn content_change(path: &str, sensitive: bool, is_file: bool, seen: &Observed, want: &[u8]) -> Change {
+    // Sensitive content is told by its size alone: even a hash of a short secret could be
+    // reversed by trying every candidate.
+    let describe = |c: &[u8]| if sensitive { format!("{} bytes (sensitive)", c.len()) } else { describe_content(c) };
     let (from, old) = match (is_file, &seen.content, &seen.stat) {
-        (true, Some(have), _) => (describe_content(have), Some(have.as_slice())),
+        (true, Some(have), _) => (describe(have), Some(have.as_slice())),
         (true, None, Some(s)) => (format!("{} bytes (too large to show)", s.size), None),
         _ => ("absent".to_string(), Some(&[][..])),
     };
-    let mut change = Change::new("content", from, describe_content(want));
+    let mut change = Change::new("content", from, describe(want));
     if !sensitive {
         change.diff = old.and_then(|old| unified_diff(path, &format!("{path} (catalog)"), old, want));
     }
@@ -277,6 +280,9 @@ mod tests {
         let e = check(&host, "  - file: /etc/secret\n    content: \"s3cret\\n\"\n    sensitive: true\n", true);
         let shown = serde_json::to_string(&e).unwrap();
         assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
+        let hash = |s: &str| crate::hash::sha256_hex(s.as_bytes())[..12].to_string();
+        assert!(!shown.contains(&hash("hunter2\n")) && !shown.contains(&hash("s3cret\n")), "no hash: {shown}");
+        assert_eq!((e.changes[0].from.as_str(), e.changes[0].to.as_str()), ("8 bytes (sensitive)", "7 bytes (sensitive)"));
         assert!(e.changes[0].diff.is_none());
         check(&host, "  - file: /etc/secret\n    content: \"s3cret\\n\"\n    sensitive: true\n", false);
         assert!(host.backups().is_empty(), "sensitive content stays out of the backup store");

@@ -48,10 +48,23 @@ pub fn print_diagnostics(repo: &Repo, shown: &str, diags: Vec<NodeDiagnostic>) -
     n
 }
 
-pub fn compile(dir: &Path, node: &str, facts: Option<&Path>, format: Format, signing: &Signing) -> Result<u8> {
+/// The compiler of `repo`, with the secrets key when one is given.
+fn compiler(repo: &Repo, key: Option<&Path>) -> Result<Compiler> {
+    let key = key.map(crate::secrets::SecretsKey::read).transpose()?.map(std::sync::Arc::new);
+    Ok(Compiler::with_key(repo, key))
+}
+
+pub fn compile(
+    dir: &Path,
+    node: &str,
+    facts: Option<&Path>,
+    format: Format,
+    signing: &Signing,
+    key: Option<&Path>,
+) -> Result<u8> {
     let repo = Repo::from_dir(dir)?;
     let facts = facts.map(read_facts).transpose()?.unwrap_or_default();
-    let compiler = Compiler::new(&repo);
+    let compiler = compiler(&repo, key)?;
     let shown = dir.display().to_string();
     let catalog = match compiler.compile(node, &facts) {
         Ok(c) if compiler.problems.is_empty() => c,
@@ -65,6 +78,13 @@ pub fn compile(dir: &Path, node: &str, facts: Option<&Path>, format: Format, sig
         }
     };
     if let Some(key) = &signing.sign {
+        if !catalog.sealed.is_empty() {
+            bail!(
+                "the catalog of {node} holds secrets ({} sealed values): only `converge-server serve` signs it, \
+                 sealing them to the host's own key",
+                catalog.sealed.len()
+            );
+        }
         let envelope = signed(catalog, key, signing.keys.as_deref(), None, &signing.ttl)?;
         print!("{envelope}");
         return Ok(0);
@@ -83,8 +103,9 @@ pub fn compile_all(
     repo: &Repo,
     facts_for: &dyn Fn(&str) -> Result<Map<String, Json>>,
     only: Option<&str>,
+    key: Option<&Path>,
 ) -> Result<(BTreeMap<String, Catalog>, Vec<NodeDiagnostic>)> {
-    let compiler = Compiler::new(repo);
+    let compiler = compiler(repo, key)?;
     let names: Vec<String> =
         node_names(&compiler).into_iter().filter(|n| only.is_none_or(|p| site::glob_match(p, n))).collect();
     compile_names(&compiler, &names, facts_for)
@@ -115,7 +136,7 @@ fn compile_names(
     Ok((catalogs, diags))
 }
 
-pub fn check(dir: &Path, facts_dir: Option<&Path>) -> Result<u8> {
+pub fn check(dir: &Path, facts_dir: Option<&Path>, key: Option<&Path>) -> Result<u8> {
     let repo = Repo::from_dir(dir)?;
     let facts_for = |node: &str| -> Result<Map<String, Json>> {
         let Some(fd) = facts_dir else { return Ok(Map::new()) };
@@ -127,7 +148,7 @@ pub fn check(dir: &Path, facts_dir: Option<&Path>) -> Result<u8> {
         }
         Ok(Map::new())
     };
-    let (catalogs, diags) = compile_all(&repo, &facts_for, None)?;
+    let (catalogs, diags) = compile_all(&repo, &facts_for, None, key)?;
     let shown = dir.display().to_string();
     if diags.is_empty() {
         let resources: usize = catalogs.values().map(|c| c.resources.len()).sum();
@@ -144,10 +165,10 @@ pub fn check(dir: &Path, facts_dir: Option<&Path>) -> Result<u8> {
 /// named exactly on one side and matched by a pattern on the other (moved to an entry of its
 /// own) shows only what changes for it. A node no entry of one side matches is said to appear
 /// or go, not listed as every resource added or removed.
-pub fn diff(dir: &Path, from: &str, to: &str, only: Option<&str>) -> Result<u8> {
+pub fn diff(dir: &Path, from: &str, to: &str, only: Option<&str>, key: Option<&Path>) -> Result<u8> {
     let no_facts = |_: &str| Ok(Map::new());
     let repos = [Repo::from_git(dir, from)?, Repo::from_git(dir, to)?];
-    let compilers = [Compiler::new(&repos[0]), Compiler::new(&repos[1])];
+    let compilers = [compiler(&repos[0], key)?, compiler(&repos[1], key)?];
     let mut names: Vec<String> =
         compilers.iter().flat_map(node_names).filter(|n| only.is_none_or(|p| site::glob_match(p, n))).collect();
     names.sort();

@@ -129,7 +129,7 @@ pub fn secret_command(action: SecretAction) -> Result<u8> {
                 let file = SecretsFile::read(path)?;
                 let mut values = Vec::new();
                 for (name, armored) in &file.values {
-                    let v = secrets::decrypt(armored, &ids).with_context(|| format!("{}: {name}", path.display()))?;
+                    let v = secrets::decrypt(armored, &ids).map_err(|e| anyhow::anyhow!("{}: {name}: {e}", path.display()))?;
                     values.push((name.clone(), v));
                 }
                 opened.push((path.clone(), values));
@@ -172,5 +172,5 @@ fn open(repo: &Path, level: &str, name: &str, identity: &Path) -> Result<Vec<u8>
     let file = SecretsFile::read(&path)?;
     let armored = file.values.get(name).ok_or_else(|| anyhow::anyhow!("no secret `{name}` in {}", path.display()))?;
     let ids = secrets::identities(identity)?;
-    secrets::decrypt(armored, &ids).with_context(|| format!("{}: {name}", path.display()))
+    secrets::decrypt(armored, &ids).map_err(|e| anyhow::anyhow!("{}: {name}: {e}", path.display()))
 }

@@ -30,6 +30,8 @@ pub struct Initialised {
     pub url: String,
     /// The one line that joins a new machine through `/bootstrap.sh`.
     pub join: String,
+    /// The recipient of the server's secrets key (`age1...`), for `data/secrets/recipients`.
+    pub secrets_recipient: String,
 }
 
 /// `converge-server init`: makes the state and prints what to do next.
@@ -44,6 +46,7 @@ pub fn init(args: &InitArgs) -> Result<u8> {
     if args.keys.is_none() {
         println!("  keys          {d}/keys/ (move root.key offline: it only signs key lists)");
     }
+    println!("  secrets key   {d}/{} (list {} in data/secrets/recipients)", crate::secrets::KEY_FILE, done.secrets_recipient);
     println!("  state         {d}/state.db");
     println!("  configuration {d}/server.toml");
     println!("\nserve with:\n  converge-server serve --config {d}/server.toml");
@@ -91,6 +94,7 @@ pub fn initialise(args: &InitArgs) -> Result<Initialised> {
         }
     };
     crate::keys::read_key_list(&trusted_keys)?;
+    let (secrets_key, _) = crate::secrets::ensure_key(&state)?;
     let db = crate::db::Db::open(&state.join("state.db"), 1)?;
     let token = new_token(&db, "*", 86_400)?;
     // Paths inside the state directory are written relative to it (server.toml lives there),
@@ -126,7 +130,8 @@ pub fn initialise(args: &InitArgs) -> Result<Initialised> {
     std::fs::create_dir_all(&packages).with_context(|| format!("cannot create {}", packages.display()))?;
     let pin = crate::bootstrap::pin(&state)?;
     let join = crate::bootstrap::join_command(&url, &pin, &token);
-    Ok(Initialised { state, ca_hash: ca.hash(), token, url, join })
+    let secrets_recipient = crate::secrets::recipient_of(&secrets_key);
+    Ok(Initialised { state, ca_hash: ca.hash(), token, url, join, secrets_recipient })
 }
 
 /// What the server logs when `CONVERGE_LOG` is unset: everything at `info` but the access log,
