@@ -263,7 +263,10 @@ fn locked_run(
         }
     };
     let stale = v.stale;
-    let catalog = apply::open_sealed(host.root(), v.catalog)?;
+    let catalog = apply::open_sealed(host.root(), v.catalog).map_err(|e| match notes.last() {
+        Some(note) => anyhow!("{e:#} (and: {note})"),
+        None => e,
+    })?;
     let loaded = load_decoded(&config.server, catalog, None).map_err(|d| {
         anyhow!("the signed catalog is not valid: {}", d.0.first().map(|d| d.message.as_str()).unwrap_or("?"))
     })?;

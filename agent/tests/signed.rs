@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use converge_modules::catalog::{Catalog, FORMAT, FORMAT_SEALED, FileSpec, Kind, Meta, Resource, ResourceId, Spec};
+use converge_modules::catalog::{Catalog, FORMAT_SEALED, FileSpec, Kind, Meta, Resource, ResourceId, Spec};
 use converge_modules::time::Timestamp;
 use converge_modules::trust::{self, CATALOG_TYPE, KEYS_TYPE, KeyList, KeyRole, TrustedKey};
 

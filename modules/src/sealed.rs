@@ -314,7 +314,9 @@ mod tests {
             check(&c).unwrap_err().to_string()
         };
         assert!(bad(&|c| c.format = 1).contains("format 2"));
-        assert!(bad(&|c| c.sealed[0].resource = ResourceId::new(Kind::File, "/x").unwrap()).contains("does not declare"));
+        assert!(
+            bad(&|c| c.sealed[0].resource = ResourceId::new(Kind::File, "/x").unwrap()).contains("does not declare")
+        );
         assert!(bad(&|c| c.sealed[0].field = Field::Stdin).contains("has no `stdin`"));
         assert!(bad(&|c| c.sealed.push(c.sealed[0].clone())).contains("sealed twice"));
         assert!(

@@ -13,12 +13,12 @@
 
 use crate::repo::Repo;
 use crate::role::{self, Expr, Role, TNode};
-use crate::site::{FactDecl, Site};
 use crate::secrets::SecretsKey;
+use crate::site::{FactDecl, Site};
 use converge_modules::catalog::{Catalog, FORMAT_SEALED, Source};
-use converge_modules::sealed::{Field, Sealed};
 use converge_modules::diag::{Diagnostic, Mark};
 use converge_modules::load::{check_declared, decode_resource};
+use converge_modules::sealed::{Field, Sealed};
 use converge_modules::yaml::{self, Node, Spanned, Value as YValue};
 use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
@@ -322,11 +322,7 @@ impl Compiler {
     }
 
     /// [`Compiler::compile`], and the values of its sealed fields, to seal to the host.
-    pub fn compile_open(
-        &self,
-        node: &str,
-        reported: &Map<String, Json>,
-    ) -> Result<(Catalog, Opened), Vec<Diagnostic>> {
+    pub fn compile_open(&self, node: &str, reported: &Map<String, Json>) -> Result<(Catalog, Opened), Vec<Diagnostic>> {
         let Some(site) = &self.site else {
             return Err(vec![Diagnostic::new(SITE, Mark::UNKNOWN, "site.yaml could not be read; see its errors")]);
         };
@@ -400,7 +396,10 @@ impl Compiler {
                     None => vec![None],
                     Some(e) => match self.eval(e, &base).and_then(|v| iterate(&v)) {
                         Ok(_) if !secrets.take_read().is_empty() => {
-                            diags.push(place(e.mark, "`for_each` cannot read secrets: read them in the field that needs one".into()));
+                            diags.push(place(
+                                e.mark,
+                                "`for_each` cannot read secrets: read them in the field that needs one".into(),
+                            ));
                             continue;
                         }
                         Ok(items) => items.into_iter().map(Some).collect(),
@@ -630,7 +629,10 @@ fn open_secret(key: Option<&SecretsKey>, name: &str, armored: &str) -> Result<Va
 
 /// Marks a resource that read a secret sensitive; refuses a secret in a field that cannot be
 /// sealed (a command's arguments, a path, an owner...).
-fn taint(r: &mut converge_modules::catalog::Resource, tainted: &BTreeMap<String, Mark>) -> Result<(), Vec<(Mark, String)>> {
+fn taint(
+    r: &mut converge_modules::catalog::Resource,
+    tainted: &BTreeMap<String, Mark>,
+) -> Result<(), Vec<(Mark, String)>> {
     if tainted.is_empty() {
         return Ok(());
     }

@@ -3,8 +3,8 @@
 //! hash of them: a sealed value is compared by its keyed fingerprint and said to have changed.
 
 use converge_modules::catalog::{Catalog, Resource, ResourceId};
-use converge_modules::sealed::Sealed;
 use converge_modules::report::{describe_content, unified_diff};
+use converge_modules::sealed::Sealed;
 use serde_json::{Map, Value as Json};
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -14,8 +14,8 @@ use crate::config::Config;
 use crate::db::{Cert, Db, Pending, ReportRow, Stored, Visit, now};
 use crate::keys;
 use crate::repo::Repo;
-use anyhow::{Context, Result};
 use crate::secrets::SecretsKey;
+use anyhow::{Context, Result};
 use converge_modules::catalog::FORMAT;
 use converge_modules::hash::sha256_hex;
 use converge_modules::time::Timestamp;
@@ -625,7 +625,8 @@ impl Fleet {
                     return Err(Refused::TooOld(formats.to_vec()));
                 }
                 let seal_key = self.off_runtime(node, |f, n| f.db.seal_key(n)).await?;
-                let Some(recipient) = seal_key.as_deref().and_then(|k| converge_modules::sealed::parse_recipient(k).ok())
+                let Some(recipient) =
+                    seal_key.as_deref().and_then(|k| converge_modules::sealed::parse_recipient(k).ok())
                 else {
                     return Err(Refused::Compile(format!(
                         "its catalog holds secrets, which are sealed to each host's own key, and {node} has not sent \

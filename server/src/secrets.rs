@@ -126,25 +126,29 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 128
 }
 
+/// A secret in a secrets file: its name, where it stands, its armored value.
+pub type Entry = (String, Mark, String);
+
 /// The entries of a secrets file's text: each name, where it stands, and the armored
 /// value; or where the file is wrong, and how.
-pub fn parse(text: &str) -> Result<Vec<(String, Mark, String)>, (Mark, String)> {
+pub fn parse(text: &str) -> Result<Vec<Entry>, (Mark, String)> {
     use converge_modules::yaml::Value as Y;
     let node = converge_modules::yaml::parse(text).map_err(|mut e| e.problems.swap_remove(0))?;
-    let mut out: Vec<(String, Mark, String)> = Vec::new();
+    let mut out: Vec<Entry> = Vec::new();
     match &node.value {
         Y::Map(entries) => {
             for (k, v) in entries {
                 let name = k.as_str().filter(|n| valid_name(n)).ok_or_else(|| {
                     (k.mark, "a secret's name is letters, digits and `_`, not starting with a digit".to_string())
                 })?;
-                let value =
-                    v.as_str().filter(|s| s.trim_start().starts_with("-----BEGIN AGE ENCRYPTED FILE-----")).ok_or_else(
-                        || {
-                            let msg = "is not an age-encrypted value: set it with `converge-server secret set`, never by hand";
-                            (v.mark, format!("`{name}` {msg}"))
-                        },
-                    )?;
+                let value = v
+                    .as_str()
+                    .filter(|s| s.trim_start().starts_with("-----BEGIN AGE ENCRYPTED FILE-----"))
+                    .ok_or_else(|| {
+                        let msg =
+                            "is not an age-encrypted value: set it with `converge-server secret set`, never by hand";
+                        (v.mark, format!("`{name}` {msg}"))
+                    })?;
                 if out.iter().any(|(n, _, _)| n == name) {
                     return Err((k.mark, format!("`{name}` is set twice in this file")));
                 }

@@ -159,7 +159,8 @@ fn with_the_key_a_fingerprint_changes_with_the_value_alone_and_only_where_it_is_
     let (a1, w1) = build("one");
     let (a2, _) = build("one"); // the same value, encrypted anew
     let (a3, w3) = build("two");
-    let fp = |c: &converge_modules::catalog::Catalog| c.sealed.iter().map(|s| s.fingerprint.clone()).collect::<Vec<_>>();
+    let fp =
+        |c: &converge_modules::catalog::Catalog| c.sealed.iter().map(|s| s.fingerprint.clone()).collect::<Vec<_>>();
     assert_eq!(fp(&a1), fp(&a2), "the same value, the same fingerprint");
     assert_ne!(fp(&a1)[1], fp(&a3)[1], "the token changed");
     assert_eq!(fp(&a1)[0], fp(&a3)[0], "the password did not");
@@ -181,7 +182,8 @@ fn a_secret_goes_only_where_it_can_be_sealed() {
     assert!(!e.contains("tok-Bravo"), "{e}");
     let e = bad("resources:\n  - file: \"/etc/{{ secrets.api_token }}\"\n");
     assert!(e.contains("`file` reads a secret"), "{e}");
-    let e = bad("resources:\n  - exec: x\n    command: [/bin/true]\n    environment: {T: \"{{ secrets.api_token }}\"}\n");
+    let e =
+        bad("resources:\n  - exec: x\n    command: [/bin/true]\n    environment: {T: \"{{ secrets.api_token }}\"}\n");
     assert!(e.contains("roles/web.yaml:4:5: `environment` reads a secret"), "{e}");
     let e = bad("resources:\n  - file: /a\n    content: \"{{ secrets.api_token }}\"\n    sensitive: false\n");
     assert!(e.contains("reads a secret but says `sensitive: false`"), "{e}");
@@ -203,6 +205,9 @@ fn a_secret_the_server_cannot_open_is_named_with_its_place_and_nothing_else() {
     let (broken, key) = repo_with(SECRETS, &[("data/secrets/node/web1.yaml", "token: hunter2\n")]);
     let shown: Vec<String> = Compiler::with_key(&broken, Some(key)).problems.iter().map(|d| d.to_string()).collect();
     assert_eq!(shown.len(), 1, "{shown:?}");
-    assert!(shown[0].starts_with("data/secrets/node/web1.yaml:1:8: `token` is not an age-encrypted value"), "{shown:?}");
+    assert!(
+        shown[0].starts_with("data/secrets/node/web1.yaml:1:8: `token` is not an age-encrypted value"),
+        "{shown:?}"
+    );
     assert!(!shown[0].contains("hunter2"), "{shown:?}");
 }

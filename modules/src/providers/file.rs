@@ -282,7 +282,10 @@ mod tests {
         assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
         let hash = |s: &str| crate::hash::sha256_hex(s.as_bytes())[..12].to_string();
         assert!(!shown.contains(&hash("hunter2\n")) && !shown.contains(&hash("s3cret\n")), "no hash: {shown}");
-        assert_eq!((e.changes[0].from.as_str(), e.changes[0].to.as_str()), ("8 bytes (sensitive)", "7 bytes (sensitive)"));
+        assert_eq!(
+            (e.changes[0].from.as_str(), e.changes[0].to.as_str()),
+            ("8 bytes (sensitive)", "7 bytes (sensitive)")
+        );
         assert!(e.changes[0].diff.is_none());
         check(&host, "  - file: /etc/secret\n    content: \"s3cret\\n\"\n    sensitive: true\n", false);
         assert!(host.backups().is_empty(), "sensitive content stays out of the backup store");

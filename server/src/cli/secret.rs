@@ -129,7 +129,8 @@ pub fn secret_command(action: SecretAction) -> Result<u8> {
                 let file = SecretsFile::read(path)?;
                 let mut values = Vec::new();
                 for (name, armored) in &file.values {
-                    let v = secrets::decrypt(armored, &ids).map_err(|e| anyhow::anyhow!("{}: {name}: {e}", path.display()))?;
+                    let v = secrets::decrypt(armored, &ids)
+                        .map_err(|e| anyhow::anyhow!("{}: {name}: {e}", path.display()))?;
                     values.push((name.clone(), v));
                 }
                 opened.push((path.clone(), values));

@@ -46,7 +46,11 @@ pub fn init(args: &InitArgs) -> Result<u8> {
     if args.keys.is_none() {
         println!("  keys          {d}/keys/ (move root.key offline: it only signs key lists)");
     }
-    println!("  secrets key   {d}/{} (list {} in data/secrets/recipients)", crate::secrets::KEY_FILE, done.secrets_recipient);
+    println!(
+        "  secrets key   {d}/{} (list {} in data/secrets/recipients)",
+        crate::secrets::KEY_FILE,
+        done.secrets_recipient
+    );
     println!("  state         {d}/state.db");
     println!("  configuration {d}/server.toml");
     println!("\nserve with:\n  converge-server serve --config {d}/server.toml");
