@@ -102,7 +102,9 @@ pub fn finish_switch(host: &RealHost) -> Option<String> {
 pub fn renew(host: &RealHost, client: &Client, rt: &tokio::runtime::Runtime) -> Result<Validity> {
     let key = crate::bootstrap::new_key()?;
     let public_key = key.verifying_key().to_public_key_pem(Default::default()).map_err(|e| anyhow!("{e}"))?;
-    let seal_key = Some(state::seal_recipient(host)?);
+    // A damaged sealing key never stands in the way of the certificate: renewed without it.
+    let seal_key =
+        state::seal_recipient(host).map_err(|e| tracing::warn!("renewing without a sealing key: {e:#}")).ok();
     let answer = rt.block_on(client.renew(&RenewRequest { public_key, seal_key }))?;
     let (validity, certified) =
         certificate(&answer.certificate).map_err(|e| anyhow!("the server's new certificate: {e}"))?;

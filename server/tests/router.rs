@@ -138,6 +138,18 @@ async fn every_status_the_api_answers_from_the_request_that_earns_it() {
     expect(StatusCode::PAYLOAD_TOO_LARGE, send(&fleet, &outside, huge).await, "declared too large");
     let token = fleet.db.add_token(&converge_modules::hash::sha256_hex(b"cvg_router"), "*", now, now + 600);
     token.unwrap();
+    // A sealing key that is not an age recipient, or too long, is refused before the token is
+    // spent.
+    for (bad, why) in [("age1nope", "sealing key"), (&*"a".repeat(500), "the sealing key")] {
+        let mut body: serde_json::Value = serde_json::from_str(&enroll_body("web2", Some("cvg_router"))).unwrap();
+        body["seal_key"] = bad.into();
+        let (_, _, text) = expect(
+            StatusCode::FORBIDDEN,
+            send(&fleet, &outside, post("/v1/enroll", body.to_string())).await,
+            "bad sealing key",
+        );
+        assert!(text.contains(why), "{text}");
+    }
     let (_, _, issued) = expect(
         StatusCode::OK,
         send(&fleet, &outside, post("/v1/enroll", enroll_body("web2", Some("cvg_router")))).await,

@@ -398,5 +398,25 @@ fn a_host_that_enrolled_before_secrets_makes_its_sealing_key_and_sends_it_at_its
     let out = s.converge(&root, &["run", "--once", "--detailed-exitcodes"]);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(!out.stdout.contains("renewed") && !out.stderr.contains("renewed"), "{}{}", out.stdout, out.stderr);
+
+    // A damaged sealing key is named, never echoed, and changes nothing.
+    let key = root.join("etc/converge/seal.key");
+    std::fs::write(&key, "AGE-SECRET-KEY-1DAMAGEDDAMAGED\n").unwrap();
+    std::fs::write(root.join("etc/app/token"), "drifted\n").unwrap();
+    let out = s.converge(&root, &["run", "--once"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("seal.key: line 1 is not an age identity") && out.stderr.contains("bootstrap"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("DAMAGED") && !out.stdout.contains("DAMAGED"), "{}{}", out.stdout, out.stderr);
+    assert_eq!(read(&root, "etc/app/token"), "drifted\n");
+    // A symlink in its place is not followed.
+    std::fs::remove_file(&key).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", &key).unwrap();
+    let out = s.converge(&root, &["run", "--once"]);
+    assert_ne!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(read(&root, "etc/app/token"), "drifted\n");
     drop(server);
 }
