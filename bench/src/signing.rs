@@ -5,6 +5,10 @@
 //! envelope, decode, check the signature over the bytes, parse the catalog, check host, serial
 //! and freshness). Two catalogs: a node of `catalogs/` (63 resources, about 12 KB) and 10,000
 //! files of 1 KiB (about 11 MB). Single-threaded; medians of several rounds.
+//!
+//! Secrets: sealing one value to a host (age, X25519, at serve) and opening it (on the host,
+//! before a run), beside the raw signature and verification, and beside a compile of web01: what
+//! a catalog's sealed values add to the work the server and the agent do for it.
 
 use converge_modules::catalog::{Catalog, FileSpec, Kind, Meta, Resource, ResourceId, Spec};
 use converge_modules::time::Timestamp;
@@ -64,7 +68,11 @@ pub fn run() {
     );
 
     let repo = Repo::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs")).expect("catalogs/");
-    let node = Compiler::new(&repo).compile("web01.example.com", &Default::default()).expect("compiles");
+    let compiler = Compiler::new(&repo);
+    let node = compiler.compile("web01.example.com", &Default::default()).expect("compiles");
+    let compiles = rate(200, || {
+        std::hint::black_box(compiler.compile("web01.example.com", &Default::default()).unwrap());
+    });
     let files: Vec<Resource> = (0..10_000)
         .map(|i| {
             let spec = FileSpec { content: Some(format!("line {i} {}\n", "x".repeat(1000))), ..Default::default() };
@@ -106,6 +114,26 @@ pub fn run() {
             raw_verify / verifies
         );
     }
+
+    use converge_modules::sealed;
+    let host = sealed::Identity::generate();
+    let to = [host.to_public()];
+    let value = b"password = correct-horse-battery-staple-1\n";
+    let seals = rate(200, || {
+        std::hint::black_box(sealed::encrypt(value, &to).unwrap());
+    });
+    let armored = sealed::encrypt(value, &to).unwrap();
+    let ids = [host.clone()];
+    let opens = rate(200, || {
+        std::hint::black_box(sealed::decrypt(&armored, &ids).unwrap());
+    });
+    println!(
+        "secrets: seal one value {seals:.0}/s ({:.1}x a raw signature), open one {opens:.0}/s ({:.1}x a raw \
+         verification); compile web01 {compiles:.0}/s: 10 sealed values add {:.0}% to its compile",
+        raw_sign / seals,
+        raw_verify / opens,
+        10.0 / seals * compiles * 100.0
+    );
 }
 
 fn ed25519_sign(key: &ed25519_dalek::SigningKey, msg: &[u8]) -> ed25519_dalek::Signature {

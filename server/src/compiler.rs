@@ -433,7 +433,9 @@ impl Compiler {
                         }
                         Err((id, e)) => {
                             broken.extend(id);
-                            diags.extend(e.0.into_iter().map(|(m, msg)| place(m.unwrap_or(rt.mark), msg)));
+                            // A decoder's message may quote a value: never a secret's.
+                            let msg = |m: String| if tainted.is_empty() { m } else { secrets.scrub(&m) };
+                            diags.extend(e.0.into_iter().map(|(m, text)| place(m.unwrap_or(rt.mark), msg(text))));
                         }
                     }
                 }
@@ -592,6 +594,17 @@ impl SecretsView {
     /// The names read since the last call.
     fn take_read(&self) -> BTreeSet<String> {
         std::mem::take(&mut *self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// `text` with every secret value in it replaced by its name.
+    fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (name, v) in &self.values {
+            if let Some(v) = v.as_str().filter(|v| !v.is_empty()) {
+                out = out.replace(v, &format!("<secret {name}>"));
+            }
+        }
+        out
     }
 }
 

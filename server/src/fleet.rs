@@ -619,31 +619,34 @@ impl Fleet {
         let compiled = tokio::task::spawn_blocking(move || current.compiler.compile_open(&name, &declared))
             .await
             .map_err(|e| Refused::Internal(e.into()))?;
+        let what = |diags: Vec<converge_modules::diag::Diagnostic>| {
+            diags.iter().take(5).map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
+        };
         let catalog = match compiled {
             Ok((mut c, opened)) if !c.sealed.is_empty() => {
                 if !formats.contains(&c.format) {
                     return Err(Refused::TooOld(formats.to_vec()));
                 }
                 let seal_key = self.off_runtime(node, |f, n| f.db.seal_key(n)).await?;
-                let Some(recipient) =
-                    seal_key.as_deref().and_then(|k| converge_modules::sealed::parse_recipient(k).ok())
-                else {
-                    return Err(Refused::Compile(format!(
+                match seal_key.as_deref().and_then(|k| converge_modules::sealed::parse_recipient(k).ok()) {
+                    Some(recipient) => {
+                        opened.seal(&mut c, &recipient).map_err(Refused::Internal)?;
+                        Ok(c)
+                    }
+                    None => Err(format!(
                         "its catalog holds secrets, which are sealed to each host's own key, and {node} has not sent \
                          one yet: its agent makes one and renews its certificate with it at its next run"
-                    )));
-                };
-                opened.seal(&mut c, &recipient).map_err(Refused::Internal)?;
-                Ok(c)
+                    )),
+                }
             }
             Ok((c, _)) => Ok(c),
-            Err(d) => Err(d),
+            Err(diags) => Err(what(diags)),
         };
+        // A catalog that cannot be made leaves the last good one served, and says why.
         let catalog = match catalog {
             Ok(c) => c,
-            Err(diags) => {
+            Err(what) => {
                 self.metrics.compile_failures.inc();
-                let what = diags.iter().take(5).map(|d| d.to_string()).collect::<Vec<_>>().join("; ");
                 tracing::warn!(node, "compile failed: {}", converge_modules::text::clip(&what, 2000));
                 let error = what.clone();
                 self.off_runtime(node, move |f, n| f.db.compile_failed(n, &error)).await?;

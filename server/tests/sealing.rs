@@ -189,6 +189,9 @@ fn a_secret_goes_only_where_it_can_be_sealed() {
     assert!(e.contains("reads a secret but says `sensitive: false`"), "{e}");
     let e = bad("resources:\n  - file: \"/{{ item }}\"\n    for_each: \"{{ [secrets.api_token] }}\"\n");
     assert!(e.contains("`for_each` cannot read secrets"), "{e}");
+    // A problem the decoder finds in a field that read a secret never quotes it.
+    let e = bad("resources:\n  - file: /a\n    mode: \"{{ secrets.api_token }}\"\n");
+    assert!(e.contains("roles/web.yaml:3:") && e.contains("<secret api_token>") && !e.contains("tok-Bravo"), "{e}");
     let e = bad("resources:\n  - file: /a\n    content: \"{{ secrets.nope }}\"\n");
     assert!(e.contains("roles/web.yaml") && e.contains("undefined"), "{e}");
 }
