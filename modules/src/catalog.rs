@@ -41,10 +41,13 @@ pub struct Catalog {
     pub source: Option<Source>,
     #[serde(default)]
     pub resources: Vec<Resource>,
-    /// The values of sensitive fields, each encrypted to the one host the catalog is for (see
-    /// [`crate::sealed`]); the fields themselves are absent from `resources`.
+    /// The sensitive fields taken out of `resources` (see [`crate::sealed`]), with their
+    /// fingerprints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sealed: Vec<crate::sealed::Sealed>,
+    /// Their values, in `sealed`'s order, as one age file encrypted to the one host the catalog
+    /// is for (ASCII-armored); absent from a catalog compiled but not yet sealed to its host.
+    pub sealed_values: Option<String>,
 }
 
 impl Catalog {
@@ -58,6 +61,7 @@ impl Catalog {
             source: None,
             resources,
             sealed: Vec::new(),
+            sealed_values: None,
         }
     }
 }

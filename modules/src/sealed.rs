@@ -1,11 +1,12 @@
 //! Sealed values: how a catalog carries secrets to the one host it is for.
 //!
 //! A sensitive resource's secret-bearing fields ([`Field`]: a file's `content`, a command's
-//! `stdin`, a user's `password_hash`) leave `resources` and travel in the catalog's `sealed`
-//! list, each value encrypted with age (X25519) to the host's own sealing key, which is made on
-//! the host and never leaves it. The signature covers the ciphertext; only the host can open
-//! it, in memory, just before it converges ([`open`]). A catalog stolen from the server's
-//! database or from another host's cache opens nothing.
+//! `stdin`, a user's `password_hash`) leave `resources` for the catalog's `sealed` list; their
+//! values travel in `sealed_values`, one age file (X25519) encrypted to the host's own sealing
+//! key, which is made on the host and never leaves it (one key agreement a catalog, however
+//! many values). The signature covers the ciphertext; only the host can open it, in memory,
+//! just before it converges ([`open`]). A catalog stolen from the server's database or from
+//! another host's cache opens nothing.
 //!
 //! Each entry also carries a fingerprint: a keyed hash made by the server (never a plain hash,
 //! which a dictionary could reverse for a short password), so that two catalogs can be told
@@ -65,8 +66,7 @@ impl Field {
     }
 }
 
-/// One sealed value.
-#[serde_with::skip_serializing_none]
+/// One sealed field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -77,10 +77,10 @@ pub struct Sealed {
     /// A keyed hash of the value: equal values give equal fingerprints, and it says nothing
     /// else about the value.
     pub fingerprint: String,
-    /// The value, age-encrypted to the host's sealing key and ASCII-armored; absent from a
-    /// catalog compiled but not yet sealed to its host.
-    pub value: Option<String>,
 }
+
+/// The most the values of one catalog may hold together, opened.
+pub const MAX_VALUES: usize = 32 << 20;
 
 /// What can be wrong with sealed values.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -95,26 +95,31 @@ pub enum SealError {
     AlsoClear(ResourceId, &'static str),
     #[error("{0} has its `{1}` sealed twice")]
     Twice(ResourceId, &'static str),
-    #[error("the `{1}` of {0} was never sealed to this host (compiled without a host to seal it to)")]
-    Unsealed(ResourceId, &'static str),
+    #[error("the catalog's secrets were never sealed to a host (compiled without a host to seal them to)")]
+    Unsealed,
+    #[error("`sealed_values` without any `sealed` field")]
+    Stray,
     #[error(
         "the catalog holds sealed values but this host has no sealing key ({0}); it makes one at bootstrap and \
          at its next certificate renewal"
     )]
     NoKey(String),
-    #[error("the `{1}` of {0} cannot be opened: {2}")]
-    Open(ResourceId, &'static str, String),
+    #[error("the catalog's secrets cannot be opened: {0}")]
+    Open(String),
     #[error("cannot encrypt: {0}")]
     Encrypt(String),
     #[error("a secret is at most {MAX_VALUE} bytes; this one is {0}")]
     TooLarge(usize),
 }
 
-/// Checks the shape of a catalog's sealed values: a sealed-format catalog, each value for a
-/// declared resource of a kind that has the field, left empty in the resource, sealed once.
+/// Checks the shape of a catalog's sealed values: a sealed-format catalog, each field of a
+/// declared resource of a kind that has it, left empty in the resource, sealed once.
 pub fn check(catalog: &Catalog) -> Result<(), SealError> {
     if catalog.sealed.is_empty() {
-        return Ok(());
+        return match catalog.sealed_values {
+            Some(_) => Err(SealError::Stray),
+            None => Ok(()),
+        };
     }
     if catalog.format < FORMAT_SEALED {
         return Err(SealError::Format(catalog.format));
@@ -139,6 +144,17 @@ pub fn check(catalog: &Catalog) -> Result<(), SealError> {
     Ok(())
 }
 
+/// Seals `values` (in the catalog's `sealed` order) to the host's `recipient`.
+pub fn seal(catalog: &mut Catalog, values: &[impl AsRef<str>], recipient: &Recipient) -> Result<(), SealError> {
+    let list: Vec<&str> = values.iter().map(AsRef::as_ref).collect();
+    if let Some(v) = list.iter().find(|v| v.len() > MAX_VALUE) {
+        return Err(SealError::TooLarge(v.len()));
+    }
+    let json = zeroize::Zeroizing::new(serde_json::to_vec(&list).expect("strings serialize"));
+    catalog.sealed_values = Some(encrypt_bounded(&json, std::slice::from_ref(recipient), MAX_VALUES)?);
+    Ok(())
+}
+
 /// Takes the secret-bearing fields out of a sensitive resource (a `password_hash` always is):
 /// the fields and their values.
 pub fn take_fields(r: &mut Resource) -> Vec<(Field, String)> {
@@ -150,7 +166,7 @@ pub fn take_fields(r: &mut Resource) -> Vec<(Field, String)> {
         .collect()
 }
 
-/// Opens every sealed value of `catalog` with the host's `identity` and puts it back in its
+/// Opens the sealed values of `catalog` with the host's `identity` and puts each back in its
 /// resource, which becomes sensitive; nothing is changed unless every value opens. `key_file`
 /// names where the identity lives, for the message when there is none.
 pub fn open(catalog: &mut Catalog, identity: Option<&Identity>, key_file: &str) -> Result<(), SealError> {
@@ -158,17 +174,21 @@ pub fn open(catalog: &mut Catalog, identity: Option<&Identity>, key_file: &str) 
     if catalog.sealed.is_empty() {
         return Ok(());
     }
+    let armored = catalog.sealed_values.as_deref().ok_or(SealError::Unsealed)?;
     let identity = identity.ok_or_else(|| SealError::NoKey(key_file.to_string()))?;
-    let mut opened = Vec::with_capacity(catalog.sealed.len());
-    for s in &catalog.sealed {
-        let armored = s.value.as_deref().ok_or_else(|| SealError::Unsealed(s.resource.clone(), s.field.name()))?;
-        let bytes = decrypt(armored, std::slice::from_ref(identity))
-            .map_err(|e| SealError::Open(s.resource.clone(), s.field.name(), e))?;
-        let text = String::from_utf8(bytes)
-            .map_err(|_| SealError::Open(s.resource.clone(), s.field.name(), "it is not UTF-8 text".into()))?;
-        opened.push(text);
+    let json = zeroize::Zeroizing::new(
+        decrypt_bounded(armored, std::slice::from_ref(identity), MAX_VALUES).map_err(SealError::Open)?,
+    );
+    let values: Vec<String> =
+        serde_json::from_slice(&json).map_err(|_| SealError::Open("they are not a list of texts".into()))?;
+    if values.len() != catalog.sealed.len() {
+        return Err(SealError::Open(format!("{} values for {} fields", values.len(), catalog.sealed.len())));
     }
-    for (s, value) in std::mem::take(&mut catalog.sealed).into_iter().zip(opened) {
+    if let Some(v) = values.iter().find(|v| v.len() > MAX_VALUE) {
+        return Err(SealError::TooLarge(v.len()));
+    }
+    catalog.sealed_values = None;
+    for (s, value) in std::mem::take(&mut catalog.sealed).into_iter().zip(values) {
         let r = catalog.resources.iter_mut().find(|r| r.id == s.resource).expect("checked above");
         r.meta.sensitive = Some(true);
         *s.field.slot(&mut r.spec).expect("checked above") = Some(value);
@@ -178,7 +198,11 @@ pub fn open(catalog: &mut Catalog, identity: Option<&Identity>, key_file: &str) 
 
 /// `value` encrypted to every recipient, ASCII-armored.
 pub fn encrypt(value: &[u8], recipients: &[Recipient]) -> Result<String, SealError> {
-    if value.len() > MAX_VALUE {
+    encrypt_bounded(value, recipients, MAX_VALUE)
+}
+
+fn encrypt_bounded(value: &[u8], recipients: &[Recipient], max: usize) -> Result<String, SealError> {
+    if value.len() > max {
         return Err(SealError::TooLarge(value.len()));
     }
     let e = |e: &dyn std::fmt::Display| SealError::Encrypt(e.to_string());
@@ -194,6 +218,10 @@ pub fn encrypt(value: &[u8], recipients: &[Recipient]) -> Result<String, SealErr
 
 /// Opens an armored value with any of `identities`; at most [`MAX_VALUE`] bytes.
 pub fn decrypt(armored: &str, identities: &[Identity]) -> Result<Vec<u8>, String> {
+    decrypt_bounded(armored, identities, MAX_VALUE)
+}
+
+fn decrypt_bounded(armored: &str, identities: &[Identity], max: usize) -> Result<Vec<u8>, String> {
     let d = age::Decryptor::new(age::armor::ArmoredReader::new(armored.as_bytes()))
         .map_err(|e| format!("not an age-encrypted value: {e}"))?;
     let mut r = d.decrypt(identities.iter().map(|i| i as &dyn age::Identity)).map_err(|e| match e {
@@ -203,9 +231,9 @@ pub fn decrypt(armored: &str, identities: &[Identity]) -> Result<Vec<u8>, String
         e => format!("cannot open it: {e}"),
     })?;
     let mut value = Vec::new();
-    r.by_ref().take(MAX_VALUE as u64 + 1).read_to_end(&mut value).map_err(|e| format!("cannot open it: {e}"))?;
-    if value.len() > MAX_VALUE {
-        return Err(format!("it holds more than the {MAX_VALUE} bytes a secret may"));
+    r.by_ref().take(max as u64 + 1).read_to_end(&mut value).map_err(|e| format!("cannot open it: {e}"))?;
+    if value.len() > max {
+        return Err(format!("it holds more than the {max} bytes allowed"));
     }
     Ok(value)
 }
@@ -268,22 +296,25 @@ mod tests {
         Catalog { format: FORMAT_SEALED, ..Catalog::new(vec![file, plain, exec]) }
     }
 
-    fn seal(c: &mut Catalog, to: &Recipient) {
+    fn seal_to(c: &mut Catalog, to: &Recipient) {
+        let mut values = Vec::new();
         for r in &mut c.resources {
             let id = r.id.clone();
             for (field, value) in take_fields(r) {
-                let value = Some(encrypt(value.as_bytes(), std::slice::from_ref(to)).unwrap());
-                c.sealed.push(Sealed { resource: id.clone(), field, fingerprint: "k".into(), value });
+                c.sealed.push(Sealed { resource: id.clone(), field, fingerprint: "k".into() });
+                values.push(value);
             }
         }
+        seal(c, &values, to).unwrap();
     }
 
     #[test]
     fn only_the_host_sealed_to_opens_and_only_sensitive_fields_are_sealed() {
         let (host, other) = (Identity::generate(), Identity::generate());
         let mut c = catalog();
-        seal(&mut c, &host.to_public());
+        seal_to(&mut c, &host.to_public());
         assert_eq!(c.sealed.len(), 2, "the token's content and the command's stdin; not the motd");
+        assert_eq!(c.sealed_values.as_deref().map(|v| v.matches("BEGIN AGE").count()), Some(1), "one age file");
         let wire = serde_json::to_string(&c).unwrap();
         assert!(!wire.contains("s3cret") && !wire.contains("\"pw\"") && wire.contains("hello"), "{wire}");
         let back: Catalog = serde_json::from_str(&wire).unwrap();
@@ -291,12 +322,12 @@ mod tests {
 
         let mut stolen = c.clone();
         let e = open(&mut stolen, Some(&other), "k").unwrap_err();
-        assert!(matches!(e, SealError::Open(..)) && e.to_string().contains("none of the given identities"), "{e}");
+        assert!(matches!(e, SealError::Open(_)) && e.to_string().contains("none of the given identities"), "{e}");
         assert_eq!(stolen, c, "nothing changes unless every value opens");
         assert!(matches!(open(&mut c.clone(), None, "/etc/converge/seal.key"), Err(SealError::NoKey(_))));
 
         open(&mut c, Some(&host), "k").unwrap();
-        assert!(c.sealed.is_empty());
+        assert!(c.sealed.is_empty() && c.sealed_values.is_none());
         let Spec::File(f) = &c.resources[0].spec else { panic!() };
         assert_eq!(f.content.as_deref(), Some("s3cret\n"));
         let Spec::Exec(e) = &c.resources[2].spec else { panic!() };
@@ -307,7 +338,7 @@ mod tests {
     fn a_damaged_sealed_list_is_refused_by_its_shape() {
         let host = Identity::generate();
         let mut good = catalog();
-        seal(&mut good, &host.to_public());
+        seal_to(&mut good, &host.to_public());
         let bad = |f: &dyn Fn(&mut Catalog)| {
             let mut c = good.clone();
             f(&mut c);
@@ -326,12 +357,22 @@ mod tests {
             })
             .contains("both sealed and in the clear")
         );
+        assert!(bad(&|c| c.sealed.clear()).contains("without any `sealed` field"));
         let mut unsealed = good.clone();
-        unsealed.sealed[0].value = None;
+        unsealed.sealed_values = None;
         assert!(open(&mut unsealed, Some(&host), "k").unwrap_err().to_string().contains("never sealed"));
         let mut garbled = good.clone();
-        garbled.sealed[0].value = Some("-----BEGIN AGE ENCRYPTED FILE-----\nxx\n".into());
+        garbled.sealed_values = Some("-----BEGIN AGE ENCRYPTED FILE-----\nxx\n".into());
         assert!(matches!(open(&mut garbled, Some(&host), "k"), Err(SealError::Open(..))));
+        // Values that do not match the fields, sealed by someone who holds the host's key.
+        for wrong in [&["one"][..], &["a", "b", "c"]] {
+            let mut c = good.clone();
+            seal(&mut c, wrong, &host.to_public()).unwrap();
+            assert!(open(&mut c, Some(&host), "k").unwrap_err().to_string().contains("values for 2 fields"));
+        }
+        let mut c = good.clone();
+        c.sealed_values = Some(encrypt(b"{\"not\": \"a list\"}", &[host.to_public()]).unwrap());
+        assert!(open(&mut c, Some(&host), "k").unwrap_err().to_string().contains("not a list of texts"));
     }
 
     #[test]

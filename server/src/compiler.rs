@@ -311,7 +311,7 @@ impl Compiler {
                 let id = r.id.to_string();
                 let parts = [node.as_bytes(), id.as_bytes(), field.name().as_bytes(), value.as_bytes()];
                 let fingerprint = crate::secrets::fingerprint(self.key.as_deref(), &parts);
-                catalog.sealed.push(Sealed { resource: r.id.clone(), field, fingerprint, value: None });
+                catalog.sealed.push(Sealed { resource: r.id.clone(), field, fingerprint });
                 opened.push(zeroize::Zeroizing::new(value));
             }
         }
@@ -681,15 +681,12 @@ pub struct Opened {
 }
 
 impl Opened {
-    /// Seals each value of `catalog` to `recipient`, the host's sealing key.
+    /// Seals the values of `catalog` to `recipient`, the host's sealing key (one age file).
     pub fn seal(&self, catalog: &mut Catalog, recipient: &converge_modules::sealed::Recipient) -> anyhow::Result<()> {
         if self.placeholders && !self.values.is_empty() {
             anyhow::bail!("compiled without the secrets key: its secrets are placeholders");
         }
-        for (s, v) in catalog.sealed.iter_mut().zip(&self.values) {
-            s.value = Some(converge_modules::sealed::encrypt(v.as_bytes(), std::slice::from_ref(recipient))?);
-        }
-        Ok(())
+        Ok(converge_modules::sealed::seal(catalog, &self.values, recipient)?)
     }
 }
 

@@ -198,13 +198,11 @@ mod tests {
                     resource: ResourceId::parse("file:/k").unwrap(),
                     field: converge_modules::sealed::Field::Content,
                     fingerprint: k.into(),
-                    value: None,
                 },
                 Sealed {
                     resource: ResourceId::parse("file:/same").unwrap(),
                     field: converge_modules::sealed::Field::Content,
                     fingerprint: same.into(),
-                    value: None,
                 },
             ]
         };

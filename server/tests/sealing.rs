@@ -84,7 +84,8 @@ fn what_reads_a_secret_is_sealed_with_a_keyed_fingerprint_and_only_its_host_open
             ("exec:load-password".to_string(), Field::Stdin),
         ]
     );
-    assert!(catalog.sealed.iter().all(|s| s.fingerprint.starts_with("hmac-sha256:") && s.value.is_none()));
+    assert!(catalog.sealed.iter().all(|s| s.fingerprint.starts_with("hmac-sha256:")));
+    assert!(catalog.sealed_values.is_none(), "sealed only when handed to a host");
     let plain = catalog.resources.iter().find(|r| r.id.title == "/etc/app/plain").unwrap();
     assert!(!plain.sensitive(), "a condition on a secret decides nothing about its value");
     for r in catalog.resources.iter().filter(|r| r.id.title != "/etc/app/plain") {
