@@ -27,6 +27,11 @@ if [ "$(id -u)" = 0 ]; then
     if ! ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 libfaketime >/dev/null
     fi
+    # Several servers share PostgreSQL: its tests make a cluster of their own in a temporary
+    # directory from Debian's package (never using or changing the machine's clusters).
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 postgresql >/dev/null
+    fi
     CONVERGE_TESTBED="$(tests/testbed/prepare)"
     export CONVERGE_TESTBED CONVERGE_CONTAINER_TESTS=1
     echo "container suite: on (testbed $CONVERGE_TESTBED)"

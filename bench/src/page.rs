@@ -52,7 +52,7 @@ pub fn run(sizes: &[usize]) {
                 body,
                 digest: "{}",
             };
-            db.add_report(&report).unwrap();
+            db.add_report(&report, converge_server::db::REPORTS_PER_NODE).unwrap();
             visits.push(Visit {
                 node: name,
                 at,

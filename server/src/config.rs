@@ -46,6 +46,10 @@ pub struct Config {
     /// itself (and do nothing else) [180d; 0 turns it off]: a host that was off for months
     /// comes back on its own.
     pub renew_expired_within: i64,
+    /// Seconds a report is kept [14d, at least 1d]: older ones are deleted every hour.
+    pub report_retention: i64,
+    /// The most reports kept per node, newest first [50, at least 1].
+    pub reports_per_node: i64,
 }
 
 /// `server.toml` as written: every key optional but `repo`, unknown ones refused.
@@ -87,6 +91,10 @@ pub struct ServerFile {
     pub new_connections_per_address: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub renew_expired_within: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_retention: Option<Spanned<Duration>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reports_per_node: Option<u32>,
 }
 
 impl Config {
@@ -133,6 +141,33 @@ impl Config {
             },
             new_connections_per_address: count(f.new_connections_per_address, 64, 1) as u64,
             renew_expired_within: seconds(f.renew_expired_within, 180 * 86_400),
+            report_retention: match &f.report_retention {
+                Some(d) => file.at_least("report_retention", d, 86_400).map_err(e)?,
+                None => 14 * 86_400,
+            },
+            reports_per_node: count(f.reports_per_node, crate::db::REPORTS_PER_NODE as usize, 1) as i64,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<Config> {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("server.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::read(&path)
+    }
+
+    #[test]
+    fn report_retention_and_cap_have_floors_and_say_where_they_are_wrong() {
+        let c = read("repo = \"r\"\n").unwrap();
+        assert_eq!((c.report_retention, c.reports_per_node), (14 * 86_400, 50));
+        let c = read("repo = \"r\"\nreport_retention = \"90d\"\nreports_per_node = 0\n").unwrap();
+        assert_eq!((c.report_retention, c.reports_per_node), (90 * 86_400, 1));
+        let e = read("repo = \"r\"\nreport_retention = \"1h\"\n").unwrap_err().to_string();
+        assert!(e.contains("server.toml:2:") && e.contains("report_retention"), "{e}");
     }
 }

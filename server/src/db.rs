@@ -622,7 +622,8 @@ impl Db {
         })
     }
 
-    pub fn add_report(&self, r: &ReportRow) -> Result<()> {
+    /// Stores a report; of the node's reports, the newest `per_node` are kept.
+    pub fn add_report(&self, r: &ReportRow, per_node: i64) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -631,10 +632,28 @@ impl Db {
             )?;
             tx.execute(
                 "DELETE FROM reports WHERE node = ?1 AND id NOT IN (SELECT id FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
-                params![r.node, REPORTS_PER_NODE],
+                params![r.node, per_node],
             )?;
             tx.commit()
         })
+    }
+
+    /// Deletes the reports received before `before`, `batch` at a time (each its own short
+    /// transaction, so that reports arriving meanwhile never wait long); returns how many.
+    pub fn prune_reports(&self, before: i64, batch: i64) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let n = self.with(|c| {
+                c.execute(
+                    "DELETE FROM reports WHERE id IN (SELECT id FROM reports WHERE received < ?1 ORDER BY id LIMIT ?2)",
+                    params![before, batch],
+                )
+            })?;
+            total += n;
+            if (n as i64) < batch {
+                return Ok(total);
+            }
+        }
     }
 
     /// Every node with its certificate, catalog and last report.
@@ -837,11 +856,11 @@ mod tests {
             digest: "{}",
         };
         for _ in 0..(REPORTS_PER_NODE + 5) {
-            db.add_report(&row).unwrap();
+            db.add_report(&row, REPORTS_PER_NODE).unwrap();
         }
         let all = ReportFilter { node: Some("web1".into()), limit: 1000, ..ReportFilter::default() };
         assert_eq!(db.reports(&all).unwrap().len(), REPORTS_PER_NODE as usize, "bounded per node");
-        db.add_report(&ReportRow { failed: 1, at: 170, ..row.clone() }).unwrap();
+        db.add_report(&ReportRow { failed: 1, at: 170, ..row.clone() }, REPORTS_PER_NODE).unwrap();
         let failed = db.reports(&ReportFilter { failed: true, limit: 10, ..ReportFilter::default() }).unwrap();
         assert_eq!((failed.len(), failed[0].received, failed[0].commit.as_deref()), (1, 170, Some("abc")));
         let since = db.reports(&ReportFilter { since: Some(165), limit: 100, ..ReportFilter::default() }).unwrap();
@@ -849,12 +868,26 @@ mod tests {
         assert_eq!(db.report(failed[0].id).unwrap().unwrap().failed, 1);
         // A dry-run is not a run: the node's state stays its last real run's, and what the
         // dry-run would change is said beside it until the next real run.
-        db.add_report(&ReportRow { at: 180, changed: 3, dry_run: true, ..row.clone() }).unwrap();
+        db.add_report(&ReportRow { at: 180, changed: 3, dry_run: true, ..row.clone() }, REPORTS_PER_NODE).unwrap();
         let n = &db.nodes().unwrap()[0];
         assert_eq!((n.last_report, n.dry_run_pending), (Some((170, 2, 1, false)), Some(3)));
-        db.add_report(&ReportRow { at: 190, changed: 0, ..row.clone() }).unwrap();
+        db.add_report(&ReportRow { at: 190, changed: 0, ..row.clone() }, REPORTS_PER_NODE).unwrap();
         let n = &db.nodes().unwrap()[0];
         assert_eq!((n.last_report, n.dry_run_pending), (Some((190, 0, 0, false)), None));
+        // Retention: what is older than the window goes, in batches; a smaller cap keeps fewer.
+        for at in [10, 11, 12, 13, 14] {
+            db.add_report(&ReportRow { node: "web2", at, ..row.clone() }, REPORTS_PER_NODE).unwrap();
+        }
+        assert_eq!(db.prune_reports(15, 2).unwrap(), 5, "all five, two at a time");
+        let web2 = ReportFilter { node: Some("web2".into()), limit: 100, ..ReportFilter::default() };
+        assert!(db.reports(&web2).unwrap().is_empty());
+        assert_eq!(db.reports(&all).unwrap().len(), REPORTS_PER_NODE as usize, "newer ones stay");
+        for at in 200..205 {
+            db.add_report(&ReportRow { node: "web3", at, ..row.clone() }, 3).unwrap();
+        }
+        let web3 = ReportFilter { node: Some("web3".into()), limit: 100, ..ReportFilter::default() };
+        let kept: Vec<i64> = db.reports(&web3).unwrap().iter().map(|r| r.received).collect();
+        assert_eq!(kept, [204, 203, 202], "the cap in force keeps the newest");
         assert_eq!(db.node("web1").unwrap().unwrap().facts.as_deref(), Some("{}"));
         assert!(db.node("nobody").unwrap().is_none());
         assert!(db.live_cert("web1", 500).unwrap());

@@ -700,6 +700,15 @@ impl Fleet {
             .map_err(Refused::Internal)
     }
 
+    /// Deletes the reports older than the retention window; returns how many went.
+    pub fn prune_reports(&self) -> Result<usize> {
+        let n = self.db.prune_reports(now() - self.config.report_retention, 10_000)?;
+        if n > 0 {
+            tracing::info!("deleted {n} reports older than {} days", self.config.report_retention / 86_400);
+        }
+        Ok(n)
+    }
+
     /// Stores a node's report, once every field is within bounds (a report past them is
     /// refused with the reason, and nothing is stored).
     pub fn report(&self, node: &str, report: &Report, body: &str) -> Result<Result<(), String>> {
@@ -708,18 +717,21 @@ impl Fleet {
         }
         let s = &report.summary;
         let digest = serde_json::to_string(&crate::view::Digest::of(report))?;
-        self.db.add_report(&ReportRow {
-            node,
-            at: now(),
-            changed: if s.dry_run { s.would_change } else { s.changed } as i64,
-            dry_run: s.dry_run,
-            failed: s.failed as i64,
-            stale: report.stale,
-            serial: report.info.serial,
-            commit: report.info.commit.as_deref(),
-            body,
-            digest: &digest,
-        })?;
+        self.db.add_report(
+            &ReportRow {
+                node,
+                at: now(),
+                changed: if s.dry_run { s.would_change } else { s.changed } as i64,
+                dry_run: s.dry_run,
+                failed: s.failed as i64,
+                stale: report.stale,
+                serial: report.info.serial,
+                commit: report.info.commit.as_deref(),
+                body,
+                digest: &digest,
+            },
+            self.config.reports_per_node,
+        )?;
         self.metrics.reports.inc();
         Ok(Ok(()))
     }

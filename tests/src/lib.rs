@@ -5,6 +5,7 @@
 //! `./test.sh`) builds them first.
 
 pub mod container;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

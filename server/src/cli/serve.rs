@@ -239,12 +239,24 @@ pub async fn run(
             }
         }
     });
+    // Reports past the retention window go once an hour (and at start).
+    let pruner = fleet.clone();
+    let pruning = tokio::spawn(async move {
+        loop {
+            let f = pruner.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.prune_reports()).await {
+                tracing::warn!("deleting old reports: {e:#}");
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
+    });
     let served = tokio::select! {
         r = crate::http::serve(listener, fleet.clone()) => r,
         () = stop => Ok(()),
     };
     polling.abort();
     keeping.abort();
+    pruning.abort();
     let f = fleet.clone();
     tokio::task::spawn_blocking(move || f.flush_seen()).await??;
     served
