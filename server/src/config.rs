@@ -50,6 +50,9 @@ pub struct Config {
     pub report_retention: i64,
     /// The most reports kept per node, newest first [50, at least 1].
     pub reports_per_node: i64,
+    /// A PostgreSQL URL (`postgres://USER@HOST:PORT/DB`) for state several servers share;
+    /// `None`: the embedded file `STATE/state.db`.
+    pub database: Option<String>,
 }
 
 /// `server.toml` as written: every key optional but `repo`, unknown ones refused.
@@ -95,6 +98,8 @@ pub struct ServerFile {
     pub report_retention: Option<Spanned<Duration>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reports_per_node: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<Spanned<String>>,
 }
 
 impl Config {
@@ -146,6 +151,19 @@ impl Config {
                 None => 14 * 86_400,
             },
             reports_per_node: count(f.reports_per_node, crate::db::REPORTS_PER_NODE as usize, 1) as i64,
+            database: match &f.database {
+                None => None,
+                Some(d)
+                    if d.get_ref().parse::<tokio_postgres::Config>().is_ok()
+                        && (d.get_ref().starts_with("postgres://") || d.get_ref().starts_with("postgresql://")) =>
+                {
+                    Some(d.get_ref().clone())
+                }
+                // The value may hold a password: it is not repeated.
+                Some(d) => {
+                    return Err(e(file.at(d, "`database`: not a PostgreSQL URL (postgres://USER@HOST:PORT/DB)")));
+                }
+            },
         })
     }
 }
@@ -169,5 +187,14 @@ mod tests {
         assert_eq!((c.report_retention, c.reports_per_node), (90 * 86_400, 1));
         let e = read("repo = \"r\"\nreport_retention = \"1h\"\n").unwrap_err().to_string();
         assert!(e.contains("server.toml:2:") && e.contains("report_retention"), "{e}");
+    }
+
+    #[test]
+    fn the_database_is_a_postgresql_url_and_a_wrong_one_is_never_repeated() {
+        assert_eq!(read("repo = \"r\"\n").unwrap().database, None, "the embedded file");
+        let url = "postgres://converge:pw@db.example:5432/converge";
+        assert_eq!(read(&format!("repo = \"r\"\ndatabase = \"{url}\"\n")).unwrap().database.as_deref(), Some(url));
+        let e = read("repo = \"r\"\ndatabase = \"mysql://u:s3cret@h/d\"\n").unwrap_err().to_string();
+        assert!(e.contains("server.toml:2:") && e.contains("not a PostgreSQL URL") && !e.contains("s3cret"), "{e}");
     }
 }

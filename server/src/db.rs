@@ -13,87 +13,6 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS nodes (
-    name TEXT PRIMARY KEY,
-    created INTEGER NOT NULL,
-    last_seen INTEGER,
-    agent_version TEXT,
-    facts TEXT,
-    facts_sha256 TEXT
-);
-CREATE TABLE IF NOT EXISTS certificates (
-    fingerprint TEXT PRIMARY KEY,
-    node TEXT NOT NULL,
-    issued INTEGER NOT NULL,
-    expires INTEGER NOT NULL,
-    revoked INTEGER
-);
-CREATE INDEX IF NOT EXISTS certificates_node ON certificates(node);
-CREATE TABLE IF NOT EXISTS tokens (
-    sha256 TEXT PRIMARY KEY,
-    pattern TEXT NOT NULL,
-    created INTEGER NOT NULL,
-    expires INTEGER NOT NULL,
-    used_by TEXT,
-    used_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS pending (
-    node TEXT PRIMARY KEY,
-    public_key TEXT NOT NULL,
-    requested INTEGER NOT NULL,
-    approved INTEGER
-);
-CREATE TABLE IF NOT EXISTS catalogs (
-    node TEXT PRIMARY KEY,
-    serial INTEGER NOT NULL,
-    resources_sha256 TEXT NOT NULL,
-    cache_key TEXT NOT NULL,
-    etag TEXT NOT NULL,
-    issued_at INTEGER NOT NULL,
-    envelope BLOB NOT NULL,
-    compile_error TEXT
-);
-CREATE TABLE IF NOT EXISTS reports (
-    id INTEGER PRIMARY KEY,
-    node TEXT NOT NULL,
-    received INTEGER NOT NULL,
-    changed INTEGER NOT NULL,
-    failed INTEGER NOT NULL,
-    stale INTEGER NOT NULL,
-    serial INTEGER,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS reports_node ON reports(node, id);
-CREATE TABLE IF NOT EXISTS operators (
-    sha256 TEXT PRIMARY KEY,
-    created INTEGER NOT NULL,
-    expires INTEGER NOT NULL
-);
-";
-
-/// Columns added after the first release of a table: (table, column, definition).
-const MIGRATIONS: &[(&str, &str, &str)] = &[
-    ("reports", "commit_id", "TEXT"),
-    ("pending", "fingerprint", "TEXT"),
-    ("pending", "address", "TEXT"),
-    // A report's counts and its first failed resources (JSON, small): the node page shows
-    // them without reading whole report bodies.
-    ("reports", "digest", "TEXT"),
-    // The certificate a renewed one replaces: revoked once the new one is first used.
-    ("certificates", "replaces", "TEXT"),
-    // The hash of the CA bundle a node trusts, as it last said.
-    ("nodes", "ca_bundle", "TEXT"),
-    // The version of the key list a node holds, as it last said.
-    ("nodes", "keys_version", "INTEGER"),
-    // A dry-run's report: `changed` counts what would change, and the node's state stays
-    // that of its last real run.
-    ("reports", "dry_run", "INTEGER NOT NULL DEFAULT 0"),
-    // The age recipient a node's sealed values are encrypted to (its sealing key, made on the
-    // host and sent at enrollment or renewal).
-    ("nodes", "seal_key", "TEXT"),
-];
-
 /// Enrollment requests waiting for approval, at most: past that, new ones are refused (an
 /// unauthenticated client cannot grow the database or the fleet page without bound).
 pub const MAX_PENDING: i64 = 1000;
@@ -247,13 +166,15 @@ impl Db {
             c.pragma_update(None, "synchronous", "NORMAL")?;
             c.pragma_update(None, "foreign_keys", "ON")?;
             if i == 0 {
-                c.execute_batch(SCHEMA).context("cannot create the state database's tables")?;
-                for (table, column, def) in MIGRATIONS {
+                use crate::schema::{self, Engine};
+                c.execute_batch(&schema::tables(Engine::Sqlite))
+                    .context("cannot create the state database's tables")?;
+                for (table, column, def) in schema::ADDED {
                     let has: bool = c
                         .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
                         .exists(params![column])?;
                     if !has {
-                        c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))
+                        c.execute_batch(&schema::add_column(Engine::Sqlite, table, column, def))
                             .with_context(|| format!("cannot add {table}.{column} to the state database"))?;
                     }
                 }

@@ -182,6 +182,13 @@ fn load(repo: &std::path::Path, commit: &str, key: &Arc<SecretsKey>) -> Result<C
 
 impl Fleet {
     pub fn open(config: Config) -> Result<Fleet> {
+        if config.database.is_some() {
+            anyhow::bail!(
+                "{}: `database` names PostgreSQL, which this version can prepare (converge-server db migrate) \
+                 but not yet serve from; remove the line to serve from the embedded file",
+                config.file.display()
+            );
+        }
         crate::db::require_state(&config.state)?;
         let db = Db::open(&config.state.join("state.db"), 8)?;
         let ca = Ca::load(&config.state)?;

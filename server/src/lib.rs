@@ -10,6 +10,8 @@
 //! - [`ca`], [`db`], [`config`], [`fleet`], [`http`]: the server: its CA, state, configuration,
 //!   enrollment and catalogs, and HTTPS. [`view`] and [`page`]: what operators see.
 //!   [`metrics`]: `/metrics`. [`bootstrap`]: `/bootstrap.sh` and the server key's pin.
+//!   [`schema`]: the state's tables, one schema for both engines; [`pg`]: the state in
+//!   PostgreSQL, for several servers.
 //! - [`cli`]: every command of `converge-server`, one module per group (`main.rs` parses).
 //!
 //! Invariants: after `repo`, everything is a pure function of the repository, the node name and
@@ -28,8 +30,10 @@ pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod page;
+pub mod pg;
 pub mod repo;
 pub mod role;
+pub mod schema;
 pub mod schemas;
 pub mod secrets;
 pub mod site;

@@ -160,6 +160,11 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// The state database: `migrate` brings its schema up to date (PostgreSQL's too).
+    Db {
+        #[command(subcommand)]
+        action: fleet::DbAction,
+    },
     /// Secrets in the operator repository (data/secrets/), encrypted per value with age.
     Secret {
         #[command(subcommand)]
@@ -195,6 +200,7 @@ fn main() -> ExitCode {
         }
         Command::Schemas { out } => repo::schemas(&out),
         Command::Secret { action } => secret::secret_command(action),
+        Command::Db { action } => fleet::db_command(action),
         Command::Init { state, names, addresses, repo, branch, listen, keys } => {
             let keys = keys.as_deref();
             serve::init(&serve::InitArgs {

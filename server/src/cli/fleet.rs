@@ -318,3 +318,42 @@ pub fn token_command(action: TokenAction) -> Result<u8> {
     }
     Ok(0)
 }
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DbAction {
+    /// Create the schema in an empty database, or bring it up to date (idempotent; several
+    /// servers may run it at once). The embedded file is migrated whenever it is opened.
+    Migrate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+pub fn db_command(action: DbAction) -> Result<u8> {
+    match action {
+        DbAction::Migrate { config } => {
+            let config = crate::config::Config::read(&config)?;
+            match &config.database {
+                None => {
+                    crate::db::require_state(&config.state)?;
+                    let path = config.state.join("state.db");
+                    crate::db::Db::open(&path, 1)?;
+                    println!("the embedded database {} is up to date", path.display());
+                }
+                Some(url) => {
+                    let pg = crate::pg::Pg::new(url, 1)?;
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    let partitions = rt.block_on(pg.migrate(crate::db::now()))?;
+                    println!(
+                        "PostgreSQL {} is up to date: {} daily report partitions ({} to {})",
+                        pg.shown,
+                        partitions.len(),
+                        partitions.first().map(String::as_str).unwrap_or("-"),
+                        partitions.last().map(String::as_str).unwrap_or("-")
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}
