@@ -118,7 +118,7 @@ impl BackupStore {
             if still > 0 {
                 let disk = Disk::of(&objects)?;
                 return Err(io::Error::other(format!(
-                    "no room for its backup: {} bytes are free, and it needs {size} and leaves {} free; free some \
+                    "no room for its backup: {} bytes are free, it needs {size} and must leave {} free; free some \
                      space, or set `backup: false` on the resource",
                     disk.free,
                     disk.reserve()

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct BootstrapArgs {
-    /// The server, like https://converge.example.com:8443.
-    #[arg(long)]
-    pub server: String,
+    /// The server, like https://converge.example.com:8443; repeated, the addresses of several
+    /// servers sharing one database (tried in turn when one cannot be reached).
+    #[arg(long = "server", value_name = "URL", required = true)]
+    pub server: Vec<String>,
     /// The CA's hash, as `converge-server init` printed it (sha256:HEX).
     #[arg(long)]
     pub ca_hash: String,
@@ -153,7 +154,7 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
     state::write(&host, state::CERT_FILE, certificate.as_bytes(), 0o644)?;
     state::write(&host, signed::KEYS_FILE, &serde_json::to_vec_pretty(&keys)?, 0o644)?;
     state::write(&host, state::CONFIG_FILE, AgentConfig::text(&args.server, &name).as_bytes(), 0o644)?;
-    println!("converge: {name} joined {} (key list version {})", args.server, list.version);
+    println!("converge: {name} joined {} (key list version {})", args.server.join(", "), list.version);
     drop(lock);
     Ok(())
 }

@@ -4,6 +4,12 @@
 //! certificate. The one exception is fetching the CA at bootstrap, before anything is trusted:
 //! that connection accepts any certificate, and the CA it brings is believed only if its hash
 //! is the one the operator pinned.
+//!
+//! A host may know several addresses of its fleet (servers sharing one database, or one server
+//! by several names): each request goes to the one that answered last, and on to the next when
+//! an address cannot be reached (no connection, no TLS, no answer in time, a gateway error); an
+//! address that failed is tried last for a while that doubles with each failure (30 s to
+//! 10 min). One that answers is preferred again at once.
 
 use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::wire::{CatalogRequest, EnrollRequest, EnrollResponse, ErrorBody, RenewRequest, RenewResponse};
@@ -15,8 +21,47 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub struct Client {
-    base: String,
+    /// The addresses, in the order configured.
+    bases: Vec<String>,
     http: reqwest::Client,
+    failover: std::sync::Mutex<Failover>,
+}
+
+/// Which address answered last, and each one's failures in a row and until when it waits.
+#[derive(Debug, Default)]
+struct Failover {
+    preferred: usize,
+    failures: Vec<(u32, Option<std::time::Instant>)>,
+}
+
+/// The first back-off of an address that failed; it doubles with each failure in a row.
+const BACKOFF: Duration = Duration::from_secs(30);
+/// The longest back-off.
+const BACKOFF_MAX: Duration = Duration::from_secs(600);
+
+impl Failover {
+    /// The order to try `n` addresses in: the preferred one, the others as configured, and
+    /// those waiting out a back-off last (soonest back first).
+    fn order(&self, n: usize, now: std::time::Instant) -> Vec<usize> {
+        let waiting = |i: usize| self.failures.get(i).and_then(|f| f.1).filter(|until| *until > now);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| (waiting(i), i != self.preferred, i));
+        order
+    }
+
+    fn failed(&mut self, i: usize, n: usize, now: std::time::Instant) {
+        self.failures.resize(n, (0, None));
+        let f = &mut self.failures[i];
+        f.0 = f.0.saturating_add(1);
+        let wait = BACKOFF.saturating_mul(1 << (f.0 - 1).min(10)).min(BACKOFF_MAX);
+        f.1 = Some(now + wait);
+    }
+
+    fn worked(&mut self, i: usize, n: usize) {
+        self.failures.resize(n, (0, None));
+        self.failures[i] = (0, None);
+        self.preferred = i;
+    }
 }
 
 /// The node's certificate chain and private key, for mutual TLS.
@@ -169,19 +214,17 @@ impl Client {
         server.trim_end_matches('/').to_string()
     }
 
-    /// Fetches the CA certificate (PEM) without trusting anything yet.
-    pub async fn fetch_ca(server: &str) -> Result<String> {
+    /// Fetches the CA certificate (PEM) without trusting anything yet, from the first of
+    /// `servers` that answers.
+    pub async fn fetch_ca(servers: &[String]) -> Result<String> {
         let provider = provider();
         let config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
             .with_no_client_auth();
-        let resp = http(config)?
-            .get(format!("{}/v1/ca", Client::base(server)))
-            .send()
-            .await
-            .map_err(|e| unreachable(&Client::base(server), e))?;
+        let c = Client::with(servers, http(config)?);
+        let resp = c.send(|http, base| http.get(format!("{base}/v1/ca"))).await?;
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }
@@ -191,7 +234,7 @@ impl Client {
 
     /// A client that trusts only the CA certificates `roots`, presenting a certificate and its
     /// key when given (parsed by the caller, who knows which file each came from).
-    pub fn new(server: &str, roots: Vec<CertificateDer<'static>>, identity: Option<Identity>) -> Result<Client> {
+    pub fn new(servers: &[String], roots: Vec<CertificateDer<'static>>, identity: Option<Identity>) -> Result<Client> {
         let mut store = rustls::RootCertStore::empty();
         for cert in roots {
             store.add(cert).context("the CA certificate is not one rustls accepts")?;
@@ -208,7 +251,45 @@ impl Client {
                 builder.with_client_auth_cert(certs, key).context("the node certificate and key do not go together")?
             }
         };
-        Ok(Client { base: Client::base(server), http: http(config)? })
+        Ok(Client::with(servers, http(config)?))
+    }
+
+    fn with(servers: &[String], http: reqwest::Client) -> Client {
+        Client { bases: servers.iter().map(|s| Client::base(s)).collect(), http, failover: Default::default() }
+    }
+
+    /// Sends the request `make` builds for an address, to the addresses in failover order,
+    /// until one answers (see the module's comment); the errors of all when none does.
+    async fn send(
+        &self,
+        make: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response> {
+        let n = self.bases.len();
+        let lock = || self.failover.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let order = lock().order(n, std::time::Instant::now());
+        let mut errors = Vec::new();
+        for (k, &i) in order.iter().enumerate() {
+            let base = &self.bases[i];
+            match make(&self.http, base).send().await {
+                Ok(resp) if matches!(resp.status().as_u16(), 502 | 504) && k + 1 < n => {
+                    lock().failed(i, n, std::time::Instant::now());
+                    errors.push(anyhow!("the server {base} answered {}", resp.status()));
+                }
+                Ok(resp) => {
+                    lock().worked(i, n);
+                    return Ok(resp);
+                }
+                Err(e) if e.is_builder() => return Err(unreachable(base, e)),
+                Err(e) => {
+                    lock().failed(i, n, std::time::Instant::now());
+                    errors.push(unreachable(base, e));
+                }
+            }
+        }
+        Err(match errors.len() {
+            1 => errors.remove(0),
+            _ => anyhow!("{}", errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")),
+        })
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse> {
@@ -223,13 +304,7 @@ impl Client {
         req: &Q,
         what: &str,
     ) -> Result<A> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(req)
-            .send()
-            .await
-            .map_err(|e| unreachable(&self.base, e))?;
+        let resp = self.send(|http, base| http.post(format!("{base}{path}")).json(req)).await?;
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }
@@ -238,11 +313,15 @@ impl Client {
     }
 
     pub async fn catalog(&self, req: &CatalogRequest, etag: Option<&str>) -> Result<CatalogReply> {
-        let mut r = self.http.post(format!("{}/v1/catalog", self.base)).json(req);
-        if let Some(tag) = etag {
-            r = r.header(reqwest::header::IF_NONE_MATCH, tag);
-        }
-        let resp = r.send().await.map_err(|e| unreachable(&self.base, e))?;
+        let resp = self
+            .send(|http, base| {
+                let r = http.post(format!("{base}/v1/catalog")).json(req);
+                match etag {
+                    Some(tag) => r.header(reqwest::header::IF_NONE_MATCH, tag),
+                    None => r,
+                }
+            })
+            .await?;
         match resp.status().as_u16() {
             304 => Ok(CatalogReply::NotModified { ca_bundle: bundle_of(&resp) }),
             503 => {
@@ -271,12 +350,7 @@ impl Client {
 
     /// The server's CA bundle (PEM), over the connection this host already trusts.
     pub async fn ca_bundle(&self) -> Result<String> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/ca-bundle", self.base))
-            .send()
-            .await
-            .map_err(|e| unreachable(&self.base, e))?;
+        let resp = self.send(|http, base| http.get(format!("{base}/v1/ca-bundle"))).await?;
         if !resp.status().is_success() {
             return Err(error_of(resp).await);
         }
@@ -293,13 +367,12 @@ impl Client {
     /// [`Sent::Refused`] means "never" (the body itself was refused).
     pub async fn report(&self, body: &[u8]) -> Result<Sent> {
         let resp = self
-            .http
-            .post(format!("{}/v1/reports", self.base))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_vec())
-            .send()
-            .await
-            .map_err(|e| unreachable(&self.base, e))?;
+            .send(|http, base| {
+                http.post(format!("{base}/v1/reports"))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_vec())
+            })
+            .await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(Sent::Stored);
@@ -307,5 +380,32 @@ impl Client {
         let never = status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 408 | 429);
         let e = error_of(resp).await;
         if never { Ok(Sent::Refused(format!("{e:#}"))) } else { Err(e) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_that_answered_goes_first_and_one_that_failed_waits_longer_each_time() {
+        let t0 = std::time::Instant::now();
+        let mut f = Failover::default();
+        assert_eq!(f.order(3, t0), [0, 1, 2], "as configured");
+        f.failed(0, 3, t0);
+        assert_eq!(f.order(3, t0), [1, 2, 0], "the one that failed, last");
+        f.worked(1, 3);
+        assert_eq!(f.order(3, t0 + BACKOFF), [1, 0, 2], "back in line after its wait, behind the one that answered");
+        f.failed(0, 3, t0);
+        assert_eq!(f.failures[0].1, Some(t0 + BACKOFF * 2), "twice as long");
+        for _ in 0..20 {
+            f.failed(0, 3, t0);
+        }
+        assert_eq!(f.failures[0].1, Some(t0 + BACKOFF_MAX), "at most ten minutes");
+        f.failed(1, 3, t0);
+        f.failed(2, 3, t0);
+        assert_eq!(f.order(3, t0).len(), 3, "all waiting: every one is still tried");
+        f.worked(0, 3);
+        assert_eq!(f.order(3, t0)[0], 0);
     }
 }

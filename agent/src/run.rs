@@ -51,7 +51,8 @@ static CLIENT: std::sync::Mutex<Option<(String, std::sync::Arc<Client>)>> = std:
 
 fn client(root: &Root, config: &AgentConfig) -> Result<std::sync::Arc<Client>> {
     let (ca, cert, key) = (read(root, state::CA_FILE)?, read(root, state::CERT_FILE)?, read(root, state::KEY_FILE)?);
-    let identity = converge_modules::hash::sha256_hex(format!("{}\0{ca}\0{cert}\0{key}", config.server).as_bytes());
+    let identity =
+        converge_modules::hash::sha256_hex(format!("{}\0{ca}\0{cert}\0{key}", config.servers.join("\0")).as_bytes());
     let mut kept = CLIENT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((id, c)) = kept.as_ref()
         && *id == identity
@@ -65,7 +66,7 @@ fn client(root: &Root, config: &AgentConfig) -> Result<std::sync::Arc<Client>> {
     let roots = crate::client::pem_certificates(&ca).map_err(|e| damaged(state::CA_FILE, e))?;
     let certs = crate::client::pem_certificates(&cert).map_err(|e| damaged(state::CERT_FILE, e))?;
     let key = crate::client::pem_key(&key).map_err(|e| damaged(state::KEY_FILE, e))?;
-    let c = Client::new(&config.server, roots, Some(Identity { certs, key })).map_err(|e| {
+    let c = Client::new(&config.servers, roots, Some(Identity { certs, key })).map_err(|e| {
         damaged(
             state::CERT_FILE,
             format!("{e:#} (with {})", root.path().join(state::KEY_FILE.trim_start_matches('/')).display()),
@@ -531,7 +532,9 @@ pub fn status(root: &std::path::Path) -> Result<i32> {
     let config = AgentConfig::load(&r);
     let (Status { last_run, next_run, certificate }, damaged) = state::read_status(&r);
     match &config {
-        Ok(c) => println!("node        {} (server {}, every {} s)", c.name, clip(&c.server, 200), c.interval),
+        Ok(c) => {
+            println!("node        {} (server {}, every {} s)", c.name, clip(&c.servers.join(", "), 400), c.interval)
+        }
         Err(e) => println!("node        {}", clip(&format!("{e:#}"), 400)),
     }
     if let Some(d) = damaged {

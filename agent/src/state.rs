@@ -131,7 +131,11 @@ pub fn set_aside(host: &RealHost, path: &str, why: &str) -> String {
 /// `/etc/converge/agent.toml`.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The first address of the server.
     pub server: String,
+    /// Every address, `server` first: several servers sharing one database, or one server by
+    /// several names, tried in turn when one cannot be reached.
+    pub servers: Vec<String>,
     pub name: String,
     /// Seconds between runs [30m].
     pub interval: i64,
@@ -144,6 +148,9 @@ pub struct AgentConfig {
 #[serde(deny_unknown_fields)]
 struct AgentFile {
     server: String,
+    /// More addresses of the same fleet, tried after `server`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    servers: Vec<String>,
     name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     interval: Option<Spanned<settings::Duration>>,
@@ -167,13 +174,26 @@ impl AgentConfig {
             Some(i) => file.at_least("interval", i, 10).map_err(|d| anyhow!("{d}"))?,
             None => 1800,
         };
-        Ok(AgentConfig { server: f.server, name: f.name, interval, splay: f.splay.map_or(interval, |s| s.0).max(0) })
+        if f.servers.len() > 16 {
+            bail!("{shown}: `servers` lists {} addresses; 16 at most", f.servers.len());
+        }
+        let mut servers = vec![f.server.clone()];
+        servers.extend(f.servers.into_iter().filter(|s| *s != f.server));
+        servers.dedup();
+        Ok(AgentConfig {
+            server: f.server,
+            servers,
+            name: f.name,
+            interval,
+            splay: f.splay.map_or(interval, |s| s.0).max(0),
+        })
     }
 
-    /// The text bootstrap writes.
-    pub fn text(server: &str, name: &str) -> String {
+    /// The text bootstrap writes: the first of `servers` as `server`, the rest as `servers`.
+    pub fn text(servers: &[String], name: &str) -> String {
         let file = AgentFile {
-            server: server.into(),
+            server: servers.first().cloned().unwrap_or_default(),
+            servers: servers.iter().skip(1).cloned().collect(),
             name: name.into(),
             interval: Some(Spanned::new(0..0, settings::Duration(1800))),
             splay: None,

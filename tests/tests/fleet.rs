@@ -446,3 +446,37 @@ fn the_catalog_key_rotates_on_a_live_fleet_and_the_retired_key_signs_nothing_mor
     assert!(out.stderr.contains("no valid signature by a trusted catalog key"), "{}", out.stderr);
     assert!(!a.join("etc/evil").exists());
 }
+
+/// A host that knows several addresses of its fleet joins, pulls and reports through the one
+/// that answers, and says which it could not reach; the address that answered is asked first
+/// from then on.
+#[test]
+fn several_server_addresses_fail_over_to_the_one_that_answers() {
+    let f = fleet();
+    let server = Server::start(&f.config());
+    let root = f.root("agent1");
+    let dead = "https://127.0.0.1:1";
+    let out = converge_in(
+        &root,
+        &["bootstrap", "--server", dead, "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token],
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(read(&root, "etc/motd"), "agent1 v1\n");
+    let config = read(&root, "etc/converge/agent.toml");
+    assert!(config.contains(&format!("server = \"{dead}\"")) && config.contains(&server.url), "{config}");
+    std::fs::write(root.join("etc/motd"), "drifted\n").unwrap();
+    let out = converge_in(&root, &["run", "--once"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(read(&root, "etc/motd"), "agent1 v1\n", "repaired from the catalog the second address sent");
+    std::thread::sleep(Duration::from_millis(1500));
+    let last = server_ok(&["report", "--node", "agent1", "--limit", "1", "--config", &f.config()]);
+    assert!(last.contains(": 1 changed, 0 failed") && !last.contains("cached"), "the report arrived: {last}");
+    let status = converge_in(&root, &["status"]);
+    assert!(status.stdout.contains(&format!("server {dead}, {}", server.url)), "{}", status.stdout);
+    // With every address away, the host says what each one answered, and enforces its cache.
+    drop(server);
+    let out = converge_in(&root, &["run", "--once"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(said.contains("127.0.0.1:1") && said.contains("enforcing the cached catalog"), "{said}");
+}
