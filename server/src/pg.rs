@@ -88,6 +88,87 @@ impl Pg {
     }
 }
 
+/// The tables `db import` copies, in an order their references allow.
+pub const TABLES: &[&str] = &["nodes", "certificates", "tokens", "pending", "catalogs", "reports", "operators"];
+
+impl Pg {
+    /// Copies every row of the embedded database at `sqlite` into this one, which must be
+    /// migrated and empty: one transaction, so that a failure leaves it empty. Returns the
+    /// rows copied per table.
+    pub async fn import(&self, sqlite: &std::path::Path, now: i64) -> Result<Vec<(&'static str, usize)>> {
+        let source = rusqlite::Connection::open_with_flags(sqlite, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("cannot open {}", sqlite.display()))?;
+        self.migrate(now).await?;
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        for table in TABLES {
+            let n: i64 = tx.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await?.get(0);
+            if n > 0 {
+                anyhow::bail!(
+                    "{} already holds {n} rows in {table}: import only into an empty database (nothing was copied)",
+                    self.shown
+                );
+            }
+        }
+        // A partition for every day the reports span.
+        let mut days = source.prepare("SELECT DISTINCT received / 86400 FROM reports")?;
+        let days: Vec<i64> = days.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        for day in days {
+            tx.batch_execute(&schema::report_partition(day * 86_400).1).await?;
+        }
+        let mut copied = Vec::new();
+        for table in TABLES {
+            let columns = tx
+                .query(
+                    "SELECT column_name, data_type FROM information_schema.columns
+                     WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+                    &[table],
+                )
+                .await?;
+            let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+            let marks: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
+            let insert = tx
+                .prepare(&format!("INSERT INTO {table} ({}) VALUES ({})", names.join(", "), marks.join(", ")))
+                .await?;
+            let mut select = source.prepare(&format!("SELECT {} FROM {table}", names.join(", ")))?;
+            let mut rows = select.query([])?;
+            let mut n = 0;
+            while let Some(row) = rows.next()? {
+                let mut values: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+                for (i, (name, kind)) in columns.iter().enumerate() {
+                    use rusqlite::types::ValueRef;
+                    let v = row.get_ref(i)?;
+                    let bad = || anyhow!("{table}.{name}: a value of the wrong type in {}", sqlite.display());
+                    values.push(match (kind.as_str(), v) {
+                        ("bigint", ValueRef::Null) => Box::new(None::<i64>),
+                        ("bigint", ValueRef::Integer(x)) => Box::new(x),
+                        ("boolean", ValueRef::Null) => Box::new(None::<bool>),
+                        ("boolean", ValueRef::Integer(x)) => Box::new(x != 0),
+                        ("text", ValueRef::Null) => Box::new(None::<String>),
+                        ("text", ValueRef::Text(t)) => Box::new(String::from_utf8(t.to_vec()).map_err(|_| bad())?),
+                        ("bytea", ValueRef::Blob(b)) => Box::new(b.to_vec()),
+                        ("bytea", ValueRef::Null) => Box::new(None::<Vec<u8>>),
+                        _ => return Err(bad()),
+                    });
+                }
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    values.iter().map(|v| &**v as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                tx.execute(&insert, &params).await.with_context(|| format!("cannot copy a row of {table}"))?;
+                n += 1;
+            }
+            copied.push((*table, n));
+        }
+        // New reports are numbered after the imported ones.
+        tx.batch_execute(
+            "SELECT setval(pg_get_serial_sequence('reports', 'id'), GREATEST((SELECT max(id) FROM reports), 1))",
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(copied)
+    }
+}
+
 /// The partitions of `reports`, oldest first.
 async fn partitions(c: &tokio_postgres::Client) -> Result<Vec<String>> {
     let rows = c

@@ -78,3 +78,49 @@ fn db_migrate_makes_the_one_schema_in_postgresql_and_again_changes_nothing() {
     assert_ne!(away.code, 0);
     assert!(away.stderr.contains("cannot reach PostgreSQL at 127.0.0.1:"), "{}", away.stderr);
 }
+
+/// `db import` copies a live fleet's embedded state (nodes, certificates, tokens, catalogs,
+/// reports) into an empty PostgreSQL database in one transaction, and refuses a database that
+/// is not empty.
+#[test]
+fn db_import_copies_the_embedded_state_into_an_empty_database_only() {
+    if !available() {
+        return;
+    }
+    let pg = Postgres::start();
+    let f = converge_e2e::Fleet::new(&[
+        ("site.yaml", "nodes:\n  \"agent*\": {roles: [motd]}\n"),
+        ("roles/motd.yaml", "resources:\n  - file: /etc/motd\n    content: \"hi\\n\"\n"),
+    ]);
+    let server = converge_e2e::Server::start(&f.config());
+    for name in ["agent1", "agent2"] {
+        let root = f.root(name);
+        let out = converge_e2e::converge_in(
+            &root,
+            &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token(name)],
+        );
+        assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+        converge_e2e::converge_in(&root, &["run", "--once"]);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    drop(server);
+    let config = f.config();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}database = \"{}\"\n", pg.url())).unwrap();
+    let out = converge_e2e::server_ok(&["db", "import", "--config", &config]);
+    assert!(out.contains("2 nodes, 2 certificates") && out.contains("4 reports"), "{out}");
+    assert_eq!(pg.sql("SELECT string_agg(name, ',' ORDER BY name) FROM nodes").trim(), "agent1,agent2");
+    assert_eq!(pg.sql("SELECT count(*) FROM catalogs WHERE length(envelope) > 100").trim(), "2");
+    assert_eq!(pg.sql("SELECT count(*) FROM reports WHERE NOT stale AND NOT dry_run").trim(), "4");
+    // New reports are numbered after the imported ones.
+    let next = pg.sql(
+        "INSERT INTO reports (node, received, changed, failed, stale, body) \
+         VALUES ('agent1', extract(epoch from now())::bigint, 0, 0, false, '{}') RETURNING id",
+    );
+    let max: i64 = pg.sql("SELECT max(id) FROM reports WHERE body <> '{}'").trim().parse().unwrap();
+    let next: i64 = next.lines().next().unwrap().trim().parse().unwrap(); // then psql's "INSERT 0 1"
+    assert!(next > max, "{next} after {max}");
+    let again = converge_e2e::run("converge-server", &["db", "import", "--config", &config]);
+    assert_ne!(again.code, 0);
+    assert!(again.stderr.contains("import only into an empty database"), "{}", again.stderr);
+}

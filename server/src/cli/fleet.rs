@@ -327,6 +327,15 @@ pub enum DbAction {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Copy the embedded database (STATE/state.db, or --from) into the empty PostgreSQL
+    /// database `server.toml` names: nodes, certificates, tokens, requests, catalogs, reports.
+    /// Stop the server first.
+    Import {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+    },
 }
 
 pub fn db_command(action: DbAction) -> Result<u8> {
@@ -353,6 +362,24 @@ pub fn db_command(action: DbAction) -> Result<u8> {
                     );
                 }
             }
+            Ok(0)
+        }
+        DbAction::Import { config, from } => {
+            let config = crate::config::Config::read(&config)?;
+            let Some(url) = &config.database else {
+                bail!("{}: no `database` to import into (a PostgreSQL URL)", config.file.display());
+            };
+            let from = from.unwrap_or_else(|| config.state.join("state.db"));
+            if !from.is_file() {
+                bail!("{} is not an embedded state database", from.display());
+            }
+            // Brought up to date first: an older file gains the columns PostgreSQL has.
+            crate::db::Db::open(&from, 1)?;
+            let pg = crate::pg::Pg::new(url, 1)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let copied = rt.block_on(pg.import(&from, crate::db::now()))?;
+            let counts: Vec<String> = copied.iter().map(|(t, n)| format!("{n} {t}")).collect();
+            println!("copied {} into PostgreSQL {}: {}", from.display(), pg.shown, counts.join(", "));
             Ok(0)
         }
     }
