@@ -84,7 +84,31 @@ impl Pg {
 
     /// The partitions of `reports`, oldest first.
     pub async fn partitions(&self) -> Result<Vec<String>> {
-        partitions(&*self.client().await?).await
+        partitions(&self.client().await?).await
+    }
+}
+
+impl Pg {
+    /// Retention: drops the daily report partitions wholly older than `before` (never a row
+    /// delete), and makes the partitions up to [`PARTITIONS_AHEAD`] days after `now`. Returns
+    /// the partitions dropped.
+    pub async fn prune_reports(&self, before: i64, now: i64) -> Result<Vec<String>> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.batch_execute("SELECT pg_advisory_xact_lock(7243002)").await?;
+        for day in 0..=PARTITIONS_AHEAD {
+            tx.batch_execute(&schema::report_partition(now + day * 86_400).1).await?;
+        }
+        let mut dropped = Vec::new();
+        for name in partitions(&tx).await? {
+            let Some(day) = name.strip_prefix("reports_d").and_then(|d| d.parse::<i64>().ok()) else { continue };
+            if (day + 1) * 86_400 <= before {
+                tx.batch_execute(&format!("DROP TABLE {name}")).await?;
+                dropped.push(name);
+            }
+        }
+        tx.commit().await?;
+        Ok(dropped)
     }
 }
 
@@ -170,7 +194,7 @@ impl Pg {
 }
 
 /// The partitions of `reports`, oldest first.
-async fn partitions(c: &tokio_postgres::Client) -> Result<Vec<String>> {
+async fn partitions(c: &impl deadpool_postgres::GenericClient) -> Result<Vec<String>> {
     let rows = c
         .query(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid

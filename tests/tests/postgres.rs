@@ -124,3 +124,40 @@ fn db_import_copies_the_embedded_state_into_an_empty_database_only() {
     assert_ne!(again.code, 0);
     assert!(again.stderr.contains("import only into an empty database"), "{}", again.stderr);
 }
+
+/// Retention on PostgreSQL drops whole daily partitions past the window (no row deletes) and
+/// makes the week ahead; on the embedded file it deletes the old rows.
+#[test]
+fn db_prune_drops_old_report_partitions_and_makes_the_week_ahead() {
+    if !available() {
+        return;
+    }
+    let pg = Postgres::start();
+    let f = converge_e2e::Fleet::new(&[("site.yaml", "nodes: {}\n")]);
+    let config = f.config();
+    let embedded = converge_e2e::server_ok(&["db", "prune", "--config", &config]);
+    assert!(embedded.starts_with("deleted 0 reports received before "), "{embedded}");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}database = \"{}\"\nreport_retention = \"7d\"\n", pg.url())).unwrap();
+    converge_e2e::server_ok(&["db", "migrate", "--config", &config]);
+    let now: i64 = pg.sql("SELECT extract(epoch from now())::bigint").trim().parse().unwrap();
+    let old_day = now / 86_400 - 30;
+    pg.sql(&format!(
+        "CREATE TABLE reports_d{old_day} PARTITION OF reports FOR VALUES FROM ({}) TO ({});
+         INSERT INTO reports (node, received, changed, failed, stale, body) VALUES ('n', {}, 0, 0, false, '{{}}'),
+                ('n', {now}, 0, 0, false, '{{}}')",
+        old_day * 86_400,
+        (old_day + 1) * 86_400,
+        old_day * 86_400 + 5
+    ));
+    let out = converge_e2e::server_ok(&["db", "prune", "--config", &config]);
+    assert!(
+        out.starts_with("dropped 1 daily report partitions") && out.contains(&format!("reports_d{old_day}")),
+        "{out}"
+    );
+    assert_eq!(pg.sql("SELECT count(*) FROM reports").trim(), "1", "today's report stays");
+    let ahead = format!("reports_d{}", now / 86_400 + 7);
+    assert_eq!(pg.sql(&format!("SELECT count(*) FROM pg_class WHERE relname = '{ahead}'")).trim(), "1");
+    let again = converge_e2e::server_ok(&["db", "prune", "--config", &config]);
+    assert!(again.starts_with("dropped 0 daily report partitions"), "{again}");
+}

@@ -327,6 +327,12 @@ pub enum DbAction {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Apply the report retention now (`serve` does it every hour): reports older than
+    /// `report_retention` go (on PostgreSQL, their daily partitions are dropped).
+    Prune {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Copy the embedded database (STATE/state.db, or --from) into the empty PostgreSQL
     /// database `server.toml` names: nodes, certificates, tokens, requests, catalogs, reports.
     /// Stop the server first.
@@ -359,6 +365,30 @@ pub fn db_command(action: DbAction) -> Result<u8> {
                         partitions.len(),
                         partitions.first().map(String::as_str).unwrap_or("-"),
                         partitions.last().map(String::as_str).unwrap_or("-")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        DbAction::Prune { config } => {
+            let config = crate::config::Config::read(&config)?;
+            let now = crate::db::now();
+            let before = now - config.report_retention;
+            match &config.database {
+                None => {
+                    let (_, db) = open_db(&config.file)?;
+                    let n = db.prune_reports(before, 10_000)?;
+                    println!("deleted {n} reports received before {}", converge_modules::time::Timestamp(before));
+                }
+                Some(url) => {
+                    let pg = crate::pg::Pg::new(url, 1)?;
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    let dropped = rt.block_on(pg.prune_reports(before, now))?;
+                    println!(
+                        "dropped {} daily report partitions ending before {}{}",
+                        dropped.len(),
+                        converge_modules::time::Timestamp(before),
+                        if dropped.is_empty() { String::new() } else { format!(": {}", dropped.join(", ")) }
                     );
                 }
             }
