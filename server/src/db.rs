@@ -40,6 +40,34 @@ pub struct PendingRow {
     pub address: String,
 }
 
+/// Every node with its certificate, catalog, last report and pending dry-run (`?1`: one node's
+/// name, or NULL for all); the same text serves both engines (the casts tell PostgreSQL a
+/// parameter's type where it cannot see it).
+pub(crate) const NODE_ROWS: &str = "SELECT n.name, n.last_seen,
+    (SELECT MAX(expires) FROM certificates WHERE node = n.name AND revoked IS NULL),
+    NOT EXISTS (SELECT 1 FROM certificates WHERE node = n.name AND revoked IS NULL),
+    k.serial, k.compile_error,
+    r.received, r.changed, r.failed, r.stale, r.commit_id, n.agent_version,
+    (SELECT d.changed FROM reports d WHERE d.node = n.name AND d.dry_run AND d.id > COALESCE(r.id, 0)
+     ORDER BY d.id DESC LIMIT 1)
+ FROM nodes n
+ LEFT JOIN catalogs k ON k.node = n.name
+ LEFT JOIN reports r ON r.id = (SELECT MAX(id) FROM reports WHERE node = n.name AND NOT dry_run)
+ WHERE CAST(?1 AS TEXT) IS NULL OR n.name = ?1
+ ORDER BY n.name";
+
+/// Reports, newest first: `?1` node or NULL, `?2` failed only, `?3` received since or NULL,
+/// `?4` how many, `?5` with their bodies.
+pub(crate) const REPORTS: &str = "SELECT id, node, received, changed, failed, stale, serial, commit_id,
+    CASE WHEN ?5 THEN body ELSE '' END, digest, dry_run FROM reports
+ WHERE (CAST(?1 AS TEXT) IS NULL OR node = ?1) AND (NOT ?2 OR failed > 0)
+   AND (CAST(?3 AS BIGINT) IS NULL OR received >= ?3)
+ ORDER BY id DESC LIMIT ?4";
+
+/// Enrollment requests not yet forgotten (`?1`: the oldest time kept).
+pub(crate) const PENDING: &str = "SELECT node, requested, approved IS NOT NULL, fingerprint, address FROM pending
+ WHERE requested >= ?1 ORDER BY node";
+
 /// Reports kept per node; older ones are dropped.
 pub const REPORTS_PER_NODE: i64 = 50;
 
@@ -463,10 +491,7 @@ impl Db {
 
     pub fn pending_list(&self, now: i64) -> Result<Vec<PendingRow>> {
         self.with(|c| {
-            let mut s = c.prepare(
-                "SELECT node, requested, approved IS NOT NULL, fingerprint, address FROM pending
-                 WHERE requested >= ?1 ORDER BY node",
-            )?;
+            let mut s = c.prepare(PENDING)?;
             s.query_map(params![now - PENDING_TTL], |r| {
                 Ok(PendingRow {
                     node: r.get(0)?,
@@ -584,20 +609,7 @@ impl Db {
 
     fn node_rows(&self, only: Option<&str>) -> Result<Vec<NodeRow>> {
         self.with(|c| {
-            let mut s = c.prepare(
-                "SELECT n.name, n.last_seen,
-                    (SELECT MAX(expires) FROM certificates WHERE node = n.name AND revoked IS NULL),
-                    NOT EXISTS (SELECT 1 FROM certificates WHERE node = n.name AND revoked IS NULL),
-                    k.serial, k.compile_error,
-                    r.received, r.changed, r.failed, r.stale, r.commit_id, n.agent_version,
-                    (SELECT d.changed FROM reports d WHERE d.node = n.name AND d.dry_run AND d.id > COALESCE(r.id, 0)
-                     ORDER BY d.id DESC LIMIT 1)
-                 FROM nodes n
-                 LEFT JOIN catalogs k ON k.node = n.name
-                 LEFT JOIN reports r ON r.id = (SELECT MAX(id) FROM reports WHERE node = n.name AND NOT dry_run)
-                 WHERE ?1 IS NULL OR n.name = ?1
-                 ORDER BY n.name",
-            )?;
+            let mut s = c.prepare(NODE_ROWS)?;
             s.query_map(params![only], |r| {
                 let report = match r.get::<_, Option<i64>>(6)? {
                     Some(at) => Some((at, r.get(7)?, r.get(8)?, r.get(9)?)),
@@ -634,12 +646,7 @@ impl Db {
     /// Reports, newest first.
     pub fn reports(&self, f: &ReportFilter) -> Result<Vec<StoredReport>> {
         self.with(|c| {
-            let mut s = c.prepare(
-                "SELECT id, node, received, changed, failed, stale, serial, commit_id,
-                    CASE WHEN ?5 THEN body ELSE '' END, digest, dry_run FROM reports
-                 WHERE (?1 IS NULL OR node = ?1) AND (NOT ?2 OR failed > 0) AND (?3 IS NULL OR received >= ?3)
-                 ORDER BY id DESC LIMIT ?4",
-            )?;
+            let mut s = c.prepare(REPORTS)?;
             s.query_map(params![f.node, f.failed, f.since, f.limit.max(1), f.bodies], stored_report)?.collect()
         })
     }

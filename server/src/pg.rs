@@ -112,6 +112,80 @@ impl Pg {
     }
 }
 
+/// `sql` written for SQLite (`?N` parameters) as PostgreSQL takes it (`$N`).
+fn dollars(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What operators read: the same queries, and the same rows, as the embedded file's.
+impl Pg {
+    pub async fn node_rows(&self, only: Option<&str>) -> Result<Vec<crate::db::NodeRow>> {
+        let c = self.client().await?;
+        let rows = c.query(&dollars(crate::db::NODE_ROWS), &[&only]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::db::NodeRow {
+                name: r.get(0),
+                last_seen: r.get(1),
+                cert_expires: r.get(2),
+                revoked: r.get(3),
+                serial: r.get::<_, Option<i64>>(4).map(|s| s as u64),
+                compile_error: r.get(5),
+                last_report: r.get::<_, Option<i64>>(6).map(|at| (at, r.get(7), r.get(8), r.get(9))),
+                last_commit: r.get(10),
+                agent_version: r.get(11),
+                dry_run_pending: r.get(12),
+            })
+            .collect())
+    }
+
+    pub async fn reports(&self, f: &crate::db::ReportFilter) -> Result<Vec<crate::db::StoredReport>> {
+        let c = self.client().await?;
+        let limit = f.limit.max(1);
+        let rows = c.query(&dollars(crate::db::REPORTS), &[&f.node, &f.failed, &f.since, &limit, &f.bodies]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::db::StoredReport {
+                id: r.get(0),
+                node: r.get(1),
+                received: r.get(2),
+                changed: r.get(3),
+                failed: r.get(4),
+                stale: r.get(5),
+                serial: r.get::<_, Option<i64>>(6).map(|s| s as u64),
+                commit: r.get(7),
+                body: r.get(8),
+                digest: r.get(9),
+                dry_run: r.get(10),
+            })
+            .collect())
+    }
+
+    pub async fn pending_list(&self, now: i64) -> Result<Vec<crate::db::PendingRow>> {
+        let c = self.client().await?;
+        let rows = c.query(&dollars(crate::db::PENDING), &[&(now - crate::db::PENDING_TTL)]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::db::PendingRow {
+                node: r.get(0),
+                requested: r.get(1),
+                approved: r.get(2),
+                fingerprint: r.get::<_, Option<String>>(3).unwrap_or_default(),
+                address: r.get::<_, Option<String>>(4).unwrap_or_default(),
+            })
+            .collect())
+    }
+}
+
 /// The tables `db import` copies, in an order their references allow.
 pub const TABLES: &[&str] = &["nodes", "certificates", "tokens", "pending", "catalogs", "reports", "operators"];
 

@@ -105,6 +105,7 @@ fn db_import_copies_the_embedded_state_into_an_empty_database_only() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     drop(server);
     let config = f.config();
+    let embedded = converge_e2e::server_ok(&["node", "list", "--config", &config]);
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{text}database = \"{}\"\n", pg.url())).unwrap();
     let out = converge_e2e::server_ok(&["db", "import", "--config", &config]);
@@ -112,6 +113,21 @@ fn db_import_copies_the_embedded_state_into_an_empty_database_only() {
     assert_eq!(pg.sql("SELECT string_agg(name, ',' ORDER BY name) FROM nodes").trim(), "agent1,agent2");
     assert_eq!(pg.sql("SELECT count(*) FROM catalogs WHERE length(envelope) > 100").trim(), "2");
     assert_eq!(pg.sql("SELECT count(*) FROM reports WHERE NOT stale AND NOT dry_run").trim(), "4");
+    // The operators' listings read the shared database: the same fleet as before the import.
+    let nodes = converge_e2e::server_ok(&["node", "list", "--config", &config]);
+    for name in ["agent1", "agent2"] {
+        let columns = |listing: &str| -> Vec<String> {
+            let line = listing.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {listing}"));
+            line.split_whitespace().map(str::to_string).collect()
+        };
+        let (before, after) = (columns(&embedded), columns(&nodes));
+        assert_eq!((&before[1], &before[5]), (&after[1], &after[5]), "status and serial: {before:?} {after:?}");
+        assert_eq!(after[1..3], ["in", "sync"], "{after:?}");
+    }
+    let reports = converge_e2e::server_ok(&["report", "--node", "agent1", "--limit", "5", "--config", &config]);
+    assert!(reports.contains("agent1") && reports.contains("changed"), "{reports}");
+    let none = converge_e2e::run("converge-server", &["report", "--node", "nobody", "--config", &config]);
+    assert!(none.stderr.contains("there is no node nobody"), "{}", none.stderr);
     // New reports are numbered after the imported ones.
     let next = pg.sql(
         "INSERT INTO reports (node, received, changed, failed, stale, body) \

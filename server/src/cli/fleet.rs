@@ -90,7 +90,7 @@ pub fn report(
     limit: i64,
     details: bool,
 ) -> Result<u8> {
-    let (_, db) = open_db(config)?;
+    let db = Reader::open(&crate::config::Config::read(config)?)?;
     let now = crate::db::now();
     let since = match since {
         None => None,
@@ -108,7 +108,7 @@ pub fn report(
         }),
     };
     if let Some(n) = &node
-        && db.node(n)?.is_none()
+        && db.nodes(Some(n))?.is_empty()
     {
         bail!("there is no node {n} (converge-server node list shows them)");
     }
@@ -126,9 +126,10 @@ pub fn report(
 pub fn node_command(action: NodeAction) -> Result<u8> {
     match action {
         NodeAction::List { config } => {
-            let (config, db) = open_db(&config)?;
+            let config = crate::config::Config::read(&config)?;
+            let db = Reader::open(&config)?;
             let now = crate::db::now();
-            let nodes = db.nodes()?;
+            let nodes = db.nodes(None)?;
             println!(
                 "{:<28} {:<10} {:<12} {:<12} {:<14} {:>7} {:>6}  CERTIFICATE",
                 "NODE", "STATUS", "LAST RUN", "COMMIT", "SERIAL", "CHANGED", "FAILED"
