@@ -95,17 +95,26 @@ fn kill_9_at_random_moments_leaves_every_file_old_or_new() {
     eprintln!("crash test: a full run takes {full:?}; seed {seed} (CONVERGE_CRASH_SEED={seed} repeats it)");
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut mid_run = 0;
+    // The window kills are drawn from follows what the runs do on a machine whose speed varies
+    // (a shared one under load): a kill that found the run not started yet moves its start
+    // later, one that found it finished moves its end earlier.
+    let (mut lo, mut hi) = (0u64, full.as_micros() as u64);
     for k in 0..KILLS {
         reset(&root);
         let mut child = Command::new(BIN).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        let delay = Duration::from_micros(rng.u64(..=full.as_micros() as u64));
+        let delay = Duration::from_micros(rng.u64(lo..=hi.max(lo + 1)));
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL
         child.wait().unwrap();
         let (old, new) = census(&root);
         eprintln!("kill {k} after {delay:?}: {old} old, {new} new");
+        let at = delay.as_micros() as u64;
         if old > 0 && new > 0 {
             mid_run += 1;
+        } else if new == FILES {
+            hi = hi.min(at.max(lo + 2) - 1).max(lo + 1);
+        } else {
+            lo = lo.max(at).min(hi.saturating_sub(1));
         }
     }
     assert!(mid_run >= KILLS / 2, "only {mid_run} of {KILLS} kills landed mid-run: the test did not test much");
