@@ -409,7 +409,8 @@ fn keep_certificate(
     });
     // A host without a sealing key (it enrolled before there were any) makes one and renews
     // at once, which tells the server its key.
-    let no_seal_key = matches!(state::read_seal_key(host.root()), Ok(None));
+    // (One lstat on the no-op path: the key is read only where a catalog holds secrets.)
+    let no_seal_key = matches!(host.root().lstat(state::SEAL_KEY_FILE), Ok(None));
     if (now < v.renew_from() && !from_old_ca && !no_seal_key) || dry_run {
         if expired {
             let why = way_back();
