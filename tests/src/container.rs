@@ -33,7 +33,8 @@ pub fn enabled(test: &str) -> bool {
     }
 }
 
-fn nix_is_root() -> bool {
+/// Whether the tests run as root.
+pub fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))

@@ -33,7 +33,7 @@ pub fn binaries() -> Option<PathBuf> {
 /// Why PostgreSQL tests cannot run here, if they cannot: they need root (to run the cluster
 /// as the `postgres` user), that user, and the package's binaries.
 pub fn unavailable() -> Option<String> {
-    if !nix_is_root() {
+    if !crate::container::nix_is_root() {
         return Some("not root: the cluster runs as the `postgres` user".into());
     }
     if Command::new("id").arg("postgres").output().map(|o| !o.status.success()).unwrap_or(true) {
@@ -43,13 +43,6 @@ pub fn unavailable() -> Option<String> {
         return Some("no /usr/lib/postgresql/N/bin (apt-get install postgresql)".into());
     }
     None
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
 }
 
 fn free_port() -> u16 {
@@ -112,6 +105,12 @@ impl Postgres {
     pub fn stop(&self) {
         let data = self.data().display().to_string();
         self.as_postgres("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Points the server of `config` (a `server.toml`) at this database, with `extra` settings.
+    pub fn serve_from(&self, config: &str, extra: &str) {
+        let text = std::fs::read_to_string(config).unwrap();
+        std::fs::write(config, format!("{text}database = \"{}\"\n{extra}", self.url())).unwrap();
     }
 
     /// The URL `server.toml` names the database by.

@@ -46,8 +46,7 @@ fn db_migrate_makes_the_one_schema_in_postgresql_and_again_changes_nothing() {
     let pg = Postgres::start();
     let f = converge_e2e::Fleet::new(&[("site.yaml", "nodes: {}\n")]);
     let config = f.config();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}database = \"{}\"\n", pg.url())).unwrap();
+    pg.serve_from(&config, "");
     let first = converge_e2e::server_ok(&["db", "migrate", "--config", &config]);
     assert!(first.contains("is up to date: 9 daily report partitions"), "{first}");
     let tables = pg.sql(
@@ -106,8 +105,7 @@ fn db_import_copies_the_embedded_state_into_an_empty_database_only() {
     drop(server);
     let config = f.config();
     let embedded = converge_e2e::server_ok(&["node", "list", "--config", &config]);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}database = \"{}\"\n", pg.url())).unwrap();
+    pg.serve_from(&config, "");
     let out = converge_e2e::server_ok(&["db", "import", "--config", &config]);
     assert!(out.contains("2 nodes, 2 certificates") && out.contains("4 reports"), "{out}");
     assert_eq!(pg.sql("SELECT string_agg(name, ',' ORDER BY name) FROM nodes").trim(), "agent1,agent2");
@@ -153,8 +151,7 @@ fn db_prune_drops_old_report_partitions_and_makes_the_week_ahead() {
     let config = f.config();
     let embedded = converge_e2e::server_ok(&["db", "prune", "--config", &config]);
     assert!(embedded.starts_with("deleted 0 reports received before "), "{embedded}");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}database = \"{}\"\nreport_retention = \"7d\"\n", pg.url())).unwrap();
+    pg.serve_from(&config, "report_retention = \"7d\"\n");
     converge_e2e::server_ok(&["db", "migrate", "--config", &config]);
     let now: i64 = pg.sql("SELECT extract(epoch from now())::bigint").trim().parse().unwrap();
     let old_day = now / 86_400 - 30;
