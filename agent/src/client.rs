@@ -7,9 +7,9 @@
 //!
 //! A host may know several addresses of its fleet (servers sharing one database, or one server
 //! by several names): each request goes to the one that answered last, and on to the next when
-//! an address cannot be reached (no connection, no TLS, no answer in time, a gateway error); an
-//! address that failed is tried last for a while that doubles with each failure (30 s to
-//! 10 min). One that answers is preferred again at once.
+//! an address cannot be reached (no connection, no TLS, no answer in time, a gateway error, a
+//! server too busy or not caught up: 503); an address that failed is tried last for a while
+//! that doubles with each failure (30 s to 10 min). One that answers is preferred again at once.
 
 use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::wire::{CatalogRequest, EnrollRequest, EnrollResponse, ErrorBody, RenewRequest, RenewResponse};
@@ -271,7 +271,7 @@ impl Client {
         for (k, &i) in order.iter().enumerate() {
             let base = &self.bases[i];
             match make(&self.http, base).send().await {
-                Ok(resp) if matches!(resp.status().as_u16(), 502 | 504) && k + 1 < n => {
+                Ok(resp) if matches!(resp.status().as_u16(), 502..=504) && k + 1 < n => {
                     lock().failed(i, n, std::time::Instant::now());
                     errors.push(anyhow!("the server {base} answered {}", resp.status()));
                 }

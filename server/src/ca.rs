@@ -181,12 +181,28 @@ impl Ca {
             rotated_at: None,
             not_after: validity(cert.der())?.1,
         };
-        let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let server = server_params(names, addresses, now)?.signed_by(&server_key, &ca.issuer)?;
-        crate::keys::create(&dir.join("server.key"), &server_key.serialize_pem(), 0o600)?;
-        crate::keys::create(&dir.join("server.pem"), &server.pem(), 0o644)?;
+        ca.issue_server(dir, names, addresses)?;
         Ok(ca)
     }
+
+    /// A new key and certificate for a server known by `names` and `addresses`, in `dir`
+    /// (`server.key`, `server.pem`): the first server's at `init`, another's at `server add`.
+    pub fn issue_server(&self, dir: &Path, names: &[String], addresses: &[IpAddr]) -> Result<()> {
+        if names.is_empty() && addresses.is_empty() {
+            bail!("the server certificate needs at least one --name or --address agents will connect to");
+        }
+        let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = server_params(names, addresses, OffsetDateTime::now_utc())?;
+        params.not_after = params.not_after.min(self.end());
+        let server = params.signed_by(&server_key, &self.issuer)?;
+        crate::keys::create(&dir.join("server.key"), &server_key.serialize_pem(), 0o600)?;
+        crate::keys::create(&dir.join("server.pem"), &server.pem(), 0o644)?;
+        Ok(())
+    }
+
+    /// The files of the CA in a state directory (the CA in force, and during a rollover the
+    /// one before it and what ties them), for another server of the same fleet.
+    pub const FILES: &[&str] = &["ca.pem", "ca.key", PREVIOUS, CROSS, ROTATED_AT];
 
     /// A new certificate for the server's own key (kept: `/bootstrap.sh` pins it), for the
     /// same names and addresses as the one in `dir`, valid [`SERVER_DAYS`] from now. Replaces

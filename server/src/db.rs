@@ -6,9 +6,10 @@
 //! revocation is a column read on every request (a deny list that cannot expire like a CRL).
 //! Tokens are stored hashed. Connections come from a small pool; each call holds one briefly.
 
+use crate::sql::{Conn, Lite, Row, params};
 use anyhow::{Context, Result, bail};
 use converge_modules::time::Timestamp;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,9 +72,15 @@ pub(crate) const PENDING: &str = "SELECT node, requested, approved IS NOT NULL, 
 /// Reports kept per node; older ones are dropped.
 pub const REPORTS_PER_NODE: i64 = 50;
 
+/// The state, in the embedded file or in PostgreSQL: every method below is written once, for
+/// both (see [`crate::sql`]).
 pub struct Db {
-    pool: Vec<Mutex<Connection>>,
-    next: AtomicUsize,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite { pool: Vec<Mutex<Connection>>, next: AtomicUsize },
+    Postgres(crate::pg::Pg),
 }
 
 /// A certificate as the store knows it.
@@ -96,6 +103,9 @@ pub struct Stored {
     pub etag: String,
     pub issued_at: i64,
     pub envelope: Vec<u8>,
+    /// The agreement on the current commit it was compiled at ([`Db::agreed`]): a server
+    /// never replaces a catalog of a later one.
+    pub epoch: i64,
 }
 
 /// A node's request, for [`Db::seen`]: when, which agent version, and its facts (JSON and
@@ -183,7 +193,7 @@ pub struct NodeRow {
 }
 
 impl Db {
-    /// Opens (creating) the store at `path` with `size` connections.
+    /// Opens (creating) the embedded store at `path` with `size` connections.
     pub fn open(path: &Path, size: usize) -> Result<Db> {
         let mut pool = Vec::with_capacity(size.max(1));
         for i in 0..size.max(1) {
@@ -200,7 +210,7 @@ impl Db {
                 for (table, column, def) in schema::ADDED {
                     let has: bool = c
                         .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
-                        .exists(params![column])?;
+                        .exists(rusqlite::params![column])?;
                     if !has {
                         c.execute_batch(&schema::add_column(Engine::Sqlite, table, column, def))
                             .with_context(|| format!("cannot add {table}.{column} to the state database"))?;
@@ -214,51 +224,84 @@ impl Db {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
-        Ok(Db { pool, next: AtomicUsize::new(0) })
+        Ok(Db { backend: Backend::Sqlite { pool, next: AtomicUsize::new(0) } })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
-        let mut c = self.pool[i].lock().unwrap_or_else(|p| p.into_inner());
-        Ok(f(&mut c)?)
+    /// The state in PostgreSQL (migrated by `converge-server db migrate`).
+    pub fn postgres(pg: crate::pg::Pg) -> Db {
+        Db { backend: Backend::Postgres(pg) }
+    }
+
+    /// The state `config` names: PostgreSQL with `database`, else the state directory's file.
+    pub fn of(config: &crate::config::Config, size: usize) -> Result<Db> {
+        match &config.database {
+            Some(url) => Ok(Db::postgres(crate::pg::Pg::new(url, size)?)),
+            None => {
+                require_state(&config.state)?;
+                Db::open(&config.state.join("state.db"), size)
+            }
+        }
+    }
+
+    /// PostgreSQL, when the state lives there.
+    pub fn pg(&self) -> Option<&crate::pg::Pg> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+
+    /// Runs `f` on a connection, each statement on its own.
+    fn with<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        match &self.backend {
+            Backend::Sqlite { pool, next } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % pool.len();
+                let c = pool[i].lock().unwrap_or_else(|p| p.into_inner());
+                f(&mut Lite(&c))
+            }
+            Backend::Postgres(pg) => pg.with(f),
+        }
+    }
+
+    /// Runs `f` in one transaction: committed when it returns `Ok`, else rolled back.
+    fn tx<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        match &self.backend {
+            Backend::Sqlite { pool, next } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % pool.len();
+                let mut c = pool[i].lock().unwrap_or_else(|p| p.into_inner());
+                let tx = c.transaction()?;
+                let out = f(&mut Lite(&tx))?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Backend::Postgres(pg) => pg.tx(f),
+        }
     }
 
     pub fn cert(&self, fingerprint: &str) -> Result<Option<Cert>> {
         self.with(|c| {
-            c.prepare_cached(
+            c.one(
                 "SELECT node, issued, expires, revoked, replaces FROM certificates WHERE fingerprint = ?1",
+                params![fingerprint],
             )?
-            .query_row(params![fingerprint], |r| {
-                Ok(Cert {
-                    node: r.get(0)?,
-                    issued: r.get(1)?,
-                    expires: r.get(2)?,
-                    revoked: r.get(3)?,
-                    replaces: r.get(4)?,
-                })
-            })
-            .optional()
+            .map(|r| cert_of(&r, 0))
+            .transpose()
         })
     }
 
-    /// Certificates issued (rowid above `after`) or revoked (at `revoked_since` or later) since
-    /// the last look: (rowid, fingerprint, certificate). With `after` 0, every certificate.
-    pub fn certs_changed(&self, after: i64, revoked_since: i64) -> Result<Vec<(i64, String, Cert)>> {
+    /// Certificates issued or revoked at `since` or later: (fingerprint, certificate). With
+    /// `i64::MIN`, every certificate. Looked at by time, not by row order: several servers
+    /// write certificates, and a transaction that commits late still shows (the caller looks
+    /// back a while, [`CERT_LOOKBACK`]).
+    pub fn certs_changed(&self, since: i64) -> Result<Vec<(String, Cert)>> {
         self.with(|c| {
-            let mut s = c.prepare_cached(
-                "SELECT rowid, fingerprint, node, issued, expires, revoked, replaces FROM certificates
-                 WHERE rowid > ?1 OR revoked >= ?2",
-            )?;
-            s.query_map(params![after, revoked_since], |r| {
-                let cert = Cert {
-                    node: r.get(2)?,
-                    issued: r.get(3)?,
-                    expires: r.get(4)?,
-                    revoked: r.get(5)?,
-                    replaces: r.get(6)?,
-                };
-                Ok((r.get(0)?, r.get(1)?, cert))
-            })?
+            c.query(
+                "SELECT node, issued, expires, revoked, replaces, fingerprint FROM certificates
+                 WHERE issued >= ?1 OR revoked >= ?1",
+                params![since],
+            )?
+            .iter()
+            .map(|r| Ok((r.text(5)?, cert_of(r, 0)?)))
             .collect()
         })
     }
@@ -266,24 +309,25 @@ impl Db {
     /// Whether `node` has a certificate that is neither revoked nor expired.
     pub fn live_cert(&self, node: &str, now: i64) -> Result<bool> {
         self.with(|c| {
-            c.prepare_cached("SELECT 1 FROM certificates WHERE node = ?1 AND revoked IS NULL AND expires > ?2 LIMIT 1")?
-                .exists(params![node, now])
+            c.exists(
+                "SELECT 1 FROM certificates WHERE node = ?1 AND revoked IS NULL AND expires > ?2 LIMIT 1",
+                params![node, now],
+            )
         })
     }
 
     pub fn add_cert(&self, fingerprint: &str, node: &str, issued: i64, expires: i64) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
+        self.tx(|c| {
+            c.execute(
                 "INSERT INTO nodes (name, created) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
                 params![node, issued],
             )?;
-            tx.execute(
+            c.execute(
                 "INSERT INTO certificates (fingerprint, node, issued, expires) VALUES (?1, ?2, ?3, ?4)",
                 params![fingerprint, node, issued, expires],
             )?;
-            tx.execute("DELETE FROM pending WHERE node = ?1", params![node])?;
-            tx.commit()
+            c.execute("DELETE FROM pending WHERE node = ?1", params![node])?;
+            Ok(())
         })
     }
 
@@ -301,11 +345,9 @@ impl Db {
     /// The sealing key of `node`, if it sent one.
     pub fn seal_key(&self, node: &str) -> Result<Option<String>> {
         self.with(|c| {
-            c.prepare_cached("SELECT seal_key FROM nodes WHERE name = ?1")?
-                .query_row(params![node], |r| r.get::<_, Option<String>>(0))
-                .optional()
-                .map(Option::flatten)
+            c.one("SELECT seal_key FROM nodes WHERE name = ?1", params![node])?.map(|r| r.opt_text(0)).transpose()
         })
+        .map(Option::flatten)
     }
 
     /// Revokes every certificate of `node`; returns how many.
@@ -313,22 +355,25 @@ impl Db {
         self.with(|c| {
             c.execute("UPDATE certificates SET revoked = ?2 WHERE node = ?1 AND revoked IS NULL", params![node, now])
         })
+        .map(|n| n as usize)
     }
 
     /// Revokes every live certificate issued before `before` (those of a retired CA); returns
     /// the nodes they were for.
     pub fn revoke_issued_before(&self, before: i64, now: i64) -> Result<Vec<String>> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let nodes: Vec<String> = tx
-                .prepare("SELECT DISTINCT node FROM certificates WHERE revoked IS NULL AND issued < ?1 ORDER BY node")?
-                .query_map(params![before], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            tx.execute(
+        self.tx(|c| {
+            let nodes = c
+                .query(
+                    "SELECT DISTINCT node FROM certificates WHERE revoked IS NULL AND issued < ?1 ORDER BY node",
+                    params![before],
+                )?
+                .iter()
+                .map(|r| r.text(0))
+                .collect::<Result<Vec<_>>>()?;
+            c.execute(
                 "UPDATE certificates SET revoked = ?2 WHERE revoked IS NULL AND issued < ?1",
                 params![before, now],
             )?;
-            tx.commit()?;
             Ok(nodes)
         })
     }
@@ -336,28 +381,26 @@ impl Db {
     /// A renewed certificate for `node`, replacing `old` (still live until the new one is
     /// used). An earlier renewal of `old` never used is dropped: one waits at a time.
     pub fn add_renewal(&self, fingerprint: &str, node: &str, old: &str, issued: i64, expires: i64) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute("DELETE FROM certificates WHERE replaces = ?1 AND node = ?2", params![old, node])?;
-            tx.execute(
+        self.tx(|c| {
+            c.execute("DELETE FROM certificates WHERE replaces = ?1 AND node = ?2", params![old, node])?;
+            c.execute(
                 "INSERT INTO certificates (fingerprint, node, issued, expires, replaces) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![fingerprint, node, issued, expires, old],
             )?;
-            tx.commit()
+            Ok(())
         })
     }
 
     /// The renewed certificate `fingerprint` is in use: the one it replaced is revoked.
     pub fn renewal_used(&self, fingerprint: &str, now: i64) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
+        self.tx(|c| {
+            c.execute(
                 "UPDATE certificates SET revoked = ?2
                  WHERE revoked IS NULL AND fingerprint = (SELECT replaces FROM certificates WHERE fingerprint = ?1)",
                 params![fingerprint, now],
             )?;
-            tx.execute("UPDATE certificates SET replaces = NULL WHERE fingerprint = ?1", params![fingerprint])?;
-            tx.commit()
+            c.execute("UPDATE certificates SET replaces = NULL WHERE fingerprint = ?1", params![fingerprint])?;
+            Ok(())
         })
     }
 
@@ -372,7 +415,8 @@ impl Db {
     }
 
     /// Spends a token for `node`: it must exist, be unused, unexpired, and its pattern must
-    /// match. Returns why not, when it cannot be spent.
+    /// match. Returns why not, when it cannot be spent. Spent by one conditional update, so
+    /// that two servers asked at once never both spend it.
     pub fn spend_token(
         &self,
         sha256: &str,
@@ -381,13 +425,9 @@ impl Db {
         matches: impl Fn(&str, &str) -> bool,
     ) -> Result<Result<(), String>> {
         self.with(|c| {
-            let tx = c.transaction()?;
-            let row: Option<(String, i64, Option<String>)> = tx
-                .query_row("SELECT pattern, expires, used_by FROM tokens WHERE sha256 = ?1", params![sha256], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()?;
-            let verdict = match row {
+            let row = c.one("SELECT pattern, expires, used_by FROM tokens WHERE sha256 = ?1", params![sha256])?;
+            let row = row.map(|r| Ok::<_, anyhow::Error>((r.text(0)?, r.int(1)?, r.opt_text(2)?))).transpose()?;
+            Ok(match row {
                 None => Err("the token is not known".to_string()),
                 Some((_, _, Some(by))) => Err(format!("the token was already used (by {by})")),
                 Some((_, expires, None)) if expires <= now => Err("the token has expired".to_string()),
@@ -395,15 +435,13 @@ impl Db {
                     Err(format!("the token is for `{pattern}`, not `{node}`"))
                 }
                 Some(_) => {
-                    tx.execute(
-                        "UPDATE tokens SET used_by = ?2, used_at = ?3 WHERE sha256 = ?1",
+                    let spent = c.execute(
+                        "UPDATE tokens SET used_by = ?2, used_at = ?3 WHERE sha256 = ?1 AND used_by IS NULL",
                         params![sha256, node, now],
                     )?;
-                    Ok(())
+                    if spent == 1 { Ok(()) } else { Err("the token was already used".to_string()) }
                 }
-            };
-            tx.commit()?;
-            Ok(verdict)
+            })
         })
     }
 
@@ -412,15 +450,12 @@ impl Db {
     /// refused (never replaces it) until an operator rejects the first. Old requests expire,
     /// and at most [`MAX_PENDING`] wait.
     pub fn pending(&self, node: &str, public_key: &str, fingerprint: &str, address: &str, now: i64) -> Result<Pending> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute("DELETE FROM pending WHERE requested < ?1", params![now - PENDING_TTL])?;
-            let existing: Option<(String, Option<String>, Option<i64>)> = tx
-                .query_row("SELECT public_key, fingerprint, approved FROM pending WHERE node = ?1", params![node], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()?;
-            let verdict = match existing {
+        self.tx(|c| {
+            c.execute("DELETE FROM pending WHERE requested < ?1", params![now - PENDING_TTL])?;
+            let existing = c.one("SELECT public_key, fingerprint, approved FROM pending WHERE node = ?1", params![node])?;
+            let existing =
+                existing.map(|r| Ok::<_, anyhow::Error>((r.text(0)?, r.opt_text(1)?, r.opt_int(2)?))).transpose()?;
+            Ok(match existing {
                 Some((key, _, approved)) if key == public_key => {
                     if approved.is_some() { Pending::Approved } else { Pending::Waiting }
                 }
@@ -430,23 +465,28 @@ impl Db {
                     other.as_deref().unwrap_or("unknown")
                 )),
                 None => {
-                    let waiting: i64 = tx.query_row("SELECT COUNT(*) FROM pending", [], |r| r.get(0))?;
+                    let waiting = c.number("SELECT COUNT(*) FROM pending", params![])?;
                     if waiting >= MAX_PENDING {
                         Pending::Refused(format!(
                             "{waiting} enrollment requests are waiting already: an operator must approve or reject \
                              some first (converge-server node list)"
                         ))
                     } else {
-                        tx.execute(
-                            "INSERT INTO pending (node, public_key, requested, fingerprint, address) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        // Another server may record the same name at the same instant: the
+                        // first row stays, and the key that lost is told so.
+                        let added = c.execute(
+                            "INSERT INTO pending (node, public_key, requested, fingerprint, address) VALUES (?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT(node) DO NOTHING",
                             params![node, public_key, now, fingerprint, address],
                         )?;
-                        Pending::Waiting
+                        if added == 1 {
+                            Pending::Waiting
+                        } else {
+                            Pending::Refused(format!("another enrollment request for {node} arrived at the same time"))
+                        }
                     }
                 }
-            };
-            tx.commit()?;
-            Ok(verdict)
+            })
         })
     }
 
@@ -461,15 +501,14 @@ impl Db {
             )));
         }
         self.with(|c| {
-            let row: Option<Option<String>> = c
-                .query_row("SELECT fingerprint FROM pending WHERE node = ?1 AND requested >= ?2", params![node, now - PENDING_TTL], |r| {
-                    r.get(0)
-                })
-                .optional()?;
+            let row = c.one(
+                "SELECT fingerprint FROM pending WHERE node = ?1 AND requested >= ?2",
+                params![node, now - PENDING_TTL],
+            )?;
             Ok(match row {
                 None => Err(format!("no enrollment request from {node} is waiting (converge-server node list shows them)")),
-                Some(fp) => {
-                    let fp = fp.unwrap_or_default();
+                Some(r) => {
+                    let fp = r.opt_text(0)?.unwrap_or_default();
                     if fp.trim_start_matches("sha256:").starts_with(&want) {
                         c.execute("UPDATE pending SET approved = ?2 WHERE node = ?1", params![node, now])?;
                         Ok(fp)
@@ -491,49 +530,73 @@ impl Db {
 
     pub fn pending_list(&self, now: i64) -> Result<Vec<PendingRow>> {
         self.with(|c| {
-            let mut s = c.prepare(PENDING)?;
-            s.query_map(params![now - PENDING_TTL], |r| {
-                Ok(PendingRow {
-                    node: r.get(0)?,
-                    requested: r.get(1)?,
-                    approved: r.get(2)?,
-                    fingerprint: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
-                    address: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+            c.query(PENDING, params![now - PENDING_TTL])?
+                .iter()
+                .map(|r| {
+                    Ok(PendingRow {
+                        node: r.text(0)?,
+                        requested: r.int(1)?,
+                        approved: r.bool(2)?,
+                        fingerprint: r.opt_text(3)?.unwrap_or_default(),
+                        address: r.opt_text(4)?.unwrap_or_default(),
+                    })
                 })
-            })?
-            .collect()
+                .collect()
         })
     }
 
     pub fn stored(&self, node: &str) -> Result<Option<Stored>> {
         self.with(|c| {
-            c.prepare_cached(
-                "SELECT serial, resources_sha256, cache_key, etag, issued_at, envelope FROM catalogs WHERE node = ?1",
+            c.one(
+                "SELECT serial, resources_sha256, cache_key, etag, issued_at, envelope, epoch FROM catalogs WHERE node = ?1",
+                params![node],
             )?
-            .query_row(params![node], |r| {
+            .map(|r| {
                 Ok(Stored {
-                    serial: r.get::<_, i64>(0)? as u64,
-                    resources_sha256: r.get(1)?,
-                    cache_key: r.get(2)?,
-                    etag: r.get(3)?,
-                    issued_at: r.get(4)?,
-                    envelope: r.get(5)?,
+                    serial: r.int(0)? as u64,
+                    resources_sha256: r.text(1)?,
+                    cache_key: r.text(2)?,
+                    etag: r.text(3)?,
+                    issued_at: r.int(4)?,
+                    envelope: r.bytes(5)?,
+                    epoch: r.int(6)?,
                 })
             })
-            .optional()
+            .transpose()
         })
     }
 
-    pub fn store(&self, node: &str, s: &Stored) -> Result<()> {
+    /// Stores `s` as the catalog of `node` if the stored one is still `previous` (its etag;
+    /// `None`: there was none), and is of no later commit: returns false, storing nothing,
+    /// when another server stored one meanwhile (the caller reads it and serves it). Serials
+    /// stay monotonic per node, whichever server compiles.
+    pub fn store_catalog(&self, node: &str, s: &Stored, previous: Option<&str>) -> Result<bool> {
+        let values = params![
+            node,
+            s.serial as i64,
+            &s.resources_sha256,
+            &s.cache_key,
+            &s.etag,
+            s.issued_at,
+            &s.envelope[..],
+            s.epoch,
+            previous
+        ];
         self.with(|c| {
-            c.execute(
-                "INSERT INTO catalogs (node, serial, resources_sha256, cache_key, etag, issued_at, envelope, compile_error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)
-                 ON CONFLICT(node) DO UPDATE SET serial = ?2, resources_sha256 = ?3, cache_key = ?4, etag = ?5,
-                     issued_at = ?6, envelope = ?7, compile_error = NULL",
-                params![node, s.serial as i64, s.resources_sha256, s.cache_key, s.etag, s.issued_at, s.envelope],
-            )
-            .map(drop)
+            let n = match previous {
+                None => c.execute(
+                    "INSERT INTO catalogs (node, serial, resources_sha256, cache_key, etag, issued_at, envelope, epoch, compile_error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL) ON CONFLICT(node) DO NOTHING",
+                    &values[..8],
+                )?,
+                Some(_) => c.execute(
+                    "UPDATE catalogs SET serial = ?2, resources_sha256 = ?3, cache_key = ?4, etag = ?5, issued_at = ?6,
+                         envelope = ?7, epoch = ?8, compile_error = NULL
+                     WHERE node = ?1 AND etag = ?9 AND epoch <= ?8",
+                    values,
+                )?,
+            };
+            Ok(n == 1)
         })
     }
 
@@ -544,49 +607,111 @@ impl Db {
         })
     }
 
+    /// The commit the servers agree is current, and its epoch (a number that grows with each
+    /// new agreement): `None` before any server proposed one.
+    pub fn agreed(&self) -> Result<Option<(i64, String)>> {
+        self.with(|c| {
+            c.one("SELECT epoch, commit_id FROM agreed WHERE id = 1", params![])?
+                .map(|r| Ok((r.int(0)?, r.text(1)?)))
+                .transpose()
+        })
+    }
+
+    /// Proposes `commit` as current, in place of the agreement at `epoch` (0: none yet): true
+    /// when it became current, false when another server changed the agreement first.
+    pub fn propose(&self, epoch: i64, commit: &str, by: &str, now: i64) -> Result<bool> {
+        self.with(|c| {
+            let n = if epoch == 0 {
+                c.execute(
+                    "INSERT INTO agreed (id, epoch, commit_id, since, proposed_by) VALUES (1, 1, ?1, ?2, ?3)
+                     ON CONFLICT(id) DO NOTHING",
+                    params![commit, now, by],
+                )?
+            } else {
+                c.execute(
+                    "UPDATE agreed SET epoch = epoch + 1, commit_id = ?2, since = ?3, proposed_by = ?4
+                     WHERE id = 1 AND epoch = ?1",
+                    params![epoch, commit, now, by],
+                )?
+            };
+            Ok(n == 1)
+        })
+    }
+
     /// Records that nodes were seen, with their facts when these changed (one transaction).
     pub fn seen(&self, batch: &[Visit]) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.with(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut seen = tx.prepare_cached(
+        self.tx(|c| {
+            for v in batch {
+                c.execute(
                     "UPDATE nodes SET last_seen = ?2, agent_version = ?3, ca_bundle = COALESCE(?4, ca_bundle),
                          keys_version = COALESCE(?5, keys_version) WHERE name = ?1",
+                    params![&v.node, v.at, &v.version, v.ca_bundle.as_deref(), v.keys_version.map(|k| k as i64)],
                 )?;
-                let mut facts = tx.prepare_cached("UPDATE nodes SET facts = ?2, facts_sha256 = ?3 WHERE name = ?1")?;
-                for v in batch {
-                    seen.execute(params![v.node, v.at, v.version, v.ca_bundle, v.keys_version.map(|k| k as i64)])?;
-                    if let Some((json, sha)) = &v.facts {
-                        facts.execute(params![v.node, json, sha])?;
-                    }
+                if let Some((json, sha)) = &v.facts {
+                    c.execute(
+                        "UPDATE nodes SET facts = ?2, facts_sha256 = ?3 WHERE name = ?1",
+                        params![&v.node, json, sha],
+                    )?;
                 }
             }
-            tx.commit()
+            Ok(())
         })
     }
 
-    /// Stores a report; of the node's reports, the newest `per_node` are kept.
+    /// Stores a report; of the node's reports, the newest `per_node` are kept. A report
+    /// already stored (the same bytes from the same node: an agent that sent it to a server
+    /// that stored it and fell before answering, then sent it to another) is stored once.
     pub fn add_report(&self, r: &ReportRow, per_node: i64) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO reports (node, received, changed, failed, stale, serial, body, commit_id, digest, dry_run) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![r.node, r.at, r.changed, r.failed, r.stale, r.serial.map(|s| s as i64), r.body, r.commit, r.digest, r.dry_run],
-            )?;
-            tx.execute(
-                "DELETE FROM reports WHERE node = ?1 AND id NOT IN (SELECT id FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
-                params![r.node, per_node],
-            )?;
-            tx.commit()
-        })
+        let body_sha256 = converge_modules::hash::sha256_hex(r.body.as_bytes());
+        let add = || {
+            self.tx(|c| {
+                c.execute(
+                    "INSERT INTO reports (node, received, changed, failed, stale, serial, body, commit_id, digest, dry_run, body_sha256)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
+                     WHERE NOT EXISTS (SELECT 1 FROM reports WHERE node = ?1 AND body_sha256 = ?11)",
+                    params![
+                        r.node,
+                        r.at,
+                        r.changed,
+                        r.failed,
+                        r.stale,
+                        r.serial.map(|s| s as i64),
+                        r.body,
+                        r.commit,
+                        r.digest,
+                        r.dry_run,
+                        &body_sha256
+                    ],
+                )?;
+                c.execute(
+                    "DELETE FROM reports WHERE node = ?1 AND id NOT IN (SELECT id FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
+                    params![r.node, per_node],
+                )?;
+                Ok(())
+            })
+        };
+        match (add(), self.pg()) {
+            // PostgreSQL keeps reports in daily partitions made ahead of time: a day without one
+            // (a server down for a week) gets it now.
+            (Err(e), Some(pg)) if format!("{e:#}").contains("no partition") => {
+                pg.make_partition(r.at)?;
+                add()
+            }
+            (result, _) => result,
+        }
     }
 
-    /// Deletes the reports received before `before`, `batch` at a time (each its own short
-    /// transaction, so that reports arriving meanwhile never wait long); returns how many.
-    pub fn prune_reports(&self, before: i64, batch: i64) -> Result<usize> {
+    /// Retention: the reports received before `before` go. On the embedded file they are
+    /// deleted `batch` at a time (each its own short transaction, so that reports arriving
+    /// meanwhile never wait long); on PostgreSQL the daily partitions wholly before it are
+    /// dropped, and the days ahead made. Returns what went: rows, or partitions by name.
+    pub fn prune_reports(&self, before: i64, batch: i64, now: i64) -> Result<Pruned> {
+        if let Some(pg) = self.pg() {
+            return Ok(Pruned::Partitions(pg.prune_partitions(before, now)?));
+        }
         let mut total = 0;
         loop {
             let n = self.with(|c| {
@@ -595,9 +720,9 @@ impl Db {
                     params![before, batch],
                 )
             })?;
-            total += n;
+            total += n as usize;
             if (n as i64) < batch {
-                return Ok(total);
+                return Ok(Pruned::Rows(total));
             }
         }
     }
@@ -607,58 +732,63 @@ impl Db {
         self.node_rows(None)
     }
 
-    fn node_rows(&self, only: Option<&str>) -> Result<Vec<NodeRow>> {
+    /// One node's row, or every node's (`None`).
+    pub fn node_rows(&self, only: Option<&str>) -> Result<Vec<NodeRow>> {
         self.with(|c| {
-            let mut s = c.prepare(NODE_ROWS)?;
-            s.query_map(params![only], |r| {
-                let report = match r.get::<_, Option<i64>>(6)? {
-                    Some(at) => Some((at, r.get(7)?, r.get(8)?, r.get(9)?)),
-                    None => None,
-                };
-                Ok(NodeRow {
-                    name: r.get(0)?,
-                    last_seen: r.get(1)?,
-                    cert_expires: r.get(2)?,
-                    revoked: r.get(3)?,
-                    serial: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
-                    compile_error: r.get(5)?,
-                    last_report: report,
-                    last_commit: r.get(10)?,
-                    agent_version: r.get(11)?,
-                    dry_run_pending: r.get(12)?,
+            c.query(NODE_ROWS, params![only])?
+                .iter()
+                .map(|r| {
+                    let report = match r.opt_int(6)? {
+                        Some(at) => Some((at, r.int(7)?, r.int(8)?, r.bool(9)?)),
+                        None => None,
+                    };
+                    Ok(NodeRow {
+                        name: r.text(0)?,
+                        last_seen: r.opt_int(1)?,
+                        cert_expires: r.opt_int(2)?,
+                        revoked: r.bool(3)?,
+                        serial: r.opt_int(4)?.map(|s| s as u64),
+                        compile_error: r.opt_text(5)?,
+                        last_report: report,
+                        last_commit: r.opt_text(10)?,
+                        agent_version: r.opt_text(11)?,
+                        dry_run_pending: r.opt_int(12)?,
+                    })
                 })
-            })?
-            .collect()
+                .collect()
         })
     }
 
     /// One node, with its facts.
     pub fn node(&self, name: &str) -> Result<Option<NodeInfo>> {
         let Some(row) = self.node_rows(Some(name))?.pop() else { return Ok(None) };
-        let (created, agent_version, facts) = self.with(|c| {
-            c.query_row("SELECT created, agent_version, facts FROM nodes WHERE name = ?1", params![name], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-        })?;
-        Ok(Some(NodeInfo { row, created, agent_version, facts }))
+        let Some(r) =
+            self.with(|c| c.one("SELECT created, agent_version, facts FROM nodes WHERE name = ?1", params![name]))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(NodeInfo { row, created: r.int(0)?, agent_version: r.opt_text(1)?, facts: r.opt_text(2)? }))
     }
 
     /// Reports, newest first.
     pub fn reports(&self, f: &ReportFilter) -> Result<Vec<StoredReport>> {
         self.with(|c| {
-            let mut s = c.prepare(REPORTS)?;
-            s.query_map(params![f.node, f.failed, f.since, f.limit.max(1), f.bodies], stored_report)?.collect()
+            c.query(REPORTS, params![f.node.as_deref(), f.failed, f.since, f.limit.max(1), f.bodies])?
+                .iter()
+                .map(stored_report)
+                .collect()
         })
     }
 
     pub fn report(&self, id: i64) -> Result<Option<StoredReport>> {
         self.with(|c| {
-            c.query_row(
+            c.one(
                 "SELECT id, node, received, changed, failed, stale, serial, commit_id, body, digest, dry_run FROM reports WHERE id = ?1",
                 params![id],
-                stored_report,
-            )
-            .optional()
+            )?
+            .as_ref()
+            .map(stored_report)
+            .transpose()
         })
     }
 
@@ -669,26 +799,27 @@ impl Db {
                 "INSERT INTO operators (sha256, created, expires) VALUES (?1, ?2, ?3)",
                 params![sha256, now, expires],
             )
-            .map(|_| ())
+            .map(drop)
         })
     }
 
     pub fn is_operator(&self, sha256: &str, now: i64) -> Result<bool> {
-        self.with(|c| {
-            c.prepare_cached("SELECT 1 FROM operators WHERE sha256 = ?1 AND expires > ?2")?.exists(params![sha256, now])
-        })
+        self.with(|c| c.exists("SELECT 1 FROM operators WHERE sha256 = ?1 AND expires > ?2", params![sha256, now]))
     }
 
     /// For a CA rollover: every node with a live certificate, the bundle hash it last said it
     /// trusts, and the issue time of its newest live certificate.
     pub fn trust_of_nodes(&self, now: i64) -> Result<Vec<(String, Option<String>, i64)>> {
         self.with(|c| {
-            let mut s = c.prepare(
+            c.query(
                 "SELECT n.name, n.ca_bundle, MAX(k.issued) FROM nodes n
                  JOIN certificates k ON k.node = n.name AND k.revoked IS NULL AND k.expires > ?1
-                 GROUP BY n.name ORDER BY n.name",
-            )?;
-            s.query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+                 GROUP BY n.name, n.ca_bundle ORDER BY n.name",
+                params![now],
+            )?
+            .iter()
+            .map(|r| Ok((r.text(0)?, r.opt_text(1)?, r.int(2)?)))
+            .collect()
         })
     }
 
@@ -696,18 +827,45 @@ impl Db {
     /// (`None`: not said yet).
     pub fn keys_versions(&self, now: i64) -> Result<Vec<(Option<u64>, i64)>> {
         self.with(|c| {
-            let mut s = c.prepare(
+            c.query(
                 "SELECT n.keys_version, COUNT(*) FROM nodes n WHERE EXISTS
                    (SELECT 1 FROM certificates k WHERE k.node = n.name AND k.revoked IS NULL AND k.expires > ?1)
                  GROUP BY n.keys_version ORDER BY n.keys_version",
-            )?;
-            s.query_map(params![now], |r| Ok((r.get::<_, Option<i64>>(0)?.map(|v| v as u64), r.get(1)?)))?.collect()
+                params![now],
+            )?
+            .iter()
+            .map(|r| Ok((r.opt_int(0)?.map(|v| v as u64), r.int(1)?)))
+            .collect()
         })
     }
 
     pub fn count_nodes(&self) -> Result<i64> {
-        self.with(|c| c.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0)))
+        self.with(|c| c.number("SELECT COUNT(*) FROM nodes", params![]))
     }
+}
+
+/// What retention removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pruned {
+    /// Reports deleted from the embedded file.
+    Rows(usize),
+    /// Daily partitions dropped in PostgreSQL.
+    Partitions(Vec<String>),
+}
+
+/// How far back a server looks for certificates another process issued or revoked: a
+/// transaction that commits late, or a clock a little behind another server's, is still seen.
+pub const CERT_LOOKBACK: i64 = 120;
+
+/// A certificate from the columns node, issued, expires, revoked, replaces (from `at`).
+fn cert_of(r: &Row, at: usize) -> Result<Cert> {
+    Ok(Cert {
+        node: r.text(at)?,
+        issued: r.int(at + 1)?,
+        expires: r.int(at + 2)?,
+        revoked: r.opt_int(at + 3)?,
+        replaces: r.opt_text(at + 4)?,
+    })
 }
 
 /// Fails unless `path` is a state directory made by `init`.
@@ -718,118 +876,23 @@ pub fn require_state(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn stored_report(r: &rusqlite::Row) -> rusqlite::Result<StoredReport> {
+fn stored_report(r: &Row) -> Result<StoredReport> {
     Ok(StoredReport {
-        id: r.get(0)?,
-        node: r.get(1)?,
-        received: r.get(2)?,
-        changed: r.get(3)?,
-        failed: r.get(4)?,
-        stale: r.get(5)?,
-        serial: r.get::<_, Option<i64>>(6)?.map(|s| s as u64),
-        commit: r.get(7)?,
-        body: r.get(8)?,
-        digest: r.get(9)?,
-        dry_run: r.get(10)?,
+        id: r.int(0)?,
+        node: r.text(1)?,
+        received: r.int(2)?,
+        changed: r.int(3)?,
+        failed: r.int(4)?,
+        stale: r.bool(5)?,
+        serial: r.opt_int(6)?.map(|s| s as u64),
+        commit: r.opt_text(7)?,
+        body: r.text(8)?,
+        digest: r.opt_text(9)?,
+        dry_run: r.bool(10)?,
     })
 }
 
 /// Now, as the store records times.
 pub fn now() -> i64 {
     Timestamp::now().0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_single_use_bound_and_expire() {
-        let t = tempfile::tempdir().unwrap();
-        let db = Db::open(&t.path().join("state.db"), 2).unwrap();
-        let glob = |p: &str, n: &str| crate::site::glob_match(p, n);
-        db.add_token("a", "web*", 100, 200).unwrap();
-        assert_eq!(db.spend_token("a", "db1", 150, glob).unwrap(), Err("the token is for `web*`, not `db1`".into()));
-        assert_eq!(db.spend_token("a", "web1", 150, glob).unwrap(), Ok(()));
-        assert!(db.spend_token("a", "web2", 150, glob).unwrap().unwrap_err().contains("already used"));
-        db.add_token("b", "*", 100, 200).unwrap();
-        assert!(db.spend_token("b", "x", 250, glob).unwrap().unwrap_err().contains("expired"));
-        assert!(db.spend_token("zzz", "x", 150, glob).unwrap().unwrap_err().contains("not known"));
-    }
-
-    #[test]
-    fn certificates_revocation_and_nodes() {
-        let t = tempfile::tempdir().unwrap();
-        let db = Db::open(&t.path().join("state.db"), 2).unwrap();
-        db.add_cert("fp1", "web1", 100, 1000).unwrap();
-        db.seen(&[Visit {
-            node: "web1".into(),
-            at: 150,
-            version: "0.1".into(),
-            facts: Some(("{}".into(), "x".into())),
-            ca_bundle: None,
-            keys_version: None,
-        }])
-        .unwrap();
-        let row = ReportRow {
-            node: "web1",
-            at: 160,
-            changed: 2,
-            dry_run: false,
-            failed: 0,
-            stale: false,
-            serial: Some(7),
-            commit: Some("abc"),
-            body: "{}",
-            digest: "{}",
-        };
-        for _ in 0..(REPORTS_PER_NODE + 5) {
-            db.add_report(&row, REPORTS_PER_NODE).unwrap();
-        }
-        let all = ReportFilter { node: Some("web1".into()), limit: 1000, ..ReportFilter::default() };
-        assert_eq!(db.reports(&all).unwrap().len(), REPORTS_PER_NODE as usize, "bounded per node");
-        db.add_report(&ReportRow { failed: 1, at: 170, ..row.clone() }, REPORTS_PER_NODE).unwrap();
-        let failed = db.reports(&ReportFilter { failed: true, limit: 10, ..ReportFilter::default() }).unwrap();
-        assert_eq!((failed.len(), failed[0].received, failed[0].commit.as_deref()), (1, 170, Some("abc")));
-        let since = db.reports(&ReportFilter { since: Some(165), limit: 100, ..ReportFilter::default() }).unwrap();
-        assert_eq!(since.len(), 1);
-        assert_eq!(db.report(failed[0].id).unwrap().unwrap().failed, 1);
-        // A dry-run is not a run: the node's state stays its last real run's, and what the
-        // dry-run would change is said beside it until the next real run.
-        db.add_report(&ReportRow { at: 180, changed: 3, dry_run: true, ..row.clone() }, REPORTS_PER_NODE).unwrap();
-        let n = &db.nodes().unwrap()[0];
-        assert_eq!((n.last_report, n.dry_run_pending), (Some((170, 2, 1, false)), Some(3)));
-        db.add_report(&ReportRow { at: 190, changed: 0, ..row.clone() }, REPORTS_PER_NODE).unwrap();
-        let n = &db.nodes().unwrap()[0];
-        assert_eq!((n.last_report, n.dry_run_pending), (Some((190, 0, 0, false)), None));
-        // Retention: what is older than the window goes, in batches; a smaller cap keeps fewer.
-        for at in [10, 11, 12, 13, 14] {
-            db.add_report(&ReportRow { node: "web2", at, ..row.clone() }, REPORTS_PER_NODE).unwrap();
-        }
-        assert_eq!(db.prune_reports(15, 2).unwrap(), 5, "all five, two at a time");
-        let web2 = ReportFilter { node: Some("web2".into()), limit: 100, ..ReportFilter::default() };
-        assert!(db.reports(&web2).unwrap().is_empty());
-        assert_eq!(db.reports(&all).unwrap().len(), REPORTS_PER_NODE as usize, "newer ones stay");
-        for at in 200..205 {
-            db.add_report(&ReportRow { node: "web3", at, ..row.clone() }, 3).unwrap();
-        }
-        let web3 = ReportFilter { node: Some("web3".into()), limit: 100, ..ReportFilter::default() };
-        let kept: Vec<i64> = db.reports(&web3).unwrap().iter().map(|r| r.received).collect();
-        assert_eq!(kept, [204, 203, 202], "the cap in force keeps the newest");
-        assert_eq!(db.node("web1").unwrap().unwrap().facts.as_deref(), Some("{}"));
-        assert!(db.node("nobody").unwrap().is_none());
-        assert!(db.live_cert("web1", 500).unwrap());
-        assert!(!db.live_cert("web1", 1000).unwrap(), "expired");
-        assert_eq!(db.revoke("web1", 600).unwrap(), 1);
-        assert_eq!(db.cert("fp1").unwrap().unwrap().revoked, Some(600));
-        assert!(!db.live_cert("web1", 500).unwrap());
-        let nodes = db.nodes().unwrap();
-        assert_eq!(nodes.len(), 1);
-        assert!(nodes[0].revoked);
-        assert_eq!((nodes[0].last_seen, nodes[0].last_report), (Some(150), Some((190, 0, 0, false))));
-        // The store survives a reopen.
-        drop(db);
-        let db = Db::open(&t.path().join("state.db"), 1).unwrap();
-        assert_eq!(db.count_nodes().unwrap(), 1);
-    }
 }

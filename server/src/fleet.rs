@@ -32,10 +32,15 @@ pub const COMPILER_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "/format-"
 /// The repository as compiled now.
 pub struct Current {
     pub commit: String,
+    /// The agreement that made this commit current ([`Db::agreed`]); -1 while this server
+    /// lacks the commit the servers agree on (it then compiles nothing, and serves what the
+    /// store holds).
+    pub epoch: i64,
     pub compiler: Compiler,
 }
 
 /// What a node told the server last time it asked, to be written in batches.
+#[derive(Default)]
 struct Seen {
     at: i64,
     version: String,
@@ -67,8 +72,12 @@ pub struct Fleet {
     /// this server's enrollments and by [`Fleet::watch_certs`] (what `node revoke` and other
     /// processes change), so the check every request makes is no database call.
     certs: RwLock<HashMap<String, Cert>>,
-    /// The newest certificate row seen, and when the store was last looked at.
-    cert_watch: Mutex<(i64, i64)>,
+    /// When the store's certificates were last looked at.
+    cert_watch: Mutex<i64>,
+    /// The branch's head as this server last saw it, to tell when it moves here.
+    last_head: Mutex<Option<String>>,
+    /// Who proposes commits, as the store records it: host name and port.
+    pub name: String,
     pub compiles: tokio::sync::Semaphore,
     pub admission: crate::http::Admission,
     /// The server's own certificate, renewed in place.
@@ -171,26 +180,76 @@ fn head(repo: &std::path::Path, branch: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn load(repo: &std::path::Path, commit: &str, key: &Arc<SecretsKey>) -> Result<Current> {
+/// Runs `git` in `repo` with `args`: whether it succeeded, or an error when git could not
+/// answer (not a repository, no git).
+fn git_says(repo: &std::path::Path, args: &[&str]) -> Result<bool> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("cannot run git")?;
+    Ok(out.success())
+}
+
+/// Whether `repo` holds the commit `c`.
+fn has_commit(repo: &std::path::Path, c: &str) -> bool {
+    git_says(repo, &["cat-file", "-e", "--end-of-options", &format!("{c}^{{commit}}")]).unwrap_or(false)
+}
+
+/// Whether `a` is `b` or one of its ancestors.
+fn is_ancestor(repo: &std::path::Path, a: &str, b: &str) -> bool {
+    git_says(repo, &["merge-base", "--is-ancestor", "--end-of-options", a, b]).unwrap_or(false)
+}
+
+/// The commit this server compiles: the branch's head is proposed to the store when it moved
+/// here and is news (not already part of what the servers agree on, or the branch was
+/// rewound on purpose); then whatever the servers agree on is current. A server whose clone
+/// lags never drags the fleet back to an older commit, and no two servers' clocks or polling
+/// order decide anything. Returns the agreement (epoch, commit).
+fn agree(db: &Db, config: &Config, last_head: &Mutex<Option<String>>, by: &str) -> Result<(i64, String)> {
+    let head = head(&config.repo, &config.branch)?;
+    let agreed = db.agreed()?;
+    let mut last = last_head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.as_deref() == Some(head.as_str()) {
+        return Ok(agreed.unwrap_or((0, head)));
+    }
+    let repo = &config.repo;
+    let propose = match &agreed {
+        None => true,
+        Some((_, c)) if *c == head => false,
+        // This server lags: it takes what the others agreed once its clone has it.
+        Some((_, c)) if !has_commit(repo, c) => false,
+        Some((_, c)) => !is_ancestor(repo, &head, c) || last.as_deref().is_some_and(|l| !is_ancestor(repo, l, &head)),
+    };
+    *last = Some(head.clone());
+    drop(last);
+    if propose {
+        let epoch = agreed.as_ref().map_or(0, |a| a.0);
+        if db.propose(epoch, &head, by, now())? {
+            tracing::info!("proposed commit {head} as current (agreement {})", epoch + 1);
+        }
+        return Ok(db.agreed()?.unwrap_or((0, head)));
+    }
+    Ok(agreed.unwrap_or((0, head)))
+}
+
+fn load(repo: &std::path::Path, commit: &str, epoch: i64, key: &Arc<SecretsKey>) -> Result<Current> {
     let r = Repo::from_git(repo, commit)?;
     let compiler = Compiler::with_key(&r, Some(key.clone()));
     for p in &compiler.problems {
         tracing::warn!("repository {commit}: {}", converge_modules::text::clip(&p.to_string(), 2000));
     }
-    Ok(Current { commit: commit.to_string(), compiler })
+    Ok(Current { commit: commit.to_string(), epoch, compiler })
 }
 
 impl Fleet {
+    /// Opens the fleet's state (from a thread that is not one of the runtime's: the state may
+    /// be PostgreSQL, whose calls wait).
     pub fn open(config: Config) -> Result<Fleet> {
-        if config.database.is_some() {
-            anyhow::bail!(
-                "{}: `database` names PostgreSQL, which this version can prepare (converge-server db migrate) \
-                 but not yet serve from; remove the line to serve from the embedded file",
-                config.file.display()
-            );
-        }
-        crate::db::require_state(&config.state)?;
-        let db = Db::open(&config.state.join("state.db"), 8)?;
+        let db = Db::of(&config, 16)?;
         let ca = Ca::load(&config.state)?;
         let signing = Signing::read(&config)?;
         let pin = crate::bootstrap::pin(&config.state)?;
@@ -198,10 +257,11 @@ impl Fleet {
         let ticketer = crate::http::ticketer()?;
         let tls = crate::http::tls_config(&ca, server_cert.clone(), ticketer.clone(), config.renew_expired_within)?;
         let started = now();
-        let all = db.certs_changed(0, 0)?;
-        let newest = all.iter().map(|(rowid, ..)| *rowid).max().unwrap_or(0);
-        let certs = all.into_iter().map(|(_, fp, c)| (fp, c)).collect();
-        let commit = head(&config.repo, &config.branch)?;
+        let certs = db.certs_changed(i64::MIN)?.into_iter().collect();
+        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = format!("{host}:{}", config.listen.port());
+        let last_head = Mutex::new(None);
+        let (epoch, commit) = agree(&db, &config, &last_head, &name)?;
         let (key, made) = crate::secrets::ensure_key(&config.state)?;
         if let Some(recipient) = made {
             tracing::info!(
@@ -210,8 +270,18 @@ impl Fleet {
             );
         }
         let secrets_key = Arc::new(key);
-        let current = load(&config.repo, &commit, &secrets_key)?;
-        tracing::info!("compiling {} at {commit}", config.repo.display());
+        let current = if has_commit(&config.repo, &commit) {
+            tracing::info!("compiling {} at {commit}", config.repo.display());
+            load(&config.repo, &commit, epoch, &secrets_key)?
+        } else {
+            let head = head(&config.repo, &config.branch)?;
+            tracing::warn!(
+                "the servers agree on commit {commit}, which {} does not hold yet: until it does (git fetch), this \
+                 server serves the catalogs the store holds and compiles none",
+                config.repo.display()
+            );
+            load(&config.repo, &head, -1, &secrets_key)?
+        };
         Ok(Fleet {
             compiles: tokio::sync::Semaphore::new(config.max_compiles),
             admission: crate::http::Admission::new(&config),
@@ -228,7 +298,9 @@ impl Fleet {
             facts: RwLock::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             certs: RwLock::new(certs),
-            cert_watch: Mutex::new((newest, started)),
+            cert_watch: Mutex::new(started),
+            last_head,
+            name,
             metrics: crate::metrics::Metrics::default(),
             started,
             pin,
@@ -317,15 +389,24 @@ impl Fleet {
         self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).commit.clone()
     }
 
-    /// Checks the branch, and compiles anew from a new commit. Returns the new commit.
+    /// Takes in the commit the servers agree on (proposing the branch's head when it moved
+    /// here), and compiles anew from it. Returns the new commit.
     pub fn refresh(&self) -> Result<Option<String>> {
-        let commit = head(&self.config.repo, &self.config.branch)?;
-        if commit == self.commit() {
+        let (epoch, commit) = agree(&self.db, &self.config, &self.last_head, &self.name)?;
+        let current = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if current.epoch == epoch && current.commit == commit {
             return Ok(None);
         }
-        let current = load(&self.config.repo, &commit, &self.secrets_key)?;
-        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(current);
-        tracing::info!("now compiling {} at {commit}", self.config.repo.display());
+        if !has_commit(&self.config.repo, &commit) {
+            anyhow::bail!(
+                "the servers agree on commit {commit}, which {} does not hold yet: fetch it (this server serves \
+                 the catalogs the store holds meanwhile)",
+                self.config.repo.display()
+            );
+        }
+        let new = load(&self.config.repo, &commit, epoch, &self.secrets_key)?;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+        tracing::info!("now compiling {} at {commit} (agreement {epoch})", self.config.repo.display());
         Ok(Some(commit))
     }
 
@@ -440,20 +521,38 @@ impl Fleet {
     }
 
     /// Takes in what changed in the store's certificates since the last look (new ones, and
-    /// revocations by `node revoke`): called every second, off the runtime's threads.
+    /// revocations by `node revoke` or another server): called every second, off the
+    /// runtime's threads. A node another server renewed may bring a new sealing key: its
+    /// catalog is looked up in the store again at its next poll.
     pub fn watch_certs(&self) -> Result<()> {
-        let (after, since) = *self.cert_watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let since = *self.cert_watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let t = now();
-        // A revocation stamped in the second before the last look is looked at again.
-        let changed = self.db.certs_changed(after, since - 1)?;
-        let newest = changed.iter().map(|(rowid, ..)| *rowid).max().unwrap_or(after).max(after);
+        let changed = self.db.certs_changed(since - crate::db::CERT_LOOKBACK)?;
+        let mut renewed = Vec::new();
         if !changed.is_empty() {
             let mut certs = self.certs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (_, fp, c) in changed {
+            for (fp, mut c) in changed {
+                match certs.get(&fp) {
+                    // What this server knows already and the store may not have yet: a
+                    // revocation, a renewal in use.
+                    Some(known) => {
+                        c.revoked = c.revoked.or(known.revoked);
+                        if known.replaces.is_none() {
+                            c.replaces = None;
+                        }
+                    }
+                    None => renewed.push(c.node.clone()),
+                }
                 certs.insert(fp, c);
             }
         }
-        *self.cert_watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (newest, t);
+        if !renewed.is_empty() {
+            let mut catalogs = self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for node in &renewed {
+                catalogs.remove(node);
+            }
+        }
+        *self.cert_watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = t;
         Ok(())
     }
 
@@ -515,17 +614,14 @@ impl Fleet {
         Ok(Ok(EnrollResponse::Issued { certificate: pem, trusted_keys: self.signing().envelope.clone() }))
     }
 
+    /// The node's catalog as the store holds it now, which this server then holds too.
     fn stored(&self, node: &str) -> Result<Option<Arc<Stored>>> {
-        if let Some(s) = self.catalogs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node) {
-            return Ok(Some(s.clone()));
-        }
         let s = self.db.stored(node)?.map(Arc::new);
-        if let Some(s) = &s {
-            self.catalogs
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(node.to_string(), s.clone());
-        }
+        let mut catalogs = self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &s {
+            Some(s) => catalogs.insert(node.to_string(), s.clone()),
+            None => catalogs.remove(node),
+        };
         Ok(s)
     }
 
@@ -540,13 +636,7 @@ impl Fleet {
         }
         let facts = changed.then_some((json, sha));
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = seen.entry(node.to_string()).or_insert(Seen {
-            at: 0,
-            version: String::new(),
-            facts: None,
-            ca_bundle: None,
-            keys_version: None,
-        });
+        let entry = seen.entry(node.to_string()).or_default();
         if req.keys_version.is_some() {
             entry.keys_version = req.keys_version;
         }
@@ -560,20 +650,36 @@ impl Fleet {
         }
     }
 
+    /// Writes the visits noted since the last flush; when the store cannot take them (the
+    /// database away), they are kept for the next flush, behind anything newer.
     pub fn flush_seen(&self) -> Result<()> {
-        let batch: Vec<Visit> =
-            std::mem::take(&mut *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
-                .into_iter()
-                .map(|(node, s)| Visit {
-                    node,
-                    at: s.at,
-                    version: s.version,
-                    facts: s.facts,
-                    ca_bundle: s.ca_bundle,
-                    keys_version: s.keys_version,
-                })
-                .collect();
-        self.db.seen(&batch)
+        let taken = std::mem::take(&mut *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let batch: Vec<Visit> = taken
+            .iter()
+            .map(|(node, s)| Visit {
+                node: node.clone(),
+                at: s.at,
+                version: s.version.clone(),
+                facts: s.facts.clone(),
+                ca_bundle: s.ca_bundle.clone(),
+                keys_version: s.keys_version,
+            })
+            .collect();
+        let result = self.db.seen(&batch);
+        if result.is_err() {
+            let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (node, old) in taken {
+                let entry = seen.entry(node).or_default();
+                if entry.at == 0 {
+                    *entry = old;
+                } else {
+                    entry.facts = entry.facts.take().or(old.facts);
+                    entry.ca_bundle = entry.ca_bundle.take().or(old.ca_bundle);
+                    entry.keys_version = entry.keys_version.or(old.keys_version);
+                }
+            }
+        }
+        result
     }
 
     /// The node's signed catalog (compiling and signing only when needed).
@@ -582,6 +688,7 @@ impl Fleet {
         node: &str,
         formats: &[u32],
         facts: Map<String, Json>,
+        held: Option<&str>,
     ) -> Result<Arc<Stored>, Refused> {
         if !formats.contains(&FORMAT) {
             return Err(Refused::TooOld(formats.to_vec()));
@@ -604,17 +711,27 @@ impl Fleet {
             )
             .as_bytes(),
         );
-        let cached = self.catalogs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned();
-        let stored = match cached {
-            Some(s) => Some(s),
-            None => self.off_runtime(node, |f, n| f.stored(n)).await?,
-        };
         let t = now();
-        if let Some(s) = &stored
-            && s.cache_key == cache_key
-            && t < s.issued_at + self.config.catalog_ttl / 2
+        let fresh = |s: &Stored| s.cache_key == cache_key && t < s.issued_at + self.config.catalog_ttl / 2;
+        // What this server holds answers when the agent holds the same, or nothing: no
+        // database call. Otherwise the store says what is current (another server may have
+        // stored a newer catalog, or the agent got one from it).
+        let cached = self.catalogs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned();
+        if let Some(s) = &cached
+            && fresh(s)
+            && held.is_none_or(|h| h == s.etag)
         {
             return Ok(s.clone());
+        }
+        let stored = self.off_runtime(node, |f, n| f.stored(n)).await?;
+        if let Some(s) = &stored
+            && (fresh(s) || s.epoch > current.epoch || current.epoch < 0)
+        {
+            // A catalog of a later agreement than this server has taken in is served as it is.
+            return Ok(s.clone());
+        }
+        if current.epoch < 0 {
+            return Err(Refused::Busy);
         }
         // A burst waits a little for a compile slot; past that, the agent is told to come back.
         let Ok(Ok(_permit)) = tokio::time::timeout(std::time::Duration::from_secs(2), self.compiles.acquire()).await
@@ -623,6 +740,7 @@ impl Fleet {
         };
         self.metrics.compiles.inc();
         let name = node.to_string();
+        let epoch = current.epoch;
         let compiled = tokio::task::spawn_blocking(move || current.compiler.compile_open(&name, &declared))
             .await
             .map_err(|e| Refused::Internal(e.into()))?;
@@ -687,9 +805,17 @@ impl Fleet {
             etag: sha256_hex(&envelope)[..32].to_string(),
             issued_at: issued.0,
             envelope,
+            epoch,
         });
-        let keep = s.clone();
-        self.off_runtime(node, move |f, n| f.db.store(n, &keep)).await?;
+        let (keep, previous) = (s.clone(), stored.as_ref().map(|p| p.etag.clone()));
+        let stored_it = self.off_runtime(node, move |f, n| f.db.store_catalog(n, &keep, previous.as_deref())).await?;
+        if !stored_it {
+            // Another server stored one first: that one is the node's catalog.
+            return match self.off_runtime(node, |f, n| f.stored(n)).await? {
+                Some(theirs) => Ok(theirs),
+                None => Err(Refused::Busy),
+            };
+        }
         self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node.to_string(), s.clone());
         Ok(s)
     }
@@ -707,13 +833,21 @@ impl Fleet {
             .map_err(Refused::Internal)
     }
 
-    /// Deletes the reports older than the retention window; returns how many went.
-    pub fn prune_reports(&self) -> Result<usize> {
-        let n = self.db.prune_reports(now() - self.config.report_retention, 10_000)?;
-        if n > 0 {
-            tracing::info!("deleted {n} reports older than {} days", self.config.report_retention / 86_400);
+    /// Retention: the reports older than the window go (rows from the embedded file, daily
+    /// partitions from PostgreSQL, where the days ahead are made too).
+    pub fn prune_reports(&self) -> Result<crate::db::Pruned> {
+        let t = now();
+        let pruned = self.db.prune_reports(t - self.config.report_retention, 10_000, t)?;
+        let days = self.config.report_retention / 86_400;
+        match &pruned {
+            crate::db::Pruned::Rows(0) => {}
+            crate::db::Pruned::Rows(n) => tracing::info!("deleted {n} reports older than {days} days"),
+            crate::db::Pruned::Partitions(p) if p.is_empty() => {}
+            crate::db::Pruned::Partitions(p) => {
+                tracing::info!("dropped the report partitions older than {days} days: {}", p.join(", "))
+            }
         }
-        Ok(n)
+        Ok(pruned)
     }
 
     /// Stores a node's report, once every field is within bounds (a report past them is

@@ -390,7 +390,9 @@ async fn catalog(
     let req: CatalogRequest = json_body(&body)?;
     req.check().map_err(|why| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why.to_string(), None))?;
     fleet.saw(&node, &req);
-    let stored = match fleet.catalog(&node, &req.formats, req.facts).await {
+    // The catalog the agent holds, by the etag it sends back.
+    let held = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(|v| v.trim_matches('"'));
+    let stored = match fleet.catalog(&node, &req.formats, req.facts, held).await {
         Ok(s) => s,
         Err(Refused::Busy) => {
             fleet.metrics.catalog_busy.inc();

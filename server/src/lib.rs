@@ -10,8 +10,8 @@
 //! - [`ca`], [`db`], [`config`], [`fleet`], [`http`]: the server: its CA, state, configuration,
 //!   enrollment and catalogs, and HTTPS. [`view`] and [`page`]: what operators see.
 //!   [`metrics`]: `/metrics`. [`bootstrap`]: `/bootstrap.sh` and the server key's pin.
-//!   [`schema`]: the state's tables, one schema for both engines; [`pg`]: the state in
-//!   PostgreSQL, for several servers.
+//!   [`schema`]: the state's tables, one schema for both engines; [`sql`]: queries written
+//!   once for both engines; [`pg`]: the state in PostgreSQL, for several servers.
 //! - [`cli`]: every command of `converge-server`, one module per group (`main.rs` parses).
 //!
 //! Invariants: after `repo`, everything is a pure function of the repository, the node name and
@@ -37,4 +37,5 @@ pub mod schema;
 pub mod schemas;
 pub mod secrets;
 pub mod site;
+pub mod sql;
 pub mod view;

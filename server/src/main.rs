@@ -120,6 +120,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         keys: Option<PathBuf>,
     },
+    /// Another server for a fleet whose state is in PostgreSQL: `server add` makes its state
+    /// directory (to copy to its machine) from this server's.
+    Server {
+        #[command(subcommand)]
+        action: serve::ServerAction,
+    },
     /// Serve the fleet over HTTPS.
     Serve {
         #[arg(long, value_name = "FILE")]
@@ -214,6 +220,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Serve { config } => serve::serve(&config),
+        Command::Server { action } => serve::server_command(action),
         Command::Node { action } => fleet::node_command(action),
         Command::Report { config, node, failed, since, limit, details } => {
             fleet::report(&config, node, failed, since.as_deref(), limit, details)

@@ -7,6 +7,7 @@
 //! A URL may hold a password: it is never printed, and errors name the host and database only.
 
 use crate::schema::{self, Engine};
+use crate::sql::{Conn, PgConn};
 use anyhow::{Context, Result, anyhow};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
@@ -17,6 +18,10 @@ pub struct Pg {
     pool: Pool,
     /// `host:port/database`, for messages (never the password).
     pub shown: String,
+    /// The runtime the pool's connections live on: the server's own, or (for a command run
+    /// outside one) a runtime of one thread made here.
+    handle: tokio::runtime::Handle,
+    _own: Option<tokio::runtime::Runtime>,
 }
 
 /// What a URL names, without its password.
@@ -37,8 +42,16 @@ impl Pg {
     /// A pool of at most `size` connections to the database of `url` (none is opened yet).
     pub fn new(url: &str, size: usize) -> Result<Pg> {
         // The parser's message may quote the URL, password and all: it is not passed on.
-        let config: tokio_postgres::Config =
+        let mut config: tokio_postgres::Config =
             url.parse().map_err(|_| anyhow!("`database` is not a PostgreSQL URL (postgres://USER@HOST:PORT/DB)"))?;
+        // A database that vanishes is noticed: connecting gives up, idle connections are probed.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(5));
+        }
+        config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(30));
+        if config.get_application_name().is_none() {
+            config.application_name("converge-server");
+        }
         let shown = shown(&config);
         let manager = Manager::from_config(
             config,
@@ -52,7 +65,63 @@ impl Pg {
             .wait_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .context("cannot make a PostgreSQL pool")?;
-        Ok(Pg { pool, shown })
+        let (handle, own) = match tokio::runtime::Handle::try_current() {
+            Ok(h) => (h, None),
+            Err(_) => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .context("cannot start a runtime for PostgreSQL")?;
+                (rt.handle().clone(), Some(rt))
+            }
+        };
+        Ok(Pg { pool, shown, handle, _own: own })
+    }
+
+    /// Runs `f` to its end, from a thread that is not one of the runtime's.
+    pub fn block<T>(&self, f: impl Future<Output = T>) -> T {
+        self.handle.block_on(f)
+    }
+
+    /// A connection of the pool, from a blocking thread.
+    fn connection(&self) -> Result<deadpool_postgres::Object> {
+        self.block(async {
+            match tokio::time::timeout(crate::sql::PG_STATEMENT, self.client()).await {
+                Ok(c) => c,
+                Err(_) => Err(anyhow!(
+                    "PostgreSQL at {} did not answer within {} s",
+                    self.shown,
+                    crate::sql::PG_STATEMENT.as_secs()
+                )),
+            }
+        })
+    }
+
+    /// Runs `f` on a connection, each statement on its own (see [`crate::db::Db`]).
+    pub fn with<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        let client = self.connection()?;
+        f(&mut PgConn { client: &client, handle: &self.handle, shown: &self.shown })
+    }
+
+    /// Runs `f` in one transaction: committed when it returns `Ok`, else rolled back.
+    pub fn tx<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        let mut client = self.connection()?;
+        let tx = crate::sql::wait(&self.handle, &self.shown, client.transaction())?;
+        let out = f(&mut PgConn { client: &tx, handle: &self.handle, shown: &self.shown })?;
+        crate::sql::wait(&self.handle, &self.shown, tx.commit())?;
+        Ok(out)
+    }
+
+    /// Makes the daily report partition that holds `t`.
+    pub fn make_partition(&self, t: i64) -> Result<()> {
+        let c = self.connection()?;
+        crate::sql::wait(&self.handle, &self.shown, c.batch_execute(&schema::report_partition(t).1))
+    }
+
+    /// [`Pg::prune_reports`], from a blocking thread.
+    pub fn prune_partitions(&self, before: i64, now: i64) -> Result<Vec<String>> {
+        self.block(self.prune_reports(before, now))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -112,82 +181,9 @@ impl Pg {
     }
 }
 
-/// `sql` written for SQLite (`?N` parameters) as PostgreSQL takes it (`$N`).
-fn dollars(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('$');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// What operators read: the same queries, and the same rows, as the embedded file's.
-impl Pg {
-    pub async fn node_rows(&self, only: Option<&str>) -> Result<Vec<crate::db::NodeRow>> {
-        let c = self.client().await?;
-        let rows = c.query(&dollars(crate::db::NODE_ROWS), &[&only]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| crate::db::NodeRow {
-                name: r.get(0),
-                last_seen: r.get(1),
-                cert_expires: r.get(2),
-                revoked: r.get(3),
-                serial: r.get::<_, Option<i64>>(4).map(|s| s as u64),
-                compile_error: r.get(5),
-                last_report: r.get::<_, Option<i64>>(6).map(|at| (at, r.get(7), r.get(8), r.get(9))),
-                last_commit: r.get(10),
-                agent_version: r.get(11),
-                dry_run_pending: r.get(12),
-            })
-            .collect())
-    }
-
-    pub async fn reports(&self, f: &crate::db::ReportFilter) -> Result<Vec<crate::db::StoredReport>> {
-        let c = self.client().await?;
-        let limit = f.limit.max(1);
-        let rows = c.query(&dollars(crate::db::REPORTS), &[&f.node, &f.failed, &f.since, &limit, &f.bodies]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| crate::db::StoredReport {
-                id: r.get(0),
-                node: r.get(1),
-                received: r.get(2),
-                changed: r.get(3),
-                failed: r.get(4),
-                stale: r.get(5),
-                serial: r.get::<_, Option<i64>>(6).map(|s| s as u64),
-                commit: r.get(7),
-                body: r.get(8),
-                digest: r.get(9),
-                dry_run: r.get(10),
-            })
-            .collect())
-    }
-
-    pub async fn pending_list(&self, now: i64) -> Result<Vec<crate::db::PendingRow>> {
-        let c = self.client().await?;
-        let rows = c.query(&dollars(crate::db::PENDING), &[&(now - crate::db::PENDING_TTL)]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| crate::db::PendingRow {
-                node: r.get(0),
-                requested: r.get(1),
-                approved: r.get(2),
-                fingerprint: r.get::<_, Option<String>>(3).unwrap_or_default(),
-                address: r.get::<_, Option<String>>(4).unwrap_or_default(),
-            })
-            .collect())
-    }
-}
-
 /// The tables `db import` copies, in an order their references allow.
-pub const TABLES: &[&str] = &["nodes", "certificates", "tokens", "pending", "catalogs", "reports", "operators"];
+pub const TABLES: &[&str] =
+    &["nodes", "certificates", "tokens", "pending", "catalogs", "reports", "operators", "agreed"];
 
 impl Pg {
     /// Copies every row of the embedded database at `sqlite` into this one, which must be

@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked BIGINT
 );
 CREATE INDEX IF NOT EXISTS certificates_node ON certificates(node);
+CREATE INDEX IF NOT EXISTS certificates_issued ON certificates(issued);
+CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates(revoked);
 CREATE TABLE IF NOT EXISTS tokens (
     sha256 TEXT PRIMARY KEY,
     pattern TEXT NOT NULL,
@@ -64,6 +66,13 @@ CREATE TABLE IF NOT EXISTS reports (
     body TEXT NOT NULL{reports_key}
 ){partitioned};
 CREATE INDEX IF NOT EXISTS reports_node ON reports(node, id);
+CREATE TABLE IF NOT EXISTS agreed (
+    id BIGINT PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    commit_id TEXT NOT NULL,
+    since BIGINT NOT NULL,
+    proposed_by TEXT
+);
 CREATE TABLE IF NOT EXISTS operators (
     sha256 TEXT PRIMARY KEY,
     created BIGINT NOT NULL,
@@ -91,6 +100,12 @@ pub const ADDED: &[(&str, &str, &str)] = &[
     // The age recipient a node's sealed values are encrypted to (its sealing key, made on the
     // host and sent at enrollment or renewal).
     ("nodes", "seal_key", "TEXT"),
+    // The agreement on the current commit a catalog was compiled at (see `agreed`): several
+    // servers never replace a catalog of a later commit with one of an earlier.
+    ("catalogs", "epoch", "BIGINT NOT NULL DEFAULT 0"),
+    // The hash of a report's bytes: a report sent again (to another server, after the first
+    // fell before answering) is stored once.
+    ("reports", "body_sha256", "TEXT"),
 ];
 
 /// `sql` with the engine's own spellings.

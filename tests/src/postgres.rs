@@ -45,6 +45,21 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// Whether PostgreSQL tests can run here; where they cannot, says why and the test passes,
+/// unless `CONVERGE_REQUIRE_POSTGRES` is set (CI), where it fails.
+pub fn available() -> bool {
+    match unavailable() {
+        None => true,
+        Some(why) if std::env::var_os("CONVERGE_REQUIRE_POSTGRES").is_some() => {
+            panic!("PostgreSQL tests are required here but cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

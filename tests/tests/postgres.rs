@@ -3,20 +3,7 @@
 //! across a stop and a start and leaves nothing behind. Skipped (and said) where it cannot run:
 //! CI demands it (`CONVERGE_REQUIRE_POSTGRES=1`, set by `.ci/run`).
 
-use converge_e2e::postgres::{self, Postgres};
-
-fn available() -> bool {
-    match postgres::unavailable() {
-        None => true,
-        Some(why) if std::env::var_os("CONVERGE_REQUIRE_POSTGRES").is_some() => {
-            panic!("PostgreSQL tests are required here but cannot run: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
-}
+use converge_e2e::postgres::{Postgres, available};
 
 #[test]
 fn a_cluster_of_its_own_keeps_its_data_across_a_restart_and_leaves_nothing() {
@@ -36,8 +23,8 @@ fn a_cluster_of_its_own_keeps_its_data_across_a_restart_and_leaves_nothing() {
 }
 
 /// `converge-server db migrate` makes the schema in an empty PostgreSQL database (reports in
-/// daily partitions, made ahead), again changes nothing, is refused with a reason when
-/// PostgreSQL is away, and `serve` says plainly that it does not serve from PostgreSQL yet.
+/// daily partitions, made ahead), again changes nothing, and is refused with a reason when
+/// PostgreSQL is away.
 #[test]
 fn db_migrate_makes_the_one_schema_in_postgresql_and_again_changes_nothing() {
     if !available() {
@@ -53,7 +40,7 @@ fn db_migrate_makes_the_one_schema_in_postgresql_and_again_changes_nothing() {
         "SELECT string_agg(table_name, ',' ORDER BY table_name) FROM information_schema.tables \
          WHERE table_schema = 'public' AND table_name NOT LIKE 'reports_d%'",
     );
-    assert_eq!(tables.trim(), "catalogs,certificates,nodes,operators,pending,reports,tokens");
+    assert_eq!(tables.trim(), "agreed,catalogs,certificates,nodes,operators,pending,reports,tokens");
     let columns = pg.sql(
         "SELECT string_agg(column_name || ':' || data_type, ',' ORDER BY column_name) FROM information_schema.columns \
          WHERE table_name = 'reports'",
@@ -69,9 +56,6 @@ fn db_migrate_makes_the_one_schema_in_postgresql_and_again_changes_nothing() {
     assert_eq!(again, first, "idempotent");
     assert_eq!(pg.sql("SELECT count(*) FROM reports").trim(), "1", "nothing lost");
 
-    let serve = converge_e2e::run("converge-server", &["serve", "--config", &config]);
-    assert_ne!(serve.code, 0);
-    assert!(serve.stderr.contains("not yet serve from"), "{}", serve.stderr);
     pg.stop();
     let away = converge_e2e::run("converge-server", &["db", "migrate", "--config", &config]);
     assert_ne!(away.code, 0);

@@ -90,7 +90,7 @@ pub fn report(
     limit: i64,
     details: bool,
 ) -> Result<u8> {
-    let db = Reader::open(&crate::config::Config::read(config)?)?;
+    let (_, db) = open_db(config)?;
     let now = crate::db::now();
     let since = match since {
         None => None,
@@ -108,7 +108,7 @@ pub fn report(
         }),
     };
     if let Some(n) = &node
-        && db.nodes(Some(n))?.is_empty()
+        && db.node_rows(Some(n))?.is_empty()
     {
         bail!("there is no node {n} (converge-server node list shows them)");
     }
@@ -126,10 +126,9 @@ pub fn report(
 pub fn node_command(action: NodeAction) -> Result<u8> {
     match action {
         NodeAction::List { config } => {
-            let config = crate::config::Config::read(&config)?;
-            let db = Reader::open(&config)?;
+            let (config, db) = open_db(&config)?;
             let now = crate::db::now();
-            let nodes = db.nodes(None)?;
+            let nodes = db.nodes()?;
             println!(
                 "{:<28} {:<10} {:<12} {:<12} {:<14} {:>7} {:>6}  CERTIFICATE",
                 "NODE", "STATUS", "LAST RUN", "COMMIT", "SERIAL", "CHANGED", "FAILED"
@@ -358,8 +357,7 @@ pub fn db_command(action: DbAction) -> Result<u8> {
                 }
                 Some(url) => {
                     let pg = crate::pg::Pg::new(url, 1)?;
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                    let partitions = rt.block_on(pg.migrate(crate::db::now()))?;
+                    let partitions = pg.block(pg.migrate(crate::db::now()))?;
                     println!(
                         "PostgreSQL {} is up to date: {} daily report partitions ({} to {})",
                         pg.shown,
@@ -372,26 +370,19 @@ pub fn db_command(action: DbAction) -> Result<u8> {
             Ok(0)
         }
         DbAction::Prune { config } => {
-            let config = crate::config::Config::read(&config)?;
+            let (config, db) = open_db(&config)?;
             let now = crate::db::now();
             let before = now - config.report_retention;
-            match &config.database {
-                None => {
-                    let (_, db) = open_db(&config.file)?;
-                    let n = db.prune_reports(before, 10_000)?;
-                    println!("deleted {n} reports received before {}", converge_modules::time::Timestamp(before));
+            match db.prune_reports(before, 10_000, now)? {
+                crate::db::Pruned::Rows(n) => {
+                    println!("deleted {n} reports received before {}", converge_modules::time::Timestamp(before))
                 }
-                Some(url) => {
-                    let pg = crate::pg::Pg::new(url, 1)?;
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                    let dropped = rt.block_on(pg.prune_reports(before, now))?;
-                    println!(
-                        "dropped {} daily report partitions ending before {}{}",
-                        dropped.len(),
-                        converge_modules::time::Timestamp(before),
-                        if dropped.is_empty() { String::new() } else { format!(": {}", dropped.join(", ")) }
-                    );
-                }
+                crate::db::Pruned::Partitions(dropped) => println!(
+                    "dropped {} daily report partitions ending before {}{}",
+                    dropped.len(),
+                    converge_modules::time::Timestamp(before),
+                    if dropped.is_empty() { String::new() } else { format!(": {}", dropped.join(", ")) }
+                ),
             }
             Ok(0)
         }
@@ -407,8 +398,7 @@ pub fn db_command(action: DbAction) -> Result<u8> {
             // Brought up to date first: an older file gains the columns PostgreSQL has.
             crate::db::Db::open(&from, 1)?;
             let pg = crate::pg::Pg::new(url, 1)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let copied = rt.block_on(pg.import(&from, crate::db::now()))?;
+            let copied = pg.block(pg.import(&from, crate::db::now()))?;
             let counts: Vec<String> = copied.iter().map(|(t, n)| format!("{n} {t}")).collect();
             println!("copied {} into PostgreSQL {}: {}", from.display(), pg.shown, counts.join(", "));
             Ok(0)

@@ -39,57 +39,11 @@ pub struct Signing {
     ttl: String,
 }
 
-/// The state an operator's listing reads: the embedded file, or the PostgreSQL database
-/// `server.toml` names, which every server shares (so any server's command shows the whole
-/// fleet).
-pub enum Reader {
-    Sqlite(crate::db::Db),
-    Postgres(crate::pg::Pg, tokio::runtime::Runtime),
-}
-
-impl Reader {
-    pub fn open(config: &crate::config::Config) -> Result<Reader> {
-        Ok(match &config.database {
-            None => {
-                crate::db::require_state(&config.state)?;
-                Reader::Sqlite(crate::db::Db::open(&config.state.join("state.db"), 1)?)
-            }
-            Some(url) => Reader::Postgres(
-                crate::pg::Pg::new(url, 1)?,
-                tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-            ),
-        })
-    }
-
-    pub fn nodes(&self, only: Option<&str>) -> Result<Vec<crate::db::NodeRow>> {
-        match self {
-            Reader::Sqlite(db) => match only {
-                None => db.nodes(),
-                Some(n) => Ok(db.node(n)?.map(|i| i.row).into_iter().collect()),
-            },
-            Reader::Postgres(pg, rt) => rt.block_on(pg.node_rows(only)),
-        }
-    }
-
-    pub fn reports(&self, f: &crate::db::ReportFilter) -> Result<Vec<crate::db::StoredReport>> {
-        match self {
-            Reader::Sqlite(db) => db.reports(f),
-            Reader::Postgres(pg, rt) => rt.block_on(pg.reports(f)),
-        }
-    }
-
-    pub fn pending_list(&self, now: i64) -> Result<Vec<crate::db::PendingRow>> {
-        match self {
-            Reader::Sqlite(db) => db.pending_list(now),
-            Reader::Postgres(pg, rt) => rt.block_on(pg.pending_list(now)),
-        }
-    }
-}
-
+/// The state `config` names (the embedded file, or the PostgreSQL database every server
+/// shares, so that any server's command sees and changes the whole fleet).
 pub fn open_db(config: &Path) -> Result<(crate::config::Config, crate::db::Db)> {
     let config = crate::config::Config::read(config)?;
-    crate::db::require_state(&config.state)?;
-    let db = crate::db::Db::open(&config.state.join("state.db"), 1)?;
+    let db = crate::db::Db::of(&config, 1)?;
     Ok((config, db))
 }
 

@@ -138,6 +138,132 @@ pub fn initialise(args: &InitArgs) -> Result<Initialised> {
     Ok(Initialised { state, ca_hash: ca.hash(), token, url, join, secrets_recipient })
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum ServerAction {
+    /// Make the state directory of another server of this fleet (which must keep its state in
+    /// PostgreSQL): the CA, the catalog key and key list, the secrets key, a certificate of its
+    /// own for its names, and its server.toml. The root key is never copied. Copy the
+    /// directory to the new machine (it holds the CA's key: keep it 0700) and serve from it.
+    Add {
+        /// This server's configuration.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The new server's state directory, to create.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// A DNS name agents reach the new server by (repeatable).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// An IP address agents reach the new server by (repeatable).
+        #[arg(long = "address", value_name = "IP")]
+        addresses: Vec<std::net::IpAddr>,
+        /// The operator repository on the new machine (its own clone); this server's by default.
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
+        /// Where the new server listens; this server's address by default.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+}
+
+pub fn server_command(action: ServerAction) -> Result<u8> {
+    match action {
+        ServerAction::Add { config, out, names, addresses, repo, listen } => {
+            let made = add_server(&config, &out, &names, &addresses, repo.as_deref(), listen.as_deref())?;
+            let d = made.display();
+            println!("made the state of a new server in {d}:");
+            println!("  certificate   {d}/server.pem for {}", names_of(&names, &addresses).join(", "));
+            println!("  CA, catalog key and key list, secrets key: this server's (never the root key)");
+            println!("  configuration {d}/server.toml (the same database)");
+            println!(
+                "
+copy {d} to the new machine as it is (it holds the CA's key), then there:"
+            );
+            println!("  converge-server serve --config {d}/server.toml");
+            println!("and give agents both addresses (converge bootstrap --server A --server B, or `servers` in");
+            println!("agent.toml), or put both behind a TCP load balancer.");
+            Ok(0)
+        }
+    }
+}
+
+fn names_of(names: &[String], addresses: &[std::net::IpAddr]) -> Vec<String> {
+    names.iter().cloned().chain(addresses.iter().map(ToString::to_string)).collect()
+}
+
+/// `converge-server server add`: the state directory `out` of another server of the fleet of
+/// `config`. Nothing is written unless every check passes first; `out` must not exist yet.
+pub fn add_server(
+    config: &Path,
+    out: &Path,
+    names: &[String],
+    addresses: &[std::net::IpAddr],
+    repo: Option<&Path>,
+    listen: Option<&str>,
+) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let source = crate::config::Config::read(config)?;
+    if source.database.is_none() {
+        bail!(
+            "{}: this server keeps its state in its own file; servers share a fleet through PostgreSQL: set \
+             `database` (converge-server db migrate, then db import) before adding a server",
+            config.display()
+        );
+    }
+    if names.is_empty() && addresses.is_empty() {
+        bail!("the new server needs a name or an address for its certificate: give --name or --address");
+    }
+    if let Some(l) = listen
+        && l.parse::<std::net::SocketAddr>().is_err()
+    {
+        bail!("--listen {l} is not an address like 0.0.0.0:8443");
+    }
+    if out.exists() {
+        bail!("{} exists already; server add never writes over anything", out.display());
+    }
+    let ca = crate::ca::Ca::load(&source.state)?;
+    crate::fleet::Signing::read(&source)?;
+    let secrets = source.state.join(crate::secrets::KEY_FILE);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out.join("keys"))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let out = out.canonicalize()?;
+    let copy = |from: &Path, to: &str, mode: u32| -> Result<()> {
+        let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+        crate::keys::create(&out.join(to), &String::from_utf8_lossy(&bytes), mode)
+    };
+    for f in crate::ca::Ca::FILES {
+        let from = source.state.join(f);
+        if from.exists() {
+            copy(&from, f, if f.ends_with(".key") { 0o600 } else { 0o644 })?;
+        }
+    }
+    copy(&source.signing_key, "keys/catalog.key", 0o600)?;
+    copy(&source.trusted_keys, "keys/trusted-keys.json", 0o644)?;
+    if secrets.exists() {
+        copy(&secrets, crate::secrets::KEY_FILE, 0o600)?;
+    }
+    ca.issue_server(&out, names, addresses)?;
+    std::fs::create_dir_all(out.join("packages"))?;
+    let text = std::fs::read_to_string(config)?;
+    let shown = config.display().to_string();
+    let mut file: crate::config::ServerFile = converge_modules::settings::Settings { file: &shown, text: &text }
+        .parse()
+        .map_err(|d| anyhow::anyhow!("{d}"))?;
+    use converge_modules::settings::Spanned;
+    file.state = Some(".".into());
+    file.signing_key = Some("keys/catalog.key".into());
+    file.trusted_keys = Some("keys/trusted-keys.json".into());
+    file.repo = repo.map_or(source.repo.clone(), Path::to_path_buf).display().to_string();
+    file.listen = Some(Spanned::new(0..0, listen.map_or(source.listen.to_string(), str::to_string)));
+    let written = converge_modules::settings::write(&["converge-server configuration (written by server add)"], &file);
+    // It names the database, password and all.
+    crate::keys::create(&out.join("server.toml"), &written, 0o600)?;
+    Ok(out)
+}
+
 /// What the server logs when `CONVERGE_LOG` is unset: everything at `info` but the access log,
 /// whose line per request (written unbuffered to standard error) costs about a sixth of the
 /// polls a server answers; `CONVERGE_LOG=info` turns it on.
@@ -161,7 +287,10 @@ pub fn serve(config_path: &Path) -> Result<u8> {
     let config = crate::config::Config::read(config_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let fleet = std::sync::Arc::new(crate::fleet::Fleet::open(config.clone())?);
+        // The state may be PostgreSQL, whose calls wait: opened off the runtime's threads.
+        let opening = config.clone();
+        let fleet =
+            std::sync::Arc::new(tokio::task::spawn_blocking(move || crate::fleet::Fleet::open(opening)).await??);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
