@@ -17,6 +17,10 @@
 //! connections and an enrollment flood attack the server, beside the same unloaded; see
 //! `siege.rs`.
 //!
+//! `converge-bench servers [NODES REPORTS CONCURRENCY]`: 1, 2 and 3 servers on PostgreSQL
+//! beside one on SQLite, polled by simulated hosts; reports; storage and retention; see
+//! `servers.rs`.
+//!
 //! `converge-bench system`: a no-op run over packages, users, services and files in a container,
 //! beside the one query it cannot avoid and `puppet apply`; see `system.rs`.
 //!
@@ -35,6 +39,7 @@ use std::time::{Duration, Instant};
 mod compile;
 mod page;
 mod serve;
+mod servers;
 mod services;
 mod siege;
 mod signing;
@@ -60,6 +65,10 @@ fn main() {
             serve::run(n(1, 10_000), n(2, 1_000), n(3, 64));
         }
         Some("page") => page::run(&sizes()),
+        Some("servers") => {
+            let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
+            servers::run(n(1, 100_000), n(2, 1_000_000), n(3, 64));
+        }
         Some("siege") => {
             let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
             siege::run(n(1, 500), n(2, 1000), n(3, 4));
@@ -67,7 +76,7 @@ fn main() {
         Some("noop") => noop(&sizes()),
         _ => {
             eprintln!(
-                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | siege [NODES SLOW FLOODERS] | system | services | baseline LIST"
+                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | servers [NODES REPORTS CONCURRENCY] | siege [NODES SLOW FLOODERS] | system | services | baseline LIST"
             );
             std::process::exit(1);
         }

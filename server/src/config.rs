@@ -53,6 +53,10 @@ pub struct Config {
     /// A PostgreSQL URL (`postgres://USER@HOST:PORT/DB`) for state several servers share;
     /// `None`: the embedded file `STATE/state.db`.
     pub database: Option<String>,
+    /// The CA certificate(s) (PEM) the PostgreSQL server's certificate must chain to: with it
+    /// the connection is TLS (rustls) and never falls back to plaintext; without it, plaintext
+    /// (for a database on loopback or a network trusted as such).
+    pub database_ca: Option<PathBuf>,
 }
 
 /// `server.toml` as written: every key optional but `repo`, unknown ones refused.
@@ -100,6 +104,8 @@ pub struct ServerFile {
     pub reports_per_node: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_ca: Option<Spanned<String>>,
 }
 
 impl Config {
@@ -163,6 +169,12 @@ impl Config {
                 Some(d) => {
                     return Err(e(file.at(d, "`database`: not a PostgreSQL URL (postgres://USER@HOST:PORT/DB)")));
                 }
+            },
+            database_ca: match (&f.database_ca, &f.database) {
+                (Some(c), None) => {
+                    return Err(e(file.at(c, "`database_ca` without `database`: it names the PostgreSQL server's CA")));
+                }
+                (c, _) => c.as_ref().map(|c| at(c.get_ref())),
             },
         })
     }

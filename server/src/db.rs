@@ -6,7 +6,7 @@
 //! revocation is a column read on every request (a deny list that cannot expire like a CRL).
 //! Tokens are stored hashed. Connections come from a small pool; each call holds one briefly.
 
-use crate::sql::{Conn, Lite, Row, params};
+use crate::sql::{Conn, Counting, Lite, Row, params};
 use anyhow::{Context, Result, bail};
 use converge_modules::time::Timestamp;
 use rusqlite::Connection;
@@ -41,19 +41,17 @@ pub struct PendingRow {
     pub address: String,
 }
 
-/// Every node with its certificate, catalog, last report and pending dry-run (`?1`: one node's
-/// name, or NULL for all); the same text serves both engines (the casts tell PostgreSQL a
+/// Every node with its certificate, catalog, last run and pending dry-run (`?1`: one node's
+/// name, or NULL for all), from the nodes themselves (a node's last run is kept with it as
+/// reports arrive), never a pass over the reports; the same text serves both engines (the casts tell PostgreSQL a
 /// parameter's type where it cannot see it).
 pub(crate) const NODE_ROWS: &str = "SELECT n.name, n.last_seen,
     (SELECT MAX(expires) FROM certificates WHERE node = n.name AND revoked IS NULL),
     NOT EXISTS (SELECT 1 FROM certificates WHERE node = n.name AND revoked IS NULL),
     k.serial, k.compile_error,
-    r.received, r.changed, r.failed, r.stale, r.commit_id, n.agent_version,
-    (SELECT d.changed FROM reports d WHERE d.node = n.name AND d.dry_run AND d.id > COALESCE(r.id, 0)
-     ORDER BY d.id DESC LIMIT 1)
+    n.run_at, n.run_changed, n.run_failed, n.run_stale, n.run_commit, n.agent_version, n.dry_run_changed
  FROM nodes n
  LEFT JOIN catalogs k ON k.node = n.name
- LEFT JOIN reports r ON r.id = (SELECT MAX(id) FROM reports WHERE node = n.name AND NOT dry_run)
  WHERE CAST(?1 AS TEXT) IS NULL OR n.name = ?1
  ORDER BY n.name";
 
@@ -76,6 +74,9 @@ pub const REPORTS_PER_NODE: i64 = 50;
 /// both (see [`crate::sql`]).
 pub struct Db {
     backend: Backend,
+    /// Statements sent, transactions' begin and commit included (`/metrics`:
+    /// `converge_db_statements_total`).
+    pub statements: prometheus_client::metrics::counter::Counter,
 }
 
 enum Backend {
@@ -216,6 +217,9 @@ impl Db {
                             .with_context(|| format!("cannot add {table}.{column} to the state database"))?;
                     }
                 }
+                for sql in schema::BACKFILL {
+                    c.execute_batch(sql).context("cannot fill in new columns of the state database")?;
+                }
             }
             pool.push(Mutex::new(c));
         }
@@ -224,18 +228,18 @@ impl Db {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
-        Ok(Db { backend: Backend::Sqlite { pool, next: AtomicUsize::new(0) } })
+        Ok(Db { backend: Backend::Sqlite { pool, next: AtomicUsize::new(0) }, statements: Default::default() })
     }
 
     /// The state in PostgreSQL (migrated by `converge-server db migrate`).
     pub fn postgres(pg: crate::pg::Pg) -> Db {
-        Db { backend: Backend::Postgres(pg) }
+        Db { backend: Backend::Postgres(pg), statements: Default::default() }
     }
 
     /// The state `config` names: PostgreSQL with `database`, else the state directory's file.
     pub fn of(config: &crate::config::Config, size: usize) -> Result<Db> {
         match &config.database {
-            Some(url) => Ok(Db::postgres(crate::pg::Pg::new(url, size)?)),
+            Some(url) => Ok(Db::postgres(crate::pg::Pg::new(url, size, config.database_ca.as_deref())?)),
             None => {
                 require_state(&config.state)?;
                 Db::open(&config.state.join("state.db"), size)
@@ -253,28 +257,32 @@ impl Db {
 
     /// Runs `f` on a connection, each statement on its own.
     fn with<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        let count = &self.statements;
         match &self.backend {
             Backend::Sqlite { pool, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % pool.len();
                 let c = pool[i].lock().unwrap_or_else(|p| p.into_inner());
-                f(&mut Lite(&c))
+                f(&mut Counting { conn: &mut Lite(&c), count })
             }
-            Backend::Postgres(pg) => pg.with(f),
+            Backend::Postgres(pg) => pg.with(|conn| f(&mut Counting { conn, count })),
         }
     }
 
     /// Runs `f` in one transaction: committed when it returns `Ok`, else rolled back.
     fn tx<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        let count = &self.statements;
+        // Begin and commit.
+        count.inc_by(2);
         match &self.backend {
             Backend::Sqlite { pool, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % pool.len();
                 let mut c = pool[i].lock().unwrap_or_else(|p| p.into_inner());
                 let tx = c.transaction()?;
-                let out = f(&mut Lite(&tx))?;
+                let out = f(&mut Counting { conn: &mut Lite(&tx), count })?;
                 tx.commit()?;
                 Ok(out)
             }
-            Backend::Postgres(pg) => pg.tx(f),
+            Backend::Postgres(pg) => pg.tx(|conn| f(&mut Counting { conn, count })),
         }
     }
 
@@ -638,10 +646,37 @@ impl Db {
         })
     }
 
-    /// Records that nodes were seen, with their facts when these changed (one transaction).
+    /// Records that nodes were seen, with their facts when these changed: on the embedded
+    /// file one transaction of an update per node; on PostgreSQL one statement for the whole
+    /// batch (a round trip per second, not one per poll).
     pub fn seen(&self, batch: &[Visit]) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
+        }
+        if self.pg().is_some() {
+            let rows: Vec<serde_json::Value> = batch
+                .iter()
+                .map(|v| {
+                    serde_json::json!({
+                        "name": v.node, "at": v.at, "version": v.version, "ca_bundle": v.ca_bundle,
+                        "keys_version": v.keys_version, "facts": v.facts.as_ref().map(|f| &f.0),
+                        "facts_sha256": v.facts.as_ref().map(|f| &f.1),
+                    })
+                })
+                .collect();
+            return self.with(|c| {
+                c.execute(
+                    "UPDATE nodes SET last_seen = v.at, agent_version = v.version,
+                         ca_bundle = COALESCE(v.ca_bundle, nodes.ca_bundle),
+                         keys_version = COALESCE(v.keys_version, nodes.keys_version),
+                         facts = COALESCE(v.facts, nodes.facts), facts_sha256 = COALESCE(v.facts_sha256, nodes.facts_sha256)
+                     FROM jsonb_to_recordset(CAST(?1 AS TEXT)::jsonb) AS v(name TEXT, at BIGINT, version TEXT,
+                         ca_bundle TEXT, keys_version BIGINT, facts TEXT, facts_sha256 TEXT)
+                     WHERE nodes.name = v.name",
+                    params![serde_json::Value::Array(rows).to_string()],
+                )
+                .map(drop)
+            });
         }
         self.tx(|c| {
             for v in batch {
@@ -668,7 +703,7 @@ impl Db {
         let body_sha256 = converge_modules::hash::sha256_hex(r.body.as_bytes());
         let add = || {
             self.tx(|c| {
-                c.execute(
+                let added = c.execute(
                     "INSERT INTO reports (node, received, changed, failed, stale, serial, body, commit_id, digest, dry_run, body_sha256)
                      SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
                      WHERE NOT EXISTS (SELECT 1 FROM reports WHERE node = ?1 AND body_sha256 = ?11)",
@@ -686,6 +721,18 @@ impl Db {
                         &body_sha256
                     ],
                 )?;
+                if added == 0 {
+                    return Ok(());
+                }
+                if r.dry_run {
+                    c.execute("UPDATE nodes SET dry_run_changed = ?2 WHERE name = ?1", params![r.node, r.changed])?;
+                } else {
+                    c.execute(
+                        "UPDATE nodes SET run_at = ?2, run_changed = ?3, run_failed = ?4, run_stale = ?5, run_commit = ?6,
+                             dry_run_changed = NULL WHERE name = ?1",
+                        params![r.node, r.at, r.changed, r.failed, r.stale, r.commit],
+                    )?;
+                }
                 c.execute(
                     "DELETE FROM reports WHERE node = ?1 AND id NOT IN (SELECT id FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2)",
                     params![r.node, per_node],

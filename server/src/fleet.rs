@@ -63,7 +63,9 @@ pub struct Fleet {
     /// only when they agree, when `keys rotate` changes them ([`Fleet::watch_keys`]).
     signing: RwLock<Arc<Signing>>,
     current: RwLock<Arc<Current>>,
-    /// The last catalog of each node, as in the store.
+    /// The last catalog of each node, as in the store, without its envelope (serial, etag,
+    /// cache key, when signed): what a poll for the catalog a host holds needs, in a few
+    /// hundred bytes a node. An envelope is read from the store when it is sent.
     catalogs: RwLock<HashMap<String, Arc<Stored>>>,
     /// The facts hash last recorded per node.
     facts: RwLock<HashMap<String, String>>,
@@ -212,6 +214,17 @@ fn is_ancestor(repo: &std::path::Path, a: &str, b: &str) -> bool {
 fn agree(db: &Db, config: &Config, last_head: &Mutex<Option<String>>, by: &str) -> Result<(i64, String)> {
     let head = head(&config.repo, &config.branch)?;
     let agreed = db.agreed()?;
+    // The database is input like any other: what it says is current must be a commit id
+    // before git is asked about it.
+    if let Some((epoch, c)) = &agreed
+        && !(matches!(c.len(), 40 | 64) && c.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        anyhow::bail!(
+            "the database's agreed commit (agreement {epoch}) is not a commit id: {:?}; the state is damaged \
+             (a server proposes its branch's head again once the row is deleted: DELETE FROM agreed)",
+            converge_modules::text::clip(c, 100)
+        );
+    }
     let mut last = last_head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if last.as_deref() == Some(head.as_str()) {
         return Ok(agreed.unwrap_or((0, head)));
@@ -282,6 +295,7 @@ impl Fleet {
             );
             load(&config.repo, &head, -1, &secrets_key)?
         };
+        let metrics = crate::metrics::Metrics::with_db(db.statements.clone());
         Ok(Fleet {
             compiles: tokio::sync::Semaphore::new(config.max_compiles),
             admission: crate::http::Admission::new(&config),
@@ -301,7 +315,7 @@ impl Fleet {
             cert_watch: Mutex::new(started),
             last_head,
             name,
-            metrics: crate::metrics::Metrics::default(),
+            metrics,
             started,
             pin,
             secrets_key,
@@ -614,15 +628,23 @@ impl Fleet {
         Ok(Ok(EnrollResponse::Issued { certificate: pem, trusted_keys: self.signing().envelope.clone() }))
     }
 
-    /// The node's catalog as the store holds it now, which this server then holds too.
+    /// The node's catalog as the store holds it now, which this server then holds too
+    /// (without its envelope).
     fn stored(&self, node: &str) -> Result<Option<Arc<Stored>>> {
         let s = self.db.stored(node)?.map(Arc::new);
-        let mut catalogs = self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         match &s {
-            Some(s) => catalogs.insert(node.to_string(), s.clone()),
-            None => catalogs.remove(node),
-        };
+            Some(s) => self.hold(node, s),
+            None => {
+                self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(node);
+            }
+        }
         Ok(s)
+    }
+
+    /// Keeps what a poll needs of `s` in memory: all of it but the envelope.
+    fn hold(&self, node: &str, s: &Stored) {
+        let slim = Arc::new(Stored { envelope: Vec::new(), ..s.clone() });
+        self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node.to_string(), slim);
     }
 
     /// Notes that a node asked, with its facts (written in batches by [`Fleet::flush_seen`]).
@@ -682,7 +704,8 @@ impl Fleet {
         result
     }
 
-    /// The node's signed catalog (compiling and signing only when needed).
+    /// The node's signed catalog (compiling and signing only when needed). When the agent
+    /// holds it already (`held`, its etag), the envelope may be left out: the answer is 304.
     pub async fn catalog(
         self: &Arc<Self>,
         node: &str,
@@ -713,13 +736,14 @@ impl Fleet {
         );
         let t = now();
         let fresh = |s: &Stored| s.cache_key == cache_key && t < s.issued_at + self.config.catalog_ttl / 2;
-        // What this server holds answers when the agent holds the same, or nothing: no
-        // database call. Otherwise the store says what is current (another server may have
-        // stored a newer catalog, or the agent got one from it).
+        // What this server holds answers a poll for the catalog the agent holds (the caller
+        // answers 304): no database call. Otherwise the store says what is current (another
+        // server may have stored a newer catalog, or the agent got one from it), and has the
+        // envelope to send.
         let cached = self.catalogs.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned();
         if let Some(s) = &cached
             && fresh(s)
-            && held.is_none_or(|h| h == s.etag)
+            && held == Some(s.etag.as_str())
         {
             return Ok(s.clone());
         }
@@ -816,7 +840,7 @@ impl Fleet {
                 None => Err(Refused::Busy),
             };
         }
-        self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node.to_string(), s.clone());
+        self.hold(node, &s);
         Ok(s)
     }
 

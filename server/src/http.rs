@@ -428,6 +428,10 @@ async fn catalog(
         fleet.metrics.catalog_304.inc();
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value), bundle]).into_response());
     }
+    if stored.envelope.is_empty() {
+        // Memory holds catalogs without their envelopes: one must never be sent as it is.
+        return Err(anyhow::anyhow!("the catalog of {node} came without its envelope (a bug)").into());
+    }
     fleet.metrics.catalog_200.inc();
     let content_type = (header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(([(header::ETAG, etag_value), content_type, bundle], stored.envelope.clone()).into_response())
@@ -623,7 +627,11 @@ async fn page_report(
 
 async fn healthz(State(fleet): State<Arc<Fleet>>) -> Result<Response, ApiError> {
     let nodes = blocking(&fleet, |f| f.db.count_nodes()).await??;
-    let body = serde_json::json!({"status": "ok", "commit": fleet.commit(), "nodes": nodes});
+    // The statements this server has sent its database: what an operator (or a benchmark)
+    // divides by the polls answered.
+    let body = serde_json::json!({
+        "status": "ok", "commit": fleet.commit(), "nodes": nodes, "db_statements": fleet.db.statements.get(),
+    });
     Ok(axum::Json(body).into_response())
 }
 

@@ -151,6 +151,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metrics, with the state database's statement count among them.
+    pub fn with_db(statements: Counter) -> Metrics {
+        let mut m = Metrics::default();
+        m.registry.register(
+            "db_statements",
+            "Statements sent to the state database, transactions' begin and commit included (each a round trip on PostgreSQL).",
+            statements,
+        );
+        m
+    }
+
     /// The page, with the gauges as `now` has them.
     pub fn render(&self, now: Snapshot) -> String {
         let _one = self.rendering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -10,6 +10,7 @@ use crate::schema::{self, Engine};
 use crate::sql::{Conn, PgConn};
 use anyhow::{Context, Result, anyhow};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::sync::Arc;
 
 /// Daily report partitions made ahead of today.
 pub const PARTITIONS_AHEAD: i64 = 7;
@@ -22,6 +23,28 @@ pub struct Pg {
     /// outside one) a runtime of one thread made here.
     handle: tokio::runtime::Handle,
     _own: Option<tokio::runtime::Runtime>,
+}
+
+/// TLS to PostgreSQL (rustls, ring), trusting only the CA certificates in the file `ca`.
+fn tls_to(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("cannot read database_ca {}", ca.display()))?
+    {
+        let cert = cert.map_err(|e| anyhow!("database_ca {}: not a PEM certificate: {e}", ca.display()))?;
+        roots.add(cert).map_err(|e| anyhow!("database_ca {}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("database_ca {} holds no certificate", ca.display());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS to PostgreSQL")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// What a URL names, without its password.
@@ -39,8 +62,10 @@ fn shown(config: &tokio_postgres::Config) -> String {
 }
 
 impl Pg {
-    /// A pool of at most `size` connections to the database of `url` (none is opened yet).
-    pub fn new(url: &str, size: usize) -> Result<Pg> {
+    /// A pool of at most `size` connections to the database of `url` (none is opened yet):
+    /// over TLS checked against the CA certificates in the file `ca` when given (the URL's
+    /// `sslmode` is then `require` whatever it said), else plaintext.
+    pub fn new(url: &str, size: usize, ca: Option<&std::path::Path>) -> Result<Pg> {
         // The parser's message may quote the URL, password and all: it is not passed on.
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|_| anyhow!("`database` is not a PostgreSQL URL (postgres://USER@HOST:PORT/DB)"))?;
@@ -53,11 +78,23 @@ impl Pg {
             config.application_name("converge-server");
         }
         let shown = shown(&config);
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        use tokio_postgres::config::SslMode;
+        let manager = match ca {
+            Some(ca) => {
+                config.ssl_mode(SslMode::Require);
+                Manager::from_config(config, tls_to(ca)?, recycling)
+            }
+            None if config.get_ssl_mode() == SslMode::Require => anyhow::bail!(
+                "`database` asks for TLS (sslmode=require): name the CA of PostgreSQL's certificate with \
+                 `database_ca` in server.toml, so that the connection is checked, not only encrypted"
+            ),
+            None => {
+                // Plaintext, never a TLS attempt without a certificate to check.
+                config.ssl_mode(SslMode::Disable);
+                Manager::from_config(config, tokio_postgres::NoTls, recycling)
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -125,7 +162,26 @@ impl Pg {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| anyhow!("cannot reach PostgreSQL at {}: {e}", self.shown))
+        self.pool.get().await.map_err(|e| match e {
+            // What PostgreSQL itself said (a refused login, no pg_hba.conf entry), or the TLS
+            // or network error underneath: never the pool's summary alone.
+            deadpool_postgres::PoolError::Backend(e) => {
+                let why = match e.as_db_error() {
+                    Some(db) => db.message().to_string(),
+                    None => {
+                        let mut why = e.to_string();
+                        let mut source = std::error::Error::source(&e);
+                        while let Some(s) = source {
+                            why = format!("{why}: {s}");
+                            source = s.source();
+                        }
+                        why
+                    }
+                };
+                anyhow!("cannot reach PostgreSQL at {}: {why}", self.shown)
+            }
+            e => anyhow!("cannot reach PostgreSQL at {}: {e}", self.shown),
+        })
     }
 
     /// Brings the schema up to date (creating it in an empty database) and makes the report
@@ -143,6 +199,9 @@ impl Pg {
             tx.batch_execute(&schema::add_column(Engine::Postgres, table, column, def))
                 .await
                 .with_context(|| format!("cannot add {table}.{column} in {}", self.shown))?;
+        }
+        for sql in schema::BACKFILL {
+            tx.batch_execute(sql).await.with_context(|| format!("cannot fill in new columns in {}", self.shown))?;
         }
         for day in -1..=PARTITIONS_AHEAD {
             tx.batch_execute(&schema::report_partition(now + day * 86_400).1).await?;
@@ -195,7 +254,10 @@ impl Pg {
         self.migrate(now).await?;
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        for table in TABLES {
+        // A server already serving from the database may have proposed its commit: that
+        // agreement stays (the file's is not copied over it); any other row refuses the import.
+        let agreed: i64 = tx.query_one("SELECT count(*) FROM agreed", &[]).await?.get(0);
+        for table in TABLES.iter().filter(|t| **t != "agreed") {
             let n: i64 = tx.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await?.get(0);
             if n > 0 {
                 anyhow::bail!(
@@ -211,7 +273,7 @@ impl Pg {
             tx.batch_execute(&schema::report_partition(day * 86_400).1).await?;
         }
         let mut copied = Vec::new();
-        for table in TABLES {
+        for table in TABLES.iter().filter(|t| **t != "agreed" || agreed == 0) {
             let columns = tx
                 .query(
                     "SELECT column_name, data_type FROM information_schema.columns

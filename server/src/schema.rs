@@ -106,6 +106,25 @@ pub const ADDED: &[(&str, &str, &str)] = &[
     // The hash of a report's bytes: a report sent again (to another server, after the first
     // fell before answering) is stored once.
     ("reports", "body_sha256", "TEXT"),
+    // A node's last real run, and what a dry-run since would change (NULL: none since), kept
+    // with the node as reports arrive: listing a fleet of 100,000 nodes reads the nodes, not
+    // their reports.
+    ("nodes", "run_at", "BIGINT"),
+    ("nodes", "run_changed", "BIGINT"),
+    ("nodes", "run_failed", "BIGINT"),
+    ("nodes", "run_stale", "{bool}"),
+    ("nodes", "run_commit", "TEXT"),
+    ("nodes", "dry_run_changed", "BIGINT"),
+];
+
+/// Statements run after the columns are added, idempotently, on both engines: what a state
+/// from before a column gets for it.
+pub const BACKFILL: &[&str] = &[
+    // The last real run of nodes that have reports but no `run_at` yet.
+    "UPDATE nodes SET (run_at, run_changed, run_failed, run_stale, run_commit) =
+         (SELECT received, changed, failed, stale, commit_id FROM reports
+          WHERE reports.node = nodes.name AND NOT reports.dry_run ORDER BY reports.id DESC LIMIT 1)
+     WHERE run_at IS NULL AND EXISTS (SELECT 1 FROM reports WHERE reports.node = nodes.name AND NOT reports.dry_run)",
 ];
 
 /// `sql` with the engine's own spellings.

@@ -125,6 +125,24 @@ pub trait Conn {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64>;
 }
 
+/// A connection that counts the statements sent through it (each a round trip on PostgreSQL).
+pub struct Counting<'a> {
+    pub conn: &'a mut dyn Conn,
+    pub count: &'a prometheus_client::metrics::counter::Counter,
+}
+
+impl Conn for Counting<'_> {
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+        self.count.inc();
+        self.conn.query(sql, params)
+    }
+
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
+        self.count.inc();
+        self.conn.execute(sql, params)
+    }
+}
+
 impl dyn Conn + '_ {
     /// The first row, if any.
     pub fn one(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>> {

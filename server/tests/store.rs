@@ -167,7 +167,7 @@ fn postgresql() {
         return;
     }
     let pg = Postgres::start();
-    let store = converge_server::pg::Pg::new(&pg.url(), 4).unwrap();
+    let store = converge_server::pg::Pg::new(&pg.url(), 4, None).unwrap();
     store.block(store.migrate(10 * DAY)).unwrap();
     let db = Db::postgres(store);
     exercise(&db);
@@ -181,4 +181,42 @@ fn postgresql() {
         db.count_nodes().ok()
     });
     assert_eq!(back, Some(2), "reconnects on its own");
+}
+
+/// With `database_ca`, the state goes over TLS checked against that CA: a database that
+/// refuses plaintext is reached; without it, or with another CA, it is not (and says why).
+#[test]
+fn postgresql_over_tls_checked_against_the_database_ca() {
+    if !available() {
+        return;
+    }
+    let pg = Postgres::start();
+    let t = tempfile::tempdir().unwrap();
+    // A CA and a certificate for 127.0.0.1, as converge makes its own.
+    let ca = converge_server::ca::Ca::create(t.path(), &[], &["127.0.0.1".parse().unwrap()]).unwrap();
+    let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap();
+    pg.require_tls(&read("server.pem"), &read("server.key"));
+    let ca_file = t.path().join("ca.pem");
+    let store = converge_server::pg::Pg::new(&pg.url(), 2, Some(&ca_file)).unwrap();
+    // Just restarted: a moment's "starting up" is retried, anything that lasts is the error.
+    let mut tries = 0;
+    while let Err(e) = store.block(store.migrate(10 * DAY)) {
+        tries += 1;
+        assert!(tries < 30, "{e:#}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(Db::postgres(store).count_nodes().unwrap(), 0, "over TLS");
+    let plain = Db::postgres(converge_server::pg::Pg::new(&pg.url(), 1, None).unwrap());
+    let e = format!("{:#}", plain.count_nodes().unwrap_err());
+    assert!(e.contains("no encryption") || e.contains("pg_hba.conf"), "{e}");
+    // Another CA: the server's certificate is not believed.
+    let other = tempfile::tempdir().unwrap();
+    converge_server::ca::Ca::create(other.path(), &[], &["127.0.0.1".parse().unwrap()]).unwrap();
+    let wrong = Db::postgres(converge_server::pg::Pg::new(&pg.url(), 1, Some(&other.path().join("ca.pem"))).unwrap());
+    let e = format!("{:#}", wrong.count_nodes().unwrap_err());
+    assert!(e.contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+    // sslmode=require without a CA to check against is refused at once.
+    let e = converge_server::pg::Pg::new(&format!("{}?sslmode=require", pg.url()), 1, None).err().unwrap();
+    assert!(e.to_string().contains("database_ca"), "{e}");
+    drop(ca);
 }

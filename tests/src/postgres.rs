@@ -116,6 +116,27 @@ impl Postgres {
         self.as_postgres("pg_ctl", &["-D", &data, "-o", &options, "-l", &log, "-w", "-t", "30", "start"]);
     }
 
+    /// From now on, TCP connections only over TLS with the certificate and key given (PEM):
+    /// a plaintext one is refused. Restarts the cluster.
+    pub fn require_tls(&self, cert: &str, key: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data();
+        for (file, text) in [("server.crt", cert), ("server.key", key)] {
+            std::fs::write(data.join(file), text).unwrap();
+            std::fs::set_permissions(data.join(file), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(&hba, format!("hostnossl all all 0.0.0.0/0 reject\n{rules}")).unwrap();
+        let conf = data.join("postgresql.conf");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        std::fs::write(&conf, format!("{text}\nssl = on\n")).unwrap();
+        let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data).status().unwrap();
+        assert!(chown.success());
+        self.stop();
+        self.start_again();
+    }
+
     /// Stops the cluster at once (connections are cut), keeping its data.
     pub fn stop(&self) {
         let data = self.data().display().to_string();

@@ -1,8 +1,9 @@
 #!/bin/sh
-# The lab's server machine (run as root by the Vagrantfile, again by `vagrant provision server`):
-# the converge-server package, the state vagrant/lab prepared on the host (synced to
+# A lab server machine (run as root by the Vagrantfile, again by `vagrant provision server` or
+# `server2`): the converge-server package, the state vagrant/lab prepared on the host (synced to
 # /lab/server), the agent packages for /bootstrap.sh, and the operator repository (synced to
-# /lab/repo from the host, committed here).
+# /lab/repo from the host, committed here). Both servers share their state in PostgreSQL on
+# db.lab: the first moves its embedded database in (`db import`) when it first starts.
 set -eu
 fail() { echo "lab server: $*" >&2; exit 1; }
 STATE=/var/lib/converge-server
@@ -15,8 +16,8 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq -o DPkg::Lock::Timeout=600 "$deb" >/dev/null
 
-# The state moves in once; later provisions never overwrite a live server's database.
-if [ ! -f "$STATE/state.db" ]; then
+# The state moves in once; later provisions never overwrite a live server's.
+if [ ! -f "$STATE/server.toml" ]; then
     cp -a /lab/server/. "$STATE/"
 fi
 mkdir -p "$STATE/packages"
@@ -26,7 +27,23 @@ done
 chown -R converge-server:converge-server "$STATE"
 chmod 0700 "$STATE"
 
+# The database: waited for (db.lab may come up after this machine), brought up to date, and
+# given the first server's embedded state once.
+i=0
+until converge-server db migrate --config "$STATE/server.toml" >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ "$i" -lt 120 ] || fail "PostgreSQL on db.lab did not answer: $(converge-server db migrate --config "$STATE/server.toml" 2>&1)"
+    sleep 5
+done
+if [ -f "$STATE/state.db" ] && [ ! -f "$STATE/imported" ]; then
+    out="$(converge-server db import --config "$STATE/server.toml" 2>&1)" ||
+        echo "$out" | grep -q "import only into an empty database" || fail "$out"
+    touch "$STATE/imported"
+fi
+
 # The repository: the host's copy, committed, so that the server compiles what the host has.
+# Both servers commit the same tree with the same parent, author and date: the same commit, so
+# that whichever server sees it first proposes it and the other holds it too.
 as() { runuser -u converge-server -- "$@"; }
 install -d -o converge-server -g converge-server /srv/converge "$REPO"
 [ -d "$REPO/.git" ] || as git -C "$REPO" init -q -b main
@@ -34,7 +51,8 @@ as find "$REPO" -mindepth 1 -maxdepth 1 ! -name .git -exec rm -rf {} +
 as cp -r /lab/repo/. "$REPO/"
 as git -C "$REPO" add -A
 if ! as git -C "$REPO" diff --cached --quiet; then
-    as git -C "$REPO" -c user.name="converge lab" -c user.email=lab@converge.invalid commit -q -m "the host's repository"
+    as env GIT_AUTHOR_DATE=2026-01-01T00:00:00Z GIT_COMMITTER_DATE=2026-01-01T00:00:00Z \
+        git -C "$REPO" -c user.name="converge lab" -c user.email=lab@converge.invalid commit -q -m "the host's repository"
 fi
 
 # Started once its state is here; a new commit needs no restart (the server watches the

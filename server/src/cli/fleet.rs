@@ -356,7 +356,7 @@ pub fn db_command(action: DbAction) -> Result<u8> {
                     println!("the embedded database {} is up to date", path.display());
                 }
                 Some(url) => {
-                    let pg = crate::pg::Pg::new(url, 1)?;
+                    let pg = crate::pg::Pg::new(url, 1, config.database_ca.as_deref())?;
                     let partitions = pg.block(pg.migrate(crate::db::now()))?;
                     println!(
                         "PostgreSQL {} is up to date: {} daily report partitions ({} to {})",
@@ -397,7 +397,7 @@ pub fn db_command(action: DbAction) -> Result<u8> {
             }
             // Brought up to date first: an older file gains the columns PostgreSQL has.
             crate::db::Db::open(&from, 1)?;
-            let pg = crate::pg::Pg::new(url, 1)?;
+            let pg = crate::pg::Pg::new(url, 1, config.database_ca.as_deref())?;
             let copied = pg.block(pg.import(&from, crate::db::now()))?;
             let counts: Vec<String> = copied.iter().map(|(t, n)| format!("{n} {t}")).collect();
             println!("copied {} into PostgreSQL {}: {}", from.display(), pg.shown, counts.join(", "));

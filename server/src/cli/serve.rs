@@ -258,6 +258,10 @@ pub fn add_server(
     file.trusted_keys = Some("keys/trusted-keys.json".into());
     file.repo = repo.map_or(source.repo.clone(), Path::to_path_buf).display().to_string();
     file.listen = Some(Spanned::new(0..0, listen.map_or(source.listen.to_string(), str::to_string)));
+    if let Some(ca) = &source.database_ca {
+        copy(ca, "database-ca.pem", 0o644)?;
+        file.database_ca = Some(Spanned::new(0..0, "database-ca.pem".to_string()));
+    }
     let written = converge_modules::settings::write(&["converge-server configuration (written by server add)"], &file);
     // It names the database, password and all.
     crate::keys::create(&out.join("server.toml"), &written, 0o600)?;
