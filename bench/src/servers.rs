@@ -225,13 +225,13 @@ fn report_body(node: &str, i: usize) -> Vec<u8> {
     serde_json::to_vec(&report).unwrap()
 }
 
-/// `reports` reports through the API, spread over the servers; (reports/s, statements per
-/// report, errors).
+/// `reports` reports through the API, spread over the servers, numbered from `first` (a
+/// report sent again is stored once); (reports/s, statements per report, errors).
 fn send_reports(
     rt: &tokio::runtime::Runtime,
     fleet: &Fleet,
     addrs: &[String],
-    reports: usize,
+    (first, reports): (usize, usize),
     concurrency: usize,
 ) -> (f64, f64, usize) {
     let n = fleet.read().unwrap().len();
@@ -245,7 +245,7 @@ fn send_reports(
             (node.tls.clone(), node.from, node.name.clone())
         };
         let a = a.clone();
-        async move { post(from, &a[r % a.len()], tls, "/v1/reports", &report_body(&name, r), None).await }
+        async move { post(from, &a[r % a.len()], tls, "/v1/reports", &report_body(&name, first + r), None).await }
     }));
     let after: f64 = addrs.iter().map(|a| rt.block_on(statements(&fleet.read().unwrap()[0], a))).sum();
     (p.rate(), (after - before) / reports as f64, p.errors)
@@ -351,7 +351,8 @@ pub fn run(nodes: usize, reports: usize, concurrency: usize) {
     let base = polls(&rt, &fleet, &sqlite, None, "1 server, SQLite", concurrency);
     base.print();
     let http_reports = (nodes / 5).max(1);
-    let (sqlite_rate, sqlite_stmts, e1) = send_reports(&rt, &fleet, &[sqlite[0].1.clone()], http_reports, concurrency);
+    let (sqlite_rate, sqlite_stmts, e1) =
+        send_reports(&rt, &fleet, &[sqlite[0].1.clone()], (0, http_reports), concurrency);
     stop(sqlite);
 
     // The same state moved into PostgreSQL, and two more servers made from the first.
@@ -396,7 +397,7 @@ pub fn run(nodes: usize, reports: usize, concurrency: usize) {
     }
     let servers: Vec<(Child, String)> = configs[..2].iter().map(|c| start(&server_bin, c)).collect();
     let addrs: Vec<String> = servers.iter().map(|(_, a)| a.clone()).collect();
-    let (pg_rate, pg_stmts, e2) = send_reports(&rt, &fleet, &addrs, http_reports, concurrency);
+    let (pg_rate, pg_stmts, e2) = send_reports(&rt, &fleet, &addrs, (http_reports, http_reports), concurrency);
     stop(servers);
     println!(
         "reports through the API ({http_reports} of 20 resources): SQLite {sqlite_rate:.0}/s ({sqlite_stmts:.1} statements each), PostgreSQL with 2 servers {pg_rate:.0}/s ({pg_stmts:.1} statements each); errors {}",

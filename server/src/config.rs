@@ -208,5 +208,9 @@ mod tests {
         assert_eq!(read(&format!("repo = \"r\"\ndatabase = \"{url}\"\n")).unwrap().database.as_deref(), Some(url));
         let e = read("repo = \"r\"\ndatabase = \"mysql://u:s3cret@h/d\"\n").unwrap_err().to_string();
         assert!(e.contains("server.toml:2:") && e.contains("not a PostgreSQL URL") && !e.contains("s3cret"), "{e}");
+        let ca = read(&format!("repo = \"r\"\ndatabase = \"{url}\"\ndatabase_ca = \"db-ca.pem\"\n")).unwrap();
+        assert!(ca.database_ca.unwrap().ends_with("db-ca.pem"), "relative to server.toml");
+        let alone = read("repo = \"r\"\ndatabase_ca = \"db-ca.pem\"\n").unwrap_err().to_string();
+        assert!(alone.contains("`database_ca` without `database`") && alone.contains(":2:"), "{alone}");
     }
 }

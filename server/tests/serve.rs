@@ -1,6 +1,8 @@
 //! `init` and the serve loop, in-process: the library functions `converge-server init` and
 //! `converge-server serve` are thin callers of.
 
+mod common;
+
 use converge_server::cli::serve::{InitArgs, initialise, run};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -96,4 +98,22 @@ fn the_serve_loop_answers_until_stopped_and_then_lets_go_of_its_port() {
     let ended = runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), serving).await });
     ended.expect("the loop ends when asked").unwrap().unwrap();
     assert!(std::net::TcpStream::connect(addr).is_err(), "the port is let go");
+}
+
+/// The commit the servers agree on comes from the database, which is input like any other: a
+/// value that is not a commit id is refused before git sees it, and the commit in force stays.
+#[test]
+fn a_damaged_agreement_is_refused_before_git_sees_it() {
+    let (_t, fleet) = common::fleet();
+    let before = fleet.commit();
+    let (epoch, _) = fleet.db.agreed().unwrap().unwrap();
+    assert!(fleet.db.propose(epoch, "--upload-pack=touch /tmp/pwned", "x:1", 0).unwrap());
+    let e = format!("{:#}", fleet.refresh().unwrap_err());
+    assert!(e.contains("is not a commit id") && e.contains("DELETE FROM agreed"), "{e}");
+    assert_eq!(fleet.commit(), before);
+    // A commit id this repository does not hold: this server waits for it, compiling nothing new.
+    assert!(fleet.db.propose(epoch + 1, &"ab".repeat(20), "x:1", 0).unwrap());
+    let e = format!("{:#}", fleet.refresh().unwrap_err());
+    assert!(e.contains("does not hold yet"), "{e}");
+    assert_eq!(fleet.commit(), before);
 }

@@ -218,7 +218,8 @@ pub fn add_server(
     {
         bail!("--listen {l} is not an address like 0.0.0.0:8443");
     }
-    if out.exists() {
+    // A dangling symbolic link counts: nothing is made through one.
+    if out.symlink_metadata().is_ok() {
         bail!("{} exists already; server add never writes over anything", out.display());
     }
     let ca = crate::ca::Ca::load(&source.state)?;
