@@ -46,6 +46,7 @@ pub fn run(sizes: &[usize]) {
                 changed: i64::from(i % 10 == 3),
                 dry_run: false,
                 failed: if i % 100 == 5 { 2 } else { 0 },
+                unplanned: 0,
                 stale: false,
                 serial: Some(1_796_000_000_000 + i as u64),
                 commit: Some("0123456789abcdef0123456789abcdef01234567"),

@@ -157,9 +157,13 @@ impl Compiler {
         compiler
     }
 
-    /// Role references that cannot resolve, whatever the node: unknown roles and include cycles.
+    /// Role references that cannot resolve, whatever the node: unknown roles and include cycles;
+    /// and what is wrong with the rollout waves.
     fn check_roles(&mut self) {
         let mut problems = Vec::new();
+        if let Some(rollout) = self.site.as_ref().and_then(|s| s.rollout.as_ref()) {
+            problems.extend(rollout.problems().into_iter().map(|(m, msg)| Diagnostic::new(SITE, m, msg)));
+        }
         if let Some(site) = &self.site {
             for entry in site.nodes.values() {
                 for r in &entry.value.roles {

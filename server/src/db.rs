@@ -130,6 +130,8 @@ pub struct ReportRow<'a> {
     pub changed: i64,
     pub dry_run: bool,
     pub failed: i64,
+    /// Changes the run's plan did not predict.
+    pub unplanned: i64,
     pub stale: bool,
     pub serial: Option<u64>,
     pub commit: Option<&'a str>,
@@ -729,8 +731,8 @@ impl Db {
                 } else {
                     c.execute(
                         "UPDATE nodes SET run_at = ?2, run_changed = ?3, run_failed = ?4, run_stale = ?5, run_commit = ?6,
-                             dry_run_changed = NULL WHERE name = ?1",
-                        params![r.node, r.at, r.changed, r.failed, r.stale, r.commit],
+                             run_unplanned = ?7, dry_run_changed = NULL WHERE name = ?1",
+                        params![r.node, r.at, r.changed, r.failed, r.stale, r.commit, r.unplanned],
                     )?;
                 }
                 c.execute(
@@ -886,9 +888,112 @@ impl Db {
         })
     }
 
+    /// The rollout of `commit`, if one began.
+    pub fn rollout(&self, commit: &str) -> Result<Option<crate::rollout::Progress>> {
+        self.with(|c| {
+            c.one(
+                "SELECT commit_id, previous, wave, since, state, reason FROM rollouts WHERE commit_id = ?1",
+                params![commit],
+            )?
+            .map(|r| progress_of(&r))
+            .transpose()
+        })
+    }
+
+    /// Begins the rollout `p`, over `waves` waves, unless one of its commit began already
+    /// (another server's).
+    pub fn start_rollout(&self, p: &crate::rollout::Progress, waves: usize, now: i64) -> Result<bool> {
+        let (state, reason) = state_columns(&p.state);
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT INTO rollouts (commit_id, previous, waves, wave, since, state, reason, started)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(commit_id) DO NOTHING",
+                params![&p.commit, p.previous.as_deref(), waves as i64, p.wave as i64, p.since, state, reason, now],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Moves the rollout from `old` to `new` unless it moved meanwhile (another server, an
+    /// operator): true when this call moved it.
+    pub fn advance_rollout(&self, old: &crate::rollout::Progress, new: &crate::rollout::Progress) -> Result<bool> {
+        let (state, reason) = state_columns(&new.state);
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE rollouts SET wave = ?2, since = ?3, state = ?4, reason = ?5
+                 WHERE commit_id = ?1 AND wave = ?6 AND state = ?7",
+                params![&new.commit, new.wave as i64, new.since, state, reason, old.wave as i64, old.state.word()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// The commit every host has: that of the newest rollout, other than `commit`'s, whose last
+    /// wave is open (done, or halted or soaking there).
+    pub fn last_rolled_out(&self, commit: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.one(
+                "SELECT commit_id FROM rollouts WHERE commit_id <> ?1 AND (state = 'done' OR wave + 1 >= waves)
+                 ORDER BY started DESC, commit_id LIMIT 1",
+                params![commit],
+            )?
+            .map(|r| r.text(0))
+            .transpose()
+        })
+    }
+
+    /// What each node with a live certificate last ran.
+    pub fn host_runs(&self, now: i64) -> Result<Vec<crate::rollout::HostRun>> {
+        self.with(|c| {
+            c.query(
+                "SELECT n.name, n.run_commit, n.run_at, n.run_failed, n.run_unplanned FROM nodes n WHERE EXISTS
+                   (SELECT 1 FROM certificates k WHERE k.node = n.name AND k.revoked IS NULL AND k.expires > ?1)",
+                params![now],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(crate::rollout::HostRun {
+                    name: r.text(0)?,
+                    commit: r.opt_text(1)?,
+                    at: r.opt_int(2)?,
+                    failed: r.opt_int(3)?.unwrap_or(0),
+                    unplanned: r.opt_int(4)?.unwrap_or(0),
+                })
+            })
+            .collect()
+        })
+    }
+
     pub fn count_nodes(&self) -> Result<i64> {
         self.with(|c| c.number("SELECT COUNT(*) FROM nodes", params![]))
     }
+}
+
+/// A rollout's state as its two columns: the word, and the reason of a halt.
+fn state_columns(s: &crate::rollout::State) -> (&'static str, Option<&str>) {
+    match s {
+        crate::rollout::State::Halted(why) => ("halted", Some(why.as_str())),
+        other => (other.word(), None),
+    }
+}
+
+fn progress_of(r: &Row) -> Result<crate::rollout::Progress> {
+    use crate::rollout::State;
+    let state = match r.text(4)?.as_str() {
+        "rolling" => State::Rolling,
+        "done" => State::Done,
+        "halted" => State::Halted(r.opt_text(5)?.unwrap_or_default()),
+        other => bail!("the state database holds a rollout in state {other:?}, which no version writes"),
+    };
+    let wave = r.int(2)?;
+    Ok(crate::rollout::Progress {
+        commit: r.text(0)?,
+        previous: r.opt_text(1)?,
+        wave: usize::try_from(wave)
+            .map_err(|_| anyhow::anyhow!("the state database holds a rollout at wave {wave}"))?,
+        since: r.int(3)?,
+        state,
+    })
 }
 
 /// What retention removed.

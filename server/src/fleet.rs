@@ -63,6 +63,10 @@ pub struct Fleet {
     /// only when they agree, when `keys rotate` changes them ([`Fleet::watch_keys`]).
     signing: RwLock<Arc<Signing>>,
     current: RwLock<Arc<Current>>,
+    /// During a rollout: the commit hosts in waves not yet open keep, compiled.
+    previous: RwLock<Option<Arc<Current>>>,
+    /// The rollout of the current commit, as last read.
+    progress: RwLock<Option<crate::rollout::Progress>>,
     /// The last catalog of each node, as in the store, without its envelope (serial, etag,
     /// cache key, when signed): what a poll for the catalog a host holds needs, in a few
     /// hundred bytes a node. An envelope is read from the store when it is sent.
@@ -296,7 +300,7 @@ impl Fleet {
             load(&config.repo, &head, -1, &secrets_key)?
         };
         let metrics = crate::metrics::Metrics::with_db(db.statements.clone());
-        Ok(Fleet {
+        let fleet = Fleet {
             compiles: tokio::sync::Semaphore::new(config.max_compiles),
             admission: crate::http::Admission::new(&config),
             server_cert,
@@ -308,6 +312,8 @@ impl Fleet {
             ticketer,
             signing: RwLock::new(Arc::new(signing)),
             current: RwLock::new(Arc::new(current)),
+            previous: RwLock::new(None),
+            progress: RwLock::new(None),
             catalogs: RwLock::new(HashMap::new()),
             facts: RwLock::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -319,7 +325,9 @@ impl Fleet {
             started,
             pin,
             secrets_key,
-        })
+        };
+        fleet.drive_rollout(None)?;
+        Ok(fleet)
     }
 
     /// The signing key and key list in force.
@@ -405,7 +413,15 @@ impl Fleet {
 
     /// Takes in the commit the servers agree on (proposing the branch's head when it moved
     /// here), and compiles anew from it. Returns the new commit.
+    /// Then moves the rollout of the current commit on (see [`Fleet::drive_rollout`]).
     pub fn refresh(&self) -> Result<Option<String>> {
+        let before = self.commit();
+        let changed = self.take_agreed()?;
+        self.drive_rollout(changed.as_ref().map(|_| before.as_str()))?;
+        Ok(changed)
+    }
+
+    fn take_agreed(&self) -> Result<Option<String>> {
         let (epoch, commit) = agree(&self.db, &self.config, &self.last_head, &self.name)?;
         let current = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         if current.epoch == epoch && current.commit == commit {
@@ -422,6 +438,124 @@ impl Fleet {
         *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
         tracing::info!("now compiling {} at {commit} (agreement {epoch})", self.config.repo.display());
         Ok(Some(commit))
+    }
+
+    /// The rollout of the current commit, when its site.yaml has waves: begun (by whichever
+    /// server sees the commit first; hosts in waves not yet open keep the commit every host
+    /// has: the newest whose last wave opened, else the one it replaced), moved on as the hosts' runs
+    /// allow ([`crate::rollout::step`], one conditional update, so that servers never move it
+    /// twice), and the commit those hosts keep compiled here. Called with each look at the
+    /// repository.
+    pub fn drive_rollout(&self, replaced: Option<&str>) -> Result<()> {
+        use crate::rollout::{Progress, State};
+        let current = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let rollout = match current.compiler.site.as_ref().and_then(|s| s.rollout.as_ref()) {
+            Some(r) if current.epoch >= 0 && r.problems().is_empty() => r,
+            _ => {
+                *self.progress.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                *self.previous.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                return Ok(());
+            }
+        };
+        let t = now();
+        let short = |c: &str| c[..c.len().min(12)].to_string();
+        let mut p = match self.db.rollout(&current.commit)? {
+            Some(p) => p,
+            None => {
+                // The commit every host has; the first rollout keeps hosts at the commit it
+                // replaced (which every host had); without either, every host gets it.
+                let previous = self
+                    .db
+                    .last_rolled_out(&current.commit)?
+                    .or_else(|| replaced.map(str::to_string))
+                    .filter(|c| *c != current.commit);
+                let state = if previous.is_some() { State::Rolling } else { State::Done };
+                let p = Progress { commit: current.commit.clone(), previous, wave: 0, since: t, state };
+                if self.db.start_rollout(&p, rollout.len(), t)? && p.state == State::Rolling {
+                    tracing::info!(
+                        "rollout of {}: wave {} of {} ({}) gets it; the others keep {}",
+                        short(&p.commit),
+                        1,
+                        rollout.len(),
+                        rollout.name(0),
+                        short(p.previous.as_deref().unwrap_or_default())
+                    );
+                }
+                self.db.rollout(&current.commit)?.unwrap_or(p)
+            }
+        };
+        if p.state == State::Rolling
+            && let Some(next) = crate::rollout::step(rollout, &p, &self.db.host_runs(t)?, t)
+        {
+            if self.db.advance_rollout(&p, &next)? {
+                match &next.state {
+                    State::Halted(why) => tracing::warn!("rollout of {} halted: {why}", short(&p.commit)),
+                    State::Done => tracing::info!("rollout of {}: every wave has it", short(&p.commit)),
+                    State::Rolling => tracing::info!(
+                        "rollout of {}: wave {} of {} ({}) gets it",
+                        short(&p.commit),
+                        next.wave + 1,
+                        rollout.len(),
+                        rollout.name(next.wave)
+                    ),
+                }
+            }
+            p = self.db.rollout(&current.commit)?.unwrap_or(next);
+        }
+        // The commit hosts in waves not yet open keep, compiled at this agreement.
+        let need = p.previous.clone().filter(|_| p.state != State::Done);
+        let have = self
+            .previous
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|c| (c.commit.clone(), c.epoch));
+        if need.as_ref().map(|c| (c.clone(), current.epoch)) != have {
+            let loaded = match &need {
+                Some(c) if has_commit(&self.config.repo, c) => {
+                    Some(Arc::new(load(&self.config.repo, c, current.epoch, &self.secrets_key)?))
+                }
+                Some(c) => {
+                    tracing::warn!(
+                        "the rollout keeps hosts of waves not yet open at {c}, which {} does not hold: they are served \
+                         what the store holds",
+                        self.config.repo.display()
+                    );
+                    None
+                }
+                None => None,
+            };
+            *self.previous.write().unwrap_or_else(std::sync::PoisonError::into_inner) = loaded;
+        }
+        *self.progress.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(p);
+        Ok(())
+    }
+
+    /// The waves of the current commit's site.yaml, if it has them.
+    pub fn rollout(&self) -> Option<crate::rollout::Rollout> {
+        let current = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        current.compiler.site.as_ref().and_then(|s| s.rollout.clone())
+    }
+
+    /// The rollout of the current commit, as last read.
+    pub fn progress(&self) -> Option<crate::rollout::Progress> {
+        self.progress.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// What `node` is compiled from: the current commit, or during a rollout, for a host in
+    /// a wave not yet open, the commit it keeps (`None` when that is not loaded here).
+    fn commit_for(&self, node: &str, current: Arc<Current>) -> Option<Arc<Current>> {
+        let Some(rollout) = current.compiler.site.as_ref().and_then(|s| s.rollout.as_ref()) else {
+            return Some(current);
+        };
+        let progress = self.progress.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match progress.as_ref() {
+            Some(p) if p.commit == current.commit && !p.has(rollout.wave_of(node)) => {
+                let previous = self.previous.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                previous.filter(|c| p.previous.as_deref() == Some(c.commit.as_str()))
+            }
+            _ => Some(current),
+        }
     }
 
     /// The node a client certificate belongs to, if it may be served: issued by this server,
@@ -716,7 +850,18 @@ impl Fleet {
         if !formats.contains(&FORMAT) {
             return Err(Refused::TooOld(formats.to_vec()));
         }
-        let current = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let newest = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let epoch = newest.epoch;
+        // A commit this server cannot compile for the node yet: what the store holds, if any.
+        let current = match self.commit_for(node, newest) {
+            Some(c) => c,
+            None => {
+                return match self.off_runtime(node, |f, n| f.stored(n)).await? {
+                    Some(s) => Ok(s),
+                    None => Err(Refused::Busy),
+                };
+            }
+        };
         let declared: Map<String, Json> = match &current.compiler.site {
             Some(site) => facts.into_iter().filter(|(k, _)| site.facts.contains_key(k)).collect(),
             None => Map::new(),
@@ -749,12 +894,12 @@ impl Fleet {
         }
         let stored = self.off_runtime(node, |f, n| f.stored(n)).await?;
         if let Some(s) = &stored
-            && (fresh(s) || s.epoch > current.epoch || current.epoch < 0)
+            && (fresh(s) || s.epoch > epoch || epoch < 0)
         {
             // A catalog of a later agreement than this server has taken in is served as it is.
             return Ok(s.clone());
         }
-        if current.epoch < 0 {
+        if epoch < 0 {
             return Err(Refused::Busy);
         }
         // A burst waits a little for a compile slot; past that, the agent is told to come back.
@@ -764,7 +909,6 @@ impl Fleet {
         };
         self.metrics.compiles.inc();
         let name = node.to_string();
-        let epoch = current.epoch;
         let compiled = tokio::task::spawn_blocking(move || current.compiler.compile_open(&name, &declared))
             .await
             .map_err(|e| Refused::Internal(e.into()))?;
@@ -889,6 +1033,7 @@ impl Fleet {
                 changed: if s.dry_run { s.would_change } else { s.changed } as i64,
                 dry_run: s.dry_run,
                 failed: s.failed as i64,
+                unplanned: s.unplanned as i64,
                 stale: report.stale,
                 serial: report.info.serial,
                 commit: report.info.commit.as_deref(),

@@ -657,6 +657,10 @@ fn metrics_text(fleet: &Fleet) -> Result<Response, ApiError> {
         server_certificate_left: fleet.server_cert.expires() - now,
         ca_left: fleet.ca().not_after - now,
         uptime: now - fleet.started,
+        rollout: fleet.progress().zip(fleet.rollout()).map(|(p, r)| {
+            let wave = if p.state == crate::rollout::State::Done { r.len() } else { p.wave + 1 };
+            (wave as i64, matches!(p.state, crate::rollout::State::Halted(_)))
+        }),
     });
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], page).into_response())
 }

@@ -1,7 +1,8 @@
 //! The compiler of `converge-server`: an operator repository in, one catalog per node out.
 //!
 //! - [`repo`] loads a repository, from a directory or a git revision: the only I/O.
-//! - [`site`] parses `site.yaml` and classifies nodes; [`role`] parses roles into templates.
+//! - [`site`] parses `site.yaml` and classifies nodes; [`role`] parses roles into templates;
+//!   [`rollout`]: the waves a new commit reaches in turn (pure).
 //! - [`compiler`] resolves roles, data, params and facts, renders, and checks each catalog.
 //! - [`diff`] compares two compiles node by node.
 //! - [`keys`] generates and stores signing keys and the key list, and signs catalogs.
@@ -33,6 +34,7 @@ pub mod page;
 pub mod pg;
 pub mod repo;
 pub mod role;
+pub mod rollout;
 pub mod schema;
 pub mod schemas;
 pub mod secrets;

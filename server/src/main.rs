@@ -161,6 +161,11 @@ enum Command {
         #[command(subcommand)]
         action: CaAction,
     },
+    /// A new commit's rollout in waves (site.yaml `rollout`): status, promote, halt, resume.
+    Rollout {
+        #[command(subcommand)]
+        action: fleet::RolloutAction,
+    },
     /// Make enrollment and operator tokens.
     Token {
         #[command(subcommand)]
@@ -226,6 +231,7 @@ fn main() -> ExitCode {
             fleet::report(&config, node, failed, since.as_deref(), limit, details)
         }
         Command::Token { action } => fleet::token_command(action),
+        Command::Rollout { action } => fleet::rollout_command(action),
         Command::Ca { action } => fleet::ca_command(action),
     };
     match result {

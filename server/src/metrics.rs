@@ -36,6 +36,8 @@ pub struct Metrics {
     server_certificate_expiry: Gauge,
     ca_expiry: Gauge,
     uptime: Gauge,
+    rollout_wave: Gauge,
+    rollout_halted: Gauge,
     /// One page at a time: the gauges are set, then read.
     rendering: Mutex<()>,
 }
@@ -48,6 +50,9 @@ pub struct Snapshot {
     pub server_certificate_left: i64,
     pub ca_left: i64,
     pub uptime: i64,
+    /// The rollout of the current commit: the last wave open (numbered from 1; every wave
+    /// when done) and whether it is halted; `None` without waves.
+    pub rollout: Option<(i64, bool)>,
 }
 
 fn label(key: &str, value: &str) -> Labels {
@@ -122,6 +127,16 @@ impl Default for Metrics {
             "Seconds until the CA expires (roll it over with ca rotate while it still outlives the client certificates it issues).",
         );
         let uptime = gauge(&mut r, "uptime_seconds", "Seconds since the server started.");
+        let rollout_wave = gauge(
+            &mut r,
+            "rollout_wave",
+            "The last wave of the current commit's rollout that has it (from 1; 0 without waves).",
+        );
+        let rollout_halted = gauge(
+            &mut r,
+            "rollout_halted",
+            "1 while the current commit's rollout is halted (converge-server rollout status).",
+        );
         Metrics {
             registry: r,
             catalog_200,
@@ -145,6 +160,8 @@ impl Default for Metrics {
             server_certificate_expiry,
             ca_expiry,
             uptime,
+            rollout_wave,
+            rollout_halted,
             rendering: Mutex::new(()),
         }
     }
@@ -173,6 +190,9 @@ impl Metrics {
         self.server_certificate_expiry.set(now.server_certificate_left);
         self.ca_expiry.set(now.ca_left);
         self.uptime.set(now.uptime);
+        let (wave, halted) = now.rollout.unwrap_or((0, false));
+        self.rollout_wave.set(wave);
+        self.rollout_halted.set(i64::from(halted));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -199,6 +219,7 @@ mod tests {
             server_certificate_left: 100,
             ca_left: 200,
             uptime: 7,
+            rollout: Some((2, true)),
         });
         for line in [
             "converge_catalog_requests_total{outcome=\"not_modified\"} 2",
@@ -209,6 +230,8 @@ mod tests {
             "converge_server_certificate_expiry_seconds 100",
             "converge_ca_expiry_seconds 200",
             "converge_uptime_seconds 7",
+            "converge_rollout_wave 2",
+            "converge_rollout_halted 1",
         ] {
             assert!(page.lines().any(|l| l == line), "{line} in\n{page}");
         }

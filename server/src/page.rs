@@ -100,14 +100,43 @@ pub fn fleet_page(fleet: &Fleet, filter: Option<&str>) -> Result<Option<String>>
     let ca_end = fleet.ca().not_after;
     let ca_warning = (ca_end - now < view::ca_warning(fleet.config.cert_days))
         .then(|| converge_modules::time::Timestamp(ca_end).to_string());
+    let rollout = rollout_view(fleet, now)?;
     render(
         "fleet.html",
         context! {
             commit, now => now_text, summary, total, filter => filter.map(|f| f.replace('-', " ")),
             nodes => val(&nodes), pending, late_after => human(late_after), server_cert_warning, ca_warning,
+            rollout,
         },
     )
     .map(Some)
+}
+
+/// The rollout of the current commit, wave by wave, for the fleet page; `None` without one.
+fn rollout_view(fleet: &Fleet, now: i64) -> Result<Option<Value>> {
+    use crate::rollout::State;
+    let (Some(p), Some(rollout)) = (fleet.progress(), fleet.rollout()) else { return Ok(None) };
+    if p.previous.is_none() {
+        return Ok(None);
+    }
+    let hosts = fleet.db.host_runs(now)?;
+    let waves: Vec<Value> = crate::rollout::tally(&rollout, &p.commit, &hosts)
+        .into_iter()
+        .enumerate()
+        .map(|(w, t)| {
+            context! {
+                number => w + 1, name => rollout.name(w).to_string(), hosts => t.hosts, ran => t.ran,
+                failed => t.failed.len(), failed_names => t.failed.into_iter().take(5).collect::<Vec<String>>(),
+                waiting => t.hosts - t.ran, open => p.has(w),
+            }
+        })
+        .collect();
+    let short = |c: &str| c[..c.len().min(12)].to_string();
+    Ok(Some(context! {
+        commit => short(&p.commit), previous => p.previous.as_deref().map(short), state => p.state.word(),
+        reason => match &p.state { State::Halted(why) => Some(why.clone()), _ => None },
+        since => converge_modules::time::Timestamp(p.since).to_string(), waves,
+    }))
 }
 
 /// `/nodes/NAME`; `None` when there is no such node.

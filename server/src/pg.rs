@@ -242,7 +242,7 @@ impl Pg {
 
 /// The tables `db import` copies, in an order their references allow.
 pub const TABLES: &[&str] =
-    &["nodes", "certificates", "tokens", "pending", "catalogs", "reports", "operators", "agreed"];
+    &["nodes", "certificates", "tokens", "pending", "catalogs", "reports", "operators", "agreed", "rollouts"];
 
 impl Pg {
     /// Copies every row of the embedded database at `sqlite` into this one, which must be

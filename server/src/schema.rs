@@ -73,6 +73,16 @@ CREATE TABLE IF NOT EXISTS agreed (
     since BIGINT NOT NULL,
     proposed_by TEXT
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    commit_id TEXT PRIMARY KEY,
+    previous TEXT,
+    waves BIGINT NOT NULL,
+    wave BIGINT NOT NULL,
+    since BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    started BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS operators (
     sha256 TEXT PRIMARY KEY,
     created BIGINT NOT NULL,
@@ -115,6 +125,8 @@ pub const ADDED: &[(&str, &str, &str)] = &[
     ("nodes", "run_stale", "{bool}"),
     ("nodes", "run_commit", "TEXT"),
     ("nodes", "dry_run_changed", "BIGINT"),
+    // Changes the last real run's plan did not predict: a rollout halts on them.
+    ("nodes", "run_unplanned", "BIGINT"),
 ];
 
 /// Statements run after the columns are added, idempotently, on both engines: what a state

@@ -29,6 +29,11 @@ pub struct Site {
     /// beats the longest matching pattern.
     #[schemars(with = "BTreeMap<String, NodeEntry>")]
     pub nodes: BTreeMap<String, Spanned<NodeEntry>>,
+    /// Rollout waves: a new commit reaches them in order, each once the waves before have run
+    /// it clean for a window (see `converge-server rollout`). Without it, every host gets a
+    /// new commit at its next run.
+    #[serde(default)]
+    pub rollout: Option<crate::rollout::Rollout>,
 }
 
 fn default_hierarchy() -> Vec<Spanned<String>> {

@@ -40,6 +40,7 @@ fn exercise(db: &Db) {
         changed: 2,
         dry_run: false,
         failed: 0,
+        unplanned: 0,
         stale: false,
         serial: Some(7),
         commit: Some("abc"),

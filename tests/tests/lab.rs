@@ -1,8 +1,10 @@
 //! The Vagrant lab (`vagrant/`), without virtual machines: its Vagrantfile checked by ruby and
 //! by Debian's vagrant, and its parts run as the Vagrantfile runs them, with booted containers
 //! (systemd as PID 1) standing in for the machines and a pair of network namespaces for the
-//! private network: `vagrant/lab prepare` on the host, `provision/server.sh` in the server,
-//! `provision/agent.sh` in an agent, which joins through `/bootstrap.sh`. Gated with the
+//! private network: `vagrant/lab prepare` on the host, `provision/db.sh` in the database,
+//! `provision/server.sh` in both servers, `provision/agent.sh` in an agent, which joins through
+//! `/bootstrap.sh` and knows both servers. Two machines share each namespace (the database with
+//! the first server, the second server with the agent): their ports differ. Gated with the
 //! container suite (`converge_e2e::container`).
 
 use converge_e2e::container::{Container, NetPair, enabled};
@@ -18,8 +20,15 @@ fn source() -> PathBuf {
 /// Runs a provisioner as vagrant's shell provisioner does: uploaded (vagrant uses /tmp, which is
 /// the container's own tmpfs here), then run as root.
 fn provision(c: &Container, script: &str) -> converge_e2e::Out {
+    provision_with(c, script, &[])
+}
+
+/// [`provision`], with the arguments the Vagrantfile gives the script.
+fn provision_with(c: &Container, script: &str, args: &[&str]) -> converge_e2e::Out {
     std::fs::copy(source().join("vagrant/provision").join(script), c.path("/root/vagrant-shell")).unwrap();
-    c.run(&["sh", "/root/vagrant-shell"])
+    let mut argv = vec!["sh", "/root/vagrant-shell"];
+    argv.extend(args);
+    c.run(&argv)
 }
 
 #[test]
@@ -43,7 +52,7 @@ fn the_vagrantfile_is_valid_ruby_and_a_valid_vagrant_configuration() {
     let out = vagrant("vagrant validate && vagrant status --machine-readable");
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("Vagrantfile validated successfully."), "{}", out.stdout);
-    for machine in ["server", "web", "alma"] {
+    for machine in ["db", "server", "server2", "web", "alma"] {
         assert!(out.stdout.contains(&format!(",{machine},state,not_created")), "{machine}: {}", out.stdout);
     }
     // Validating is not bringing up: the trigger that prepares the lab did not run.
@@ -58,7 +67,7 @@ fn the_vagrantfile_is_valid_ruby_and_a_valid_vagrant_configuration() {
 }
 
 #[test]
-fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
+fn the_lab_brings_up_two_servers_on_postgresql_and_an_agent_that_joins_through_bootstrap_sh() {
     if !enabled("the lab") {
         return;
     }
@@ -83,6 +92,7 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
     let prepare = |extra: &[&str]| {
         Command::new(source().join("vagrant/lab"))
             .args(["prepare", "--dir", &lab.display().to_string(), "--server-ip", &net.a_ip])
+            .args(["--db-ip", &net.a_ip, "--server2-ip", &net.b_ip])
             .args(["--repo", &repo.display().to_string(), "--profile", "debug"])
             .args(extra)
             .env("CARGO_TARGET_DIR", &target)
@@ -100,7 +110,17 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
     assert!(again.status.success());
     assert_eq!(std::fs::read_to_string(lab.join("join/box.lab/join.sh")).unwrap(), join);
 
-    // 2. The server machine: its synced folders, then its provisioner.
+    assert!(lab.join("server2/server.toml").exists() && !lab.join("server2/keys/root.key").exists());
+    let toml = std::fs::read_to_string(lab.join("server/server.toml")).unwrap();
+    assert!(toml.contains(&format!("@{}:5432/converge", net.a_ip)), "{toml}");
+
+    // 2. The database machine, then the server machine: their synced folders, then their
+    // provisioners.
+    let db = Container::boot_in_netns(&net.a);
+    sync(&lab.join("db"), &db.path("/lab/db"));
+    let out = provision_with(&db, "db.sh", &[&net.a_ip, &net.b_ip]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(!db.sh("ps -eo args").contains(&std::fs::read_to_string(lab.join("db/password")).unwrap()));
     let server = Container::boot_in_netns(&net.a);
     sync(&lab.join("server"), &server.path("/lab/server"));
     sync(&lab.join("packages"), &server.path("/lab/packages"));
@@ -118,6 +138,15 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
         "converge-server 700\nconverge-server 600\n"
     );
     assert!(!server.path("/var/lib/converge-server/keys/root.key").exists(), "the root key stays on the host");
+    // The second server: its state from `server add`, the same database.
+    let server2 = Container::boot_in_netns(&net.b);
+    sync(&lab.join("server2"), &server2.path("/lab/server"));
+    sync(&lab.join("packages"), &server2.path("/lab/packages"));
+    sync(&repo, &server2.path("/lab/repo"));
+    let out = provision(&server2, "server.sh");
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let heads = |c: &Container| c.sh("runuser -u converge-server -- git -C /srv/converge/repo rev-parse HEAD");
+    assert_eq!(heads(&server), heads(&server2), "both servers hold the same commit");
 
     // 3. The agent machine: only its own join line, then its provisioner.
     let agent = Container::boot_in_netns(&net.b);
@@ -130,7 +159,9 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
         "active\ninstall ok installed"
     );
     assert_eq!(agent.sh("cat /etc/motd"), "box.lab, in the lab\n");
-    assert!(agent.sh("cat /etc/converge/agent.toml").contains("interval = \"2m\""));
+    let agent_toml = agent.sh("cat /etc/converge/agent.toml");
+    assert!(agent_toml.contains("interval = \"2m\""), "{agent_toml}");
+    assert!(agent_toml.contains(&format!("servers = [\"https://{}:8443\"]", net.b_ip)), "{agent_toml}");
 
     // 4. The fleet page: from the server itself (loopback), the agent in sync; from another
     // machine only with the operator token of fleet-page-url.
@@ -142,6 +173,9 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
         let _ = agent.run(&["systemctl", "reload", "converge"]); // run now
         Err(format!("box.lab never showed in sync:\n{page}"))
     });
+    // The second server shows the same fleet: one database.
+    let page = server2.run(&["curl", "-sk", "https://127.0.0.1:8443/"]).stdout;
+    assert!(page.contains("data-node=\"box.lab\" data-status=\"in sync\""), "{page}");
     let code = |url: &str| agent.sh(&format!("curl -sk -o /dev/null -w '%{{http_code}}' '{url}'"));
     assert_eq!(code(&format!("https://{}:8443/", net.a_ip)), "403");
     assert_eq!(code(&url), "303", "the token is taken and kept in a cookie");
@@ -152,10 +186,13 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
         &repo,
         &[("roles/box.yaml", "resources:\n  - file: /etc/motd\n    content: \"{{ node.name }}, changed\\n\"\n")],
     );
-    sync(&repo, &server.path("/lab/repo"));
-    let out = provision(&server, "server.sh");
-    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    assert_eq!(server.sh("runuser -u converge-server -- git -C /srv/converge/repo rev-list --count HEAD"), "2\n");
+    for s in [&server, &server2] {
+        sync(&repo, &s.path("/lab/repo"));
+        let out = provision(s, "server.sh");
+        assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+        assert_eq!(s.sh("runuser -u converge-server -- git -C /srv/converge/repo rev-list --count HEAD"), "2\n");
+    }
+    assert_eq!(heads(&server), heads(&server2));
     eventually(Duration::from_secs(30), Duration::from_millis(1000), || {
         if agent.sh("cat /etc/motd") == "box.lab, changed\n" {
             return Ok(());
@@ -163,5 +200,17 @@ fn the_lab_brings_up_a_server_and_an_agent_that_joins_through_bootstrap_sh() {
         let out = provision(&agent, "agent.sh");
         assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
         Err(format!("the change never reached box.lab: {}", agent.sh("converge status")))
+    });
+
+    // 6. The first server halted (`vagrant halt server`): the agent goes on with the second,
+    // whose page shows its runs.
+    server.sh("systemctl stop converge-server");
+    agent.sh("echo drifted > /etc/motd");
+    eventually(Duration::from_secs(30), Duration::from_millis(1000), || {
+        if agent.sh("cat /etc/motd") == "box.lab, changed\n" {
+            return Ok(());
+        }
+        let _ = agent.run(&["systemctl", "reload", "converge"]);
+        Err(format!("box.lab was not repaired with the first server away: {}", agent.sh("converge status")))
     });
 }

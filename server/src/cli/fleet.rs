@@ -405,3 +405,125 @@ pub fn db_command(action: DbAction) -> Result<u8> {
         }
     }
 }
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// The rollout of the current commit: each wave, its hosts, who ran the commit, who failed.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Open the next wave now (also of a halted rollout): its hosts get the commit at their
+    /// next run.
+    Promote {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Stop the rollout where it is: no further wave gets the commit until `resume`.
+    Halt {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Why, for the fleet page and `status`.
+        #[arg(long, default_value = "halted by an operator")]
+        reason: String,
+    },
+    /// Go on with a halted rollout: the waves open again as the hosts' runs allow.
+    Resume {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// `converge-server rollout`: the rollout of the commit the servers agree on, read and moved
+/// in the shared state (every server takes a change in at its next look at the repository).
+pub fn rollout_command(action: RolloutAction) -> Result<u8> {
+    use crate::rollout::{Progress, State};
+    let config = match &action {
+        RolloutAction::Status { config }
+        | RolloutAction::Promote { config }
+        | RolloutAction::Halt { config, .. }
+        | RolloutAction::Resume { config } => config.clone(),
+    };
+    let (config, db) = open_db(&config)?;
+    let Some((_, commit)) = db.agreed()? else {
+        bail!("no commit is current yet: the server proposes its branch's head when it starts");
+    };
+    let short = &commit[..commit.len().min(12)];
+    let repo = crate::repo::Repo::from_git(&config.repo, &commit)?;
+    let compiler = crate::compiler::Compiler::new(&repo);
+    let Some(rollout) = compiler.site.as_ref().and_then(|s| s.rollout.clone()) else {
+        println!("site.yaml at {short} has no `rollout`: every host gets a new commit at its next run");
+        return Ok(0);
+    };
+    let Some(p) = db.rollout(&commit)? else {
+        println!("the rollout of {short} has not begun yet: a server begins it at its next look at the repository");
+        return Ok(0);
+    };
+    let now = crate::db::now();
+    let moved = |new: Progress, what: &str| -> Result<u8> {
+        if !db.advance_rollout(&p, &new)? {
+            bail!(
+                "the rollout of {short} changed meanwhile (a server or another operator): look again with rollout status"
+            );
+        }
+        println!("rollout of {short}: {what}");
+        Ok(0)
+    };
+    match action {
+        RolloutAction::Status { .. } => {
+            let state = match &p.state {
+                State::Rolling => {
+                    format!("rolling: wave {} of {} open since {}", p.wave + 1, rollout.len(), when(Some(p.since)))
+                }
+                State::Halted(why) => format!("HALTED since {}: {why}", when(Some(p.since))),
+                State::Done => format!("done: every wave has it (since {})", when(Some(p.since))),
+            };
+            let kept =
+                p.previous.as_deref().map(|c| format!(", replacing {}", &c[..c.len().min(12)])).unwrap_or_default();
+            println!("rollout of {short}{kept}: {state}");
+            println!(
+                "{:<4} {:<20} {:>6} {:>7} {:>7} {:>8}  STATE",
+                "WAVE", "NAME", "HOSTS", "RAN IT", "FAILED", "WAITING"
+            );
+            let hosts = db.host_runs(now)?;
+            for (w, t) in crate::rollout::tally(&rollout, &commit, &hosts).into_iter().enumerate() {
+                println!(
+                    "{:<4} {:<20} {:>6} {:>7} {:>7} {:>8}  {}{}",
+                    w + 1,
+                    converge_modules::text::clip(rollout.name(w), 20),
+                    t.hosts,
+                    t.ran,
+                    t.failed.len(),
+                    t.hosts - t.ran,
+                    if p.has(w) { "has it" } else { "keeps the previous commit" },
+                    if t.failed.is_empty() { String::new() } else { format!(" (failed: {})", t.failed.join(", ")) }
+                );
+            }
+            Ok(0)
+        }
+        RolloutAction::Promote { .. } => {
+            if p.state == State::Done {
+                bail!("the rollout of {short} is done: every wave has it");
+            }
+            let new = crate::rollout::next(&rollout, &p, now);
+            let what = match new.state {
+                State::Done => "every wave has it now".to_string(),
+                _ => format!("wave {} ({}) gets it at its hosts' next runs", new.wave + 1, rollout.name(new.wave)),
+            };
+            moved(new, &what)
+        }
+        RolloutAction::Halt { reason, .. } => {
+            if p.state != State::Rolling {
+                bail!("the rollout of {short} is {}, not rolling", p.state.word());
+            }
+            let reason = converge_modules::text::clip(&reason, 500).into_owned();
+            moved(Progress { state: State::Halted(reason), since: now, ..p.clone() }, "halted")
+        }
+        RolloutAction::Resume { .. } => {
+            if !matches!(p.state, State::Halted(_)) {
+                bail!("the rollout of {short} is {}, not halted", p.state.word());
+            }
+            moved(Progress { state: State::Rolling, since: now, ..p.clone() }, "rolling again")
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Rollout waves, as operators use them: a commit reaches the canary first and the rest of the
+//! fleet only once the canary ran it clean for the window; a commit that breaks the canary halts
+//! the rollout, the rest of the fleet never sees it, the fleet page and `rollout status` say
+//! why; `promote` lets it through; a fixed commit rolls out again from the canary.
+
+use converge_e2e::{Fleet, Out, Server, converge_in, eventually, server_ok};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const SITE: &str = "nodes:\n  \"agent*\": {roles: [motd]}\nrollout:\n  window: 1s\n  waves:\n    - {name: canary, nodes: [agent1]}\n    - {name: everyone}\n";
+
+fn motd(version: &str, broken: bool) -> String {
+    let mut role = format!("resources:\n  - file: /etc/motd\n    content: \"{{{{ node.name }}}} {version}\\n\"\n");
+    if broken {
+        // A file under a file the catalog does not manage: fails on every host.
+        role.push_str("  - file: /etc/hostname/broken\n    content: x\n");
+    }
+    role
+}
+
+fn read(root: &Path) -> String {
+    std::fs::read_to_string(root.join("etc/motd")).unwrap_or_default()
+}
+
+fn run(root: &Path) -> Out {
+    converge_in(root, &["run", "--once"])
+}
+
+fn head(f: &Fleet) -> String {
+    let out = std::process::Command::new("git").arg("-C").arg(f.repo()).args(["rev-parse", "HEAD"]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Waits until the server has begun the rollout of `commit`.
+fn begun(f: &Fleet, commit: &str) -> String {
+    let mut status = String::new();
+    eventually(Duration::from_secs(15), Duration::from_millis(200), || {
+        status = server_ok(&["rollout", "status", "--config", &f.config()]);
+        status.contains(&format!("rollout of {}", &commit[..12])).then_some(()).ok_or(status.clone())
+    });
+    status
+}
+
+#[test]
+fn a_commit_reaches_the_canary_first_and_a_broken_one_never_passes_it() {
+    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", &motd("v1", false))]);
+    let server = Server::start(&f.config());
+    let roots: Vec<PathBuf> = ["agent1", "agent2", "agent3"]
+        .iter()
+        .map(|name| {
+            let root = f.root(name);
+            let out = converge_in(
+                &root,
+                &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token(name)],
+            );
+            assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+            root
+        })
+        .collect();
+    let (canary, rest) = (&roots[0], &roots[1..]);
+    for (i, root) in roots.iter().enumerate() {
+        assert_eq!(read(root), format!("agent{} v1\n", i + 1), "the first commit reaches everyone");
+    }
+
+    // v2: the canary first; the others once it ran it clean for the window.
+    f.commit(&[("roles/motd.yaml", &motd("v2", false))]);
+    let v2 = head(&f);
+    let status = begun(&f, &v2);
+    assert!(status.contains("rolling: wave 1 of 2"), "{status}");
+    for root in rest {
+        run(root);
+        assert!(read(root).ends_with(" v1\n"), "not before the canary: {}", read(root));
+    }
+    run(canary);
+    assert_eq!(read(canary), "agent1 v2\n");
+    eventually(Duration::from_secs(20), Duration::from_millis(300), || {
+        run(&rest[0]);
+        (read(&rest[0]) == "agent2 v2\n").then_some(()).ok_or(read(&rest[0]))
+    });
+    run(&rest[1]);
+    assert_eq!(read(&rest[1]), "agent3 v2\n");
+
+    // v3 breaks the canary: the rollout halts, and the rest of the fleet never sees it.
+    f.commit(&[("roles/motd.yaml", &motd("v3", true))]);
+    let v3 = head(&f);
+    begun(&f, &v3);
+    let out = run(canary);
+    assert!(out.stdout.contains("FAILED"), "a failure: {}{}", out.stdout, out.stderr);
+    let mut status = String::new();
+    eventually(Duration::from_secs(15), Duration::from_millis(300), || {
+        status = server_ok(&["rollout", "status", "--config", &f.config()]);
+        status.contains("HALTED").then_some(()).ok_or(status.clone())
+    });
+    assert!(status.contains("agent1 (canary) ran") && status.contains("1 failed"), "{status}");
+    std::thread::sleep(Duration::from_secs(3));
+    for root in rest {
+        run(root);
+        assert!(read(root).ends_with(" v2\n"), "the rest keeps v2: {}", read(root));
+    }
+    let curl = |path: &str| {
+        let out = std::process::Command::new("curl").args(["-sk", &format!("{}{path}", server.url)]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let page = curl("/");
+    assert!(page.contains("id=\"rollout-halted\"") && page.contains("data-state=\"halted\""), "{page}");
+    let metrics = curl("/metrics");
+    assert!(metrics.contains("converge_rollout_halted 1") && metrics.contains("converge_rollout_wave 1"), "{metrics}");
+
+    // The operator lets it through: the rest gets v3 (and fails the same way).
+    let promoted = server_ok(&["rollout", "promote", "--config", &f.config()]);
+    assert!(promoted.contains("wave 2 (everyone) gets it"), "{promoted}");
+    eventually(Duration::from_secs(15), Duration::from_millis(300), || {
+        run(&rest[0]);
+        (read(&rest[0]) == "agent2 v3\n").then_some(()).ok_or(read(&rest[0]))
+    });
+
+    // halt and resume: an operator's halt holds until resumed.
+    f.commit(&[("roles/motd.yaml", &motd("v4", false))]);
+    let v4 = head(&f);
+    begun(&f, &v4);
+    let held = server_ok(&["rollout", "halt", "--config", &f.config(), "--reason", "change freeze"]);
+    assert!(held.contains("halted"), "{held}");
+    run(canary);
+    assert_eq!(read(canary), "agent1 v4\n", "the open wave has it");
+    std::thread::sleep(Duration::from_secs(3));
+    run(&rest[1]);
+    assert_eq!(read(&rest[1]), "agent3 v3\n", "held at the commit every host has");
+    let status = server_ok(&["rollout", "status", "--config", &f.config()]);
+    assert!(status.contains("HALTED") && status.contains("change freeze"), "{status}");
+    server_ok(&["rollout", "resume", "--config", &f.config()]);
+    run(canary);
+    eventually(Duration::from_secs(20), Duration::from_millis(300), || {
+        run(&rest[1]);
+        (read(&rest[1]) == "agent3 v4\n").then_some(()).ok_or(read(&rest[1]))
+    });
+    let bad = converge_e2e::run("converge-server", &["rollout", "resume", "--config", &f.config()]);
+    assert!(bad.stderr.contains("not halted"), "{}", bad.stderr);
+}
