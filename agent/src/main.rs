@@ -51,6 +51,23 @@ enum Command {
     /// Installs the agent's own package (launched by a run, detached, after its report).
     #[command(hide = true)]
     UpgradeSelf(upgrade::UpgradeArgs),
+    /// Stop runs from changing this host (an incident, a change freeze) until `converge
+    /// resume`, or for a while; the fleet page shows it.
+    Pause {
+        /// Why, in one line: it shows on the fleet page and in `converge status`.
+        #[arg(long)]
+        reason: String,
+        /// How long (30m, 4h, 2d); without it, until `converge resume`.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: std::path::PathBuf,
+    },
+    /// End a pause: the next run converges.
+    Resume {
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: std::path::PathBuf,
+    },
     /// The last run, its outcome and catalog, and the next run.
     Status {
         #[arg(long, value_name = "DIR", default_value = "/")]
@@ -89,6 +106,8 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) if args.once => run::run_once(args, None).map(|o| o.code),
         Some(Command::Run(args)) => run::daemon(args),
         Some(Command::Status { root }) => run::status(root),
+        Some(Command::Pause { reason, duration, root }) => run::pause(root, reason, duration.as_deref()),
+        Some(Command::Resume { root }) => run::resume(root),
         Some(Command::UpgradeSelf(args)) => upgrade::upgrade_self(args),
         None => run::run_once(&cli.run, None).map(|o| o.code),
     };

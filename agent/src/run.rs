@@ -104,21 +104,8 @@ pub fn run_once(args: &RunArgs, stop: Option<&AtomicBool>) -> Result<Outcome> {
         AgentConfig::load(host.root()).and_then(|config| locked_run(args, stop, &config, &host, &lock, started));
     if let (Err(e), true) = (&outcome, lock.exclusive()) {
         let (mut status, _) = state::read_status(host.root());
-        let previous = status.last_run.take();
-        status.last_run = Some(LastRun {
-            started,
-            finished: Timestamp::now(),
-            unchanged: 0,
-            changed: 0,
-            failed: 0,
-            skipped: 0,
-            serial: previous.as_ref().and_then(|p| p.serial),
-            commit: previous.and_then(|p| p.commit),
-            source: "none".into(),
-            stale: false,
-            notes: Vec::new(),
-            error: Some(clip(&format!("{e:#}"), 4096).into_owned()),
-        });
+        let error = Some(clip(&format!("{e:#}"), 4096).into_owned());
+        status.last_run = Some(LastRun::nothing(started, status.last_run.take(), "none", Vec::new(), error));
         let _ = state::write_status(&host, &status);
     }
     // The agent's own upgrade, deferred by the run, starts once the run has let go.
@@ -185,6 +172,13 @@ fn locked_run(
         format!("{} names this node {}", shown.display(), config.name)
     })?;
     notes.append(&mut trust.notes);
+    // A pause (`converge pause`) stops real runs from changing anything; dry-runs go on. One
+    // past its end is removed here, under the run lock.
+    // (A dry-run goes on while paused, and says the pause to the server all the same.)
+    let paused = state::read_pause(host.root(), Timestamp::now());
+    if lock.exclusive() && paused.is_none() && state::remove_pause(host)? {
+        notes.push("the pause ended (its --for ran out): this run converges".into());
+    }
     let facts = crate::facts::collect(host.root(), &config.name);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let certificate = keep_certificate(host, config, &rt, &mut client, &mut notes, args.opts.dry_run);
@@ -197,6 +191,7 @@ fn locked_run(
         facts,
         ca_bundle: held_bundle.clone(),
         keys_version: Some(trust.held.list.version),
+        paused: paused.as_ref().map(|p| clip(&p.describe(), converge_modules::wire::Limits::PAUSED).into_owned()),
     };
     let (mut reached, mut retry_after) = (false, None);
     let reply = rt.block_on(client.catalog(&request, cached.as_ref().and_then(|c| c.etag.as_deref())));
@@ -263,6 +258,18 @@ fn locked_run(
                 .verified
         }
     };
+    if let Some(p) = paused.as_ref().filter(|_| lock.exclusive()) {
+        // The catalog was fetched and verified (and is kept for the run after `resume`);
+        // nothing is applied, nothing reported (the server shows the pause from the request).
+        let said = format!("converge: {}: this run changed nothing (converge resume)", p.describe());
+        eprintln!("{}", clip(&said, 2000));
+        let (mut status, _) = state::read_status(host.root());
+        notes.push(clip(&said, 2000).into_owned());
+        status.last_run = Some(LastRun::nothing(started, status.last_run.take(), "paused", notes, None));
+        status.certificate = certificate.or(status.certificate);
+        state::write_status(host, &status)?;
+        return Ok(Outcome { code: 0, reached, retry_after });
+    }
     let stale = v.stale;
     let catalog = apply::open_sealed(host.root(), v.catalog).map_err(|e| match notes.last() {
         Some(note) => anyhow!("{e:#} (and: {note})"),
@@ -528,6 +535,78 @@ fn set_next(root: &std::path::Path, wait: Duration) {
 }
 
 /// `converge status`.
+/// `converge pause`: runs change nothing on this host until `converge resume` (or for
+/// `duration`). Waits for a run underway to end first (5 minutes at most), so that once it
+/// returns nothing changes.
+pub fn pause(root: &std::path::Path, reason: &str, duration: Option<&str>) -> Result<i32> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > state::PAUSE_REASON || reason.chars().any(char::is_control) {
+        anyhow::bail!(
+            "--reason: say why in one line of at most {} characters (it shows on the fleet page)",
+            state::PAUSE_REASON
+        );
+    }
+    let seconds = match duration {
+        None => None,
+        Some(d) => Some(match converge_modules::settings::parse_duration(d) {
+            Ok(s) if s > 0 => s,
+            _ => anyhow::bail!("--for {}: give a duration like 30m, 4h or 2d", clip(d, 40)),
+        }),
+    };
+    let r = Root::open(root).with_context(|| format!("cannot open root {}", root.display()))?;
+    let lock = wait_for_lock(&r)?;
+    let host = RealHost::new(r, BackupStore::new(STATE_DIR));
+    let now = Timestamp::now();
+    let by = ["SUDO_USER", "LOGNAME", "USER"].iter().find_map(|v| std::env::var(v).ok()).filter(|u| !u.is_empty());
+    let pause = state::Pause {
+        reason: reason.to_string(),
+        since: now,
+        until: seconds.map(|s| Timestamp(now.0 + s)),
+        by: by.map(|b| clip(&b, 64).into_owned()),
+    };
+    state::write_pause(&host, &pause)?;
+    drop(lock);
+    println!("{}", pause.describe());
+    println!("runs fetch and verify their catalog but change nothing, and the fleet page shows the pause");
+    Ok(0)
+}
+
+/// `converge resume`: ends a pause; the next run converges.
+pub fn resume(root: &std::path::Path) -> Result<i32> {
+    let r = Root::open(root).with_context(|| format!("cannot open root {}", root.display()))?;
+    let lock = wait_for_lock(&r)?;
+    let host = RealHost::new(r, BackupStore::new(STATE_DIR));
+    let was = state::read_pause(host.root(), Timestamp(i64::MIN));
+    let removed = state::remove_pause(&host)?;
+    drop(lock);
+    match (removed, was) {
+        (true, Some(p)) => {
+            println!("resumed ({}); the next run converges (converge run --once runs it now)", p.describe())
+        }
+        _ => println!("not paused"),
+    }
+    Ok(0)
+}
+
+/// The run lock, waiting (5 minutes at most) for a run underway to end.
+fn wait_for_lock(root: &Root) -> Result<RunLock> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut said = false;
+    loop {
+        match RunLock::take(root, false) {
+            Ok(l) => return Ok(l),
+            Err(e) if Instant::now() < deadline && format!("{e:#}").contains("another converge run") => {
+                if !said {
+                    eprintln!("converge: a run is underway; waiting for it to end");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub fn status(root: &std::path::Path) -> Result<i32> {
     let r = Root::open(root).with_context(|| format!("cannot open root {}", root.display()))?;
     let config = AgentConfig::load(&r);
@@ -540,6 +619,9 @@ pub fn status(root: &std::path::Path) -> Result<i32> {
     }
     if let Some(d) = damaged {
         println!("note        {}", clip(&d, 400));
+    }
+    if let Some(p) = state::read_pause(&r, Timestamp::now()) {
+        println!("PAUSED      {} (runs change nothing)", clip(&p.describe(), 1000));
     }
     match last_run {
         None => println!("last run    none yet"),

@@ -368,6 +368,33 @@ pub struct LastRun {
     pub error: Option<String>,
 }
 
+impl LastRun {
+    /// A run that converged nothing (`source`: why: `none`, `paused`), keeping the catalog the
+    /// run before it applied.
+    pub fn nothing(
+        started: Timestamp,
+        previous: Option<LastRun>,
+        source: &str,
+        notes: Vec<String>,
+        error: Option<String>,
+    ) -> LastRun {
+        LastRun {
+            started,
+            finished: Timestamp::now(),
+            unchanged: 0,
+            changed: 0,
+            failed: 0,
+            skipped: 0,
+            serial: previous.as_ref().and_then(|p| p.serial),
+            commit: previous.and_then(|p| p.commit),
+            source: source.into(),
+            stale: false,
+            notes,
+            error,
+        }
+    }
+}
+
 /// The status file; a damaged one reads as no status (it is only a record, rewritten by the
 /// next run), and says so.
 pub fn read_status(root: &Root) -> (Status, Option<String>) {
@@ -383,4 +410,71 @@ pub fn read_status(root: &Root) -> (Status, Option<String>) {
 
 pub fn write_status(host: &RealHost, status: &Status) -> Result<()> {
     write(host, STATUS_FILE, &serde_json::to_vec_pretty(status)?, 0o644).context("cannot record the run's status")
+}
+
+/// `converge pause`: while this file is there (and its end, if any, has not come), runs change
+/// nothing on the host.
+pub const PAUSE_FILE: &str = "/var/lib/converge/paused.json";
+/// The longest pause reason kept.
+pub const PAUSE_REASON: usize = 500;
+
+/// An operator's pause of this host's runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pause {
+    pub reason: String,
+    pub since: Timestamp,
+    /// When runs go on by themselves (`--for`); `None`: until `converge resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
+    /// Who paused (the login that ran `converge pause`, as the environment says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+impl Pause {
+    /// One line: why, since when, by whom, until when.
+    pub fn describe(&self) -> String {
+        let by = self.by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default();
+        let until = self.until.map(|u| format!(", until {u}")).unwrap_or_else(|| ", until converge resume".into());
+        format!("paused since {}{by}{until}: {}", self.since, self.reason)
+    }
+}
+
+/// The pause in force, read under the run lock. A pause file that cannot be read or makes no
+/// sense counts as a pause (in doubt, a run changes nothing) that says what is wrong; one past
+/// its end counts as none.
+pub fn read_pause(root: &Root, now: Timestamp) -> Option<Pause> {
+    match read_text(root, PAUSE_FILE, SMALL_FILE) {
+        Ok(t) => match serde_json::from_str::<Pause>(&t) {
+            Ok(p) if p.until.is_some_and(|u| u <= now) => None,
+            Ok(p) => Some(p),
+            Err(e) => Some(damaged_pause(format!("{PAUSE_FILE} is damaged ({e})"))),
+        },
+        Err(_) if root.lstat(PAUSE_FILE).ok().flatten().is_none() => None,
+        Err(why) => Some(damaged_pause(why)),
+    }
+}
+
+fn damaged_pause(why: String) -> Pause {
+    Pause {
+        reason: format!("{why}: runs change nothing until `converge resume` clears it"),
+        since: Timestamp(0),
+        until: None,
+        by: None,
+    }
+}
+
+/// Pauses this host's runs (under the run lock).
+pub fn write_pause(host: &RealHost, pause: &Pause) -> Result<()> {
+    write(host, PAUSE_FILE, &serde_json::to_vec_pretty(pause)?, 0o644).context("cannot record the pause")
+}
+
+/// Ends a pause (under the run lock); false when there was none.
+pub fn remove_pause(host: &RealHost) -> Result<bool> {
+    if host.root().lstat(PAUSE_FILE)?.is_none() {
+        return Ok(false);
+    }
+    Host::remove(host, PAUSE_FILE).map_err(|e| anyhow!("cannot remove {PAUSE_FILE}: {e}"))?;
+    Ok(true)
 }

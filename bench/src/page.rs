@@ -61,6 +61,7 @@ pub fn run(sizes: &[usize]) {
                 facts: None,
                 ca_bundle: None,
                 keys_version: None,
+                paused: None,
             });
         }
         db.seen(&visits).unwrap();

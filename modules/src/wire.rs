@@ -84,6 +84,9 @@ pub struct CatalogRequest {
     /// The version of the key list the host holds (see the server's `keys status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys_version: Option<u64>,
+    /// The host's runs are paused (`converge pause`): why, since and until when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
 }
 
 /// One run's report, as the agent sends it.
@@ -122,6 +125,8 @@ impl Limits {
     pub const SEAL_KEY: usize = 128;
     pub const TOKEN: usize = 128;
     pub const AGENT_VERSION: usize = 64;
+    /// What a paused host says about its pause.
+    pub const PAUSED: usize = 1024;
     pub const FORMATS: usize = 16;
     pub const FACTS: usize = 1000;
     /// Resources in one report, and so any count in its summary.
@@ -206,6 +211,12 @@ impl CatalogRequest {
             && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
         {
             return Err(WireError::Malformed("ca_bundle is not a SHA-256 in hex"));
+        }
+        if let Some(p) = &self.paused {
+            within("paused", p, Limits::PAUSED)?;
+            if p.chars().any(|c| c.is_control()) {
+                return Err(WireError::Malformed("paused holds control characters"));
+            }
         }
         count_within("facts", self.facts.len(), Limits::FACTS)
     }

@@ -49,7 +49,8 @@ pub(crate) const NODE_ROWS: &str = "SELECT n.name, n.last_seen,
     (SELECT MAX(expires) FROM certificates WHERE node = n.name AND revoked IS NULL),
     NOT EXISTS (SELECT 1 FROM certificates WHERE node = n.name AND revoked IS NULL),
     k.serial, k.compile_error,
-    n.run_at, n.run_changed, n.run_failed, n.run_stale, n.run_commit, n.agent_version, n.dry_run_changed
+    n.run_at, n.run_changed, n.run_failed, n.run_stale, n.run_commit, n.agent_version, n.dry_run_changed,
+    n.paused
  FROM nodes n
  LEFT JOIN catalogs k ON k.node = n.name
  WHERE CAST(?1 AS TEXT) IS NULL OR n.name = ?1
@@ -119,6 +120,8 @@ pub struct Visit {
     pub facts: Option<(String, String)>,
     pub ca_bundle: Option<String>,
     pub keys_version: Option<u64>,
+    /// Its runs are paused, and why (`None`: not paused).
+    pub paused: Option<String>,
 }
 
 /// A report row, for [`Db::add_report`].
@@ -193,6 +196,8 @@ pub struct NodeRow {
     /// The commit of the catalog the last report was about.
     pub last_commit: Option<String>,
     pub agent_version: Option<String>,
+    /// The host's runs are paused: why, since and until when, as it said.
+    pub paused: Option<String>,
 }
 
 impl Db {
@@ -662,7 +667,7 @@ impl Db {
                     serde_json::json!({
                         "name": v.node, "at": v.at, "version": v.version, "ca_bundle": v.ca_bundle,
                         "keys_version": v.keys_version, "facts": v.facts.as_ref().map(|f| &f.0),
-                        "facts_sha256": v.facts.as_ref().map(|f| &f.1),
+                        "facts_sha256": v.facts.as_ref().map(|f| &f.1), "paused": v.paused,
                     })
                 })
                 .collect();
@@ -671,9 +676,10 @@ impl Db {
                     "UPDATE nodes SET last_seen = v.at, agent_version = v.version,
                          ca_bundle = COALESCE(v.ca_bundle, nodes.ca_bundle),
                          keys_version = COALESCE(v.keys_version, nodes.keys_version),
-                         facts = COALESCE(v.facts, nodes.facts), facts_sha256 = COALESCE(v.facts_sha256, nodes.facts_sha256)
+                         facts = COALESCE(v.facts, nodes.facts), facts_sha256 = COALESCE(v.facts_sha256, nodes.facts_sha256),
+                         paused = v.paused
                      FROM jsonb_to_recordset(CAST(?1 AS TEXT)::jsonb) AS v(name TEXT, at BIGINT, version TEXT,
-                         ca_bundle TEXT, keys_version BIGINT, facts TEXT, facts_sha256 TEXT)
+                         ca_bundle TEXT, keys_version BIGINT, facts TEXT, facts_sha256 TEXT, paused TEXT)
                      WHERE nodes.name = v.name",
                     params![serde_json::Value::Array(rows).to_string()],
                 )
@@ -684,8 +690,15 @@ impl Db {
             for v in batch {
                 c.execute(
                     "UPDATE nodes SET last_seen = ?2, agent_version = ?3, ca_bundle = COALESCE(?4, ca_bundle),
-                         keys_version = COALESCE(?5, keys_version) WHERE name = ?1",
-                    params![&v.node, v.at, &v.version, v.ca_bundle.as_deref(), v.keys_version.map(|k| k as i64)],
+                         keys_version = COALESCE(?5, keys_version), paused = ?6 WHERE name = ?1",
+                    params![
+                        &v.node,
+                        v.at,
+                        &v.version,
+                        v.ca_bundle.as_deref(),
+                        v.keys_version.map(|k| k as i64),
+                        v.paused.as_deref()
+                    ],
                 )?;
                 if let Some((json, sha)) = &v.facts {
                     c.execute(
@@ -802,6 +815,7 @@ impl Db {
                         last_commit: r.opt_text(10)?,
                         agent_version: r.opt_text(11)?,
                         dry_run_pending: r.opt_int(12)?,
+                        paused: r.opt_text(13)?,
                     })
                 })
                 .collect()

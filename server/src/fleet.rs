@@ -47,6 +47,7 @@ struct Seen {
     facts: Option<(String, String)>,
     ca_bundle: Option<String>,
     keys_version: Option<u64>,
+    paused: Option<String>,
 }
 
 pub struct Fleet {
@@ -798,6 +799,7 @@ impl Fleet {
         }
         entry.at = now();
         entry.version = version.to_string();
+        entry.paused = req.paused.clone();
         if let Some(b) = ca_bundle {
             entry.ca_bundle = Some(b.to_string());
         }
@@ -819,6 +821,7 @@ impl Fleet {
                 facts: s.facts.clone(),
                 ca_bundle: s.ca_bundle.clone(),
                 keys_version: s.keys_version,
+                paused: s.paused.clone(),
             })
             .collect();
         let result = self.db.seen(&batch);

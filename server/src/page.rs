@@ -52,7 +52,7 @@ fn human(seconds: i64) -> String {
 }
 
 /// What `/?status=` may ask for: a node status (spaces as `-`), or `late`.
-pub const FILTERS: &[&str] = &["failed", "late", "changed", "in-sync", "never-ran", "revoked", "renewal-due"];
+pub const FILTERS: &[&str] = &["failed", "late", "changed", "in-sync", "never-ran", "revoked", "renewal-due", "paused"];
 
 /// Whether `n` is shown under `filter`. Pure.
 fn shown(n: &NodeView, filter: Option<&str>) -> bool {

@@ -127,6 +127,8 @@ pub const ADDED: &[(&str, &str, &str)] = &[
     ("nodes", "dry_run_changed", "BIGINT"),
     // Changes the last real run's plan did not predict: a rollout halts on them.
     ("nodes", "run_unplanned", "BIGINT"),
+    // The host's runs are paused (`converge pause`): why, since and until when, as it said.
+    ("nodes", "paused", "TEXT"),
 ];
 
 /// Statements run after the columns are added, idempotently, on both engines: what a state

@@ -79,8 +79,10 @@ fn short(commit: &str) -> String {
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeView {
     pub name: String,
-    /// failed, changed, in sync, never ran, revoked.
+    /// failed, changed, in sync, never ran, revoked, paused.
     pub status: &'static str,
+    /// Why and until when its runs are paused (`converge pause`), as the host said.
+    pub paused: Option<String>,
     /// Its last run is older than twice the run interval (or it never ran since).
     pub late: bool,
     pub last_run: Option<String>,
@@ -114,6 +116,7 @@ pub fn node_view(n: &NodeRow, created: Option<i64>, now: i64, late_after: i64) -
     let last = n.last_report.map(|(at, ..)| at);
     let status = match (n.revoked, n.last_report) {
         (true, _) => "revoked",
+        _ if n.paused.is_some() => "paused",
         (_, None) => "never ran",
         (_, Some((_, _, failed, _))) if failed > 0 => "failed",
         (_, Some((_, changed, _, _))) if changed > 0 => "changed",
@@ -123,7 +126,13 @@ pub fn node_view(n: &NodeRow, created: Option<i64>, now: i64, late_after: i64) -
     NodeView {
         name: n.name.clone(),
         status,
-        late: !n.revoked && since.is_some_and(|t| now - t > late_after),
+        // A paused host asks but does not report: late only when it stops asking.
+        late: !n.revoked
+            && match &n.paused {
+                Some(_) => n.last_seen.is_none_or(|t| now - t > late_after),
+                None => since.is_some_and(|t| now - t > late_after),
+            },
+        paused: n.paused.clone(),
         last_run: last.map(when),
         last_run_ago: last.map_or("never".into(), |t| ago(now - t)),
         last_seen_ago: n.last_seen.map_or("never".into(), |t| ago(now - t)),
@@ -154,6 +163,7 @@ pub struct FleetSummary {
     pub in_sync: usize,
     pub never_ran: usize,
     pub renewal_due: usize,
+    pub paused: usize,
 }
 
 pub fn summary(nodes: &[NodeView]) -> FleetSummary {
@@ -166,6 +176,7 @@ pub fn summary(nodes: &[NodeView]) -> FleetSummary {
         in_sync: count("in sync"),
         never_ran: count("never ran"),
         renewal_due: nodes.iter().filter(|n| n.renewal_due).count(),
+        paused: count("paused"),
     }
 }
 
@@ -385,6 +396,7 @@ mod tests {
             last_commit: Some("0123456789abcdef".into()),
             agent_version: Some("0.1.0".into()),
             dry_run_pending: None,
+            paused: None,
         }
     }
 
@@ -409,6 +421,15 @@ mod tests {
         let mut revoked = row(None);
         revoked.revoked = true;
         assert!(!node_view(&revoked, None, expires, 3600).renewal_due, "a revoked node is not due");
+        // A paused host shows as paused, late only once it stops asking (it does not report).
+        let mut paused = row(Some((1000, 0, 0, false)));
+        paused.paused = Some("paused since ...: incident 42".into());
+        let v = node_view(&paused, None, 1000 + 7201, 3600);
+        assert_eq!((v.status, v.late), ("paused", true), "last seen at 1000 too");
+        paused.last_seen = Some(1000 + 7000);
+        let v = node_view(&paused, None, 1000 + 7201, 3600);
+        assert_eq!((v.status, v.late, v.paused.as_deref()), ("paused", false, Some("paused since ...: incident 42")));
+        assert_eq!(summary(&[v]).paused, 1);
     }
 
     #[test]

@@ -96,6 +96,7 @@ fn catalog_body(formats: &[u32]) -> String {
         facts: Default::default(),
         ca_bundle: None,
         keys_version: None,
+        paused: None,
     };
     serde_json::to_string(&req).unwrap()
 }

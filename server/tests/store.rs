@@ -30,8 +30,10 @@ fn exercise(db: &Db) {
         facts: Some(("{}".into(), "x".into())),
         ca_bundle: None,
         keys_version: Some(3),
+        paused: Some("paused since then: incident 42".into()),
     }])
     .unwrap();
+    assert_eq!(db.node_rows(Some("web1")).unwrap()[0].paused.as_deref(), Some("paused since then: incident 42"));
     let body = |i: i64| format!("{{\"run\":{i}}}");
     let bodies: Vec<String> = (0..300).map(body).collect();
     let row = ReportRow {
@@ -86,6 +88,20 @@ fn exercise(db: &Db) {
     assert!(db.reports(&web2).unwrap().is_empty());
     assert_eq!(db.reports(&all).unwrap().len(), 50, "newer ones stay");
 
+    // A visit without a pause ends it; the facts stay as they were.
+    let visit = Visit {
+        node: "web1".into(),
+        at: base + 60,
+        version: "0.1".into(),
+        facts: None,
+        ca_bundle: None,
+        keys_version: None,
+        paused: None,
+    };
+    db.seen(&[visit]).unwrap();
+    let n = db.node("web1").unwrap().unwrap();
+    assert_eq!((n.row.paused, n.row.last_seen, n.facts.as_deref()), (None, Some(base + 60), Some("{}")));
+
     // Certificates: watched by time, revoked, renewed.
     assert!(db.live_cert("web1", base + 500).unwrap());
     assert!(!db.live_cert("web1", base + 1000).unwrap(), "expired");
@@ -104,7 +120,7 @@ fn exercise(db: &Db) {
     let nodes = db.nodes().unwrap();
     assert_eq!(nodes.len(), 1);
     assert!(nodes[0].revoked);
-    assert_eq!(nodes[0].last_seen, Some(base + 50));
+    assert_eq!(nodes[0].last_seen, Some(base + 60));
     assert_eq!(db.keys_versions(base).unwrap(), vec![]);
     assert_eq!(db.node("web1").unwrap().unwrap().facts.as_deref(), Some("{}"));
     assert!(db.node("nobody").unwrap().is_none());

@@ -40,7 +40,7 @@ fn db_migrate_makes_the_one_schema_in_postgresql_and_again_changes_nothing() {
         "SELECT string_agg(table_name, ',' ORDER BY table_name) FROM information_schema.tables \
          WHERE table_schema = 'public' AND table_name NOT LIKE 'reports_d%'",
     );
-    assert_eq!(tables.trim(), "agreed,catalogs,certificates,nodes,operators,pending,reports,tokens");
+    assert_eq!(tables.trim(), "agreed,catalogs,certificates,nodes,operators,pending,reports,rollouts,tokens");
     let columns = pg.sql(
         "SELECT string_agg(column_name || ':' || data_type, ',' ORDER BY column_name) FROM information_schema.columns \
          WHERE table_name = 'reports'",
