@@ -230,9 +230,13 @@ fn locked_run(
     // catalog is enforced instead.
     let mut source = "server";
     let mut verified: Option<Verified> = None;
+    // With a fresh catalog, the one applied before it (`Some(None)`: none ever was): what its
+    // changes are measured against, to tell what the catalog asked from drift repaired.
+    let mut before: Option<Option<converge_modules::trust::Envelope>> = None;
     if let Some((bytes, etag)) = &fresh {
         match trust.verify(host, bytes, false, false) {
             Ok(v) => {
+                before = Some(trust.last_envelope(host));
                 if !args.opts.dry_run {
                     trust.record(host, lock, &v, bytes)?;
                     state::keep_envelope(host, v.applied.serial, bytes, etag.as_deref())?;
@@ -270,6 +274,18 @@ fn locked_run(
         state::write_status(host, &status)?;
         return Ok(Outcome { code: 0, reached, retry_after });
     }
+    let origins = match before {
+        None => Origins::Same,
+        Some(None) => Origins::First,
+        Some(Some(env)) => {
+            let previous = serde_json::to_vec(&env).ok().and_then(|b| trust.verify(host, &b, true, true).ok());
+            match previous {
+                Some(p) if p.applied.resources_sha256 == v.applied.resources_sha256 => Origins::Same,
+                Some(p) => Origins::Changed(changed_ids(&p.catalog, &v.catalog)),
+                None => Origins::Unknown,
+            }
+        }
+    };
     let stale = v.stale;
     let catalog = apply::open_sealed(host.root(), v.catalog).map_err(|e| match notes.last() {
         Some(note) => anyhow!("{e:#} (and: {note})"),
@@ -289,13 +305,9 @@ fn locked_run(
     };
     let (info, collect) = apply::converge(&out, host, &loaded, Some(v.signed_by), warnings, stop);
     let summary = collect.summary.clone().unwrap_or_default();
-    let mut report = Report {
-        started_at: started,
-        info: info.clone(),
-        resources: collect.resources,
-        summary: summary.clone(),
-        stale,
-    };
+    let mut resources = collect.resources;
+    origins.tag(&mut resources);
+    let mut report = Report { started_at: started, info: info.clone(), resources, summary: summary.clone(), stale };
     report.clip();
     let body = serde_json::to_vec(&report)?;
     // Reports: the queue first (oldest first), then this one; what cannot be sent now waits,
@@ -535,6 +547,60 @@ fn set_next(root: &std::path::Path, wait: Duration) {
 }
 
 /// `converge status`.
+/// What the catalog enforced brings against the one applied before it.
+enum Origins {
+    /// The same resources: every change repaired drift.
+    Same,
+    /// No catalog was applied before: every change is the catalog's.
+    First,
+    /// The resources (by id) new or changed since: their changes are the catalog's.
+    Changed(std::collections::HashSet<String>),
+    /// The catalog before could not be read (a retired key, a damaged record): not said.
+    Unknown,
+}
+
+impl Origins {
+    /// Says, for each change (or change a dry-run would make), where it came from.
+    fn tag(&self, events: &mut [converge_modules::report::ResourceEvent]) {
+        use converge_modules::report::{Cause, Status};
+        for e in
+            events.iter_mut().filter(|e| matches!(e.status, Status::Changed | Status::Unplanned | Status::WouldChange))
+        {
+            e.cause = match self {
+                Origins::Same => Some(Cause::Drift),
+                Origins::First => Some(Cause::Catalog),
+                Origins::Changed(ids) if ids.contains(&e.id) => Some(Cause::Catalog),
+                Origins::Changed(_) => Some(Cause::Drift),
+                Origins::Unknown => None,
+            };
+        }
+    }
+}
+
+/// The resources of `now` that `before` did not have, or had otherwise (a field, a sealed
+/// value's fingerprint). Pure.
+fn changed_ids(
+    before: &converge_modules::catalog::Catalog,
+    now: &converge_modules::catalog::Catalog,
+) -> std::collections::HashSet<String> {
+    let sealed = |c: &converge_modules::catalog::Catalog, id: &converge_modules::catalog::ResourceId| {
+        c.sealed
+            .iter()
+            .filter(|s| &s.resource == id)
+            .map(|s| format!("{:?}={}", s.field, s.fingerprint))
+            .collect::<Vec<_>>()
+    };
+    let old: std::collections::HashMap<String, &converge_modules::catalog::Resource> =
+        before.resources.iter().map(|r| (r.id.to_string(), r)).collect();
+    now.resources
+        .iter()
+        .filter(|r| {
+            old.get(&r.id.to_string()).is_none_or(|o| **o != **r || sealed(before, &r.id) != sealed(now, &r.id))
+        })
+        .map(|r| r.id.to_string())
+        .collect()
+}
+
 /// `converge pause`: runs change nothing on this host until `converge resume` (or for
 /// `duration`). Waits for a run underway to end first (5 minutes at most), so that once it
 /// returns nothing changes.
@@ -671,4 +737,54 @@ pub fn status(root: &std::path::Path) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod origins_tests {
+    use super::*;
+    use converge_modules::catalog::{Catalog, FileSpec, Kind, Meta, Resource, ResourceId, Spec};
+    use converge_modules::report::{Cause, ResourceEvent, Status};
+
+    fn file(path: &str, content: &str) -> Resource {
+        Resource::new(
+            ResourceId::new(Kind::File, path).unwrap(),
+            Meta::default(),
+            Spec::File(FileSpec { content: Some(content.into()), ..Default::default() }),
+        )
+    }
+
+    fn sealed(c: &mut Catalog, path: &str, fingerprint: &str) {
+        c.sealed.push(converge_modules::sealed::Sealed {
+            resource: ResourceId::new(Kind::File, path).unwrap(),
+            field: converge_modules::sealed::Field::Content,
+            fingerprint: fingerprint.into(),
+        });
+    }
+
+    #[test]
+    fn a_change_is_the_catalogs_when_its_resource_is_new_or_changed_else_drift_repaired() {
+        let mut before = Catalog::new(vec![file("/a", "1"), file("/b", "x"), file("/s", "")]);
+        sealed(&mut before, "/s", "f1");
+        let mut now = Catalog::new(vec![file("/a", "2"), file("/b", "x"), file("/s", ""), file("/new", "n")]);
+        sealed(&mut now, "/s", "f2");
+        let ids = changed_ids(&before, &now);
+        let mut want: Vec<&str> = vec!["file:/a", "file:/new", "file:/s"];
+        want.sort();
+        let mut got: Vec<&str> = ids.iter().map(String::as_str).collect();
+        got.sort();
+        assert_eq!(got, want, "a field, a new resource, a sealed value's fingerprint; not /b");
+        let event = |id: &str, status| ResourceEvent { id: id.into(), status, ..Default::default() };
+        let mut events = vec![
+            event("file:/a", Status::Changed),
+            event("file:/b", Status::Changed),
+            event("file:/x", Status::Unchanged),
+        ];
+        Origins::Changed(ids).tag(&mut events);
+        let causes: Vec<Option<Cause>> = events.iter().map(|e| e.cause).collect();
+        assert_eq!(causes, [Some(Cause::Catalog), Some(Cause::Drift), None]);
+        Origins::Same.tag(&mut events);
+        assert_eq!(events[0].cause, Some(Cause::Drift));
+        Origins::Unknown.tag(&mut events);
+        assert_eq!(events[0].cause, None, "not said when the catalog before cannot be read");
+    }
 }

@@ -215,6 +215,7 @@ fn pass<P: Providers>(
                 message: Some("the agent is stopping; converged on its next run".into()),
                 refresh: None,
                 duration_ms: 0.0,
+                cause: None,
             };
             summary.count(&event.status);
             sink.emit(Event::Resource(&event));

@@ -151,6 +151,29 @@ pub struct ResourceEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<String>,
     pub duration_ms: f64,
+    /// For a change: whether the catalog asked for something new (a new or changed resource)
+    /// or the host had drifted from what it already asked for (Puppet's corrective change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+}
+
+/// Where a change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    /// The resource is new in this catalog, or changed since the catalog applied before.
+    Catalog,
+    /// The resource is as the catalog applied before had it: the host had drifted.
+    Drift,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Catalog => "from the catalog",
+            Cause::Drift => "repaired drift",
+        }
+    }
 }
 
 /// "1 resource", "2 resources".
@@ -432,6 +455,7 @@ mod tests {
             message: None,
             refresh: None,
             duration_ms: 1.5,
+            cause: Some(Cause::Drift),
         }
     }
 

@@ -215,6 +215,8 @@ fn diff_lines(diff: Option<&str>) -> Vec<DiffLine> {
 #[derive(Debug, Clone, Serialize)]
 pub struct ResourceView {
     pub status: String,
+    /// For a change: "from the catalog" or "repaired drift".
+    pub cause: Option<&'static str>,
     pub id: String,
     pub message: Option<String>,
     pub refresh: Option<String>,
@@ -292,7 +294,14 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         v.resources = d
             .failed_ids
             .into_iter()
-            .map(|id| ResourceView { status: "failed".into(), id, message: None, refresh: None, changes: vec![] })
+            .map(|id| ResourceView {
+                status: "failed".into(),
+                cause: None,
+                id,
+                message: None,
+                refresh: None,
+                changes: vec![],
+            })
             .collect();
     }
     if let Some(p) = parsed {
@@ -313,6 +322,7 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
             .take(SHOWN_RESOURCES)
             .map(|e| ResourceView {
                 status: e.status.as_str().to_string(),
+                cause: e.cause.map(converge_modules::report::Cause::as_str),
                 id: e.id.clone(),
                 message: e.message.clone(),
                 refresh: e.refresh.clone(),
@@ -364,7 +374,8 @@ pub fn report_text(v: &ReportView, details: bool) -> String {
     for r in &v.resources {
         let message = r.message.as_deref().map(|m| format!(": {}", c(m))).unwrap_or_default();
         let refresh = r.refresh.as_deref().map(|m| format!(" ({})", c(m))).unwrap_or_default();
-        out.push_str(&format!("    {:<12} {}{refresh}{message}\n", c(&r.status), c(&r.id)));
+        let cause = r.cause.map(|w| format!(" [{w}]")).unwrap_or_default();
+        out.push_str(&format!("    {:<12} {}{cause}{refresh}{message}\n", c(&r.status), c(&r.id)));
         if details {
             for ch in &r.changes {
                 out.push_str(&format!("        {}: {} -> {}\n", c(&ch.attribute), c(&ch.from), c(&ch.to)));

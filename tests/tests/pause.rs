@@ -96,3 +96,39 @@ fn a_paused_host_changes_nothing_says_why_everywhere_and_resumes() {
         assert_eq!(read(&root), "agent1 v2\n");
     }
 }
+
+/// Each change in a report says where it came from: the catalog (a resource new or changed
+/// since the catalog applied before) or drift repaired (the host had left what was asked).
+#[test]
+fn each_change_says_whether_the_catalog_asked_for_it_or_drift_was_repaired() {
+    let f = Fleet::new(&[
+        ("site.yaml", "nodes:\n  \"agent*\": {roles: [motd]}\n"),
+        ("roles/motd.yaml", &format!("{}  - file: /etc/issue\n    content: \"hi\\n\"\n", motd("v1"))),
+    ]);
+    let server = Server::start(&f.config());
+    let root = f.root("agent1");
+    let out = converge_in(&root, &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token]);
+    assert_eq!(out.code, 0, "{}", said(&out));
+    let last = |n: &str| {
+        std::thread::sleep(Duration::from_millis(300));
+        converge_e2e::server_ok(&["report", "--node", "agent1", "--limit", n, "--config", &f.config()])
+    };
+    let first = last("1");
+    assert!(
+        first.contains("file:/etc/motd [from the catalog]") && first.contains("file:/etc/issue [from the catalog]"),
+        "{first}"
+    );
+    // Drift on one file, and a new commit that changes the other.
+    std::fs::write(root.join("etc/issue"), "drifted\n").unwrap();
+    f.commit(&[("roles/motd.yaml", &format!("{}  - file: /etc/issue\n    content: \"hi\\n\"\n", motd("v2")))]);
+    std::thread::sleep(Duration::from_millis(1500));
+    converge_in(&root, &["run", "--once"]);
+    let both = last("1");
+    assert!(both.contains("file:/etc/motd [from the catalog]"), "{both}");
+    assert!(both.contains("file:/etc/issue [repaired drift]"), "{both}");
+    // Drift alone, with the same catalog (a 304).
+    std::fs::write(root.join("etc/motd"), "drifted\n").unwrap();
+    converge_in(&root, &["run", "--once"]);
+    let drift = last("1");
+    assert!(drift.contains("file:/etc/motd [repaired drift]") && !drift.contains("/etc/issue"), "{drift}");
+}
