@@ -50,6 +50,10 @@ pub struct Config {
     pub report_retention: i64,
     /// The most reports kept per node, newest first [50, at least 1].
     pub reports_per_node: i64,
+    /// Commands (argv) the server runs before a rollout's next wave opens: every one must exit
+    /// 0, else the rollout halts with its output. In server.toml, never in the repository
+    /// (they run on the server, beside its keys).
+    pub rollout_checks: Vec<Vec<String>>,
     /// A PostgreSQL URL (`postgres://USER@HOST:PORT/DB`) for state several servers share;
     /// `None`: the embedded file `STATE/state.db`.
     pub database: Option<String>,
@@ -102,6 +106,8 @@ pub struct ServerFile {
     pub report_retention: Option<Spanned<Duration>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reports_per_node: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout_checks: Option<Spanned<Vec<Vec<String>>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<Spanned<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -157,6 +163,15 @@ impl Config {
                 None => 14 * 86_400,
             },
             reports_per_node: count(f.reports_per_node, crate::db::REPORTS_PER_NODE as usize, 1) as i64,
+            rollout_checks: match &f.rollout_checks {
+                None => Vec::new(),
+                Some(c) if c.get_ref().iter().all(|argv| argv.first().is_some_and(|p| Path::new(p).is_absolute())) => {
+                    c.get_ref().clone()
+                }
+                Some(c) => {
+                    return Err(e(file.at(c, "`rollout_checks`: each check is a command as a list, its program an absolute path: [[\"/usr/local/bin/check\", \"--quick\"]]")));
+                }
+            },
             database: match &f.database {
                 None => None,
                 Some(d)
@@ -195,6 +210,10 @@ mod tests {
     fn report_retention_and_cap_have_floors_and_say_where_they_are_wrong() {
         let c = read("repo = \"r\"\n").unwrap();
         assert_eq!((c.report_retention, c.reports_per_node), (14 * 86_400, 50));
+        let checks = read("repo = \"r\"\nrollout_checks = [[\"/bin/true\"], [\"/usr/bin/env\", \"x\"]]\n").unwrap();
+        assert_eq!(checks.rollout_checks, [vec!["/bin/true".to_string()], vec!["/usr/bin/env".into(), "x".into()]]);
+        let relative = read("repo = \"r\"\nrollout_checks = [[\"check\"]]\n").unwrap_err().to_string();
+        assert!(relative.contains("absolute path") && relative.contains(":2:"), "{relative}");
         let c = read("repo = \"r\"\nreport_retention = \"90d\"\nreports_per_node = 0\n").unwrap();
         assert_eq!((c.report_retention, c.reports_per_node), (90 * 86_400, 1));
         let e = read("repo = \"r\"\nreport_retention = \"1h\"\n").unwrap_err().to_string();

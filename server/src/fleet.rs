@@ -187,6 +187,54 @@ fn head(repo: &std::path::Path, branch: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// How long a rollout check may run.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs the rollout checks of server.toml (each with `CONVERGE_COMMIT` and `CONVERGE_WAVE`
+/// set, within [`CHECK_TIMEOUT`]): the first that fails, said with its output.
+fn run_checks(checks: &[Vec<String>], commit: &str, wave: &str) -> Result<(), String> {
+    use std::io::{Read, Seek};
+    for argv in checks {
+        let shown = converge_modules::text::clip(&argv.join(" "), 200).into_owned();
+        let fail = |e: std::io::Error| format!("the check `{shown}`: {e}");
+        // Its output goes to a file (never a pipe it could fill and block on); the first
+        // kilobytes say why it failed.
+        let mut output = tempfile::tempfile().map_err(fail)?;
+        let mut child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("CONVERGE_COMMIT", commit)
+            .env("CONVERGE_WAVE", wave)
+            .stdin(std::process::Stdio::null())
+            .stdout(output.try_clone().map_err(fail)?)
+            .stderr(output.try_clone().map_err(fail)?)
+            .spawn()
+            .map_err(|e| format!("the check `{shown}` could not start: {e}"))?;
+        let deadline = std::time::Instant::now() + CHECK_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("the check `{shown}` did not finish within {} s", CHECK_TIMEOUT.as_secs()));
+                }
+            }
+        };
+        if !status.success() {
+            let mut said = Vec::new();
+            let _ = output.rewind();
+            let _ = output.take(2048).read_to_end(&mut said);
+            let said = String::from_utf8_lossy(&said);
+            let said = converge_modules::text::clip(said.trim(), 500);
+            return Err(format!("the check `{shown}` failed ({status}) before wave {wave} could open: {said}"));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `git` in `repo` with `args`: whether it succeeded, or an error when git could not
 /// answer (not a repository, no git).
 fn git_says(repo: &std::path::Path, args: &[&str]) -> Result<bool> {
@@ -486,8 +534,14 @@ impl Fleet {
             }
         };
         if p.state == State::Rolling
-            && let Some(next) = crate::rollout::step(rollout, &p, &self.db.host_runs(t)?, t)
+            && let Some(mut next) = crate::rollout::step(rollout, &p, &self.db.host_runs(t)?, t)
         {
+            // Before the next wave opens, the operator's checks (server.toml) must pass.
+            if !matches!(next.state, State::Halted(_))
+                && let Err(why) = run_checks(&self.config.rollout_checks, &p.commit, rollout.name(next.wave))
+            {
+                next = Progress { state: State::Halted(why), ..p.clone() };
+            }
             if self.db.advance_rollout(&p, &next)? {
                 match &next.state {
                     State::Halted(why) => tracing::warn!("rollout of {} halted: {why}", short(&p.commit)),

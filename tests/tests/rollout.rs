@@ -136,3 +136,49 @@ fn a_commit_reaches_the_canary_first_and_a_broken_one_never_passes_it() {
     let bad = converge_e2e::run("converge-server", &["rollout", "resume", "--config", &f.config()]);
     assert!(bad.stderr.contains("not halted"), "{}", bad.stderr);
 }
+
+/// The operator's health checks (server.toml `rollout_checks`) gate each wave: one that fails
+/// halts the rollout with its output; once it passes, `resume` lets the next wave open.
+#[test]
+fn a_failing_health_check_holds_the_next_wave() {
+    let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", &motd("v1", false))]);
+    let flag = f.dir.path().join("healthy");
+    let check = format!(
+        "rollout_checks = [[\"/bin/sh\", \"-c\", \"test -e {} || {{ echo \\\"alerts firing for $CONVERGE_WAVE\\\"; exit 3; }}\"]]\n",
+        flag.display()
+    );
+    let text = std::fs::read_to_string(f.config()).unwrap();
+    std::fs::write(f.config(), format!("{text}{check}")).unwrap();
+    let server = Server::start(&f.config());
+    let roots: Vec<PathBuf> = ["agent1", "agent2"]
+        .iter()
+        .map(|name| {
+            let root = f.root(name);
+            let out = converge_in(
+                &root,
+                &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token(name)],
+            );
+            assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+            root
+        })
+        .collect();
+    f.commit(&[("roles/motd.yaml", &motd("v2", false))]);
+    let v2 = head(&f);
+    begun(&f, &v2);
+    run(&roots[0]);
+    assert_eq!(read(&roots[0]), "agent1 v2\n");
+    let mut status = String::new();
+    eventually(Duration::from_secs(15), Duration::from_millis(300), || {
+        status = server_ok(&["rollout", "status", "--config", &f.config()]);
+        status.contains("HALTED").then_some(()).ok_or(status.clone())
+    });
+    assert!(status.contains("failed (exit status: 3)") && status.contains("alerts firing for everyone"), "{status}");
+    run(&roots[1]);
+    assert_eq!(read(&roots[1]), "agent2 v1\n", "held by the check");
+    std::fs::write(&flag, "").unwrap();
+    server_ok(&["rollout", "resume", "--config", &f.config()]);
+    eventually(Duration::from_secs(20), Duration::from_millis(300), || {
+        run(&roots[1]);
+        (read(&roots[1]) == "agent2 v2\n").then_some(()).ok_or(read(&roots[1]))
+    });
+}
