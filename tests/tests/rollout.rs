@@ -31,6 +31,22 @@ fn head(f: &Fleet) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Hosts that join the server, each with a token of its own.
+fn join(f: &Fleet, server: &Server, names: &[&str]) -> Vec<PathBuf> {
+    names
+        .iter()
+        .map(|name| {
+            let root = f.root(name);
+            let out = converge_in(
+                &root,
+                &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token(name)],
+            );
+            assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+            root
+        })
+        .collect()
+}
+
 /// Waits until the server has begun the rollout of `commit`.
 fn begun(f: &Fleet, commit: &str) -> String {
     let mut status = String::new();
@@ -45,18 +61,7 @@ fn begun(f: &Fleet, commit: &str) -> String {
 fn a_commit_reaches_the_canary_first_and_a_broken_one_never_passes_it() {
     let f = Fleet::new(&[("site.yaml", SITE), ("roles/motd.yaml", &motd("v1", false))]);
     let server = Server::start(&f.config());
-    let roots: Vec<PathBuf> = ["agent1", "agent2", "agent3"]
-        .iter()
-        .map(|name| {
-            let root = f.root(name);
-            let out = converge_in(
-                &root,
-                &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token(name)],
-            );
-            assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-            root
-        })
-        .collect();
+    let roots = join(&f, &server, &["agent1", "agent2", "agent3"]);
     let (canary, rest) = (&roots[0], &roots[1..]);
     for (i, root) in roots.iter().enumerate() {
         assert_eq!(read(root), format!("agent{} v1\n", i + 1), "the first commit reaches everyone");
@@ -150,18 +155,7 @@ fn a_failing_health_check_holds_the_next_wave() {
     let text = std::fs::read_to_string(f.config()).unwrap();
     std::fs::write(f.config(), format!("{text}{check}")).unwrap();
     let server = Server::start(&f.config());
-    let roots: Vec<PathBuf> = ["agent1", "agent2"]
-        .iter()
-        .map(|name| {
-            let root = f.root(name);
-            let out = converge_in(
-                &root,
-                &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token(name)],
-            );
-            assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-            root
-        })
-        .collect();
+    let roots = join(&f, &server, &["agent1", "agent2"]);
     f.commit(&[("roles/motd.yaml", &motd("v2", false))]);
     let v2 = head(&f);
     begun(&f, &v2);
