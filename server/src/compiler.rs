@@ -165,6 +165,9 @@ impl Compiler {
             problems.extend(rollout.problems().into_iter().map(|(m, msg)| Diagnostic::new(SITE, m, msg)));
         }
         if let Some(site) = &self.site {
+            problems.extend(site.pin_problems().into_iter().map(|(m, msg)| Diagnostic::new(SITE, m, msg)));
+        }
+        if let Some(site) = &self.site {
             for entry in site.nodes.values() {
                 for r in &entry.value.roles {
                     if !self.roles.contains_key(&r.value) {

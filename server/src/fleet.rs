@@ -66,6 +66,8 @@ pub struct Fleet {
     current: RwLock<Arc<Current>>,
     /// During a rollout: the commit hosts in waves not yet open keep, compiled.
     previous: RwLock<Option<Arc<Current>>>,
+    /// Commits hosts are pinned to (site.yaml `pins`), compiled when first asked for.
+    pinned: Mutex<HashMap<String, Arc<Current>>>,
     /// The rollout of the current commit, as last read.
     progress: RwLock<Option<crate::rollout::Progress>>,
     /// The last catalog of each node, as in the store, without its envelope (serial, etag,
@@ -362,6 +364,7 @@ impl Fleet {
             signing: RwLock::new(Arc::new(signing)),
             current: RwLock::new(Arc::new(current)),
             previous: RwLock::new(None),
+            pinned: Mutex::new(HashMap::new()),
             progress: RwLock::new(None),
             catalogs: RwLock::new(HashMap::new()),
             facts: RwLock::new(HashMap::new()),
@@ -375,6 +378,7 @@ impl Fleet {
             pin,
             secrets_key,
         };
+        fleet.load_pins();
         fleet.drive_rollout(None)?;
         Ok(fleet)
     }
@@ -466,6 +470,7 @@ impl Fleet {
     pub fn refresh(&self) -> Result<Option<String>> {
         let before = self.commit();
         let changed = self.take_agreed()?;
+        self.load_pins();
         self.drive_rollout(changed.as_ref().map(|_| before.as_str()))?;
         Ok(changed)
     }
@@ -533,8 +538,16 @@ impl Fleet {
                 self.db.rollout(&current.commit)?.unwrap_or(p)
             }
         };
+        // Pinned hosts never run the new commit: they neither hold a rollout up nor pass it.
+        let site = current.compiler.site.as_ref();
+        let unpinned = |h: &crate::rollout::HostRun| site.is_none_or(|s| s.pin_of(&h.name).is_none());
         if p.state == State::Rolling
-            && let Some(mut next) = crate::rollout::step(rollout, &p, &self.db.host_runs(t)?, t)
+            && let Some(mut next) = crate::rollout::step(
+                rollout,
+                &p,
+                &self.db.host_runs(t)?.into_iter().filter(unpinned).collect::<Vec<_>>(),
+                t,
+            )
         {
             // Before the next wave opens, the operator's checks (server.toml) must pass.
             if !matches!(next.state, State::Halted(_))
@@ -600,6 +613,9 @@ impl Fleet {
     /// What `node` is compiled from: the current commit, or during a rollout, for a host in
     /// a wave not yet open, the commit it keeps (`None` when that is not loaded here).
     fn commit_for(&self, node: &str, current: Arc<Current>) -> Option<Arc<Current>> {
+        if let Some(pin) = current.compiler.site.as_ref().and_then(|s| s.pin_of(node)) {
+            return self.pinned_commit(&pin.commit.value, current.epoch);
+        }
         let Some(rollout) = current.compiler.site.as_ref().and_then(|s| s.rollout.as_ref()) else {
             return Some(current);
         };
@@ -610,6 +626,43 @@ impl Fleet {
                 previous.filter(|c| p.previous.as_deref() == Some(c.commit.as_str()))
             }
             _ => Some(current),
+        }
+    }
+
+    /// The commit `commit` a pin holds hosts at, compiled (at the agreement `epoch`), as
+    /// [`Fleet::load_pins`] left it; `None` when it is not (the store's catalogs are served).
+    fn pinned_commit(&self, commit: &str, epoch: i64) -> Option<Arc<Current>> {
+        let pinned = self.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pinned.get(commit).filter(|c| c.epoch == epoch).cloned()
+    }
+
+    /// Compiles the commits the current site.yaml's pins hold hosts at (off the runtime's
+    /// threads: a load runs git), and forgets the others.
+    fn load_pins(&self) {
+        let current = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let wanted: Vec<String> = current
+            .compiler
+            .site
+            .as_ref()
+            .map(|s| s.pins.iter().map(|p| p.value.commit.value.clone()).collect())
+            .unwrap_or_default();
+        // What is missing is loaded without the lock held: a poll never waits for git.
+        let missing: Vec<String> = {
+            let mut pinned = self.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            pinned.retain(|c, loaded| wanted.contains(c) && loaded.epoch == current.epoch);
+            wanted.into_iter().filter(|c| !pinned.contains_key(c) && current.epoch >= 0).collect()
+        };
+        for commit in missing {
+            if !has_commit(&self.config.repo, &commit) {
+                tracing::warn!("a pin holds hosts at {commit}, which {} does not hold", self.config.repo.display());
+                continue;
+            }
+            match load(&self.config.repo, &commit, current.epoch, &self.secrets_key) {
+                Ok(c) => {
+                    self.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(commit, Arc::new(c));
+                }
+                Err(e) => tracing::warn!("a pin holds hosts at {commit}, which cannot be loaded: {e:#}"),
+            }
         }
     }
 

@@ -34,6 +34,30 @@ pub struct Site {
     /// new commit at its next run.
     #[serde(default)]
     pub rollout: Option<crate::rollout::Rollout>,
+    /// Hosts held at a commit whatever the branch says (a freeze, a migration): each pin names
+    /// hosts (names and patterns, or attribute values) and a whole commit id. The first pin
+    /// that takes a host wins.
+    #[serde(default)]
+    #[schemars(with = "Vec<Pin>")]
+    pub pins: Vec<Spanned<Pin>>,
+}
+
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// Node names and glob patterns.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Or: attribute values every host it takes has (`{environment: staging}`).
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
+    pub attributes: BTreeMap<String, minijinja::Value>,
+    /// The whole commit id (40 or 64 hex digits: a tag or branch could move).
+    #[schemars(with = "String")]
+    pub commit: Spanned<String>,
+    /// Why, for the operators who wonder.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 fn default_hierarchy() -> Vec<Spanned<String>> {
@@ -155,6 +179,42 @@ impl Site {
                 many.iter().map(|(p, _)| format!("`{p}`")).collect::<Vec<_>>().join(" and ")
             )),
         }
+    }
+
+    /// The pin that holds `node`, if any: the first whose names or attributes take it.
+    pub fn pin_of(&self, node: &str) -> Option<&Pin> {
+        self.pins.iter().map(|p| &p.value).find(|p| {
+            let named = p.nodes.iter().any(|n| n == node || (is_pattern(n) && glob_match(n, node)));
+            let by_attributes = !p.attributes.is_empty()
+                && self.classify(node).is_ok_and(|(_, entry)| {
+                    p.attributes
+                        .iter()
+                        .all(|(k, v)| entry.value.attributes.get(k).or_else(|| self.attributes.get(k)) == Some(v))
+                });
+            named || by_attributes
+        })
+    }
+
+    /// What is wrong with the pins, each with where.
+    pub fn pin_problems(&self) -> Vec<(converge_modules::diag::Mark, String)> {
+        let mut out = Vec::new();
+        for p in &self.pins {
+            let v = &p.value;
+            let c = &v.commit.value;
+            if !(matches!(c.len(), 40 | 64) && c.bytes().all(|b| b.is_ascii_hexdigit())) {
+                out.push((
+                    v.commit.mark,
+                    format!(
+                        "pin `commit`: `{}` is not a whole commit id (40 hex digits)",
+                        converge_modules::text::clip(c, 80)
+                    ),
+                ));
+            }
+            if v.nodes.is_empty() == v.attributes.is_empty() {
+                out.push((p.mark, "a pin names its hosts by `nodes` or by `attributes` (one of them)".to_string()));
+            }
+        }
+        out
     }
 
     /// Whether an entry names `node` exactly or by a pattern.

@@ -176,3 +176,33 @@ fn a_failing_health_check_holds_the_next_wave() {
         (read(&roots[1]) == "agent2 v2\n").then_some(()).ok_or(read(&roots[1]))
     });
 }
+
+/// A pin holds hosts at a commit whatever the branch says; without it they follow again. A pin
+/// that does not name a whole commit id is refused by `check`.
+#[test]
+fn a_pinned_host_stays_at_its_commit_until_the_pin_goes() {
+    let site = "nodes:\n  \"agent*\": {roles: [motd]}\n";
+    let f = Fleet::new(&[("site.yaml", site), ("roles/motd.yaml", &motd("v1", false))]);
+    let server = Server::start(&f.config());
+    let roots = join(&f, &server, &["agent1", "agent2"]);
+    let v1 = head(&f);
+    let pinned = format!("{site}pins:\n  - nodes: [agent2]\n    commit: {v1}\n    reason: migration freeze\n");
+    f.commit(&[("site.yaml", &pinned), ("roles/motd.yaml", &motd("v2", false))]);
+    eventually(Duration::from_secs(15), Duration::from_millis(300), || {
+        run(&roots[0]);
+        (read(&roots[0]) == "agent1 v2\n").then_some(()).ok_or(read(&roots[0]))
+    });
+    run(&roots[1]);
+    assert_eq!(read(&roots[1]), "agent2 v1\n", "held at its pin");
+    f.commit(&[("site.yaml", site)]);
+    eventually(Duration::from_secs(15), Duration::from_millis(300), || {
+        run(&roots[1]);
+        (read(&roots[1]) == "agent2 v2\n").then_some(()).ok_or(read(&roots[1]))
+    });
+    // `check` refuses a pin to something that is not a whole commit id.
+    let bad = format!("{site}pins:\n  - nodes: [agent2]\n    commit: main\n");
+    f.commit(&[("site.yaml", &bad)]);
+    let out = converge_e2e::run("converge-server", &["check", "--repo", &f.repo().display().to_string()]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("site.yaml:5") && out.stderr.contains("not a whole commit id"), "{}", out.stderr);
+}
