@@ -743,8 +743,9 @@ impl Db {
                     c.execute("UPDATE nodes SET dry_run_changed = ?2 WHERE name = ?1", params![r.node, r.changed])?;
                 } else {
                     c.execute(
-                        "UPDATE nodes SET run_at = ?2, run_changed = ?3, run_failed = ?4, run_stale = ?5, run_commit = ?6,
-                             run_unplanned = ?7, dry_run_changed = NULL WHERE name = ?1",
+                        "UPDATE nodes SET run_at = ?2, run_changed = ?3, run_failed = ?4, run_stale = ?5,
+                             run_commit_since = CASE WHEN run_commit IS NOT DISTINCT FROM ?6 THEN run_commit_since ELSE ?2 END,
+                             run_commit = ?6, run_unplanned = ?7, dry_run_changed = NULL WHERE name = ?1",
                         params![r.node, r.at, r.changed, r.failed, r.stale, r.commit, r.unplanned],
                     )?;
                 }
@@ -960,7 +961,7 @@ impl Db {
     pub fn host_runs(&self, now: i64) -> Result<Vec<crate::rollout::HostRun>> {
         self.with(|c| {
             c.query(
-                "SELECT n.name, n.run_commit, n.run_at, n.run_failed, n.run_unplanned FROM nodes n WHERE EXISTS
+                "SELECT n.name, n.run_commit, n.run_at, n.run_failed, n.run_unplanned, n.run_commit_since FROM nodes n WHERE EXISTS
                    (SELECT 1 FROM certificates k WHERE k.node = n.name AND k.revoked IS NULL AND k.expires > ?1)",
                 params![now],
             )?
@@ -972,6 +973,7 @@ impl Db {
                     at: r.opt_int(2)?,
                     failed: r.opt_int(3)?.unwrap_or(0),
                     unplanned: r.opt_int(4)?.unwrap_or(0),
+                    since: r.opt_int(5)?,
                 })
             })
             .collect()

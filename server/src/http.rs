@@ -661,8 +661,30 @@ fn metrics_text(fleet: &Fleet) -> Result<Response, ApiError> {
             let wave = if p.state == crate::rollout::State::Done { r.len() } else { p.wave + 1 };
             (wave as i64, matches!(p.state, crate::rollout::State::Halted(_)))
         }),
+        rollout_hosts: rollout_hosts(fleet, now)?,
     });
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], page).into_response())
+}
+
+/// The hosts of each wave of the current rollout, by state, for `/metrics`.
+fn rollout_hosts(fleet: &Fleet, now: i64) -> anyhow::Result<Vec<(String, &'static str, i64)>> {
+    let (Some(p), Some(r)) = (fleet.progress(), fleet.rollout()) else { return Ok(Vec::new()) };
+    if p.previous.is_none() {
+        return Ok(Vec::new());
+    }
+    let tally = crate::rollout::tally(&r, &p.commit, &fleet.db.host_runs(now)?);
+    Ok(tally
+        .into_iter()
+        .enumerate()
+        .flat_map(|(w, t)| {
+            let name = r.name(w).to_string();
+            [
+                (name.clone(), "ran", t.ran as i64),
+                (name.clone(), "failed", t.failed.len() as i64),
+                (name, "waiting", (t.hosts - t.ran) as i64),
+            ]
+        })
+        .collect())
 }
 
 /// The cryptography of the server's TLS: ring, with AES-128-GCM and SHA-256 first, whatever

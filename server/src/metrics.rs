@@ -38,6 +38,7 @@ pub struct Metrics {
     uptime: Gauge,
     rollout_wave: Gauge,
     rollout_halted: Gauge,
+    rollout_hosts: Family<Labels, Gauge>,
     /// One page at a time: the gauges are set, then read.
     rendering: Mutex<()>,
 }
@@ -53,6 +54,8 @@ pub struct Snapshot {
     /// The rollout of the current commit: the last wave open (numbered from 1; every wave
     /// when done) and whether it is halted; `None` without waves.
     pub rollout: Option<(i64, bool)>,
+    /// Per wave of that rollout: hosts that ran the commit, failed it, and wait for it.
+    pub rollout_hosts: Vec<(String, &'static str, i64)>,
 }
 
 fn label(key: &str, value: &str) -> Labels {
@@ -132,6 +135,12 @@ impl Default for Metrics {
             "rollout_wave",
             "The last wave of the current commit's rollout that has it (from 1; 0 without waves).",
         );
+        let rollout_hosts = Family::<Labels, Gauge>::default();
+        r.register(
+            "rollout_hosts",
+            "Hosts of each wave of the current commit's rollout: ran it, failed it, waiting for it.",
+            rollout_hosts.clone(),
+        );
         let rollout_halted = gauge(
             &mut r,
             "rollout_halted",
@@ -162,6 +171,7 @@ impl Default for Metrics {
             uptime,
             rollout_wave,
             rollout_halted,
+            rollout_hosts,
             rendering: Mutex::new(()),
         }
     }
@@ -193,6 +203,11 @@ impl Metrics {
         let (wave, halted) = now.rollout.unwrap_or((0, false));
         self.rollout_wave.set(wave);
         self.rollout_halted.set(i64::from(halted));
+        self.rollout_hosts.clear();
+        for (wave, state, n) in &now.rollout_hosts {
+            let labels = vec![("wave".to_string(), wave.clone()), ("state".to_string(), (*state).to_string())];
+            self.rollout_hosts.get_or_create(&labels).set(*n);
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -220,6 +235,7 @@ mod tests {
             ca_left: 200,
             uptime: 7,
             rollout: Some((2, true)),
+            rollout_hosts: vec![("canary".into(), "failed", 1)],
         });
         for line in [
             "converge_catalog_requests_total{outcome=\"not_modified\"} 2",
@@ -232,6 +248,7 @@ mod tests {
             "converge_uptime_seconds 7",
             "converge_rollout_wave 2",
             "converge_rollout_halted 1",
+            "converge_rollout_hosts{wave=\"canary\",state=\"failed\"} 1",
         ] {
             assert!(page.lines().any(|l| l == line), "{line} in\n{page}");
         }

@@ -120,6 +120,8 @@ fn rollout_view(fleet: &Fleet, now: i64) -> Result<Option<Value>> {
         return Ok(None);
     }
     let hosts = fleet.db.host_runs(now)?;
+    // Escaped where it is made: every text in it is.
+    let chart = Value::from_safe_string(view::spread_svg(&rollout, &p.commit, &hosts, now));
     let waves: Vec<Value> = crate::rollout::tally(&rollout, &p.commit, &hosts)
         .into_iter()
         .enumerate()
@@ -135,7 +137,7 @@ fn rollout_view(fleet: &Fleet, now: i64) -> Result<Option<Value>> {
     Ok(Some(context! {
         commit => short(&p.commit), previous => p.previous.as_deref().map(short), state => p.state.word(),
         reason => match &p.state { State::Halted(why) => Some(why.clone()), _ => None },
-        since => converge_modules::time::Timestamp(p.since).to_string(), waves,
+        since => converge_modules::time::Timestamp(p.since).to_string(), waves, chart,
     }))
 }
 

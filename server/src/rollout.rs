@@ -171,6 +171,8 @@ pub struct HostRun {
     pub at: Option<i64>,
     pub failed: i64,
     pub unplanned: i64,
+    /// Since when its runs have been of `commit`.
+    pub since: Option<i64>,
 }
 
 impl Progress {
@@ -269,7 +271,7 @@ mod tests {
     }
 
     fn host(name: &str, commit: &str, at: i64, failed: i64, unplanned: i64) -> HostRun {
-        HostRun { name: name.into(), commit: Some(commit.into()), at: Some(at), failed, unplanned }
+        HostRun { name: name.into(), commit: Some(commit.into()), at: Some(at), failed, unplanned, since: Some(at) }
     }
 
     #[test]

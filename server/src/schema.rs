@@ -129,6 +129,9 @@ pub const ADDED: &[(&str, &str, &str)] = &[
     ("nodes", "run_unplanned", "BIGINT"),
     // The host's runs are paused (`converge pause`): why, since and until when, as it said.
     ("nodes", "paused", "TEXT"),
+    // Since when the node's runs have been of the commit of its last run: how a commit spread
+    // over the fleet, without a pass over the reports.
+    ("nodes", "run_commit_since", "BIGINT"),
 ];
 
 /// Statements run after the columns are added, idempotently, on both engines: what a state

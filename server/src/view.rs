@@ -391,6 +391,103 @@ pub fn report_text(v: &ReportView, details: bool) -> String {
     out
 }
 
+/// Escapes text for HTML and SVG.
+fn escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#39;".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// How a commit spread over the fleet, as an inline SVG chart (no script, no external asset):
+/// for each wave, the hosts running `commit` over time, from the first of them to `now`, out
+/// of all the hosts (the top of the chart). Every text in it is escaped.
+pub fn spread_svg(
+    rollout: &crate::rollout::Rollout,
+    commit: &str,
+    hosts: &[crate::rollout::HostRun],
+    now: i64,
+) -> String {
+    const W: f64 = 640.0;
+    const H: f64 = 170.0;
+    const LEFT: f64 = 40.0;
+    const BOTTOM: f64 = 20.0;
+    const COLORS: [&str; 6] = ["#cf222e", "#9a6700", "#1a7f37", "#0969da", "#8250df", "#57606a"];
+    let total = hosts.len().max(1) as f64;
+    let on: Vec<(usize, i64)> = hosts
+        .iter()
+        .filter(|h| h.commit.as_deref() == Some(commit))
+        .map(|h| (rollout.wave_of(&h.name), h.since.or(h.at).unwrap_or(now)))
+        .collect();
+    let start = on.iter().map(|(_, t)| *t).min().unwrap_or(now).min(now - 60);
+    let span = (now - start).max(60) as f64;
+    let x = |t: i64| LEFT + (t - start) as f64 / span * (W - LEFT - 10.0);
+    let y = |n: usize| H - BOTTOM - n as f64 / total * (H - BOTTOM - 10.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {}\" width=\"{W}\" role=\"img\" aria-label=\"how the commit spread\">",
+        H + 16.0 * rollout.len().div_ceil(3) as f64
+    );
+    svg.push_str(&format!(
+        "<line x1=\"{LEFT}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#dfe3e8\"/><line x1=\"{LEFT}\" y1=\"10\" x2=\"{LEFT}\" y2=\"{0}\" stroke=\"#dfe3e8\"/>",
+        H - BOTTOM,
+        W - 10.0
+    ));
+    svg.push_str(&format!(
+        "<text x=\"4\" y=\"14\" font-size=\"10\">{}</text><text x=\"4\" y=\"{}\" font-size=\"10\">0</text>",
+        hosts.len(),
+        H - BOTTOM
+    ));
+    svg.push_str(&format!(
+        "<text x=\"{LEFT}\" y=\"{}\" font-size=\"10\">{}</text><text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">now</text>",
+        H - 6.0,
+        escape(&Timestamp(start).to_string()),
+        W - 10.0,
+        H - 6.0
+    ));
+    // Each wave's hosts on the commit, then all of them.
+    let mut series: Vec<(String, &str, Vec<i64>)> = (0..rollout.len())
+        .map(|w| {
+            let mut times: Vec<i64> = on.iter().filter(|(wave, _)| *wave == w).map(|(_, t)| *t).collect();
+            times.sort_unstable();
+            (rollout.name(w).to_string(), COLORS[w % COLORS.len()], times)
+        })
+        .collect();
+    let mut all: Vec<i64> = on.iter().map(|(_, t)| *t).collect();
+    all.sort_unstable();
+    series.push(("all hosts".into(), "#1d2125", all));
+    for (i, (name, color, times)) in series.iter().enumerate() {
+        let mut points = vec![format!("{:.1},{:.1}", x(start), y(0))];
+        for (n, t) in times.iter().enumerate() {
+            points.push(format!("{:.1},{:.1}", x(*t), y(n)));
+            points.push(format!("{:.1},{:.1}", x(*t), y(n + 1)));
+        }
+        points.push(format!("{:.1},{:.1}", x(now), y(times.len())));
+        let width = if i + 1 == series.len() { 2.5 } else { 1.5 };
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"{width}\" points=\"{}\" data-series=\"{}\" data-hosts=\"{}\"/>",
+            points.join(" "),
+            escape(name),
+            times.len()
+        ));
+        let (lx, ly) = (LEFT + (i % 3) as f64 * 200.0, H + 12.0 + (i / 3) as f64 * 16.0);
+        svg.push_str(&format!(
+            "<rect x=\"{lx}\" y=\"{}\" width=\"10\" height=\"4\" fill=\"{color}\"/><text x=\"{}\" y=\"{ly}\" font-size=\"11\">{} ({})</text>",
+            ly - 5.0,
+            lx + 14.0,
+            escape(&clip(name, 40)),
+            times.len()
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,6 +538,30 @@ mod tests {
         let v = node_view(&paused, None, 1000 + 7201, 3600);
         assert_eq!((v.status, v.late, v.paused.as_deref()), ("paused", false, Some("paused since ...: incident 42")));
         assert_eq!(summary(&[v]).paused, 1);
+    }
+
+    #[test]
+    fn the_spread_chart_counts_each_waves_hosts_and_escapes_every_text() {
+        let n: &'static converge_modules::yaml::Node = Box::leak(Box::new(
+            converge_modules::yaml::parse("waves:\n  - {name: \"<script>x</script>\", nodes: [a]}\n  - {name: rest}\n")
+                .unwrap(),
+        ));
+        let r: crate::rollout::Rollout = converge_modules::yaml::from_node(n).unwrap();
+        let host = |name: &str, commit: &str, since| crate::rollout::HostRun {
+            name: name.into(),
+            commit: Some(commit.into()),
+            at: Some(since),
+            failed: 0,
+            unplanned: 0,
+            since: Some(since),
+        };
+        let svg = spread_svg(&r, "new", &[host("a", "new", 100), host("b", "new", 200), host("c", "old", 50)], 300);
+        assert!(!svg.contains("<script>") && svg.contains("&lt;script&gt;x&lt;/script&gt;"), "{svg}");
+        assert!(
+            svg.contains("data-hosts=\"1\"") && svg.contains("data-series=\"all hosts\" data-hosts=\"2\""),
+            "{svg}"
+        );
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"));
     }
 
     #[test]

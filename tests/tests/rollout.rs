@@ -110,6 +110,16 @@ fn a_commit_reaches_the_canary_first_and_a_broken_one_never_passes_it() {
     assert!(page.contains("id=\"rollout-halted\"") && page.contains("data-state=\"halted\""), "{page}");
     let metrics = curl("/metrics");
     assert!(metrics.contains("converge_rollout_halted 1") && metrics.contains("converge_rollout_wave 1"), "{metrics}");
+    for line in [
+        "converge_rollout_hosts{wave=\"canary\",state=\"failed\"} 1",
+        "converge_rollout_hosts{wave=\"everyone\",state=\"waiting\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    // The chart: each wave's hosts on the commit over time, drawn by the server.
+    assert!(page.contains("id=\"rollout-chart\"") && page.contains("<svg"), "{page}");
+    assert!(page.contains("data-series=\"canary\" data-hosts=\"1\""), "{page}");
+    assert!(page.contains("data-series=\"everyone\" data-hosts=\"0\""), "{page}");
 
     // The operator lets it through: the rest gets v3 (and fails the same way).
     let promoted = server_ok(&["rollout", "promote", "--config", &f.config()]);
