@@ -171,7 +171,7 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
     }
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let notes = if lock.exclusive() { crate::upgrade::outcome(&host).into_iter().collect() } else { Vec::new() };
-    let (_, collect) = converge(&Output::of(args), &host, &loaded, None, notes, None);
+    let (_, collect) = converge(&Output::of(args), &host, &loaded, None, notes, None, None);
     drop(lock);
     start_upgrade(&host, args);
     Ok(exit_code(args.opts.detailed_exitcodes, &collect.summary.unwrap_or_default()))
@@ -243,7 +243,7 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
     for w in &warnings {
         tracing::warn!("{name}: {}", converge_modules::text::clean(w));
     }
-    let (_, collect) = converge(&Output::of(args), &host, &loaded, Some(verified.signed_by), warnings, None);
+    let (_, collect) = converge(&Output::of(args), &host, &loaded, Some(verified.signed_by), warnings, None, None);
     drop(lock);
     start_upgrade(&host, args);
     Ok(exit_code(args.opts.detailed_exitcodes, &collect.summary.unwrap_or_default()))
@@ -301,6 +301,7 @@ pub fn converge(
     signed_by: Option<String>,
     warnings: Vec<String>,
     stop: Option<&std::sync::atomic::AtomicBool>,
+    guard: Option<&dyn engine::Guard>,
 ) -> (RunInfo, Collect) {
     // Everything logged during the run carries its node, serial and commit.
     let c = &loaded.catalog;
@@ -312,10 +313,7 @@ pub fn converge(
         dry_run = out.dry_run,
     )
     .entered();
-    let system = System::new(host, &loaded.catalog.resources)
-        .dry_run(out.dry_run)
-        .tool_options(tool_options())
-        .self_upgrade_after_run(!host.is_image());
+    let system = system(host, &loaded.catalog.resources).dry_run(out.dry_run).self_upgrade_after_run(!host.is_image());
     let info = RunInfo {
         catalog: out.label.clone(),
         host: loaded.catalog.host.clone(),
@@ -327,7 +325,7 @@ pub fn converge(
         warnings,
     };
     let stdout = std::io::stdout().lock();
-    let options = Options { dry_run: out.dry_run, stop };
+    let options = Options { dry_run: out.dry_run, stop, guard };
     let mut collect = Collect::default();
     match out.format {
         Format::Json => {
@@ -351,6 +349,11 @@ pub fn converge(
         tracing::warn!("could not prune the backup store: {e}");
     }
     (info, collect)
+}
+
+/// The providers of `host` for `resources`, with the tools' options.
+pub fn system<'h>(host: &'h RealHost, resources: &'h [converge_modules::catalog::Resource]) -> System<'h> {
+    System::new(host, resources).tool_options(tool_options())
 }
 
 pub fn exit_code(detailed: bool, summary: &Summary) -> i32 {

@@ -191,6 +191,19 @@ impl BackupStore {
         Ok(format!("sha256:{sha}"))
     }
 
+    /// The content kept as `sha256:HEX`, checked against its hash (the store is input too).
+    pub fn read(&self, root: &Root, sha: &str) -> io::Result<Vec<u8>> {
+        let name = sha
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .ok_or_else(|| io::Error::other(format!("{sha:?} does not name an object of the backup store")))?;
+        let bytes = root.read_bounded(&format!("{}/objects/{name}", self.dir), MAX_BYTES)?;
+        if hex(&Sha256::digest(&bytes)) != name {
+            return Err(io::Error::other(format!("the backup {sha} is damaged: its content no longer has its hash")));
+        }
+        Ok(bytes)
+    }
+
     /// The index for appending. One that is not a regular file (a symlink, a directory) is
     /// set aside as `index.damaged` and started anew: it must not make every backup fail.
     fn open_index(&self, root: &Root) -> io::Result<std::fs::File> {

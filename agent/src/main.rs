@@ -8,7 +8,8 @@
 //! boundary (file operations, account lookups, running a command), confined to a root by
 //! [`fs`]; [`backup`] keeps replaced content; [`command`] runs
 //! argv commands (validate) with a timeout; [`upgrade`] has the agent upgrade itself after a
-//! run. Everything that decides anything lives in
+//! run; [`confirm`] confirms or reverts changes under `confirm`; [`why`] says where a managed
+//! path came from. Everything that decides anything lives in
 //! `converge-modules`.
 
 mod apply;
@@ -16,6 +17,7 @@ mod backup;
 mod bootstrap;
 mod client;
 mod command;
+mod confirm;
 mod facts;
 mod fs;
 mod host;
@@ -24,6 +26,7 @@ mod run;
 mod signed;
 mod state;
 mod upgrade;
+mod why;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -68,6 +71,14 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: std::path::PathBuf,
     },
+    /// Which resource manages PATH (or ID), from which lines of which commit, each value and
+    /// the data layer it came from, signed by which key: from the catalog this host applied.
+    Why {
+        /// A path (/etc/ssh/sshd_config) or a resource id (service:ssh).
+        target: String,
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: std::path::PathBuf,
+    },
     /// The last run, its outcome and catalog, and the next run.
     Status {
         #[arg(long, value_name = "DIR", default_value = "/")]
@@ -106,6 +117,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) if args.once => run::run_once(args, None).map(|o| o.code),
         Some(Command::Run(args)) => run::daemon(args),
         Some(Command::Status { root }) => run::status(root),
+        Some(Command::Why { target, root }) => why::why(root, target),
         Some(Command::Pause { reason, duration, root }) => run::pause(root, reason, duration.as_deref()),
         Some(Command::Resume { root }) => run::resume(root),
         Some(Command::UpgradeSelf(args)) => upgrade::upgrade_self(args),

@@ -13,6 +13,7 @@
 use crate::apply::{self, Output};
 use crate::backup::BackupStore;
 use crate::client::{CatalogReply, Client, Identity, Sent};
+use crate::confirm;
 use crate::fs::Root;
 use crate::host::RealHost;
 use crate::signed::Trust;
@@ -59,22 +60,72 @@ fn client(root: &Root, config: &AgentConfig) -> Result<std::sync::Arc<Client>> {
     {
         return Ok(c.clone());
     }
+    let c = std::sync::Arc::new(new_client(root, config, &ca, &cert, &key)?);
+    *kept = Some((identity, c.clone()));
+    Ok(c)
+}
+
+/// A client of its own, with no connection from before: what a confirmation reaches the
+/// server with (a kept connection would say nothing of whether the host can reach it now).
+fn fresh_client(root: &Root, config: &AgentConfig) -> Result<std::sync::Arc<Client>> {
+    let (ca, cert, key) = (read(root, state::CA_FILE)?, read(root, state::CERT_FILE)?, read(root, state::KEY_FILE)?);
+    Ok(std::sync::Arc::new(new_client(root, config, &ca, &cert, &key)?))
+}
+
+fn new_client(root: &Root, config: &AgentConfig, ca: &str, cert: &str, key: &str) -> Result<Client> {
     let damaged = |path: &str, why: String| {
         let shown = root.path().join(path.trim_start_matches('/'));
         anyhow!("{}: {why}: this host's identity is damaged; join again (converge bootstrap)", shown.display())
     };
-    let roots = crate::client::pem_certificates(&ca).map_err(|e| damaged(state::CA_FILE, e))?;
-    let certs = crate::client::pem_certificates(&cert).map_err(|e| damaged(state::CERT_FILE, e))?;
-    let key = crate::client::pem_key(&key).map_err(|e| damaged(state::KEY_FILE, e))?;
-    let c = Client::new(&config.servers, roots, Some(Identity { certs, key })).map_err(|e| {
+    let roots = crate::client::pem_certificates(ca).map_err(|e| damaged(state::CA_FILE, e))?;
+    let certs = crate::client::pem_certificates(cert).map_err(|e| damaged(state::CERT_FILE, e))?;
+    let key = crate::client::pem_key(key).map_err(|e| damaged(state::KEY_FILE, e))?;
+    Client::new(&config.servers, roots, Some(Identity { certs, key })).map_err(|e| {
         damaged(
             state::CERT_FILE,
             format!("{e:#} (with {})", root.path().join(state::KEY_FILE.trim_start_matches('/')).display()),
         )
-    })?;
-    let c = std::sync::Arc::new(c);
-    *kept = Some((identity, c.clone()));
-    Ok(c)
+    })
+}
+
+/// Settles a confirmation (see [`crate::confirm`]) against the verified `catalog` its changes
+/// came from: reaching the server on new connections. Returns the reverted events, and the
+/// client to go on with (the new one, whose connections are known to work).
+fn settle(
+    host: &RealHost,
+    config: &AgentConfig,
+    rt: &tokio::runtime::Runtime,
+    pending: &confirm::Pending,
+    resources: &[converge_modules::catalog::Resource],
+    notes: &mut Vec<String>,
+) -> Result<(Vec<converge_modules::report::ResourceEvent>, Option<std::sync::Arc<Client>>)> {
+    let fresh = fresh_client(host.root(), config)?;
+    let mut contact = |within: Duration| -> Result<(), String> {
+        match rt.block_on(async { tokio::time::timeout(within, fresh.ca_bundle()).await }) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err(format!("no answer within {} s", within.as_secs())),
+        }
+    };
+    let system = apply::system(host, resources);
+    let n = pending.entries.len();
+    eprintln!("converge: confirming {n} change(s) (by {}): reaching the server again...", pending.deadline);
+    match confirm::settle(host, pending, resources, &system, &mut contact)? {
+        confirm::Settled::Confirmed => {
+            notes.push(format!(
+                "{n} change(s) under `confirm` were confirmed: the server answered and every check passed"
+            ));
+            Ok((Vec::new(), Some(fresh)))
+        }
+        confirm::Settled::Reverted(events) => {
+            for e in &events {
+                let said = format!("converge: {} {}: {}", e.id, e.status.as_str(), e.message.as_deref().unwrap_or(""));
+                eprintln!("{}", clip(&said, 2000));
+            }
+            notes.push(format!("{n} change(s) under `confirm` were not confirmed in time and were reverted"));
+            Ok((events, Some(fresh)))
+        }
+    }
 }
 
 fn read(root: &Root, path: &str) -> Result<String> {
@@ -183,11 +234,37 @@ fn locked_run(
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let certificate = keep_certificate(host, config, &rt, &mut client, &mut notes, args.opts.dry_run);
     let cached = fallback(host, lock, &trust, &mut notes);
+    // A confirmation a run left pending (it died, or the host rebooted, while waiting) is
+    // settled first, against the verified catalog its changes came from.
+    let mut settled: Vec<converge_modules::report::ResourceEvent> = Vec::new();
+    if lock.exclusive()
+        && !args.opts.dry_run
+        && let Some(pending) = confirm::read_pending(host, &mut notes)
+    {
+        let opened = cached.as_ref().map(|c| apply::open_sealed(host.root(), c.verified.catalog.clone()));
+        match opened {
+            Some(Ok(catalog)) => {
+                let (events, fresh) = settle(host, config, &rt, &pending, &catalog.resources, &mut notes)?;
+                settled = events;
+                client = fresh.unwrap_or(client);
+            }
+            Some(Err(e)) => notes.push(state::set_aside(
+                host,
+                confirm::PENDING_FILE,
+                &format!("its catalog cannot be opened ({e:#}), so its changes cannot be checked or reverted: check the paths it names by hand"),
+            )),
+            None => notes.push(state::set_aside(
+                host,
+                confirm::PENDING_FILE,
+                "no verified catalog is cached to check it against: check the paths it names by hand",
+            )),
+        }
+    }
     let queued = state::queued_reports(host, &mut notes);
     let held_bundle = read(host.root(), state::CA_FILE).map(|t| converge_modules::hash::sha256_hex(t.as_bytes())).ok();
     let request = CatalogRequest {
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        formats: vec![FORMAT, FORMAT_SEALED],
+        formats: vec![FORMAT, FORMAT_SEALED, converge_modules::catalog::READS_PROVENANCE],
         facts,
         ca_bundle: held_bundle.clone(),
         keys_version: Some(trust.held.list.version),
@@ -303,10 +380,39 @@ fn locked_run(
         color: args.opts.color,
         verbose: args.opts.verbose,
     };
-    let (info, collect) = apply::converge(&out, host, &loaded, Some(v.signed_by), warnings, stop);
-    let summary = collect.summary.clone().unwrap_or_default();
+    // Commit-confirmed apply: the guard keeps what `confirm` resources were before they change,
+    // and holds those whose change was reverted while the catalog asks the same.
+    let mut reverted = confirm::read_reverted(host, lock.exclusive(), &mut notes);
+    if lock.exclusive() && !args.opts.dry_run {
+        confirm::prune_reverted(host, &mut reverted, &loaded.catalog.resources)?;
+    }
+    let guard = confirm::Confirming::new(
+        host,
+        loaded.catalog.serial,
+        loaded.catalog.source.as_ref().map(|s| s.commit.clone()),
+        reverted,
+    );
+    let (info, collect) = apply::converge(&out, host, &loaded, Some(v.signed_by), warnings, stop, Some(&guard));
+    let mut summary = collect.summary.clone().unwrap_or_default();
     let mut resources = collect.resources;
     origins.tag(&mut resources);
+    if let Some(pending) = guard.pending() {
+        let (events, fresh) = settle(host, config, &rt, &pending, &loaded.catalog.resources, &mut notes)?;
+        settled.extend(events);
+        client = fresh.unwrap_or(client);
+    }
+    if !settled.is_empty() {
+        confirm::merge_events(&mut resources, settled);
+        let mut recount = converge_modules::report::Summary {
+            dry_run: summary.dry_run,
+            duration_ms: summary.duration_ms,
+            ..Default::default()
+        };
+        for e in &resources {
+            recount.count(&e.status);
+        }
+        summary = recount;
+    }
     let mut report = Report { started_at: started, info: info.clone(), resources, summary: summary.clone(), stale };
     report.clip();
     let body = serde_json::to_vec(&report)?;

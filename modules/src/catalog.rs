@@ -18,6 +18,7 @@ use crate::time::Timestamp;
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// The catalog format this build writes for a catalog without sealed values.
@@ -48,6 +49,47 @@ pub struct Catalog {
     /// Their values, in `sealed`'s order, as one age file encrypted to the one host the catalog
     /// is for (ASCII-armored); absent from a catalog compiled but not yet sealed to its host.
     pub sealed_values: Option<String>,
+    /// Where each resource came from, by id: its role file and line, its template, and the
+    /// place each value it read was taken from (`converge why`). Sent only to agents that read
+    /// it ([`READS_PROVENANCE`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provenance: BTreeMap<String, Origin>,
+}
+
+/// Put in a request's `formats` by agents that read [`Catalog::provenance`]: a server leaves it
+/// out for others (an older agent refuses a field it does not know).
+pub const READS_PROVENANCE: u32 = 3;
+
+/// Where one resource came from.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// The role that declares it.
+    pub role: String,
+    /// The role's file in the repository, and the line of the resource.
+    pub file: String,
+    pub line: u32,
+    /// The template its content was rendered from (`templates/NAME`).
+    pub template: Option<String>,
+    /// Each value a field read, and where that value came from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<Input>,
+}
+
+/// One value a field of a resource read while it was rendered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// The field (`content`, `mode`, `when`, `for_each`).
+    pub field: String,
+    /// The value as the template names it: `data.nginx.port`, `params.port`, `facts.cpus`.
+    pub value: String,
+    /// Where it came from: the data file of the hierarchy that supplied it, the role's default,
+    /// site.yaml, or the host's facts.
+    pub from: String,
 }
 
 impl Catalog {
@@ -62,6 +104,7 @@ impl Catalog {
             resources,
             sealed: Vec::new(),
             sealed_values: None,
+            provenance: BTreeMap::new(),
         }
     }
 }
@@ -387,10 +430,35 @@ pub struct Meta {
     pub notify: Vec<ResourceId>,
     /// Keeps the resource's content out of all output, diffs, logs, reports and backups.
     pub sensitive: Option<bool>,
+    /// Commit-confirmed apply: once changed, the host must reach its server again (and pass
+    /// `check`) within the deadline, or the change is undone.
+    pub confirm: Option<Confirm>,
 }
 
 impl Meta {
-    pub const FIELDS: &'static [&'static str] = &["requires", "notify", "sensitive"];
+    pub const FIELDS: &'static [&'static str] = &["requires", "notify", "sensitive", "confirm"];
+}
+
+/// The confirmation a change must get, as network engineers know it from `commit confirmed`:
+/// after the change, the agent must reach a server over mutual TLS, and `check` must pass,
+/// within `within` seconds; otherwise the path is restored as it was before the change (its
+/// content, mode, owner, or its absence) and what it notified is refreshed again.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Confirm {
+    /// Seconds the change has to be confirmed in, from the moment it is made
+    /// (between [`Confirm::MIN_WITHIN`] and [`Confirm::MAX_WITHIN`]).
+    pub within: u32,
+    /// A command (argv, absolute program) that must also succeed: the service still answers,
+    /// the resolver still resolves. Run with a timeout of what is left of the deadline.
+    pub check: Option<Vec<String>>,
+}
+
+impl Confirm {
+    pub const MIN_WITHIN: u32 = 10;
+    pub const MAX_WITHIN: u32 = 3600;
 }
 
 #[serde_with::skip_serializing_none]
@@ -552,7 +620,7 @@ pub struct ExecSpec {
     pub timeout: Option<u32>,
     pub user: Option<String>,
     pub cwd: Option<String>,
-    pub environment: Option<std::collections::BTreeMap<String, String>>,
+    pub environment: Option<BTreeMap<String, String>>,
     /// Given to the command (not to its guards) on standard input, and never shown: the way
     /// to hand it a secret, which in an argument list any user of the host could read.
     pub stdin: Option<String>,
@@ -771,6 +839,7 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for &mut MetaSplitter<A> {
             match field {
                 "requires" => self.meta.requires = self.inner.next_value()?,
                 "notify" => self.meta.notify = self.inner.next_value()?,
+                "confirm" => self.meta.confirm = self.inner.next_value()?,
                 _ => self.meta.sensitive = self.inner.next_value()?,
             }
         }

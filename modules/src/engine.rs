@@ -86,6 +86,17 @@ pub struct Options<'a> {
     pub dry_run: bool,
     /// Set when the run must end: the resource in hand is finished, the rest are skipped.
     pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+    /// Asked before each resource and before each change (commit-confirmed apply).
+    pub guard: Option<&'a dyn Guard>,
+}
+
+/// What the host asks of the engine around changes: resources to leave alone, and a step
+/// before each change is made (to keep what it replaces, say). Neither sees a dry-run change.
+pub trait Guard: std::fmt::Debug {
+    /// `Some(why)`: the resource is skipped (in a dry-run too), and what depends on it.
+    fn hold(&self, r: &Resource) -> Option<String>;
+    /// Called just before `r` is changed; an `Err` fails it instead, unchanged.
+    fn before_change(&self, r: &Resource) -> Result<(), String>;
 }
 
 /// Converges `loaded` through `providers`, emitting events to `sink`; returns the totals.
@@ -305,6 +316,11 @@ fn prepare<P: Providers>(
         event.message = Some(format!("depends on {}, which {what}", dep.id));
         return Step::Done(event);
     }
+    if let Some(why) = options.guard.and_then(|g| g.hold(r)) {
+        event.status = Status::Skipped;
+        event.message = Some(why);
+        return Step::Done(event);
+    }
     let (state, changes) = match guard(|| providers.check(r)) {
         Ok(x) => x,
         Err(e) => return Step::Done(failed(event, e)),
@@ -368,10 +384,21 @@ fn converge_one<P: Providers>(
 ) -> ResourceEvent {
     match prepare(r, providers, options, blocked_by) {
         Step::Done(event) => event,
-        Step::Apply(event, state) => {
-            let applied = guard(|| providers.apply(r, &state, &event.changes));
-            finish(r, providers, event, applied)
-        }
+        Step::Apply(event, state) => match before_change(r, options) {
+            Err(e) => failed(event, e),
+            Ok(()) => {
+                let applied = guard(|| providers.apply(r, &state, &event.changes));
+                finish(r, providers, event, applied)
+            }
+        },
+    }
+}
+
+/// The host's step before `r` changes; its refusal is the resource's failure.
+fn before_change(r: &Resource, options: Options<'_>) -> Result<(), ProviderError> {
+    match options.guard {
+        Some(g) => g.before_change(r).map_err(|e| format!("not changed: {e}").into()),
+        None => Ok(()),
     }
 }
 
@@ -383,7 +410,16 @@ fn converge_batch<P: Providers>(
     providers: &P,
     options: Options<'_>,
 ) -> Vec<ResourceEvent> {
-    let steps: Vec<Step<P::State>> = group.iter().map(|&j| prepare(&resources[j], providers, options, None)).collect();
+    let steps: Vec<Step<P::State>> = group
+        .iter()
+        .map(|&j| match prepare(&resources[j], providers, options, None) {
+            Step::Apply(event, state) => match before_change(&resources[j], options) {
+                Err(e) => Step::Done(failed(event, e)),
+                Ok(()) => Step::Apply(event, state),
+            },
+            done => done,
+        })
+        .collect();
     let pending: Vec<(usize, &Resource, &P::State, &[Change])> = steps
         .iter()
         .enumerate()
@@ -518,7 +554,7 @@ resources:
             signed_by: None,
             warnings: vec![],
         };
-        let summary = run(&loaded, script, Options { dry_run, stop: None }, info, &mut sink);
+        let summary = run(&loaded, script, Options { dry_run, stop: None, guard: None }, info, &mut sink);
         let events = sink.resources.into_iter().map(|e| (e.id.clone(), e)).collect();
         (summary, events)
     }
@@ -603,7 +639,7 @@ resources:
         let summary = run(
             &loaded,
             &s,
-            Options { dry_run: false, stop: Some(&stop) },
+            Options { dry_run: false, stop: Some(&stop), guard: None },
             info,
             &mut StopAfterFirst(&stop, &mut sink),
         );

@@ -235,6 +235,7 @@ mod tests {
             requires: requires.iter().map(|s| ResourceId::parse(s).unwrap()).collect(),
             notify: notify.iter().map(|s| ResourceId::parse(s).unwrap()).collect(),
             sensitive: None,
+            confirm: None,
         };
         let spec = match id.kind {
             Kind::File => Spec::File(FileSpec::default()),

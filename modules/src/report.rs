@@ -28,6 +28,10 @@ pub enum Status {
     /// said the resource was in sync. The change was made; a provider or something else on
     /// the host behaved otherwise than predicted, and the operator should know.
     Unplanned,
+    /// A change made, then undone: its confirmation did not come in time (see
+    /// [`crate::catalog::Confirm`]). Counted as a failure too: the host is not as the catalog
+    /// says, and a rollout stops on it.
+    Reverted,
     Other(String),
 }
 
@@ -41,6 +45,7 @@ impl Status {
             Status::Skipped => "skipped",
             Status::Held => "held",
             Status::Unplanned => "unplanned",
+            Status::Reverted => "reverted",
             Status::Other(s) => s,
         }
     }
@@ -54,6 +59,7 @@ impl Status {
             "skipped" => Status::Skipped,
             "held" => Status::Held,
             "unplanned" => Status::Unplanned,
+            "reverted" => Status::Reverted,
             other => Status::Other(other.to_string()),
         }
     }
@@ -198,6 +204,10 @@ pub struct Summary {
     /// `changed`.
     #[serde(default)]
     pub unplanned: usize,
+    /// Changes undone for want of their confirmation ([`Status::Reverted`]); also counted in
+    /// `failed`.
+    #[serde(default)]
+    pub reverted: usize,
     pub dry_run: bool,
     pub duration_ms: f64,
 }
@@ -215,6 +225,10 @@ impl Summary {
             Status::Unplanned => {
                 self.changed += 1;
                 self.unplanned += 1;
+            }
+            Status::Reverted => {
+                self.failed += 1;
+                self.reverted += 1;
             }
             Status::Other(_) => {}
         }
@@ -332,6 +346,7 @@ impl<W: Write> TextSink<W> {
             Status::Skipped => ("35", "skipped"),
             Status::Held => ("36", "held"),
             Status::Unplanned => ("1;33", "UNPLANNED"),
+            Status::Reverted => ("1;31", "REVERTED"),
             Status::Other(o) => ("0", o.as_str()),
         };
         self.paint(code, &format!("{word:<12}"))
@@ -403,6 +418,9 @@ impl<W: Write> TextSink<W> {
                 }
                 if t.unplanned > 0 {
                     parts.push(format!("{} of the changes unplanned", t.unplanned));
+                }
+                if t.reverted > 0 {
+                    parts.push(format!("{} of the failures REVERTED changes", t.reverted));
                 }
                 let _ = write!(
                     s,

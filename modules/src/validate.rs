@@ -90,6 +90,7 @@ fn merge_one(a: &Resource, b: &Resource) -> Result<Resource, Vec<String>> {
         requires: pick(&a.meta.requires, &b.meta.requires, "requires", &mut conflicts, Vec::is_empty),
         notify: pick(&a.meta.notify, &b.meta.notify, "notify", &mut conflicts, Vec::is_empty),
         sensitive: pick(&a.meta.sensitive, &b.meta.sensitive, "sensitive", &mut conflicts, Option::is_none),
+        confirm: pick(&a.meta.confirm, &b.meta.confirm, "confirm", &mut conflicts, Option::is_none),
     };
     match a.spec.merge(&b.spec) {
         Ok(spec) if conflicts.is_empty() => Ok(Resource::new(a.id.clone(), meta, spec)),
@@ -127,6 +128,9 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
                     r.id
                 ));
             }
+        }
+        if let Some(c) = &r.meta.confirm {
+            check_confirm(r, c, &mut say);
         }
         match &r.spec {
             Spec::File(f) => check_file(r, f, &mut say),
@@ -228,6 +232,36 @@ fn check_exec(r: &Resource, e: &ExecSpec, say: &mut impl FnMut(String)) {
     }
     if e.timeout == Some(0) {
         say(format!("{}: `timeout` must be at least 1 second", r.id));
+    }
+}
+
+/// A confirmation undoes a change by putting a path back as it was: only paths can have one,
+/// and its deadline must leave time to reach a server without leaving a host cut off for long.
+fn check_confirm(r: &Resource, c: &crate::catalog::Confirm, say: &mut impl FnMut(String)) {
+    use crate::catalog::Confirm;
+    if !r.id.kind.is_path() {
+        say(format!(
+            "{}: `confirm` undoes a change by restoring a path, so only files, directories and symlinks take it; \
+             confirm the file that configures it, and notify this resource from there",
+            r.id
+        ));
+    }
+    if !(Confirm::MIN_WITHIN..=Confirm::MAX_WITHIN).contains(&c.within) {
+        say(format!(
+            "{}: `confirm.within` is {} s: give between {} and {} seconds",
+            r.id,
+            c.within,
+            Confirm::MIN_WITHIN,
+            Confirm::MAX_WITHIN
+        ));
+    }
+    if let Some(argv) = &c.check
+        && argv.first().is_none_or(|p| !p.starts_with('/'))
+    {
+        say(format!(
+            "{}: `confirm.check` is a command whose program is an absolute path, like [/usr/bin/host, example.com]",
+            r.id
+        ));
     }
 }
 

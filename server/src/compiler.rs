@@ -15,7 +15,7 @@ use crate::repo::Repo;
 use crate::role::{self, Expr, Role, TNode};
 use crate::secrets::SecretsKey;
 use crate::site::{FactDecl, Site};
-use converge_modules::catalog::{Catalog, FORMAT_SEALED, Source};
+use converge_modules::catalog::{Catalog, FORMAT_SEALED, Input, Origin, Source};
 use converge_modules::diag::{Diagnostic, Mark};
 use converge_modules::load::{check_declared, decode_resource};
 use converge_modules::sealed::{Field, Sealed};
@@ -32,8 +32,14 @@ pub struct Compiler {
     pub source: Option<Source>,
     pub site: Option<Site>,
     roles: BTreeMap<String, Role>,
-    /// `data/` files by level path (`os/debian`), with their file names.
-    data: BTreeMap<String, (Arc<str>, Value)>,
+    /// `data/` files by level path (`os/debian`), with their file names and text (for
+    /// `lookup --explain`, which names lines).
+    data: BTreeMap<String, (Arc<str>, Value, Arc<str>)>,
+    /// `data/secrets/` files by level path.
+    secret_files: BTreeMap<String, Arc<str>>,
+    /// The values each template names (`data.nginx.port`), read from its source once: the
+    /// provenance of what a field read.
+    names: Mutex<std::collections::HashMap<String, Arc<Vec<String>>>>,
     /// `files/` by path under it.
     files: BTreeMap<String, Vec<u8>>,
     /// `data/secrets/` by level path: each name's value, opened with the server's secrets
@@ -108,6 +114,7 @@ impl Compiler {
         let secrets_dir = format!("{}/", crate::secrets::DIR);
         let yaml_file = |p: &&str| p.ends_with(".yaml") || p.ends_with(".yml");
         let mut secrets = BTreeMap::new();
+        let mut secret_files = BTreeMap::new();
         for path in repo.under(crate::secrets::DIR).filter(yaml_file) {
             let Some(source) = text(path, &mut problems) else { continue };
             let level = path[secrets_dir.len()..].trim_end_matches(".yaml").trim_end_matches(".yml").to_string();
@@ -123,6 +130,7 @@ impl Compiler {
                             }
                         }
                     });
+                    secret_files.insert(level.clone(), Arc::from(path));
                     secrets.insert(level, opened.collect());
                 }
             }
@@ -136,7 +144,7 @@ impl Compiler {
                     check_param_overrides(path, &node, &roles, &mut problems);
                     match yaml::from_node::<Value>(&node) {
                         Ok(v) if v.kind() == ValueKind::Map => {
-                            data.insert(level, (Arc::from(path), v));
+                            data.insert(level, (Arc::from(path), v, Arc::from(source.as_str())));
                         }
                         Ok(v) if v.is_none() => {}
                         Ok(_) => problems.push(Diagnostic::new(
@@ -151,8 +159,19 @@ impl Compiler {
             }
         }
         let files = repo.under("files").map(|p| (p["files/".len()..].to_string(), repo.files[p].clone())).collect();
-        let mut compiler =
-            Compiler { source: repo.source.clone(), site, roles, data, files, secrets, key, env, problems };
+        let mut compiler = Compiler {
+            source: repo.source.clone(),
+            site,
+            roles,
+            data,
+            secret_files,
+            names: Mutex::default(),
+            files,
+            secrets,
+            key,
+            env,
+            problems,
+        };
         compiler.check_roles();
         compiler
     }
@@ -357,6 +376,7 @@ impl Compiler {
         let data_v = data;
 
         let mut declared = Vec::new();
+        let mut provenance = BTreeMap::new();
         let mut origins: Vec<(Arc<str>, Mark)> = Vec::new();
         let mut broken = HashSet::new();
         for role in roles {
@@ -419,9 +439,10 @@ impl Compiler {
                 for item in items {
                     let ctx = if item.is_some() { ctx(item) } else { base.clone() };
                     let mut tainted = BTreeMap::new();
-                    let rendered = self
-                        .render_fields(&rt.body, &ctx, role, &secrets, &mut tainted)
-                        .and_then(|n| self.inline_content(n, &ctx, role, &secrets, &mut tainted));
+                    let mut content_template = None;
+                    let rendered = self.render_fields(&rt.body, &ctx, role, &secrets, &mut tainted).and_then(|n| {
+                        self.inline_content(n, &ctx, role, &secrets, &mut tainted, &mut content_template)
+                    });
                     let node = match rendered {
                         Ok(n) => n,
                         Err(d) => {
@@ -431,10 +452,15 @@ impl Compiler {
                     };
                     match decode_resource(node) {
                         Ok(mut r) => {
+                            if let Some(c) = role.head.confirm.as_ref().filter(|_| r.id.kind.is_path()) {
+                                r.meta.confirm.get_or_insert_with(|| c.clone());
+                            }
                             if let Err(e) = taint(&mut r, &tainted) {
                                 diags.extend(e.into_iter().map(|(m, msg)| place(m, msg)));
                                 continue;
                             }
+                            let origin = self.origin(role, rt, content_template, &levels);
+                            provenance.entry(r.id.to_string()).or_insert(origin);
                             declared.push(r);
                             origins.push((role.file.clone(), rt.mark));
                         }
@@ -452,7 +478,12 @@ impl Compiler {
         match check_declared(declared, &broken, Vec::new(), &mut place) {
             Ok((resources, _)) if diags.is_empty() => Ok(self.seal_out(
                 node,
-                Catalog { host: Some(node.to_string()), source: self.source.clone(), ..Catalog::new(resources) },
+                Catalog {
+                    host: Some(node.to_string()),
+                    source: self.source.clone(),
+                    provenance,
+                    ..Catalog::new(resources)
+                },
             )),
             Ok(_) => Err(diags),
             Err(more) => {
@@ -460,6 +491,140 @@ impl Compiler {
                 Err(diags)
             }
         }
+    }
+
+    /// How the data hierarchy resolves `key` (dotted: `nginx.port`, `params.web.port`) for
+    /// `node`: each level in order, what it says, and the value that results (`lookup`).
+    pub fn lookup(&self, node: &str, key: &str) -> Result<Lookup, String> {
+        let site = self.site.as_ref().ok_or("site.yaml could not be read; see its errors")?;
+        let (_, entry) = site.classify(node)?;
+        let (roles, _) = self.order(&entry.value.roles);
+        let mut attributes: BTreeMap<String, Value> = site.attributes.clone();
+        attributes.extend(entry.value.attributes.clone());
+        let path: Vec<&str> = key.split('.').collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(format!("`{key}` is not a key: give names joined by dots, like nginx.port"));
+        }
+        let levels = Compiler::levels(site, node, &attributes, &roles);
+        let mut unused = Vec::new();
+        for level in &site.data {
+            if !level.value.contains("{role}") && expand(&level.value, node, &attributes).is_none() {
+                unused.push(level.value.clone());
+            }
+        }
+        let said = levels
+            .iter()
+            .map(|level| match self.data.get(level) {
+                None => LevelValue { level: level.clone(), file: None, line: None, value: None },
+                Some((file, v, text)) => LevelValue {
+                    level: level.clone(),
+                    file: Some(file.to_string()),
+                    line: yaml::parse(text).ok().and_then(|n| line_of(&n, &path)),
+                    value: lookup_path(v, &path),
+                },
+            })
+            .collect();
+        let default = match path.as_slice() {
+            ["params", role, name, ..] => roles.iter().find(|r| r.name == *role).and_then(|r| {
+                let v = lookup_path(r.head.params.get(*name)?, &path[3..])?;
+                Some((r.file.to_string(), v))
+            }),
+            _ => None,
+        };
+        let merged = lookup_path(&self.data_for(&levels), &path);
+        let value = merged.or_else(|| default.as_ref().map(|d| d.1.clone()));
+        Ok(Lookup { value, levels: said, default, unused })
+    }
+
+    /// Where a resource rendered from `rt` came from, and each value its fields read.
+    fn origin(&self, role: &Role, rt: &role::ResourceTemplate, template: Option<String>, levels: &[String]) -> Origin {
+        let mut values: Vec<Input> = Vec::new();
+        let mut add = |field: &str, templates: &[&str]| {
+            for t in templates {
+                for value in self.names_read(t).iter() {
+                    let Some(from) = self.source_of(value, role, levels) else { continue };
+                    if !values.iter().any(|i| i.field == field && &i.value == value) {
+                        values.push(Input { field: field.to_string(), value: value.clone(), from });
+                    }
+                }
+            }
+        };
+        if let Some(e) = &rt.when {
+            add("when", &[&e.name]);
+        }
+        if let Some(e) = &rt.for_each {
+            add("for_each", &[&e.name]);
+        }
+        if let TNode::Map { entries, .. } = &rt.body {
+            for (k, v) in entries {
+                let mut names = Vec::new();
+                template_names(v, &mut names);
+                add(k.as_str().unwrap_or("?"), &names);
+            }
+        }
+        if let Some(t) = &template {
+            add("content", &[t]);
+        }
+        Origin {
+            role: role.name.clone(),
+            file: role.file.to_string(),
+            line: rt.mark.line,
+            template: template.map(|t| format!("templates/{t}")),
+            values,
+        }
+    }
+
+    /// The values the template `name` reads, by their dotted names (from its source, once).
+    fn names_read(&self, name: &str) -> Arc<Vec<String>> {
+        let mut cache = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = cache.get(name) {
+            return v.clone();
+        }
+        let mut v: Vec<String> =
+            self.env.get_template(name).map(|t| t.undeclared_variables(true).into_iter().collect()).unwrap_or_default();
+        v.sort();
+        let v = Arc::new(v);
+        cache.insert(name.to_string(), v.clone());
+        v
+    }
+
+    /// Where the value a template names (`data.nginx.port`) came from for a node whose data
+    /// levels are `levels`; `None` for what is not an input (a loop variable, a function).
+    fn source_of(&self, value: &str, role: &Role, levels: &[String]) -> Option<String> {
+        let mut parts = value.split('.');
+        let last_with = |path: &[&str]| {
+            levels.iter().rev().find_map(|l| {
+                let (file, v, _) = self.data.get(l)?;
+                lookup_path(v, path).is_some().then(|| file.to_string())
+            })
+        };
+        Some(match parts.next()? {
+            "data" => {
+                let path: Vec<&str> = parts.collect();
+                if path.is_empty() {
+                    "every data level, merged".into()
+                } else {
+                    last_with(&path).unwrap_or_else(|| "no data level has it".into())
+                }
+            }
+            "params" => match parts.next() {
+                None => "the role's params".into(),
+                Some(k) => last_with(&["params", &role.name, k])
+                    .unwrap_or_else(|| format!("{} (the role's default)", role.file)),
+            },
+            "secrets" => {
+                let name = parts.next()?;
+                let level = levels.iter().rev().find(|l| self.secrets.get(*l).is_some_and(|m| m.contains_key(name)))?;
+                self.secret_files.get(level).map(|f| f.to_string())?
+            }
+            "facts" => "the host's facts (reported at its run)".into(),
+            "node" => match parts.next() {
+                Some("name") => "the node's name".into(),
+                _ => format!("{SITE} (the node's entry and the site's attributes)"),
+            },
+            "item" => "the item of for_each".into(),
+            _ => return None,
+        })
     }
 
     /// Evaluates a compiled expression to its value.
@@ -530,6 +695,7 @@ impl Compiler {
         role: &Role,
         secrets: &SecretsView,
         tainted: &mut BTreeMap<String, Mark>,
+        used: &mut Option<String>,
     ) -> Result<Node, Diagnostic> {
         let place = |mark: Mark, msg: String| Diagnostic::new(&*role.file, mark, msg);
         let mark = node.mark;
@@ -565,6 +731,7 @@ impl Compiler {
                 if !secrets.take_read().is_empty() {
                     tainted.insert("content".into(), v.mark);
                 }
+                *used = Some(name.to_string());
                 Some((v.mark, text))
             }
             (None, Some((_, v))) => {
@@ -854,4 +1021,59 @@ fn template_error(e: &minijinja::Error, file: &str, source: &str, used_at: Optio
         None => what,
     };
     Diagnostic::new(file, Mark::new(line, if line == 0 { 0 } else { col }), msg)
+}
+
+/// The names of the templates inside a field, in order.
+fn template_names<'t>(t: &'t TNode, out: &mut Vec<&'t str>) {
+    match t {
+        TNode::Lit(_) => {}
+        TNode::Text { name, .. } => out.push(name),
+        TNode::Expr(e) => out.push(&e.name),
+        TNode::Seq { items, .. } => items.iter().for_each(|i| template_names(i, out)),
+        TNode::Map { entries, .. } => entries.iter().for_each(|(_, v)| template_names(v, out)),
+    }
+}
+
+/// The value at a dotted path of a map value, if every step is there.
+fn lookup_path(v: &Value, path: &[&str]) -> Option<Value> {
+    let mut v = v.clone();
+    for k in path {
+        v = v.get_attr(k).ok().filter(|x| !x.is_undefined())?;
+    }
+    Some(v)
+}
+
+/// What one level of a node's data hierarchy says of a key.
+#[derive(Debug)]
+pub struct LevelValue {
+    pub level: String,
+    /// Its file, when there is one.
+    pub file: Option<String>,
+    /// The line of the key in it, when it has the key.
+    pub line: Option<u32>,
+    pub value: Option<Value>,
+}
+
+/// How a key resolves for a node ([`Compiler::lookup`]).
+#[derive(Debug)]
+pub struct Lookup {
+    /// The value templates see (a param's default when no level sets it).
+    pub value: Option<Value>,
+    /// Every level of the node's hierarchy, lowest precedence first.
+    pub levels: Vec<LevelValue>,
+    /// For `params.ROLE.NAME`: the role's file and its default.
+    pub default: Option<(String, Value)>,
+    /// Levels of site.yaml the node does not have (an attribute they name is not set).
+    pub unused: Vec<String>,
+}
+
+/// The line of the value at a dotted path of a parsed YAML mapping.
+fn line_of(node: &Node, path: &[&str]) -> Option<u32> {
+    let (mut n, mut line) = (node, None);
+    for k in path {
+        let YValue::Map(entries) = &n.value else { return None };
+        let (key, value) = entries.iter().find(|(key, _)| key.as_str() == Some(*k))?;
+        (n, line) = (value, Some(key.mark.line));
+    }
+    line
 }

@@ -972,6 +972,9 @@ impl Fleet {
                 };
             }
         };
+        // An agent that does not say it reads provenance gets its catalog without (it would
+        // refuse a field it does not know); one that does gets a catalog of its own.
+        let provenance = formats.contains(&converge_modules::catalog::READS_PROVENANCE);
         let declared: Map<String, Json> = match &current.compiler.site {
             Some(site) => facts.into_iter().filter(|(k, _)| site.facts.contains_key(k)).collect(),
             None => Map::new(),
@@ -981,7 +984,7 @@ impl Fleet {
         let signing = self.signing();
         let cache_key = sha256_hex(
             format!(
-                "{}\0{node}\0{}\0{COMPILER_VERSION}\0{}\0{}",
+                "{}\0{node}\0{}\0{COMPILER_VERSION}\0{}\0{}\0{provenance}",
                 current.commit,
                 serde_json::to_string(&declared).unwrap_or_default(),
                 signing.key_id(),
@@ -1025,6 +1028,12 @@ impl Fleet {
         let what = |diags: Vec<converge_modules::diag::Diagnostic>| {
             diags.iter().take(5).map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
         };
+        let compiled = compiled.map(|(mut c, opened)| {
+            if !provenance {
+                c.provenance.clear();
+            }
+            (c, opened)
+        });
         let catalog = match compiled {
             Ok((mut c, opened)) if !c.sealed.is_empty() => {
                 if !formats.contains(&c.format) {

@@ -38,6 +38,19 @@ enum Command {
         #[arg(long, value_name = "FILE", env = "CONVERGE_SECRETS_KEY")]
         secrets_key: Option<PathBuf>,
     },
+    /// The value of a data key for a node, as its templates see it; --explain shows each level
+    /// of its data hierarchy and what it says.
+    Lookup {
+        /// The node's name.
+        node: String,
+        /// A dotted key: nginx.port, params.web.listen_port.
+        key: String,
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// Show how the hierarchy resolved it, level by level, with files and lines.
+        #[arg(long)]
+        explain: bool,
+    },
     /// Sign a catalog file for its host: an envelope `converge apply` and `converge verify` accept.
     Sign {
         /// The catalog signing key (PKCS#8 PEM).
@@ -200,6 +213,7 @@ fn main() -> ExitCode {
         Command::Compile { repo, node, facts, format, signing, secrets_key } => {
             repo::compile(&repo, &node, facts.as_deref(), format, &signing, secrets_key.as_deref())
         }
+        Command::Lookup { node, key, repo, explain } => repo::lookup(&repo, &node, &key, explain),
         Command::Sign { key, catalog, keys, serial, ttl } => keys::sign(&key, &catalog, keys.as_deref(), serial, &ttl),
         Command::Keygen { out, name } => keys::keygen(&out, name.as_deref()),
         Command::Keys { action } => keys::keys_command(action),

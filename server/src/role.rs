@@ -30,6 +30,11 @@ pub struct RoleHead {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub params: BTreeMap<String, minijinja::Value>,
+    /// Commit-confirmed apply for every file, directory and symlink of the role that sets no
+    /// `confirm` of its own: changed, they must be confirmed (the host reaches its server again,
+    /// and `check` passes) within `within` seconds, or the host puts them back.
+    #[serde(default)]
+    pub confirm: Option<converge_modules::catalog::Confirm>,
 }
 
 #[derive(Debug, Clone)]
@@ -231,7 +236,7 @@ pub fn parse(
         Ok(h) => h,
         Err(e) => {
             diags.extend(e.0.into_iter().map(|(m, msg)| Diagnostic::new(&*file, m.unwrap_or(root_mark), msg)));
-            RoleHead { description: None, include: Vec::new(), params: BTreeMap::new() }
+            RoleHead { description: None, include: Vec::new(), params: BTreeMap::new(), confirm: None }
         }
     };
     let mut builder = Builder { env, file: file.clone(), diags };

@@ -253,3 +253,47 @@ fn check_output_snapshot() {
     let shown = out.stderr.replace(&t.path().display().to_string(), "[repo]");
     insta::assert_snapshot!("check_problems", shown);
 }
+
+/// `lookup NODE KEY --explain` on catalogs/: the value a template sees, and each level of the
+/// node's data hierarchy with the file and line that set it; a param's role default; a key
+/// nothing sets exits 1; a node site.yaml does not know is an error that says so.
+#[test]
+fn lookup_explains_how_the_hierarchy_resolved_a_value() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs");
+    let r = repo.display().to_string();
+    let out = server(&["lookup", "web01.example.com", "params.web.listen_port", "--repo", &r, "--explain"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "web01.example.com: params.web.listen_port = 8080");
+    let level =
+        |name: &str| *lines.iter().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name}:\n{}", out.stdout));
+    let node_line = std::fs::read_to_string(repo.join("data/node/web01.example.com.yaml"))
+        .unwrap()
+        .lines()
+        .position(|l| l.contains("listen_port"))
+        .unwrap()
+        + 1;
+    assert!(level("data/node/web01.example.com.yaml").contains(&format!(".yaml:{node_line}")), "{}", out.stdout);
+    assert!(level("data/node/web01.example.com.yaml").ends_with("8080   <- this one"), "{}", out.stdout);
+    assert!(level("data/role/web.yaml").ends_with(" -"), "the role's data sets server_name, not the port");
+    assert!(level("data/environment/staging.yaml").contains("no such file"), "{}", out.stdout);
+    assert!(level("the role's default").ends_with(" 80"), "{}", out.stdout);
+    // Lowest precedence first: common before the node's own file.
+    let pos = |name: &str| lines.iter().position(|l| l.contains(name)).unwrap();
+    assert!(pos("data/common.yaml") < pos("data/os/debian.yaml") && pos("data/os/debian.yaml") < pos("data/node/"));
+
+    // Another node of the same role: the role's default.
+    let out = server(&["lookup", "web02.example.com", "params.web.listen_port", "--repo", &r, "--explain"]);
+    assert!(out.stdout.starts_with("web02.example.com: params.web.listen_port = 80\n"), "{}", out.stdout);
+    assert!(out.stdout.contains("(the role's default)") && out.stdout.contains("<- this one (no level sets it)"));
+    // Without --explain, the value alone; unset keys and unknown nodes.
+    let out = server(&["lookup", "web01.example.com", "packages.ssh", "--repo", &r]);
+    assert_eq!(out.stdout, "web01.example.com: packages.ssh = \"openssh-server\"\n");
+    let out = server(&["lookup", "web01.example.com", "no.such.key", "--repo", &r]);
+    assert_eq!((out.code, out.stdout.contains("not set at any level")), (1, true), "{}", out.stdout);
+    let out = server(&["lookup", "nobody.nowhere", "packages", "--repo", &r]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("nobody.nowhere"), "{}", out.stderr);
+    let out = server(&["lookup", "web01.example.com", "a..b", "--repo", &r]);
+    assert!(out.stderr.contains("not a key"), "{}", out.stderr);
+}

@@ -22,7 +22,9 @@ fn golden_catalogs_of_every_node() {
     let names = compiler.site.as_ref().unwrap().node_names();
     assert!(names.len() >= 6, "{names:?}");
     for name in names {
-        let catalog = compiler.compile(&name, &Map::new()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let mut catalog = compiler.compile(&name, &Map::new()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        // The resources, as an operator reviews them; their provenance has tests of its own.
+        catalog.provenance.clear();
         let yaml = yaml_serde::to_string(&catalog).unwrap();
         insta::assert_snapshot!(name.clone(), yaml);
     }
@@ -165,4 +167,38 @@ fn a_tie_between_patterns_is_a_check_error() {
     assert!(compiler.compile("ab", &Map::new()).is_ok(), "the exact name wins");
     let e = compiler.compile("axb", &Map::new()).unwrap_err();
     assert!(e[0].message.contains("matches `*b` and `a*` equally well"), "{e:?}");
+}
+
+/// `confirm` on a resource or a whole role: the role's covers its paths (not its packages),
+/// a resource's own wins; what cannot be confirmed is refused with its line.
+#[test]
+fn confirm_is_given_by_a_role_to_its_paths_and_refused_where_it_cannot_work() {
+    let repo = Repo::from_files([
+        ("site.yaml", "nodes:\n  ok: {roles: [net]}\n  bad: {roles: [wrong]}\n"),
+        (
+            "roles/net.yaml",
+            "confirm: {within: 60, check: [/usr/bin/host, example.com]}\nresources:\n  - package: nftables\n  - file: /etc/nftables.conf\n    content: x\n    notify: [service:nftables]\n  - file: /etc/resolv.conf\n    content: y\n    confirm: {within: 20}\n  - service: nftables\n",
+        ),
+        (
+            "roles/wrong.yaml",
+            "resources:\n  - package: curl\n    confirm: {within: 60}\n  - file: /etc/a\n    content: x\n    confirm: {within: 5}\n  - file: /etc/b\n    content: x\n    confirm: {within: 60, check: [host, example.com]}\n  - file: /etc/c\n    content: x\n    confirm: {within: 60, later: true}\n",
+        ),
+    ]);
+    let compiler = Compiler::new(&repo);
+    let c = compiler.compile("ok", &Map::new()).unwrap();
+    let confirm = |id: &str| c.resources.iter().find(|r| r.id.to_string() == id).unwrap().meta.confirm.clone();
+    assert_eq!(confirm("package:nftables"), None);
+    assert_eq!(confirm("service:nftables"), None);
+    let nft = confirm("file:/etc/nftables.conf").unwrap();
+    assert_eq!((nft.within, nft.check.unwrap()[0].as_str()), (60, "/usr/bin/host"));
+    assert_eq!(confirm("file:/etc/resolv.conf").unwrap().within, 20, "its own wins");
+    let found = check(&repo);
+    for want in [
+        "roles/wrong.yaml:2: package:curl: `confirm` undoes a change by restoring a path",
+        "roles/wrong.yaml:4: file:/etc/a: `confirm.within` is 5 s",
+        "roles/wrong.yaml:7: file:/etc/b: `confirm.check` is a command whose program is an absolute path",
+        "roles/wrong.yaml:12: unknown field `later`",
+    ] {
+        assert!(found.iter().any(|f| f.starts_with(want)), "expected {want:?} in:\n{}", found.join("\n"));
+    }
 }

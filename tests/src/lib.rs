@@ -539,3 +539,23 @@ impl Drop for Child {
         let _ = self.0.wait();
     }
 }
+
+/// Copies the host's programs `tools` into `root` with the libraries they load (as `ldd`
+/// lists them), so that commands run inside the root (chrooted) find them.
+pub fn with_tools(root: &Path, tools: &[&str]) {
+    let mut files: Vec<String> = tools.iter().map(|t| t.to_string()).collect();
+    for tool in tools {
+        let out = Command::new("ldd").arg(tool).output().expect("ldd");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let path = line.split("=>").last().unwrap_or("").split_whitespace().next().unwrap_or("");
+            if path.starts_with('/') {
+                files.push(path.to_string());
+            }
+        }
+    }
+    for file in files {
+        let to = root.join(file.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&file, &to).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}

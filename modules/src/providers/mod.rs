@@ -767,7 +767,7 @@ pub(crate) fn converge_live(
         signed_by: None,
         warnings: vec![],
     };
-    run(&loaded, &sys, Options { dry_run, stop: None }, info, &mut sink);
+    run(&loaded, &sys, Options { dry_run, stop: None, guard: None }, info, &mut sink);
     (sink.resources, sys.deferred_upgrade())
 }
 

@@ -206,6 +206,56 @@ pub fn diff(dir: &Path, from: &str, to: &str, only: Option<&str>, key: Option<&P
     Ok(if differ > 0 { 2 } else { 0 })
 }
 
+/// `lookup NODE KEY [--explain]`: the value of a data key for a node, as templates see it;
+/// with `explain`, each level of the node's hierarchy and what it says (Puppet's
+/// `lookup --explain`).
+pub fn lookup(dir: &Path, node: &str, key: &str, explain: bool) -> Result<u8> {
+    let repo = Repo::from_dir(dir)?;
+    let compiler = Compiler::new(&repo);
+    let found = compiler.lookup(node, key).map_err(|e| anyhow::anyhow!("{node}: {e}"))?;
+    let show = |v: &minijinja::Value| serde_json::to_string(v).unwrap_or_else(|_| v.to_string());
+    let mut out = String::new();
+    match &found.value {
+        Some(v) => out.push_str(&format!("{node}: {key} = {}\n", show(v))),
+        None => out.push_str(&format!("{node}: {key} is not set at any level\n")),
+    }
+    if explain {
+        out.push_str(
+            "the levels of its data hierarchy, lowest precedence first (later levels win; maps merge deeply):\n",
+        );
+        let last = found.levels.iter().rposition(|l| l.value.is_some());
+        let is_map = found.value.as_ref().is_some_and(|v| v.kind() == minijinja::value::ValueKind::Map);
+        for (i, l) in found.levels.iter().enumerate() {
+            let place = match (&l.file, l.line) {
+                (Some(f), Some(line)) => format!("{f}:{line}"),
+                (Some(f), None) => f.clone(),
+                (None, _) => format!("data/{}.yaml (no such file)", l.level),
+            };
+            let said = match &l.value {
+                Some(v) if Some(i) == last && !is_map => format!("{}   <- this one", show(v)),
+                Some(v) => show(v),
+                None => "-".into(),
+            };
+            out.push_str(&format!("  {:>2}. {place:<50} {said}\n", i + 1));
+        }
+        if let Some((file, v)) = &found.default {
+            let mark = if last.is_none() { "   <- this one (no level sets it)" } else { "" };
+            out.push_str(&format!("      {:<50} {}{mark}\n", format!("{file} (the role's default)"), show(v)));
+        }
+        if is_map && last.is_some() {
+            out.push_str("  a map: every level that sets it is merged into it, key by key\n");
+        }
+        for level in &found.unused {
+            out.push_str(&format!("  not a level of {node}: {level} (the node has no such attribute)\n"));
+        }
+    }
+    // Keys and values come from the repository: each line escaped, so none drives the terminal.
+    for line in out.lines() {
+        println!("{}", converge_modules::text::clean(line));
+    }
+    Ok(if found.value.is_some() { 0 } else { 1 })
+}
+
 pub fn schemas(out: &Path) -> Result<u8> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     for (name, text) in crate::schemas::all() {
