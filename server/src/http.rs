@@ -331,6 +331,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/", get(page_fleet))
         .route("/nodes/{name}", get(page_node))
         .route("/reports/{id}", get(page_report))
+        .route("/source/{commit}/{*path}", get(page_source))
         .route("/metrics", get(metrics))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             // The panic hook has logged it, with where.
@@ -621,6 +622,20 @@ async fn page_report(
 ) -> Response {
     page(fleet, peer, headers, uri, move |f, _| {
         html(crate::page::report_page(f, id), "There is no such report (reports are kept 50 a node).")
+    })
+    .await
+}
+
+/// A file of the repository at a commit, for the link from a failed resource to its line.
+async fn page_source(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    axum::extract::Path((commit, path)): axum::extract::Path<(String, String)>,
+) -> Response {
+    page(fleet, peer, headers, uri, move |f, _| {
+        html(crate::page::source_page(f, &commit, &path), "There is no such file of the repository at that commit.")
     })
     .await
 }

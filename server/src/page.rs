@@ -21,6 +21,7 @@ fn env() -> &'static Environment<'static> {
             ("fleet.html", include_str!("page/fleet.html")),
             ("node.html", include_str!("page/node.html")),
             ("report.html", include_str!("page/report.html")),
+            ("source.html", include_str!("page/source.html")),
         ] {
             e.add_template(name, text).unwrap_or_else(|err| panic!("the built-in template {name}: {err}"));
         }
@@ -165,6 +166,38 @@ pub fn node_page(fleet: &Fleet, name: &str) -> Result<Option<String>> {
 pub fn report_page(fleet: &Fleet, id: i64) -> Result<Option<String>> {
     let (commit, now_text, now) = common(fleet);
     let Some(r) = fleet.db.report(id)? else { return Ok(None) };
-    let report = val(view::report_view(&r, now));
+    let mut report = view::report_view(&r, now);
+    link_sources(fleet, &r, &mut report);
+    let report = val(report);
     render("report.html", context! { commit, now => now_text, report }).map(Some)
+}
+
+/// Links each failed or reverted resource of a report to the line that declares it, from the
+/// node's stored catalog when it is of the report's commit (opened with the server's key list:
+/// the database is input too). Without one (an older catalog, one without provenance), no link.
+fn link_sources(fleet: &Fleet, r: &crate::db::StoredReport, v: &mut ReportView) {
+    use converge_modules::trust::{CATALOG_TYPE, Envelope, KeyRole, open};
+    let failed = |x: &view::ResourceView| matches!(x.status.as_str(), "failed" | "reverted");
+    let Some(commit) = r.commit.as_deref().filter(|_| v.resources.iter().any(failed)) else { return };
+    let Ok(Some(stored)) = fleet.db.stored(&r.node) else { return };
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(&stored.envelope) else { return };
+    let Ok((payload, _)) = open(&envelope, CATALOG_TYPE, &fleet.signing().list, KeyRole::Catalog) else { return };
+    let Ok(catalog) = serde_json::from_slice::<converge_modules::catalog::Catalog>(&payload) else { return };
+    if catalog.source.as_ref().map(|s| s.commit.as_str()) != Some(commit) {
+        return;
+    }
+    for x in v.resources.iter_mut().filter(|x| failed(x)) {
+        if let Some(o) = catalog.provenance.get(&x.id) {
+            x.source = Some((format!("{}:{}", o.file, o.line), format!("/source/{commit}/{}#L{}", o.file, o.line)));
+        }
+    }
+}
+
+/// One file of the repository at a commit, its lines numbered and each one a link target
+/// (`#L13`): where a failed resource's link goes.
+pub fn source_page(fleet: &Fleet, commit: &str, path: &str) -> Result<Option<String>> {
+    let (head, now_text, _) = common(fleet);
+    let Some(text) = crate::repo::file_at(&fleet.config.repo, commit, path)? else { return Ok(None) };
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    render("source.html", context! { commit => head, now => now_text, at => commit, path, lines }).map(Some)
 }

@@ -127,6 +127,28 @@ fn repository_name(dir: &Path) -> String {
 }
 
 /// Runs `git -C dir ARGS` and returns its output.
+/// The text of the repository's file `path` at `commit` (a whole id), for the source page:
+/// `None` when the commit or file is not there, or the path is not one the compiler reads (or
+/// is a secrets file). At most 1 MiB.
+pub fn file_at(dir: &Path, commit: &str, path: &str) -> Result<Option<String>> {
+    let whole = commit.len() == 40 && commit.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let readable = PARTS.iter().any(|p| path == *p || path.starts_with(&format!("{p}/")))
+        && !path.starts_with(crate::secrets::DIR)
+        && !path.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+    if !whole || !readable {
+        return Ok(None);
+    }
+    let spec = format!("{commit}:{path}");
+    let size = match git(dir, &["cat-file", "-s", "--end-of-options", &spec]) {
+        Ok(s) => s.trim().parse::<u64>().unwrap_or(u64::MAX),
+        Err(_) => return Ok(None),
+    };
+    if size > 1 << 20 {
+        return Ok(Some(format!("({size} bytes: too large to show here)")));
+    }
+    Ok(git(dir, &["cat-file", "blob", "--end-of-options", &spec]).ok())
+}
+
 fn git(dir: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new("git")
         .arg("-C")

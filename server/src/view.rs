@@ -221,6 +221,9 @@ pub struct ResourceView {
     pub message: Option<String>,
     pub refresh: Option<String>,
     pub changes: Vec<ChangeView>,
+    /// For a failed resource: where it is declared (`roles/web.yaml:13`) and the server's page
+    /// of that line at the commit, from the node's catalog when it is of the report's commit.
+    pub source: Option<(String, String)>,
 }
 
 /// One report.
@@ -301,6 +304,7 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
                 message: None,
                 refresh: None,
                 changes: vec![],
+                source: None,
             })
             .collect();
     }
@@ -337,6 +341,7 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
                         diff_lines: diff_lines(c.diff.as_deref()),
                     })
                     .collect(),
+                source: None,
             })
             .collect();
         v.hidden = shown.count();

@@ -63,6 +63,24 @@ fn an_unconfirmed_change_is_put_back_by_the_host_reported_and_held_until_the_cat
     assert!(report.contains("restored its content"), "{report}");
     let status = converge_in(&root, &["status"]).stdout;
     assert!(status.contains("reverted"), "{status}");
+    // The report page links each reverted resource to the line that declares it, at its commit.
+    let id: String = report.split('#').nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    let get = |path: &str| {
+        let out = std::process::Command::new("curl").args(["-sk", "--path-as-is", &format!("{}{path}", server.url)]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let page = get(&format!("/reports/{id}")).replace("&#x2f;", "/");
+    let link =
+        page.split("data-source href=\"").nth(1).and_then(|l| l.split('"').next()).unwrap_or_else(|| panic!("{page}"));
+    let head = String::from_utf8(
+        std::process::Command::new("git").arg("-C").arg(f.repo()).args(["rev-parse", "HEAD"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    assert_eq!(link, format!("/source/{}/roles/app.yaml#L2", head.trim()), "{page}");
+    let source = get(link.split('#').next().unwrap()).replace("&#x2f;", "/");
+    assert!(source.contains("<tr id=\"L2\">") && source.contains("- file: /etc/app.conf"), "{source}");
+    assert!(get(&format!("/source/{}/data/secrets/x.yaml", head.trim())).contains("no such file"));
+    assert!(get(&format!("/source/{}/roles/../site.yaml", head.trim())).contains("no such file"));
 
     // The same catalog again: held, not applied again (and not waited on).
     let t0 = Instant::now();
