@@ -371,6 +371,12 @@ fn locked_run(
     let loaded = load_decoded(&config.server, catalog, None).map_err(|d| {
         anyhow!("the signed catalog is not valid: {}", d.0.first().map(|d| d.message.as_str()).unwrap_or("?"))
     })?;
+    // Commit-confirmed apply: the guard keeps what `confirm` resources were before they change,
+    // and holds those whose change was reverted while the catalog asks the same.
+    let mut reverted = confirm::read_reverted(host, lock.exclusive(), &mut notes);
+    if lock.exclusive() && !args.opts.dry_run {
+        confirm::prune_reverted(host, &mut reverted, &loaded.catalog.resources)?;
+    }
     let mut warnings = notes.clone();
     warnings.extend(v.warnings);
     let out = Output {
@@ -380,12 +386,6 @@ fn locked_run(
         color: args.opts.color,
         verbose: args.opts.verbose,
     };
-    // Commit-confirmed apply: the guard keeps what `confirm` resources were before they change,
-    // and holds those whose change was reverted while the catalog asks the same.
-    let mut reverted = confirm::read_reverted(host, lock.exclusive(), &mut notes);
-    if lock.exclusive() && !args.opts.dry_run {
-        confirm::prune_reverted(host, &mut reverted, &loaded.catalog.resources)?;
-    }
     let guard = confirm::Confirming::new(
         host,
         loaded.catalog.serial,

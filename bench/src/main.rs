@@ -19,7 +19,9 @@
 //!
 //! `converge-bench servers [NODES REPORTS CONCURRENCY]`: 1, 2 and 3 servers on PostgreSQL
 //! beside one on SQLite, polled by simulated hosts; reports; storage and retention; see
-//! `servers.rs`.
+//! `servers.rs`. `converge-bench rollout [HOSTS INTERVAL_S WINDOW_S]`: the time from a commit
+//! to the whole fleet without waves (the baseline) and with three; `converge-bench confirm
+//! [ROUNDS]`: how long a host takes to revert a change whose confirmation failed; in `rollout.rs`.
 //!
 //! `converge-bench system`: a no-op run over packages, users, services and files in a container,
 //! beside the one query it cannot avoid and `puppet apply`; see `system.rs`.
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 
 mod compile;
 mod page;
+mod rollout;
 mod serve;
 mod servers;
 mod services;
@@ -73,10 +76,15 @@ fn main() {
             let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
             siege::run(n(1, 500), n(2, 1000), n(3, 4));
         }
+        Some("rollout") => {
+            let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
+            rollout::run(n(1, 300), n(2, 6) as u64, n(3, 3) as u64);
+        }
+        Some("confirm") => rollout::confirm(args.get(1).map_or(3, |a| a.parse().expect("a number"))),
         Some("noop") => noop(&sizes()),
         _ => {
             eprintln!(
-                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | servers [NODES REPORTS CONCURRENCY] | siege [NODES SLOW FLOODERS] | system | services | baseline LIST"
+                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | servers [NODES REPORTS CONCURRENCY] | rollout [HOSTS INTERVAL_S WINDOW_S] | confirm [ROUNDS] | siege [NODES SLOW FLOODERS] | system | services | baseline LIST"
             );
             std::process::exit(1);
         }

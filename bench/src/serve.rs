@@ -61,6 +61,18 @@ pub async fn post(
     body: &[u8],
     etag: Option<&str>,
 ) -> Result<(u16, Option<String>), String> {
+    exchange(from, addr, tls, path, body, etag).await.map(|(status, etag, _)| (status, etag))
+}
+
+/// [`post`], and the body of the answer.
+pub async fn exchange(
+    from: std::net::Ipv4Addr,
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+    path: &str,
+    body: &[u8],
+    etag: Option<&str>,
+) -> Result<(u16, Option<String>, Vec<u8>), String> {
     let mut s = connect_tls(from, addr, tls).await?;
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -84,7 +96,8 @@ pub async fn post(
         .lines()
         .find_map(|l| l.strip_prefix("etag: ").or_else(|| l.strip_prefix("ETag: ")))
         .map(|t| t.trim().to_string());
-    Ok((status, etag))
+    let body = resp.windows(4).position(|w| w == b"\r\n\r\n").map_or(Vec::new(), |at| resp[at + 4..].to_vec());
+    Ok((status, etag, body))
 }
 
 /// A bare mutual TLS handshake.

@@ -191,6 +191,11 @@ fn polls(
 
 /// A report like an agent's after a run of 20 resources, one changed.
 fn report_body(node: &str, i: usize) -> Vec<u8> {
+    report_of(node, i, "4f1d2c3b4a5968778695a4b3c2d1e0f9a8b7c6d5", 1_780_000_000_000)
+}
+
+/// [`report_body`], of a run of `commit` at `serial`.
+pub fn report_of(node: &str, i: usize, commit: &str, serial: u64) -> Vec<u8> {
     use converge_modules::report::{ResourceEvent, Status, Summary};
     let mut summary = Summary::default();
     let resources: Vec<ResourceEvent> = (0..20)
@@ -211,8 +216,8 @@ fn report_body(node: &str, i: usize) -> Vec<u8> {
         info: converge_modules::report::RunInfo {
             catalog: "https://converge.example:8443".into(),
             host: Some(node.to_string()),
-            serial: Some(1_780_000_000_000),
-            commit: Some("4f1d2c3b4a5968778695a4b3c2d1e0f9a8b7c6d5".into()),
+            serial: Some(serial),
+            commit: Some(commit.into()),
             dry_run: false,
             resources: 20,
             signed_by: Some("ed25519:2b7e151628aed2a6".into()),

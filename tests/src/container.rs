@@ -372,6 +372,15 @@ impl Container {
         std::fs::read_to_string(self.dir.join("nspawn.log")).unwrap_or_default()
     }
 
+    /// Joins this host to the server at `url` as `name`, with a token of its own: `converge
+    /// bootstrap` (which runs once).
+    pub fn join(&self, f: &crate::Fleet, url: &str, name: &str) -> Out {
+        let token = f.token(name);
+        let argv =
+            ["converge", "bootstrap", "--server", url, "--ca-hash", &f.ca_hash, "--name", name, "--token", &token];
+        self.run(&argv)
+    }
+
     /// Runs a command inside the container (its namespaces, a clean environment).
     pub fn run(&self, argv: &[&str]) -> Out {
         self.run_env(&[], argv)

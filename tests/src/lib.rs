@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 /// The path of a workspace binary, built by the same `cargo test --workspace`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
-    let dir = exe.parent().and_then(Path::parent).expect("target/PROFILE");
+    // A test runs from target/PROFILE/deps, a benchmark from target/PROFILE.
+    let parent = exe.parent().expect("target/PROFILE");
+    let dir = if parent.ends_with("deps") { parent.parent().expect("target/PROFILE") } else { parent };
     let path = dir.join(name);
     assert!(path.exists(), "{} is missing: build the binaries first (cargo build --workspace)", path.display());
     path

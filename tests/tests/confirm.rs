@@ -66,7 +66,10 @@ fn an_unconfirmed_change_is_put_back_by_the_host_reported_and_held_until_the_cat
     // The report page links each reverted resource to the line that declares it, at its commit.
     let id: String = report.split('#').nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
     let get = |path: &str| {
-        let out = std::process::Command::new("curl").args(["-sk", "--path-as-is", &format!("{}{path}", server.url)]).output().unwrap();
+        let out = std::process::Command::new("curl")
+            .args(["-sk", "--path-as-is", &format!("{}{path}", server.url)])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let page = get(&format!("/reports/{id}")).replace("&#x2f;", "/");
@@ -155,6 +158,22 @@ fn a_new_file_that_is_not_confirmed_goes_away_and_a_damaged_confirmation_file_is
         // Well formed, but naming a resource the catalog does not mark `confirm`: the server
         // answers, so it is confirmed, and nothing is restored from it.
     }
+    // A symbolic link in its place is never followed: set aside like any damage.
+    std::os::unix::fs::symlink("/etc/passwd", &pending).unwrap();
+    let out = converge_in(&root, &["run", "--once"]);
+    assert!(pending.symlink_metadata().is_err() && said(&out).contains("confirm.json.damaged"), "{}", said(&out));
+
+    // A damaged record of reverted changes: set aside, so the held change is tried again, and
+    // (its check still failing) put back again and held anew.
+    let reverted = root.join("var/lib/converge/reverted.json");
+    assert!(reverted.exists());
+    std::fs::write(&reverted, [0xff, 0xfe, b'{']).unwrap();
+    let out = converge_in(&root, &["run", "--once"]);
+    assert!(said(&out).contains("reverted.json.damaged"), "{}", said(&out));
+    assert!(said(&out).contains("file:/etc/cut.conf reverted"), "{}", said(&out));
+    assert!(!root.join("etc/cut.conf").exists());
+    let out = converge_in(&root, &["run", "--once"]);
+    assert!(said(&out).contains("held as it was"), "held anew: {}", said(&out));
 }
 
 /// The change the issue is about: a rule that cuts the host's route to its server, inside the
@@ -182,19 +201,7 @@ fn a_change_that_cuts_the_host_off_is_reverted_by_the_host_within_its_deadline()
     );
     let c = Container::boot_in_netns(&net.b);
     let url = format!("https://{}:8443", net.a_ip);
-    let token = f.token("box");
-    let out = c.run(&[
-        "converge",
-        "bootstrap",
-        "--server",
-        &url,
-        "--ca-hash",
-        &f.ca_hash,
-        "--name",
-        "box",
-        "--token",
-        &token,
-    ]);
+    let out = c.join(&f, &url, "box");
     assert_eq!(out.code, 0, "{}", said(&out));
 
     f.commit(&[("site.yaml", "nodes:\n  box: {roles: [cut]}\n"), ("roles/cut.yaml", &role)]);

@@ -216,3 +216,78 @@ fn a_pinned_host_stays_at_its_commit_until_the_pin_goes() {
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("site.yaml:5") && out.stderr.contains("not a whole commit id"), "{}", out.stderr);
 }
+
+/// The same on real Debian hosts (booted containers on their own network, the server in a
+/// namespace of its own): a commit whose package apt cannot install fails on the canary and
+/// halts the rollout; the other host keeps the commit before; a fixed commit runs clean on the
+/// canary, and `promote` lets it through at once (the window is an hour). Gated with the
+/// container suite.
+#[test]
+fn on_real_hosts_a_commit_apt_cannot_apply_stops_at_the_canary_and_a_fix_is_promoted_to_the_fleet() {
+    use converge_e2e::container::{Container, NetPair, enabled};
+    if !enabled("a broken commit stops at the canary on real hosts") {
+        return;
+    }
+    let site = "nodes:\n  \"*\": {roles: [motd]}\nrollout:\n  window: 1h\n  waves:\n    - {name: canary, nodes: [canary]}\n    - {name: everyone}\n";
+    let role = |v: &str, broken: bool| {
+        let mut r = format!("resources:\n  - file: /etc/motd\n    content: \"{{{{ node.name }}}} {v}\\n\"\n");
+        if broken {
+            r.push_str("  - package: converge-test-no-such-package\n");
+        }
+        r
+    };
+    let net = NetPair::new("w");
+    let f = Fleet::serving(&[("site.yaml", site), ("roles/motd.yaml", &role("v1", false))], &net.a_ip, "0.0.0.0:8443");
+    let w = tempfile::tempdir().unwrap();
+    let _server = Server::launch(
+        &f.config(),
+        converge_e2e::Launch { netns: Some(&net.a), log: Some(w.path().join("server.log")), ..Default::default() },
+    );
+    let url = format!("https://{}:8443", net.a_ip);
+    let hosts: Vec<(&str, Container)> =
+        ["canary", "other"].into_iter().map(|n| (n, Container::boot_in_netns(&net.b))).collect();
+    for (name, c) in &hosts {
+        let out = c.join(&f, &url, name);
+        assert_eq!(out.code, 0, "{name}: {}{}", out.stdout, out.stderr);
+    }
+    let motd = |c: &Container| std::fs::read_to_string(c.path("/etc/motd")).unwrap_or_default();
+    let run = |c: &Container| c.run(&["converge", "run", "--once"]);
+    let (canary, other) = (&hosts[0].1, &hosts[1].1);
+    assert_eq!((motd(canary), motd(other)), ("canary v1\n".into(), "other v1\n".into()));
+
+    // v2 asks apt for a package it does not have: the canary fails, the rollout halts.
+    f.commit(&[("roles/motd.yaml", &role("v2", true))]);
+    begun(&f, &head(&f));
+    let out = run(canary);
+    assert!(
+        out.stdout.contains("FAILED") && out.stdout.contains("package:converge-test-no-such-package"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let mut status = String::new();
+    eventually(Duration::from_secs(15), Duration::from_millis(300), || {
+        status = server_ok(&["rollout", "status", "--config", &f.config()]);
+        status.contains("HALTED").then_some(()).ok_or(status.clone())
+    });
+    run(other);
+    assert_eq!(motd(other), "other v1\n", "the rest of the fleet never sees it: {status}");
+
+    // v3 fixes it: clean on the canary; the hour's window would hold the rest, promote does not.
+    f.commit(&[("roles/motd.yaml", &role("v3", false))]);
+    begun(&f, &head(&f));
+    let out = run(canary);
+    assert_eq!(motd(canary), "canary v3\n", "{}{}", out.stdout, out.stderr);
+    run(other);
+    assert_eq!(motd(other), "other v1\n", "the window holds the next wave");
+    eventually(Duration::from_secs(15), Duration::from_millis(300), || {
+        let s = server_ok(&["rollout", "status", "--config", &f.config()]);
+        s.lines().any(|l| l.contains(" canary ") && l.ends_with("has it")).then_some(()).ok_or(s)
+    });
+    let promoted = server_ok(&["rollout", "promote", "--config", &f.config()]);
+    assert!(promoted.contains("wave 2 (everyone) gets it"), "{promoted}");
+    eventually(Duration::from_secs(15), Duration::from_millis(300), || {
+        run(other);
+        (motd(other) == "other v3\n").then_some(()).ok_or(motd(other))
+    });
+}
