@@ -82,14 +82,16 @@ pub fn explain(catalog: &Catalog, target: &str, signed_by: &str) -> Result<Strin
     };
     match catalog.provenance.get(&id) {
         Some(o) => {
-            line("declared at", format!("{}:{} (role {})", c(&o.file), o.line, c(&o.role)));
+            line("declared at", format!("{}:{} (role {})", c(&o.file), o.line, c(o.role())));
             if let Some(t) = &o.template {
                 line("content from", c(t));
             }
             let width = o.values.iter().map(|i| i.field.len()).max().unwrap_or(0);
             let vwidth = o.values.iter().map(|i| i.value.len()).max().unwrap_or(0);
             for (k, i) in o.values.iter().enumerate() {
-                let text = format!("{:<width$}  {:<vwidth$}  from {}", c(&i.field), c(&i.value), c(&i.from));
+                let at = i.read_at(o).map(|a| format!(" (read at {})", c(&a))).unwrap_or_default();
+                let text =
+                    format!("{:<width$}  {:<vwidth$}  from {}{at}", c(&i.field), c(&i.value), c(&i.from_text(o)));
                 line(if k == 0 { "values" } else { "" }, text);
             }
         }
@@ -133,7 +135,6 @@ mod tests {
         catalog.provenance.insert(
             "file:/etc/app/app.conf".into(),
             Origin {
-                role: "app".into(),
                 file: "roles/app.yaml".into(),
                 line: 7,
                 template: Some("templates/app.conf.j2".into()),
@@ -141,6 +142,7 @@ mod tests {
                     field: "content".into(),
                     value: "data.app.port".into(),
                     from: "data/os/debian.yaml\x1b[2J".into(),
+                    line: Some(3),
                 }],
             },
         );
@@ -149,6 +151,7 @@ mod tests {
         assert!(text.contains("declared at   roles/app.yaml:7 (role app)"), "{text}");
         assert!(text.contains("content from  templates/app.conf.j2"), "{text}");
         assert!(text.contains("content  data.app.port  from data/os/debian.yaml"), "{text}");
+        assert!(text.contains("(read at templates/app.conf.j2:3)"), "{text}");
         assert!(!text.contains('\x1b'), "what the catalog says cannot drive the terminal");
         assert!(text.contains(&format!("commit        {} of git@example.com:ops", "ab".repeat(20))), "{text}");
         assert!(text.contains("signed by     key k1") && text.contains("notifies      service:app"), "{text}");

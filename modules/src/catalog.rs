@@ -60,36 +60,100 @@ pub struct Catalog {
 /// out for others (an older agent refuses a field it does not know).
 pub const READS_PROVENANCE: u32 = 3;
 
-/// Where one resource came from.
-#[serde_with::skip_serializing_none]
+/// Where one resource came from. On the wire, an array `[file, line, template, values]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(from = "OriginWire", into = "OriginWire")]
 pub struct Origin {
-    /// The role that declares it.
-    pub role: String,
-    /// The role's file in the repository, and the line of the resource.
+    /// The role's file in the repository (`roles/NAME.yaml`), and the line of the resource.
     pub file: String,
     pub line: u32,
     /// The template its content was rendered from (`templates/NAME`).
     pub template: Option<String>,
     /// Each value a field read, and where that value came from.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<Input>,
 }
 
-/// One value a field of a resource read while it was rendered.
+type OriginWire = (String, u32, Option<String>, Vec<Input>);
+
+impl From<OriginWire> for Origin {
+    fn from((file, line, template, values): OriginWire) -> Origin {
+        Origin { file, line, template, values }
+    }
+}
+
+impl From<Origin> for OriginWire {
+    fn from(o: Origin) -> OriginWire {
+        (o.file, o.line, o.template, o.values)
+    }
+}
+
+impl Origin {
+    /// The role's name: its file's, under `roles/`.
+    pub fn role(&self) -> &str {
+        let name = self.file.strip_prefix("roles/").unwrap_or(&self.file);
+        name.strip_suffix(".yaml").or_else(|| name.strip_suffix(".yml")).unwrap_or(name)
+    }
+}
+
+/// One value a field of a resource read while it was rendered. On the wire, an array
+/// `[field, value, from, line]`: a catalog carries one per value of every resource.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(from = "InputWire", into = "InputWire")]
 pub struct Input {
     /// The field (`content`, `mode`, `when`, `for_each`).
     pub field: String,
     /// The value as the template names it: `data.nginx.port`, `params.port`, `facts.cpus`.
     pub value: String,
-    /// Where it came from: the data file of the hierarchy that supplied it, the role's default,
-    /// site.yaml, or the host's facts.
+    /// Where it came from: the data file of the hierarchy that supplied it, or one of
+    /// [`Input::DEFAULT`] (the role's default), [`Input::FACTS`], [`Input::SITE`] (node attributes),
+    /// [`Input::NAME`] (the node's name).
     pub from: String,
+    /// The line that reads it: in the template ([`Origin::template`]) for `content` rendered
+    /// from one, else in the role file.
+    pub line: Option<u32>,
+}
+
+type InputWire = (String, String, String, Option<u32>);
+
+impl From<InputWire> for Input {
+    fn from((field, value, from, line): InputWire) -> Input {
+        Input { field, value, from, line }
+    }
+}
+
+impl From<Input> for InputWire {
+    fn from(i: Input) -> InputWire {
+        (i.field, i.value, i.from, i.line)
+    }
+}
+
+impl Input {
+    pub const DEFAULT: &'static str = "default";
+    pub const FACTS: &'static str = "facts";
+    pub const SITE: &'static str = "site";
+    pub const NAME: &'static str = "name";
+
+    /// Where it came from, for people.
+    pub fn from_text(&self, origin: &Origin) -> String {
+        match self.from.as_str() {
+            Input::DEFAULT => format!("{} (the role's default)", origin.file),
+            Input::FACTS => "the host's facts (reported at its run)".into(),
+            Input::SITE => "site.yaml (the node's entry and the site's attributes)".into(),
+            Input::NAME => "the node's name".into(),
+            file => file.to_string(),
+        }
+    }
+
+    /// The file and line that read it.
+    pub fn read_at(&self, origin: &Origin) -> Option<String> {
+        let file = match (&origin.template, self.field.as_str()) {
+            (Some(t), "content") => t.as_str(),
+            _ => origin.file.as_str(),
+        };
+        self.line.map(|l| format!("{file}:{l}"))
+    }
 }
 
 impl Catalog {

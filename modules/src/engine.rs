@@ -542,6 +542,14 @@ resources:
 ";
 
     fn check(script: &Script, dry_run: bool) -> (Summary, HashMap<String, ResourceEvent>) {
+        check_guarded(script, dry_run, None)
+    }
+
+    fn check_guarded(
+        script: &Script,
+        dry_run: bool,
+        guard: Option<&dyn Guard>,
+    ) -> (Summary, HashMap<String, ResourceEvent>) {
         let loaded = load("t.yaml", CATALOG, None).unwrap();
         let mut sink = Collect::default();
         let info = RunInfo {
@@ -554,9 +562,44 @@ resources:
             signed_by: None,
             warnings: vec![],
         };
-        let summary = run(&loaded, script, Options { dry_run, stop: None, guard: None }, info, &mut sink);
+        let summary = run(&loaded, script, Options { dry_run, stop: None, guard }, info, &mut sink);
         let events = sink.resources.into_iter().map(|e| (e.id.clone(), e)).collect();
         (summary, events)
+    }
+
+    /// Holds `/a`, refuses to let `/c` change (its state could not be kept: a full disk), and
+    /// notes every change it is asked about.
+    #[derive(Debug, Default)]
+    struct Keeper(RefCell<Vec<String>>);
+
+    impl Guard for Keeper {
+        fn hold(&self, r: &Resource) -> Option<String> {
+            (r.id.title == "/a").then(|| "held as it was".to_string())
+        }
+        fn before_change(&self, r: &Resource) -> Result<(), String> {
+            self.0.borrow_mut().push(r.id.title.clone());
+            if r.id.title == "/c" { Err("no room to keep it".into()) } else { Ok(()) }
+        }
+    }
+
+    #[test]
+    fn a_guard_holds_resources_and_is_asked_before_each_change_which_it_can_refuse() {
+        let s = Script::default();
+        let keeper = Keeper::default();
+        let (sum, ev) = check_guarded(&s, true, Some(&keeper));
+        assert!(keeper.0.borrow().is_empty(), "a dry-run changes nothing, so nothing is asked");
+        assert_eq!(ev["file:/a"].status, Status::Skipped, "held in a dry-run too");
+        assert_eq!(sum.would_change, 2, "/c and /d: /b and /svc come after /a");
+        let (_, ev) = check_guarded(&s, false, Some(&keeper));
+        assert_eq!(ev["file:/a"].status, Status::Skipped);
+        assert_eq!(ev["file:/a"].message.as_deref(), Some("held as it was"));
+        assert_eq!(ev["file:/b"].status, Status::Skipped, "what depends on a held resource waits");
+        assert_eq!(ev["file:/c"].status, Status::Failed);
+        assert!(ev["file:/c"].message.as_deref().unwrap().contains("not changed: no room to keep it"));
+        assert!(!s.log.borrow().iter().any(|l| l == "apply /c"), "a refused change is never applied");
+        assert_eq!(ev["file:/d"].status, Status::Changed);
+        assert_eq!(ev["file:/svc"].status, Status::Skipped, "a notify target of a held resource waits too");
+        assert_eq!(*keeper.0.borrow(), vec!["/c".to_string(), "/d".to_string()]);
     }
 
     #[test]

@@ -28,6 +28,9 @@ use std::sync::{Arc, Mutex};
 
 pub const SITE: &str = "site.yaml";
 
+/// The values a template reads (`data.nginx.port`), each with the first line naming it.
+type Names = Arc<Vec<(String, Option<u32>)>>;
+
 pub struct Compiler {
     pub source: Option<Source>,
     pub site: Option<Site>,
@@ -39,7 +42,7 @@ pub struct Compiler {
     secret_files: BTreeMap<String, Arc<str>>,
     /// The values each template names (`data.nginx.port`), read from its source once: the
     /// provenance of what a field read.
-    names: Mutex<std::collections::HashMap<String, Arc<Vec<String>>>>,
+    names: Mutex<std::collections::HashMap<String, Names>>,
     /// `files/` by path under it.
     files: BTreeMap<String, Vec<u8>>,
     /// `data/secrets/` by level path: each name's value, opened with the server's secrets
@@ -539,34 +542,36 @@ impl Compiler {
     /// Where a resource rendered from `rt` came from, and each value its fields read.
     fn origin(&self, role: &Role, rt: &role::ResourceTemplate, template: Option<String>, levels: &[String]) -> Origin {
         let mut values: Vec<Input> = Vec::new();
-        let mut add = |field: &str, templates: &[&str]| {
+        // `at`: the field's line in the role file; `None`: the line in the template that reads it.
+        let mut add = |field: &str, templates: &[&str], at: Option<Mark>| {
             for t in templates {
-                for value in self.names_read(t).iter() {
+                for (value, line) in self.names_read(t).iter() {
                     let Some(from) = self.source_of(value, role, levels) else { continue };
-                    if !values.iter().any(|i| i.field == field && &i.value == value) {
-                        values.push(Input { field: field.to_string(), value: value.clone(), from });
+                    if values.iter().any(|i| i.field == field && &i.value == value) {
+                        continue;
                     }
+                    let line = at.map(|m| m.line).or(*line);
+                    values.push(Input { field: field.to_string(), value: value.clone(), from, line });
                 }
             }
         };
         if let Some(e) = &rt.when {
-            add("when", &[&e.name]);
+            add("when", &[&e.name], Some(e.mark));
         }
         if let Some(e) = &rt.for_each {
-            add("for_each", &[&e.name]);
+            add("for_each", &[&e.name], Some(e.mark));
         }
         if let TNode::Map { entries, .. } = &rt.body {
             for (k, v) in entries {
                 let mut names = Vec::new();
                 template_names(v, &mut names);
-                add(k.as_str().unwrap_or("?"), &names);
+                add(k.as_str().unwrap_or("?"), &names, Some(k.mark));
             }
         }
         if let Some(t) = &template {
-            add("content", &[t]);
+            add("content", &[t], None);
         }
         Origin {
-            role: role.name.clone(),
             file: role.file.to_string(),
             line: rt.mark.line,
             template: template.map(|t| format!("templates/{t}")),
@@ -574,14 +579,26 @@ impl Compiler {
         }
     }
 
-    /// The values the template `name` reads, by their dotted names (from its source, once).
-    fn names_read(&self, name: &str) -> Arc<Vec<String>> {
+    /// The values the template `name` reads, by their dotted names, each with the first line
+    /// of its source that names it (from its source, once).
+    fn names_read(&self, name: &str) -> Names {
         let mut cache = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(v) = cache.get(name) {
             return v.clone();
         }
-        let mut v: Vec<String> =
-            self.env.get_template(name).map(|t| t.undeclared_variables(true).into_iter().collect()).unwrap_or_default();
+        let mut v: Vec<(String, Option<u32>)> = match self.env.get_template(name) {
+            Ok(t) => {
+                let lines: Vec<&str> = t.source().lines().collect();
+                t.undeclared_variables(true)
+                    .into_iter()
+                    .map(|value| {
+                        let line = lines.iter().position(|l| l.contains(value.as_str())).map(|i| i as u32 + 1);
+                        (value, line)
+                    })
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
         v.sort();
         let v = Arc::new(v);
         cache.insert(name.to_string(), v.clone());
@@ -608,21 +625,20 @@ impl Compiler {
                 }
             }
             "params" => match parts.next() {
-                None => "the role's params".into(),
-                Some(k) => last_with(&["params", &role.name, k])
-                    .unwrap_or_else(|| format!("{} (the role's default)", role.file)),
+                None => return None,
+                Some(k) => last_with(&["params", &role.name, k]).unwrap_or_else(|| Input::DEFAULT.into()),
             },
             "secrets" => {
                 let name = parts.next()?;
                 let level = levels.iter().rev().find(|l| self.secrets.get(*l).is_some_and(|m| m.contains_key(name)))?;
                 self.secret_files.get(level).map(|f| f.to_string())?
             }
-            "facts" => "the host's facts (reported at its run)".into(),
+            "facts" => Input::FACTS.into(),
             "node" => match parts.next() {
-                Some("name") => "the node's name".into(),
-                _ => format!("{SITE} (the node's entry and the site's attributes)"),
+                Some("name") => Input::NAME.into(),
+                _ => Input::SITE.into(),
             },
-            "item" => "the item of for_each".into(),
+            // The item of a loop comes from its `for_each`, which is listed itself.
             _ => return None,
         })
     }

@@ -51,12 +51,16 @@ fn why_names_the_role_line_template_and_the_data_layer_of_each_value_with_no_ser
         text.lines()
             .find(|l| l.contains(&format!(" {value} ")))
             .and_then(|l| l.split(" from ").nth(1))
-            .map(str::to_string)
+            .map(|f| f.split(" (read at ").next().unwrap().to_string())
             .unwrap_or_else(|| panic!("{value} not in:\n{text}"))
     };
     assert_eq!(from("params.listen_port"), "data/node/web01.example.com.yaml");
     assert_eq!(from("params.server_name"), "data/role/web.yaml");
     assert_eq!(from("params.root"), "roles/web.yaml (the role's default)");
+    // And where each is read: the template's line.
+    let template = std::fs::read_to_string(f.repo().join("templates/nginx-site.conf.j2")).unwrap();
+    let line = template.lines().position(|l| l.contains("params.server_name")).unwrap() + 1;
+    assert!(text.contains(&format!("(read at templates/nginx-site.conf.j2:{line})")), "{text}");
     let head = String::from_utf8(
         std::process::Command::new("git")
             .args(["-C", &f.repo().display().to_string(), "rev-parse", "HEAD"])
