@@ -69,6 +69,7 @@ fn environment() -> Environment<'static> {
         .build()
         .expect("default delimiters");
     env.set_syntax(syntax);
+    crate::filters::register(&mut env);
     env
 }
 

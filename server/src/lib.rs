@@ -3,7 +3,8 @@
 //! - [`repo`] loads a repository, from a directory or a git revision: the only I/O.
 //! - [`site`] parses `site.yaml` and classifies nodes; [`role`] parses roles into templates;
 //!   [`rollout`]: the waves a new commit reaches in turn (pure).
-//! - [`compiler`] resolves roles, data, params and facts, renders, and checks each catalog.
+//! - [`compiler`] resolves roles, data, params and facts, renders, and checks each catalog;
+//!   [`filters`]: the template filters Ansible and Salt users expect (pure).
 //! - [`diff`] compares two compiles node by node.
 //! - [`keys`] generates and stores signing keys and the key list, and signs catalogs.
 //! - [`schemas`] generates the JSON Schemas of site.yaml, role files and catalogs.
@@ -26,6 +27,7 @@ pub mod compiler;
 pub mod config;
 pub mod db;
 pub mod diff;
+pub mod filters;
 pub mod fleet;
 pub mod http;
 pub mod keys;

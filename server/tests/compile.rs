@@ -202,3 +202,35 @@ fn confirm_is_given_by_a_role_to_its_paths_and_refused_where_it_cannot_work() {
         assert!(found.iter().any(|f| f.starts_with(want)), "expected {want:?} in:\n{}", found.join("\n"));
     }
 }
+
+/// The filters Ansible users reach for work in roles and templates, and a filter's refusal is
+/// reported at its place like any template error.
+#[test]
+fn ansible_filters_in_roles_and_templates_and_their_errors_with_places() {
+    let repo = Repo::from_files([
+        ("site.yaml", "nodes:\n  web1: {roles: [app]}\n  bad: {roles: [bad]}\n"),
+        (
+            "roles/app.yaml",
+            "params:\n  conf: /etc/app/app.conf\n  extra: {b: 2}\nresources:\n  - file: \"{{ params.conf }}\"\n    template: app.j2\n  - file: \"/etc/app/{{ params.conf | basename | regex_replace('\\\\.conf$', '.json') }}\"\n    content: \"{{ {'a': 1} | combine(params.extra) | to_json }}\"\n",
+        ),
+        ("templates/app.j2", "dir={{ params.conf | dirname }}\nsum={{ 'abc' | hash }}\ncmd=echo {{ \"it's\" | quote }}\n{{ {'k': [1]} | to_yaml }}"),
+        ("roles/bad.yaml", "resources:\n  - file: /etc/x\n    content: \"{{ 'x' | regex_replace('(', '') }}\"\n"),
+    ]);
+    let compiler = Compiler::new(&repo);
+    assert_eq!(compiler.problems, vec![]);
+    let c = compiler.compile("web1", &Map::new()).unwrap();
+    let content = |id: &str| {
+        let r = c.resources.iter().find(|r| r.id.to_string() == id).unwrap_or_else(|| panic!("{id}: {c:?}"));
+        serde_json::to_value(r).unwrap()["content"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        content("file:/etc/app/app.conf"),
+        "dir=/etc/app\nsum=ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\ncmd=echo 'it'\"'\"'s'\nk:\n- 1\n"
+    );
+    assert_eq!(content("file:/etc/app/app.json"), r#"{"a": 1, "b": 2}"#);
+    let found = check(&repo);
+    assert!(
+        found.iter().any(|f| f.starts_with("roles/bad.yaml:3:") && f.contains("`(` is not a regular expression")),
+        "{found:?}"
+    );
+}
