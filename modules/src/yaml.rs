@@ -84,6 +84,27 @@ pub const MAX_NODES: usize = 5_000_000;
 
 /// Reads one YAML document. An empty document is a null scalar.
 pub fn parse(src: &str) -> Result<Node, SyntaxError> {
+    parse_document(src).map_err(|e| tab_hint(src, e))
+}
+
+/// A tab where YAML wants indentation is reported by the parser where the scanner noticed it
+/// (often the end of the line before): said plainly, at the tab itself.
+fn tab_hint(src: &str, mut e: SyntaxError) -> SyntaxError {
+    if let Some((m, msg)) = e.problems.first_mut()
+        && msg.contains("tab")
+    {
+        let from = (m.line.max(1) as usize).saturating_sub(1);
+        let indented = src.lines().enumerate().skip(from).find(|(_, l)| l.trim_start_matches(' ').starts_with('\t'));
+        if let Some((i, line)) = indented {
+            let col = line.find('\t').unwrap_or(0) + 1;
+            *m = Mark::new(i as u32 + 1, col as u32);
+            *msg = "YAML indents with spaces, never tabs: this line begins with a tab (replace it with spaces)".into();
+        }
+    }
+    e
+}
+
+fn parse_document(src: &str) -> Result<Node, SyntaxError> {
     let mut b = Builder { parser: Parser::new_from_str(src), anchors: HashMap::new(), count: 0, dups: Vec::new() };
     let one = |m: Mark, s: String| SyntaxError { problems: vec![(m, s)] };
     let mut doc: Option<Node> = None;

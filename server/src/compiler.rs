@@ -54,6 +54,10 @@ pub struct Compiler {
     env: Environment<'static>,
     /// Problems of the repository itself, found whatever the node.
     pub problems: Vec<Diagnostic>,
+    /// Role files and templates that are there but could not be read (`roles/NAME`,
+    /// `templates/NAME`), with their first error: what a use of one reports instead of
+    /// "unknown" or "not found", so that one mistake is one error.
+    broken: BTreeMap<String, Diagnostic>,
 }
 
 /// The environment every template renders in: undefined values are errors, never empty
@@ -92,11 +96,16 @@ impl Compiler {
             }
             None => None,
         };
+        // What is there but broken: its own error is the one error (a use of it is not also
+        // "not found" or "unknown").
+        let mut broken = BTreeMap::new();
         for path in repo.under("templates") {
             let Some(source) = text(path, &mut problems) else { continue };
             let name = path["templates/".len()..].to_string();
-            if let Err(e) = env.add_template_owned(name, source.clone()) {
-                problems.push(template_error(&e, path, &source, None));
+            if let Err(e) = env.add_template_owned(name.clone(), source.clone()) {
+                let d = template_error(&e, path, &source, None);
+                broken.insert(format!("templates/{name}"), d.clone());
+                problems.push(d);
             }
         }
         let site = match text(SITE, &mut problems) {
@@ -110,8 +119,18 @@ impl Compiler {
         for path in repo.under("roles").filter(|p| p.ends_with(".yaml") || p.ends_with(".yml")) {
             let Some(source) = text(path, &mut problems) else { continue };
             let name = path["roles/".len()..].trim_end_matches(".yaml").trim_end_matches(".yml").to_string();
-            if let Some(r) = role::parse(&name, Arc::from(path), &source, &mut env, &mut problems) {
-                roles.insert(name, r);
+            let before = problems.len();
+            match role::parse(&name, Arc::from(path), &source, &mut env, &mut problems) {
+                Some(r) => {
+                    roles.insert(name, r);
+                }
+                None => {
+                    let d = problems.get(before).cloned();
+                    broken.insert(
+                        format!("roles/{name}"),
+                        d.unwrap_or_else(|| Diagnostic::new(path, Mark::UNKNOWN, "cannot be read")),
+                    );
+                }
             }
         }
         let mut data = BTreeMap::new();
@@ -145,7 +164,7 @@ impl Compiler {
             match yaml::parse(&source) {
                 Err(e) => problems.extend(e.problems.into_iter().map(|(m, msg)| Diagnostic::new(path, m, msg))),
                 Ok(node) => {
-                    check_param_overrides(path, &node, &roles, &mut problems);
+                    check_param_overrides(path, &node, &roles, &broken, &mut problems);
                     match yaml::from_node::<Value>(&node) {
                         Ok(v) if v.kind() == ValueKind::Map => {
                             data.insert(level, (Arc::from(path), v, Arc::from(source.as_str())));
@@ -175,6 +194,7 @@ impl Compiler {
             key,
             env,
             problems,
+            broken,
         };
         compiler.check_roles();
         compiler
@@ -194,7 +214,7 @@ impl Compiler {
             for entry in site.nodes.values() {
                 for r in &entry.value.roles {
                     if !self.roles.contains_key(&r.value) {
-                        problems.push(Diagnostic::new(SITE, r.mark, self.unknown_role(&r.value)));
+                        problems.push(self.no_role(SITE, r.mark, &r.value));
                     }
                 }
             }
@@ -202,7 +222,7 @@ impl Compiler {
         for role in self.roles.values() {
             for inc in &role.head.include {
                 if !self.roles.contains_key(&inc.value) {
-                    problems.push(Diagnostic::new(&*role.file, inc.mark, self.unknown_role(&inc.value)));
+                    problems.push(self.no_role(&role.file, inc.mark, &inc.value));
                 }
             }
             let (_, d) = self.order(&[Spanned { mark: Mark::UNKNOWN, value: role.name.clone() }]);
@@ -211,6 +231,15 @@ impl Compiler {
         problems.sort_by(|a, b| (&a.file, a.mark, &a.message).cmp(&(&b.file, b.mark, &b.message)));
         problems.dedup();
         self.problems.extend(problems);
+    }
+
+    /// A use of the role `name` that cannot resolve at `mark` of `file`: unknown, or (there but
+    /// broken) the role file's own error again, which `check` tells once.
+    fn no_role(&self, file: &str, mark: Mark, name: &str) -> Diagnostic {
+        match self.broken.get(&format!("roles/{name}")) {
+            Some(d) => d.clone(),
+            None => Diagnostic::new(file, mark, self.unknown_role(name)),
+        }
     }
 
     fn unknown_role(&self, name: &str) -> String {
@@ -233,7 +262,7 @@ impl Compiler {
             diags: &mut Vec<Diagnostic>,
         ) {
             let Some(role) = c.roles.get(&name.value) else {
-                diags.push(Diagnostic::new(from, name.mark, c.unknown_role(&name.value)));
+                diags.push(c.no_role(from, name.mark, &name.value));
                 return;
             };
             if let Some(pos) = stack.iter().position(|s| *s == name.value) {
@@ -737,10 +766,11 @@ impl Compiler {
                     .as_str()
                     .filter(|_| !v.is_null())
                     .ok_or_else(|| place(v.mark, "`template` names a file in templates/".into()))?;
-                let template = self
-                    .env
-                    .get_template(name)
-                    .map_err(|_| place(v.mark, format!("template `{name}` not found in templates/")))?;
+                let template =
+                    self.env.get_template(name).map_err(|_| match self.broken.get(&format!("templates/{name}")) {
+                        Some(d) => d.clone(),
+                        None => place(v.mark, format!("template `{name}` not found in templates/")),
+                    })?;
                 secrets.take_read();
                 let text = template.render(ctx).map_err(|e| {
                     template_error(&e, &format!("templates/{name}"), template.source(), Some((&role.file, v.mark)))
@@ -904,25 +934,35 @@ fn parse_yaml<T: for<'a> serde::Deserialize<'a>>(file: &str, text: &str, problem
 }
 
 /// Data overriding role params must name a role and one of its params.
-fn check_param_overrides(file: &str, node: &Node, roles: &BTreeMap<String, Role>, problems: &mut Vec<Diagnostic>) {
+fn check_param_overrides(
+    file: &str,
+    node: &Node,
+    roles: &BTreeMap<String, Role>,
+    broken: &BTreeMap<String, Diagnostic>,
+    problems: &mut Vec<Diagnostic>,
+) {
     let Some((_, params)) = node.as_map().and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("params"))) else {
         return;
     };
     for (role_key, values) in params.as_map().unwrap_or_default() {
         let name = role_key.as_str().unwrap_or_default();
         let Some(role) = roles.get(name) else {
-            problems.push(Diagnostic::new(file, role_key.mark, format!("params for unknown role `{name}`")));
+            // A role whose file is broken has its own error; its params cannot be known.
+            if !broken.contains_key(&format!("roles/{name}")) {
+                problems.push(Diagnostic::new(file, role_key.mark, format!("params for unknown role `{name}`")));
+            }
             continue;
         };
         for (k, _) in values.as_map().unwrap_or_default() {
             let p = k.as_str().unwrap_or_default();
             if !role.head.params.contains_key(p) {
                 let known: Vec<&str> = role.head.params.keys().map(String::as_str).collect();
-                problems.push(Diagnostic::new(
-                    file,
-                    k.mark,
-                    format!("role `{name}` has no param `{p}` (its params: {})", known.join(", ")),
-                ));
+                let its = if known.is_empty() {
+                    "it declares none".to_string()
+                } else {
+                    format!("its params: {}", known.join(", "))
+                };
+                problems.push(Diagnostic::new(file, k.mark, format!("role `{name}` has no param `{p}` ({its})")));
             }
         }
     }

@@ -213,7 +213,10 @@ fn ansible_filters_in_roles_and_templates_and_their_errors_with_places() {
             "roles/app.yaml",
             "params:\n  conf: /etc/app/app.conf\n  extra: {b: 2}\nresources:\n  - file: \"{{ params.conf }}\"\n    template: app.j2\n  - file: \"/etc/app/{{ params.conf | basename | regex_replace('\\\\.conf$', '.json') }}\"\n    content: \"{{ {'a': 1} | combine(params.extra) | to_json }}\"\n",
         ),
-        ("templates/app.j2", "dir={{ params.conf | dirname }}\nsum={{ 'abc' | hash }}\ncmd=echo {{ \"it's\" | quote }}\n{{ {'k': [1]} | to_yaml }}"),
+        (
+            "templates/app.j2",
+            "dir={{ params.conf | dirname }}\nsum={{ 'abc' | hash }}\ncmd=echo {{ \"it's\" | quote }}\n{{ {'k': [1]} | to_yaml }}",
+        ),
         ("roles/bad.yaml", "resources:\n  - file: /etc/x\n    content: \"{{ 'x' | regex_replace('(', '') }}\"\n"),
     ]);
     let compiler = Compiler::new(&repo);
@@ -233,4 +236,49 @@ fn ansible_filters_in_roles_and_templates_and_their_errors_with_places() {
         found.iter().any(|f| f.starts_with("roles/bad.yaml:3:") && f.contains("`(` is not a regular expression")),
         "{found:?}"
     );
+}
+
+/// One mistake, one error: a role file that does not parse is not also an "unknown role" in
+/// site.yaml and a "params for unknown role" in data; a template with a syntax error is not
+/// also "not found" where a role uses it; a tab in indentation is said at the tab.
+#[test]
+fn one_mistake_gives_one_error() {
+    let base = |role: &str, extra: &[(&'static str, &'static str)]| {
+        let mut files: Vec<(&str, String)> = vec![
+            ("site.yaml", "nodes:\n  web1: {roles: [web]}\n  web2: {roles: [base]}\n".into()),
+            ("roles/base.yaml", "include: [web]\n".into()),
+            ("roles/web.yaml", role.to_string()),
+            ("data/common.yaml", "params:\n  web:\n    port: 8080\n".into()),
+        ];
+        files.extend(extra.iter().map(|(p, t)| (*p, t.to_string())));
+        let refs: Vec<(&str, &str)> = files.iter().map(|(p, t)| (*p, t.as_str())).collect();
+        check(&Repo::from_files(refs))
+    };
+    let found = base("params:\n  port: 80\nresources:\n  - file: /etc/x\n   content: y\n", &[]);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(found[0].starts_with("roles/web.yaml:5: YAML syntax"), "{found:?}");
+
+    let found = base(
+        "params:\n  port: 80\nresources:\n  - file: /etc/x\n    template: t.j2\n",
+        &[("templates/t.j2", "{% if x %}\nnever closed\n")],
+    );
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(found[0].starts_with("templates/t.j2:2: template syntax error"), "{found:?}");
+
+    let found = base("params:\n  port: 80\nresources:\n  - file: /etc/x\n\tcontent: y\n", &[]);
+    assert_eq!(
+        found,
+        [
+            "roles/web.yaml:5: YAML indents with spaces, never tabs: this line begins with a tab (replace it with spaces)"
+        ]
+    );
+
+    // A role that is not there at all is still unknown, everywhere it is named.
+    let repo = Repo::from_files([
+        ("site.yaml", "nodes:\n  web1: {roles: [ghost]}\n"),
+        ("data/common.yaml", "params:\n  ghost: {a: 1}\n"),
+    ]);
+    let found = check(&repo);
+    assert!(found.iter().any(|f| f.starts_with("site.yaml:2: unknown role `ghost`")), "{found:?}");
+    assert!(found.iter().any(|f| f.starts_with("data/common.yaml:2: params for unknown role `ghost`")), "{found:?}");
 }
