@@ -209,6 +209,7 @@ impl Compiler {
         }
         if let Some(site) = &self.site {
             problems.extend(site.pin_problems().into_iter().map(|(m, msg)| Diagnostic::new(SITE, m, msg)));
+            problems.extend(site.pattern_ties().into_iter().map(|(_, _, m, msg)| Diagnostic::new(SITE, m, msg)));
         }
         if let Some(site) = &self.site {
             for entry in site.nodes.values() {
@@ -385,7 +386,17 @@ impl Compiler {
         let Some(site) = &self.site else {
             return Err(vec![Diagnostic::new(SITE, Mark::UNKNOWN, "site.yaml could not be read; see its errors")]);
         };
-        let (_, entry) = site.classify(node).map_err(|m| vec![Diagnostic::new(SITE, Mark::UNKNOWN, m)])?;
+        let (_, entry) = site.classify(node).map_err(|m| {
+            // A tie `check` finds for the patterns themselves is that one error, not two.
+            let tie = site
+                .pattern_ties()
+                .into_iter()
+                .find(|(a, b, _, _)| m.contains(&format!("`{a}`")) && m.contains(&format!("`{b}`")));
+            vec![match tie {
+                Some((_, _, mark, msg)) => Diagnostic::new(SITE, mark, msg),
+                None => Diagnostic::new(SITE, Mark::UNKNOWN, m),
+            }]
+        })?;
         let (roles, mut diags) = self.order(&entry.value.roles);
         let mut attributes: BTreeMap<String, Value> = site.attributes.clone();
         attributes.extend(entry.value.attributes.clone());

@@ -156,7 +156,82 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// A name both glob patterns match, if there is one (the shortest such, with `x` where any
+/// character would do): the product of the two patterns, searched breadth first.
+pub fn overlap(a: &str, b: &str) -> Option<String> {
+    let (p, q): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let (n, m) = (p.len(), q.len());
+    // For each state (i, j): how it was reached (the state before, and the character read).
+    let mut from: Vec<Option<(usize, Option<char>)>> = vec![None; (n + 1) * (m + 1)];
+    let id = |i: usize, j: usize| i * (m + 1) + j;
+    let mut queue = std::collections::VecDeque::from([(0usize, 0usize)]);
+    from[0] = Some((0, None));
+    while let Some((i, j)) = queue.pop_front() {
+        if (i, j) == (n, m) {
+            let mut out = Vec::new();
+            let mut at = id(i, j);
+            while at != 0 {
+                let (prev, c) = from[at].expect("reached");
+                out.extend(c);
+                at = prev;
+            }
+            return Some(out.into_iter().rev().collect());
+        }
+        let (pc, qc) = (p.get(i).copied(), q.get(j).copied());
+        let mut next: Vec<(usize, usize, Option<char>)> = Vec::new();
+        if pc == Some('*') {
+            next.push((i + 1, j, None));
+        }
+        if qc == Some('*') {
+            next.push((i, j + 1, None));
+        }
+        if let (Some(x), Some(y)) = (pc, qc) {
+            let ch = match (x, y) {
+                ('*' | '?', '*' | '?') => Some('x'),
+                ('*' | '?', c) | (c, '*' | '?') => Some(c),
+                (c, d) => (c == d).then_some(c),
+            };
+            if let Some(ch) = ch {
+                let ni = if x == '*' { i } else { i + 1 };
+                let nj = if y == '*' { j } else { j + 1 };
+                if (ni, nj) != (i, j) {
+                    next.push((ni, nj, Some(ch)));
+                }
+            }
+        }
+        for (ni, nj, c) in next {
+            if from[id(ni, nj)].is_none() {
+                from[id(ni, nj)] = Some((id(i, j), c));
+                queue.push_back((ni, nj));
+            }
+        }
+    }
+    None
+}
+
 impl Site {
+    /// Patterns of `nodes` that tie for some name (the same length, and a name both match),
+    /// whatever nodes exist: each with the later pattern's place.
+    pub fn pattern_ties(&self) -> Vec<(String, String, converge_modules::diag::Mark, String)> {
+        let patterns: Vec<(&String, &Spanned<NodeEntry>)> = self.nodes.iter().filter(|(k, _)| is_pattern(k)).collect();
+        let mut out = Vec::new();
+        for (i, (a, _)) in patterns.iter().enumerate() {
+            for (b, entry) in &patterns[i + 1..] {
+                if a.chars().count() != b.chars().count() {
+                    continue;
+                }
+                if let Some(name) = overlap(a, b) {
+                    let msg = format!(
+                        "`{a}` and `{b}` are patterns of the same length that both match names like `{name}`: \
+                         such a node could not be classified; make one of them longer or name such nodes exactly"
+                    );
+                    out.push((a.to_string(), b.to_string(), entry.mark, msg));
+                }
+            }
+        }
+        out
+    }
+
     /// The entry for `node`: its exact name, else the longest matching pattern. Two matching
     /// patterns of the same length are an error, as is no match.
     pub fn classify(&self, node: &str) -> Result<(&str, &Spanned<NodeEntry>), String> {
@@ -235,6 +310,27 @@ impl Site {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_patterns_overlap_when_some_name_matches_both() {
+        let both = |a: &str, b: &str| {
+            let name = overlap(a, b);
+            if let Some(n) = &name {
+                assert!(glob_match(a, n) && glob_match(b, n), "{a} {b}: {n}");
+            }
+            name
+        };
+        assert_eq!(both("a*", "*b").as_deref(), Some("ab"));
+        assert_eq!(both("web?.example.com", "*1.example.com").as_deref(), Some("web1.example.com"));
+        assert_eq!(both("db*.lab", "web*.lab"), None);
+        assert_eq!(both("*.a.com", "*.b.com"), None);
+        assert!(both("*x*", "*y*").is_some());
+        assert_eq!(both("a?c", "a?d"), None);
+        assert_eq!(both("", "*"), Some(String::new()));
+        // Long patterns stay cheap: the search is over pairs of positions.
+        let long = "*a".repeat(200);
+        assert!(both(&long, &long).is_some());
+    }
 
     #[test]
     fn globs() {

@@ -166,7 +166,25 @@ fn a_tie_between_patterns_is_a_check_error() {
     let compiler = Compiler::new(&repo);
     assert!(compiler.compile("ab", &Map::new()).is_ok(), "the exact name wins");
     let e = compiler.compile("axb", &Map::new()).unwrap_err();
-    assert!(e[0].message.contains("matches `*b` and `a*` equally well"), "{e:?}");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].message.starts_with("`*b` and `a*` are patterns of the same length that both match names like `ab`"),
+        "{e:?}"
+    );
+    // `check` finds it from the patterns alone, once, at the later one's line, with no node
+    // that happens to hit it.
+    let repo = Repo::from_files([(
+        "site.yaml",
+        "nodes:\n  \"web?.lab\": {roles: []}\n  \"*eb1.lab\": {roles: []}\n  \"db*.lab\": {roles: []}\n  \"*.lab\": {roles: []}\n",
+    )]);
+    let found = check(&repo);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with(
+            "site.yaml:2: `*eb1.lab` and `web?.lab` are patterns of the same length that both match names like `web1.lab`"
+        ),
+        "{found:?}"
+    );
 }
 
 /// `confirm` on a resource or a whole role: the role's covers its paths (not its packages),
