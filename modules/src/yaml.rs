@@ -327,6 +327,43 @@ impl de::Error for DeError {
     fn custom<T: fmt::Display>(msg: T) -> Self {
         DeError(vec![(None, msg.to_string())])
     }
+
+    /// serde's message, and what people coming from other tools most likely meant.
+    fn invalid_type(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
+        let expected = exp.to_string();
+        let mut msg = format!("invalid type: {unexp}, expected {expected}");
+        msg.push_str(&habit_hint(&unexp, &expected));
+        DeError(vec![(None, msg)])
+    }
+}
+
+/// A hint for the habits YAML and other tools leave: a command written as one string, `yes`
+/// and `no` for booleans (YAML 1.1), an unquoted `{{ }}` (a YAML mapping).
+fn habit_hint(unexp: &de::Unexpected, expected: &str) -> String {
+    match unexp {
+        de::Unexpected::Str(s) if expected.contains("sequence") => {
+            let words: Vec<String> = s
+                .split_whitespace()
+                .map(|w| {
+                    if w.contains([',', ':', '[', ']', '{', '}', '#', '"']) {
+                        format!("\"{}\"", w.replace('"', "\\\""))
+                    } else {
+                        w.to_string()
+                    }
+                })
+                .collect();
+            format!(": write a list, one word an item, like [{}] (no shell parses it)", words.join(", "))
+        }
+        de::Unexpected::Str(s) if expected.contains("boolean") => match s.to_ascii_lowercase().as_str() {
+            "yes" | "y" | "on" => "; YAML 1.2 reads `yes` and `on` as text: write true".into(),
+            "no" | "n" | "off" => "; YAML 1.2 reads `no` and `off` as text: write false".into(),
+            _ => String::new(),
+        },
+        de::Unexpected::Map if !expected.contains("map") && !expected.contains("struct") => {
+            "; a value that begins with `{` is a YAML mapping: put a template in quotes, like \"{{ data.x }}\"".into()
+        }
+        _ => String::new(),
+    }
 }
 
 /// Decodes a value of type `T` from a node with serde.

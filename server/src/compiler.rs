@@ -210,6 +210,7 @@ impl Compiler {
         if let Some(site) = &self.site {
             problems.extend(site.pin_problems().into_iter().map(|(m, msg)| Diagnostic::new(SITE, m, msg)));
             problems.extend(site.pattern_ties().into_iter().map(|(_, _, m, msg)| Diagnostic::new(SITE, m, msg)));
+            problems.extend(site.unused_levels().into_iter().map(|(m, msg)| Diagnostic::new(SITE, m, msg)));
         }
         if let Some(site) = &self.site {
             for entry in site.nodes.values() {
@@ -383,6 +384,76 @@ impl Compiler {
 
     /// [`Compiler::compile`], and the values of its sealed fields, to seal to the host.
     pub fn compile_open(&self, node: &str, reported: &Map<String, Json>) -> Result<(Catalog, Opened), Vec<Diagnostic>> {
+        self.compile_unhinted(node, reported).map_err(|mut diags| {
+            for d in &mut diags {
+                d.message.push_str(&self.undefined_hint(node, &d.message));
+            }
+            diags
+        })
+    }
+
+    /// What a template that read an undefined value most likely meant: a fact to declare, a
+    /// data key or param spelt otherwise.
+    fn undefined_hint(&self, node: &str, message: &str) -> String {
+        let Some(name) = message.strip_prefix('`').and_then(|m| m.split_once("` is undefined")).map(|(n, _)| n) else {
+            return String::new();
+        };
+        let Some(site) = &self.site else { return String::new() };
+        let close =
+            |word: &str, known: Vec<&str>| known.into_iter().find(|k| yaml::similar_name(word, k)).map(str::to_string);
+        let mut parts = name.split('.');
+        match parts.next() {
+            Some("facts") => {
+                let Some(fact) = parts.next() else { return String::new() };
+                if site.facts.contains_key(fact) {
+                    return String::new();
+                }
+                match close(fact, site.facts.keys().map(String::as_str).collect()) {
+                    Some(k) => format!(" (did you mean `facts.{k}`?)"),
+                    None => format!(
+                        "; `{fact}` is not a declared fact: declare it in site.yaml under `facts:` (its type and \
+                         default), templates see only declared facts"
+                    ),
+                }
+            }
+            Some("data") => {
+                let Ok((_, entry)) = site.classify(node) else { return String::new() };
+                let (roles, _) = self.order(&entry.value.roles);
+                let mut attributes: BTreeMap<String, Value> = site.attributes.clone();
+                attributes.extend(entry.value.attributes.clone());
+                let mut v = self.data_for(&Compiler::levels(site, node, &attributes, &roles));
+                let mut path = vec!["data"];
+                for key in parts {
+                    match v.get_attr(key).ok().filter(|x| !x.is_undefined()) {
+                        Some(next) => v = next,
+                        None => {
+                            let keys: Vec<String> =
+                                v.try_iter().map(|i| i.map(|k| k.to_string()).collect()).unwrap_or_default();
+                            let at = path.join(".");
+                            return match close(key, keys.iter().map(String::as_str).collect()) {
+                                Some(k) => format!(" (did you mean `{at}.{k}`?)"),
+                                None => format!(
+                                    "; no data level sets `{at}.{key}` (`converge-server lookup NODE {} --explain` \
+                                     shows each level of a node)",
+                                    format!("{at}.{key}").trim_start_matches("data.")
+                                ),
+                            };
+                        }
+                    }
+                    path.push(key);
+                }
+                String::new()
+            }
+            Some("params") => {
+                let Some(p) = parts.next() else { return String::new() };
+                let known = self.roles.values().flat_map(|r| r.head.params.keys().map(String::as_str)).collect();
+                close(p, known).map(|k| format!(" (did you mean `params.{k}`?)")).unwrap_or_default()
+            }
+            _ => String::new(),
+        }
+    }
+
+    fn compile_unhinted(&self, node: &str, reported: &Map<String, Json>) -> Result<(Catalog, Opened), Vec<Diagnostic>> {
         let Some(site) = &self.site else {
             return Err(vec![Diagnostic::new(SITE, Mark::UNKNOWN, "site.yaml could not be read; see its errors")]);
         };

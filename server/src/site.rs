@@ -232,6 +232,34 @@ impl Site {
         out
     }
 
+    /// Levels of the data hierarchy that name an attribute no entry and no site attribute
+    /// has: never used, most likely a typo. Each with its place and what was likely meant.
+    pub fn unused_levels(&self) -> Vec<(converge_modules::diag::Mark, String)> {
+        let mut known: Vec<&str> = self.attributes.keys().map(String::as_str).collect();
+        known.extend(self.nodes.values().flat_map(|e| e.value.attributes.keys().map(String::as_str)));
+        known.sort_unstable();
+        known.dedup();
+        let mut out = Vec::new();
+        // The default hierarchy (site.yaml without `data:`) names attributes a site may not use.
+        for level in self.data.iter().filter(|l| l.mark.is_known()) {
+            let mut rest = level.value.as_str();
+            while let Some(start) = rest.find('{') {
+                let Some(end) = rest[start..].find('}') else { break };
+                let attr = &rest[start + 1..start + end];
+                rest = &rest[start + end + 1..];
+                if matches!(attr, "node" | "role") || known.contains(&attr) {
+                    continue;
+                }
+                let hint = match known.iter().find(|k| converge_modules::yaml::similar_name(attr, k)) {
+                    Some(k) => format!("did you mean `{{{k}}}`?"),
+                    None => format!("set `{attr}` in `attributes` (for every node) or on the entries that need it"),
+                };
+                out.push((level.mark, format!("the data level `{}` names the attribute `{attr}`, which no node has, so it is never used: {hint}", level.value)));
+            }
+        }
+        out
+    }
+
     /// The entry for `node`: its exact name, else the longest matching pattern. Two matching
     /// patterns of the same length are an error, as is no match.
     pub fn classify(&self, node: &str) -> Result<(&str, &Spanned<NodeEntry>), String> {

@@ -161,7 +161,10 @@ fn check_exit_codes_and_output() {
     assert_eq!(bad.code, 1);
     let shown = t.path().display().to_string();
     assert!(
-        bad.stderr.contains(&format!("{shown}/roles/r.yaml:3:14: `data.missing` is undefined [node n1]")),
+        bad.stderr.contains(&format!(
+            "{shown}/roles/r.yaml:3:14: `data.missing` is undefined; no data level sets `data.missing` \
+             (`converge-server lookup NODE missing --explain` shows each level of a node) [node n1]"
+        )),
         "{}",
         bad.stderr
     );

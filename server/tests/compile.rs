@@ -300,3 +300,42 @@ fn one_mistake_gives_one_error() {
     assert!(found.iter().any(|f| f.starts_with("site.yaml:2: unknown role `ghost`")), "{found:?}");
     assert!(found.iter().any(|f| f.starts_with("data/common.yaml:2: params for unknown role `ghost`")), "{found:?}");
 }
+
+/// Hints for habits from other tools and from YAML 1.1, each on its error: a command as a
+/// string, `yes` for a boolean, an unquoted `{{ }}`, an undeclared fact, a misspelt data key or
+/// param, a data level whose attribute no node has.
+#[test]
+fn errors_hint_at_what_people_coming_from_other_tools_meant() {
+    let repo = Repo::from_files([
+        (
+            "site.yaml",
+            "data: [common, \"os/{os_famly}\"]\nattributes: {os_family: debian}\nfacts:\n  cpus: {type: integer, default: 2}\nnodes:\n  web1: {roles: [web]}\n",
+        ),
+        (
+            "roles/web.yaml",
+            "params:\n  port: 80\nresources:\n  - exec: restart\n    command: systemctl restart nginx\n  - file: /etc/b\n    content: x\n    backup: no\n  - file: /etc/c\n    content: \"{{ facts.memory }}\"\n  - file: /etc/d\n    content: \"{{ data.ngnix.port }}\"\n  - file: /etc/e\n    content: \"{{ data.nginx.prot }}\"\n  - file: /etc/f\n    content: \"{{ params.prot }}\"\n  - file: /etc/g\n    content: \"{{ facts.cpu }}\"\n",
+        ),
+        ("roles/quote.yaml", "resources:\n  - file: /etc/a\n    content: {{ data.x }}\n"),
+        ("data/common.yaml", "nginx: {port: 80}\n"),
+    ]);
+    let found = check(&repo).join("\n");
+    for want in [
+        "roles/web.yaml:5: invalid type: string \"systemctl restart nginx\", expected a sequence: write a list, one word an item, like [systemctl, restart, nginx]",
+        "roles/web.yaml:8: invalid type: string \"no\", expected a boolean; YAML 1.2 reads `no` and `off` as text: write false",
+        "roles/web.yaml:10: `facts.memory` is undefined; `memory` is not a declared fact: declare it in site.yaml under `facts:`",
+        "roles/web.yaml:12: `data.ngnix` is undefined (did you mean `data.nginx`?)",
+        "roles/web.yaml:14: `data.nginx.prot` is undefined (did you mean `data.nginx.port`?)",
+        "roles/web.yaml:16: `params.prot` is undefined (did you mean `params.port`?)",
+        "roles/web.yaml:18: `facts.cpu` is undefined (did you mean `facts.cpus`?)",
+        "site.yaml:1: the data level `os/{os_famly}` names the attribute `os_famly`, which no node has, so it is never used: did you mean `{os_family}`?",
+    ] {
+        assert!(found.lines().any(|l| l.starts_with(want)), "{want}\nnot in:\n{found}");
+    }
+    // The unquoted template, in a role of its own (a node uses it).
+    let repo = Repo::from_files([
+        ("site.yaml", "nodes:\n  web1: {roles: [quote]}\n"),
+        ("roles/quote.yaml", "resources:\n  - file: /etc/a\n    content: {{ data.x }}\n"),
+    ]);
+    let found = check(&repo);
+    assert!(found[0].contains("a value that begins with `{` is a YAML mapping: put a template in quotes"), "{found:?}");
+}
