@@ -392,6 +392,22 @@ impl Compiler {
         })
     }
 
+    /// A node whose reported OS family is not the one its attributes choose its data by (its
+    /// data then comes from the other family's files): what to say, if so.
+    pub fn os_family_conflict(&self, node: &str, reported: &Map<String, Json>) -> Option<String> {
+        let site = self.site.as_ref()?;
+        let (_, entry) = site.classify(node).ok()?;
+        let chosen = entry.value.attributes.get("os_family").or_else(|| site.attributes.get("os_family"))?;
+        let chosen = chosen.as_str()?;
+        let facts = reported.get("os_family")?.as_str()?;
+        (facts != chosen).then(|| {
+            format!(
+                "{node} reports os_family `{facts}`, but its attributes choose `{chosen}` (site.yaml): its data comes \
+                 from the `{chosen}` levels; set `os_family: {facts}` on its entry if the host is right"
+            )
+        })
+    }
+
     /// What a template that read an undefined value most likely meant: a fact to declare, a
     /// data key or param spelt otherwise.
     fn undefined_hint(&self, node: &str, message: &str) -> String {

@@ -976,7 +976,9 @@ impl Fleet {
         // refuse a field it does not know); one that does gets a catalog of its own.
         let provenance = formats.contains(&converge_modules::catalog::READS_PROVENANCE);
         let declared: Map<String, Json> = match &current.compiler.site {
-            Some(site) => facts.into_iter().filter(|(k, _)| site.facts.contains_key(k)).collect(),
+            Some(site) => {
+                facts.iter().filter(|(k, _)| site.facts.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+            }
             None => Map::new(),
         };
         // A new signing key or key list signs every catalog anew at its next poll (the serial
@@ -1021,6 +1023,10 @@ impl Fleet {
             return Err(Refused::Busy);
         };
         self.metrics.compiles.inc();
+        // Said when its catalog is compiled (a commit, new facts), not at every poll.
+        if let Some(w) = current.compiler.os_family_conflict(node, &facts) {
+            tracing::warn!(node, "{}", converge_modules::text::clip(&w, 500));
+        }
         let name = node.to_string();
         let compiled = tokio::task::spawn_blocking(move || current.compiler.compile_open(&name, &declared))
             .await

@@ -97,10 +97,13 @@ enum Command {
     Diff {
         #[arg(long, value_name = "DIR")]
         repo: PathBuf,
-        #[arg(long, value_name = "REV")]
+        /// The revision before [HEAD].
+        #[arg(long, value_name = "REV", default_value = "HEAD")]
         from: String,
+        /// The revision after; without it, the working tree as it is on disk (what the next
+        /// commit would do, before it is made).
         #[arg(long, value_name = "REV")]
-        to: String,
+        to: Option<String>,
         /// Only nodes whose names match this glob.
         #[arg(long, value_name = "PATTERN")]
         node: Option<String>,
@@ -143,6 +146,16 @@ enum Command {
     Serve {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// What a node last reported about itself, which facts its templates see, and whether its
+    /// OS family contradicts its attributes (exit 2 when it does).
+    Facts {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        node: String,
+        /// The facts as the node sent them (JSON).
+        #[arg(long)]
+        json: bool,
     },
     /// See, approve and revoke nodes.
     Node {
@@ -221,7 +234,7 @@ fn main() -> ExitCode {
             repo::check(&repo, facts_dir.as_deref(), secrets_key.as_deref())
         }
         Command::Diff { repo, from, to, node, secrets_key } => {
-            repo::diff(&repo, &from, &to, node.as_deref(), secrets_key.as_deref())
+            repo::diff(&repo, &from, to.as_deref(), node.as_deref(), secrets_key.as_deref())
         }
         Command::Schemas { out } => repo::schemas(&out),
         Command::Secret { action } => secret::secret_command(action),
@@ -241,6 +254,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve::serve(&config),
         Command::Server { action } => serve::server_command(action),
         Command::Node { action } => fleet::node_command(action),
+        Command::Facts { config, node, json } => fleet::facts(&config, &node, json),
         Command::Report { config, node, failed, since, limit, details } => {
             fleet::report(&config, node, failed, since.as_deref(), limit, details)
         }

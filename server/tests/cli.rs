@@ -300,3 +300,28 @@ fn lookup_explains_how_the_hierarchy_resolved_a_value() {
     let out = server(&["lookup", "web01.example.com", "a..b", "--repo", &r]);
     assert!(out.stderr.contains("not a key"), "{}", out.stderr);
 }
+
+/// `diff` without `--to` compares HEAD (or `--from`) with the working tree: what the next
+/// commit would do to each node, before it is made (uncommitted and untracked files too).
+#[test]
+fn diff_previews_the_working_tree_before_a_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    first_commit(dir);
+    let repo = dir.display().to_string();
+    let same = server(&["diff", "--repo", &repo]);
+    assert_eq!(same.code, 0, "{}{}", same.stdout, same.stderr);
+    assert!(same.stdout.ends_with("0 of 3 nodes change between HEAD and the working tree\n"), "{}", same.stdout);
+    // Not committed: a changed template and a new data file.
+    write(dir, &[("templates/motd.j2", "Hello {{ node.name }}\n"), ("data/node/db1.yaml", "x: 1\n")]);
+    let out = server(&["diff", "--repo", &repo]);
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("-Welcome to db1\n") && out.stdout.contains("+Hello db1\n"), "{}", out.stdout);
+    assert!(out.stdout.ends_with("3 of 3 nodes change between HEAD and the working tree\n"), "{}", out.stdout);
+    // A mistake in the working tree is said, with its place, and nothing is compared.
+    write(dir, &[("roles/db.yaml", "include: [base]\nresources:\n  - package: [postgresql\n")]);
+    let bad = server(&["diff", "--repo", &repo]);
+    assert_eq!(bad.code, 1);
+    let place = format!("{}/roles/db.yaml:4", dir.display());
+    assert!(bad.stderr.contains(&place) && bad.stderr.contains("at the working tree"), "{}", bad.stderr);
+}

@@ -480,3 +480,42 @@ fn several_server_addresses_fail_over_to_the_one_that_answers() {
     let said = format!("{}{}", out.stdout, out.stderr);
     assert!(said.contains("127.0.0.1:1") && said.contains("enforcing the cached catalog"), "{said}");
 }
+
+/// `facts NODE`: what a host reported, which facts its templates see, and a warning (exit 2)
+/// when its OS family contradicts the one its attributes choose its data by.
+#[test]
+fn facts_shows_what_a_node_reported_and_warns_when_its_os_family_contradicts_its_attributes() {
+    let f = Fleet::new(&[(
+        "site.yaml",
+        "attributes: {os_family: debian}\nfacts:\n  cpus: {type: integer, default: 1}\n  gpus: {type: integer, default: 0}\nnodes:\n  \"*\": {roles: []}\n",
+    )]);
+    let server = Server::start(&f.config());
+    let root = f.root("rocky1");
+    write(&root, &[("etc/os-release", "ID=rocky\nID_LIKE=\"rhel centos fedora\"\nVERSION_ID=9.4\n")]);
+    let out = converge_in(&root, &["bootstrap", "--server", &server.url, "--ca-hash", &f.ca_hash, "--token", &f.token]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = run("converge-server", &["facts", "rocky1", "--config", &f.config()]);
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.starts_with("rocky1: facts reported "), "{}", out.stdout);
+    assert!(out.stdout.lines().any(|l| l.contains("cpus") && l.ends_with("[declared: an integer]")), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("os_family") && l.contains("\"redhat\"") && !l.contains("declared")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("declared but not reported (templates see their defaults): gpus"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("warning: rocky1 reports os_family `redhat`, but its attributes choose `debian`"),
+        "{}",
+        out.stdout
+    );
+    let json = run("converge-server", &["facts", "rocky1", "--config", &f.config(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["os_family"], "redhat");
+    let none = run("converge-server", &["facts", "nobody", "--config", &f.config()]);
+    assert_eq!(none.code, 1);
+    assert!(none.stderr.contains("no node nobody"), "{}", none.stderr);
+}

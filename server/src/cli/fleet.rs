@@ -527,3 +527,49 @@ pub fn rollout_command(action: RolloutAction) -> Result<u8> {
         }
     }
 }
+
+/// `facts NODE`: what the node last reported about itself, which of those facts templates see
+/// (declared in site.yaml), and a warning when its OS family contradicts its attributes.
+pub fn facts(config: &Path, name: &str, json: bool) -> Result<u8> {
+    use anyhow::{Context, anyhow};
+    use serde_json::{Map, Value as Json};
+    let (config, db) = open_db(config)?;
+    let info = db.node(name)?.ok_or_else(|| anyhow!("no node {name} (converge-server node list shows them)"))?;
+    let facts: Map<String, Json> = match info.facts.as_deref() {
+        Some(text) => serde_json::from_str(text).with_context(|| format!("the facts stored for {name}"))?,
+        None => bail!("{name} has not reported its facts yet (it does at its next run)"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&facts)?);
+        return Ok(0);
+    }
+    let repo = crate::repo::Repo::from_git(&config.repo, &config.branch)?;
+    let compiler = crate::compiler::Compiler::new(&repo);
+    let declared = compiler.site.as_ref().map(|s| s.facts.clone()).unwrap_or_default();
+    println!(
+        "{name}: facts reported {}, agent {}",
+        when(info.row.last_seen),
+        info.agent_version.as_deref().unwrap_or("?")
+    );
+    let width = facts.keys().map(String::len).max().unwrap_or(0);
+    for (k, v) in &facts {
+        let mark = match declared.get(k) {
+            Some(d) => format!("   [declared: {}]", d.kind.name()),
+            None => String::new(),
+        };
+        let value = converge_modules::text::clip(&v.to_string(), 200).into_owned();
+        println!("  {k:<width$}  {}{mark}", converge_modules::text::clean(&value));
+    }
+    let missing: Vec<&String> = declared.keys().filter(|k| !facts.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        println!(
+            "declared but not reported (templates see their defaults): {}",
+            missing.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if let Some(w) = compiler.os_family_conflict(name, &facts) {
+        println!("warning: {}", converge_modules::text::clean(&w));
+        return Ok(2);
+    }
+    Ok(0)
+}

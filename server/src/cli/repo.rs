@@ -165,21 +165,29 @@ pub fn check(dir: &Path, facts_dir: Option<&Path>, key: Option<&Path>) -> Result
 /// named exactly on one side and matched by a pattern on the other (moved to an entry of its
 /// own) shows only what changes for it. A node no entry of one side matches is said to appear
 /// or go, not listed as every resource added or removed.
-pub fn diff(dir: &Path, from: &str, to: &str, only: Option<&str>, key: Option<&Path>) -> Result<u8> {
+pub fn diff(dir: &Path, from: &str, to: Option<&str>, only: Option<&str>, key: Option<&Path>) -> Result<u8> {
     let no_facts = |_: &str| Ok(Map::new());
-    let repos = [Repo::from_git(dir, from)?, Repo::from_git(dir, to)?];
+    let after = match to {
+        Some(rev) => Repo::from_git(dir, rev)?,
+        None => Repo::from_dir(dir)?,
+    };
+    let to_is_tree = to.is_none();
+    let to = to.unwrap_or("the working tree");
+    let repos = [Repo::from_git(dir, from)?, after];
     let compilers = [compiler(&repos[0], key)?, compiler(&repos[1], key)?];
     let mut names: Vec<String> =
         compilers.iter().flat_map(node_names).filter(|n| only.is_none_or(|p| site::glob_match(p, n))).collect();
     names.sort();
     names.dedup();
     let mut sides = Vec::new();
-    for ((compiler, repo), rev) in compilers.iter().zip(&repos).zip([from, to]) {
+    for (side, ((compiler, repo), rev)) in compilers.iter().zip(&repos).zip([from, to]).enumerate() {
         let here: Vec<String> =
             names.iter().filter(|n| compiler.site.as_ref().is_some_and(|s| s.knows(n))).cloned().collect();
         let (catalogs, diags) = compile_names(compiler, &here, &no_facts)?;
         if !diags.is_empty() {
-            let n = print_diagnostics(repo, &format!("{rev}:"), diags);
+            // A revision's files as REV:PATH (as git names them), the working tree's by path.
+            let shown = if side == 1 && to_is_tree { dir.display().to_string() } else { format!("{rev}:") };
+            let n = print_diagnostics(repo, &shown, diags);
             bail!("{n} problem{} at {rev}; fix them before comparing", if n == 1 { "" } else { "s" });
         }
         sides.push(catalogs);
