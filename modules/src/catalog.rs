@@ -465,6 +465,7 @@ impl<'de> Deserialize<'de> for Mode {
                 Ok(Mode(u32::from_str_radix(s, 8).expect("checked octal")))
             }
         }
+        // As written: YAML's `0644` and JSON's `644` reach here as their text.
         d.deserialize_str(V)
     }
 }
@@ -806,7 +807,14 @@ mod schema {
             "Mode".into()
         }
         fn json_schema(_: &mut SchemaGenerator) -> Schema {
-            json_schema!({"type": "string", "pattern": "^[0-7]{3,4}$", "description": "Permission bits in octal, like \"0644\""})
+            // YAML editors read `mode: 0644` as the number 644: both spellings are modes.
+            json_schema!({
+                "anyOf": [
+                    {"type": "string", "pattern": "^[0-7]{3,4}$"},
+                    {"type": "integer", "minimum": 0, "maximum": 7777}
+                ],
+                "description": "Permission bits in octal, like \"0644\" (a number's digits are read as octal ones: 644 is 0644)"
+            })
         }
     }
 

@@ -1,5 +1,6 @@
 //! JSON Schemas for the files operators write, generated from the Rust types that read them:
-//! `site.yaml`, role files, and catalogs (what `converge apply` reads and `compile` prints).
+//! `site.yaml`, role files, data files, and catalogs (what `converge apply` reads and `compile`
+//! prints).
 //! Editors use them through the `yaml-language-server` modeline at the top of each file;
 //! `converge-server schemas --out schemas` regenerates them and a test fails when they are stale.
 
@@ -21,6 +22,19 @@ struct RoleFile {
     /// The resources this role declares. Any string value may be a minijinja template.
     #[serde(default)]
     resources: Vec<RoleResource>,
+}
+
+/// A file under `data/`: any values, merged along the hierarchy; `params` overrides roles'
+/// params, by role and then by param.
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct DataFile {
+    /// Values for roles' params: `params: {ROLE: {PARAM: VALUE}}` (a role's own params only).
+    #[serde(default)]
+    params: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>,
+    /// Anything else a template reads as `data.NAME`.
+    #[serde(flatten)]
+    values: std::collections::BTreeMap<String, Value>,
 }
 
 /// A resource in a role: a catalog resource whose values may be templates, with directives.
@@ -77,6 +91,7 @@ pub fn all() -> Vec<(&'static str, String)> {
     vec![
         ("catalog.schema.json", document::<Catalog>("catalog.schema.json", "converge catalog")),
         ("role.schema.json", document::<RoleFile>("role.schema.json", "converge role file")),
+        ("data.schema.json", document::<DataFile>("data.schema.json", "converge data file")),
         ("site.schema.json", document::<Site>("site.schema.json", "converge site.yaml")),
     ]
 }

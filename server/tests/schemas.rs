@@ -26,9 +26,55 @@ fn example_files_point_editors_at_their_schema() {
             "../../schemas/role.schema.json",
         ));
     }
+    fn data_files(dir: &std::path::Path, depth: usize, out: &mut Vec<(String, String)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() && !p.ends_with("secrets") {
+                data_files(&p, depth + 1, out);
+            } else if p.extension().is_some_and(|x| x == "yaml") {
+                out.push((p.display().to_string(), format!("{}schemas/data.schema.json", "../".repeat(depth))));
+            }
+        }
+    }
+    let mut data = Vec::new();
+    data_files(&root.join("catalogs/data"), 2, &mut data);
+    assert!(data.len() >= 5, "{data:?}");
+    for (file, schema) in &data {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(
+            text.starts_with(&format!("# yaml-language-server: $schema={schema}")),
+            "{file} should point at {schema}"
+        );
+    }
     for (file, schema) in files {
         let text = std::fs::read_to_string(root.join(&file)).unwrap();
         let modeline = format!("# yaml-language-server: $schema={schema}");
         assert!(text.starts_with(&modeline), "{file} should start with {modeline}");
     }
+}
+
+/// What the schemas allow for a mode is what the loader takes: the octal string, and the
+/// number YAML editors see in `mode: 0644` (and JSON's `644`); both read as octal digits.
+#[test]
+fn modes_written_as_numbers_are_modes_to_the_schemas_and_the_loader_alike() {
+    let role: serde_json::Value = serde_json::from_str(
+        &converge_server::schemas::all().into_iter().find(|(n, _)| *n == "role.schema.json").unwrap().1,
+    )
+    .unwrap();
+    let mode = &role["$defs"]["Mode"]["anyOf"];
+    assert_eq!(mode[0]["type"], "string");
+    assert_eq!(mode[1]["type"], "integer", "{role:#}");
+    for (text, want) in [
+        ("format: 1\nresources:\n  - file: /x\n    mode: 0644\n", 0o644),
+        ("format: 1\nresources:\n  - file: /x\n    mode: 750\n", 0o750),
+        ("format: 1\nresources:\n  - file: /x\n    mode: \"0000\"\n", 0),
+        (r#"{"format": 1, "resources": [{"file": "/x", "mode": 644}]}"#, 0o644),
+    ] {
+        let loaded = converge_modules::load::load("c.yaml", text, None).unwrap_or_else(|d| panic!("{text}: {d}"));
+        let json = serde_json::to_value(&loaded.catalog.resources[0]).unwrap();
+        assert_eq!(json["mode"], format!("{want:04o}"), "{text}");
+    }
+    let e = converge_modules::load::load("c.yaml", "format: 1\nresources:\n  - file: /x\n    mode: 888\n", None)
+        .unwrap_err();
+    assert!(e.to_string().contains("mode `888` is not 3 or 4 octal digits"), "{e}");
 }
