@@ -9,7 +9,7 @@
 //! [`fs`]; [`backup`] keeps replaced content; [`command`] runs
 //! argv commands (validate) with a timeout; [`upgrade`] has the agent upgrade itself after a
 //! run; [`confirm`] confirms or reverts changes under `confirm`; [`why`] says where a managed
-//! path came from. Everything that decides anything lives in
+//! path came from; `converge doc` prints the built-in resource reference. Everything that decides anything lives in
 //! `converge-modules`.
 
 mod apply;
@@ -79,6 +79,12 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: std::path::PathBuf,
     },
+    /// The reference of a resource kind and its fields (without KIND: every kind), from the
+    /// same types the catalog schema is made of.
+    Doc {
+        /// file, directory, symlink, package, user, group, service, exec.
+        kind: Option<String>,
+    },
     /// The last run, its outcome and catalog, and the next run.
     Status {
         #[arg(long, value_name = "DIR", default_value = "/")]
@@ -118,6 +124,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run::daemon(args),
         Some(Command::Status { root }) => run::status(root),
         Some(Command::Why { target, root }) => why::why(root, target),
+        Some(Command::Doc { kind }) => doc(kind.as_deref()),
         Some(Command::Pause { reason, duration, root }) => run::pause(root, reason, duration.as_deref()),
         Some(Command::Resume { root }) => run::resume(root),
         Some(Command::UpgradeSelf(args)) => upgrade::upgrade_self(args),
@@ -129,6 +136,35 @@ fn main() -> ExitCode {
             eprintln!("converge: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// The resource reference (`schemas/reference.md`, generated with the schemas), built in.
+const REFERENCE: &str = include_str!("../../schemas/reference.md");
+
+/// `converge doc [KIND]`: one kind's section of the reference, or the list of kinds.
+fn doc(kind: Option<&str>) -> anyhow::Result<i32> {
+    let sections: Vec<(&str, &str)> =
+        REFERENCE.split("\n## ").skip(1).map(|s| s.split_once('\n').unwrap_or((s, ""))).collect();
+    let kinds: Vec<&str> = sections.iter().map(|(k, _)| *k).filter(|k| !k.contains(' ')).collect();
+    match kind {
+        None => {
+            println!("converge doc KIND: the fields of a resource kind; kinds: {}", kinds.join(", "));
+            if let Some((_, shared)) = sections.iter().find(|(k, _)| k.contains(' ')) {
+                print!("\nfields every kind has:{shared}");
+            }
+            Ok(0)
+        }
+        Some(k) => match sections.iter().find(|(name, _)| *name == k) {
+            Some((name, body)) => {
+                print!("{name}\n{body}");
+                Ok(0)
+            }
+            None => match kinds.iter().find(|n| converge_modules::yaml::similar_name(k, n)) {
+                Some(close) => anyhow::bail!("no kind `{k}` (did you mean `{close}`?)"),
+                None => anyhow::bail!("no kind `{k}`: the kinds are {}", kinds.join(", ")),
+            },
+        },
     }
 }
 

@@ -526,6 +526,8 @@ impl Confirm {
     pub const MAX_WITHIN: u32 = 3600;
 }
 
+/// A regular file, by absolute path: its content (text, a template's, or a file's from the
+/// repository), mode and owner; replaced atomically, the old content kept in the backup store.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -547,6 +549,8 @@ pub struct FileSpec {
     pub force: Option<bool>,
 }
 
+/// A directory, by absolute path: its mode and owner, and optionally what else it may hold
+/// (`purge`).
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -566,6 +570,7 @@ pub struct DirectorySpec {
     pub force: Option<bool>,
 }
 
+/// A symbolic link, by absolute path, to `target`.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -860,7 +865,7 @@ mod schema {
         let title = if kind.is_path() { "the absolute path" } else { "the name" };
         properties.insert(
             kind.name().into(),
-            serde_json::json!({"type": "string", "description": format!("A {kind}: {title}")}),
+            serde_json::json!({"type": "string", "description": format!("{} {kind}: {title}", if kind.name().starts_with(['a', 'e', 'i', 'o', 'u']) { "An" } else { "A" })}),
         );
         for part in [&spec, &meta] {
             if let Some(p) = part.get("properties").and_then(|p| p.as_object()) {
@@ -871,10 +876,12 @@ mod schema {
             properties.insert((*k).into(), v.clone());
         }
         let mut required = vec![serde_json::Value::from(kind.name())];
+        let description = spec.get("description").cloned().unwrap_or_default();
         required.extend(spec.get("required").and_then(|r| r.as_array()).cloned().unwrap_or_default());
         serde_json::json!({
             "type": "object",
             "title": kind.name(),
+            "description": description,
             "properties": properties,
             "required": required,
             "additionalProperties": false,

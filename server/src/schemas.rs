@@ -93,5 +93,99 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("role.schema.json", document::<RoleFile>("role.schema.json", "converge role file")),
         ("data.schema.json", document::<DataFile>("data.schema.json", "converge data file")),
         ("site.schema.json", document::<Site>("site.schema.json", "converge site.yaml")),
+        ("reference.md", reference()),
     ]
+}
+
+/// The type of a property, for people: `string`, `list of resource ids`, `one of: a, b`.
+fn type_of(schema: &Value, defs: &Value) -> String {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r.rsplit('/').next().unwrap_or(r);
+        let def = &defs[name];
+        if let Some(values) = def.get("enum").and_then(Value::as_array) {
+            return format!("one of: {}", values.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "));
+        }
+        if let Some(variants) = def.get("oneOf").and_then(Value::as_array) {
+            let words: Vec<&str> = variants.iter().filter_map(|v| v.get("const").and_then(Value::as_str)).collect();
+            if words.len() == variants.len() {
+                return format!("one of: {}", words.join(", "));
+            }
+        }
+        return match name {
+            "Mode" => "mode (\"0644\")".into(),
+            "ResourceId" => "resource id (kind:title)".into(),
+            other => match def.get("properties").and_then(Value::as_object) {
+                Some(p) => format!("{{{}}}", p.keys().cloned().collect::<Vec<_>>().join(", ")),
+                None => other.to_lowercase(),
+            },
+        };
+    }
+    if let Some(any) = schema.get("anyOf").and_then(Value::as_array) {
+        let parts: Vec<String> =
+            any.iter().filter(|v| v.get("type") != Some(&json!("null"))).map(|v| type_of(v, defs)).collect();
+        return parts.join(" or ");
+    }
+    let t = match schema.get("type") {
+        Some(Value::Array(ts)) => {
+            ts.iter().filter_map(Value::as_str).find(|t| *t != "null").unwrap_or("any").to_string()
+        }
+        Some(Value::String(t)) => t.clone(),
+        _ => "any".into(),
+    };
+    match t.as_str() {
+        "array" => format!("list of {}", schema.get("items").map_or("any".into(), |i| type_of(i, defs))),
+        "object" => "map".into(),
+        "integer" => "integer".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The resource reference: every kind and its fields, from the catalog's schema (so from the
+/// same types), as markdown that reads as plain text too (`converge doc KIND` prints a kind).
+pub fn reference() -> String {
+    let catalog: Value = serde_json::from_str(&document::<Catalog>("catalog.schema.json", "")).expect("a schema");
+    let defs = &catalog["$defs"];
+    let mut out = String::from(
+        "# converge resource reference\n\nGenerated with the JSON Schemas from the types the agent reads \
+         (`converge-server schemas --out schemas`); `converge doc KIND` prints one kind. A field in [brackets] \
+         in a description is its default.\n",
+    );
+    let shared = ["requires", "notify", "sensitive", "confirm"];
+    for v in defs["Resource"]["oneOf"].as_array().into_iter().flatten() {
+        let kind = v["title"].as_str().unwrap_or("?");
+        out.push_str(&format!("\n## {kind}\n\n"));
+        if let Some(d) = v.get("description").and_then(Value::as_str).filter(|d| !d.is_empty()) {
+            out.push_str(&format!("{}\n\n", d.replace('\n', " ")));
+        }
+        let required: Vec<&str> = v["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let props = v["properties"].as_object().cloned().unwrap_or_default();
+        let mut names: Vec<&String> = props.keys().filter(|k| !shared.contains(&k.as_str())).collect();
+        // The title first, then the fields in order.
+        names.sort_by_key(|n| (n.as_str() != kind, n.as_str()));
+        let width = names.iter().map(|n| n.len()).max().unwrap_or(0);
+        let rows: Vec<(String, String, String)> = names
+            .iter()
+            .map(|n| {
+                let p = &props[n.as_str()];
+                let t = type_of(p, defs);
+                let req = if required.contains(&n.as_str()) { ", required" } else { "" };
+                let d = p.get("description").and_then(Value::as_str).unwrap_or("").replace('\n', " ");
+                (n.to_string(), format!("{t}{req}"), d)
+            })
+            .collect();
+        let twidth = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).min(40);
+        for (n, t, d) in rows {
+            out.push_str(format!("    {n:<width$}  {t:<twidth$}  {d}\n").trim_end());
+            out.push('\n');
+        }
+        out.push_str(&format!("    (and the fields every kind has: {})\n", shared.join(", ")));
+    }
+    out.push_str("\n## fields every kind has\n\n");
+    let meta = defs["Resource"]["oneOf"][0]["properties"].as_object().cloned().unwrap_or_default();
+    for n in shared {
+        let p = &meta[n];
+        let d = p.get("description").and_then(Value::as_str).unwrap_or("").replace('\n', " ");
+        out.push_str(&format!("    {n:<10}  {}  {d}\n", type_of(p, defs)));
+    }
+    out
 }

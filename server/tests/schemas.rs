@@ -78,3 +78,31 @@ fn modes_written_as_numbers_are_modes_to_the_schemas_and_the_loader_alike() {
         .unwrap_err();
     assert!(e.to_string().contains("mode `888` is not 3 or 4 octal digits"), "{e}");
 }
+
+/// The reference (`schemas/reference.md`, which `converge doc` prints) and the catalog schema
+/// come from one source: every kind and every field the schema has is in the reference, under
+/// its kind, and the agent prints it.
+#[test]
+fn the_reference_and_the_schemas_come_from_one_source() {
+    let all = converge_server::schemas::all();
+    let get = |name: &str| all.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    let catalog: serde_json::Value = serde_json::from_str(&get("catalog.schema.json")).unwrap();
+    let reference = get("reference.md");
+    for v in catalog["$defs"]["Resource"]["oneOf"].as_array().unwrap() {
+        let kind = v["title"].as_str().unwrap();
+        let section = reference
+            .split(&format!("\n## {kind}\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no section for {kind}"))
+            .split("\n## ")
+            .next()
+            .unwrap();
+        for field in v["properties"].as_object().unwrap().keys() {
+            let shared = ["requires", "notify", "sensitive", "confirm"].contains(&field.as_str());
+            assert!(
+                shared || section.lines().any(|l| l.trim_start().starts_with(&format!("{field} "))),
+                "{kind}.{field} is not in the reference:\n{section}"
+            );
+        }
+    }
+}

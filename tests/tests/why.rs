@@ -87,3 +87,26 @@ fn why_names_the_role_line_template_and_the_data_layer_of_each_value_with_no_ser
     assert_eq!(none.code, 1);
     assert!(none.stderr.contains("not managed"), "{}", none.stderr);
 }
+
+/// `converge doc KIND` prints, on the host with nothing else, the kind's section of the
+/// reference generated with the schemas; an unknown kind names the close one.
+#[test]
+fn doc_prints_the_generated_reference_of_a_kind() {
+    let reference =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/reference.md")).unwrap();
+    for kind in ["file", "package", "exec"] {
+        let out = converge_e2e::run("converge", &["doc", kind]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let section = reference.split(&format!("\n## {kind}\n")).nth(1).unwrap().split("\n## ").next().unwrap();
+        assert_eq!(out.stdout.trim_end(), format!("{kind}\n{section}").trim_end());
+    }
+    let all = converge_e2e::run("converge", &["doc"]);
+    assert!(
+        all.stdout.contains("kinds: file, directory, symlink, package, user, group, service, exec"),
+        "{}",
+        all.stdout
+    );
+    let bad = converge_e2e::run("converge", &["doc", "fiel"]);
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("did you mean `file`?"), "{}", bad.stderr);
+}
