@@ -211,6 +211,11 @@ enum Command {
     Schemas {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Also point every YAML file of this repository at its schema in DIR (a modeline for
+        /// editors, relative to the file): with DIR inside the repository, the hints travel
+        /// with it when it is copied.
+        #[arg(long, value_name = "REPO")]
+        modelines: Option<PathBuf>,
     },
 }
 
@@ -236,7 +241,7 @@ fn main() -> ExitCode {
         Command::Diff { repo, from, to, node, secrets_key } => {
             repo::diff(&repo, &from, to.as_deref(), node.as_deref(), secrets_key.as_deref())
         }
-        Command::Schemas { out } => repo::schemas(&out),
+        Command::Schemas { out, modelines } => repo::schemas(&out, modelines.as_deref()),
         Command::Secret { action } => secret::secret_command(action),
         Command::Db { action } => fleet::db_command(action),
         Command::Init { state, names, addresses, repo, branch, listen, keys } => {

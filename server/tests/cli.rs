@@ -325,3 +325,50 @@ fn diff_previews_the_working_tree_before_a_commit() {
     let place = format!("{}/roles/db.yaml:4", dir.display());
     assert!(bad.stderr.contains(&place) && bad.stderr.contains("at the working tree"), "{}", bad.stderr);
 }
+
+/// `schemas --out REPO/.schemas --modelines REPO`: every YAML file of a repository points at its
+/// schema, relative to itself and inside the repository, so the hints travel with a copy of it;
+/// the files are otherwise unchanged, and a second run changes nothing.
+#[test]
+fn schemas_with_modelines_travel_with_the_repository() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("ops");
+    converge_e2e::copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalogs"), &repo);
+    let before = std::fs::read_to_string(repo.join("data/os/debian.yaml")).unwrap();
+    let out = repo.join(".schemas");
+    let (o, r) = (out.display().to_string(), repo.display().to_string());
+    let run = server(&["schemas", "--out", &o, "--modelines", &r]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let first = |p: &str| std::fs::read_to_string(repo.join(p)).unwrap().lines().next().unwrap().to_string();
+    assert_eq!(first("site.yaml"), "# yaml-language-server: $schema=.schemas/site.schema.json");
+    assert_eq!(first("roles/web.yaml"), "# yaml-language-server: $schema=../.schemas/role.schema.json");
+    assert_eq!(first("data/os/debian.yaml"), "# yaml-language-server: $schema=../../.schemas/data.schema.json");
+    let after = std::fs::read_to_string(repo.join("data/os/debian.yaml")).unwrap();
+    assert_eq!(
+        after.lines().skip(1).collect::<Vec<_>>(),
+        before.lines().skip(1).collect::<Vec<_>>(),
+        "only the modeline changed"
+    );
+    // Moved elsewhere, every hint still names a schema that is there.
+    let moved = t.path().join("elsewhere");
+    std::fs::rename(&repo, &moved).unwrap();
+    for f in ["site.yaml", "roles/web.yaml", "data/common.yaml", "data/os/debian.yaml"] {
+        let line = std::fs::read_to_string(moved.join(f)).unwrap().lines().next().unwrap().to_string();
+        let target = line.split("$schema=").nth(1).unwrap();
+        assert!(moved.join(f).parent().unwrap().join(target).is_file(), "{f}: {target}");
+    }
+    let snapshot = |dir: &Path| std::fs::read_to_string(dir.join("roles/web.yaml")).unwrap();
+    let was = snapshot(&moved);
+    let again = server(&[
+        "schemas",
+        "--out",
+        &moved.join(".schemas").display().to_string(),
+        "--modelines",
+        &moved.display().to_string(),
+    ]);
+    assert_eq!(again.code, 0);
+    assert_eq!(snapshot(&moved), was, "a second run changes nothing");
+    // The compiler reads the repository as before.
+    let check = server(&["check", "--repo", &moved.display().to_string()]);
+    assert_eq!(check.code, 0, "{}", check.stderr);
+}

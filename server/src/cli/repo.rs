@@ -264,12 +264,72 @@ pub fn lookup(dir: &Path, node: &str, key: &str, explain: bool) -> Result<u8> {
     Ok(if found.value.is_some() { 0 } else { 1 })
 }
 
-pub fn schemas(out: &Path) -> Result<u8> {
+pub fn schemas(out: &Path, modelines: Option<&Path>) -> Result<u8> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     for (name, text) in crate::schemas::all() {
         let path = out.join(name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
+    if let Some(repo) = modelines {
+        let n = point_at_schemas(repo, out)?;
+        println!("{n} files of {} point at their schema in {}", repo.display(), out.display());
+    }
     Ok(0)
+}
+
+/// `to` as a path relative to the directory `from` (both made absolute first).
+fn relative(from: &Path, to: &Path) -> Result<PathBuf> {
+    let (from, to) = (std::fs::canonicalize(from)?, std::fs::canonicalize(to)?);
+    let (a, b): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..a.len() {
+        out.push("..");
+    }
+    for c in &b[common..] {
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// Puts (or replaces) the `yaml-language-server` modeline at the top of site.yaml, each role
+/// and each data file (not secrets) of `repo`, pointing at the schemas in `out`; each file
+/// replaced atomically, its mode kept. Returns how many files point there.
+fn point_at_schemas(repo: &Path, out: &Path) -> Result<usize> {
+    let mut files = vec![(repo.join("site.yaml"), "site.schema.json")];
+    fn walk(dir: &Path, schema: &'static str, files: &mut Vec<(PathBuf, &'static str)>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() && !p.ends_with("secrets") {
+                walk(&p, schema, files);
+            } else if t.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                files.push((p, schema));
+            }
+        }
+    }
+    walk(&repo.join("roles"), "role.schema.json", &mut files);
+    walk(&repo.join("data"), "data.schema.json", &mut files);
+    let mut n = 0;
+    for (file, schema) in files.into_iter().filter(|(f, _)| f.is_file()) {
+        let dir = file.parent().unwrap_or(repo);
+        let target = relative(dir, out)?.join(schema);
+        let line = format!("# yaml-language-server: $schema={}", target.display());
+        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let body = match text.split_once('\n') {
+            Some((first, rest)) if first.starts_with("# yaml-language-server:") => rest,
+            _ if text.starts_with("# yaml-language-server:") => "",
+            _ => text.as_str(),
+        };
+        let new = format!("{line}\n{body}");
+        if new != text {
+            let tmp = tempfile::NamedTempFile::new_in(dir)?;
+            std::fs::write(tmp.path(), &new)?;
+            std::fs::set_permissions(tmp.path(), std::fs::metadata(&file)?.permissions())?;
+            tmp.persist(&file).with_context(|| format!("cannot replace {}", file.display()))?;
+        }
+        n += 1;
+    }
+    Ok(n)
 }
