@@ -29,6 +29,9 @@ pub struct Digest {
     /// Changes the run's plan did not predict (absent from digests before it was counted).
     #[serde(default)]
     pub unplanned: usize,
+    /// Changes undone for want of their confirmation (also counted in `failed`).
+    #[serde(default)]
+    pub reverted: usize,
     pub started: String,
     pub failed_ids: Vec<String>,
 }
@@ -44,11 +47,12 @@ impl Digest {
             skipped: s.skipped,
             unchanged: s.unchanged,
             unplanned: s.unplanned,
+            reverted: s.reverted,
             started: r.started_at.to_string(),
             failed_ids: r
                 .resources
                 .iter()
-                .filter(|e| e.status == Status::Failed)
+                .filter(|e| matches!(e.status, Status::Failed | Status::Reverted))
                 .take(DIGEST_FAILED)
                 .map(|e| clip(&e.id, 200).into_owned())
                 .collect(),
@@ -247,6 +251,8 @@ pub struct ReportView {
     pub unchanged: usize,
     /// Changes the run's plan did not predict.
     pub unplanned: usize,
+    /// Changes undone for want of their confirmation (among `failed`).
+    pub reverted: usize,
     pub duration_ms: f64,
     pub warnings: Vec<String>,
     /// Every resource that did not end unchanged (the first [`SHOWN_RESOURCES`]).
@@ -283,6 +289,7 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         skipped: 0,
         unchanged: 0,
         unplanned: 0,
+        reverted: 0,
         duration_ms: 0.0,
         warnings: vec![],
         resources: vec![],
@@ -294,6 +301,7 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         v.dry_run = d.dry_run;
         (v.changed, v.would_change, v.failed, v.skipped, v.unchanged, v.unplanned) =
             (d.changed, d.would_change, d.failed, d.skipped, d.unchanged, d.unplanned);
+        v.reverted = d.reverted;
         v.resources = d
             .failed_ids
             .into_iter()
@@ -315,6 +323,7 @@ pub fn report_view(r: &StoredReport, now: i64) -> ReportView {
         v.dry_run = s.dry_run;
         (v.changed, v.would_change, v.failed, v.skipped, v.unchanged, v.unplanned) =
             (s.changed, s.would_change, s.failed, s.skipped, s.unchanged, s.unplanned);
+        v.reverted = s.reverted;
         v.duration_ms = s.duration_ms;
         v.warnings = p.info.warnings.clone();
         if p.stale {
@@ -366,6 +375,9 @@ pub fn report_text(v: &ReportView, details: bool) -> String {
     }
     if v.unplanned > 0 {
         flags.push_str(&format!(", {} of the changes UNPLANNED", v.unplanned));
+    }
+    if v.reverted > 0 {
+        flags.push_str(&format!(", {} of the failures REVERTED changes", v.reverted));
     }
     out.push_str(&format!(
         "{}  {}  #{} run of {}, serial {}, commit {}: {} changed, {} failed, {} skipped, {} unchanged{flags}\n",

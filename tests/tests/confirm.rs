@@ -61,6 +61,7 @@ fn an_unconfirmed_change_is_put_back_by_the_host_reported_and_held_until_the_cat
     assert!(report.contains("reverted") && report.contains("file:/etc/app.conf"), "{report}");
     assert!(report.contains("not confirmed within 10 s") && report.contains("/usr/bin/false"), "{report}");
     assert!(report.contains("restored its content"), "{report}");
+    assert!(report.contains("2 failed") && report.contains(", 2 of the failures REVERTED changes"), "{report}");
     let status = converge_in(&root, &["status"]).stdout;
     assert!(status.contains("reverted"), "{status}");
     // The report page links each reverted resource to the line that declares it, at its commit.
