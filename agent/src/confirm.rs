@@ -19,7 +19,7 @@
 use crate::host::RealHost;
 use crate::state;
 use anyhow::Result;
-use converge_modules::catalog::Resource;
+use converge_modules::catalog::{Confirm, Resource};
 use converge_modules::engine::{Guard, Providers};
 use converge_modules::host::{FileType, Host, NewAttrs, Run};
 use converge_modules::report::{ResourceEvent, Status};
@@ -306,8 +306,13 @@ pub fn settle<P: Providers>(
         }
     }
     let mut why;
+    // The wall clock may jump, and the file is input: never wait longer than a confirmation
+    // may last, by the monotonic clock.
+    let longest = (pending.deadline.0.saturating_sub(pending.made.0)).clamp(0, i64::from(Confirm::MAX_WITHIN));
+    let give_up = std::time::Instant::now() + Duration::from_secs(longest as u64);
     loop {
-        let left = Duration::from_secs(pending.deadline.0.saturating_sub(Timestamp::now().0).max(1) as u64);
+        let left =
+            Duration::from_secs(pending.deadline.0.saturating_sub(Timestamp::now().0).clamp(1, longest.max(1)) as u64);
         why = match contact(left.min(ATTEMPT)) {
             Err(e) => format!("no server answered: {e}"),
             Ok(()) => match run_checks(host, &checks, left) {
@@ -318,7 +323,7 @@ pub fn settle<P: Providers>(
                 Err(e) => e,
             },
         };
-        if Timestamp::now() >= pending.deadline {
+        if Timestamp::now() >= pending.deadline || std::time::Instant::now() >= give_up {
             break;
         }
         std::thread::sleep(PAUSE.min(left));
