@@ -98,7 +98,7 @@ fn settle(
     pending: &confirm::Pending,
     resources: &[converge_modules::catalog::Resource],
     notes: &mut Vec<String>,
-) -> Result<(Vec<converge_modules::report::ResourceEvent>, Option<std::sync::Arc<Client>>)> {
+) -> Result<(Vec<converge_modules::report::ResourceEvent>, std::sync::Arc<Client>)> {
     let fresh = fresh_client(host.root(), config)?;
     let mut contact = |within: Duration| -> Result<(), String> {
         match rt.block_on(async { tokio::time::timeout(within, fresh.ca_bundle()).await }) {
@@ -115,7 +115,7 @@ fn settle(
             notes.push(format!(
                 "{n} change(s) under `confirm` were confirmed: the server answered and every check passed"
             ));
-            Ok((Vec::new(), Some(fresh)))
+            Ok((Vec::new(), fresh))
         }
         confirm::Settled::Reverted(events) => {
             for e in &events {
@@ -123,7 +123,7 @@ fn settle(
                 eprintln!("{}", clip(&said, 2000));
             }
             notes.push(format!("{n} change(s) under `confirm` were not confirmed in time and were reverted"));
-            Ok((events, Some(fresh)))
+            Ok((events, fresh))
         }
     }
 }
@@ -246,7 +246,7 @@ fn locked_run(
             Some(Ok(catalog)) => {
                 let (events, fresh) = settle(host, config, &rt, &pending, &catalog.resources, &mut notes)?;
                 settled = events;
-                client = fresh.unwrap_or(client);
+                client = fresh;
             }
             Some(Err(e)) => notes.push(state::set_aside(
                 host,
@@ -399,7 +399,7 @@ fn locked_run(
     if let Some(pending) = guard.pending() {
         let (events, fresh) = settle(host, config, &rt, &pending, &loaded.catalog.resources, &mut notes)?;
         settled.extend(events);
-        client = fresh.unwrap_or(client);
+        client = fresh;
     }
     if !settled.is_empty() {
         confirm::merge_events(&mut resources, settled);
