@@ -46,7 +46,7 @@ if [ "$(id -u)" = 0 ]; then
     # Every system test again on Debian 13 (trixie); the run above booted Debian 12.
     CONVERGE_TESTBED="$(tests/testbed/prepare trixie)"
     echo "container suite on Debian 13: testbed $CONVERGE_TESTBED"
-    cargo nextest run --locked --workspace --profile ci -E 'binary(system) or binary(services)'
+    cargo nextest run --locked --workspace --profile ci -E 'binary(system) or binary(services) or binary(kinds)'
 fi
 
 # Fuzz every parser that reads the network, a catalog or a repository, for a bounded time in

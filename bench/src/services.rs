@@ -41,6 +41,8 @@ fn reference(id: &ResourceId) -> String {
         Kind::Group => "Group",
         Kind::Service => "Service",
         Kind::Exec => "Exec",
+        Kind::Line => "File_line",
+        Kind::Block | Kind::Sysctl => "Exec",
     };
     format!("{kind}[{}]", pq(&id.title))
 }
@@ -156,6 +158,22 @@ pub fn manifest(catalog: &Catalog) -> String {
                     set("refreshonly", "true".into());
                 }
                 "exec"
+            }
+            // Puppet's stdlib has file_line; a block and a kernel parameter have no type in
+            // Puppet itself and are not in the benchmark's catalogs.
+            Spec::Line(l) => {
+                set("ensure", if absent { "absent" } else { "present" }.into());
+                set("path", pq(&l.path));
+                for (k, v) in [("line", &l.line), ("match", &l.matches), ("after", &l.after)] {
+                    if let Some(v) = v {
+                        set(k, pq(v));
+                    }
+                }
+                "file_line"
+            }
+            Spec::Block(_) | Spec::Sysctl(_) => {
+                let _ = writeln!(pp, "# {}: no Puppet core type; not translated", r.id);
+                continue;
             }
         };
         for (k, ids) in [("require", &r.meta.requires), ("notify", &r.meta.notify)] {

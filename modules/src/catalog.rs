@@ -266,6 +266,9 @@ kinds! {
     Group(GroupSpec) = "group", path: false;
     Service(ServiceSpec) = "service", path: false;
     Exec(ExecSpec) = "exec", path: false;
+    Line(LineSpec) = "file_line", path: false;
+    Block(BlockSpec) = "file_block", path: false;
+    Sysctl(SysctlSpec) = "sysctl", path: false;
 }
 
 impl Kind {
@@ -273,9 +276,18 @@ impl Kind {
         Kind::ALL.iter().copied().find(|k| k.name() == name)
     }
 
-    /// The kind a misspelt name probably means.
+    /// The kind a misspelt name, or another tool's name for it, probably means.
     pub fn close_to(name: &str) -> Option<Kind> {
-        Kind::ALL.iter().copied().find(|k| crate::yaml::similar_name(name, k.name()))
+        let habit = match name {
+            "lineinfile" | "line" => Some(Kind::Line),
+            "blockinfile" | "block" => Some(Kind::Block),
+            "command" | "shell" => Some(Kind::Exec),
+            "systemd" | "systemd_service" => Some(Kind::Service),
+            "link" => Some(Kind::Symlink),
+            "apt" | "dnf" | "yum" => Some(Kind::Package),
+            _ => None,
+        };
+        habit.or_else(|| Kind::ALL.iter().copied().find(|k| crate::yaml::similar_name(name, k.name())))
     }
 
     pub fn names() -> String {
@@ -696,6 +708,99 @@ pub struct ExecSpec {
     pub stdin: Option<String>,
 }
 
+/// One line of a file converge does not own, by a name of its own: Puppet's `file_line`,
+/// Ansible's `lineinfile`. The rest of the file is left byte for byte as it is.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LineSpec {
+    pub ensure: Option<Ensure>,
+    /// The file, by absolute path (never followed through a symlink).
+    pub path: String,
+    /// The whole line, without its newline.
+    pub line: Option<String>,
+    /// A regular expression: the line it matches is replaced by `line` (present) or removed
+    /// (absent). More than one match is an error unless `multiple`.
+    #[serde(rename = "match")]
+    pub matches: Option<String>,
+    /// Replaces (or removes) every line `match` matches [false].
+    pub multiple: Option<bool>,
+    /// Where a new line goes: after the last line this regular expression matches (else at the end).
+    pub after: Option<String>,
+    /// Where a new line goes: before the first line this regular expression matches (else at the end).
+    pub before: Option<String>,
+    /// Creates the file (empty, mode 0644) when it does not exist [false].
+    pub create: Option<bool>,
+    /// Keep the file as it was in the backup store [true].
+    pub backup: Option<bool>,
+    /// A command run on the edited file before it replaces the old one: `%` is the temporary file.
+    pub validate: Option<Vec<String>>,
+}
+
+/// A block of lines between two marker lines in a file converge does not own, by a name of its
+/// own: Ansible's `blockinfile`. The rest of the file is left byte for byte as it is.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BlockSpec {
+    pub ensure: Option<Ensure>,
+    /// The file, by absolute path (never followed through a symlink).
+    pub path: String,
+    /// The lines between the markers.
+    pub content: Option<String>,
+    /// The marker lines, with `{mark}` for BEGIN and END [`# {mark} converge NAME`].
+    pub marker: Option<String>,
+    /// Where a new block goes: after the last line this regular expression matches (else at the end).
+    pub after: Option<String>,
+    /// Where a new block goes: before the first line this regular expression matches (else at the end).
+    pub before: Option<String>,
+    /// Creates the file (empty, mode 0644) when it does not exist [false].
+    pub create: Option<bool>,
+    /// Keep the file as it was in the backup store [true].
+    pub backup: Option<bool>,
+    /// A command run on the edited file before it replaces the old one: `%` is the temporary file.
+    pub validate: Option<Vec<String>>,
+}
+
+/// A kernel parameter, by its key (`net.ipv4.ip_forward`, or the `/` form for names with
+/// dots): its live value and the value it gets at boot, kept in
+/// `/etc/sysctl.d/99-zz-converge-KEY.conf` (read after every other file there).
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SysctlSpec {
+    /// `absent` removes converge's file (the live value stays until the next boot).
+    pub ensure: Option<Ensure>,
+    /// The value, as `sysctl` prints it (several numbers separated by spaces for a vector).
+    #[serde(default, deserialize_with = "scalar_text")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "schema::text_or_number"))]
+    pub value: Option<String>,
+}
+
+/// A scalar as its text: YAML's `value: 1` and JSON's `"value": 1` are the text `1`.
+fn scalar_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a value, like 1 or \"4096 87380 6291456\"")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(Some(s.to_string()))
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            Ok(Some(n.to_string()))
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Some(n.to_string()))
+        }
+    }
+    d.deserialize_any(V)
+}
+
 pub const DEFAULT_PURGE_LIMIT: u32 = 100;
 
 impl Spec {
@@ -709,9 +814,18 @@ impl Spec {
             Spec::Package(s) if s.ensure.as_deref() == Some("absent") => Ensure::Absent,
             Spec::User(s) => s.ensure.unwrap_or_default(),
             Spec::Group(s) => s.ensure.unwrap_or_default(),
+            Spec::Line(s) => s.ensure.unwrap_or_default(),
+            Spec::Block(s) => s.ensure.unwrap_or_default(),
+            Spec::Sysctl(s) => s.ensure.unwrap_or_default(),
             Spec::Package(_) | Spec::Service(_) | Spec::Exec(_) => Ensure::Present,
         }
     }
+}
+
+/// Where a `sysctl` keeps the value its key gets at boot: named to sort after every other
+/// file of the sysctl.d directories (`99-sysctl.conf` included), so that its value wins.
+pub fn sysctl_file(key: &str) -> String {
+    format!("/etc/sysctl.d/99-zz-converge-{}.conf", key.replace('/', ":"))
 }
 
 /// One declared resource.
@@ -735,6 +849,18 @@ impl Resource {
     /// The path of a path kind.
     pub fn path(&self) -> Option<&str> {
         self.id.kind.is_path().then_some(self.id.title.as_str())
+    }
+
+    /// The file a kind that is not a path kind writes into: the file a `file_line` or
+    /// `file_block` edits, a `sysctl`'s file under /etc/sysctl.d. Protected like paths, kept by a purge,
+    /// and converged after the directory (and the `file`) that declares it.
+    pub fn writes(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match &self.spec {
+            Spec::Line(l) => Some(l.path.as_str().into()),
+            Spec::Block(b) => Some(b.path.as_str().into()),
+            Spec::Sysctl(_) => Some(sysctl_file(&self.id.title).into()),
+            _ => None,
+        }
     }
 }
 
@@ -806,6 +932,11 @@ mod schema {
     use super::*;
     use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
     use std::borrow::Cow;
+
+    /// A value written as text or as a number (kept as its text).
+    pub fn text_or_number(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"anyOf": [{"type": "string"}, {"type": "integer"}]})
+    }
 
     impl JsonSchema for Mode {
         fn schema_name() -> Cow<'static, str> {

@@ -26,6 +26,8 @@ pub enum Why {
     MemberOf,
     /// It is a service and the other its package.
     PackageOf,
+    /// It writes into the file the other declares (a `line` in a `file`).
+    Edits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +91,62 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
                         message: format!("{} is inside {}, which is not a directory", r.id, a.id),
                     }),
                     (_, _, false) => {}
+                }
+                break;
+            }
+            up = parent(p);
+        }
+    }
+
+    // Files written by resources that do not own them: after the file's own resource (which
+    // may not also declare its whole content) and after the directory holding it.
+    for (i, r) in resources.iter().enumerate() {
+        let Some(written) = r.writes() else { continue };
+        if let Some(&j) = paths.get(written.as_ref()) {
+            let f = &resources[j];
+            match &f.spec {
+                Spec::File(FileSpec { content: None, source: None, .. }) if f.spec.ensure() == Ensure::Present => {
+                    deps[i].push((j, Why::Edits))
+                }
+                Spec::File(_) if f.spec.ensure() == Ensure::Absent => problems.push(Problem {
+                    at: i,
+                    also: vec![j],
+                    message: format!("{} writes into {written}, which {} declares `ensure: absent`", r.id, f.id),
+                }),
+                Spec::File(_) => problems.push(Problem {
+                    at: i,
+                    also: vec![j],
+                    message: format!(
+                        "{} edits {written}, whose whole content {} declares: put the edit into that content, or \
+                         leave `content` out of {} (it may still manage the mode and owner)",
+                        r.id, f.id, f.id
+                    ),
+                }),
+                _ => problems.push(Problem {
+                    at: i,
+                    also: vec![j],
+                    message: format!("{} writes into {written}, which is declared as a {}", r.id, f.id.kind),
+                }),
+            }
+            continue;
+        }
+        let mut up = parent(&written);
+        while let Some(p) = up {
+            if let Some(&j) = paths.get(p) {
+                let a = &resources[j];
+                match (a.id.kind, a.spec.ensure()) {
+                    (Kind::Directory, Ensure::Present) => deps[i].push((j, Why::Inside)),
+                    _ if r.spec.ensure() == Ensure::Absent => {}
+                    (Kind::Directory, Ensure::Absent) => problems.push(Problem {
+                        at: i,
+                        also: vec![j],
+                        message: format!("{} writes into {written}, inside {}, which is `ensure: absent`", r.id, a.id),
+                    }),
+                    _ => problems.push(Problem {
+                        at: i,
+                        also: vec![j],
+                        message: format!("{} writes into {written}, inside {}, which is not a directory", r.id, a.id),
+                    }),
                 }
                 break;
             }
@@ -213,6 +271,7 @@ fn cycle(resources: &[Resource], deps: &[Vec<(usize, Why)>], left: &[usize]) -> 
                         Why::OwnedBy => format!("{this} is owned by {other}"),
                         Why::MemberOf => format!("{this} is a member of {other}"),
                         Why::PackageOf => format!("{this} needs its package {other}"),
+                        Why::Edits => format!("{this} edits the file {other}"),
                     }
                 })
                 .collect();
@@ -227,7 +286,7 @@ fn cycle(resources: &[Resource], deps: &[Vec<(usize, Why)>], left: &[usize]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{DirectorySpec, ExecSpec, FileSpec, Meta, Spec, SymlinkSpec};
+    use crate::catalog::{DirectorySpec, ExecSpec, FileSpec, LineSpec, Meta, Spec, SymlinkSpec};
 
     fn r(id: &str, requires: &[&str], notify: &[&str]) -> Resource {
         let id = ResourceId::parse(id).unwrap();
@@ -246,6 +305,9 @@ mod tests {
             Kind::Group => Spec::Group(Default::default()),
             Kind::Service => Spec::Service(Default::default()),
             Kind::Exec => Spec::Exec(ExecSpec { command: vec!["true".into()], ..Default::default() }),
+            Kind::Line => Spec::Line(LineSpec { path: "/etc/f".into(), line: Some("x".into()), ..Default::default() }),
+            Kind::Block => Spec::Block(Default::default()),
+            Kind::Sysctl => Spec::Sysctl(Default::default()),
         };
         Resource::new(id, meta, spec)
     }

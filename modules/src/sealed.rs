@@ -30,7 +30,7 @@ pub use age::x25519::{Identity, Recipient};
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Field {
-    /// A file's `content` (from `content`, `template` or `source`).
+    /// A file's `content` (from `content`, `template` or `source`), a block's `content`.
     Content,
     /// A command's `stdin`.
     Stdin,
@@ -59,6 +59,7 @@ impl Field {
     pub fn slot(self, spec: &mut Spec) -> Option<&mut Option<String>> {
         match (self, spec) {
             (Field::Content, Spec::File(f)) => Some(&mut f.content),
+            (Field::Content, Spec::Block(b)) => Some(&mut b.content),
             (Field::Stdin, Spec::Exec(e)) => Some(&mut e.stdin),
             (Field::PasswordHash, Spec::User(u)) => Some(&mut u.password_hash),
             _ => None,

@@ -2,7 +2,10 @@
 //! of each resource, and protected paths. Pure; problems name resources by index and
 //! [`crate::load`] turns indexes into file:line:col.
 
-use crate::catalog::{Ensure, ExecSpec, FileSpec, Kind, Meta, PackageSpec, Resource, ResourceId, Spec, UserSpec};
+use crate::catalog::{
+    BlockSpec, Ensure, ExecSpec, FileSpec, Kind, LineSpec, Meta, PackageSpec, Resource, ResourceId, Spec, SysctlSpec,
+    UserSpec,
+};
 use std::collections::HashMap;
 
 /// A problem with the resource at `at`, possibly involving others (`also`: a second
@@ -129,6 +132,11 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
                 ));
             }
         }
+        if let Some(written) = r.writes()
+            && let Some(p) = protected_by(&written)
+        {
+            say(format!("{} writes into {written}, which is protected: converge never manages {p}", r.id));
+        }
         if let Some(c) = &r.meta.confirm {
             check_confirm(r, c, &mut say);
         }
@@ -159,6 +167,9 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
                 }
             }
             Spec::Exec(e) => check_exec(r, e, &mut say),
+            Spec::Line(l) => check_line(r, l, &mut say),
+            Spec::Block(b) => check_block(r, b, &mut say),
+            Spec::Sysctl(s) => check_sysctl(r, s, &mut say),
         }
     }
     problems
@@ -265,16 +276,88 @@ fn check_confirm(r: &Resource, c: &crate::catalog::Confirm, say: &mut impl FnMut
     }
 }
 
-fn check_file(r: &Resource, f: &FileSpec, say: &mut impl FnMut(String)) {
-    if f.content.is_some() && f.source.is_some() {
-        say(format!("{}: `content` and `source` cannot both be set", r.id));
+/// What `file_line` and `file_block` share: the file's path, their anchors, their `validate`.
+fn check_edit(
+    r: &Resource,
+    path: &str,
+    anchors: [(&str, &Option<String>); 2],
+    validate: &Option<Vec<String>>,
+    say: &mut impl FnMut(String),
+) {
+    match crate::catalog::normalize_path(path) {
+        Ok(p) if p == path => {}
+        Ok(p) => say(format!("{}: `path` is written `{path}`; write it as `{p}`", r.id)),
+        Err(e) => say(format!("{}: `path`: {e}", r.id)),
     }
-    for (name, v) in [("owner", &f.owner), ("group", &f.group)] {
-        if v.as_deref() == Some("") {
-            say(format!("`{name}` is empty"));
+    for (field, pattern) in anchors {
+        if let Some(p) = pattern
+            && let Err(e) = crate::providers::edit::regex(p)
+        {
+            say(format!("{}: `{field}`: {e}", r.id));
         }
     }
-    if let Some(argv) = &f.validate {
+    if anchors[0].1.is_some() && anchors[1].1.is_some() {
+        say(format!("{}: give `after` or `before`, not both", r.id));
+    }
+    check_validate(validate, say);
+}
+
+fn check_line(r: &Resource, l: &LineSpec, say: &mut impl FnMut(String)) {
+    check_edit(r, &l.path, [("after", &l.after), ("before", &l.before)], &l.validate, say);
+    if let Some(m) = &l.matches
+        && let Err(e) = crate::providers::edit::regex(m)
+    {
+        say(format!("{}: `match`: {e}", r.id));
+    }
+    match (&l.line, r.spec.ensure()) {
+        (Some(line), _) if line.contains('\n') => {
+            say(format!("{}: `line` is one line: for several, use a `file_block`", r.id))
+        }
+        (None, Ensure::Present) => say(format!("{}: give the `line` to make present", r.id)),
+        (None, Ensure::Absent) if l.matches.is_none() => {
+            say(format!("{}: give the `line` to remove, or a `match` for the lines to remove", r.id))
+        }
+        _ => {}
+    }
+    if l.multiple.is_some() && l.matches.is_none() {
+        say(format!("{}: `multiple` applies only with `match`", r.id));
+    }
+}
+
+fn check_block(r: &Resource, b: &BlockSpec, say: &mut impl FnMut(String)) {
+    check_edit(r, &b.path, [("after", &b.after), ("before", &b.before)], &b.validate, say);
+    if let Some(m) = &b.marker
+        && (!m.contains("{mark}") || m.contains('\n') || m.trim().is_empty())
+    {
+        say(format!("{}: `marker` is one line holding `{{mark}}` (BEGIN and END), like `# {{mark}} converge`", r.id));
+    }
+    if b.content.is_none() && r.spec.ensure() == Ensure::Present {
+        say(format!("{}: give the block's `content`", r.id));
+    }
+}
+
+fn check_sysctl(r: &Resource, s: &SysctlSpec, say: &mut impl FnMut(String)) {
+    let key = r.id.title.as_str();
+    let ok = !key.starts_with(['.', '/', '-'])
+        && !key.ends_with(['.', '/'])
+        && !key.contains("..")
+        && !key.contains("//")
+        && key.contains(['.', '/'])
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '_' | '-' | '@' | ':' | '+'));
+    if !ok {
+        say(format!("{}: not a kernel parameter name; write it as sysctl does, like net.ipv4.ip_forward", r.id));
+    }
+    match (&s.value, r.spec.ensure()) {
+        (None, Ensure::Present) => say(format!("{}: give the `value`", r.id)),
+        (Some(v), _) if v.trim().is_empty() || v.contains(['\n', '\r']) => {
+            say(format!("{}: `value` is one line of text, like 1 or \"4096 87380 6291456\"", r.id))
+        }
+        _ => {}
+    }
+}
+
+fn check_validate(validate: &Option<Vec<String>>, say: &mut impl FnMut(String)) {
+    if let Some(argv) = validate {
         if argv.is_empty() || argv[0].is_empty() {
             say("`validate` is empty: give a command as a list, like [visudo, -cf, \"%\"]".to_string());
         } else if !argv.iter().any(|a| a.contains('%')) {
@@ -284,6 +367,18 @@ fn check_file(r: &Resource, f: &FileSpec, say: &mut impl FnMut(String)) {
             ));
         }
     }
+}
+
+fn check_file(r: &Resource, f: &FileSpec, say: &mut impl FnMut(String)) {
+    if f.content.is_some() && f.source.is_some() {
+        say(format!("{}: `content` and `source` cannot both be set", r.id));
+    }
+    for (name, v) in [("owner", &f.owner), ("group", &f.group)] {
+        if v.as_deref() == Some("") {
+            say(format!("`{name}` is empty"));
+        }
+    }
+    check_validate(&f.validate, say);
 }
 
 #[cfg(test)]

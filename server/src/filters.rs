@@ -39,11 +39,9 @@ fn b64decode(s: String) -> Result<String, Error> {
 }
 
 fn regex(pattern: &str) -> Result<regex_lite::Regex, Error> {
-    // A pattern is written by the operator, but a huge one costs the compile: bounded.
-    regex_lite::RegexBuilder::new(pattern)
-        .size_limit(1 << 20)
-        .build()
-        .map_err(|e| invalid(format!("`{pattern}` is not a regular expression: {e}")))
+    // A pattern is written by the operator, but a huge one costs the compile: bounded, as the
+    // catalog's own patterns are.
+    converge_modules::providers::edit::regex(pattern).map_err(invalid)
 }
 
 /// Python's `\1` and `\g<name>` (what Ansible's regex_replace takes) as `${1}` and `${name}`;

@@ -39,6 +39,20 @@ impl From<std::process::Output> for Out {
 }
 
 /// Runs a workspace binary with `args`.
+/// The resources a text report of `converge apply` says changed (or would change).
+pub fn changed(out: &Out) -> Vec<String> {
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("  changed") || l.starts_with("  would change"))
+        .map(|l| l.split_whitespace().last().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Demands exit status `code`, or shows all the output.
+pub fn assert_code(out: &Out, code: i32, what: &str) {
+    assert_eq!(out.code, code, "{what}:\n{}{}", out.stdout, out.stderr);
+}
+
 pub fn run(name: &str, args: &[&str]) -> Out {
     run_at(None, name, args)
 }

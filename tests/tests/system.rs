@@ -5,20 +5,8 @@
 //! changes nothing -> apply repairs it.
 
 use converge_e2e::container::{Container, enabled};
-use converge_e2e::{Out, bin, write};
+use converge_e2e::{Out, assert_code, bin, changed, write};
 use std::process::Command;
-
-fn changed(out: &Out) -> Vec<String> {
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("  changed") || l.starts_with("  would change"))
-        .map(|l| l.split_whitespace().last().unwrap_or_default().to_string())
-        .collect()
-}
-
-fn assert_code(out: &Out, code: i32, what: &str) {
-    assert_eq!(out.code, code, "{what}:\n{}{}", out.stdout, out.stderr);
-}
 
 #[test]
 fn packages_install_pin_remove_and_repair_drift() {

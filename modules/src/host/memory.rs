@@ -48,6 +48,8 @@ struct System {
     runner: Option<Runner>,
     /// What installing a package does beyond installing it (its maintainer scripts).
     scripts: BTreeMap<String, std::rc::Rc<Script>>,
+    /// /proc/sys is read-only (a container's): systemd-sysctl succeeds and changes nothing.
+    sysctl_read_only: bool,
 }
 
 #[derive(Default)]
@@ -152,6 +154,31 @@ impl MemHost {
     pub fn as_image(self) -> Self {
         self.inner.borrow_mut().system.image = true;
         self
+    }
+
+    /// A /proc/sys that takes no value, as in a container.
+    pub fn refuse_sysctl(self) -> Self {
+        self.inner.borrow_mut().system.sysctl_read_only = true;
+        self
+    }
+
+    /// `systemd-sysctl FILE...` (and `sysctl -p FILE`): each assignment of the files written to
+    /// /proc/sys, where that parameter exists; like the real tool, a value the kernel does not
+    /// take is not an error.
+    fn sysctl_apply(&self, args: &[&str]) -> Result<String, Failed> {
+        use crate::providers::sysctl::{assignments, key_path};
+        for file in operands(args) {
+            let text = self.content(file).ok_or((1, format!("{file}: no such file")))?;
+            for (key, value, _) in assignments(&text) {
+                let proc = format!("/proc/sys/{}", key_path(&key));
+                if !self.inner.borrow().system.sysctl_read_only
+                    && matches!(self.node(&proc), Some(MemNode::File { .. }))
+                {
+                    self.put(&proc, system_node(format!("{value}\n").into_bytes()));
+                }
+            }
+        }
+        Ok(String::new())
     }
 
     /// Decides how commands end (default: exit 0, no output).
@@ -495,6 +522,7 @@ impl Host for MemHost {
             }
             "chpasswd" => Some(self.chpasswd(cmd.stdin.unwrap_or_default())),
             "systemctl" => Some(self.systemctl(&args)),
+            "systemd-sysctl" | "sysctl" => Some(self.sysctl_apply(&args)),
             "journalctl" => Some(Ok(format!("(the journal of {})", operands(&args).first().copied().unwrap_or("")))),
             _ => None,
         };

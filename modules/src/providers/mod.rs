@@ -30,6 +30,7 @@ use tool::ToolOptions;
 
 pub mod account;
 pub mod directory;
+pub mod edit;
 pub mod exec;
 pub mod file;
 #[cfg(test)]
@@ -37,6 +38,7 @@ mod honest;
 pub mod package;
 pub mod service;
 pub mod symlink;
+pub mod sysctl;
 pub mod tool;
 
 /// Where systemd reads unit files: a change there needs a daemon-reload before services act.
@@ -46,9 +48,9 @@ pub const UNIT_DIRS: &[&str] =
 /// The providers of this build over one host.
 pub struct System<'h> {
     pub host: &'h dyn Host,
-    /// Every path the catalog declares (present or absent): purge leaves them to their own
-    /// resource.
-    managed: HashSet<&'h str>,
+    /// Every path the catalog declares (present or absent), and every file a resource writes
+    /// into: purge leaves them to their resource.
+    managed: HashSet<std::borrow::Cow<'h, str>>,
     /// Every package and service of the catalog: each is asked about once, all together.
     packages: Vec<(&'h str, &'h PackageSpec)>,
     services: Vec<&'h str>,
@@ -161,7 +163,8 @@ pub struct Checked {
 
 impl<'h> System<'h> {
     pub fn new(host: &'h dyn Host, resources: &'h [Resource]) -> System<'h> {
-        let managed = resources.iter().filter_map(Resource::path).collect();
+        let managed =
+            resources.iter().filter_map(|r| r.path().map(std::borrow::Cow::Borrowed).or_else(|| r.writes())).collect();
         let packages = resources
             .iter()
             .filter_map(|r| match &r.spec {
@@ -635,6 +638,8 @@ impl Providers for System<'_> {
             Spec::Group(g) => return account::check_group(self, r, g),
             Spec::Service(s) => return service::check(self, r, s),
             Spec::Exec(e) => return exec::check(self, r, e),
+            Spec::Line(_) | Spec::Block(_) => return edit::check(self, r),
+            Spec::Sysctl(s) => return sysctl::check(self, r, s),
         };
         // Nothing to remove yet, in a directory that does not exist yet either: a package or
         // command planned earlier may make both (nginx ships sites-enabled/default).
@@ -654,6 +659,8 @@ impl Providers for System<'_> {
             Spec::User(_) | Spec::Group(_) => return account::apply(self, state),
             Spec::Service(_) => return service::apply(self, r, state),
             Spec::Exec(e) => return exec::apply(self, r, e),
+            Spec::Line(_) | Spec::Block(_) => return edit::apply(self, r, state).map(|()| None),
+            Spec::Sysctl(s) => return sysctl::apply(self, r, s, state, changes).map(|()| None),
         };
         self.path_changed(&r.id.title);
         done.map(|()| None)
@@ -683,6 +690,9 @@ impl Providers for System<'_> {
         match (&r.spec, &state.op) {
             (Spec::File(_) | Spec::Directory(_) | Spec::Symlink(_), _) if present(r) => {
                 assumed.paths.insert(r.id.title.clone());
+            }
+            (Spec::Line(_) | Spec::Block(_) | Spec::Sysctl(_), _) if present(r) => {
+                assumed.paths.extend(r.writes().map(std::borrow::Cow::into_owned));
             }
             (_, Op::Accounts(ops)) => {
                 for op in ops {
