@@ -42,7 +42,7 @@ fn reference(id: &ResourceId) -> String {
         Kind::Service => "Service",
         Kind::Exec => "Exec",
         Kind::Line => "File_line",
-        Kind::Block | Kind::Sysctl => "Exec",
+        Kind::Block | Kind::Sysctl | Kind::Timer => "Exec",
     };
     format!("{kind}[{}]", pq(&id.title))
 }
@@ -171,7 +171,7 @@ pub fn manifest(catalog: &Catalog) -> String {
                 }
                 "file_line"
             }
-            Spec::Block(_) | Spec::Sysctl(_) => {
+            Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_) => {
                 let _ = writeln!(pp, "# {}: no Puppet core type; not translated", r.id);
                 continue;
             }

@@ -269,6 +269,7 @@ kinds! {
     Line(LineSpec) = "file_line", path: false;
     Block(BlockSpec) = "file_block", path: false;
     Sysctl(SysctlSpec) = "sysctl", path: false;
+    Timer(TimerSpec) = "timer", path: false;
 }
 
 impl Kind {
@@ -282,6 +283,7 @@ impl Kind {
             "lineinfile" | "line" => Some(Kind::Line),
             "blockinfile" | "block" => Some(Kind::Block),
             "command" | "shell" => Some(Kind::Exec),
+            "cron" | "cronjob" | "cron_job" => Some(Kind::Timer),
             "systemd" | "systemd_service" => Some(Kind::Service),
             "link" => Some(Kind::Symlink),
             "apt" | "dnf" | "yum" => Some(Kind::Package),
@@ -801,6 +803,36 @@ fn scalar_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
     d.deserialize_any(V)
 }
 
+/// A command run on a schedule, by a name of its own (letters, digits, `-`, `_`): a systemd
+/// timer `converge-NAME.timer` and the service it starts, in /etc/systemd/system. Takes cron's
+/// five fields as they are.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TimerSpec {
+    pub ensure: Option<Ensure>,
+    /// The command, an argv (never a shell string): `[/usr/local/bin/backup, --all]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// When: cron's five fields (`*/15 * * * *`, `30 2 * * 1-5`), a cron shorthand (`@daily`),
+    /// or a systemd calendar event (`Mon..Fri 03:00`, `*:0/15`).
+    pub schedule: Option<String>,
+    /// The account it runs as [root].
+    pub user: Option<String>,
+    pub cwd: Option<String>,
+    pub environment: Option<BTreeMap<String, String>>,
+    /// Each run starts up to this many seconds late, at random: the same job across a fleet
+    /// does not start on every host at once [0].
+    pub randomized_delay: Option<u32>,
+    /// A run missed while the host was off runs when it is back [true].
+    pub persistent: Option<bool>,
+    /// Seconds a run may take before it is stopped [no limit].
+    pub timeout: Option<u32>,
+    /// What `systemctl list-timers` and the journal call it [converge timer NAME].
+    pub description: Option<String>,
+}
+
 pub const DEFAULT_PURGE_LIMIT: u32 = 100;
 
 impl Spec {
@@ -817,6 +849,7 @@ impl Spec {
             Spec::Line(s) => s.ensure.unwrap_or_default(),
             Spec::Block(s) => s.ensure.unwrap_or_default(),
             Spec::Sysctl(s) => s.ensure.unwrap_or_default(),
+            Spec::Timer(s) => s.ensure.unwrap_or_default(),
             Spec::Package(_) | Spec::Service(_) | Spec::Exec(_) => Ensure::Present,
         }
     }
@@ -854,12 +887,13 @@ impl Resource {
     /// The file a kind that is not a path kind writes into: the file a `file_line` or
     /// `file_block` edits, a `sysctl`'s file under /etc/sysctl.d. Protected like paths, kept by a purge,
     /// and converged after the directory (and the `file`) that declares it.
-    pub fn writes(&self) -> Option<std::borrow::Cow<'_, str>> {
+    pub fn writes(&self) -> Vec<std::borrow::Cow<'_, str>> {
         match &self.spec {
-            Spec::Line(l) => Some(l.path.as_str().into()),
-            Spec::Block(b) => Some(b.path.as_str().into()),
-            Spec::Sysctl(_) => Some(sysctl_file(&self.id.title).into()),
-            _ => None,
+            Spec::Line(l) => vec![l.path.as_str().into()],
+            Spec::Block(b) => vec![b.path.as_str().into()],
+            Spec::Sysctl(_) => vec![sysctl_file(&self.id.title).into()],
+            Spec::Timer(_) => crate::providers::timer::unit_files(&self.id.title).map(Into::into).into(),
+            _ => Vec::new(),
         }
     }
 }

@@ -325,7 +325,7 @@ resources:
                 "10:5: file:/etc/d is declared twice with different `mode` (see line 8)",
                 "12:5: file:/etc/e requires file:/etc/nope, which is not declared",
                 "14:5: dependency cycle: file:/etc/f requires file:/etc/g, file:/etc/g requires file:/etc/f (see line 16)",
-                "18:5: a resource's first key must be its kind (file, directory, symlink, package, user, group, service, exec, file_line, file_block, sysctl), found `widget`",
+                &format!("18:5: a resource's first key must be its kind ({}), found `widget`", Kind::names()),
             ]
         );
     }

@@ -101,56 +101,63 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
     // Files written by resources that do not own them: after the file's own resource (which
     // may not also declare its whole content) and after the directory holding it.
     for (i, r) in resources.iter().enumerate() {
-        let Some(written) = r.writes() else { continue };
-        if let Some(&j) = paths.get(written.as_ref()) {
-            let f = &resources[j];
-            match &f.spec {
-                Spec::File(FileSpec { content: None, source: None, .. }) if f.spec.ensure() == Ensure::Present => {
-                    deps[i].push((j, Why::Edits))
-                }
-                Spec::File(_) if f.spec.ensure() == Ensure::Absent => problems.push(Problem {
-                    at: i,
-                    also: vec![j],
-                    message: format!("{} writes into {written}, which {} declares `ensure: absent`", r.id, f.id),
-                }),
-                Spec::File(_) => problems.push(Problem {
-                    at: i,
-                    also: vec![j],
-                    message: format!(
-                        "{} edits {written}, whose whole content {} declares: put the edit into that content, or \
-                         leave `content` out of {} (it may still manage the mode and owner)",
-                        r.id, f.id, f.id
-                    ),
-                }),
-                _ => problems.push(Problem {
-                    at: i,
-                    also: vec![j],
-                    message: format!("{} writes into {written}, which is declared as a {}", r.id, f.id.kind),
-                }),
-            }
-            continue;
-        }
-        let mut up = parent(&written);
-        while let Some(p) = up {
-            if let Some(&j) = paths.get(p) {
-                let a = &resources[j];
-                match (a.id.kind, a.spec.ensure()) {
-                    (Kind::Directory, Ensure::Present) => deps[i].push((j, Why::Inside)),
-                    _ if r.spec.ensure() == Ensure::Absent => {}
-                    (Kind::Directory, Ensure::Absent) => problems.push(Problem {
+        for written in r.writes() {
+            if let Some(&j) = paths.get(written.as_ref()) {
+                let f = &resources[j];
+                match &f.spec {
+                    Spec::File(FileSpec { content: None, source: None, .. }) if f.spec.ensure() == Ensure::Present => {
+                        deps[i].push((j, Why::Edits))
+                    }
+                    Spec::File(_) if f.spec.ensure() == Ensure::Absent => problems.push(Problem {
                         at: i,
                         also: vec![j],
-                        message: format!("{} writes into {written}, inside {}, which is `ensure: absent`", r.id, a.id),
+                        message: format!("{} writes into {written}, which {} declares `ensure: absent`", r.id, f.id),
+                    }),
+                    Spec::File(_) => problems.push(Problem {
+                        at: i,
+                        also: vec![j],
+                        message: format!(
+                            "{} edits {written}, whose whole content {} declares: put the edit into that content, or \
+                         leave `content` out of {} (it may still manage the mode and owner)",
+                            r.id, f.id, f.id
+                        ),
                     }),
                     _ => problems.push(Problem {
                         at: i,
                         also: vec![j],
-                        message: format!("{} writes into {written}, inside {}, which is not a directory", r.id, a.id),
+                        message: format!("{} writes into {written}, which is declared as a {}", r.id, f.id.kind),
                     }),
                 }
-                break;
+                continue;
             }
-            up = parent(p);
+            let mut up = parent(&written);
+            while let Some(p) = up {
+                if let Some(&j) = paths.get(p) {
+                    let a = &resources[j];
+                    match (a.id.kind, a.spec.ensure()) {
+                        (Kind::Directory, Ensure::Present) => deps[i].push((j, Why::Inside)),
+                        _ if r.spec.ensure() == Ensure::Absent => {}
+                        (Kind::Directory, Ensure::Absent) => problems.push(Problem {
+                            at: i,
+                            also: vec![j],
+                            message: format!(
+                                "{} writes into {written}, inside {}, which is `ensure: absent`",
+                                r.id, a.id
+                            ),
+                        }),
+                        _ => problems.push(Problem {
+                            at: i,
+                            also: vec![j],
+                            message: format!(
+                                "{} writes into {written}, inside {}, which is not a directory",
+                                r.id, a.id
+                            ),
+                        }),
+                    }
+                    break;
+                }
+                up = parent(p);
+            }
         }
     }
 
@@ -173,6 +180,7 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
                 u.gid.iter().chain(u.groups.iter().flatten()).for_each(|g| need(Kind::Group, g, Why::MemberOf));
             }
             Spec::Service(_) => need(Kind::Package, &r.id.title, Why::PackageOf),
+            Spec::Timer(t) => t.user.iter().for_each(|u| need(Kind::User, u, Why::OwnedBy)),
             _ => {}
         }
     }
@@ -308,6 +316,7 @@ mod tests {
             Kind::Line => Spec::Line(LineSpec { path: "/etc/f".into(), line: Some("x".into()), ..Default::default() }),
             Kind::Block => Spec::Block(Default::default()),
             Kind::Sysctl => Spec::Sysctl(Default::default()),
+            Kind::Timer => Spec::Timer(Default::default()),
         };
         Resource::new(id, meta, spec)
     }

@@ -4,7 +4,7 @@
 
 use crate::catalog::{
     BlockSpec, Ensure, ExecSpec, FileSpec, Kind, LineSpec, Meta, PackageSpec, Resource, ResourceId, Spec, SysctlSpec,
-    UserSpec,
+    TimerSpec, UserSpec,
 };
 use std::collections::HashMap;
 
@@ -132,10 +132,10 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
                 ));
             }
         }
-        if let Some(written) = r.writes()
-            && let Some(p) = protected_by(&written)
-        {
-            say(format!("{} writes into {written}, which is protected: converge never manages {p}", r.id));
+        for written in r.writes() {
+            if let Some(p) = protected_by(&written) {
+                say(format!("{} writes into {written}, which is protected: converge never manages {p}", r.id));
+            }
         }
         if let Some(c) = &r.meta.confirm {
             check_confirm(r, c, &mut say);
@@ -170,6 +170,7 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
             Spec::Line(l) => check_line(r, l, &mut say),
             Spec::Block(b) => check_block(r, b, &mut say),
             Spec::Sysctl(s) => check_sysctl(r, s, &mut say),
+            Spec::Timer(t) => check_timer(r, t, &mut say),
         }
     }
     problems
@@ -353,6 +354,44 @@ fn check_sysctl(r: &Resource, s: &SysctlSpec, say: &mut impl FnMut(String)) {
             say(format!("{}: `value` is one line of text, like 1 or \"4096 87380 6291456\"", r.id))
         }
         _ => {}
+    }
+}
+
+fn check_timer(r: &Resource, t: &TimerSpec, say: &mut impl FnMut(String)) {
+    let name = r.id.title.as_str();
+    if name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')) {
+        say(format!("{}: a timer's name is letters, digits, - and _ (64 at most): it names its units", r.id));
+    }
+    if r.spec.ensure() == Ensure::Absent {
+        return;
+    }
+    if t.command.first().is_none_or(String::is_empty) {
+        say(format!("{}: `command` is empty: give an argv, like [/usr/local/bin/backup, --all]", r.id));
+    }
+    if t.command.iter().any(|w| w.contains(['\n', '\r'])) {
+        say(format!("{}: a word of `command` holds a line break", r.id));
+    }
+    match &t.schedule {
+        None => say(format!("{}: give a `schedule`, like \"*/15 * * * *\" or \"Mon..Fri 03:00\"", r.id)),
+        Some(s) => {
+            if let Err(e) = crate::providers::timer::calendar(s) {
+                say(format!("{}: `schedule`: {e}", r.id));
+            }
+        }
+    }
+    if t.cwd.as_deref().is_some_and(|p| !p.starts_with('/')) {
+        say(format!("{}: `cwd` must be an absolute path", r.id));
+    }
+    let line_break = |s: &str| s.contains(['\n', '\r']);
+    if t.user.as_deref().is_some_and(|u| u.is_empty() || line_break(u))
+        || t.cwd.as_deref().is_some_and(line_break)
+        || t.description.as_deref().is_some_and(line_break)
+        || t.environment
+            .iter()
+            .flatten()
+            .any(|(k, v)| line_break(k) || line_break(v) || k.is_empty() || k.contains('='))
+    {
+        say(format!("{}: `user`, `cwd`, `description` and `environment` are one line each (a name without `=`)", r.id));
     }
 }
 

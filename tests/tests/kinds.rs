@@ -143,3 +143,59 @@ fn kernel_parameters_live_and_at_boot() {
     assert_code(&out, 4, "an unknown parameter");
     assert!(out.stdout.contains("the kernel has no parameter net.ipv4.no_such_thing"), "{}", out.stdout);
 }
+
+const TIMER: &str = "format: 1
+resources:
+  - timer: stamp
+    command: [/bin/sh, -c, \"date +%s >> /var/tmp/stamps\"]
+    schedule: \"*/5 * * * *\"
+    randomized_delay: 60
+";
+
+#[test]
+fn a_timer_scheduled_by_systemd_runs_its_command() {
+    if !enabled("timer") {
+        return;
+    }
+    let c = Container::boot();
+    assert_code(&c.apply("t.yaml", TIMER, &[]), 2, "first run");
+    let state = || c.sh("systemctl is-active converge-stamp.timer; systemctl is-enabled converge-stamp.timer; true");
+    assert_eq!(state(), "active\nenabled\n");
+    let shown = c.sh("systemctl show -p TimersCalendar converge-stamp.timer");
+    assert!(shown.contains("OnCalendar=*-*-* *:00/5:00"), "systemd reads the cron schedule: {shown}");
+    assert!(c.sh("systemctl list-timers --all --no-pager").contains("converge-stamp.timer"));
+    // What the timer starts runs the command, `%` and all.
+    c.sh("systemctl start converge-stamp.service");
+    let stamps = c.sh("cat /var/tmp/stamps");
+    assert!(stamps.trim().parse::<u64>().is_ok(), "the command ran as written: {stamps:?}");
+    assert_code(&c.apply("t.yaml", TIMER, &[]), 0, "second run: nothing to do");
+
+    // Drift: disabled and stopped, its unit file edited.
+    c.sh("systemctl disable --now -q converge-stamp.timer && sed -i 's/RandomizedDelaySec=60/RandomizedDelaySec=1/' /etc/systemd/system/converge-stamp.timer && systemctl daemon-reload");
+    let drifted = state();
+    let dry = c.apply("t.yaml", TIMER, &["--dry-run"]);
+    assert_code(&dry, 2, "dry-run on drift");
+    assert_eq!(changed(&dry), ["timer:stamp"], "{}", dry.stdout);
+    assert!(
+        dry.stdout.contains("-RandomizedDelaySec=1") && dry.stdout.contains("enabled: disabled -> enabled"),
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(state(), drifted, "a dry-run changes nothing");
+    assert_code(&c.apply("t.yaml", TIMER, &[]), 2, "repair");
+    assert_eq!(state(), "active\nenabled\n");
+    assert!(c.sh("systemctl show -p RandomizedDelayUSec converge-stamp.timer").contains("1min"));
+
+    // A calendar event systemd cannot read never replaces the working one.
+    let bad = TIMER.replace("\"*/5 * * * *\"", "\"Mon..Fry 03:00\"");
+    let out = c.apply("bad.yaml", &bad, &[]);
+    assert_code(&out, 4, "a schedule systemd refuses");
+    assert!(out.stdout.contains("systemd does not read `Mon..Fry 03:00` as a calendar event"), "{}", out.stdout);
+    assert!(c.sh("cat /etc/systemd/system/converge-stamp.timer").contains("OnCalendar=*-*-* *:0/5:00"));
+
+    let gone = "format: 1\nresources:\n  - timer: stamp\n    ensure: absent\n";
+    assert_code(&c.apply("gone.yaml", gone, &[]), 2, "removal");
+    assert_eq!(c.sh("ls /etc/systemd/system/ | grep -c converge-stamp; true"), "0\n");
+    assert!(!c.sh("systemctl list-timers --all --no-pager").contains("converge-stamp"));
+    assert_code(&c.apply("gone.yaml", gone, &[]), 0, "removed: nothing to do");
+}

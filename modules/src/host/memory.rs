@@ -50,6 +50,8 @@ struct System {
     scripts: BTreeMap<String, std::rc::Rc<Script>>,
     /// /proc/sys is read-only (a container's): systemd-sysctl succeeds and changes nothing.
     sysctl_read_only: bool,
+    /// Units systemd learnt from a file under /etc/systemd/system at a daemon-reload.
+    file_units: std::collections::BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -799,6 +801,34 @@ impl MemHost {
                 for unit in sys.units.values_mut() {
                     unit.needs_daemon_reload = false;
                 }
+                // Unit files written under /etc/systemd/system become units; those removed
+                // from there that no package installed go.
+                let dir = "/etc/systemd/system/";
+                let files: Vec<String> = inner
+                    .nodes
+                    .keys()
+                    .filter_map(|p| p.strip_prefix(dir))
+                    .filter(|n| !n.contains('/') && (n.ends_with(".service") || n.ends_with(".timer")))
+                    .map(str::to_string)
+                    .collect();
+                let sys = &mut inner.system;
+                let gone: Vec<String> = sys.file_units.iter().filter(|n| !files.contains(n)).cloned().collect();
+                for n in gone {
+                    sys.units.remove(&n);
+                    sys.file_units.remove(&n);
+                }
+                for f in files {
+                    if !sys.units.contains_key(&f) {
+                        let unit = Unit {
+                            exists: true,
+                            active: "inactive".into(),
+                            enabled: "disabled".into(),
+                            ..Unit::default()
+                        };
+                        sys.units.insert(f.clone(), unit);
+                        sys.file_units.insert(f);
+                    }
+                }
                 Ok(String::new())
             }
             "enable" | "disable" => {
@@ -806,6 +836,9 @@ impl MemHost {
                 for n in names {
                     if let Some(unit) = inner.system.units.get_mut(&unit_name(n)) {
                         unit.enabled = if *verb == "enable" { "enabled" } else { "disabled" }.into();
+                        if has(args, "--now") {
+                            unit.active = if *verb == "enable" { "active" } else { "inactive" }.into();
+                        }
                     }
                 }
                 Ok(String::new())

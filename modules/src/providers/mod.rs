@@ -39,6 +39,7 @@ pub mod package;
 pub mod service;
 pub mod symlink;
 pub mod sysctl;
+pub mod timer;
 pub mod tool;
 
 /// Where systemd reads unit files: a change there needs a daemon-reload before services act.
@@ -53,7 +54,7 @@ pub struct System<'h> {
     managed: HashSet<std::borrow::Cow<'h, str>>,
     /// Every package and service of the catalog: each is asked about once, all together.
     packages: Vec<(&'h str, &'h PackageSpec)>,
-    services: Vec<&'h str>,
+    services: Vec<String>,
     dry_run: bool,
     /// What the caller decided about the tools (the package lock's timeout).
     tools: ToolOptions,
@@ -163,8 +164,13 @@ pub struct Checked {
 
 impl<'h> System<'h> {
     pub fn new(host: &'h dyn Host, resources: &'h [Resource]) -> System<'h> {
-        let managed =
-            resources.iter().filter_map(|r| r.path().map(std::borrow::Cow::Borrowed).or_else(|| r.writes())).collect();
+        let managed = resources
+            .iter()
+            .flat_map(|r| match r.path() {
+                Some(p) => vec![std::borrow::Cow::Borrowed(p)],
+                None => r.writes(),
+            })
+            .collect();
         let packages = resources
             .iter()
             .filter_map(|r| match &r.spec {
@@ -172,8 +178,14 @@ impl<'h> System<'h> {
                 _ => None,
             })
             .collect();
-        let services =
-            resources.iter().filter(|r| matches!(r.spec, Spec::Service(_))).map(|r| r.id.title.as_str()).collect();
+        let services = resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::Service(_) => Some(r.id.title.clone()),
+                Spec::Timer(_) => Some(timer::timer_unit(&r.id.title)),
+                _ => None,
+            })
+            .collect();
         System {
             host,
             managed,
@@ -308,7 +320,7 @@ impl<'h> System<'h> {
                 service::systemd::daemon_reload(self.host).map_err(fail)?;
                 self.run.borrow_mut().unit_files_changed = false;
             }
-            let mut names = self.services.clone();
+            let mut names: Vec<&str> = self.services.iter().map(String::as_str).collect();
             if !names.contains(&name) {
                 names.push(name);
             }
@@ -640,6 +652,7 @@ impl Providers for System<'_> {
             Spec::Exec(e) => return exec::check(self, r, e),
             Spec::Line(_) | Spec::Block(_) => return edit::check(self, r),
             Spec::Sysctl(s) => return sysctl::check(self, r, s),
+            Spec::Timer(t) => return timer::check(self, r, t),
         };
         // Nothing to remove yet, in a directory that does not exist yet either: a package or
         // command planned earlier may make both (nginx ships sites-enabled/default).
@@ -661,6 +674,7 @@ impl Providers for System<'_> {
             Spec::Exec(e) => return exec::apply(self, r, e),
             Spec::Line(_) | Spec::Block(_) => return edit::apply(self, r, state).map(|()| None),
             Spec::Sysctl(s) => return sysctl::apply(self, r, s, state, changes).map(|()| None),
+            Spec::Timer(t) => return timer::apply(self, r, t, state).map(|()| None),
         };
         self.path_changed(&r.id.title);
         done.map(|()| None)
@@ -691,8 +705,8 @@ impl Providers for System<'_> {
             (Spec::File(_) | Spec::Directory(_) | Spec::Symlink(_), _) if present(r) => {
                 assumed.paths.insert(r.id.title.clone());
             }
-            (Spec::Line(_) | Spec::Block(_) | Spec::Sysctl(_), _) if present(r) => {
-                assumed.paths.extend(r.writes().map(std::borrow::Cow::into_owned));
+            (Spec::Line(_) | Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_), _) if present(r) => {
+                assumed.paths.extend(r.writes().into_iter().map(std::borrow::Cow::into_owned));
             }
             (_, Op::Accounts(ops)) => {
                 for op in ops {
