@@ -43,6 +43,7 @@ fn reference(id: &ResourceId) -> String {
         Kind::Exec => "Exec",
         Kind::Line => "File_line",
         Kind::Block | Kind::Sysctl | Kind::Timer => "Exec",
+        Kind::Mount => "Mount",
     };
     format!("{kind}[{}]", pq(&id.title))
 }
@@ -171,7 +172,7 @@ pub fn manifest(catalog: &Catalog) -> String {
                 }
                 "file_line"
             }
-            Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_) => {
+            Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_) | Spec::Mount(_) => {
                 let _ = writeln!(pp, "# {}: no Puppet core type; not translated", r.id);
                 continue;
             }

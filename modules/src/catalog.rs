@@ -270,6 +270,7 @@ kinds! {
     Block(BlockSpec) = "file_block", path: false;
     Sysctl(SysctlSpec) = "sysctl", path: false;
     Timer(TimerSpec) = "timer", path: false;
+    Mount(MountSpec) = "mount", path: false;
 }
 
 impl Kind {
@@ -833,6 +834,40 @@ pub struct TimerSpec {
     pub description: Option<String>,
 }
 
+/// What a `mount` should be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum MountEnsure {
+    /// In /etc/fstab, and mounted.
+    Mounted,
+    /// In /etc/fstab, and not mounted.
+    Unmounted,
+    /// Neither.
+    Absent,
+}
+
+/// A filesystem, by its mount point: its entry in /etc/fstab and whether it is mounted
+/// (Puppet's `mount`, Ansible's `mount`). The mount point is a directory declared on its own.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// [mounted]
+    pub ensure: Option<MountEnsure>,
+    /// What is mounted: `/dev/sdb1`, `UUID=...`, `LABEL=...`, `server:/export`, `tmpfs`.
+    pub device: Option<String>,
+    /// `ext4`, `xfs`, `nfs`, `tmpfs`...
+    pub fstype: Option<String>,
+    /// As fstab and `mount -o` take them [defaults].
+    pub options: Option<String>,
+    /// fstab's fifth field [0].
+    pub dump: Option<u8>,
+    /// fstab's sixth field: the order of boot-time checks (0: never) [0].
+    pub pass: Option<u8>,
+}
+
 pub const DEFAULT_PURGE_LIMIT: u32 = 100;
 
 impl Spec {
@@ -850,6 +885,8 @@ impl Spec {
             Spec::Block(s) => s.ensure.unwrap_or_default(),
             Spec::Sysctl(s) => s.ensure.unwrap_or_default(),
             Spec::Timer(s) => s.ensure.unwrap_or_default(),
+            Spec::Mount(s) if s.ensure == Some(MountEnsure::Absent) => Ensure::Absent,
+            Spec::Mount(_) => Ensure::Present,
             Spec::Package(_) | Spec::Service(_) | Spec::Exec(_) => Ensure::Present,
         }
     }
@@ -893,6 +930,7 @@ impl Resource {
             Spec::Block(b) => vec![b.path.as_str().into()],
             Spec::Sysctl(_) => vec![sysctl_file(&self.id.title).into()],
             Spec::Timer(_) => crate::providers::timer::unit_files(&self.id.title).map(Into::into).into(),
+            Spec::Mount(_) => vec![crate::providers::mount::FSTAB.into()],
             _ => Vec::new(),
         }
     }

@@ -181,6 +181,7 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
             }
             Spec::Service(_) => need(Kind::Package, &r.id.title, Why::PackageOf),
             Spec::Timer(t) => t.user.iter().for_each(|u| need(Kind::User, u, Why::OwnedBy)),
+            Spec::Mount(_) => need(Kind::Directory, &r.id.title, Why::Inside),
             _ => {}
         }
     }
@@ -317,6 +318,7 @@ mod tests {
             Kind::Block => Spec::Block(Default::default()),
             Kind::Sysctl => Spec::Sysctl(Default::default()),
             Kind::Timer => Spec::Timer(Default::default()),
+            Kind::Mount => Spec::Mount(Default::default()),
         };
         Resource::new(id, meta, spec)
     }

@@ -3,8 +3,8 @@
 //! [`crate::load`] turns indexes into file:line:col.
 
 use crate::catalog::{
-    BlockSpec, Ensure, ExecSpec, FileSpec, Kind, LineSpec, Meta, PackageSpec, Resource, ResourceId, Spec, SysctlSpec,
-    TimerSpec, UserSpec,
+    BlockSpec, Ensure, ExecSpec, FileSpec, Kind, LineSpec, Meta, MountEnsure, MountSpec, PackageSpec, Resource,
+    ResourceId, Spec, SysctlSpec, TimerSpec, UserSpec,
 };
 use std::collections::HashMap;
 
@@ -171,6 +171,7 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
             Spec::Block(b) => check_block(r, b, &mut say),
             Spec::Sysctl(s) => check_sysctl(r, s, &mut say),
             Spec::Timer(t) => check_timer(r, t, &mut say),
+            Spec::Mount(m) => check_mount(r, m, &mut say),
         }
     }
     problems
@@ -392,6 +393,31 @@ fn check_timer(r: &Resource, t: &TimerSpec, say: &mut impl FnMut(String)) {
             .any(|(k, v)| line_break(k) || line_break(v) || k.is_empty() || k.contains('='))
     {
         say(format!("{}: `user`, `cwd`, `description` and `environment` are one line each (a name without `=`)", r.id));
+    }
+}
+
+fn check_mount(r: &Resource, m: &MountSpec, say: &mut impl FnMut(String)) {
+    let mp = r.id.title.as_str();
+    match crate::catalog::normalize_path(mp) {
+        Ok(p) if p == "/" => say(format!("{}: converge never mounts or unmounts the root filesystem", r.id)),
+        Ok(p) if p == mp => {}
+        Ok(p) => say(format!("{}: the mount point is written `{mp}`; write it as `{p}`", r.id)),
+        Err(e) => say(format!("{}: {e}", r.id)),
+    }
+    if m.ensure == Some(MountEnsure::Absent) {
+        return;
+    }
+    for (field, v) in [("device", &m.device), ("fstype", &m.fstype)] {
+        match v {
+            None => say(format!("{}: give the `{field}`", r.id)),
+            Some(v) if v.is_empty() || v.chars().any(|c| c.is_control()) => {
+                say(format!("{}: `{field}` is empty or holds a control character", r.id))
+            }
+            _ => {}
+        }
+    }
+    if m.options.as_deref().is_some_and(|o| o.is_empty() || o.chars().any(|c| c.is_whitespace() || c.is_control())) {
+        say(format!("{}: `options` are fstab's, separated by commas without spaces, like `noatime,nodev`", r.id));
     }
 }
 

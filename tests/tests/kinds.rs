@@ -199,3 +199,61 @@ fn a_timer_scheduled_by_systemd_runs_its_command() {
     assert!(!c.sh("systemctl list-timers --all --no-pager").contains("converge-stamp"));
     assert_code(&c.apply("gone.yaml", gone, &[]), 0, "removed: nothing to do");
 }
+
+const MOUNT: &str = "format: 1
+resources:
+  - directory: /srv/scratch
+  - mount: /srv/scratch
+    device: tmpfs
+    fstype: tmpfs
+    options: size=1m,mode=0750
+";
+
+#[test]
+fn a_filesystem_in_fstab_and_mounted() {
+    if !enabled("mount") {
+        return;
+    }
+    let c = Container::boot();
+    c.sh("echo '# a comment the agent keeps' >> /etc/fstab");
+    let fstab_before = c.sh("cat /etc/fstab");
+    assert_code(&c.apply("m.yaml", MOUNT, &[]), 2, "first run");
+    let state = || c.sh("findmnt -n -r -o SOURCE,FSTYPE,OPTIONS /srv/scratch; true");
+    let after = state();
+    assert!(after.starts_with("tmpfs tmpfs ") && after.contains("size=1024k") && after.contains("mode=750"), "{after}");
+    assert_eq!(c.sh("cat /etc/fstab"), format!("{fstab_before}tmpfs /srv/scratch tmpfs size=1m,mode=0750 0 0\n"));
+    // What the boot reads: systemd's generator made a mount unit of the entry.
+    assert!(c.sh("systemctl show -p Where,What srv-scratch.mount").contains("Where=/srv/scratch"));
+    assert_code(&c.apply("m.yaml", MOUNT, &[]), 0, "second run: nothing to do");
+
+    // Drift: unmounted by hand.
+    c.sh("umount /srv/scratch");
+    let dry = c.apply("m.yaml", MOUNT, &["--dry-run"]);
+    assert_code(&dry, 2, "dry-run on drift");
+    assert_eq!(changed(&dry), ["mount:/srv/scratch"], "{}", dry.stdout);
+    assert!(dry.stdout.contains("mounted: no -> yes"), "{}", dry.stdout);
+    assert_eq!(state(), "", "a dry-run changes nothing");
+    assert_code(&c.apply("m.yaml", MOUNT, &[]), 2, "repair");
+    assert_eq!(state(), after);
+
+    // New options: the entry changes and the mounted filesystem takes them.
+    let bigger = MOUNT.replace("size=1m", "size=2m");
+    c.sh("echo hello > /srv/scratch/kept");
+    assert_code(&c.apply("m.yaml", &bigger, &[]), 2, "remount");
+    assert!(state().contains("size=2048k"), "{}", state());
+    assert_eq!(c.sh("cat /srv/scratch/kept"), "hello\n", "a remount keeps what the filesystem holds");
+
+    // Busy: umount's own words, and the entry stays.
+    let mut busy = c.spawn(&["sh", "-c", "cd /srv/scratch && exec sleep 600"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let gone = "format: 1\nresources:\n  - mount: /srv/scratch\n    ensure: absent\n";
+    let out = c.apply("gone.yaml", gone, &[]);
+    assert_code(&out, 4, "a busy filesystem");
+    assert!(out.stdout.contains("umount -- /srv/scratch") && out.stdout.contains("busy"), "{}", out.stdout);
+    assert!(c.sh("cat /etc/fstab").contains("/srv/scratch"), "nothing else changed");
+    c.sh("pkill -x sleep; sleep 0.3");
+    let _ = busy.wait();
+    assert_code(&c.apply("gone.yaml", gone, &[]), 2, "removal");
+    assert_eq!(state(), "");
+    assert_eq!(c.sh("cat /etc/fstab"), fstab_before, "every other line as it was");
+}

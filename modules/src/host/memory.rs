@@ -183,6 +183,32 @@ impl MemHost {
         Ok(String::new())
     }
 
+    /// `mount MP` from its fstab entry, `umount MP`, `mount -o remount MP`: kept in
+    /// /proc/self/mountinfo.
+    fn mount(&self, unmount: bool, args: &[&str]) -> Result<String, Failed> {
+        use crate::providers::mount::{escape, unescape};
+        let mp = operands(args).last().map(|s| s.to_string()).ok_or((1, "mount: no mount point".to_string()))?;
+        let info = "/proc/self/mountinfo";
+        let mut lines: Vec<String> = self.content(info).unwrap_or_default().lines().map(str::to_string).collect();
+        let here = |l: &String| l.split(' ').nth(4).is_some_and(|m| unescape(m) == mp);
+        if unmount {
+            let i = lines.iter().rposition(here).ok_or((32, format!("umount: {mp}: not mounted.")))?;
+            lines.remove(i);
+        } else if flag(args, "-o").is_some_and(|o| o.contains("remount")) {
+            lines.iter().rposition(here).ok_or((32, format!("mount: {mp}: mount point not mounted or bad option.")))?;
+        } else {
+            let fstab = self.content("/etc/fstab").unwrap_or_default();
+            let fields: Vec<String> = fstab
+                .lines()
+                .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && !f[0].starts_with('#') && unescape(&f[1]) == mp)
+                .ok_or((1, format!("mount: {mp}: can't find in /etc/fstab.")))?;
+            lines.push(format!("99 1 0:99 / {} rw - {} {} rw", escape(&mp), fields[2], fields[0]));
+        }
+        self.put(info, system_node(lines.iter().map(|l| format!("{l}\n")).collect::<String>().into_bytes()));
+        Ok(String::new())
+    }
+
     /// Decides how commands end (default: exit 0, no output).
     pub fn with_runner(self, f: impl Fn(&MemHost, &Run) -> Ran + 'static) -> Self {
         self.inner.borrow_mut().system.runner = Some(Box::new(f));
@@ -525,6 +551,7 @@ impl Host for MemHost {
             "chpasswd" => Some(self.chpasswd(cmd.stdin.unwrap_or_default())),
             "systemctl" => Some(self.systemctl(&args)),
             "systemd-sysctl" | "sysctl" => Some(self.sysctl_apply(&args)),
+            "mount" | "umount" => Some(self.mount(program.ends_with("umount"), &args)),
             "journalctl" => Some(Ok(format!("(the journal of {})", operands(&args).first().copied().unwrap_or("")))),
             _ => None,
         };

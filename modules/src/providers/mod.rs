@@ -35,6 +35,7 @@ pub mod exec;
 pub mod file;
 #[cfg(test)]
 mod honest;
+pub mod mount;
 pub mod package;
 pub mod service;
 pub mod symlink;
@@ -111,6 +112,8 @@ pub enum Op {
         action: Option<UnitAction>,
     },
     Run,
+    /// What a `mount` does, in order.
+    Mount(Vec<mount::Step>),
 }
 
 /// What `inspect` saw of a path: everything `diff` needs, so that `diff` is pure.
@@ -653,6 +656,7 @@ impl Providers for System<'_> {
             Spec::Line(_) | Spec::Block(_) => return edit::check(self, r),
             Spec::Sysctl(s) => return sysctl::check(self, r, s),
             Spec::Timer(t) => return timer::check(self, r, t),
+            Spec::Mount(m) => return mount::check(self, r, m),
         };
         // Nothing to remove yet, in a directory that does not exist yet either: a package or
         // command planned earlier may make both (nginx ships sites-enabled/default).
@@ -675,6 +679,7 @@ impl Providers for System<'_> {
             Spec::Line(_) | Spec::Block(_) => return edit::apply(self, r, state).map(|()| None),
             Spec::Sysctl(s) => return sysctl::apply(self, r, s, state, changes).map(|()| None),
             Spec::Timer(t) => return timer::apply(self, r, t, state).map(|()| None),
+            Spec::Mount(_) => return mount::apply(self, r, state).map(|()| None),
         };
         self.path_changed(&r.id.title);
         done.map(|()| None)
@@ -705,7 +710,7 @@ impl Providers for System<'_> {
             (Spec::File(_) | Spec::Directory(_) | Spec::Symlink(_), _) if present(r) => {
                 assumed.paths.insert(r.id.title.clone());
             }
-            (Spec::Line(_) | Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_), _) if present(r) => {
+            (Spec::Line(_) | Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_) | Spec::Mount(_), _) if present(r) => {
                 assumed.paths.extend(r.writes().into_iter().map(std::borrow::Cow::into_owned));
             }
             (_, Op::Accounts(ops)) => {
