@@ -44,6 +44,7 @@ fn reference(id: &ResourceId) -> String {
         Kind::Line => "File_line",
         Kind::Block | Kind::Sysctl | Kind::Timer => "Exec",
         Kind::Mount => "Mount",
+        Kind::Repository => "Exec",
     };
     format!("{kind}[{}]", pq(&id.title))
 }
@@ -172,7 +173,7 @@ pub fn manifest(catalog: &Catalog) -> String {
                 }
                 "file_line"
             }
-            Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_) | Spec::Mount(_) => {
+            Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_) | Spec::Mount(_) | Spec::Repository(_) => {
                 let _ = writeln!(pp, "# {}: no Puppet core type; not translated", r.id);
                 continue;
             }

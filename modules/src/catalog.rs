@@ -271,6 +271,7 @@ kinds! {
     Sysctl(SysctlSpec) = "sysctl", path: false;
     Timer(TimerSpec) = "timer", path: false;
     Mount(MountSpec) = "mount", path: false;
+    Repository(RepositorySpec) = "repository", path: false;
 }
 
 impl Kind {
@@ -288,6 +289,7 @@ impl Kind {
             "systemd" | "systemd_service" => Some(Kind::Service),
             "link" => Some(Kind::Symlink),
             "apt" | "dnf" | "yum" => Some(Kind::Package),
+            "apt_repository" | "yum_repository" | "yumrepo" | "apt_source" | "source" => Some(Kind::Repository),
             _ => None,
         };
         habit.or_else(|| Kind::ALL.iter().copied().find(|k| crate::yaml::similar_name(name, k.name())))
@@ -868,6 +870,29 @@ pub struct MountSpec {
     pub pass: Option<u8>,
 }
 
+/// A package repository and the key its packages are signed with, by a name of its own:
+/// on apt hosts a deb822 `.sources` file whose `Signed-By` names the key, on dnf hosts a
+/// `.repo` file with `gpgcheck`. Packages are converged after every repository, and a changed
+/// repository is fetched at once: one whose address or signature fails is put back as it was.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RepositorySpec {
+    pub ensure: Option<Ensure>,
+    /// Where it is: `https://deb.example.com/debian`, `https://rpm.example.com/el9/$basearch`.
+    pub url: Option<String>,
+    /// apt: the suites (`[bookworm]`, `[./]` for a flat repository).
+    pub suites: Option<Vec<String>>,
+    /// apt: the components (`[main]`); none for a flat repository.
+    pub components: Option<Vec<String>>,
+    /// The OpenPGP public key its packages (apt: its Release file) are signed with,
+    /// ASCII-armored.
+    pub key: Option<String>,
+    /// [true]
+    pub enabled: Option<bool>,
+}
+
 pub const DEFAULT_PURGE_LIMIT: u32 = 100;
 
 impl Spec {
@@ -887,6 +912,7 @@ impl Spec {
             Spec::Timer(s) => s.ensure.unwrap_or_default(),
             Spec::Mount(s) if s.ensure == Some(MountEnsure::Absent) => Ensure::Absent,
             Spec::Mount(_) => Ensure::Present,
+            Spec::Repository(s) => s.ensure.unwrap_or_default(),
             Spec::Package(_) | Spec::Service(_) | Spec::Exec(_) => Ensure::Present,
         }
     }
@@ -931,6 +957,12 @@ impl Resource {
             Spec::Sysctl(_) => vec![sysctl_file(&self.id.title).into()],
             Spec::Timer(_) => crate::providers::timer::unit_files(&self.id.title).map(Into::into).into(),
             Spec::Mount(_) => vec![crate::providers::mount::FSTAB.into()],
+            // Which files depends on the host's package manager: every one it may be.
+            Spec::Repository(_) => crate::providers::package::TOOLS
+                .iter()
+                .flat_map(|t| t.repository_paths(&self.id.title))
+                .map(Into::into)
+                .collect(),
             _ => Vec::new(),
         }
     }

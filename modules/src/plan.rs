@@ -28,6 +28,8 @@ pub enum Why {
     PackageOf,
     /// It writes into the file the other declares (a `line` in a `file`).
     Edits,
+    /// It is a package and the other a repository.
+    FromRepository,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +164,11 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
     }
 
     // Accounts and packages a resource uses, when the catalog manages them.
+    let repositories: Vec<&str> = resources
+        .iter()
+        .filter(|r| matches!(r.spec, Spec::Repository(_)) && r.spec.ensure() == Ensure::Present)
+        .map(|r| r.id.title.as_str())
+        .collect();
     let implied = |kind: Kind, title: &str| ids.get(&ResourceId { kind, title: title.to_string() }).copied();
     for (i, r) in resources.iter().enumerate() {
         let mut need = |kind: Kind, title: &str, why: Why| {
@@ -182,6 +189,12 @@ pub fn plan_partial(resources: &[Resource], unreadable: &HashSet<ResourceId>) ->
             Spec::Service(_) => need(Kind::Package, &r.id.title, Why::PackageOf),
             Spec::Timer(t) => t.user.iter().for_each(|u| need(Kind::User, u, Why::OwnedBy)),
             Spec::Mount(_) => need(Kind::Directory, &r.id.title, Why::Inside),
+            // Packages come from the repositories: after every one of them.
+            Spec::Package(_) => {
+                for repo in &repositories {
+                    need(Kind::Repository, repo, Why::FromRepository);
+                }
+            }
             _ => {}
         }
     }
@@ -281,6 +294,7 @@ fn cycle(resources: &[Resource], deps: &[Vec<(usize, Why)>], left: &[usize]) -> 
                         Why::MemberOf => format!("{this} is a member of {other}"),
                         Why::PackageOf => format!("{this} needs its package {other}"),
                         Why::Edits => format!("{this} edits the file {other}"),
+                        Why::FromRepository => format!("{this} comes after the repository {other}"),
                     }
                 })
                 .collect();
@@ -319,6 +333,7 @@ mod tests {
             Kind::Sysctl => Spec::Sysctl(Default::default()),
             Kind::Timer => Spec::Timer(Default::default()),
             Kind::Mount => Spec::Mount(Default::default()),
+            Kind::Repository => Spec::Repository(Default::default()),
         };
         Resource::new(id, meta, spec)
     }

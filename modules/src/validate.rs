@@ -3,8 +3,8 @@
 //! [`crate::load`] turns indexes into file:line:col.
 
 use crate::catalog::{
-    BlockSpec, Ensure, ExecSpec, FileSpec, Kind, LineSpec, Meta, MountEnsure, MountSpec, PackageSpec, Resource,
-    ResourceId, Spec, SysctlSpec, TimerSpec, UserSpec,
+    BlockSpec, Ensure, ExecSpec, FileSpec, Kind, LineSpec, Meta, MountEnsure, MountSpec, PackageSpec, RepositorySpec,
+    Resource, ResourceId, Spec, SysctlSpec, TimerSpec, UserSpec,
 };
 use std::collections::HashMap;
 
@@ -172,6 +172,7 @@ pub fn check_each(resources: &[Resource]) -> Vec<Problem> {
             Spec::Sysctl(s) => check_sysctl(r, s, &mut say),
             Spec::Timer(t) => check_timer(r, t, &mut say),
             Spec::Mount(m) => check_mount(r, m, &mut say),
+            Spec::Repository(p) => check_repository(r, p, &mut say),
         }
     }
     problems
@@ -418,6 +419,55 @@ fn check_mount(r: &Resource, m: &MountSpec, say: &mut impl FnMut(String)) {
     }
     if m.options.as_deref().is_some_and(|o| o.is_empty() || o.chars().any(|c| c.is_whitespace() || c.is_control())) {
         say(format!("{}: `options` are fstab's, separated by commas without spaces, like `noatime,nodev`", r.id));
+    }
+}
+
+fn check_repository(r: &Resource, p: &RepositorySpec, say: &mut impl FnMut(String)) {
+    let name = r.id.title.as_str();
+    if name.len() > 64
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || name.starts_with('.')
+    {
+        say(format!("{}: a repository's name is letters, digits, - _ and . (64 at most): it names its files", r.id));
+    }
+    if r.spec.ensure() == Ensure::Absent {
+        return;
+    }
+    match p.url.as_deref() {
+        None => say(format!("{}: give its `url`", r.id)),
+        Some(u)
+            if u.chars().any(|c| c.is_whitespace() || c.is_control())
+                || u.split_once(':').is_none_or(|(scheme, rest)| {
+                    rest.is_empty()
+                        || scheme.is_empty()
+                        || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+                }) =>
+        {
+            say(format!("{}: `url` is one address like https://deb.example.com/debian or file:/srv/repo", r.id))
+        }
+        _ => {}
+    }
+    let words = |v: &Option<Vec<String>>| {
+        v.iter().flatten().all(|w| !w.is_empty() && !w.chars().any(|c| c.is_whitespace() || c.is_control()))
+    };
+    if !words(&p.suites) || !words(&p.components) {
+        say(format!("{}: `suites` and `components` are words without spaces", r.id));
+    }
+    if p.suites.as_ref().is_some_and(Vec::is_empty) {
+        say(format!("{}: `suites` is empty: name one, like [bookworm] (or [./] for a flat repository)", r.id));
+    }
+    match p.key.as_deref().map(str::trim) {
+        None => say(format!("{}: give the `key` its packages are signed with (an ASCII-armored public key)", r.id)),
+        Some(k)
+            if !k.starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+                || !k.ends_with("-----END PGP PUBLIC KEY BLOCK-----") =>
+        {
+            say(format!(
+                "{}: `key` is an ASCII-armored OpenPGP public key, from -----BEGIN PGP PUBLIC KEY BLOCK----- to its END line (`gpg --armor --export KEYID` prints one)",
+                r.id
+            ))
+        }
+        _ => {}
     }
 }
 

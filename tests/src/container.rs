@@ -72,6 +72,39 @@ impl Deb {
         self
     }
 
+    /// Builds the package into `out` (`NAME_VERSION_all.deb`), its tree made under `work`.
+    pub fn build(&self, work: &Path, out: &Path) -> PathBuf {
+        let d = self;
+        let root = work.join(format!("{}_{}", d.name, d.version));
+        std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+        let control = format!(
+            "Package: {}\nVersion: {}\nArchitecture: all\nMaintainer: converge tests <tests@example.invalid>\nDescription: a package the converge tests built\n",
+            d.name, d.version
+        );
+        std::fs::write(root.join("DEBIAN/control"), control).unwrap();
+        if let Some(script) = &d.preinst {
+            let p = root.join("DEBIAN/preinst");
+            std::fs::write(&p, script).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        for (path, content, mode) in &d.files {
+            let p = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, content).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
+        }
+        let file = out.join(format!("{}_{}_all.deb", d.name, d.version));
+        run_ok(
+            Command::new("dpkg-deb")
+                .args(["--build", "--root-owner-group", "-Zgzip"])
+                .arg(&root)
+                .arg(&file)
+                .stdout(Stdio::null()),
+            "dpkg-deb",
+        );
+        file
+    }
+
     /// A package shipping a service unit `NAME.service` that runs `exec`.
     pub fn service(name: &str, exec_start: &str, exec_reload: Option<&str>) -> Deb {
         let reload = exec_reload.map(|r| format!("ExecReload={r}\n")).unwrap_or_default();
@@ -155,33 +188,7 @@ pub fn repo() -> PathBuf {
     }
     let build = tempfile::tempdir().unwrap();
     for d in &debs {
-        let root = build.path().join(format!("{}_{}", d.name, d.version));
-        std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
-        let control = format!(
-            "Package: {}\nVersion: {}\nArchitecture: all\nMaintainer: converge tests <tests@example.invalid>\nDescription: a package the converge tests built\n",
-            d.name, d.version
-        );
-        std::fs::write(root.join("DEBIAN/control"), control).unwrap();
-        if let Some(script) = &d.preinst {
-            let p = root.join("DEBIAN/preinst");
-            std::fs::write(&p, script).unwrap();
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        }
-        for (path, content, mode) in &d.files {
-            let p = root.join(path.trim_start_matches('/'));
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, content).unwrap();
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
-        }
-        let out = tmp.join(format!("{}_{}_all.deb", d.name, d.version));
-        run_ok(
-            Command::new("dpkg-deb")
-                .args(["--build", "--root-owner-group", "-Zgzip"])
-                .arg(&root)
-                .arg(&out)
-                .stdout(Stdio::null()),
-            "dpkg-deb",
-        );
+        d.build(build.path(), &tmp);
     }
     let index = run_ok(
         Command::new("dpkg-scanpackages").args(["--multiversion", "."]).current_dir(&tmp).stderr(Stdio::null()),
@@ -204,6 +211,26 @@ pub fn build_packages(out: &Path) -> Vec<PathBuf> {
         .unwrap();
     assert!(built.status.success(), "packaging/build: {}", String::from_utf8_lossy(&built.stderr));
     String::from_utf8_lossy(&built.stdout).lines().map(PathBuf::from).collect()
+}
+
+/// Builds a noarch RPM `NAME-VERSION-1` shipping `/usr/share/NAME/version`, under `build`
+/// (rpmbuild's top directory); its path.
+pub fn build_rpm(name: &str, version: &str, build: &Path) -> PathBuf {
+    let spec = format!(
+        "Name: {name}\nVersion: {version}\nRelease: 1\nSummary: converge test\nLicense: MIT\nBuildArch: noarch\n%description\nconverge test package\n%install\nmkdir -p %{{buildroot}}/usr/share/{name}\necho {version} > %{{buildroot}}/usr/share/{name}/version\n%files\n/usr/share/{name}/version\n"
+    );
+    std::fs::create_dir_all(build).unwrap();
+    let spec_path = build.join(format!("{name}-{version}.spec"));
+    std::fs::write(&spec_path, spec).unwrap();
+    run_ok(
+        Command::new("rpmbuild")
+            .args(["-bb", "--define"])
+            .arg(format!("_topdir {}", build.display()))
+            .args(["--define", "_build_id_links none"])
+            .arg(&spec_path),
+        "rpmbuild",
+    );
+    build.join(format!("RPMS/noarch/{name}-{version}-1.noarch.rpm"))
 }
 
 /// The package among `packages` whose file name starts with `prefix`.

@@ -5,7 +5,7 @@
 //! system's own tools -> apply again (no change) -> drift by hand -> a dry-run reports exactly
 //! that drift and changes nothing -> apply repairs it. Gated: see `converge_e2e::container`.
 
-use converge_e2e::container::{Container, enabled};
+use converge_e2e::container::{Container, Deb, build_rpm, enabled, run_ok};
 use converge_e2e::{assert_code, changed};
 
 const SSHD: &str = "format: 1
@@ -256,4 +256,182 @@ fn a_filesystem_in_fstab_and_mounted() {
     assert_code(&c.apply("gone.yaml", gone, &[]), 2, "removal");
     assert_eq!(state(), "");
     assert_eq!(c.sh("cat /etc/fstab"), fstab_before, "every other line as it was");
+}
+
+/// A key made for the test, in a keyring of its own: its armored public half.
+fn new_key(home: &std::path::Path, who: &str) -> String {
+    std::fs::create_dir_all(home).unwrap();
+    std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let gpg = |args: &[&str]| {
+        run_ok(
+            std::process::Command::new("gpg").arg("--homedir").arg(home).args(["--batch", "--quiet"]).args(args),
+            "gpg",
+        )
+    };
+    gpg(&[
+        "--passphrase",
+        "",
+        "--quick-gen-key",
+        &format!("{who} <{who}@example.invalid>"),
+        "ed25519",
+        "sign",
+        "never",
+    ]);
+    gpg(&["--armor", "--export"])
+}
+
+/// A flat apt repository in `dir` holding `deb`, its InRelease signed with the key in `home`.
+fn signed_repo(dir: &std::path::Path, home: &std::path::Path, deb: &Deb) {
+    std::fs::create_dir_all(dir).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    deb.build(work.path(), dir);
+    let index = run_ok(std::process::Command::new("dpkg-scanpackages").arg(".").current_dir(dir), "dpkg-scanpackages");
+    std::fs::write(dir.join("Packages"), &index).unwrap();
+    let date = run_ok(std::process::Command::new("date").args(["-R", "-u"]), "date");
+    let release = format!(
+        "Origin: converge-test\nLabel: converge-test\nSuite: ./\nDate: {}\nSHA256:\n {} {} Packages\n",
+        date.trim(),
+        converge_modules::hash::sha256_hex(index.as_bytes()),
+        index.len()
+    );
+    std::fs::write(dir.join("Release"), release).unwrap();
+    run_ok(
+        std::process::Command::new("gpg")
+            .arg("--homedir")
+            .arg(home)
+            .args(["--batch", "--quiet", "--yes", "--clearsign", "-o"])
+            .arg(dir.join("InRelease"))
+            .arg(dir.join("Release")),
+        "gpg --clearsign",
+    );
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        std::fs::set_permissions(e.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+}
+
+fn repository(name: &str, key: &str) -> String {
+    let key: String = key.lines().map(|l| format!("      {l}\n")).collect();
+    format!("  - repository: {name}\n    url: file:/srv/signed\n    suites: [./]\n    key: |\n{key}")
+}
+
+#[test]
+fn a_signed_apt_repository_with_its_own_key() {
+    if !enabled("repository") {
+        return;
+    }
+    let c = Container::boot();
+    let w = tempfile::tempdir().unwrap();
+    let key = new_key(&w.path().join("gpg"), "signer");
+    let stranger = new_key(&w.path().join("other"), "stranger");
+    let deb = Deb::new("cvt-signed", "1.0").file("/usr/share/cvt-signed/version", "1.0\n", 0o644);
+    signed_repo(&c.path("/srv/signed"), &w.path().join("gpg"), &deb);
+    std::fs::set_permissions(c.path("/srv/signed"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let catalog = format!("format: 1\nresources:\n  - package: cvt-signed\n{}", repository("signed", &key));
+    let out = c.apply("r.yaml", &catalog, &[]);
+    assert_code(&out, 2, "first run");
+    // The package came after the repository that offers it, in the same run.
+    assert_eq!(changed(&out), ["repository:signed", "package:cvt-signed"], "{}", out.stdout);
+    assert_eq!(c.sh("cat /usr/share/cvt-signed/version"), "1.0\n");
+    assert!(c.sh("apt-cache policy cvt-signed").contains("file:/srv/signed ./"));
+    let sources = c.sh("cat /etc/apt/sources.list.d/converge-signed.sources");
+    assert!(sources.contains("Signed-By: /etc/apt/keyrings/converge-signed.asc\n"), "{sources}");
+    assert_code(&c.apply("r.yaml", &catalog, &[]), 0, "second run: nothing to do");
+
+    // Drift: the key removed by hand.
+    c.sh("rm /etc/apt/keyrings/converge-signed.asc");
+    let dry = c.apply("r.yaml", &catalog, &["--dry-run"]);
+    assert_code(&dry, 2, "dry-run on drift");
+    assert_eq!(changed(&dry), ["repository:signed"], "{}", dry.stdout);
+    assert!(dry.stdout.contains("key: absent -> sha256:"), "{}", dry.stdout);
+    assert_eq!(c.sh("ls /etc/apt/keyrings/"), "", "a dry-run changes nothing");
+    assert_code(&c.apply("r.yaml", &catalog, &[]), 2, "repair");
+
+    // A key that did not sign it: refused, put back, and apt left working.
+    let wrong = format!("format: 1\nresources:\n{}", repository("wrong", &stranger));
+    let out = c.apply("w.yaml", &wrong, &[]);
+    assert_code(&out, 4, "a wrong key");
+    assert!(out.stdout.contains("repository wrong was refused, its files put back as they were"), "{}", out.stdout);
+    assert_eq!(c.sh("ls /etc/apt/sources.list.d/ | grep -c converge-wrong; true"), "0\n");
+    c.sh("apt-get update -qq");
+
+    let gone = "format: 1\nresources:\n  - repository: signed\n    ensure: absent\n";
+    assert_code(&c.apply("g.yaml", gone, &[]), 2, "removal");
+    assert_eq!(c.sh("ls /etc/apt/sources.list.d/ /etc/apt/keyrings/ | grep -c converge; true"), "0\n");
+}
+
+/// dnf and rpm from the host into an install root: a repository whose RPMs are signed, its
+/// key imported, a package installed from it; an RPM signed by another key refused.
+#[test]
+fn a_signed_dnf_repository_into_an_install_root() {
+    if !enabled("dnf repository") {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let (build, repo, root) = (w.path().join("build"), w.path().join("repo"), w.path().join("root"));
+    let key = new_key(&w.path().join("gpg"), "rpm-signer");
+    new_key(&w.path().join("other"), "stranger");
+    std::fs::create_dir_all(&repo).unwrap();
+    for (name, home) in [("cvt-signed-rpm", "gpg"), ("cvt-stranger-rpm", "other")] {
+        let rpm = build_rpm(name, "1.0", &build);
+        let dest = repo.join(rpm.file_name().unwrap());
+        std::fs::copy(&rpm, &dest).unwrap();
+        let who = if home == "gpg" { "rpm-signer" } else { "stranger" };
+        run_ok(
+            std::process::Command::new("rpmsign")
+                .args(["--addsign", "--define", "__gpg /usr/bin/gpg", "--define"])
+                .arg(format!("_gpg_name {who}"))
+                .arg("--define")
+                .arg(format!("_gpg_path {}", w.path().join(home).display()))
+                .args(["--define", "_gpg_sign_cmd_extra_args --batch --pinentry-mode loopback --passphrase ''"])
+                .arg(&dest),
+            "rpmsign",
+        );
+    }
+    run_ok(std::process::Command::new("createrepo_c").arg("-q").arg(&repo), "createrepo_c");
+    converge_e2e::write(
+        &root,
+        &[
+            ("etc/os-release", "ID=rocky\nID_LIKE=\"rhel centos fedora\"\nVERSION_ID=9\n"),
+            ("etc/hostname", "rpmhost\n"),
+        ],
+    );
+    for d in ["etc/yum.repos.d", "etc/pki/rpm-gpg"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let key: String = key.lines().map(|l| format!("      {l}\n")).collect();
+    let repository = format!("  - repository: signed\n    url: file://{}\n    key: |\n{key}", repo.display());
+    let apply = |packages: &str| {
+        let path = w.path().join("r.yaml");
+        std::fs::write(&path, format!("format: 1\nresources:\n{packages}{repository}")).unwrap();
+        converge_e2e::Out::from(
+            std::process::Command::new(converge_e2e::bin("converge"))
+                .args([
+                    "apply",
+                    &path.display().to_string(),
+                    "--root",
+                    &root.display().to_string(),
+                    "--detailed-exitcodes",
+                ])
+                .output()
+                .unwrap(),
+        )
+    };
+    let out = apply("  - package: cvt-signed-rpm\n");
+    assert_code(&out, 2, "repository and package");
+    let repo_file = std::fs::read_to_string(root.join("etc/yum.repos.d/converge-signed.repo")).unwrap();
+    assert!(
+        repo_file.contains("gpgcheck=1\ngpgkey=file:///etc/pki/rpm-gpg/RPM-GPG-KEY-converge-signed\n"),
+        "{repo_file}"
+    );
+    let q = run_ok(std::process::Command::new("rpm").arg("--root").arg(&root).args(["-q", "cvt-signed-rpm"]), "rpm -q");
+    assert_eq!(q, "cvt-signed-rpm-1.0-1.noarch\n");
+    assert_code(&apply("  - package: cvt-signed-rpm\n"), 0, "again: nothing to do");
+    // A package the key did not sign is refused by dnf, and so by the run.
+    let out = apply("  - package: cvt-stranger-rpm\n");
+    assert_code(&out, 4, "signed by a stranger");
+    assert!(out.stdout.contains("package:cvt-stranger-rpm"), "{}", out.stdout);
+    let q =
+        std::process::Command::new("rpm").arg("--root").arg(&root).args(["-q", "cvt-stranger-rpm"]).output().unwrap();
+    assert!(!q.status.success(), "not installed");
 }

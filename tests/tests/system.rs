@@ -4,7 +4,7 @@
 //! apply again (no change) -> drift by hand -> a dry-run reports exactly that drift and
 //! changes nothing -> apply repairs it.
 
-use converge_e2e::container::{Container, enabled};
+use converge_e2e::container::{Container, build_rpm, enabled};
 use converge_e2e::{Out, assert_code, bin, changed, write};
 use std::process::Command;
 
@@ -311,22 +311,8 @@ fn dnf_into_an_install_root() {
         std::fs::create_dir_all(d).unwrap();
     }
     for (name, version) in [("cvt-rpm-a", "1.0"), ("cvt-rpm-b", "1.0"), ("cvt-rpm-b", "2.0")] {
-        let spec = format!(
-            "Name: {name}\nVersion: {version}\nRelease: 1\nSummary: converge test\nLicense: MIT\nBuildArch: noarch\n%description\nconverge test package\n%install\nmkdir -p %{{buildroot}}/usr/share/{name}\necho {version} > %{{buildroot}}/usr/share/{name}/version\n%files\n/usr/share/{name}/version\n"
-        );
-        let spec_path = build.join(format!("{name}-{version}.spec"));
-        std::fs::write(&spec_path, spec).unwrap();
-        let out = Command::new("rpmbuild")
-            .args(["-bb", "--define"])
-            .arg(format!("_topdir {}", build.display()))
-            .args(["--define", "_build_id_links none"])
-            .arg(&spec_path)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "rpmbuild: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    for e in walk(&build.join("RPMS")) {
-        std::fs::copy(&e, repo.join(e.file_name().unwrap())).unwrap();
+        let rpm = build_rpm(name, version, &build);
+        std::fs::copy(&rpm, repo.join(rpm.file_name().unwrap())).unwrap();
     }
     assert!(Command::new("createrepo_c").arg("-q").arg(&repo).status().unwrap().success());
     write(
@@ -365,16 +351,4 @@ fn dnf_into_an_install_root() {
     let q = Command::new("rpm").arg("--root").arg(&root).args(["-q", "cvt-rpm-a"]).output().unwrap();
     assert!(!q.status.success(), "removed: {}", String::from_utf8_lossy(&q.stdout));
     assert_code(&apply(&[]), 0, "removed, again");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            out.extend(walk(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
 }

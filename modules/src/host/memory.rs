@@ -50,6 +50,8 @@ struct System {
     scripts: BTreeMap<String, std::rc::Rc<Script>>,
     /// /proc/sys is read-only (a container's): systemd-sysctl succeeds and changes nothing.
     sysctl_read_only: bool,
+    /// A repository fetched alone fails its signature check.
+    refuse_repositories: bool,
     /// Units systemd learnt from a file under /etc/systemd/system at a daemon-reload.
     file_units: std::collections::BTreeSet<String>,
 }
@@ -155,6 +157,12 @@ impl MemHost {
     /// An image under `--root` rather than a running system.
     pub fn as_image(self) -> Self {
         self.inner.borrow_mut().system.image = true;
+        self
+    }
+
+    /// Repositories whose lists apt refuses (a wrong key).
+    pub fn refuse_repositories(self) -> Self {
+        self.inner.borrow_mut().system.refuse_repositories = true;
         self
     }
 
@@ -682,6 +690,11 @@ impl MemHost {
         let words = operands(args);
         let (verb, names) = words.split_first().ok_or((100, "E: Invalid operation".to_string()))?;
         match *verb {
+            "update"
+                if self.inner.borrow().system.refuse_repositories && args.iter().any(|a| a.contains("SourceList")) =>
+            {
+                Err((100, "E: The repository is not signed.".to_string()))
+            }
             "update" => Ok(String::new()),
             "install" => {
                 let packages: Vec<Install> = names

@@ -37,6 +37,7 @@ pub mod file;
 mod honest;
 pub mod mount;
 pub mod package;
+pub mod repository;
 pub mod service;
 pub mod symlink;
 pub mod sysctl;
@@ -657,6 +658,7 @@ impl Providers for System<'_> {
             Spec::Sysctl(s) => return sysctl::check(self, r, s),
             Spec::Timer(t) => return timer::check(self, r, t),
             Spec::Mount(m) => return mount::check(self, r, m),
+            Spec::Repository(p) => return repository::check(self, r, p),
         };
         // Nothing to remove yet, in a directory that does not exist yet either: a package or
         // command planned earlier may make both (nginx ships sites-enabled/default).
@@ -680,6 +682,7 @@ impl Providers for System<'_> {
             Spec::Sysctl(s) => return sysctl::apply(self, r, s, state, changes).map(|()| None),
             Spec::Timer(t) => return timer::apply(self, r, t, state).map(|()| None),
             Spec::Mount(_) => return mount::apply(self, r, state).map(|()| None),
+            Spec::Repository(p) => return repository::apply(self, r, p).map(|()| None),
         };
         self.path_changed(&r.id.title);
         done.map(|()| None)
@@ -710,7 +713,15 @@ impl Providers for System<'_> {
             (Spec::File(_) | Spec::Directory(_) | Spec::Symlink(_), _) if present(r) => {
                 assumed.paths.insert(r.id.title.clone());
             }
-            (Spec::Line(_) | Spec::Block(_) | Spec::Sysctl(_) | Spec::Timer(_) | Spec::Mount(_), _) if present(r) => {
+            (
+                Spec::Line(_)
+                | Spec::Block(_)
+                | Spec::Sysctl(_)
+                | Spec::Timer(_)
+                | Spec::Mount(_)
+                | Spec::Repository(_),
+                _,
+            ) if present(r) => {
                 assumed.paths.extend(r.writes().into_iter().map(std::borrow::Cow::into_owned));
             }
             (_, Op::Accounts(ops)) => {

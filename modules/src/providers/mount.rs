@@ -103,17 +103,14 @@ pub fn edit_fstab(fstab: &str, mount_point: &str, want: Option<&str>) -> Result<
 
 /// The filesystem mounted on top at `mount_point`: (source, fstype).
 pub fn mounted(mountinfo: &str, mount_point: &str) -> Option<(String, String)> {
-    mountinfo
-        .lines()
-        .rev()
-        .find_map(|l| {
-            let (head, tail) = l.split_once(" - ")?;
-            let mp = unescape(head.split(' ').nth(4)?);
-            let mut t = tail.split(' ');
-            let fstype = t.next()?.to_string();
-            let source = unescape(t.next()?);
-            (mp == mount_point).then_some((source, fstype))
-        })
+    mountinfo.lines().rev().find_map(|l| {
+        let (head, tail) = l.split_once(" - ")?;
+        let mp = unescape(head.split(' ').nth(4)?);
+        let mut t = tail.split(' ');
+        let fstype = t.next()?.to_string();
+        let source = unescape(t.next()?);
+        (mp == mount_point).then_some((source, fstype))
+    })
 }
 
 /// What `inspect` saw.

@@ -3,6 +3,7 @@
 //! asking anything, keeping local configuration files, waiting a bounded time for the lock.
 
 use super::{Available, Install, Installed, PackageTool};
+use crate::catalog::RepositorySpec;
 use crate::host::{Host, HostError, HostResult, Run};
 use crate::providers::tool::{self, QUERY, TRANSACTION, ToolOptions, argv};
 use std::cmp::Ordering;
@@ -65,6 +66,50 @@ impl PackageTool for Apt {
         a.push("--".into());
         change(host, &with_names(a, names), opts)
     }
+
+    fn repository_paths(&self, name: &str) -> [String; 2] {
+        [format!("/etc/apt/keyrings/converge-{name}.asc"), format!("/etc/apt/sources.list.d/converge-{name}.sources")]
+    }
+
+    fn repository_files(&self, name: &str, r: &RepositorySpec) -> [String; 2] {
+        let [key, _] = self.repository_paths(name);
+        let mut sources = format!(
+            "# Managed by converge (repository:{name}); edits are overwritten.\nTypes: deb\nURIs: {}\nSuites: {}\n",
+            r.url.as_deref().unwrap_or_default(),
+            r.suites.as_deref().unwrap_or_default().join(" ")
+        );
+        if let Some(c) = r.components.as_deref().filter(|c| !c.is_empty()) {
+            sources.push_str(&format!("Components: {}\n", c.join(" ")));
+        }
+        sources.push_str(&format!("Signed-By: {key}\n"));
+        if r.enabled == Some(false) {
+            sources.push_str("Enabled: no\n");
+        }
+        [armored(r), sources]
+    }
+
+    fn refresh_repository(&self, host: &dyn Host, name: &str, opts: &ToolOptions) -> HostResult<()> {
+        let [_, sources] = self.repository_paths(name);
+        // This repository alone; the lists of the others are left as they are.
+        let mut a = argv(&["apt-get", "update", "-q", "-o"]);
+        a.push(format!("Dir::Etc::SourceList={sources}"));
+        a.extend(argv(&[
+            "-o",
+            "Dir::Etc::SourceParts=-",
+            "-o",
+            "APT::Get::List-Cleanup=0",
+            "-o",
+            "APT::Update::Error-Mode=any",
+        ]));
+        a.extend(options(opts));
+        change(host, &a, opts)
+    }
+}
+
+/// The key as written to its file: its text, ending with a newline.
+pub fn armored(r: &RepositorySpec) -> String {
+    let key = r.key.as_deref().unwrap_or_default().trim_end();
+    format!("{key}\n")
 }
 
 fn with_names(mut a: Vec<String>, names: &[&str]) -> Vec<String> {

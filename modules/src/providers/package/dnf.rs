@@ -4,6 +4,7 @@
 //! these run from the host, with the image's directory as an argument.
 
 use super::{Available, Install, Installed, PackageTool};
+use crate::catalog::RepositorySpec;
 use crate::host::{Host, HostResult, Run};
 use crate::providers::tool::{self, QUERY, TRANSACTION, ToolOptions, argv};
 use std::cmp::Ordering;
@@ -88,6 +89,38 @@ impl PackageTool for Dnf {
         let mut a = root_args(host)?;
         a.extend(argv(&["remove", "--"]));
         a.extend(names.iter().map(|n| n.to_string()));
+        tool::check(host, &Run { outside: true, ..Run::new(&a, TRANSACTION) }).map(drop)
+    }
+
+    fn repository_paths(&self, name: &str) -> [String; 2] {
+        [format!("/etc/pki/rpm-gpg/RPM-GPG-KEY-converge-{name}"), format!("/etc/yum.repos.d/converge-{name}.repo")]
+    }
+
+    fn repository_files(&self, name: &str, r: &RepositorySpec) -> [String; 2] {
+        let [key, _] = self.repository_paths(name);
+        let repo = format!(
+            "# Managed by converge (repository:{name}); edits are overwritten.\n[converge-{name}]\nname={name}\nbaseurl={}\nenabled={}\ngpgcheck=1\ngpgkey=file://{key}\n",
+            r.url.as_deref().unwrap_or_default(),
+            u8::from(r.enabled != Some(false))
+        );
+        [super::apt::armored(r), repo]
+    }
+
+    fn refresh_repository(&self, host: &dyn Host, name: &str, _opts: &ToolOptions) -> HostResult<()> {
+        // The key goes into the rpm database now, as dnf would at the first install: under
+        // `--root`, dnf reads `gpgkey` from the host, not the image, and could not.
+        let [key, _] = self.repository_paths(name);
+        let mut import = argv(&["rpm"]);
+        if let Some(root) = host.image_root() {
+            import.extend(["--root".to_string(), root.clone()]);
+            import.extend(["--import".to_string(), "--".into(), format!("{root}{key}")]);
+        } else {
+            import.extend(["--import".to_string(), "--".into(), key]);
+        }
+        tool::check(host, &Run { outside: true, ..Run::new(&import, TRANSACTION) })?;
+        let mut a = root_args(host)?;
+        a.extend(argv(&["makecache", "--disablerepo=*"]));
+        a.push(format!("--enablerepo=converge-{name}"));
         tool::check(host, &Run { outside: true, ..Run::new(&a, TRANSACTION) }).map(drop)
     }
 }

@@ -10,7 +10,7 @@
 
 use super::tool::ToolOptions;
 use super::{Checked, Op, System, fail};
-use crate::catalog::{PackageSpec, Resource};
+use crate::catalog::{PackageSpec, RepositorySpec, Resource};
 use crate::host::{Host, HostResult};
 use crate::providers::ProviderError;
 use crate::report::Change;
@@ -74,6 +74,13 @@ pub trait PackageTool: Sync {
     fn install(&self, host: &dyn Host, packages: &[Install], downgrade: bool, opts: &ToolOptions) -> HostResult<()>;
     /// Removes in one transaction.
     fn uninstall(&self, host: &dyn Host, names: &[&str], opts: &ToolOptions) -> HostResult<()>;
+    /// The files repository `name` is kept in: its key, then its definition.
+    fn repository_paths(&self, name: &str) -> [String; 2];
+    /// Their contents, for `r` (pure).
+    fn repository_files(&self, name: &str, r: &RepositorySpec) -> [String; 2];
+    /// Fetches the package lists of repository `name` alone: proves its address and its
+    /// signature, and makes its packages known.
+    fn refresh_repository(&self, host: &dyn Host, name: &str, opts: &ToolOptions) -> HostResult<()>;
 }
 
 /// Every package manager of this build.
