@@ -15,6 +15,7 @@ use crate::repo::Repo;
 use crate::role::{self, Expr, Role, TNode};
 use crate::secrets::SecretsKey;
 use crate::site::{FactDecl, Site};
+use converge_modules::catalog::Resource;
 use converge_modules::catalog::{Catalog, FORMAT_SEALED, Input, Origin, Source};
 use converge_modules::diag::{Diagnostic, Mark};
 use converge_modules::load::{check_declared, decode_resource};
@@ -570,10 +571,10 @@ impl Compiler {
                 for item in items {
                     let ctx = if item.is_some() { ctx(item) } else { base.clone() };
                     let mut tainted = BTreeMap::new();
-                    let mut content_template = None;
-                    let rendered = self.render_fields(&rt.body, &ctx, role, &secrets, &mut tainted).and_then(|n| {
-                        self.inline_content(n, &ctx, role, &secrets, &mut tainted, &mut content_template)
-                    });
+                    let mut inlined = Inlined::default();
+                    let rendered = self
+                        .render_fields(&rt.body, &ctx, role, &secrets, &mut tainted)
+                        .and_then(|n| self.inline_content(n, &ctx, role, &secrets, &mut tainted, &mut inlined));
                     let node = match rendered {
                         Ok(n) => n,
                         Err(d) => {
@@ -590,7 +591,22 @@ impl Compiler {
                                 diags.extend(e.into_iter().map(|(m, msg)| place(m, msg)));
                                 continue;
                             }
-                            let origin = self.origin(role, rt, content_template, &levels);
+                            let origin = self.origin(role, rt, inlined.template, &levels);
+                            let children = match &inlined.tree {
+                                Some((m, source)) => match self.tree(&r, source) {
+                                    Ok(c) => c,
+                                    Err(msg) => {
+                                        diags.push(place(*m, msg));
+                                        continue;
+                                    }
+                                },
+                                None => Vec::new(),
+                            };
+                            for c in children.into_iter() {
+                                provenance.entry(c.id.to_string()).or_insert_with(|| origin.clone());
+                                declared.push(c);
+                                origins.push((role.file.clone(), rt.mark));
+                            }
                             provenance.entry(r.id.to_string()).or_insert(origin);
                             declared.push(r);
                             origins.push((role.file.clone(), rt.mark));
@@ -830,6 +846,65 @@ impl Compiler {
         Ok(Node { mark: *mark, value: YValue::Map(out) })
     }
 
+    /// What a `directory` with `source: DIR` holds: every directory and file under `files/DIR`,
+    /// as resources under its path (Puppet's recursive `source`). Subdirectories take the
+    /// directory's mode (0755 when it has none) and purge rules, files mode 0644; both take its
+    /// owner, group, backup, sensitivity and notifications. Files are text (binary content
+    /// waits for content-addressed blobs).
+    fn tree(&self, dir: &Resource, source: &str) -> Result<Vec<Resource>, String> {
+        use converge_modules::catalog::{DirectorySpec, FileSpec, Kind, Meta, Mode, ResourceId, Spec, join_path};
+
+        let Spec::Directory(d) = &dir.spec else { return Ok(Vec::new()) };
+        if d.ensure == Some(converge_modules::catalog::Ensure::Absent) {
+            return Err(format!("{}: `source` fills a directory: it cannot be `ensure: absent`", dir.id));
+        }
+        let prefix = format!("{source}/");
+        let meta = Meta { notify: dir.meta.notify.clone(), sensitive: dir.meta.sensitive, ..Meta::default() };
+        let mut dirs: BTreeSet<String> = BTreeSet::new();
+        let mut out = Vec::new();
+        for (path, bytes) in self.files.range(prefix.clone()..).take_while(|(p, _)| p.starts_with(&prefix)) {
+            let rel = &path[prefix.len()..];
+            if out.len() + dirs.len() >= MAX_TREE {
+                return Err(format!(
+                    "files/{source} holds more than {MAX_TREE} entries: a tree that large belongs in a package"
+                ));
+            }
+            let mut at = dir.id.title.clone();
+            let parts: Vec<&str> = rel.split('/').collect();
+            for p in &parts[..parts.len() - 1] {
+                at = join_path(&at, p);
+                dirs.insert(at.clone());
+            }
+            let text = std::str::from_utf8(bytes).map_err(|_| {
+                format!("files/{path} is not UTF-8 text: binary files cannot travel in a catalog yet (content-addressed blobs will carry them)")
+            })?;
+            let id = ResourceId::new(Kind::File, &join_path(&at, parts[parts.len() - 1])).map_err(|e| e.to_string())?;
+            let spec = FileSpec {
+                content: Some(text.to_string()),
+                mode: Some(Mode(0o644)),
+                owner: d.owner.clone(),
+                group: d.group.clone(),
+                backup: d.backup,
+                ..FileSpec::default()
+            };
+            out.push(Resource::new(id, meta.clone(), Spec::File(spec)));
+        }
+        for p in dirs {
+            let id = ResourceId::new(Kind::Directory, &p).map_err(|e| e.to_string())?;
+            let spec = DirectorySpec {
+                mode: Some(d.mode.unwrap_or(Mode(0o755))),
+                owner: d.owner.clone(),
+                group: d.group.clone(),
+                purge: d.purge,
+                purge_limit: d.purge_limit,
+                backup: d.backup,
+                ..DirectorySpec::default()
+            };
+            out.push(Resource::new(id, meta.clone(), Spec::Directory(spec)));
+        }
+        Ok(out)
+    }
+
     /// Resolves `template:` and `source:` of a rendered resource into `content` (tainted when
     /// the template reads a secret).
     fn inline_content(
@@ -839,7 +914,7 @@ impl Compiler {
         role: &Role,
         secrets: &SecretsView,
         tainted: &mut BTreeMap<String, Mark>,
-        used: &mut Option<String>,
+        out: &mut Inlined,
     ) -> Result<Node, Diagnostic> {
         let place = |mark: Mark, msg: String| Diagnostic::new(&*role.file, mark, msg);
         let mark = node.mark;
@@ -849,6 +924,20 @@ impl Compiler {
         };
         let has_content = entries.iter().any(|(k, _)| k.as_str() == Some("content"));
         let kind_is_file = entries.first().is_some_and(|(k, _)| k.as_str() == Some("file"));
+        if entries.first().is_some_and(|(k, _)| k.as_str() == Some("directory"))
+            && let Some((_, v)) = take(&mut entries, "source")
+        {
+            let path = v
+                .as_str()
+                .filter(|_| !v.is_null())
+                .ok_or_else(|| place(v.mark, "`source` names a directory in files/".into()))?;
+            let path = path.strip_prefix("files/").unwrap_or(path).trim_end_matches('/');
+            let prefix = format!("{path}/");
+            if path.is_empty() || !self.files.keys().any(|f| f.starts_with(&prefix)) {
+                return Err(place(v.mark, format!("source `{path}` is no directory with files in files/")));
+            }
+            out.tree = Some((v.mark, path.to_string()));
+        }
         let template = take(&mut entries, "template");
         let source = if kind_is_file { take(&mut entries, "source") } else { None };
         let content = match (template, source) {
@@ -876,7 +965,7 @@ impl Compiler {
                 if !secrets.take_read().is_empty() {
                     tainted.insert("content".into(), v.mark);
                 }
-                *used = Some(name.to_string());
+                out.template = Some(name.to_string());
                 Some((v.mark, text))
             }
             (None, Some((_, v))) => {
@@ -901,6 +990,18 @@ impl Compiler {
         Ok(Node { mark, value: YValue::Map(entries) })
     }
 }
+
+/// What `inline_content` took from a resource besides its content.
+#[derive(Default)]
+struct Inlined {
+    /// The template its content was rendered from.
+    template: Option<String>,
+    /// A directory's `source`: where it was written, and the directory under files/.
+    tree: Option<(Mark, String)>,
+}
+
+/// The most entries a `directory`'s `source` may hold.
+const MAX_TREE: usize = 10_000;
 
 /// The `secrets` a template sees: the node's secrets by name. Every read is noted, so that
 /// whatever reads one is sealed (and sensitive), and a field that cannot be sealed is refused.
@@ -961,10 +1062,7 @@ fn open_secret(key: Option<&SecretsKey>, name: &str, armored: &str) -> Result<Va
 
 /// Marks a resource that read a secret sensitive; refuses a secret in a field that cannot be
 /// sealed (a command's arguments, a path, an owner...).
-fn taint(
-    r: &mut converge_modules::catalog::Resource,
-    tainted: &BTreeMap<String, Mark>,
-) -> Result<(), Vec<(Mark, String)>> {
+fn taint(r: &mut Resource, tainted: &BTreeMap<String, Mark>) -> Result<(), Vec<(Mark, String)>> {
     if tainted.is_empty() {
         return Ok(());
     }

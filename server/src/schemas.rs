@@ -40,6 +40,9 @@ struct DataFile {
 /// A resource in a role: a catalog resource whose values may be templates, with directives.
 struct RoleResource;
 
+/// What a role's `directory` takes beyond a catalog's.
+const DIRECTORY_SOURCE: &str = "A directory under files/ whose whole tree (subdirectories with this directory's mode, purge rules, owner and group; files 0644 with its owner and group) is declared under this path, with this directory's notify";
+
 /// A string holding a minijinja template, accepted wherever a role gives a value.
 fn templated() -> Value {
     json!({"type": "string", "pattern": "\\{\\{|\\{%", "description": "A minijinja template, rendered per node"})
@@ -61,6 +64,9 @@ impl JsonSchema for RoleResource {
                 ];
                 if kind == Kind::File {
                     extra.push(("template", json!({"type": "string", "description": "Render templates/NAME into `content`"})));
+                }
+                if kind == Kind::Directory {
+                    extra.push(("source", json!({"type": "string", "description": DIRECTORY_SOURCE})));
                 }
                 let mut v = resource_variant(kind, g, &extra);
                 if let Some(props) = v.get_mut("properties").and_then(Value::as_object_mut) {
@@ -177,6 +183,12 @@ pub fn reference() -> String {
         for (n, t, d) in rows {
             out.push_str(format!("    {n:<width$}  {t:<twidth$}  {d}\n").trim_end());
             out.push('\n');
+        }
+        // What a role adds: resolved by the server, so not in the catalog's types.
+        match kind {
+            "file" => out.push_str("    (in a role also: template  Render templates/NAME into `content`)\n"),
+            "directory" => out.push_str(&format!("    (in a role also: source  {DIRECTORY_SOURCE})\n")),
+            _ => {}
         }
         out.push_str(&format!("    (and the fields every kind has: {})\n", shared.join(", ")));
     }

@@ -339,3 +339,56 @@ fn errors_hint_at_what_people_coming_from_other_tools_meant() {
     let found = check(&repo);
     assert!(found[0].contains("a value that begins with `{` is a YAML mapping: put a template in quotes"), "{found:?}");
 }
+
+/// A `directory` with `source:` stands for the tree under files/: its subdirectories and
+/// files, with its owner, group, mode (subdirectories), purge rules and notifications.
+#[test]
+fn a_directory_with_a_source_is_the_tree_under_files() {
+    let repo = Repo::from_files([
+        ("site.yaml", "nodes:\n  n: {roles: [site]}\n"),
+        (
+            "roles/site.yaml",
+            "resources:\n  - directory: /srv/www\n    source: site/\n    mode: \"0750\"\n    owner: www-data\n    purge: true\n    notify: [service:nginx]\n  - service: nginx\n",
+        ),
+        ("files/site/index.html", "<h1>hi</h1>\n"),
+        ("files/site/css/site.css", "body {}\n"),
+        ("files/site/css/print/p.css", "@media print {}\n"),
+        ("files/other.txt", "not in the tree\n"),
+    ]);
+    let compiler = Compiler::new(&repo);
+    assert_eq!(compiler.problems, vec![]);
+    let c = compiler.compile("n", &Map::new()).unwrap();
+    let ids: Vec<String> = c.resources.iter().map(|r| r.id.to_string()).collect();
+    for id in [
+        "directory:/srv/www",
+        "directory:/srv/www/css",
+        "directory:/srv/www/css/print",
+        "file:/srv/www/index.html",
+        "file:/srv/www/css/site.css",
+        "file:/srv/www/css/print/p.css",
+    ] {
+        assert!(ids.contains(&id.to_string()), "{id} in {ids:?}");
+    }
+    assert!(!ids.iter().any(|i| i.contains("other")), "{ids:?}");
+    let yaml = yaml_serde::to_string(&c).unwrap();
+    assert!(yaml.contains("- directory: /srv/www/css\n  mode: '0750'\n  owner: www-data\n  purge: true\n  notify:\n  - service:nginx\n"), "{yaml}");
+    assert!(yaml.contains("- file: /srv/www/css/site.css\n  content: |\n    body {}\n  mode: '0644'\n  owner: www-data\n  notify:\n  - service:nginx\n"), "{yaml}");
+    // Where each came from: the directory's line in its role.
+    assert_eq!(c.provenance["file:/srv/www/css/site.css"].file, "roles/site.yaml");
+
+    let bad = Repo::from_files([
+        ("site.yaml", "nodes:\n  n: {roles: [site]}\n"),
+        (
+            "roles/site.yaml",
+            "resources:\n  - directory: /srv/a\n    source: nowhere\n  - directory: /srv/b\n    source: site\n    ensure: absent\n",
+        ),
+        ("files/site/x", "x\n"),
+    ]);
+    assert_eq!(
+        check(&bad),
+        [
+            "roles/site.yaml:3: source `nowhere` is no directory with files in files/",
+            "roles/site.yaml:5: directory:/srv/b: `source` fills a directory: it cannot be `ensure: absent`",
+        ]
+    );
+}

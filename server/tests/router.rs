@@ -221,9 +221,9 @@ async fn every_status_the_api_answers_from_the_request_that_earns_it() {
 }
 
 /// Sends requests until the node's slots are seen taken (the held ones take theirs a moment
-/// after they are spawned); the answer that says so.
+/// after they are spawned, later on a loaded machine); the answer that says so.
 async fn until_refused(fleet: &Arc<Fleet>, node: &Peer) -> (StatusCode, axum::http::HeaderMap, String) {
-    for _ in 0..100 {
+    for _ in 0..1000 {
         let got = send(fleet, node, post("/v1/reports", "{}")).await;
         if got.0 == StatusCode::TOO_MANY_REQUESTS {
             return got;

@@ -435,3 +435,50 @@ fn a_signed_dnf_repository_into_an_install_root() {
         std::process::Command::new("rpm").arg("--root").arg(&root).args(["-q", "cvt-stranger-rpm"]).output().unwrap();
     assert!(!q.status.success(), "not installed");
 }
+
+/// A `directory` with a `source` from a role, compiled by the server and converged by the
+/// agent into a scratch root: the tree arrives, and a file taken out of files/ is purged.
+#[test]
+fn a_directory_tree_from_the_repository_is_copied_and_purged() {
+    let w = tempfile::tempdir().unwrap();
+    let (repo, root) = (w.path().join("repo"), w.path().join("root"));
+    converge_e2e::write(
+        &repo,
+        &[
+            ("site.yaml", "nodes:\n  n: {roles: [site]}\n"),
+            (
+                "roles/site.yaml",
+                "resources:\n  - directory: /srv\n  - directory: /srv/www\n    source: site\n    mode: \"0750\"\n    purge: true\n",
+            ),
+            ("files/site/index.html", "<h1>hi</h1>\n"),
+            ("files/site/css/site.css", "body {}\n"),
+            ("files/site/css/old.css", "old {}\n"),
+        ],
+    );
+    std::fs::create_dir_all(&root).unwrap();
+    let apply = || {
+        let yaml = converge_e2e::server_ok(&["compile", "--repo", &repo.display().to_string(), "--node", "n"]);
+        std::fs::write(w.path().join("c.yaml"), yaml).unwrap();
+        converge_e2e::converge_in(
+            &root,
+            &["apply", &w.path().join("c.yaml").display().to_string(), "--detailed-exitcodes", "--node", "n"],
+        )
+    };
+    assert_code(&apply(), 2, "first run");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).ok();
+    assert_eq!(read("srv/www/css/site.css").as_deref(), Some("body {}\n"));
+    assert_eq!(read("srv/www/index.html").as_deref(), Some("<h1>hi</h1>\n"));
+    let mode = |p: &str| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(root.join(p)).unwrap().permissions()) & 0o7777
+    };
+    assert_eq!((mode("srv/www/css"), mode("srv/www/css/site.css")), (0o750, 0o644));
+    assert_code(&apply(), 0, "second run: nothing to do");
+    // Taken out of the repository: purged from the host; a stray file too.
+    std::fs::remove_file(repo.join("files/site/css/old.css")).unwrap();
+    std::fs::write(root.join("srv/www/css/stray.css"), "x").unwrap();
+    let out = apply();
+    assert_code(&out, 2, "purge");
+    assert_eq!(read("srv/www/css/old.css"), None, "{}", out.stdout);
+    assert_eq!(read("srv/www/css/stray.css"), None, "{}", out.stdout);
+    assert_eq!(read("srv/www/css/site.css").as_deref(), Some("body {}\n"));
+}
