@@ -292,6 +292,19 @@ impl Client {
         })
     }
 
+    /// The blob `hex`, of exactly `size` bytes (a longer answer is refused as it arrives).
+    pub async fn blob(&self, hex: &str, size: u64) -> Result<Vec<u8>> {
+        let resp = self.send(|h, b| h.get(format!("{b}/blobs/sha256/{hex}"))).await?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        let body = bounded_body(resp, usize::try_from(size).unwrap_or(usize::MAX)).await?;
+        if body.len() as u64 != size {
+            bail!("the server sent {} bytes of a {size}-byte blob", body.len());
+        }
+        Ok(body)
+    }
+
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse> {
         self.post_json("/v1/enroll", req, "enrollment").await
     }

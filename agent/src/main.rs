@@ -3,7 +3,7 @@
 //! Code map: [`apply`] holds the `apply` and `verify` commands and the converge step every run
 //! shares; [`bootstrap`] joins a server; [`run`] pulls, verifies, converges and reports (once
 //! or as a daemon) and shows `status`; [`renew`] keeps the host's certificate alive;
-//! [`client`] speaks to the server; [`facts`] describes the
+//! [`client`] speaks to the server; [`blobs`] fetches the blobs a catalog names by hash; [`facts`] describes the
 //! host; [`state`] and [`signed`] keep what lasts between runs; [`host`] is the real OS behind the `Host`
 //! boundary (file operations, account lookups, running a command), confined to a root by
 //! [`fs`]; [`backup`] keeps replaced content; [`command`] runs
@@ -14,6 +14,7 @@
 
 mod apply;
 mod backup;
+mod blobs;
 mod bootstrap;
 mod client;
 mod command;

@@ -264,7 +264,12 @@ fn locked_run(
     let held_bundle = read(host.root(), state::CA_FILE).map(|t| converge_modules::hash::sha256_hex(t.as_bytes())).ok();
     let request = CatalogRequest {
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        formats: vec![FORMAT, FORMAT_SEALED, converge_modules::catalog::READS_PROVENANCE],
+        formats: vec![
+            FORMAT,
+            FORMAT_SEALED,
+            converge_modules::catalog::READS_PROVENANCE,
+            converge_modules::catalog::READS_BLOBS,
+        ],
         facts,
         ca_bundle: held_bundle.clone(),
         keys_version: Some(trust.held.list.version),
@@ -377,6 +382,10 @@ fn locked_run(
     if lock.exclusive() && !args.opts.dry_run {
         confirm::prune_reverted(host, &mut reverted, &loaded.catalog.resources)?;
     }
+    // The catalog's blobs, before anything converges (a dry-run needs only their hashes).
+    if lock.exclusive() && !args.opts.dry_run {
+        crate::blobs::fetch(host, &rt, &client, &loaded.catalog.resources, &mut notes);
+    }
     let mut warnings = notes.clone();
     warnings.extend(v.warnings);
     let out = Output {
@@ -393,6 +402,9 @@ fn locked_run(
         reverted,
     );
     let (info, collect) = apply::converge(&out, host, &loaded, Some(v.signed_by), warnings, stop, Some(&guard));
+    if lock.exclusive() && !args.opts.dry_run {
+        crate::blobs::prune(host, &loaded.catalog.resources);
+    }
     let mut summary = collect.summary.clone().unwrap_or_default();
     let mut resources = collect.resources;
     origins.tag(&mut resources);

@@ -60,6 +60,27 @@ pub struct Catalog {
 /// out for others (an older agent refuses a field it does not know).
 pub const READS_PROVENANCE: u32 = 3;
 
+/// Put in a request's `formats` by agents that fetch blobs ([`FileSpec::content_sha256`]): a
+/// server inlines text blobs for others, and refuses them a binary one.
+pub const READS_BLOBS: u32 = 4;
+
+/// Where the agent keeps the blobs its catalogs name, each as `sha256/HEX` (inside `--root`).
+pub const BLOB_STORE: &str = "/var/lib/converge/blobs";
+
+/// The largest blob a catalog may name: the agent holds one in memory to check and write it.
+pub const MAX_BLOB: u64 = 256 << 20;
+
+/// The hex digest of a `sha256:HEX` blob reference, when it is one.
+pub fn blob_hex(reference: &str) -> Option<&str> {
+    let hex = reference.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(hex)
+}
+
+/// Where blob `hex` is kept.
+pub fn blob_path(hex: &str) -> String {
+    format!("{BLOB_STORE}/sha256/{hex}")
+}
+
 /// Where one resource came from. On the wire, an array `[file, line, template, values]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -555,6 +576,12 @@ pub struct FileSpec {
     pub content: Option<String>,
     /// A file to take the content from; a loader resolves it into `content`.
     pub source: Option<String>,
+    /// The content as a content-addressed blob (a binary or large file): `sha256:HEX`. The
+    /// agent fetches it from its server (`/blobs/sha256/HEX`, mutual TLS) into its blob store
+    /// and checks it against this signed hash before the file is replaced.
+    pub content_sha256: Option<String>,
+    /// The blob's size in bytes (with `content_sha256`).
+    pub size: Option<u64>,
     pub mode: Option<Mode>,
     pub owner: Option<String>,
     pub group: Option<String>,

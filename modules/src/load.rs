@@ -336,7 +336,7 @@ resources:
         assert_eq!(
             check(text),
             [
-                "4:5: unknown field `colour`; expected one of: ensure, content, source, mode, owner, group, backup, validate, force"
+                "4:5: unknown field `colour`; expected one of: ensure, content, source, content_sha256, size, mode, owner, group, backup, validate, force"
             ]
         );
     }

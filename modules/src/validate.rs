@@ -488,6 +488,26 @@ fn check_file(r: &Resource, f: &FileSpec, say: &mut impl FnMut(String)) {
     if f.content.is_some() && f.source.is_some() {
         say(format!("{}: `content` and `source` cannot both be set", r.id));
     }
+    match (&f.content_sha256, f.size) {
+        (None, None) => {}
+        (Some(_), _) if f.content.is_some() || f.source.is_some() => {
+            say(format!("{}: `content_sha256` is the content: it goes without `content` and `source`", r.id))
+        }
+        (Some(h), _) if crate::catalog::blob_hex(h).is_none() => {
+            say(format!("{}: `content_sha256` is `sha256:` and 64 lowercase hex digits", r.id))
+        }
+        (Some(_), None) => say(format!("{}: `content_sha256` needs the blob's `size`", r.id)),
+        (Some(_), Some(n)) if n > crate::catalog::MAX_BLOB => say(format!(
+            "{}: a blob is at most {} MiB (this one is {n} bytes): ship it in a package",
+            r.id,
+            crate::catalog::MAX_BLOB >> 20
+        )),
+        (Some(_), Some(_)) if r.sensitive() => {
+            say(format!("{}: a sensitive file is sealed into its catalog, never fetched as a blob", r.id))
+        }
+        (None, Some(_)) => say(format!("{}: `size` goes with `content_sha256`", r.id)),
+        _ => {}
+    }
     for (name, v) in [("owner", &f.owner), ("group", &f.group)] {
         if v.as_deref() == Some("") {
             say(format!("`{name}` is empty"));

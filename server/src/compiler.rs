@@ -46,6 +46,9 @@ pub struct Compiler {
     names: Mutex<std::collections::HashMap<String, Names>>,
     /// `files/` by path under it.
     files: BTreeMap<String, Vec<u8>>,
+    /// The blobs catalogs may name: the SHA-256 of each file under `files/` that travels as
+    /// one (binary, or larger than [`MAX_INLINE`]), and its path.
+    blobs: BTreeMap<String, String>,
     /// `data/secrets/` by level path: each name's value, opened with the server's secrets
     /// key, or (compiled without it) a placeholder that names it.
     secrets: BTreeMap<String, BTreeMap<String, Value>>,
@@ -182,8 +185,15 @@ impl Compiler {
                 }
             }
         }
-        let files = repo.under("files").map(|p| (p["files/".len()..].to_string(), repo.files[p].clone())).collect();
+        let files: BTreeMap<String, Vec<u8>> =
+            repo.under("files").map(|p| (p["files/".len()..].to_string(), repo.files[p].clone())).collect();
+        let blobs = files
+            .iter()
+            .filter(|(_, bytes)| travels_as_blob(bytes))
+            .map(|(path, bytes)| (converge_modules::hash::sha256_hex(bytes), path.clone()))
+            .collect();
         let mut compiler = Compiler {
+            blobs,
             source: repo.source.clone(),
             site,
             roles,
@@ -846,6 +856,11 @@ impl Compiler {
         Ok(Node { mark: *mark, value: YValue::Map(out) })
     }
 
+    /// The blob `hex`, when a catalog of this commit may name it.
+    pub fn blob(&self, hex: &str) -> Option<&[u8]> {
+        self.blobs.get(hex).and_then(|path| self.files.get(path)).map(Vec::as_slice)
+    }
+
     /// What a `directory` with `source: DIR` holds: every directory and file under `files/DIR`,
     /// as resources under its path (Puppet's recursive `source`). Subdirectories take the
     /// directory's mode (0755 when it has none) and purge rules, files mode 0644; both take its
@@ -875,12 +890,20 @@ impl Compiler {
                 at = join_path(&at, p);
                 dirs.insert(at.clone());
             }
-            let text = std::str::from_utf8(bytes).map_err(|_| {
-                format!("files/{path} is not UTF-8 text: binary files cannot travel in a catalog yet (content-addressed blobs will carry them)")
-            })?;
             let id = ResourceId::new(Kind::File, &join_path(&at, parts[parts.len() - 1])).map_err(|e| e.to_string())?;
+            let (content, content_sha256, size) = if travels_as_blob(bytes) && !dir.sensitive() {
+                let (hash, _) = blob_fields(bytes);
+                (None, Some(hash), Some(bytes.len() as u64))
+            } else {
+                let text = std::str::from_utf8(bytes).map_err(|_| {
+                    format!("files/{path} is not UTF-8 text, and a sensitive directory's files cannot be blobs")
+                })?;
+                (Some(text.to_string()), None, None)
+            };
             let spec = FileSpec {
-                content: Some(text.to_string()),
+                content,
+                content_sha256,
+                size,
                 mode: Some(Mode(0o644)),
                 owner: d.owner.clone(),
                 group: d.group.clone(),
@@ -923,6 +946,7 @@ impl Compiler {
             entries.iter().position(|(k, _)| k.as_str() == Some(key)).map(|i| entries.remove(i))
         };
         let has_content = entries.iter().any(|(k, _)| k.as_str() == Some("content"));
+        let sensitive = entries.iter().any(|(k, v)| k.as_str() == Some("sensitive") && v.as_str() == Some("true"));
         let kind_is_file = entries.first().is_some_and(|(k, _)| k.as_str() == Some("file"));
         if entries.first().is_some_and(|(k, _)| k.as_str() == Some("directory"))
             && let Some((_, v)) = take(&mut entries, "source")
@@ -978,8 +1002,15 @@ impl Compiler {
                     .files
                     .get(path)
                     .ok_or_else(|| place(v.mark, format!("source `{path}` not found in files/")))?;
-                let text =
-                    std::str::from_utf8(bytes).map_err(|_| place(v.mark, format!("files/{path} is not UTF-8 text")))?;
+                if travels_as_blob(bytes) && !sensitive {
+                    let (hash, size) = blob_fields(bytes);
+                    entries.push((scalar("content_sha256", v.mark, true), scalar(&hash, v.mark, false)));
+                    entries.push((scalar("size", v.mark, true), scalar(&size, v.mark, true)));
+                    return Ok(Node { mark, value: YValue::Map(entries) });
+                }
+                let text = std::str::from_utf8(bytes).map_err(|_| {
+                    place(v.mark, format!("files/{path} is not UTF-8 text, and a sensitive file cannot be a blob"))
+                })?;
                 Some((v.mark, text.to_string()))
             }
             (None, None) => None,
@@ -998,6 +1029,20 @@ struct Inlined {
     template: Option<String>,
     /// A directory's `source`: where it was written, and the directory under files/.
     tree: Option<(Mark, String)>,
+}
+
+/// The largest text a catalog carries inline; larger files (and every binary one) travel as
+/// blobs.
+pub const MAX_INLINE: usize = 64 << 10;
+
+/// Whether a file of files/ travels as a blob rather than in a catalog.
+fn travels_as_blob(bytes: &[u8]) -> bool {
+    bytes.len() > MAX_INLINE || std::str::from_utf8(bytes).is_err()
+}
+
+/// `content_sha256` and `size` of a blob.
+fn blob_fields(bytes: &[u8]) -> (String, String) {
+    (format!("sha256:{}", converge_modules::hash::sha256_hex(bytes)), bytes.len().to_string())
 }
 
 /// The most entries a `directory`'s `source` may hold.

@@ -948,6 +948,17 @@ impl Fleet {
         result
     }
 
+    /// The blob `hex` (its bytes), when the commit the node is served, the newest or the one
+    /// before names it: any other bytes of the repository are never served this way.
+    pub fn blob(&self, node: &str, hex: &str) -> Option<bytes::Bytes> {
+        let newest = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let previous = self.previous.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let mut commits: Vec<Arc<Current>> = self.commit_for(node, newest.clone()).into_iter().collect();
+        commits.push(newest);
+        commits.extend(previous);
+        commits.iter().find_map(|c| c.compiler.blob(hex).map(bytes::Bytes::copy_from_slice))
+    }
+
     /// The node's signed catalog (compiling and signing only when needed). When the agent
     /// holds it already (`held`, its etag), the envelope may be left out: the answer is 304.
     pub async fn catalog(
@@ -975,6 +986,7 @@ impl Fleet {
         // An agent that does not say it reads provenance gets its catalog without (it would
         // refuse a field it does not know); one that does gets a catalog of its own.
         let provenance = formats.contains(&converge_modules::catalog::READS_PROVENANCE);
+        let blobs = formats.contains(&converge_modules::catalog::READS_BLOBS);
         let declared: Map<String, Json> = match &current.compiler.site {
             Some(site) => {
                 facts.iter().filter(|(k, _)| site.facts.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -986,7 +998,7 @@ impl Fleet {
         let signing = self.signing();
         let cache_key = sha256_hex(
             format!(
-                "{}\0{node}\0{}\0{COMPILER_VERSION}\0{}\0{}\0{provenance}",
+                "{}\0{node}\0{}\0{COMPILER_VERSION}\0{}\0{}\0{provenance}\0{blobs}",
                 current.commit,
                 serde_json::to_string(&declared).unwrap_or_default(),
                 signing.key_id(),
@@ -1028,17 +1040,22 @@ impl Fleet {
             tracing::warn!(node, "{}", converge_modules::text::clip(&w, 500));
         }
         let name = node.to_string();
-        let compiled = tokio::task::spawn_blocking(move || current.compiler.compile_open(&name, &declared))
+        let compiling = current.clone();
+        let compiled = tokio::task::spawn_blocking(move || compiling.compiler.compile_open(&name, &declared))
             .await
             .map_err(|e| Refused::Internal(e.into()))?;
         let what = |diags: Vec<converge_modules::diag::Diagnostic>| {
             diags.iter().take(5).map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
         };
-        let compiled = compiled.map(|(mut c, opened)| {
+        let compiled = compiled.and_then(|(mut c, opened)| {
             if !provenance {
                 c.provenance.clear();
             }
-            (c, opened)
+            if !blobs {
+                inline_blobs(&current.compiler, &mut c)
+                    .map_err(|m| vec![converge_modules::diag::Diagnostic::new("files/", Default::default(), m)])?;
+            }
+            Ok((c, opened))
         });
         let catalog = match compiled {
             Ok((mut c, opened)) if !c.sealed.is_empty() => {
@@ -1172,8 +1189,49 @@ impl Fleet {
     }
 }
 
+/// For an agent that does not fetch blobs: each blob of `catalog` put back as `content`, which
+/// a text one can be; a binary one cannot, and the agent must be upgraded.
+fn inline_blobs(compiler: &Compiler, catalog: &mut converge_modules::catalog::Catalog) -> Result<(), String> {
+    use converge_modules::catalog::{Spec, blob_hex};
+    for r in &mut catalog.resources {
+        let Spec::File(f) = &mut r.spec else { continue };
+        let Some(hex) = f.content_sha256.as_deref().and_then(blob_hex) else { continue };
+        let text = compiler.blob(hex).and_then(|b| std::str::from_utf8(b).ok()).ok_or_else(|| {
+            format!(
+                "{} is a binary file, which this agent cannot fetch (it is older than blobs): upgrade converge on it",
+                r.id
+            )
+        })?;
+        f.content = Some(text.to_string());
+        f.content_sha256 = None;
+        f.size = None;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    /// An agent older than blobs gets a text blob inlined, and a binary one refused with what
+    /// to do.
+    #[test]
+    fn older_agents_get_text_blobs_inline_and_binary_ones_refused() {
+        let mut repo = Repo::from_files([
+            ("site.yaml", "nodes:\n  n: {roles: [r]}\n  m: {roles: [b]}\n"),
+            ("roles/r.yaml", "resources:\n  - file: /big.txt\n    source: big.txt\n"),
+            ("roles/b.yaml", "resources:\n  - file: /tool\n    source: tool.bin\n"),
+        ]);
+        repo.files.insert("files/big.txt".into(), "y".repeat(80 << 10).into_bytes());
+        repo.files.insert("files/tool.bin".into(), vec![0xff, 0x00]);
+        let compiler = Compiler::new(&repo);
+        let mut c = compiler.compile("n", &Map::new()).unwrap();
+        inline_blobs(&compiler, &mut c).unwrap();
+        let converge_modules::catalog::Spec::File(f) = &c.resources[0].spec else { panic!() };
+        assert_eq!((f.content.as_ref().map(String::len), f.content_sha256.as_ref()), (Some(80 << 10), None));
+        let mut c = compiler.compile("m", &Map::new()).unwrap();
+        let e = inline_blobs(&compiler, &mut c).unwrap_err();
+        assert!(e.contains("file:/tool is a binary file") && e.contains("upgrade converge"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -320,6 +320,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/reports", post(report))
         .route("/v1/renew", post(renew))
         .route("/v1/ca-bundle", get(ca_bundle))
+        .route("/blobs/sha256/{hex}", get(blob))
         .route_layer(middleware::from_fn_with_state(fleet.clone(), authenticate));
     Router::new()
         .route("/v1/ca", get(ca))
@@ -436,6 +437,23 @@ async fn catalog(
     fleet.metrics.catalog_200.inc();
     let content_type = (header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(([(header::ETAG, etag_value), content_type, bundle], stored.envelope.clone()).into_response())
+}
+
+/// A blob a catalog of the node's may name, by its SHA-256: to enrolled hosts only, over
+/// mutual TLS; the agent checks it against the hash its signed catalog holds.
+async fn blob(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(Node(node, _)): Extension<Node>,
+    axum::extract::Path(hex): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let _work = fleet.admission.work(&fleet)?;
+    match fleet.blob(&node, &hex) {
+        Some(bytes) => {
+            let content_type = (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            Ok(([content_type], bytes).into_response())
+        }
+        None => Err(ApiError(StatusCode::NOT_FOUND, "no such blob in the commits this server serves".into(), None)),
+    }
 }
 
 async fn report(

@@ -392,3 +392,49 @@ fn a_directory_with_a_source_is_the_tree_under_files() {
         ]
     );
 }
+
+/// A binary file, or a text larger than a catalog carries, travels as a blob: its hash and size
+/// in the catalog, its bytes served by hash and by nothing else.
+#[test]
+fn binary_and_large_files_travel_as_blobs() {
+    let mut repo = Repo::from_files([
+        ("site.yaml", "nodes:\n  n: {roles: [r]}\n"),
+        (
+            "roles/r.yaml",
+            "resources:\n  - directory: /srv\n  - file: /srv/tool\n    source: tool.bin\n  - file: /srv/big.txt\n    source: big.txt\n  - file: /srv/small.txt\n    source: small.txt\n  - directory: /srv/tree\n    source: tree\n",
+        ),
+        ("files/small.txt", "small\n"),
+    ]);
+    let binary: Vec<u8> = (0..=255u8).collect();
+    let big = "x".repeat(70 << 10);
+    repo.files.insert("files/tool.bin".into(), binary.clone());
+    repo.files.insert("files/big.txt".into(), big.clone().into_bytes());
+    repo.files.insert("files/tree/logo.png".into(), vec![0x89, b'P', b'N', b'G', 0xff]);
+    let compiler = Compiler::new(&repo);
+    assert_eq!(compiler.problems, vec![]);
+    let c = compiler.compile("n", &Map::new()).unwrap();
+    let file = |p: &str| match &c.resources.iter().find(|r| r.id.title == p).unwrap().spec {
+        converge_modules::catalog::Spec::File(f) => f.clone(),
+        _ => panic!(),
+    };
+    let hex = converge_modules::hash::sha256_hex(&binary);
+    assert_eq!(file("/srv/tool").content_sha256, Some(format!("sha256:{hex}")));
+    assert_eq!((file("/srv/tool").size, file("/srv/tool").content), (Some(256), None));
+    assert!(file("/srv/big.txt").content_sha256.is_some(), "over 64 KiB of text");
+    assert_eq!(file("/srv/small.txt").content.as_deref(), Some("small\n"));
+    assert!(file("/srv/tree/logo.png").content_sha256.is_some(), "in a directory's tree too");
+    assert_eq!(compiler.blob(&hex), Some(binary.as_slice()));
+    let small = converge_modules::hash::sha256_hex(b"small\n");
+    assert_eq!(compiler.blob(&small), None, "what travels inline is not served as a blob");
+    // What `converge apply` reads of the compiled catalog is the same.
+    let yaml = yaml_serde::to_string(&c).unwrap();
+    assert_eq!(load("c.yaml", &yaml, None).unwrap().catalog, c);
+
+    // A sensitive binary file cannot be sealed, nor fetched: refused.
+    repo.files.insert(
+        "roles/r.yaml".into(),
+        b"resources:\n  - file: /srv/tool\n    source: tool.bin\n    sensitive: true\n".to_vec(),
+    );
+    let e = check(&repo);
+    assert_eq!(e, ["roles/r.yaml:3: files/tool.bin is not UTF-8 text, and a sensitive file cannot be a blob"]);
+}

@@ -9,14 +9,14 @@ use super::{
     Checked, Observed, System, Wanted, describe_content, diff_absent, diff_attrs, diff_type, fail, fail_create,
 };
 use super::{present, unified_diff};
-use crate::catalog::{FileSpec, Resource};
+use crate::catalog::{BLOB_STORE, FileSpec, Resource, blob_hex, blob_path};
 use crate::host::{FileType, HostError, NewAttrs};
 use crate::providers::ProviderError;
 use crate::report::Change;
 
 /// Reads what is at the path: metadata, and the content when the catalog manages it.
 pub fn inspect(sys: &System, path: &str, f: &FileSpec, present: bool) -> Result<Observed, ProviderError> {
-    let want = f.content.as_deref().map(str::len);
+    let want = f.content.as_deref().map(str::len).or(f.size.map(|n| n as usize));
     let limit = want.map_or(0, |w| (w as u64).max(crate::report::DIFF_LIMIT));
     let read = sys.host.read_file(path, limit).map_err(fail)?;
     let mut seen =
@@ -49,8 +49,49 @@ pub fn diff(r: &Resource, f: &FileSpec, want: &Wanted, seen: &Observed) -> Resul
             changes.push(content_change(path, r.sensitive(), is_file, seen, content));
         }
     }
+    if let (Some(reference), Some(size)) = (f.content_sha256.as_deref(), f.size) {
+        let same = match (&seen.stat, &seen.content) {
+            (Some(s), Some(have)) if is_file => {
+                s.size == size && Some(crate::hash::sha256_hex(have).as_str()) == blob_hex(reference)
+            }
+            _ => false,
+        };
+        if !same {
+            let from = match (is_file, &seen.content, &seen.stat) {
+                (true, Some(have), _) => describe_content(have),
+                (true, None, Some(s)) => format!("{} bytes (too large to read)", s.size),
+                _ => "absent".to_string(),
+            };
+            let hex = blob_hex(reference).unwrap_or_default();
+            changes.push(Change::new("content", from, format!("sha256:{} ({size} bytes)", &hex[..hex.len().min(12)])));
+        }
+    }
     changes.extend(diff_attrs(want, seen.stat.as_ref().filter(|_| is_file), seen));
     Ok(changes)
+}
+
+/// The blob `reference` names, read from the agent's blob store and checked against it.
+fn blob(sys: &System, r: &Resource, reference: &str, size: u64) -> Result<Vec<u8>, ProviderError> {
+    let hex = blob_hex(reference).ok_or_else(|| format!("{}: `content_sha256` is not a sha256 reference", r.id))?;
+    let path = blob_path(hex);
+    let read = sys.host.read_file(&path, size).map_err(fail)?;
+    match read.and_then(|r| r.content) {
+        Some(bytes) if bytes.len() as u64 == size && crate::hash::sha256_hex(&bytes) == hex => Ok(bytes),
+        Some(_) => {
+            // A damaged blob goes, so that the next run fetches it again.
+            let _ = sys.host.remove(&path);
+            Err(format!(
+                "the blob {reference} in {path} is not what the catalog signed (damaged or cut short); the next \
+             `converge run` fetches it again"
+            )
+            .into())
+        }
+        None => Err(format!(
+            "the blob {reference} is not in {BLOB_STORE}: `converge run` fetches a catalog's blobs from its server \
+             before it converges"
+        )
+        .into()),
+    }
 }
 
 fn content_change(path: &str, sensitive: bool, is_file: bool, seen: &Observed, want: &[u8]) -> Change {
@@ -104,10 +145,15 @@ pub fn apply(
         uid: want.uid().or(existing_file.map(|s| s.uid)),
         gid: want.gid().or(existing_file.map(|s| s.gid)),
     };
-    let content = match (&f.content, &seen.content) {
-        (Some(c), _) => c.as_bytes(),
-        (None, Some(old)) => old.as_slice(),
-        (None, None) => &[],
+    let fetched = match (f.content_sha256.as_deref(), f.size) {
+        (Some(reference), Some(size)) => Some(blob(sys, r, reference, size)?),
+        _ => None,
+    };
+    let content = match (&f.content, &fetched, &seen.content) {
+        (Some(c), _, _) => c.as_bytes(),
+        (None, Some(b), _) => b.as_slice(),
+        (None, None, Some(old)) => old.as_slice(),
+        (None, None, None) => &[],
     };
     sys.host.write_file(path, content, new, f.validate.as_deref()).map_err(|e| match e {
         HostError::Command { command, status, .. } if r.sensitive() => ProviderError::Declared(format!(
@@ -345,5 +391,34 @@ mod tests {
         let e = check(&host, MOTD, false);
         assert_eq!(e.status, Status::Failed);
         assert!(e.message.as_deref().unwrap().contains("declare it as a `directory` resource"), "{e:?}");
+    }
+
+    #[test]
+    fn a_blob_comes_from_the_store_checked_against_its_signed_hash() {
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+        let hex = crate::hash::sha256_hex(&bytes);
+        let store = |host: &MemHost, content: &[u8]| {
+            host.put(
+                &crate::catalog::blob_path(&hex),
+                MemNode::File { content: content.to_vec(), mode: 0o600, uid: 0, gid: 0 },
+            )
+        };
+        let yaml = format!("  - file: /srv/tool.bin\n    content_sha256: \"sha256:{hex}\"\n    size: 5000\n");
+        let host = MemHost::new().with_dir("/srv", 0o755);
+        // Not fetched: said, nothing written.
+        let e = check(&host, &yaml, false);
+        assert_eq!(e.status, Status::Failed);
+        assert!(e.message.unwrap().contains("is not in /var/lib/converge/blobs"), "a missing blob");
+        // Damaged in the store: refused.
+        store(&host, &bytes[..4999]);
+        let e = check(&host, &yaml, false);
+        assert!(e.message.unwrap().contains("is not what the catalog signed"));
+        assert_eq!(host.node("/srv/tool.bin"), None);
+        store(&host, &bytes);
+        let dry = check(&host, &yaml, true);
+        assert_eq!(dry.changes[1].to, format!("sha256:{} (5000 bytes)", &hex[..12]));
+        assert_eq!(check(&host, &yaml, false).status, Status::Changed);
+        assert!(matches!(host.node("/srv/tool.bin"), Some(MemNode::File { content, .. }) if content == bytes));
+        assert_eq!(check(&host, &yaml, false).status, Status::Unchanged);
     }
 }
