@@ -5,7 +5,9 @@
 //! directory (mode 0644, root:root; directories 0755), converged once; then the median of
 //! several no-op `converge apply` runs beside the median of the baseline, a separate process
 //! that lstat()s, reads and SHA-256-hashes the same files. Prints both, the ratio and the peak
-//! RSS of each, then a drift run (1% of the files changed) for scale.
+//! RSS of each, then a drift run (1% of the files changed) for scale. Beside both, the floor: a
+//! C program (`floor/floor.c`, built with the machine's `cc`) that lstat()s, reads and
+//! memcmp()s each file with its content from a flat manifest, what no correct agent can avoid.
 //!
 //! `converge-bench compile [N ...]`: the catalog compiler over N generated nodes; see
 //! `compile.rs`.
@@ -28,6 +30,10 @@
 //!
 //! `converge-bench services`: the real-service roles of catalogs/, first run and no-op, beside
 //! `puppet apply` of the same state; see `services.rs`.
+//!
+//! `converge-bench edits [N ...]`: a no-op run over N files each edited by a `file_line` and a
+//! `file_block` (2N edits), beside a no-op run over the same N files managed whole (`file`
+//! with `content`), in scratch roots.
 //!
 //! `converge-bench baseline LIST`: the baseline itself, over the paths listed in LIST.
 
@@ -82,6 +88,7 @@ fn main() {
         }
         Some("confirm") => rollout::confirm(args.get(1).map_or(3, |a| a.parse().expect("a number"))),
         Some("noop") => noop(&sizes()),
+        Some("edits") => edits(&sizes()),
         _ => {
             eprintln!(
                 "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | servers [NODES REPORTS CONCURRENCY] | rollout [HOSTS INTERVAL_S WINDOW_S] | confirm [ROUNDS] | siege [NODES SLOW FLOODERS] | system | services | baseline LIST"
@@ -219,15 +226,124 @@ fn agent() -> PathBuf {
     agent
 }
 
+/// No-op runs of line and block edits beside whole files, over the same N files.
+fn edits(sizes: &[usize]) {
+    let agent = agent();
+    println!(
+        "no-op converge apply: N files each with a file_line and a file_block, vs the same N files managed whole; medians of {RUNS} runs"
+    );
+    println!(
+        "{:>7}  {:>10}  {:>12}  {:>6}  {:>9}  {:>9}",
+        "N", "edits", "whole files", "ratio", "edits RSS", "whole RSS"
+    );
+    for &n in sizes {
+        let dir = std::env::temp_dir().join(format!("converge-bench-edits-{}-{n}", std::process::id()));
+        let (whole_root, edit_root) = (dir.join("whole"), dir.join("edit"));
+        let mut whole = String::from("format: 1\nresources:\n  - directory: /srv\n");
+        let mut edit = whole.clone();
+        for root in [&whole_root, &edit_root] {
+            std::fs::create_dir_all(root.join("etc")).unwrap();
+            std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+            std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+        }
+        for d in 0..n.div_ceil(10) {
+            whole.push_str(&format!("  - directory: /srv/d{d}\n"));
+            edit.push_str(&format!("  - directory: /srv/d{d}\n"));
+        }
+        for i in 0..n {
+            let path = format!("/srv/d{}/f{i}.conf", i / 10);
+            // The edits' files are there already, as a package would have left them.
+            let body = content(i, "v1");
+            let on_disk = edit_root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(on_disk.parent().unwrap()).unwrap();
+            std::fs::write(&on_disk, &body).unwrap();
+            let edited = format!("{body}key{i} = on\n# BEGIN converge b{i}\nblock {i}\n# END converge b{i}\n");
+            whole.push_str(&format!("  - file: {path}\n    content: {}\n", serde_json::to_string(&edited).unwrap()));
+            edit.push_str(&format!(
+                "  - file_line: l{i}\n    path: {path}\n    line: key{i} = on\n    match: ^key{i} =\n  - file_block: b{i}\n    path: {path}\n    content: \"block {i}\\n\"\n"
+            ));
+        }
+        let (whole_path, edit_path) = (dir.join("whole.yaml"), dir.join("edit.yaml"));
+        std::fs::write(&whole_path, &whole).unwrap();
+        std::fs::write(&edit_path, &edit).unwrap();
+        let apply = |catalog: &Path, root: &Path| {
+            let mut c = Command::new(&agent);
+            c.arg("apply").arg(catalog).arg("--root").arg(root).arg("--detailed-exitcodes");
+            c
+        };
+        assert_eq!(measure(&mut apply(&whole_path, &whole_root)).code, 2, "the whole files' first run");
+        assert_eq!(measure(&mut apply(&edit_path, &edit_root)).code, 2, "the edits' first run");
+        let same = std::fs::read(edit_root.join("srv/d0/f0.conf")).unwrap()
+            == std::fs::read(whole_root.join("srv/d0/f0.conf")).unwrap();
+        assert!(same, "both ways make the same files");
+        let (mut e, mut w) = (Vec::new(), Vec::new());
+        let (mut e_rss, mut w_rss) = (0, 0);
+        for _ in 0..RUNS {
+            let a = measure(&mut apply(&edit_path, &edit_root));
+            assert_eq!(a.code, 0, "a no-op run of the edits");
+            e.push(a.wall);
+            e_rss = e_rss.max(a.rss_kib);
+            let b = measure(&mut apply(&whole_path, &whole_root));
+            assert_eq!(b.code, 0, "a no-op run of the whole files");
+            w.push(b.wall);
+            w_rss = w_rss.max(b.rss_kib);
+        }
+        let (e, w) = (median(e), median(w));
+        println!(
+            "{n:>7}  {:>8.1}ms  {:>10.1}ms  {:>5.2}x  {:>6.1}MiB  {:>6.1}MiB",
+            e.as_secs_f64() * 1e3,
+            w.as_secs_f64() * 1e3,
+            e.as_secs_f64() / w.as_secs_f64(),
+            e_rss as f64 / 1024.0,
+            w_rss as f64 / 1024.0
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The C floor of `noop`, compiled with the machine's C compiler into `dir`; `None` (said)
+/// without one.
+fn floor_program(dir: &Path) -> Option<PathBuf> {
+    let source = dir.join("floor.c");
+    std::fs::write(&source, include_str!("floor/floor.c")).unwrap();
+    let program = dir.join("floor");
+    match Command::new("cc").args(["-O2", "-o"]).arg(&program).arg(&source).status() {
+        Ok(s) if s.success() => Some(program),
+        _ => {
+            println!("(no C compiler: the C floor is left out)");
+            None
+        }
+    }
+}
+
+/// The floor's manifest of `catalog`'s files under `root`.
+fn floor_manifest(root: &Path, catalog: &Catalog) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in &catalog.resources {
+        let Spec::File(f) = &r.spec else { continue };
+        let path = format!("{}{}", root.display(), r.id.title);
+        let content = f.content.as_deref().unwrap_or_default().as_bytes();
+        out.extend_from_slice(&(path.len() as u32).to_le_bytes());
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(&f.mode.map_or(0o644, |m| m.0).to_le_bytes());
+        out.extend_from_slice(&(content.len() as u32).to_le_bytes());
+        out.extend_from_slice(content);
+    }
+    out
+}
+
 fn noop(sizes: &[usize]) {
     let agent = agent();
     let me = std::env::current_exe().unwrap();
+    let tools = std::env::temp_dir().join(format!("converge-bench-floor-{}", std::process::id()));
+    std::fs::create_dir_all(&tools).unwrap();
+    let floor = floor_program(&tools);
     println!(
         "no-op converge apply vs a stat+read+SHA-256 baseline over the same files; medians of {RUNS} runs, whole processes"
     );
     println!(
-        "{:>7}  {:>9}  {:>10}  {:>10}  {:>6}  {:>9}  {:>12}",
-        "N", "spelling", "converge", "baseline", "ratio", "agent RSS", "baseline RSS"
+        "{:>7}  {:>9}  {:>10}  {:>10}  {:>6}  {:>9}  {:>12}  {:>9}  {:>6}  {:>7}",
+        "N", "spelling", "converge", "baseline", "ratio", "agent RSS", "baseline RSS", "C floor", "ratio", "C RSS"
     );
     for &n in sizes {
         let dir = std::env::temp_dir().join(format!("converge-bench-{}-{n}", std::process::id()));
@@ -243,6 +359,8 @@ fn noop(sizes: &[usize]) {
         let list: String = (0..n).map(|i| format!("{}{}\n", root.display(), rel(i))).collect();
         let list_path = dir.join("files.list");
         std::fs::write(&list_path, list).unwrap();
+        let manifest_path = dir.join("floor.manifest");
+        std::fs::write(&manifest_path, floor_manifest(&root, &cat)).unwrap();
 
         let apply = |catalog: &Path| {
             let mut c = Command::new(&agent);
@@ -251,6 +369,19 @@ fn noop(sizes: &[usize]) {
         };
         let first = measure(&mut apply(&json_path));
         assert_eq!(first.code, 2, "the first run converges the tree");
+        // The floor, measured once per size (its runs interleaved with the agent's below would
+        // only add noise to a figure this small): the median of RUNS.
+        let floor_ms = floor.as_ref().map(|f| {
+            let mut walls = Vec::new();
+            let mut rss = 0;
+            for _ in 0..RUNS {
+                let r = measure(Command::new(f).arg(&manifest_path));
+                assert_eq!(r.code, 0, "the C floor finds every file as the catalog says");
+                walls.push(r.wall);
+                rss = rss.max(r.rss_kib);
+            }
+            (median(walls), rss)
+        });
 
         for (spelling, path) in [("json", &json_path), ("yaml", &yaml_path)] {
             let (mut ours, mut base) = (Vec::new(), Vec::new());
@@ -265,8 +396,17 @@ fn noop(sizes: &[usize]) {
                 base_rss = base_rss.max(b.rss_kib);
             }
             let (o, b) = (median(ours), median(base));
+            let floor_text = match floor_ms {
+                Some((f, f_rss)) => format!(
+                    "  {:>7.1}ms  {:>5.2}x  {:>5.1}MiB",
+                    f.as_secs_f64() * 1e3,
+                    o.as_secs_f64() / f.as_secs_f64(),
+                    f_rss as f64 / 1024.0
+                ),
+                None => String::new(),
+            };
             println!(
-                "{n:>7}  {spelling:>9}  {:>8.1}ms  {:>8.1}ms  {:>5.2}x  {:>6.1}MiB  {:>9.1}MiB",
+                "{n:>7}  {spelling:>9}  {:>8.1}ms  {:>8.1}ms  {:>5.2}x  {:>6.1}MiB  {:>9.1}MiB{floor_text}",
                 o.as_secs_f64() * 1e3,
                 b.as_secs_f64() * 1e3,
                 o.as_secs_f64() / b.as_secs_f64(),
@@ -288,4 +428,5 @@ fn noop(sizes: &[usize]) {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+    std::fs::remove_dir_all(&tools).unwrap();
 }
