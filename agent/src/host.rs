@@ -156,8 +156,27 @@ impl Host for RealHost {
         if stat.file_type != FileType::File || stat.size > limit {
             return Ok(Some(FileRead { stat, content: None }));
         }
-        let mut content = Vec::with_capacity(stat.size as usize);
-        std::fs::File::from(fd).take(limit + 1).read_to_end(&mut content).map_err(err)?;
+        let mut file = std::fs::File::from(fd);
+        let file_read = |f: &mut std::fs::File, buf: &mut [u8]| f.read(buf);
+        // One read for the common case: a buffer one byte longer than the size fstat gave, and
+        // a regular file's short read is its end. A file whose size says 0 (/proc, /sys) is read
+        // first into a buffer as long as the limit allows (a sysctl's file answers only the
+        // first read), then on until its end (a seq_file answers a page a read). So is a file
+        // that grew, to the limit.
+        let len = if stat.size > 0 { stat.size + 1 } else { (limit + 1).min(64 << 10) };
+        let mut content = vec![0u8; len as usize];
+        let first = loop {
+            match file_read(&mut file, &mut content) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other.map_err(err)?,
+            }
+        };
+        if stat.size > 0 && first as u64 == stat.size {
+            content.truncate(first);
+            return Ok(Some(FileRead { stat, content: Some(content) }));
+        }
+        content.truncate(first);
+        file.take(limit + 1 - first.min(limit as usize + 1) as u64).read_to_end(&mut content).map_err(err)?;
         let content = (content.len() as u64 <= limit).then_some(content);
         Ok(Some(FileRead { stat, content }))
     }
@@ -345,6 +364,24 @@ impl Host for RealHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files whose size says 0 are read whole: a sysctl's (an integer's answers only the first
+    /// read), mountinfo (a page a read); a regular file at its size, and not over the limit.
+    #[test]
+    fn proc_files_are_read_whole() {
+        let host =
+            RealHost::new(Root::open(std::path::Path::new("/")).unwrap(), BackupStore::new(crate::state::STATE_DIR));
+        let boot_id = host.read_file("/proc/sys/kernel/random/boot_id", 4096).unwrap().unwrap().content.unwrap();
+        assert_eq!(boot_id.len(), 37, "a uuid and its newline: {:?}", String::from_utf8_lossy(&boot_id));
+        let mountinfo = host.read_file("/proc/self/mountinfo", 4 << 20).unwrap().unwrap().content.unwrap();
+        let expected = std::fs::read("/proc/self/mountinfo").unwrap();
+        assert_eq!(mountinfo.len() / 100, expected.len() / 100, "read to its end");
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("f"), "0123456789").unwrap();
+        let host = RealHost::new(Root::open(t.path()).unwrap(), BackupStore::new(crate::state::STATE_DIR));
+        assert_eq!(host.read_file("/f", 10).unwrap().unwrap().content.as_deref(), Some(&b"0123456789"[..]));
+        assert_eq!(host.read_file("/f", 9).unwrap().unwrap().content, None, "over the limit: not read");
+    }
 
     #[test]
     fn a_directory_moved_out_of_the_root_receives_no_more_writes() {
