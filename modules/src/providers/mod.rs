@@ -98,6 +98,8 @@ struct RunState {
     started: HashSet<String>,
     /// Commands this run ran.
     ran: HashSet<String>,
+    /// The sysctl.d files, read once for every `sysctl` of the run.
+    sysctl_files: Option<sysctl::Files>,
 }
 
 /// What a system kind's `apply` is to do.
@@ -313,6 +315,7 @@ impl<'h> System<'h> {
         run.installed = None;
         run.accounts = None;
         run.units = None;
+        run.sysctl_files = None;
     }
 
     /// The unit of a service, from one query for every service of the run. A unit file
@@ -344,6 +347,9 @@ impl<'h> System<'h> {
 
     /// Notes a change to a path: a unit file's change makes systemd reload before services act.
     fn path_changed(&self, path: &str) {
+        if sysctl::is_sysctl_file(path) {
+            self.run.borrow_mut().sysctl_files = None;
+        }
         if UNIT_DIRS.iter().any(|d| path.starts_with(d)) {
             let mut run = self.run.borrow_mut();
             run.unit_files_changed = true;
@@ -707,9 +713,14 @@ impl Providers for System<'_> {
         state.held.clone()
     }
 
-    fn assume(&self, r: &Resource, state: &Checked, _changes: &[Change]) {
+    fn assume(&self, r: &Resource, state: &Checked, changes: &[Change]) {
         let mut assumed = self.assumed.borrow_mut();
         match (&r.spec, &state.op) {
+            // An edit that removes a line changes its file as much as one that adds it: later
+            // checks of that file (a sysctl's) take it as the edit will leave it.
+            (Spec::Line(_) | Spec::Block(_), _) if !changes.is_empty() => {
+                assumed.paths.extend(r.writes().into_iter().map(std::borrow::Cow::into_owned));
+            }
             (Spec::File(_) | Spec::Directory(_) | Spec::Symlink(_), _) if present(r) => {
                 assumed.paths.insert(r.id.title.clone());
             }

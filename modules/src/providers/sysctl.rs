@@ -91,10 +91,15 @@ fn read_text(sys: &System, path: &str) -> Result<Option<String>, ProviderError> 
     Ok(read.and_then(|r| r.content).map(|c| String::from_utf8_lossy(&c).into_owned()))
 }
 
-/// The files systemd-sysctl reads after converge's one (and `/etc/sysctl.conf`), in order:
-/// (name shown, content). A symlink is read through, once, as systemd does.
-fn later_files(sys: &System, ours: &str) -> Result<Vec<(String, String)>, ProviderError> {
-    let our_name = ours.rsplit('/').next().unwrap_or(ours);
+/// Every file systemd-sysctl reads, in its order, and `/etc/sysctl.conf` last: (file name, path
+/// shown, content). A symlink is read through, once, as systemd does. Read once a run, for
+/// every `sysctl` resource; a change to any of them in the run (a `file_line`) forgets it.
+pub type Files = std::rc::Rc<Vec<(String, String, String)>>;
+
+fn all_files(sys: &System) -> Result<Files, ProviderError> {
+    if let Some(files) = sys.run.borrow().sysctl_files.clone() {
+        return Ok(files);
+    }
     let mut names: Vec<(String, String)> = Vec::new();
     for dir in DIRS {
         let entries = match sys.host.list_dir(dir) {
@@ -103,14 +108,16 @@ fn later_files(sys: &System, ours: &str) -> Result<Vec<(String, String)>, Provid
             Err(e) => return Err(fail(e)),
         };
         for (name, _) in entries {
-            if name.ends_with(".conf") && name.as_str() > our_name && !names.iter().any(|(n, _)| *n == name) {
+            if name.ends_with(".conf") && !names.iter().any(|(n, _)| *n == name) {
                 names.push((name.clone(), format!("{dir}/{name}")));
             }
         }
     }
     names.sort();
+    // /etc/sysctl.conf comes after every name.
+    names.push((String::from("\u{10ffff}"), SYSCTL_CONF.to_string()));
     let mut out = Vec::new();
-    for path in names.into_iter().map(|(_, p)| p).chain([SYSCTL_CONF.to_string()]) {
+    for (name, path) in names {
         let shown = path.clone();
         let target = match sys.host.stat(&path).map_err(fail)? {
             Some(s) if s.file_type == FileType::Symlink => {
@@ -125,10 +132,17 @@ fn later_files(sys: &System, ours: &str) -> Result<Vec<(String, String)>, Provid
         };
         let Ok(target) = crate::catalog::normalize_path(&target) else { continue };
         if let Some(text) = read_text(sys, &target)? {
-            out.push((shown, text));
+            out.push((name, shown, text));
         }
     }
-    Ok(out)
+    let files: Files = std::rc::Rc::new(out);
+    sys.run.borrow_mut().sysctl_files = Some(files.clone());
+    Ok(files)
+}
+
+/// Whether a change to `path` makes the files read by [`all_files`] stale.
+pub fn is_sysctl_file(path: &str) -> bool {
+    path == SYSCTL_CONF || DIRS.iter().any(|d| path.starts_with(d) && path.as_bytes().get(d.len()) == Some(&b'/'))
 }
 
 pub fn inspect(sys: &System, r: &Resource, s: &SysctlSpec) -> Result<(Observed, Seen), ProviderError> {
@@ -156,8 +170,12 @@ pub fn inspect(sys: &System, r: &Resource, s: &SysctlSpec) -> Result<(Observed, 
     };
     let mut overridden = None;
     if let Some(want) = &s.value {
-        for (name, text) in later_files(sys, &file)? {
-            for (k, v, line) in assignments(&text) {
+        let our_name = file.rsplit('/').next().unwrap_or(&file);
+        // In a plan or a dry-run, a file an earlier resource edits is as that edit will leave it:
+        // not known here, so not held against the value.
+        let later = all_files(sys)?;
+        for (_, name, text) in later.iter().filter(|(n, shown, _)| n.as_str() > our_name && !sys.assumed_path(shown)) {
+            for (k, v, line) in assignments(text) {
                 if key_path(&k) == path && normal(&v) != normal(want) {
                     overridden = Some((format!("{name}:{line}"), v));
                 }
@@ -317,6 +335,22 @@ mod tests {
         // An earlier file does not matter: ours is read after it.
         let host = self::host().with_file("/etc/sysctl.d/10-x.conf", "net.ipv4.ip_forward = 0\n", 0o644);
         assert_eq!(crate::providers::converge_yaml(&host, FORWARD, false).pop().unwrap().status, Status::Changed);
+    }
+
+    #[test]
+    fn the_files_are_read_once_a_run_and_again_after_an_edit_of_one() {
+        // The fix the error suggests, in the same run: the override removed, then the value.
+        let host = host().with_file("/etc/sysctl.conf", "net.ipv4.ip_forward=0\n", 0o644);
+        let yaml = format!(
+            "  - file_line: no-override\n    path: /etc/sysctl.conf\n    match: ^net.ipv4.ip_forward\n    ensure: absent\n{FORWARD}  - sysctl: net.ipv4.conf.all.forwarding\n    value: 1\n"
+        );
+        let host = host
+            .with_dir("/proc/sys/net/ipv4/conf", 0o555)
+            .with_dir("/proc/sys/net/ipv4/conf/all", 0o555)
+            .with_file("/proc/sys/net/ipv4/conf/all/forwarding", "0\n", 0o644);
+        let events = crate::providers::converge_yaml(&host, &yaml, false);
+        assert!(events.iter().all(|e| e.status == Status::Changed), "{events:?}");
+        assert_eq!(host.content("/proc/sys/net/ipv4/ip_forward").as_deref(), Some("1\n"));
     }
 
     #[test]
