@@ -244,12 +244,7 @@ pub fn check(sys: &System, r: &Resource, m: &MountSpec) -> Result<(Checked, Vec<
 
 fn run(sys: &System, argv: &[&str]) -> Result<(), ProviderError> {
     let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
-    let ran = sys.host.run(&Run::new(&argv, TIMEOUT)).map_err(fail)?;
-    if ran.success() {
-        Ok(())
-    } else {
-        Err(format!("`{}` {}: {}", argv.join(" "), ran.describe(TIMEOUT), ran.tail.trim()).into())
-    }
+    crate::providers::tool::check(sys.host, &Run::new(&argv, TIMEOUT)).map(drop).map_err(fail)
 }
 
 pub fn apply(sys: &System, r: &Resource, state: &Checked) -> Result<(), ProviderError> {

@@ -264,12 +264,7 @@ pub fn apply(
     if changes.iter().any(|c| c.attribute == "value") && !sys.host.is_image() {
         let mut argv = applier(sys)?;
         argv.push(file.clone());
-        let ran = sys.host.run(&Run::new(&argv, Duration::from_secs(60))).map_err(fail)?;
-        if !ran.success() {
-            return Err(
-                format!("`{}` {}: {}", argv.join(" "), ran.describe(Duration::from_secs(60)), ran.tail.trim()).into()
-            );
-        }
+        crate::providers::tool::check(sys.host, &Run::new(&argv, Duration::from_secs(60))).map_err(fail)?;
     }
     Ok(())
 }
