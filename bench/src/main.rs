@@ -25,6 +25,8 @@
 //! to the whole fleet without waves (the baseline) and with three; `converge-bench confirm
 //! [ROUNDS]`: how long a host takes to revert a change whose confirmation failed; in `rollout.rs`.
 //!
+//! `converge-bench first [N]`: a first run of N files in a container beside CFEngine's; see
+//! `first.rs`.
 //! `converge-bench system`: a no-op run over packages, users, services and files in a container,
 //! beside the one query it cannot avoid and `puppet apply`; see `system.rs`.
 //!
@@ -45,6 +47,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod compile;
+mod first;
 mod page;
 mod rollout;
 mod serve;
@@ -68,6 +71,7 @@ fn main() {
         Some("compile") => compile::run(&sizes()),
         Some("sign") => signing::run(),
         Some("system") => system::run(),
+        Some("first") => first::run(args.get(1).map_or(5_000, |a| a.parse().expect("N"))),
         Some("services") => services::run(),
         Some("serve") => {
             let n = |i: usize, d: usize| args.get(i).map_or(d, |a| a.parse().expect("a number"));
@@ -91,7 +95,7 @@ fn main() {
         Some("edits") => edits(&sizes()),
         _ => {
             eprintln!(
-                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | servers [NODES REPORTS CONCURRENCY] | rollout [HOSTS INTERVAL_S WINDOW_S] | confirm [ROUNDS] | siege [NODES SLOW FLOODERS] | system | services | baseline LIST"
+                "usage: converge-bench noop [N ...] | compile [N ...] | sign | page [N ...] | serve [NODES FULL CONCURRENCY] | servers [NODES REPORTS CONCURRENCY] | rollout [HOSTS INTERVAL_S WINDOW_S] | confirm [ROUNDS] | siege [NODES SLOW FLOODERS] | system | first [N] | services | baseline LIST"
             );
             std::process::exit(1);
         }

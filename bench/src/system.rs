@@ -110,16 +110,25 @@ pub fn processes(c: &Container, argv: &[&str]) -> usize {
     c.sh("grep 'execve' /tmp/trace | grep -c ' = 0$' || true").trim().parse::<usize>().unwrap_or(0).saturating_sub(1)
 }
 
-pub fn run() {
+/// A container of the testbed with the release agent and this benchmark in it (`launch`);
+/// exits with what to do when the build or the testbed is missing.
+pub fn boot(bench: &str) -> Container {
     let dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
     let converge = dir.join("converge");
     assert!(converge.exists(), "build it first: cargo build --release -p converge-agent -p converge-bench");
     if std::env::var("CONVERGE_TESTBED").is_err() {
-        eprintln!("converge-bench system needs root and the testbed: export CONVERGE_TESTBED=$(tests/testbed/prepare)");
+        eprintln!(
+            "converge-bench {bench} needs root and the testbed: export CONVERGE_TESTBED=$(tests/testbed/prepare)"
+        );
         std::process::exit(1);
     }
     let c = Container::boot_with(&converge);
     std::fs::copy(std::env::current_exe().unwrap(), c.path("/usr/local/bin/converge-bench")).unwrap();
+    c
+}
+
+pub fn run() {
+    let c = boot("system");
     let base: Vec<String> = c
         .sh("dpkg-query -W -f '${Package}\\n' | grep -v '^cvb-' | sort | head -n 100")
         .lines()

@@ -38,10 +38,10 @@ pub trait Providers {
     /// kind has nothing to do; otherwise what was done.
     fn refresh(&self, r: &Resource, dry_run: bool) -> Result<Option<String>, ProviderError>;
 
-    /// Whether the resource's kind converges in one transaction (packages): the engine hands
-    /// every such resource that is ready at the same moment to [`Providers::apply_batch`].
-    fn batched(&self, _r: &Resource) -> bool {
-        false
+    /// Whether the resource converges together with others of its [`Batch`], handed to
+    /// [`Providers::apply_batch`] all at once.
+    fn batched(&self, _r: &Resource) -> Option<Batch> {
+        None
     }
 
     /// Applies several resources at once; one result per item, in order.
@@ -80,6 +80,22 @@ pub trait Providers {
     /// ends (`false`: forget every assumption; what was read of the system stays valid).
     fn planning(&self, _on: bool) {}
 }
+
+/// How resources converge together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// One transaction (packages): every later resource of the batch whose dependencies have
+    /// all converged joins, wherever it stands in the order.
+    Transaction,
+    /// Shared flushes (files and directories): the later resources of the batch whose
+    /// dependencies have all converged join, up to the first resource of another kind in the
+    /// order (so that nothing else sees them early), at most [`ADJACENT_MAX`] of them.
+    Adjacent,
+}
+
+/// The most resources one [`Batch::Adjacent`] group holds, and how far ahead it looks (four
+/// times as far): a bound on the work and on what is held open at once.
+pub const ADJACENT_MAX: usize = 128;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options<'a> {
@@ -235,17 +251,36 @@ fn pass<P: Providers>(
         }
         let mut event = match early[i].take() {
             Some(event) => event,
-            None if providers.batched(r) && blocked_by(plan, resources, &status, i).is_none() => {
-                // Every later resource of a batched kind whose dependencies have all converged
-                // joins this one: one transaction for all.
+            None if let Some(batch) = providers.batched(r)
+                && blocked_by(plan, resources, &status, i).is_none() =>
+            {
+                // A dependency converged: its turn came, or (for shared flushes) it converged
+                // ahead of its turn in an earlier group; files and directories do nothing more
+                // at their turn.
+                let ok = |s: &Status| !matches!(s, Status::Failed | Status::Skipped);
                 let ready = |j: usize| {
-                    providers.batched(&resources[j])
-                        && plan.deps[j].iter().all(|&(d, _)| {
-                            status[d].as_ref().is_some_and(|s| !matches!(s, Status::Failed | Status::Skipped))
-                        })
+                    plan.deps[j].iter().all(|&(d, _)| match (&status[d], &early[d]) {
+                        (Some(s), _) => ok(s),
+                        (None, Some(e)) => batch == Batch::Adjacent && ok(&e.status),
+                        (None, None) => false,
+                    })
                 };
+                let later = plan.order[pos + 1..].iter().copied();
                 let mut group = vec![i];
-                group.extend(plan.order[pos + 1..].iter().copied().filter(|&j| ready(j)));
+                match batch {
+                    // Every later ready resource of the batch: one transaction for all.
+                    Batch::Transaction => group.extend(later.filter(|&j| {
+                        providers.batched(&resources[j]) == Some(batch) && ready(j) && early[j].is_none()
+                    })),
+                    // The ready ones up to the first resource of another kind.
+                    Batch::Adjacent => group.extend(
+                        later
+                            .take(4 * ADJACENT_MAX)
+                            .take_while(|&j| providers.batched(&resources[j]) == Some(batch))
+                            .filter(|&j| ready(j) && early[j].is_none())
+                            .take(ADJACENT_MAX - 1),
+                    ),
+                }
                 let mut events = converge_batch(&group, resources, providers, options);
                 for (&j, e) in group.iter().zip(events.iter_mut()).skip(1) {
                     early[j] = Some(std::mem::take(e));
@@ -451,7 +486,7 @@ fn converge_batch<P: Providers>(
 }
 
 /// Runs a provider call, turning a panic into an error.
-fn guard<T>(f: impl FnOnce() -> Result<T, ProviderError>) -> Result<T, ProviderError> {
+pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, ProviderError>) -> Result<T, ProviderError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<&str>()

@@ -170,6 +170,19 @@ pub trait Host {
 
     fn mkdir(&self, path: &str, attrs: NewAttrs) -> HostResult<()>;
 
+    /// From now until [`Host::release_flushes`], a file written is left beside its path, not
+    /// yet flushed nor in place, and a directory made is not yet flushed: one flush then serves
+    /// them all (a first run of thousands of files flushes once per batch, not twice per file).
+    /// Nothing may read those paths in between.
+    fn hold_flushes(&self) {}
+
+    /// Flushes what was held, puts each file in place and flushes that: the file is wholly
+    /// old or wholly new at any instant, as with [`Host::write_file`]. Returns what failed,
+    /// by path (`None`: everything held).
+    fn release_flushes(&self) -> Vec<(Option<String>, HostError)> {
+        Vec::new()
+    }
+
     /// Replaces whatever file or symlink is at `path` with a symlink to `target`, atomically.
     fn symlink(&self, path: &str, target: &str) -> HostResult<()>;
 

@@ -176,8 +176,31 @@ fn decode_located(name: &str, text: &str) -> Decoded {
         }
     };
     let empty = |diags| Decoded { catalog: Catalog::new(vec![]), origins: Some(vec![]), broken: HashSet::new(), diags };
-    let root = match yaml::parse(text) {
-        Ok(n) => n,
+    // Each resource is decoded as soon as the parser has read it (and its nodes dropped).
+    let mut resources = Vec::new();
+    let mut origins = Vec::new();
+    let mut broken = HashSet::new();
+    let mut late = Diagnostics::default();
+    let mut each = |node: Node| {
+        let mark = node.mark;
+        match decode_resource(node) {
+            Ok(r) => {
+                resources.push(r);
+                origins.push(mark);
+            }
+            Err((id, e)) => {
+                broken.extend(id);
+                push(&mut late, e.at(mark));
+            }
+        }
+    };
+    let parsed = yaml::parse_streaming(text, "resources", &mut each);
+    let root = match parsed {
+        // Problems in resources read before a syntax error are left out: the syntax comes first.
+        Ok(n) => {
+            diags.0.extend(late.0);
+            n
+        }
         Err(e) => {
             for (m, msg) in e.problems {
                 diags.push(Diagnostic::new(name, m, msg));
@@ -202,26 +225,12 @@ fn decode_located(name: &str, text: &str) -> Decoded {
             Catalog::new(vec![])
         }
     };
-    let mut origins = Vec::new();
-    let mut broken = HashSet::new();
+    catalog.resources = resources;
     if let Some((_, list)) = items.into_iter().next() {
         let (list_mark, described, is_null) = (list.mark, list.describe(), list.is_null());
         match list.value {
-            Value::Seq(nodes) => {
-                for node in nodes {
-                    let mark = node.mark;
-                    match decode_resource(node) {
-                        Ok(r) => {
-                            catalog.resources.push(r);
-                            origins.push(mark);
-                        }
-                        Err((id, e)) => {
-                            broken.extend(id);
-                            push(&mut diags, e.at(mark));
-                        }
-                    }
-                }
-            }
+            // A sequence's items were decoded while it was read.
+            Value::Seq(nodes) => debug_assert!(nodes.is_empty()),
             _ if is_null => {}
             _ => diags.push(Diagnostic::new(name, list_mark, format!("`resources` must be a list, found {described}"))),
         }

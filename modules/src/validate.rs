@@ -57,33 +57,49 @@ pub fn holds_protected(path: &str) -> bool {
 /// Merges repeated declarations of one id. Two declarations merge only when every field both
 /// set is equal; the merged resource keeps the place of the first. Returns the merged list, the
 /// declaration index of each merged resource, and the conflicts (in declaration indexes).
-pub fn merge(declared: Vec<Resource>) -> (Vec<Resource>, Vec<usize>, Vec<Problem>) {
-    let mut merged: Vec<Resource> = Vec::with_capacity(declared.len());
-    let mut origin: Vec<usize> = Vec::with_capacity(declared.len());
-    let mut by_id: HashMap<ResourceId, usize> = HashMap::with_capacity(declared.len());
-    let mut problems = Vec::new();
-    for (i, r) in declared.into_iter().enumerate() {
-        match by_id.get(&r.id) {
-            None => {
-                by_id.insert(r.id.clone(), merged.len());
-                merged.push(r);
-                origin.push(i);
+pub fn merge(mut declared: Vec<Resource>) -> (Vec<Resource>, Vec<usize>, Vec<Problem>) {
+    // The first declaration of each id, by index: borrowed ids, so that a catalog of ten
+    // thousand resources does not copy ten thousand paths to find that none repeats.
+    let mut first: HashMap<&ResourceId, usize> = HashMap::with_capacity(declared.len());
+    let mut repeats: Vec<(usize, usize)> = Vec::new();
+    for (i, r) in declared.iter().enumerate() {
+        match first.entry(&r.id) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(i);
             }
-            Some(&m) => match merge_one(&merged[m], &r) {
-                Ok(combined) => merged[m] = combined,
-                Err(fields) => problems.push(Problem {
-                    at: i,
-                    also: vec![origin[m]],
-                    message: format!(
-                        "{} is declared twice with different {}",
-                        r.id,
-                        fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
-                    ),
-                }),
-            },
+            std::collections::hash_map::Entry::Occupied(o) => repeats.push((*o.get(), i)),
         }
     }
-    (merged, origin, problems)
+    drop(first);
+    if repeats.is_empty() {
+        // The usual case: the list is kept as it is (no second list of every resource).
+        let origin = (0..declared.len()).collect();
+        return (declared, origin, Vec::new());
+    }
+    let mut problems = Vec::new();
+    let mut gone = vec![false; declared.len()];
+    for (m, i) in repeats {
+        gone[i] = true;
+        match merge_one(&declared[m], &declared[i]) {
+            Ok(combined) => declared[m] = combined,
+            Err(fields) => problems.push(Problem {
+                at: i,
+                also: vec![m],
+                message: format!(
+                    "{} is declared twice with different {}",
+                    declared[i].id,
+                    fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        }
+    }
+    let origin = (0..declared.len()).filter(|&i| !gone[i]).collect();
+    let mut at = 0;
+    declared.retain(|_| {
+        at += 1;
+        !gone[at - 1]
+    });
+    (declared, origin, problems)
 }
 
 /// Combines two declarations of one id, or names the fields on which they differ.
@@ -534,6 +550,22 @@ mod tests {
         assert_eq!(origin, vec![0]);
         let Spec::File(f) = &merged[0].spec else { panic!() };
         assert_eq!((f.mode, f.owner.as_deref()), (Some(Mode(0o644)), Some("root")));
+    }
+
+    #[test]
+    fn merging_keeps_the_order_and_places_of_first_declarations() {
+        let a = file("/x", FileSpec { mode: Some(Mode(0o644)), ..Default::default() });
+        let b = file("/y", FileSpec::default());
+        let c = file("/x", FileSpec { owner: Some("root".into()), ..Default::default() });
+        let d = file("/z", FileSpec::default());
+        let e = file("/x", FileSpec { group: Some("adm".into()), ..Default::default() });
+        let (merged, origin, problems) = merge(vec![a, b, c, d, e]);
+        assert!(problems.is_empty());
+        let titles: Vec<&str> = merged.iter().map(|r| r.id.title.as_str()).collect();
+        assert_eq!(titles, ["/x", "/y", "/z"]);
+        assert_eq!(origin, vec![0, 1, 3]);
+        let Spec::File(f) = &merged[0].spec else { panic!() };
+        assert_eq!((f.mode, f.owner.as_deref(), f.group.as_deref()), (Some(Mode(0o644)), Some("root"), Some("adm")));
     }
 
     #[test]

@@ -104,8 +104,22 @@ fn tab_hint(src: &str, mut e: SyntaxError) -> SyntaxError {
     e
 }
 
+/// Reads one YAML document whose root is a mapping, handing each item of the root's `key`
+/// sequence to `item` as soon as it is read, instead of keeping it in the tree: the tree
+/// returned holds that key with an empty sequence. A catalog of ten thousand resources is
+/// so decoded one resource at a time, never held twice (as nodes and as resources). When the
+/// root is not a mapping or `key` is not a sequence, nothing is handed over.
+pub fn parse_streaming<'s>(src: &str, key: &'s str, item: &'s mut (dyn FnMut(Node) + 's)) -> Result<Node, SyntaxError> {
+    parse_with(src, Some((key, item))).map_err(|e| tab_hint(src, e))
+}
+
 fn parse_document(src: &str) -> Result<Node, SyntaxError> {
-    let mut b = Builder { parser: Parser::new_from_str(src), anchors: HashMap::new(), count: 0, dups: Vec::new() };
+    parse_with(src, None)
+}
+
+fn parse_with<'s>(src: &str, stream: Option<(&'s str, &'s mut (dyn FnMut(Node) + 's))>) -> Result<Node, SyntaxError> {
+    let mut b =
+        Builder { parser: Parser::new_from_str(src), anchors: HashMap::new(), count: 0, dups: Vec::new(), stream };
     let one = |m: Mark, s: String| SyntaxError { problems: vec![(m, s)] };
     let mut doc: Option<Node> = None;
     loop {
@@ -118,6 +132,9 @@ fn parse_document(src: &str) -> Result<Node, SyntaxError> {
                     return Err(one(mark(&span), "only one YAML document is allowed here (remove this `---`)".into()));
                 }
                 let (ev, span) = b.next()?;
+                if !matches!(ev, Event::MappingStart(..)) {
+                    b.stream = None;
+                }
                 doc = Some(b.node(ev, span)?);
             }
             other => return Err(one(mark(&span), format!("unexpected YAML event {other:?}"))),
@@ -133,14 +150,17 @@ fn mark(span: &Span) -> Mark {
     Mark::new(span.start.line() as u32, span.start.col() as u32 + 1)
 }
 
-struct Builder<'a> {
+struct Builder<'a, 's> {
     parser: Parser<'a, saphyr_parser::StrInput<'a>>,
     anchors: HashMap<usize, Node>,
     count: usize,
     dups: Vec<(Mark, String)>,
+    /// The root key whose sequence items are handed over as read, and where to (taken when
+    /// the root mapping starts: only the root's key streams).
+    stream: Option<(&'s str, &'s mut (dyn FnMut(Node) + 's))>,
 }
 
-impl<'a> Builder<'a> {
+impl<'a> Builder<'a, '_> {
     fn next(&mut self) -> Result<(Event<'a>, Span), SyntaxError> {
         match self.parser.next_event() {
             Some(Ok(x)) => Ok(x),
@@ -205,6 +225,7 @@ impl<'a> Builder<'a> {
                 }
                 let mut entries: Vec<(Node, Node)> = Vec::new();
                 let mut seen: HashMap<String, Mark> = HashMap::new();
+                let mut stream = self.stream.take();
                 loop {
                     let (ev, span) = self.next()?;
                     if ev == Event::MappingEnd {
@@ -212,7 +233,23 @@ impl<'a> Builder<'a> {
                     }
                     let key = self.node(ev, span)?;
                     let (ev, span) = self.next()?;
-                    let value = self.node(ev, span)?;
+                    let value = match (&mut stream, &ev) {
+                        (Some((name, item)), Event::SequenceStart(0, None))
+                            if key.as_str() == Some(*name) && !seen.contains_key(*name) =>
+                        {
+                            self.bump(1, mark(&span))?;
+                            loop {
+                                let (ev, span) = self.next()?;
+                                if ev == Event::SequenceEnd {
+                                    break;
+                                }
+                                let n = self.node(ev, span)?;
+                                item(n);
+                            }
+                            Node { mark: mark(&span), value: Value::Seq(Vec::new()) }
+                        }
+                        _ => self.node(ev, span)?,
+                    };
                     if let Some(k) = key.as_str() {
                         if let Some(first) = seen.get(k) {
                             self.dups.push((key.mark, format!("duplicate key `{k}` (first at line {})", first.line)));
@@ -728,6 +765,29 @@ impl<'a> de::MapAccess<'a> for MapAccess<'a> {
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[test]
+    fn the_root_keys_items_stream_and_nothing_else_does() {
+        let mut got = Vec::new();
+        let text = "a: [x]\nresources:\n  - &one {file: /a}\n  - nested: {resources: [1, 2]}\n  - *one\nz: 1\n";
+        let root = parse_streaming(text, "resources", &mut |n| got.push((n.mark.line, n.describe()))).unwrap();
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [3, 4, 3], "items in order, the alias at its anchor");
+        let map = root.as_map().unwrap();
+        let keys: Vec<_> = map.iter().map(|(k, _)| k.as_str().unwrap()).collect();
+        assert_eq!(keys, ["a", "resources", "z"]);
+        assert_eq!(map[1].1.as_seq().map(<[Node]>::len), Some(0), "streamed items leave the tree");
+        assert_eq!(map[0].1.as_seq().map(<[Node]>::len), Some(1));
+        // Not a sequence, or not at the root: kept in the tree, nothing handed over.
+        for text in ["resources: {a: 1}\n", "- resources: [1]\n", "x: {resources: [1]}\n"] {
+            let mut n = 0;
+            let tree = parse_streaming(text, "resources", &mut |_| n += 1).unwrap();
+            assert_eq!(n, 0, "{text}");
+            assert_eq!(tree, parse(text).unwrap(), "{text}");
+        }
+        // A syntax error after streamed items is still an error.
+        let mut n = 0;
+        assert!(parse_streaming("resources:\n  - a\n  - [b\n", "resources", &mut |_| n += 1).is_err());
+    }
 
     #[derive(Debug, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]

@@ -17,7 +17,7 @@ use crate::providers::account::{Account, AccountOp, Accounts, GroupEntry, UserFi
 use crate::providers::package::{Install, Installed};
 use crate::providers::service::{Unit, UnitAction};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemNode {
@@ -64,6 +64,12 @@ struct Inner {
     mutations: usize,
     failures: HashMap<String, String>,
     validator: Option<Validator>,
+    /// Files written while flushes are held, put in place at the release.
+    held: Option<Vec<(String, MemNode)>>,
+    /// How many held batches were released with files in them.
+    releases: usize,
+    /// Paths whose held file fails to go in place at the release.
+    release_failures: HashSet<String>,
 }
 
 pub struct MemHost {
@@ -341,6 +347,17 @@ impl MemHost {
         self.inner.borrow().nodes.clone()
     }
 
+    /// How many held batches of files were released (each one shared flush on a real host).
+    pub fn releases(&self) -> usize {
+        self.inner.borrow().releases
+    }
+
+    /// The held file at `path` fails to go in place when its batch is released.
+    pub fn fail_release(self, path: &str) -> Self {
+        self.inner.borrow_mut().release_failures.insert(path.to_string());
+        self
+    }
+
     fn mutate(&self, op: &'static str, path: &str) -> HostResult<std::cell::RefMut<'_, Inner>> {
         let mut inner = self.inner.borrow_mut();
         if let Some(msg) = inner.failures.get(path) {
@@ -444,8 +461,33 @@ impl Host for MemHost {
             uid: attrs.uid.unwrap_or(0),
             gid: attrs.gid.unwrap_or(0),
         };
-        inner.nodes.insert(path.to_string(), node);
+        match inner.held.as_mut() {
+            Some(held) => held.push((path.to_string(), node)),
+            None => {
+                inner.nodes.insert(path.to_string(), node);
+            }
+        }
         Ok(())
+    }
+
+    fn hold_flushes(&self) {
+        self.inner.borrow_mut().held.get_or_insert_with(Vec::new);
+    }
+
+    fn release_flushes(&self) -> Vec<(Option<String>, HostError)> {
+        let mut inner = self.inner.borrow_mut();
+        let held = inner.held.take().unwrap_or_default();
+        inner.releases += usize::from(!held.is_empty());
+        let mut failed = Vec::new();
+        for (path, node) in held {
+            if inner.release_failures.contains(&path) {
+                failed
+                    .push((Some(path.clone()), HostError::io("rename into place", &path, io::Error::other("refused"))));
+            } else {
+                inner.nodes.insert(path, node);
+            }
+        }
+        failed
     }
 
     fn mkdir(&self, path: &str, attrs: NewAttrs) -> HostResult<()> {

@@ -262,6 +262,55 @@ mod tests {
 
     const MOTD: &str = "  - file: /etc/motd\n    content: \"new\\n\"\n    mode: \"0644\"\n";
 
+    /// Files and directories ready together share their flushes: one release per group
+    /// (directories, then files up to the next resource of another kind), each file checked
+    /// in place after it; a file that fails to go in place fails alone, and its dependents.
+    #[test]
+    fn ready_files_share_their_flushes_and_fail_alone() {
+        let mut yaml = String::from("  - directory: /srv\n");
+        for d in 0..3 {
+            yaml.push_str(&format!("  - directory: /srv/d{d}\n"));
+            for f in 0..10 {
+                yaml.push_str(&format!("  - file: /srv/d{d}/f{f}\n    content: \"{d}{f}\"\n"));
+            }
+        }
+        yaml.push_str("  - exec: stamp\n    command: [/bin/true]\n    requires: [\"file:/srv/d2/f9\"]\n");
+        yaml.push_str("  - file: /srv/after\n    content: after\n");
+        let host = MemHost::new().fail_release("/srv/d1/f3");
+        let events = crate::providers::converge_yaml(&host, &yaml, false);
+        let status = |id: &str| events.iter().find(|e| e.id == id).map(|e| e.status.clone()).unwrap();
+        assert_eq!(status("file:/srv/d0/f0"), Status::Changed);
+        assert_eq!(host.content("/srv/d2/f9").as_deref(), Some("29"));
+        assert_eq!(status("file:/srv/d1/f3"), Status::Failed);
+        let failed = events.iter().find(|e| e.id == "file:/srv/d1/f3").unwrap();
+        assert!(failed.message.as_deref().unwrap_or("").contains("rename into place"), "{failed:?}");
+        assert_eq!(host.content("/srv/d1/f3"), None);
+        assert_eq!(status("file:/srv/d1/f4"), Status::Changed, "the rest of its batch went in place");
+        assert_eq!(status("exec:stamp"), Status::Changed);
+        assert_eq!(host.content("/srv/after").as_deref(), Some("after"));
+        // /srv; the three directories with d0's files; d1's and d2's files; /srv/after.
+        assert!((2..=4).contains(&host.releases()), "{} releases", host.releases());
+        let order: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        let declared: Vec<String> = crate::load::load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None)
+            .unwrap()
+            .catalog
+            .resources
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(order, declared, "events in the plan's order");
+        // The second run: nothing to do, nothing released.
+        let before = host.releases();
+        let again = crate::providers::converge_yaml(&host, &yaml, false);
+        assert!(
+            again
+                .iter()
+                .filter(|e| e.id != "file:/srv/d1/f3")
+                .all(|e| e.status == Status::Unchanged || e.id == "exec:stamp")
+        );
+        assert_eq!(host.releases(), before + 1, "only the refused file is written again");
+    }
+
     #[test]
     fn creates_then_is_unchanged() {
         let host = MemHost::new().with_dir("/etc", 0o755);

@@ -17,7 +17,7 @@
 //! and homes that will exist.
 
 use crate::catalog::{Ensure, Mode, PackageSpec, Resource, Spec, join_path as join, parent_path as parent};
-use crate::engine::Providers;
+use crate::engine::{Batch, Providers};
 use crate::host::{FileType, Host, HostError, Stat};
 use crate::report::{Change, describe_content, unified_diff};
 use crate::validate::holds_protected;
@@ -694,13 +694,40 @@ impl Providers for System<'_> {
         done.map(|()| None)
     }
 
-    fn batched(&self, r: &Resource) -> bool {
-        matches!(r.spec, Spec::Package(_)) && !package::deferred(self, r)
+    fn batched(&self, r: &Resource) -> Option<Batch> {
+        match &r.spec {
+            Spec::Package(_) if !package::deferred(self, r) => Some(Batch::Transaction),
+            Spec::File(_) | Spec::Directory(_) => Some(Batch::Adjacent),
+            _ => None,
+        }
     }
 
     fn apply_batch(&self, items: &[(&Resource, &Checked, &[Change])]) -> Vec<Result<Option<String>, ProviderError>> {
-        let items: Vec<(&Resource, &Checked)> = items.iter().map(|(r, c, _)| (*r, *c)).collect();
-        package::apply_all(self, &items)
+        if items.first().is_some_and(|(r, ..)| matches!(r.spec, Spec::Package(_))) {
+            let items: Vec<(&Resource, &Checked)> = items.iter().map(|(r, c, _)| (*r, *c)).collect();
+            return package::apply_all(self, &items);
+        }
+        // Files and directories: each applied as on its own, their flushes shared.
+        self.host.hold_flushes();
+        let mut results: Vec<_> =
+            items.iter().map(|(r, state, changes)| crate::engine::guard(|| self.apply(r, state, changes))).collect();
+        for (path, e) in self.host.release_flushes() {
+            match path {
+                Some(path) => {
+                    let at = items.iter().position(|(r, ..)| r.id.title == path);
+                    if let Some(result) = at.map(|k| &mut results[k]) {
+                        *result = Err(fail(e));
+                    }
+                }
+                None => {
+                    let e = e.to_string();
+                    for result in results.iter_mut().filter(|r| r.is_ok()) {
+                        *result = Err(e.clone().into());
+                    }
+                }
+            }
+        }
+        results
     }
 
     /// A command's change is that it ran: inspecting again would only run its guards again. A
