@@ -189,15 +189,29 @@ impl<R: Read> Scanner<R> {
         Ok(self.pos + end)
     }
 
-    /// `off` is at an opening quote; returns the offset just past the closing one.
+    /// `off` is at an opening quote; returns the offset just past the closing one. Strings
+    /// hold nearly all of a catalog's bytes (file content): the next quote or backslash is
+    /// found with `memchr`, not byte by byte.
     fn string_end(&mut self, mut off: usize) -> Result<usize, StreamError> {
         off += 1;
         loop {
-            match self.at(off)? {
-                Some(b'\\') => off += 2,
-                Some(b'"') => return Ok(off + 1),
-                Some(_) => off += 1,
-                None => return Err(StreamError::Truncated("a string")),
+            let start = self.pos + off;
+            match memchr::memchr2(b'"', b'\\', self.buf.get(start..).unwrap_or_default()) {
+                Some(k) if self.buf[start + k] == b'"' => return Ok(off + k + 1),
+                Some(k) => {
+                    // A backslash escapes the byte after it, whatever it is.
+                    off += k + 1;
+                    if self.at(off)?.is_none() {
+                        return Err(StreamError::Truncated("a string"));
+                    }
+                    off += 1;
+                }
+                None => {
+                    off = self.buf.len() - self.pos;
+                    if !self.fill()? {
+                        return Err(StreamError::Truncated("a string"));
+                    }
+                }
             }
         }
     }
