@@ -17,7 +17,7 @@
 use crate::catalog::Resource;
 use crate::load::Loaded;
 use crate::providers::ProviderError;
-use crate::report::{Change, Event, ResourceEvent, RunInfo, Sink, Status, Summary};
+use crate::report::{Change, DiffBudget, Event, ResourceEvent, RunInfo, Sink, Status, Summary};
 use crate::time::Stopwatch;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -153,14 +153,14 @@ pub fn run<P: Providers>(
 /// What a dry-run says of a change needed only if an earlier change makes something first.
 const CONDITIONAL: &str = "only if an earlier change of this run makes it";
 
-/// The events of a run's plan, in plan order.
+/// The events of a run's plan, in plan order (diffs within the report's budget).
 #[derive(Default)]
-struct Planned(Vec<ResourceEvent>);
+struct Planned(Vec<ResourceEvent>, DiffBudget);
 
 impl Sink for Planned {
     fn emit(&mut self, event: Event<'_>) {
         if let Event::Resource(e) = event {
-            self.0.push(e.clone());
+            self.1.keep(&mut self.0, e);
         }
     }
 }
@@ -515,6 +515,8 @@ mod tests {
         sticky: Vec<&'static str>,
         refreshes: RefCell<Vec<String>>,
         log: RefCell<Vec<String>>,
+        /// How every resource batches (none by default).
+        batch: Option<Batch>,
     }
 
     fn want(r: &Resource) -> String {
@@ -555,6 +557,10 @@ mod tests {
                 self.refreshes.borrow_mut().push(r.id.to_string());
             }
             Ok(Some(if dry_run { "would restart".into() } else { "restarted".into() }))
+        }
+
+        fn batched(&self, _r: &Resource) -> Option<Batch> {
+            self.batch
         }
     }
 
@@ -635,6 +641,39 @@ resources:
         assert_eq!(ev["file:/d"].status, Status::Changed);
         assert_eq!(ev["file:/svc"].status, Status::Skipped, "a notify target of a held resource waits too");
         assert_eq!(*keeper.0.borrow(), vec!["/c".to_string(), "/d".to_string()]);
+    }
+
+    /// A resource converged ahead of its turn in one group is never taken into a later one
+    /// (it would be converged twice, its change reported as unchanged).
+    #[test]
+    fn a_resource_converged_ahead_of_its_turn_is_not_converged_again() {
+        for batch in [Batch::Transaction, Batch::Adjacent] {
+            let text = "format: 1\nresources:\n  - file: /a\n    content: A\n  - file: /c\n    content: C\n    requires: [file:/a]\n  - file: /b\n    content: B\n";
+            let loaded = load("t.yaml", text, None).unwrap();
+            let script = Script { batch: Some(batch), ..Script::default() };
+            let mut sink = Collect::default();
+            let info = RunInfo {
+                catalog: "t.yaml".into(),
+                host: None,
+                serial: None,
+                commit: None,
+                dry_run: false,
+                resources: 3,
+                signed_by: None,
+                warnings: vec![],
+            };
+            run(&loaded, &script, Options::default(), info, &mut sink);
+            let status: Vec<(&str, &Status)> = sink.resources.iter().map(|e| (e.id.as_str(), &e.status)).collect();
+            assert_eq!(
+                status,
+                [("file:/a", &Status::Changed), ("file:/c", &Status::Changed), ("file:/b", &Status::Changed)],
+                "{batch:?}"
+            );
+            // Converged again, /b would be found unchanged and told as made so by another change.
+            assert!(sink.resources.iter().all(|e| e.message.is_none()), "{batch:?}: {:?}", sink.resources);
+            let checks = script.log.borrow().iter().filter(|l| *l == "check /b").count();
+            assert_eq!(checks, 3, "{batch:?}: planned, checked, verified: {:?}", script.log.borrow());
+        }
     }
 
     #[test]

@@ -265,19 +265,52 @@ impl Sink for Tee<'_> {
     }
 }
 
-/// Keeps every event: the whole report, for tests and for sending to a server.
+/// The most diff text a run keeps for its report. Past it a report loses every diff when it is
+/// cut to size ([`crate::wire::Report::clip`]), so none is kept: a first run creating a
+/// hundred thousand files holds a few MiB of events, not the diff of every file.
+pub const KEPT_DIFFS: usize = crate::wire::Limits::REPORT_BODY / 4 * 3;
+
+/// Keeps the diffs of the events a sink stores while they fit in [`KEPT_DIFFS`].
+#[derive(Debug, Default)]
+pub struct DiffBudget {
+    used: usize,
+    spent: bool,
+}
+
+impl DiffBudget {
+    /// Stores `event` in `kept`, with its diffs while the budget lasts; the first event over it
+    /// takes the diffs of every event kept before it too.
+    pub fn keep(&mut self, kept: &mut Vec<ResourceEvent>, event: &ResourceEvent) {
+        let mut event = event.clone();
+        if !self.spent {
+            self.used += event.changes.iter().filter_map(|c| c.diff.as_ref()).map(String::len).sum::<usize>();
+            if self.used > KEPT_DIFFS {
+                self.spent = true;
+                kept.iter_mut().flat_map(|e| e.changes.iter_mut()).for_each(|c| c.diff = None);
+            }
+        }
+        if self.spent {
+            event.changes.iter_mut().for_each(|c| c.diff = None);
+        }
+        kept.push(event);
+    }
+}
+
+/// Keeps every event: the whole report, for tests and for sending to a server (diffs within
+/// [`KEPT_DIFFS`]).
 #[derive(Debug, Default)]
 pub struct Collect {
     pub info: Option<RunInfo>,
     pub resources: Vec<ResourceEvent>,
     pub summary: Option<Summary>,
+    diffs: DiffBudget,
 }
 
 impl Sink for Collect {
     fn emit(&mut self, event: Event<'_>) {
         match event {
             Event::Started(i) => self.info = Some(i.clone()),
-            Event::Resource(r) => self.resources.push(r.clone()),
+            Event::Resource(r) => self.diffs.keep(&mut self.resources, r),
             Event::Finished(s) => self.summary = Some(s.clone()),
         }
     }
@@ -475,6 +508,37 @@ mod tests {
             duration_ms: 1.5,
             cause: Some(Cause::Drift),
         }
+    }
+
+    /// Diffs are kept while they fit in the budget; past it, none is (what `Report::clip` would
+    /// leave), and the rest of every event stays.
+    #[test]
+    fn collected_diffs_stay_within_the_budget() {
+        let event = |i: usize| {
+            let mut c = Change::new("content", "a", "b");
+            c.diff = Some("x".repeat(100 << 10));
+            ResourceEvent {
+                id: format!("file:/f{i}"),
+                status: Status::Changed,
+                changes: vec![c],
+                message: None,
+                refresh: None,
+                duration_ms: 0.0,
+                cause: None,
+            }
+        };
+        let mut sink = Collect::default();
+        let fit = KEPT_DIFFS / (100 << 10);
+        for i in 0..fit {
+            sink.emit(Event::Resource(&event(i)));
+        }
+        assert!(sink.resources.iter().all(|e| e.changes[0].diff.is_some()), "within the budget: kept");
+        for i in fit..fit + 100 {
+            sink.emit(Event::Resource(&event(i)));
+        }
+        assert_eq!(sink.resources.len(), fit + 100);
+        assert!(sink.resources.iter().all(|e| e.changes[0].diff.is_none()), "past it: none");
+        assert!(sink.resources.iter().all(|e| e.changes[0].to == "b"), "the changes themselves stay");
     }
 
     #[test]

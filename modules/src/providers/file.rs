@@ -311,6 +311,24 @@ mod tests {
         assert_eq!(host.releases(), before + 1, "only the refused file is written again");
     }
 
+    /// A batch never reaches past a resource of another kind: a command declared between two
+    /// groups of files runs after the first group is in place and before the second is written.
+    #[test]
+    fn a_batch_stops_at_a_resource_of_another_kind() {
+        let mut yaml = String::from("  - directory: /a\n");
+        for f in 0..5 {
+            yaml.push_str(&format!("  - file: /a/f{f}\n    content: f\n"));
+        }
+        yaml.push_str("  - exec: between\n    command: [/bin/true]\n");
+        for g in 0..5 {
+            yaml.push_str(&format!("  - file: /a/g{g}\n    content: g\n"));
+        }
+        let host = MemHost::new();
+        let events = crate::providers::converge_yaml(&host, &yaml, false);
+        assert!(events.iter().all(|e| e.status == Status::Changed), "{events:?}");
+        assert_eq!(host.releases(), 2, "f0-f4, then g0-g4 after the command");
+    }
+
     #[test]
     fn creates_then_is_unchanged() {
         let host = MemHost::new().with_dir("/etc", 0o755);

@@ -707,6 +707,9 @@ impl Providers for System<'_> {
             let items: Vec<(&Resource, &Checked)> = items.iter().map(|(r, c, _)| (*r, *c)).collect();
             return package::apply_all(self, &items);
         }
+        if items.is_empty() {
+            return Vec::new();
+        }
         // Files and directories: each applied as on its own, their flushes shared.
         self.host.hold_flushes();
         let mut results: Vec<_> =
