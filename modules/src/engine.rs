@@ -593,16 +593,7 @@ resources:
     ) -> (Summary, HashMap<String, ResourceEvent>) {
         let loaded = load("t.yaml", CATALOG, None).unwrap();
         let mut sink = Collect::default();
-        let info = RunInfo {
-            catalog: "t.yaml".into(),
-            host: None,
-            serial: None,
-            commit: None,
-            dry_run,
-            resources: 5,
-            signed_by: None,
-            warnings: vec![],
-        };
+        let info = RunInfo::test("t.yaml", dry_run, 5);
         let summary = run(&loaded, script, Options { dry_run, stop: None, guard }, info, &mut sink);
         let events = sink.resources.into_iter().map(|e| (e.id.clone(), e)).collect();
         (summary, events)
@@ -652,16 +643,7 @@ resources:
             let loaded = load("t.yaml", text, None).unwrap();
             let script = Script { batch: Some(batch), ..Script::default() };
             let mut sink = Collect::default();
-            let info = RunInfo {
-                catalog: "t.yaml".into(),
-                host: None,
-                serial: None,
-                commit: None,
-                dry_run: false,
-                resources: 3,
-                signed_by: None,
-                warnings: vec![],
-            };
+            let info = RunInfo::test("t.yaml", false, 3);
             run(&loaded, &script, Options::default(), info, &mut sink);
             let status: Vec<(&str, &Status)> = sink.resources.iter().map(|e| (e.id.as_str(), &e.status)).collect();
             assert_eq!(
@@ -733,16 +715,7 @@ resources:
         let loaded = load("t.yaml", CATALOG, None).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let mut sink = Collect::default();
-        let info = RunInfo {
-            catalog: "t".into(),
-            host: None,
-            serial: None,
-            commit: None,
-            dry_run: false,
-            resources: 5,
-            signed_by: None,
-            warnings: vec![],
-        };
+        let info = RunInfo::test("t", false, 5);
         // A sink that asks to stop after the first resource event, as a signal would.
         struct StopAfterFirst<'a>(&'a std::sync::atomic::AtomicBool, &'a mut Collect);
         impl Sink for StopAfterFirst<'_> {

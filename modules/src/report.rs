@@ -270,6 +270,23 @@ impl Sink for Tee<'_> {
 /// hundred thousand files holds a few MiB of events, not the diff of every file.
 pub const KEPT_DIFFS: usize = crate::wire::Limits::REPORT_BODY / 4 * 3;
 
+#[cfg(test)]
+impl RunInfo {
+    /// A local run of `resources` resources from `catalog`, for tests.
+    pub(crate) fn test(catalog: &str, dry_run: bool, resources: usize) -> RunInfo {
+        RunInfo {
+            catalog: catalog.into(),
+            host: None,
+            serial: None,
+            commit: None,
+            dry_run,
+            resources,
+            signed_by: None,
+            warnings: vec![],
+        }
+    }
+}
+
 /// Keeps the diffs of the events a sink stores while they fit in [`KEPT_DIFFS`].
 #[derive(Debug, Default)]
 pub struct DiffBudget {

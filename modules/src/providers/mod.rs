@@ -838,16 +838,7 @@ pub(crate) fn converge_live(
     let loaded = crate::load::load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).expect("valid catalog");
     let sys = System::new(host, &loaded.catalog.resources).dry_run(dry_run).self_upgrade_after_run(live_agent);
     let mut sink = Collect::default();
-    let info = RunInfo {
-        catalog: "t".into(),
-        host: None,
-        serial: None,
-        commit: None,
-        dry_run,
-        resources: loaded.catalog.resources.len(),
-        signed_by: None,
-        warnings: vec![],
-    };
+    let info = RunInfo::test("t", dry_run, loaded.catalog.resources.len());
     run(&loaded, &sys, Options { dry_run, stop: None, guard: None }, info, &mut sink);
     (sink.resources, sys.deferred_upgrade())
 }
