@@ -39,6 +39,8 @@ pub struct RealHost {
     deferred: RefCell<Option<Install>>,
     /// Between `hold_flushes` and `release_flushes`: what waits for the shared flush.
     held: RefCell<Option<Held>>,
+    /// Names and ids looked up this run (the running system's, through NSS).
+    names: RefCell<Names>,
 }
 
 /// Files and directories whose flush is shared.
@@ -95,7 +97,14 @@ pub fn temp_name(name: &str) -> String {
 
 impl RealHost {
     pub fn new(root: Root, backups: BackupStore) -> RealHost {
-        RealHost { root, backups, accounts: RefCell::new(None), deferred: RefCell::new(None), held: RefCell::new(None) }
+        RealHost {
+            root,
+            backups,
+            accounts: RefCell::new(None),
+            deferred: RefCell::new(None),
+            held: RefCell::new(None),
+            names: RefCell::new(Names::default()),
+        }
     }
 
     pub fn root(&self) -> &Root {
@@ -169,15 +178,54 @@ impl RealHost {
         Ok(())
     }
 
-    /// The root's accounts (for `--root`: names resolve against the image's own files).
-    fn cached_accounts(&self) -> HostResult<Accounts> {
-        if let Some(a) = self.accounts.borrow().as_ref() {
-            return Ok(a.clone());
+    /// `f` of the root's accounts, read once (for `--root`: names resolve against the image's
+    /// own files) until a command may have changed them.
+    fn with_accounts<T>(&self, f: impl FnOnce(&Accounts) -> T) -> HostResult<T> {
+        if self.accounts.borrow().is_none() {
+            let a = shadow::read(self)?;
+            *self.accounts.borrow_mut() = Some(a);
         }
-        let a = shadow::read(self)?;
-        *self.accounts.borrow_mut() = Some(a.clone());
-        Ok(a)
+        Ok(f(self.accounts.borrow().as_ref().expect("read just above")))
     }
+
+    /// A name or id looked up in the system's databases (NSS) once a run: a file owned by
+    /// root:root would otherwise cost four lookups, each reading /etc/passwd or /etc/group,
+    /// and ten thousand files forty thousand. Forgotten, like the accounts, after any command.
+    fn remember<K: Eq + std::hash::Hash + Clone, V: Clone>(
+        &self,
+        table: impl Fn(&mut Names) -> &mut std::collections::HashMap<K, V>,
+        key: &K,
+        look: impl FnOnce() -> HostResult<V>,
+    ) -> HostResult<V> {
+        if let Some(v) = table(&mut self.names.borrow_mut()).get(key) {
+            return Ok(v.clone());
+        }
+        let v = look()?;
+        table(&mut self.names.borrow_mut()).insert(key.clone(), v.clone());
+        Ok(v)
+    }
+}
+
+/// Files whose change may change what names and ids resolve to.
+const ACCOUNT_FILES: &[&str] = &["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"];
+
+impl RealHost {
+    /// Forgets the accounts and names read so far when `path` is where they come from.
+    fn wrote(&self, path: &str) {
+        if ACCOUNT_FILES.contains(&path) {
+            *self.accounts.borrow_mut() = None;
+            *self.names.borrow_mut() = Names::default();
+        }
+    }
+}
+
+/// NSS answers of one run (see [`RealHost::remember`]).
+#[derive(Default)]
+struct Names {
+    users: std::collections::HashMap<String, Option<u32>>,
+    groups: std::collections::HashMap<String, Option<u32>>,
+    uids: std::collections::HashMap<u32, Option<String>>,
+    gids: std::collections::HashMap<u32, Option<String>>,
 }
 
 impl Host for RealHost {
@@ -284,6 +332,7 @@ impl Host for RealHost {
             }
             renameat(&*dir, tmp.as_str(), &*dir, name)
                 .map_err(|e| HostError::io("rename into place", path, errno(e)))?;
+            self.wrote(path);
             fsync(&*dir).map_err(|e| HostError::io("fsync directory of", path, errno(e)))
         });
         if result.is_err() {
@@ -313,6 +362,8 @@ impl Host for RealHost {
             if let Err(e) = renameat(dir, tmp.as_str(), dir, name.as_str()) {
                 let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
                 failed.push((Some(path.clone()), HostError::io("rename into place", path, errno(e))));
+            } else {
+                self.wrote(path);
             }
         }
         if let Err(e) = held.flush() {
@@ -389,34 +440,48 @@ impl Host for RealHost {
 
     fn user_id(&self, name: &str) -> HostResult<Option<u32>> {
         if self.root.is_slash() {
-            return nix::unistd::User::from_name(name)
-                .map(|u| u.map(|u| u.uid.as_raw()))
-                .map_err(|e| HostError::io("look up user", name, errno(e)));
+            return self.remember(
+                |n| &mut n.users,
+                &name.to_string(),
+                || {
+                    nix::unistd::User::from_name(name)
+                        .map(|u| u.map(|u| u.uid.as_raw()))
+                        .map_err(|e| HostError::io("look up user", name, errno(e)))
+                },
+            );
         }
-        Ok(self.cached_accounts().ok().and_then(|a| a.user(name).map(|u| u.uid)))
+        Ok(self.with_accounts(|a| a.user(name).map(|u| u.uid)).ok().flatten())
     }
 
     fn group_id(&self, name: &str) -> HostResult<Option<u32>> {
         if self.root.is_slash() {
-            return nix::unistd::Group::from_name(name)
-                .map(|g| g.map(|g| g.gid.as_raw()))
-                .map_err(|e| HostError::io("look up group", name, errno(e)));
+            return self.remember(
+                |n| &mut n.groups,
+                &name.to_string(),
+                || {
+                    nix::unistd::Group::from_name(name)
+                        .map(|g| g.map(|g| g.gid.as_raw()))
+                        .map_err(|e| HostError::io("look up group", name, errno(e)))
+                },
+            );
         }
-        Ok(self.cached_accounts().ok().and_then(|a| a.group(name).map(|g| g.gid)))
+        Ok(self.with_accounts(|a| a.group(name).map(|g| g.gid)).ok().flatten())
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
         if self.root.is_slash() {
-            return nix::unistd::User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
+            let look = || Ok(nix::unistd::User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name));
+            return self.remember(|n| &mut n.uids, &uid, look).ok().flatten();
         }
-        self.cached_accounts().ok()?.users.into_iter().find(|u| u.uid == uid).map(|u| u.name)
+        self.with_accounts(|a| a.users.iter().find(|u| u.uid == uid).map(|u| u.name.clone())).ok().flatten()
     }
 
     fn group_name(&self, gid: u32) -> Option<String> {
         if self.root.is_slash() {
-            return nix::unistd::Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name);
+            let look = || Ok(nix::unistd::Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name));
+            return self.remember(|n| &mut n.gids, &gid, look).ok().flatten();
         }
-        self.cached_accounts().ok()?.groups.into_iter().find(|g| g.gid == gid).map(|g| g.name)
+        self.with_accounts(|a| a.groups.iter().find(|g| g.gid == gid).map(|g| g.name.clone())).ok().flatten()
     }
 
     fn image_root(&self) -> Option<String> {
@@ -427,14 +492,17 @@ impl Host for RealHost {
         let user = match cmd.user {
             None => None,
             Some(name) => {
-                let accounts = self.cached_accounts()?;
-                let Some(u) = accounts.user(name) else {
+                let found = self.with_accounts(|accounts| {
+                    let u = accounts.user(name)?;
+                    let mut groups: Vec<u32> =
+                        accounts.groups.iter().filter(|g| g.members.iter().any(|m| m == name)).map(|g| g.gid).collect();
+                    groups.push(u.gid);
+                    Some((u.uid, u.gid, groups, u.home.clone(), u.name.clone()))
+                })?;
+                let Some(found) = found else {
                     return Err(HostError::Refused(format!("user `{name}` does not exist on this system")));
                 };
-                let mut groups: Vec<u32> =
-                    accounts.groups.iter().filter(|g| g.members.iter().any(|m| m == name)).map(|g| g.gid).collect();
-                groups.push(u.gid);
-                Some((u.uid, u.gid, groups, u.home.clone(), u.name.clone()))
+                Some(found)
             }
         };
         let chroot = (!cmd.outside && !self.root.is_slash()).then(|| self.root.path());
@@ -448,6 +516,7 @@ impl Host for RealHost {
         let ran = command::execute(&spec);
         // Any command may have changed the accounts (a package's scripts add users).
         *self.accounts.borrow_mut() = None;
+        *self.names.borrow_mut() = Names::default();
         ran
     }
 }
@@ -472,6 +541,34 @@ mod tests {
         let host = RealHost::new(Root::open(t.path()).unwrap(), BackupStore::new(crate::state::STATE_DIR));
         assert_eq!(host.read_file("/f", 10).unwrap().unwrap().content.as_deref(), Some(&b"0123456789"[..]));
         assert_eq!(host.read_file("/f", 9).unwrap().unwrap().content, None, "over the limit: not read");
+    }
+
+    /// Names resolve once a run, and again after the files they come from were written (or a
+    /// command ran, which may have added an account).
+    #[test]
+    fn names_are_looked_up_once_and_again_after_their_files_change() {
+        let host =
+            RealHost::new(Root::open(std::path::Path::new("/")).unwrap(), BackupStore::new(crate::state::STATE_DIR));
+        for _ in 0..3 {
+            assert_eq!(host.user_id("root").unwrap(), Some(0));
+            assert_eq!(host.group_id("root").unwrap(), Some(0));
+            assert_eq!(host.user_name(0).as_deref(), Some("root"));
+            assert_eq!(host.group_name(0).as_deref(), Some("root"));
+            assert_eq!(host.user_id("no-such-user-here").unwrap(), None);
+        }
+        assert_eq!(host.names.borrow().users.len(), 2, "answers, absent ones too, are kept");
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("etc")).unwrap();
+        std::fs::write(t.path().join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        std::fs::write(t.path().join("etc/group"), "root:x:0:\n").unwrap();
+        let host = RealHost::new(Root::open(t.path()).unwrap(), BackupStore::new(crate::state::STATE_DIR));
+        assert_eq!(host.user_id("alice").unwrap(), None);
+        let attrs = NewAttrs { mode: 0o644, uid: None, gid: None };
+        let passwd = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+        host.write_file("/etc/passwd", passwd.as_bytes(), attrs, None).unwrap();
+        assert_eq!(host.user_id("alice").unwrap(), Some(1000), "read again once /etc/passwd was written");
+        host.write_file("/etc/group", b"root:x:0:\nalice:x:1000:\n", attrs, None).unwrap();
+        assert_eq!(host.group_name(1000).as_deref(), Some("alice"));
     }
 
     /// A held batch: nothing is in place before the release, everything after; a rename that

@@ -7,7 +7,9 @@
 //! (`files:` promises with `content`, `create` and `perms`, the directories declared too). Each
 //! run starts from an empty /srv/bench after `sync`; the runs alternate, converge then
 //! cf-agent, and each tool's median is printed with their ratio, measured in the same run.
-//! Both trees are checked afterwards: every file's content and mode.
+//! Both trees are checked afterwards: every file's content and mode. After each first run,
+//! converge's no-op on the container's own root (names resolved through NSS, as on a server) is
+//! timed too, and beside it an earlier build's when CONVERGE_BENCH_BEFORE names one.
 //!
 //! Needs root and the testbed (`tests/testbed/prepare`, `CONVERGE_TESTBED`), and the release
 //! build: `cargo build --release -p converge-agent -p converge-bench`.
@@ -78,8 +80,14 @@ pub fn run(n: usize) {
     let apply = ["/usr/local/bin/converge", "apply", "/root/first.json", "--detailed-exitcodes"];
     let cf = ["/usr/bin/cf-agent", "-K", "-f", "/root/first.cf"];
 
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let (mut rss, mut cf_rss) = (0, 0);
+    // An earlier build beside this one, for the no-op on the container's own root (names
+    // through NSS, as on a server): CONVERGE_BENCH_BEFORE=path/to/converge.
+    let before = std::env::var_os("CONVERGE_BENCH_BEFORE").map(|p| {
+        std::fs::copy(&p, c.path("/usr/local/bin/converge-before")).expect("CONVERGE_BENCH_BEFORE: a converge binary");
+        ["/usr/local/bin/converge-before", "apply", "/root/first.json", "--detailed-exitcodes"]
+    });
+    let (mut ours, mut theirs, mut noop, mut noop_before) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rss, mut cf_rss, mut noop_rss) = (0, 0, 0);
     for _ in 0..RUNS {
         fresh(&c);
         let (w, r, code) = launch(&c, &apply);
@@ -87,8 +95,17 @@ pub fn run(n: usize) {
         ours.push(w);
         rss = rss.max(r);
         check_tree(&c, &cat, "converge");
-        let again = c.run(&apply);
-        assert_eq!(again.code, 0, "then converge has nothing left to do: {}", again.stdout);
+        for _ in 0..3 {
+            let (w, r, code) = launch(&c, &apply);
+            assert_eq!(code, 0, "then converge has nothing left to do");
+            noop.push(w);
+            noop_rss = noop_rss.max(r);
+            if let Some(argv) = &before {
+                let (w, _, code) = launch(&c, argv);
+                assert_eq!(code, 0, "the earlier build finds nothing to do either");
+                noop_before.push(w);
+            }
+        }
         if cfengine {
             fresh(&c);
             let (w, r, code) = launch(&c, &cf);
@@ -108,6 +125,17 @@ pub fn run(n: usize) {
     );
     println!("{:<40} {:>10} {:>10}", "", "wall", "peak RSS");
     println!("{:<40} {:>8.0}ms {:>6.1} MiB", "converge apply", ms(o), rss as f64 / 1024.0);
+    let n_ms = ms(crate::median(noop));
+    println!(
+        "{:<40} {:>8.1}ms {:>6.1} MiB",
+        "converge apply, then a no-op (median of 9)",
+        n_ms,
+        noop_rss as f64 / 1024.0
+    );
+    if !noop_before.is_empty() {
+        let b_ms = ms(crate::median(noop_before));
+        println!("{:<40} {:>8.1}ms   ({:.2}x this build's)", "the earlier build's no-op", b_ms, b_ms / n_ms);
+    }
     if !cfengine {
         println!("cf-agent: not measured (cfengine3 cannot be installed from the local repository)");
         return;
