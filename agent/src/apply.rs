@@ -267,6 +267,8 @@ pub struct Output {
     pub format: Format,
     pub color: Color,
     pub verbose: bool,
+    /// Keep every event for a report (`converge run`); `converge apply` needs the totals only.
+    pub report: bool,
 }
 
 impl Output {
@@ -281,6 +283,7 @@ impl Output {
             format: args.opts.format,
             color: args.opts.color,
             verbose: args.opts.verbose,
+            report: false,
         }
     }
 }
@@ -326,7 +329,7 @@ pub fn converge(
     };
     let stdout = std::io::stdout().lock();
     let options = Options { dry_run: out.dry_run, stop, guard };
-    let mut collect = Collect::default();
+    let mut collect = if out.report { Collect::default() } else { Collect::totals() };
     match out.format {
         Format::Json => {
             let mut json = JsonSink::new(stdout);

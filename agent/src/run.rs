@@ -394,6 +394,7 @@ fn locked_run(
         format: args.opts.format,
         color: args.opts.color,
         verbose: args.opts.verbose,
+        report: true,
     };
     let guard = confirm::Confirming::new(
         host,

@@ -321,12 +321,23 @@ pub struct Collect {
     pub resources: Vec<ResourceEvent>,
     pub summary: Option<Summary>,
     diffs: DiffBudget,
+    /// Keeps the run's information and totals, not its resources' events.
+    totals_only: bool,
+}
+
+impl Collect {
+    /// Keeps the run's information and totals only: what a run that sends no report needs
+    /// (ten thousand events are megabytes).
+    pub fn totals() -> Collect {
+        Collect { totals_only: true, ..Collect::default() }
+    }
 }
 
 impl Sink for Collect {
     fn emit(&mut self, event: Event<'_>) {
         match event {
             Event::Started(i) => self.info = Some(i.clone()),
+            Event::Resource(_) if self.totals_only => {}
             Event::Resource(r) => self.diffs.keep(&mut self.resources, r),
             Event::Finished(s) => self.summary = Some(s.clone()),
         }
@@ -525,6 +536,24 @@ mod tests {
             duration_ms: 1.5,
             cause: Some(Cause::Drift),
         }
+    }
+
+    #[test]
+    fn a_totals_only_collector_keeps_no_event() {
+        let mut sink = Collect::totals();
+        let e = ResourceEvent {
+            id: "file:/f".into(),
+            status: Status::Unchanged,
+            changes: vec![],
+            message: None,
+            refresh: None,
+            duration_ms: 0.0,
+            cause: None,
+        };
+        sink.emit(Event::Resource(&e));
+        sink.emit(Event::Finished(&Summary { resources: 1, unchanged: 1, ..Summary::default() }));
+        assert!(sink.resources.is_empty());
+        assert_eq!(sink.summary.map(|s| s.unchanged), Some(1));
     }
 
     /// Diffs are kept while they fit in the budget; past it, none is (what `Report::clip` would
