@@ -276,7 +276,7 @@ mod tests {
         }
         yaml.push_str("  - exec: stamp\n    command: [/bin/true]\n    requires: [\"file:/srv/d2/f9\"]\n");
         yaml.push_str("  - file: /srv/after\n    content: after\n");
-        let host = MemHost::new().fail_release("/srv/d1/f3");
+        let host = MemHost::new().fail_release("/srv/d1/f3").fail_on("/srv/d0/f5", "No space left on device");
         let events = crate::providers::converge_yaml(&host, &yaml, false);
         let status = |id: &str| events.iter().find(|e| e.id == id).map(|e| e.status.clone()).unwrap();
         assert_eq!(status("file:/srv/d0/f0"), Status::Changed);
@@ -286,6 +286,12 @@ mod tests {
         assert!(failed.message.as_deref().unwrap_or("").contains("rename into place"), "{failed:?}");
         assert_eq!(host.content("/srv/d1/f3"), None);
         assert_eq!(status("file:/srv/d1/f4"), Status::Changed, "the rest of its batch went in place");
+        // A file that cannot be written (a full disk) fails alone in its batch too.
+        let full = events.iter().find(|e| e.id == "file:/srv/d0/f5").unwrap();
+        assert_eq!(full.status, Status::Failed);
+        assert!(full.message.as_deref().unwrap_or("").contains("No space left"), "{full:?}");
+        assert_eq!(host.content("/srv/d0/f5"), None);
+        assert_eq!(status("file:/srv/d0/f6"), Status::Changed);
         assert_eq!(status("exec:stamp"), Status::Changed);
         assert_eq!(host.content("/srv/after").as_deref(), Some("after"));
         // /srv; the three directories with d0's files; d1's and d2's files; /srv/after.
@@ -302,13 +308,9 @@ mod tests {
         // The second run: nothing to do, nothing released.
         let before = host.releases();
         let again = crate::providers::converge_yaml(&host, &yaml, false);
-        assert!(
-            again
-                .iter()
-                .filter(|e| e.id != "file:/srv/d1/f3")
-                .all(|e| e.status == Status::Unchanged || e.id == "exec:stamp")
-        );
-        assert_eq!(host.releases(), before + 1, "only the refused file is written again");
+        let refused = ["file:/srv/d1/f3", "file:/srv/d0/f5", "exec:stamp"];
+        assert!(again.iter().filter(|e| !refused.contains(&e.id.as_str())).all(|e| e.status == Status::Unchanged));
+        assert_eq!(host.releases(), before + 1, "only the refused files are tried again");
     }
 
     /// A batch never reaches past a resource of another kind: a command declared between two
