@@ -15,7 +15,7 @@ use crate::command;
 use crate::fs::{Root, absent, errno, file_type};
 use converge_modules::catalog::join_path;
 use converge_modules::host::{FileRead, FileType, Host, HostError, HostResult, NewAttrs, Ran, Run, Stat};
-use converge_modules::providers::account::{Accounts, shadow};
+use converge_modules::providers::account::{ACCOUNT_FILES, Accounts, shadow};
 use converge_modules::providers::package::Install;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat, renameat};
@@ -191,23 +191,24 @@ impl RealHost {
     /// A name or id looked up in the system's databases (NSS) once a run: a file owned by
     /// root:root would otherwise cost four lookups, each reading /etc/passwd or /etc/group,
     /// and ten thousand files forty thousand. Forgotten, like the accounts, after any command.
-    fn remember<K: Eq + std::hash::Hash + Clone, V: Clone>(
+    fn remember<K, Q, V: Clone>(
         &self,
         table: impl Fn(&mut Names) -> &mut std::collections::HashMap<K, V>,
-        key: &K,
+        key: &Q,
         look: impl FnOnce() -> HostResult<V>,
-    ) -> HostResult<V> {
+    ) -> HostResult<V>
+    where
+        K: std::borrow::Borrow<Q> + Eq + std::hash::Hash,
+        Q: ToOwned<Owned = K> + Eq + std::hash::Hash + ?Sized,
+    {
         if let Some(v) = table(&mut self.names.borrow_mut()).get(key) {
             return Ok(v.clone());
         }
         let v = look()?;
-        table(&mut self.names.borrow_mut()).insert(key.clone(), v.clone());
+        table(&mut self.names.borrow_mut()).insert(key.to_owned(), v.clone());
         Ok(v)
     }
 }
-
-/// Files whose change may change what names and ids resolve to.
-const ACCOUNT_FILES: &[&str] = &["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"];
 
 impl RealHost {
     /// Forgets the accounts and names read so far when `path` is where they come from.
@@ -442,7 +443,7 @@ impl Host for RealHost {
         if self.root.is_slash() {
             return self.remember(
                 |n| &mut n.users,
-                &name.to_string(),
+                name,
                 || {
                     nix::unistd::User::from_name(name)
                         .map(|u| u.map(|u| u.uid.as_raw()))
@@ -457,7 +458,7 @@ impl Host for RealHost {
         if self.root.is_slash() {
             return self.remember(
                 |n| &mut n.groups,
-                &name.to_string(),
+                name,
                 || {
                     nix::unistd::Group::from_name(name)
                         .map(|g| g.map(|g| g.gid.as_raw()))

@@ -313,6 +313,19 @@ mod tests {
         assert_eq!(host.releases(), before + 1, "only the refused files are tried again");
     }
 
+    /// A file that says what accounts exist is written on its own, at once: a file after it in
+    /// the same batch may be owned by a user it declares.
+    #[test]
+    fn account_files_are_never_held_in_a_batch() {
+        use crate::engine::{Batch, Providers};
+        let yaml = "  - file: /etc/passwd\n    content: \"root:x:0:0::/root:/bin/sh\\n\"\n  - file: /etc/motd\n    content: hi\n";
+        let loaded = crate::load::load("t.yaml", &format!("format: 1\nresources:\n{yaml}"), None).unwrap();
+        let host = MemHost::new().with_dir("/etc", 0o755);
+        let sys = crate::providers::System::new(&host, &loaded.catalog.resources);
+        let batched: Vec<Option<Batch>> = loaded.catalog.resources.iter().map(|r| sys.batched(r)).collect();
+        assert_eq!(batched, [None, Some(Batch::Adjacent)]);
+    }
+
     /// A batch never reaches past a resource of another kind: a command declared between two
     /// groups of files runs after the first group is in place and before the second is written.
     #[test]

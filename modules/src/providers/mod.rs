@@ -697,6 +697,7 @@ impl Providers for System<'_> {
     fn batched(&self, r: &Resource) -> Option<Batch> {
         match &r.spec {
             Spec::Package(_) if !package::deferred(self, r) => Some(Batch::Transaction),
+            Spec::File(_) if account::ACCOUNT_FILES.contains(&r.id.title.as_str()) => None,
             Spec::File(_) | Spec::Directory(_) => Some(Batch::Adjacent),
             _ => None,
         }

@@ -12,6 +12,11 @@ use crate::report::Change;
 
 pub mod shadow;
 
+/// The files that say what names and ids resolve to: a host forgets what it looked up when one
+/// is written, and a `file` at one of them is written on its own (never held in a batch), so
+/// that what comes after it finds the accounts it declares.
+pub const ACCOUNT_FILES: &[&str] = &["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"];
+
 /// A line of `/etc/passwd` (with its `/etc/shadow` password).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Account {
