@@ -9,6 +9,7 @@
 //! those keys signed, unless the operator says `--unsigned`; a host with no keys applies a
 //! plain catalog, and refuses one made for another host.
 
+use crate::aside::{self, TempStore};
 use crate::backup::BackupStore;
 use crate::fs::Root;
 use crate::host::RealHost;
@@ -16,16 +17,19 @@ use crate::signed::{self, Trust};
 use crate::state::{RunLock, STATE_DIR};
 use anyhow::{Context, Result, anyhow, bail};
 use converge_modules::catalog::Catalog;
+use converge_modules::content::Store;
 use converge_modules::engine::{self, Options};
 use converge_modules::host::Host;
-use converge_modules::load::{Loaded, SourceError, load, load_decoded};
+use converge_modules::load::{Loaded, SourceError, load_decoded, load_each, load_yaml_from};
 use converge_modules::providers::System;
 use converge_modules::providers::tool::ToolOptions;
 use converge_modules::report::{Collect, JsonSink, RunInfo, Summary, Tee, TextSink};
+use converge_modules::stream::catalog_from_reader_each;
 use converge_modules::time::Timestamp;
 use converge_modules::trust;
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -102,10 +106,12 @@ pub struct ApplyArgs {
 
 /// Reads and checks the catalog; the error is every problem, rendered with its source line.
 ///
-/// JSON, the spelling agents receive, is streamed into the model so that the text and the
-/// catalog are never in memory at once; the text is read whole only for YAML, or to place the
-/// problems of a catalog that has some.
-pub fn read_catalog(file: &Path) -> Result<Loaded> {
+/// Both spellings are streamed into the model so that the text and the catalog are never in
+/// memory at once; the text is read whole only to place the problems of a catalog that has
+/// some.
+///
+/// Large file content is kept aside in `aside` as each resource is decoded.
+pub fn read_catalog(file: &Path, aside: Option<Arc<dyn Store>>) -> Result<Loaded> {
     let name = file.display().to_string();
     let max = MAX_CATALOG_FILE;
     let open = || {
@@ -117,23 +123,46 @@ pub fn read_catalog(file: &Path) -> Result<Loaded> {
         let bytes = signed::read_file_bounded(&base.join(src), trust::MAX_PAYLOAD as u64)?;
         String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8)
     };
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, open()?);
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, Capped(open()?, max));
     let head = reader.fill_buf().with_context(|| format!("cannot read catalog {name}"))?;
     if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-        let streamed = converge_modules::stream::catalog_from_reader(reader).ok();
+        let streamed = catalog_from_reader_each(reader, &mut aside::keeper(aside.clone())).ok();
         if let Some(Ok(loaded)) = streamed.map(|c| load_decoded(&name, c, Some(&read_source))) {
-            return Ok(loaded);
+            return Ok(told_aside(loaded));
         }
+    } else if let Some(loaded) = load_yaml_from(&name, reader, Some(&read_source), &mut aside::keeper(aside.clone())) {
+        return Ok(told_aside(loaded));
     }
+    // A catalog with problems (or that grew past the bound) is read again whole, for every
+    // problem to be shown with its line.
     let text = std::io::read_to_string(open()?).with_context(|| format!("cannot read catalog {name}"))?;
     if text.len() as u64 > max {
         bail!("refused {name}: more than the {max} bytes a catalog file can be; nothing was changed");
     }
-    load(&name, &text, Some(&read_source)).map_err(|diags| {
+    load_each(&name, &text, Some(&read_source), &mut aside::keeper(aside)).map(told_aside).map_err(|diags| {
         let n = diags.len();
         let s = if n == 1 { "" } else { "s" };
         anyhow!("{}\n\n{name}: {n} problem{s}; nothing was changed", diags.render(Some(&text)))
     })
+}
+
+/// A reader that fails once more than its bound has come: a file that grew while it was read
+/// is refused, never taken cut at the bound (a YAML text cut at a line is still YAML).
+struct Capped<R>(R, u64);
+
+impl<R: std::io::Read> std::io::Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1 = self.1.checked_sub(n as u64).ok_or_else(|| std::io::Error::other("the file grew past its bound"))?;
+        Ok(n)
+    }
+}
+
+/// Says (at debug) how many contents were kept aside.
+fn told_aside(loaded: Loaded) -> Loaded {
+    let kept = loaded.catalog.resources.iter().filter(|r| aside::is_kept(r)).count();
+    tracing::debug!(kept, "contents kept aside");
+    loaded
 }
 
 /// The largest catalog file `apply` reads (YAML is wordier than the JSON an envelope carries).
@@ -149,7 +178,7 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
     if envelope {
         return run_signed(args);
     }
-    let loaded = read_catalog(&args.file)?;
+    let loaded = read_catalog(&args.file, aside_store(&args.opts.root))?;
     let root = Root::open(&args.opts.root).with_context(|| format!("cannot open root {}", args.opts.root.display()))?;
     let lock = RunLock::take(&root, args.opts.dry_run)?;
     if !args.unsigned && (args.trusted_keys.is_some() || signed::has_keys(&root)) {
@@ -175,6 +204,18 @@ pub fn run(args: &ApplyArgs) -> Result<i32> {
     drop(lock);
     start_upgrade(&host, args);
     Ok(exit_code(args.opts.detailed_exitcodes, &collect.summary.unwrap_or_default()))
+}
+
+/// Where a run on `root` keeps large content aside; none (content stays in memory) when no
+/// directory can hold an unnamed file.
+pub fn aside_store(root: &Path) -> Option<Arc<dyn Store>> {
+    match TempStore::open(&TempStore::dirs(root, STATE_DIR)) {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => {
+            tracing::debug!(error = %e, "content is kept in memory");
+            None
+        }
+    }
 }
 
 /// The first bytes of a file, to tell envelopes from catalogs.
@@ -212,6 +253,13 @@ pub fn open_sealed(root: &Root, mut catalog: Catalog) -> Result<Catalog> {
     Ok(catalog)
 }
 
+/// Keeps the large content of a catalog already decoded aside for the rest of the run: the
+/// verified envelope holds one copy, the run need not hold a second.
+pub fn keep_aside(root: &Root, catalog: &mut Catalog) {
+    let mut keep = aside::keeper(aside_store(root.path()));
+    catalog.resources.iter_mut().for_each(&mut keep);
+}
+
 /// `converge apply ENVELOPE`: verify first (signature over the bytes, then host, serial,
 /// freshness, format); a refusal changes nothing. An accepted catalog (not in a dry-run) is
 /// recorded as applied, with the newer key list it carried, before converging.
@@ -226,7 +274,8 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
     let verified = trust
         .verify(&host, &bytes, false, args.allow_rollback)
         .map_err(|r| anyhow!("refused {name}: {r}; nothing was changed"))?;
-    let catalog = open_sealed(host.root(), verified.catalog.clone())?;
+    let mut catalog = open_sealed(host.root(), verified.catalog.clone())?;
+    keep_aside(host.root(), &mut catalog);
     let loaded = load_decoded(&name, catalog, None).map_err(|d| {
         let first = d.0.first().map(|d| d.message.as_str()).unwrap_or("?");
         anyhow!("refused {name}: the signed catalog is not valid: {first}; nothing was changed")
@@ -428,4 +477,23 @@ pub struct VerifyArgs {
     /// Also check that the catalog is for this node.
     #[arg(long)]
     pub node: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_catalog_that_grew_past_its_bound_is_an_error_not_its_first_part() {
+        // A YAML text cut at a line is still YAML: the bound must fail the read, not end it.
+        let text = "format: 1\nresources:\n  - directory: /a\n  - directory: /b\n";
+        let cut = text.find("  - directory: /b").unwrap() as u64;
+        let mut whole = String::new();
+        let e = std::io::Read::read_to_string(&mut Capped(text.as_bytes(), cut), &mut whole).unwrap_err();
+        assert!(e.to_string().contains("grew past its bound"), "{e}");
+        let got = load_yaml_from("t.yaml", Capped(text.as_bytes(), cut), None, &mut |_| {});
+        assert!(got.is_none(), "a catalog read past its bound is not loaded");
+        let all = load_yaml_from("t.yaml", Capped(text.as_bytes(), text.len() as u64), None, &mut |_| {});
+        assert_eq!(all.map(|l| l.catalog.resources.len()), Some(2));
+    }
 }

@@ -1,7 +1,7 @@
 //! `converge`, the agent: converges a host to its catalog.
 //!
 //! Code map: [`apply`] holds the `apply` and `verify` commands and the converge step every run
-//! shares; [`bootstrap`] joins a server; [`run`] pulls, verifies, converges and reports (once
+//! shares; [`aside`] keeps a catalog's large content out of memory during a run; [`bootstrap`] joins a server; [`run`] pulls, verifies, converges and reports (once
 //! or as a daemon) and shows `status`; [`renew`] keeps the host's certificate alive;
 //! [`client`] speaks to the server; [`blobs`] fetches the blobs a catalog names by hash; [`facts`] describes the
 //! host; [`state`] and [`signed`] keep what lasts between runs; [`host`] is the real OS behind the `Host`
@@ -13,6 +13,7 @@
 //! `converge-modules`.
 
 mod apply;
+mod aside;
 mod backup;
 mod blobs;
 mod bootstrap;

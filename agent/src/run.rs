@@ -369,10 +369,11 @@ fn locked_run(
         }
     };
     let stale = v.stale;
-    let catalog = apply::open_sealed(host.root(), v.catalog).map_err(|e| match notes.last() {
+    let mut catalog = apply::open_sealed(host.root(), v.catalog).map_err(|e| match notes.last() {
         Some(note) => anyhow!("{e:#} (and: {note})"),
         None => e,
     })?;
+    apply::keep_aside(host.root(), &mut catalog);
     let loaded = load_decoded(&config.server, catalog, None).map_err(|d| {
         anyhow!("the signed catalog is not valid: {}", d.0.first().map(|d| d.message.as_str()).unwrap_or("?"))
     })?;

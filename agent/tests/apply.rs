@@ -391,3 +391,51 @@ fn packages_on_a_root_without_a_package_system_fail_alone() {
     assert!(out.stdout.contains("skipped      file:/etc-nginx.conf"), "{}", out.stdout);
     assert_eq!(s.read("/motd"), "hi");
 }
+
+/// Large content is kept out of the agent's memory while it runs (in an unnamed file): a file
+/// drifted to other bytes of the same size is still found and repaired, from either spelling,
+/// across the store's buffers (80 KiB of content).
+#[test]
+fn large_content_kept_aside_is_compared_and_written_whole() {
+    let n = 40;
+    let body = |i: usize, tag: &str| format!("{tag} {i:02}\n").repeat(2048 / 7)[..2048].to_string();
+    let mut yaml = String::from("format: 1\nresources:\n  - directory: /srv/big\n");
+    for i in 0..n {
+        yaml.push_str(&format!("  - file: /srv/big/f{i:02}\n    content: {:?}\n", body(i, "catalog")));
+    }
+    // (By hand: a resource's first key is its kind, and `json!` sorts keys.)
+    let files: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"file":"/srv/big/f{i:02}","content":{}}}"#, serde_json::json!(body(i, "catalog"))))
+        .collect();
+    let json = format!(r#"{{"format":1,"resources":[{{"directory":"/srv/big"}},{}]}}"#, files.join(","));
+    for (name, text) in [("big.yaml", &yaml), ("big.json", &json)] {
+        let s = Scratch::new();
+        std::fs::create_dir_all(s.at("/var/lib/converge")).unwrap();
+        std::fs::create_dir_all(s.at("/srv")).unwrap();
+        let c = s.catalog(name, text);
+        let env = [("CONVERGE_LOG", "converge=debug")];
+        let root = s.root_str();
+        let args = |extra: &[&'static str]| [&["apply", c.as_str(), "--root", root.as_str()][..], extra].concat();
+        let first = converge_env(&args(&["--detailed-exitcodes"]), &env);
+        assert_eq!(first.code, 2, "{name}: {}{}", first.stdout, first.stderr);
+        assert!(first.stderr.contains(&format!("kept={n}")), "{name}: every content kept aside: {}", first.stderr);
+        for i in 0..n {
+            assert_eq!(s.read(&format!("/srv/big/f{i:02}")), body(i, "catalog"), "{name}: f{i:02}");
+        }
+        // Same sizes, other bytes: only a byte-for-byte comparison finds them.
+        for i in [0, n - 1] {
+            s.write(&format!("/srv/big/f{i:02}"), &body(i, "drifted"));
+        }
+        let preview = converge_env(&args(&["--dry-run", "--detailed-exitcodes"]), &env);
+        assert_eq!(preview.code, 2, "{name}: {}{}", preview.stdout, preview.stderr);
+        assert!(preview.stdout.contains("+catalog 39"), "{name}: the diff shows the content: {}", preview.stdout);
+        assert_eq!(s.read("/srv/big/f39"), body(39, "drifted"), "{name}: a dry-run changes nothing");
+        let repair = converge_env(&args(&["--detailed-exitcodes"]), &env);
+        assert_eq!(repair.code, 2, "{name}: {}{}", repair.stdout, repair.stderr);
+        assert!(repair.stdout.contains("2 changed"), "{name}: {}", repair.stdout);
+        for i in 0..n {
+            assert_eq!(s.read(&format!("/srv/big/f{i:02}")), body(i, "catalog"), "{name}: f{i:02} repaired");
+        }
+        assert_eq!(converge_env(&args(&["--detailed-exitcodes"]), &env).code, 0, "{name}: converged");
+    }
+}

@@ -35,7 +35,8 @@ fn reset(root: &Path) {
 fn new_catalog() -> Catalog {
     let resources = (0..FILES)
         .map(|i| {
-            let spec = FileSpec { content: Some(content("new", i)), mode: Some(Mode(0o640)), ..FileSpec::default() };
+            let spec =
+                FileSpec { content: Some(content("new", i).into()), mode: Some(Mode(0o640)), ..FileSpec::default() };
             Resource::new(ResourceId::new(Kind::File, &path(i)).unwrap(), Meta::default(), Spec::File(spec))
         })
         .collect();

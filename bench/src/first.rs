@@ -35,7 +35,7 @@ fn policy(cat: &Catalog) -> String {
                 let _ = writeln!(out, "    \"{}/.\" create => \"true\", perms => m(\"755\");", r.id.title);
             }
             Spec::File(f) => {
-                let content = f.content.as_deref().unwrap_or_default();
+                let content = f.content.as_ref().and_then(|c| c.held()).unwrap_or_default();
                 assert!(!content.contains(['"', '$', '@', '\\']), "the bench content needs no CFEngine quoting");
                 let _ = writeln!(
                     out,
@@ -57,7 +57,7 @@ fn check_tree(c: &Container, cat: &Catalog, who: &str) {
         if let Spec::File(f) = &r.spec {
             let p = c.path(&r.id.title);
             let have = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{who}: {}: {e}", r.id.title));
-            assert_eq!(Some(have.as_str()), f.content.as_deref(), "{who}: {}", r.id.title);
+            assert_eq!(Some(have.as_str()), f.content.as_ref().and_then(|c| c.held()), "{who}: {}", r.id.title);
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
             assert_eq!(mode, 0o644, "{who}: {}", r.id.title);
         }

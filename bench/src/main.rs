@@ -143,7 +143,7 @@ fn catalog(n: usize) -> Catalog {
         resources.push(dir(&format!("/srv/bench/d{d:05}")));
         for i in d * 10..(d * 10 + 10).min(n) {
             let spec = FileSpec {
-                content: Some(content(i, "v1")),
+                content: Some(content(i, "v1").into()),
                 mode: Some(Mode(0o644)),
                 owner: Some("root".into()),
                 group: Some("root".into()),
@@ -326,7 +326,7 @@ fn floor_manifest(root: &Path, catalog: &Catalog) -> Vec<u8> {
     for r in &catalog.resources {
         let Spec::File(f) = &r.spec else { continue };
         let path = format!("{}{}", root.display(), r.id.title);
-        let content = f.content.as_deref().unwrap_or_default().as_bytes();
+        let content = f.content.as_ref().and_then(|c| c.held()).unwrap_or_default().as_bytes();
         out.extend_from_slice(&(path.len() as u32).to_le_bytes());
         out.extend_from_slice(path.as_bytes());
         out.extend_from_slice(&f.mode.map_or(0o644, |m| m.0).to_le_bytes());

@@ -69,7 +69,7 @@ pub fn manifest(catalog: &Catalog) -> String {
         let kind = match &r.spec {
             Spec::File(f) => {
                 set("ensure", if absent { "absent" } else { "file" }.into());
-                if let Some(c) = &f.content {
+                if let Some(c) = f.content.as_ref().and_then(|c| c.held()) {
                     set("content", pq(c));
                 }
                 if let Some(v) = &f.validate {

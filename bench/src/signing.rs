@@ -75,7 +75,8 @@ pub fn run() {
     });
     let files: Vec<Resource> = (0..10_000)
         .map(|i| {
-            let spec = FileSpec { content: Some(format!("line {i} {}\n", "x".repeat(1000))), ..Default::default() };
+            let spec =
+                FileSpec { content: Some(format!("line {i} {}\n", "x".repeat(1000)).into()), ..Default::default() };
             Resource::new(
                 ResourceId::new(Kind::File, &format!("/srv/f{i}")).unwrap(),
                 Meta::default(),
@@ -122,8 +123,10 @@ pub fn run() {
     let mut ten = Catalog { format: converge_modules::catalog::FORMAT_SEALED, ..Catalog::new(Vec::new()) };
     let mut values = Vec::new();
     for i in 0..10 {
-        let spec =
-            FileSpec { content: Some(format!("password = correct-horse-battery-staple-{i}\n")), ..Default::default() };
+        let spec = FileSpec {
+            content: Some(format!("password = correct-horse-battery-staple-{i}\n").into()),
+            ..Default::default()
+        };
         let meta = Meta { sensitive: Some(true), ..Default::default() };
         let mut r =
             Resource::new(ResourceId::new(Kind::File, &format!("/etc/app/{i}.conf")).unwrap(), meta, Spec::File(spec));

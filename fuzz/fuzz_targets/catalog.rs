@@ -1,13 +1,18 @@
 //! Fuzzes what the agent does with a catalog file: the YAML reader and its serde layer, the
-//! JSON fast path and the streaming decoder, validation and planning. Nothing may panic, and
-//! what is accepted must plan.
+//! JSON fast path and the streaming decoders, validation and planning. Nothing may panic, and
+//! what is accepted must plan. A YAML catalog read from a reader is accepted exactly when its
+//! text is, as the same catalog.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = converge_modules::load::load("fuzz.yaml", text, None);
+    let text = std::str::from_utf8(data).ok();
+    let whole = text.map(|t| converge_modules::load::load("fuzz.yaml", t, None));
+    if data.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let streamed = converge_modules::load::load_yaml_from("fuzz.yaml", data, None, &mut |_| {});
+        let whole = whole.as_ref().and_then(|w| w.as_ref().ok());
+        assert_eq!(streamed.map(|l| l.catalog), whole.map(|l| l.catalog.clone()), "reader and text disagree");
     }
     if let Ok(decoded) = converge_modules::stream::catalog_from_reader(data) {
         let _ = converge_modules::load::load_decoded("fuzz.json", decoded, None);

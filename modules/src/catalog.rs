@@ -14,6 +14,7 @@
 //! and `backup` have defaults. This module holds the types and their serde spellings; checking a
 //! catalog as a whole is [`crate::validate`], reading a file is [`crate::load`].
 
+pub use crate::content::Content;
 use crate::time::Timestamp;
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -573,7 +574,8 @@ impl Confirm {
 pub struct FileSpec {
     pub ensure: Option<Ensure>,
     /// The whole content, as text.
-    pub content: Option<String>,
+    // (An agent may keep it aside while it runs: [`Content`].)
+    pub content: Option<Content>,
     /// A file to take the content from; a loader resolves it into `content`.
     pub source: Option<String>,
     /// The content as a content-addressed blob (a binary or large file): `sha256:HEX`. The

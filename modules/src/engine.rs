@@ -19,6 +19,7 @@ use crate::load::Loaded;
 use crate::providers::ProviderError;
 use crate::report::{Change, DiffBudget, Event, ResourceEvent, RunInfo, Sink, Status, Summary};
 use crate::time::Stopwatch;
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// How each kind is inspected, changed and refreshed on some system.
@@ -137,9 +138,7 @@ pub fn run<P: Providers>(
         providers.planning(false);
         if predicted.would_change == 0 {
             // Nothing to change: the plan is the run.
-            for event in &planned.0 {
-                sink.emit(Event::Resource(event));
-            }
+            planned.replay(&loaded.catalog.resources, &loaded.plan.order, sink);
             Summary { dry_run: false, ..predicted }
         } else {
             pass(loaded, providers, options, Some(&planned.by_index(&loaded.plan.order)), sink)
@@ -155,13 +154,55 @@ const CONDITIONAL: &str = "only if an earlier change of this run makes it";
 
 /// The events of a run's plan, in plan order (diffs within the report's budget).
 #[derive(Default)]
-struct Planned(Vec<ResourceEvent>, DiffBudget);
+struct Planned(Vec<Kept>, DiffBudget);
+
+/// A planned event. Most of a run's say only "unchanged": those are kept as their duration
+/// (16 bytes, where an event is over a hundred and its id as many again).
+enum Kept {
+    Unchanged(f64),
+    Event(Box<ResourceEvent>),
+}
+
+/// What every planned "unchanged" event says but its id and duration.
+static UNCHANGED: ResourceEvent = ResourceEvent {
+    id: String::new(),
+    status: Status::Unchanged,
+    changes: Vec::new(),
+    message: None,
+    refresh: None,
+    duration_ms: 0.0,
+    cause: None,
+};
+
+impl Kept {
+    fn event(&self) -> &ResourceEvent {
+        match self {
+            Kept::Unchanged(_) => &UNCHANGED,
+            Kept::Event(e) => e,
+        }
+    }
+}
 
 impl Sink for Planned {
     fn emit(&mut self, event: Event<'_>) {
-        if let Event::Resource(e) = event {
-            self.1.keep(&mut self.0, e);
+        let Event::Resource(e) = event else { return };
+        // Every field named: a field added to events is kept until this says otherwise.
+        let ResourceEvent { id: _, status, changes, message, refresh, duration_ms: _, cause } = e;
+        let plain = *status == Status::Unchanged
+            && changes.is_empty()
+            && message.is_none()
+            && refresh.is_none()
+            && cause.is_none();
+        if plain {
+            self.0.push(Kept::Unchanged(e.duration_ms));
+            return;
         }
+        let earlier = self.0.iter_mut().filter_map(|k| match k {
+            Kept::Event(e) => Some(&mut **e),
+            Kept::Unchanged(_) => None,
+        });
+        let kept = self.1.admit(e, earlier);
+        self.0.push(Kept::Event(Box::new(kept)));
     }
 }
 
@@ -169,10 +210,24 @@ impl Planned {
     /// Each resource's planned event, by its index in the catalog.
     fn by_index<'a>(&'a self, order: &[usize]) -> Vec<Option<&'a ResourceEvent>> {
         let mut out = vec![None; order.len()];
-        for (event, &i) in self.0.iter().zip(order) {
-            out[i] = Some(event);
+        for (kept, &i) in self.0.iter().zip(order) {
+            out[i] = Some(kept.event());
         }
         out
+    }
+
+    /// Emits the plan's events to `sink`, as the run's.
+    fn replay(&self, resources: &[Resource], order: &[usize], sink: &mut dyn Sink) {
+        for (kept, &i) in self.0.iter().zip(order) {
+            match kept {
+                Kept::Unchanged(ms) => {
+                    let event =
+                        ResourceEvent { id: resources[i].id.to_string(), duration_ms: *ms, ..UNCHANGED.clone() };
+                    sink.emit(Event::Resource(&event));
+                }
+                Kept::Event(e) => sink.emit(Event::Resource(e)),
+            }
+        }
     }
 }
 
@@ -227,14 +282,15 @@ fn pass<P: Providers>(
     let mut notified_by: Vec<Option<usize>> = vec![None; resources.len()];
     let mut summary = Summary { dry_run: options.dry_run, ..Summary::default() };
     // Events of batched resources converged ahead of their turn, emitted at their turn.
-    let mut early: Vec<Option<ResourceEvent>> = vec![None; resources.len()];
+    // (A map: there are only ever a batch's few, and a vector of them all is megabytes.)
+    let mut early: HashMap<usize, ResourceEvent> = HashMap::new();
     for (pos, &i) in plan.order.iter().enumerate() {
         let r = &resources[i];
         // Whatever a provider logs is tagged with its resource.
         let _resource = tracing::debug_span!("resource", id = %r.id).entered();
         let t0 = Stopwatch::start();
         let stopping = options.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
-        if stopping && early[i].is_none() {
+        if stopping && !early.contains_key(&i) {
             let event = ResourceEvent {
                 id: r.id.to_string(),
                 status: Status::Skipped,
@@ -249,7 +305,7 @@ fn pass<P: Providers>(
             status[i] = Some(event.status);
             continue;
         }
-        let mut event = match early[i].take() {
+        let mut event = match early.remove(&i) {
             Some(event) => event,
             None if let Some(batch) = providers.batched(r)
                 && blocked_by(plan, resources, &status, i).is_none() =>
@@ -259,7 +315,7 @@ fn pass<P: Providers>(
                 // at their turn.
                 let ok = |s: &Status| !matches!(s, Status::Failed | Status::Skipped);
                 let ready = |j: usize| {
-                    plan.deps[j].iter().all(|&(d, _)| match (&status[d], &early[d]) {
+                    plan.deps[j].iter().all(|&(d, _)| match (&status[d], early.get(&d)) {
                         (Some(s), _) => ok(s),
                         (None, Some(e)) => batch == Batch::Adjacent && ok(&e.status),
                         (None, None) => false,
@@ -270,20 +326,20 @@ fn pass<P: Providers>(
                 match batch {
                     // Every later ready resource of the batch: one transaction for all.
                     Batch::Transaction => group.extend(later.filter(|&j| {
-                        providers.batched(&resources[j]) == Some(batch) && ready(j) && early[j].is_none()
+                        providers.batched(&resources[j]) == Some(batch) && ready(j) && !early.contains_key(&j)
                     })),
                     // The ready ones up to the first resource of another kind.
                     Batch::Adjacent => group.extend(
                         later
                             .take(4 * ADJACENT_MAX)
                             .take_while(|&j| providers.batched(&resources[j]) == Some(batch))
-                            .filter(|&j| ready(j) && early[j].is_none())
+                            .filter(|&j| ready(j) && !early.contains_key(&j))
                             .take(ADJACENT_MAX - 1),
                     ),
                 }
                 let mut events = converge_batch(&group, resources, providers, options);
                 for (&j, e) in group.iter().zip(events.iter_mut()).skip(1) {
-                    early[j] = Some(std::mem::take(e));
+                    early.insert(j, std::mem::take(e));
                 }
                 events.swap_remove(0)
             }
@@ -521,7 +577,7 @@ mod tests {
 
     fn want(r: &Resource) -> String {
         match &r.spec {
-            crate::catalog::Spec::File(f) => f.content.clone().unwrap_or_default(),
+            crate::catalog::Spec::File(f) => f.content.as_ref().and_then(|c| c.held()).unwrap_or_default().to_string(),
             _ => String::new(),
         }
     }
@@ -655,6 +711,37 @@ resources:
             assert!(sink.resources.iter().all(|e| e.message.is_none()), "{batch:?}: {:?}", sink.resources);
             let checks = script.log.borrow().iter().filter(|l| *l == "check /b").count();
             assert_eq!(checks, 3, "{batch:?}: planned, checked, verified: {:?}", script.log.borrow());
+        }
+    }
+
+    #[test]
+    fn a_plan_keeps_unchanged_events_small_and_tells_them_whole() {
+        let loaded = load("t.yaml", CATALOG, None).unwrap();
+        let script = Script::default();
+        let ordered = |dry_run: bool| {
+            let mut sink = Collect::default();
+            run(
+                &loaded,
+                &script,
+                Options { dry_run, ..Options::default() },
+                RunInfo::test("t.yaml", dry_run, 5),
+                &mut sink,
+            );
+            sink.resources
+        };
+        let first = ordered(false);
+        // Nothing to change: the plan is the run, every event told whole from its small record.
+        let again = ordered(false);
+        let ids = |events: &[ResourceEvent]| events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&again), ids(&first));
+        assert!(again.iter().all(|e| e.status == Status::Unchanged && e.message.is_none() && e.changes.is_empty()));
+        // One drifted: the run holds it against its plan, the others against "unchanged".
+        script.value.borrow_mut().insert("/b".into(), "drifted".into());
+        let drifted = ordered(false);
+        assert_eq!(ids(&drifted), ids(&first));
+        for e in &drifted {
+            let want = if e.id == "file:/b" { Status::Changed } else { Status::Unchanged };
+            assert_eq!((e.status.clone(), &e.message), (want, &None), "{}", e.id);
         }
     }
 

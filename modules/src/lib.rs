@@ -1,6 +1,7 @@
 //! The shared vocabulary of converge.
 //!
 //! - [`catalog`]: the catalog model and its two spellings (YAML for people, JSON on the wire).
+//! - [`content`]: a file's content, held or kept aside in a store outside the heap.
 //! - [`load`]: text -> checked catalog and [`plan`], every problem with file:line:col.
 //! - [`validate`], [`plan`]: pure checks and the stable dependency order.
 //! - [`host`]: the boundary through which providers reach a system; [`host::memory`] for tests.
@@ -18,6 +19,7 @@
 //! `Host`), never prints (output goes through `report::Sink`), and never panics on bad input.
 
 pub mod catalog;
+pub mod content;
 pub mod diag;
 pub mod engine;
 pub mod hash;

@@ -35,12 +35,39 @@ pub enum SourceError {
 
 /// Loads and checks a catalog. `name` is the file name used in diagnostics.
 pub fn load(name: &str, text: &str, read_source: Option<SourceReader>) -> Result<Loaded, Diagnostics> {
+    load_each(name, text, read_source, &mut |_| {})
+}
+
+/// [`load`], handing each resource of a YAML catalog to `each` as soon as it is decoded (an
+/// agent keeps large content aside there).
+pub fn load_each(
+    name: &str,
+    text: &str,
+    read_source: Option<SourceReader>,
+    each: &mut dyn FnMut(&mut Resource),
+) -> Result<Loaded, Diagnostics> {
     let fast = if text.trim_start().starts_with('{') { serde_json::from_str::<Catalog>(text).ok() } else { None };
     let decoded = match fast {
         Some(catalog) => Decoded { catalog, origins: None, broken: HashSet::new(), diags: Diagnostics::default() },
-        None => decode_located(name, text),
+        None => decode_located(name, text, each),
     };
     check(name, Some(text), decoded, read_source)
+}
+
+/// Loads a YAML catalog from a reader, its text never in memory whole. `None` when it has any
+/// problem at all: the caller then loads the text with [`load_each`], for every problem with
+/// its place and line.
+pub fn load_yaml_from(
+    name: &str,
+    r: impl std::io::Read,
+    read_source: Option<SourceReader>,
+    each: &mut dyn FnMut(&mut Resource),
+) -> Option<Loaded> {
+    let decoded = decode_located_with(name, each, |item| yaml::parse_streaming_from(r, "resources", item));
+    if !decoded.diags.is_empty() || !decoded.broken.is_empty() {
+        return None;
+    }
+    check(name, None, decoded, read_source).ok()
 }
 
 /// Checks a catalog already decoded (the agent streams JSON straight into the model, so as not
@@ -101,7 +128,7 @@ fn check(name: &str, text: Option<&str>, d: Decoded, read_source: Option<SourceR
         };
         match result {
             Ok(content) => {
-                f.content = Some(content);
+                f.content = Some(content.into());
                 f.source = None;
             }
             Err(msg) => problems.push(Problem::new(i, msg)),
@@ -109,8 +136,8 @@ fn check(name: &str, text: Option<&str>, d: Decoded, read_source: Option<SourceR
     }
     let mut origins = origins;
     let mut place = |i: usize| {
-        let origins =
-            origins.get_or_insert_with(|| text.and_then(|t| decode_located(name, t).origins).unwrap_or_default());
+        let origins = origins
+            .get_or_insert_with(|| text.and_then(|t| decode_located(name, t, &mut |_| {}).origins).unwrap_or_default());
         (name.to_string(), origins.get(i).copied().unwrap_or(Mark::UNKNOWN))
     };
     match (check_declared(declared, &broken, problems, &mut place), diags.is_empty()) {
@@ -168,7 +195,16 @@ pub fn check_declared(
 }
 
 /// Decodes through the located YAML reader: every structural problem with its place.
-fn decode_located(name: &str, text: &str) -> Decoded {
+fn decode_located(name: &str, text: &str, each: &mut dyn FnMut(&mut Resource)) -> Decoded {
+    decode_located_with(name, each, |item| yaml::parse_streaming(text, "resources", item))
+}
+
+/// [`decode_located`] over a parse of the caller's: from a text, or from a reader.
+fn decode_located_with(
+    name: &str,
+    each: &mut dyn FnMut(&mut Resource),
+    parse: impl FnOnce(&mut dyn FnMut(Node)) -> Result<Node, yaml::SyntaxError>,
+) -> Decoded {
     let mut diags = Diagnostics::default();
     let push = |diags: &mut Diagnostics, e: DeError| {
         for (m, msg) in e.0 {
@@ -181,10 +217,11 @@ fn decode_located(name: &str, text: &str) -> Decoded {
     let mut origins = Vec::new();
     let mut broken = HashSet::new();
     let mut late = Diagnostics::default();
-    let mut each = |node: Node| {
+    let mut item = |node: Node| {
         let mark = node.mark;
         match decode_resource(node) {
-            Ok(r) => {
+            Ok(mut r) => {
+                each(&mut r);
                 resources.push(r);
                 origins.push(mark);
             }
@@ -194,7 +231,7 @@ fn decode_located(name: &str, text: &str) -> Decoded {
             }
         }
     };
-    let parsed = yaml::parse_streaming(text, "resources", &mut each);
+    let parsed = parse(&mut item);
     let root = match parsed {
         // Problems in resources read before a syntax error are left out: the syntax comes first.
         Ok(n) => {
@@ -399,7 +436,7 @@ resources:
         );
         let ok = load("c.yaml", "format: 1\nresources:\n  - file: /a\n    source: files/a\n", Some(&read)).unwrap();
         let Spec::File(f) = &ok.catalog.resources[0].spec else { panic!() };
-        assert_eq!((f.content.as_deref(), f.source.as_deref()), (Some("A"), None));
+        assert_eq!((f.content.as_ref().and_then(|c| c.held()), f.source.as_deref()), (Some("A"), None));
         assert!(load("c.yaml", "format: 1\nresources:\n  - file: /a\n    source: files/a\n", None).is_err());
     }
 }

@@ -298,18 +298,29 @@ impl DiffBudget {
     /// Stores `event` in `kept`, with its diffs while the budget lasts; the first event over it
     /// takes the diffs of every event kept before it too.
     pub fn keep(&mut self, kept: &mut Vec<ResourceEvent>, event: &ResourceEvent) {
+        let event = self.admit(event, kept.iter_mut());
+        kept.push(event);
+    }
+
+    /// A copy of `event` to keep, with its diffs while the budget lasts; the first event over
+    /// it takes the diffs of the `earlier` ones kept too.
+    pub fn admit<'a>(
+        &mut self,
+        event: &ResourceEvent,
+        earlier: impl IntoIterator<Item = &'a mut ResourceEvent>,
+    ) -> ResourceEvent {
         let mut event = event.clone();
         if !self.spent {
             self.used += event.changes.iter().filter_map(|c| c.diff.as_ref()).map(String::len).sum::<usize>();
             if self.used > KEPT_DIFFS {
                 self.spent = true;
-                kept.iter_mut().flat_map(|e| e.changes.iter_mut()).for_each(|c| c.diff = None);
+                earlier.into_iter().flat_map(|e| e.changes.iter_mut()).for_each(|c| c.diff = None);
             }
         }
         if self.spent {
             event.changes.iter_mut().for_each(|c| c.diff = None);
         }
-        kept.push(event);
+        event
     }
 }
 

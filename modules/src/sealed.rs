@@ -14,7 +14,7 @@
 //!
 //! The same age helpers serve the operator repository's encrypted secrets (converge-server).
 
-use crate::catalog::{Catalog, FORMAT_SEALED, Resource, ResourceId, Spec};
+use crate::catalog::{Catalog, Content, FORMAT_SEALED, Resource, ResourceId, Spec};
 use age::secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -56,13 +56,46 @@ impl Field {
     }
 
     /// The field's place in `spec`, when the kind has it.
-    pub fn slot(self, spec: &mut Spec) -> Option<&mut Option<String>> {
+    pub fn slot(self, spec: &mut Spec) -> Option<Slot<'_>> {
         match (self, spec) {
-            (Field::Content, Spec::File(f)) => Some(&mut f.content),
-            (Field::Content, Spec::Block(b)) => Some(&mut b.content),
-            (Field::Stdin, Spec::Exec(e)) => Some(&mut e.stdin),
-            (Field::PasswordHash, Spec::User(u)) => Some(&mut u.password_hash),
+            (Field::Content, Spec::File(f)) => Some(Slot::Content(&mut f.content)),
+            (Field::Content, Spec::Block(b)) => Some(Slot::Text(&mut b.content)),
+            (Field::Stdin, Spec::Exec(e)) => Some(Slot::Text(&mut e.stdin)),
+            (Field::PasswordHash, Spec::User(u)) => Some(Slot::Text(&mut u.password_hash)),
             _ => None,
+        }
+    }
+}
+
+/// Where a sealable field's value lives in its resource.
+pub enum Slot<'a> {
+    Text(&'a mut Option<String>),
+    Content(&'a mut Option<Content>),
+}
+
+impl Slot<'_> {
+    /// Whether the field has a value in the clear.
+    pub fn is_set(&self) -> bool {
+        match self {
+            Slot::Text(t) => t.is_some(),
+            Slot::Content(c) => c.is_some(),
+        }
+    }
+
+    /// Takes the value out. A sealable value is a sensitive resource's, which is never kept
+    /// aside ([`crate::content::keep_aside`]): it is always in memory.
+    pub fn take(self) -> Option<String> {
+        match self {
+            Slot::Text(t) => t.take(),
+            Slot::Content(c) => c.take().map(|c| c.into_string().expect("sensitive content is never kept aside")),
+        }
+    }
+
+    /// Puts `value` in.
+    pub fn set(self, value: String) {
+        match self {
+            Slot::Text(t) => *t = Some(value),
+            Slot::Content(c) => *c = Some(value.into()),
         }
     }
 }
@@ -135,8 +168,8 @@ pub fn check(catalog: &Catalog) -> Result<(), SealError> {
         let mut spec = r.spec.clone();
         match s.field.slot(&mut spec) {
             None => return Err(SealError::NoSuchField(s.resource.clone(), s.field.name())),
-            Some(Some(_)) => return Err(SealError::AlsoClear(s.resource.clone(), s.field.name())),
-            Some(None) => {}
+            Some(slot) if slot.is_set() => return Err(SealError::AlsoClear(s.resource.clone(), s.field.name())),
+            Some(_) => {}
         }
         if !seen.insert((&s.resource, s.field)) {
             return Err(SealError::Twice(s.resource.clone(), s.field.name()));
@@ -163,7 +196,7 @@ pub fn take_fields(r: &mut Resource) -> Vec<(Field, String)> {
     Field::ALL
         .into_iter()
         .filter(|f| sensitive || *f == Field::PasswordHash)
-        .filter_map(|f| f.slot(&mut r.spec).and_then(Option::take).map(|v| (f, v)))
+        .filter_map(|f| f.slot(&mut r.spec).and_then(Slot::take).map(|v| (f, v)))
         .collect()
 }
 
@@ -192,7 +225,7 @@ pub fn open(catalog: &mut Catalog, identity: Option<&Identity>, key_file: &str) 
     for (s, value) in std::mem::take(&mut catalog.sealed).into_iter().zip(values) {
         let r = catalog.resources.iter_mut().find(|r| r.id == s.resource).expect("checked above");
         r.meta.sensitive = Some(true);
-        *s.field.slot(&mut r.spec).expect("checked above") = Some(value);
+        s.field.slot(&mut r.spec).expect("checked above").set(value);
     }
     Ok(())
 }
@@ -330,7 +363,7 @@ mod tests {
         open(&mut c, Some(&host), "k").unwrap();
         assert!(c.sealed.is_empty() && c.sealed_values.is_none());
         let Spec::File(f) = &c.resources[0].spec else { panic!() };
-        assert_eq!(f.content.as_deref(), Some("s3cret\n"));
+        assert_eq!(f.content.as_ref().and_then(|c| c.held()), Some("s3cret\n"));
         let Spec::Exec(e) = &c.resources[2].spec else { panic!() };
         assert_eq!(e.stdin.as_deref(), Some("pw"));
     }

@@ -39,6 +39,12 @@ fn json(at: impl Into<String>) -> impl FnOnce(serde_json::Error) -> StreamError 
 
 /// Decodes a catalog in the JSON spelling from `r`.
 pub fn catalog_from_reader<R: Read>(r: R) -> Result<Catalog, StreamError> {
+    catalog_from_reader_each(r, &mut |_| {})
+}
+
+/// Decodes a catalog in the JSON spelling from `r`, handing each resource to `each` as soon as
+/// it is decoded (an agent keeps large content aside there, before the next is read).
+pub fn catalog_from_reader_each<R: Read>(r: R, each: &mut dyn FnMut(&mut Resource)) -> Result<Catalog, StreamError> {
     let mut s = Scanner { r, buf: Vec::with_capacity(CHUNK), pos: 0, eof: false };
     s.expect(b'{', "`{` opening the catalog")?;
     let mut header = String::from("{");
@@ -55,7 +61,7 @@ pub fn catalog_from_reader<R: Read>(r: R) -> Result<Catalog, StreamError> {
                 if resources.is_some() {
                     return Err(StreamError::DuplicateResources);
                 }
-                resources = Some(s.resources()?);
+                resources = Some(s.resources(each)?);
             } else {
                 let end = s.value_end()?;
                 if header.len() > 1 {
@@ -217,7 +223,7 @@ impl<R: Read> Scanner<R> {
     }
 
     /// The `resources` array, each element decoded as soon as its extent is known.
-    fn resources(&mut self) -> Result<Vec<Resource>, StreamError> {
+    fn resources(&mut self, each: &mut dyn FnMut(&mut Resource)) -> Result<Vec<Resource>, StreamError> {
         self.expect(b'[', "`[` opening the resource list")?;
         let mut out = Vec::new();
         if self.peek()? == Some(b']') {
@@ -226,8 +232,9 @@ impl<R: Read> Scanner<R> {
         }
         loop {
             let end = self.value_end()?;
-            let r: Resource =
+            let mut r: Resource =
                 serde_json::from_slice(&self.buf[self.pos..end]).map_err(json(format!("resource {}", out.len())))?;
+            each(&mut r);
             out.push(r);
             self.pos = end;
             match self.next_byte()? {
@@ -331,7 +338,7 @@ mod tests {
         ) {
             use crate::catalog::*;
             let resources = contents.iter().enumerate().map(|(i, c)| {
-                let spec = FileSpec { content: Some(c.clone()), ..FileSpec::default() };
+                let spec = FileSpec { content: Some(c.clone().into()), ..FileSpec::default() };
                 Resource::new(ResourceId::new(Kind::File, &format!("/f{i}")).unwrap(), Meta::default(), Spec::File(spec))
             }).collect();
             let catalog = Catalog { host: Some("h\"{".into()), ..Catalog::new(resources) };

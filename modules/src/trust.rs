@@ -774,7 +774,7 @@ mod tests {
         #[test]
         fn sign_verify_parse_round_trips(contents in proptest::collection::vec(".*", 0..8), serial in 1u64..u64::MAX / 2) {
             let resources = contents.iter().enumerate().map(|(i, c)| {
-                Resource::new(ResourceId::new(Kind::File, &format!("/f/{i}")).unwrap(), Meta::default(), Spec::File(FileSpec { content: Some(c.clone()), ..Default::default() }))
+                Resource::new(ResourceId::new(Kind::File, &format!("/f/{i}")).unwrap(), Meta::default(), Spec::File(FileSpec { content: Some(c.clone().into()), ..Default::default() }))
             }).collect();
             let c = Catalog { host: Some("web01".into()), serial: Some(serial), issued_at: Some(Timestamp(NOW - 1)), expires_at: Some(Timestamp(NOW + 1)), ..Catalog::new(resources) };
             let v = check(&envelope(&c, &key(2)), None).unwrap();

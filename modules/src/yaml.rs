@@ -118,8 +118,196 @@ fn parse_document(src: &str) -> Result<Node, SyntaxError> {
 }
 
 fn parse_with<'s>(src: &str, stream: Option<(&'s str, &'s mut (dyn FnMut(Node) + 's))>) -> Result<Node, SyntaxError> {
-    let mut b =
-        Builder { parser: Parser::new_from_str(src), anchors: HashMap::new(), count: 0, dups: Vec::new(), stream };
+    build(Parser::new_from_str(src), stream)
+}
+
+/// [`parse_streaming`] from a reader: the text is never in memory whole. Bytes that are not
+/// UTF-8, and a failed read, are syntax errors (at the place the parser had reached).
+pub fn parse_streaming_from<'s, R: std::io::Read>(
+    r: R,
+    key: &'s str,
+    item: &'s mut (dyn FnMut(Node) + 's),
+) -> Result<Node, SyntaxError> {
+    let failed = std::cell::Cell::new(None);
+    let window = Window {
+        r,
+        bytes: Vec::new(),
+        at: 0,
+        filled: 0,
+        chars: Vec::with_capacity(2 * WINDOW),
+        pos: 0,
+        lookahead: 0,
+        end: false,
+        failed: &failed,
+    };
+    let parsed = build(Parser::new(window), Some((key, item)));
+    match failed.take() {
+        Some(why) => Err(SyntaxError { problems: vec![(Mark::UNKNOWN, why)] }),
+        None => parsed,
+    }
+}
+
+/// How many bytes of a reader are read, and characters decoded, at a time.
+const WINDOW: usize = 64 * 1024;
+
+/// The parser's input over a reader: a window of decoded characters, refilled (a block of
+/// bytes checked as UTF-8 at once) as the parser asks to look ahead, so that looking at a
+/// character is an index, never a decoding. As with a whole text, everything looked ahead
+/// stays counted (`buflen`), and past the end is `\0`. The first failure (a read, bytes that
+/// are not UTF-8) ends the text and is kept in `failed`.
+struct Window<'f, R> {
+    r: R,
+    /// Bytes read, `at..filled` not decoded yet.
+    bytes: Vec<u8>,
+    at: usize,
+    filled: usize,
+    chars: Vec<char>,
+    pos: usize,
+    lookahead: usize,
+    end: bool,
+    failed: &'f std::cell::Cell<Option<String>>,
+}
+
+impl<R: std::io::Read> Window<'_, R> {
+    /// Makes at least `n` characters from the current one available, unless the text ends.
+    #[inline]
+    fn ensure(&mut self, n: usize) {
+        if self.chars.len() - self.pos < n {
+            self.refill(n);
+        }
+    }
+
+    #[inline(never)]
+    fn refill(&mut self, n: usize) {
+        if self.pos >= WINDOW {
+            self.chars.drain(..self.pos);
+            self.pos = 0;
+        }
+        while self.chars.len() - self.pos < n && !self.end {
+            let rest = &self.bytes[self.at..self.filled];
+            let valid = std::str::from_utf8(rest).map_or_else(|e| e.valid_up_to(), str::len);
+            if valid > 0 {
+                let text = std::str::from_utf8(&rest[..valid]).unwrap_or_default();
+                self.chars.extend(text.chars());
+                self.at += valid;
+                continue;
+            }
+            // Nothing decodable: the bytes of a character cut by the read, or not UTF-8.
+            let cut = rest.is_empty()
+                || (rest.len() < 4 && std::str::from_utf8(rest).is_err_and(|e| e.error_len().is_none()));
+            let partial = !rest.is_empty();
+            if !cut {
+                self.fail("the text is not UTF-8".into());
+            } else if !self.read() {
+                if partial {
+                    self.fail("the text is not UTF-8: it ends inside a character".into());
+                }
+                self.end = true;
+            }
+        }
+    }
+
+    /// Reads more bytes after those not decoded yet; false at the end of the reader.
+    fn read(&mut self) -> bool {
+        self.bytes.copy_within(self.at..self.filled, 0);
+        let kept = self.filled - self.at;
+        (self.at, self.filled) = (0, kept);
+        if self.bytes.len() < WINDOW {
+            self.bytes.resize(WINDOW, 0);
+        }
+        loop {
+            match self.r.read(&mut self.bytes[kept..]) {
+                Ok(n) => {
+                    self.filled = kept + n;
+                    return n > 0;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.fail(format!("cannot read the text: {e}"));
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        self.failed.set(Some(why));
+        self.end = true;
+    }
+
+    #[inline]
+    fn at(&self, n: usize) -> char {
+        self.chars.get(self.pos + n).copied().unwrap_or('\0')
+    }
+}
+
+impl<R: std::io::Read> saphyr_parser::Input for Window<'_, R> {
+    #[inline]
+    fn lookahead(&mut self, count: usize) {
+        self.ensure(count);
+        self.lookahead = self.lookahead.max(count);
+    }
+
+    #[inline]
+    fn buflen(&self) -> usize {
+        self.lookahead
+    }
+
+    #[inline]
+    fn bufmaxlen(&self) -> usize {
+        16
+    }
+
+    #[inline]
+    fn raw_read_ch(&mut self) -> char {
+        self.ensure(1);
+        let c = self.at(0);
+        self.pos = (self.pos + 1).min(self.chars.len());
+        c
+    }
+
+    #[inline]
+    fn raw_read_non_breakz_ch(&mut self) -> Option<char> {
+        self.ensure(1);
+        let c =
+            self.chars.get(self.pos).copied().filter(|&c| !saphyr_parser::input::is_breakz(c) && c != '\u{FEFF}')?;
+        self.pos += 1;
+        Some(c)
+    }
+
+    #[inline]
+    fn skip(&mut self) {
+        self.ensure(1);
+        self.pos = (self.pos + 1).min(self.chars.len());
+    }
+
+    #[inline]
+    fn skip_n(&mut self, count: usize) {
+        self.ensure(count);
+        self.pos = (self.pos + count).min(self.chars.len());
+    }
+
+    #[inline]
+    fn peek(&self) -> char {
+        self.at(0)
+    }
+
+    #[inline]
+    fn peek_nth(&self, n: usize) -> char {
+        self.at(n)
+    }
+
+    #[inline]
+    fn peek_opt(&self) -> Option<char> {
+        self.chars.get(self.pos).copied()
+    }
+}
+
+fn build<'a, 's, I: saphyr_parser::Input>(
+    parser: Parser<'a, I>,
+    stream: Option<(&'s str, &'s mut (dyn FnMut(Node) + 's))>,
+) -> Result<Node, SyntaxError> {
+    let mut b = Builder { parser, anchors: HashMap::new(), count: 0, dups: Vec::new(), stream };
     let one = |m: Mark, s: String| SyntaxError { problems: vec![(m, s)] };
     let mut doc: Option<Node> = None;
     loop {
@@ -150,8 +338,8 @@ fn mark(span: &Span) -> Mark {
     Mark::new(span.start.line() as u32, span.start.col() as u32 + 1)
 }
 
-struct Builder<'a, 's> {
-    parser: Parser<'a, saphyr_parser::StrInput<'a>>,
+struct Builder<'a, 's, I: saphyr_parser::Input> {
+    parser: Parser<'a, I>,
     anchors: HashMap<usize, Node>,
     count: usize,
     dups: Vec<(Mark, String)>,
@@ -160,7 +348,7 @@ struct Builder<'a, 's> {
     stream: Option<(&'s str, &'s mut (dyn FnMut(Node) + 's))>,
 }
 
-impl<'a> Builder<'a, '_> {
+impl<'a, I: saphyr_parser::Input> Builder<'a, '_, I> {
     fn next(&mut self) -> Result<(Event<'a>, Span), SyntaxError> {
         match self.parser.next_event() {
             Some(Ok(x)) => Ok(x),
@@ -787,6 +975,60 @@ mod tests {
         // A syntax error after streamed items is still an error.
         let mut n = 0;
         assert!(parse_streaming("resources:\n  - a\n  - [b\n", "resources", &mut |_| n += 1).is_err());
+    }
+
+    /// Reads a few bytes at a time (cutting characters), then fails or ends as told.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+        fail_at_end: bool,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.bytes.is_empty() && self.fail_at_end {
+                return Err(std::io::Error::other("the disk went away"));
+            }
+            let n = self.step.min(out.len()).min(self.bytes.len());
+            out[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_reader_streams_the_same_nodes_as_a_text() {
+        let mut text = String::from("# café ☕ 𝄞\nformat: 1\nresources:\n");
+        // Enough to cross the window of characters, and its blocks of bytes, several times.
+        for i in 0..3000 {
+            text.push_str(&format!("  - file: /srv/é{i}\n    content: \"ünïcödé {i} 𝄞\\n\"\n    mode: '0644'\n"));
+        }
+        text.push_str("z: [1, {a: b}]\n");
+        let mut want = Vec::new();
+        let want_root = parse_streaming(&text, "resources", &mut |n| want.push(n)).unwrap();
+        for step in [1, 2, 3, 5, 4096, 1 << 20] {
+            let mut got = Vec::new();
+            let r = Trickle { bytes: text.as_bytes(), step, fail_at_end: false };
+            let root = parse_streaming_from(r, "resources", &mut |n| got.push(n)).unwrap();
+            assert_eq!((&root, &got), (&want_root, &want), "read {step} bytes at a time");
+        }
+    }
+
+    #[test]
+    fn a_reader_that_is_not_utf8_or_fails_is_a_syntax_error() {
+        let cases: [(&[u8], bool, &str); 4] = [
+            (b"resources:\n  - a: \xff\n", false, "not UTF-8"),
+            (b"resources:\n  - a: b\n\xc3", false, "ends inside a character"),
+            (b"resources:\n  - a: \xc3\x28\n", false, "not UTF-8"),
+            (b"resources:\n  - a: b\n", true, "the disk went away"),
+        ];
+        for (bytes, fail_at_end, says) in cases {
+            for step in [1, 3, 64] {
+                let r = Trickle { bytes, step, fail_at_end };
+                let e = parse_streaming_from(r, "resources", &mut |_| {}).unwrap_err();
+                assert!(e.problems[0].1.contains(says), "{bytes:?} by {step}: {:?}", e.problems);
+            }
+        }
     }
 
     #[derive(Debug, Deserialize, PartialEq)]

@@ -898,7 +898,7 @@ impl Compiler {
                 let text = std::str::from_utf8(bytes).map_err(|_| {
                     format!("files/{path} is not UTF-8 text, and a sensitive directory's files cannot be blobs")
                 })?;
-                (Some(text.to_string()), None, None)
+                (Some(text.into()), None, None)
             };
             let spec = FileSpec {
                 content,

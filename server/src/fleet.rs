@@ -1202,7 +1202,7 @@ fn inline_blobs(compiler: &Compiler, catalog: &mut converge_modules::catalog::Ca
                 r.id
             )
         })?;
-        f.content = Some(text.to_string());
+        f.content = Some(text.into());
         f.content_sha256 = None;
         f.size = None;
     }
@@ -1226,7 +1226,10 @@ mod tests {
         let mut c = compiler.compile("n", &Map::new()).unwrap();
         inline_blobs(&compiler, &mut c).unwrap();
         let converge_modules::catalog::Spec::File(f) = &c.resources[0].spec else { panic!() };
-        assert_eq!((f.content.as_ref().map(String::len), f.content_sha256.as_ref()), (Some(80 << 10), None));
+        assert_eq!(
+            (f.content.as_ref().map(converge_modules::catalog::Content::len), f.content_sha256.as_ref()),
+            (Some(80 << 10), None)
+        );
         let mut c = compiler.compile("m", &Map::new()).unwrap();
         let e = inline_blobs(&compiler, &mut c).unwrap_err();
         assert!(e.contains("file:/tool is a binary file") && e.contains("upgrade converge"), "{e}");

@@ -104,7 +104,7 @@ fn what_reads_a_secret_is_sealed_with_a_keyed_fingerprint_and_only_its_host_open
     let content = |title: &str| {
         let r = catalog.resources.iter().find(|r| r.id.title == title).unwrap();
         match &r.spec {
-            Spec::File(f) => f.content.clone().unwrap(),
+            Spec::File(f) => f.content.clone().unwrap().into_string().unwrap(),
             Spec::Exec(e) => e.stdin.clone().unwrap(),
             _ => unreachable!(),
         }

@@ -9,14 +9,14 @@ use super::{
     Checked, Observed, System, Wanted, describe_content, diff_absent, diff_attrs, diff_type, fail, fail_create,
 };
 use super::{present, unified_diff};
-use crate::catalog::{BLOB_STORE, FileSpec, Resource, blob_hex, blob_path};
+use crate::catalog::{BLOB_STORE, Content, FileSpec, Resource, blob_hex, blob_path};
 use crate::host::{FileType, HostError, NewAttrs};
 use crate::providers::ProviderError;
 use crate::report::Change;
 
 /// Reads what is at the path: metadata, and the content when the catalog manages it.
 pub fn inspect(sys: &System, path: &str, f: &FileSpec, present: bool) -> Result<Observed, ProviderError> {
-    let want = f.content.as_deref().map(str::len).or(f.size.map(|n| n as usize));
+    let want = f.content.as_ref().map(Content::len).or(f.size.map(|n| n as usize));
     let limit = want.map_or(0, |w| (w as u64).max(crate::report::DIFF_LIMIT));
     let read = sys.host.read_file(path, limit).map_err(fail)?;
     let mut seen =
@@ -39,14 +39,16 @@ pub fn diff(r: &Resource, f: &FileSpec, want: &Wanted, seen: &Observed) -> Resul
     }
     let mut changes: Vec<Change> = diff_type(path, seen.stat.as_ref(), FileType::File, force)?.into_iter().collect();
     let is_file = seen.stat.is_some_and(|s| s.file_type == FileType::File);
-    if let Some(content) = f.content.as_deref().map(str::as_bytes) {
+    if let Some(content) = &f.content {
+        // Content kept aside is read back only when the sizes match.
+        let len = content.len() as u64;
         let differs = match (&seen.stat, &seen.content) {
-            (Some(s), Some(have)) if is_file => s.size != content.len() as u64 || have.as_slice() != content,
-            (Some(s), None) if is_file => s.size != content.len() as u64 || s.size > 0,
-            _ => !content.is_empty(),
+            (Some(s), Some(have)) if is_file => s.size != len || have.as_slice() != &*wanted(r, content)?,
+            (Some(s), None) if is_file => s.size != len || s.size > 0,
+            _ => len > 0,
         };
         if differs {
-            changes.push(content_change(path, r.sensitive(), is_file, seen, content));
+            changes.push(content_change(path, r.sensitive(), is_file, seen, &wanted(r, content)?));
         }
     }
     if let (Some(reference), Some(size)) = (f.content_sha256.as_deref(), f.size) {
@@ -92,6 +94,13 @@ fn blob(sys: &System, r: &Resource, reference: &str, size: u64) -> Result<Vec<u8
         )
         .into()),
     }
+}
+
+/// The catalog's bytes for the file.
+fn wanted<'a>(r: &Resource, content: &'a Content) -> Result<std::borrow::Cow<'a, [u8]>, ProviderError> {
+    content
+        .bytes()
+        .map_err(|e| format!("{}: cannot read its content back from where the agent kept it: {e}", r.id).into())
 }
 
 fn content_change(path: &str, sensitive: bool, is_file: bool, seen: &Observed, want: &[u8]) -> Change {
@@ -149,8 +158,9 @@ pub fn apply(
         (Some(reference), Some(size)) => Some(blob(sys, r, reference, size)?),
         _ => None,
     };
-    let content = match (&f.content, &fetched, &seen.content) {
-        (Some(c), _, _) => c.as_bytes(),
+    let declared = f.content.as_ref().map(|c| wanted(r, c)).transpose()?;
+    let content = match (&declared, &fetched, &seen.content) {
+        (Some(c), _, _) => c,
         (None, Some(b), _) => b.as_slice(),
         (None, None, Some(old)) => old.as_slice(),
         (None, None, None) => &[],
