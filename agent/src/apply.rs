@@ -271,10 +271,12 @@ fn run_signed(args: &ApplyArgs) -> Result<i32> {
     let lock = RunLock::take(&root, args.opts.dry_run)?;
     let host = RealHost::new(root, BackupStore::new(STATE_DIR));
     let mut trust = Trust::load(&host, &lock, args.trusted_keys.as_deref(), node)?;
-    let verified = trust
+    let mut verified = trust
         .verify(&host, &bytes, false, args.allow_rollback)
         .map_err(|r| anyhow!("refused {name}: {r}; nothing was changed"))?;
-    let mut catalog = open_sealed(host.root(), verified.catalog.clone())?;
+    // Taken, not copied: what is recorded is the envelope and its `applied`, not the catalog.
+    let catalog = std::mem::replace(&mut verified.catalog, Catalog::new(Vec::new()));
+    let mut catalog = open_sealed(host.root(), catalog)?;
     keep_aside(host.root(), &mut catalog);
     let loaded = load_decoded(&name, catalog, None).map_err(|d| {
         let first = d.0.first().map(|d| d.message.as_str()).unwrap_or("?");

@@ -35,7 +35,8 @@ struct Inner {
 const BUFFER: usize = 64 * 1024;
 
 impl TempStore {
-    /// A store in the first of `dirs` whose filesystem can hold an unnamed file.
+    /// A store in the first of `dirs` whose filesystem can hold an unnamed file (a directory
+    /// that is a symlink is passed over: a damaged state directory sends nothing elsewhere).
     pub fn open(dirs: &[PathBuf]) -> io::Result<TempStore> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no directory for content kept aside");
         for dir in dirs {
@@ -43,7 +44,7 @@ impl TempStore {
                 .read(true)
                 .write(true)
                 .mode(0o600)
-                .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+                .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(dir)
             {
                 Ok(file) => return Ok(TempStore::on(file)),
@@ -193,6 +194,23 @@ mod tests {
         let end = places[499] + items[499].len() as u64;
         assert_eq!(store.read(end, 1).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(store.read(places[10], usize::MAX).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (elsewhere, link, next) = (dir.path().join("elsewhere"), dir.path().join("link"), dir.path().join("next"));
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::create_dir(&next).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let e = TempStore::open(std::slice::from_ref(&link)).err().unwrap();
+        assert!(e.to_string().contains("link"), "{e}");
+        // The next directory is taken; nothing is made anywhere (the file has no name).
+        let store = TempStore::open(&[link, next.clone()]).unwrap();
+        assert_eq!(store.read(store.put(b"abc").unwrap(), 3).unwrap(), b"abc");
+        for d in [elsewhere, next] {
+            assert_eq!(std::fs::read_dir(d).unwrap().count(), 0);
+        }
     }
 
     #[test]
