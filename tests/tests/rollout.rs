@@ -52,7 +52,9 @@ fn begun(f: &Fleet, commit: &str) -> String {
     let mut status = String::new();
     eventually(Duration::from_secs(15), Duration::from_millis(200), || {
         status = server_ok(&["rollout", "status", "--config", &f.config()]);
-        status.contains(&format!("rollout of {}", &commit[..12])).then_some(()).ok_or(status.clone())
+        // ("the rollout of C has not begun yet" names the commit too: not begun.)
+        let named = status.contains(&format!("rollout of {}", &commit[..12]));
+        (named && !status.contains("has not begun")).then_some(()).ok_or(status.clone())
     });
     status
 }
