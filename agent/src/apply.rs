@@ -158,10 +158,12 @@ impl<R: std::io::Read> std::io::Read for Capped<R> {
     }
 }
 
-/// Says (at debug) how many contents were kept aside.
+/// Says (at debug, and counts only then) how many contents were kept aside.
 fn told_aside(loaded: Loaded) -> Loaded {
-    let kept = loaded.catalog.resources.iter().filter(|r| aside::is_kept(r)).count();
-    tracing::debug!(kept, "contents kept aside");
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let kept = loaded.catalog.resources.iter().filter(|r| aside::is_kept(r)).count();
+        tracing::debug!(kept, "contents kept aside");
+    }
     loaded
 }
 
@@ -253,8 +255,8 @@ pub fn open_sealed(root: &Root, mut catalog: Catalog) -> Result<Catalog> {
     Ok(catalog)
 }
 
-/// Keeps the large content of a catalog already decoded aside for the rest of the run: the
-/// verified envelope holds one copy, the run need not hold a second.
+/// Keeps the large content of a catalog decoded from a verified envelope aside for the rest of
+/// the run (a signature covers bytes, so such a catalog is decoded whole in memory first).
 pub fn keep_aside(root: &Root, catalog: &mut Catalog) {
     let mut keep = aside::keeper(aside_store(root.path()));
     catalog.resources.iter_mut().for_each(&mut keep);
