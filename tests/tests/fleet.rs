@@ -261,6 +261,11 @@ fn outages_and_restarts() {
 
 /// A TLS server with the real server's certificate that answers every request with `response`.
 fn fake_server(f: &Fleet, response: Vec<u8>) -> String {
+    fake_server_by(f, move |_| response.clone())
+}
+
+/// [`fake_server`] whose answer depends on the request (its first bytes, as read).
+fn fake_server_by(f: &Fleet, answer: impl Fn(&str) -> Vec<u8> + Send + 'static) -> String {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let state = f.dir.path().join("state");
@@ -283,7 +288,8 @@ fn fake_server(f: &Fleet, response: Vec<u8>) -> String {
             let conn = rustls::ServerConnection::new(config.clone()).unwrap();
             let mut tls = rustls::StreamOwned::new(conn, tcp);
             let mut buf = [0u8; 65536];
-            let _ = tls.read(&mut buf);
+            let n = tls.read(&mut buf).unwrap_or(0);
+            let response = answer(&String::from_utf8_lossy(&buf[..n]));
             let _ = tls.write_all(&response);
             let _ = tls.flush();
             tls.conn.send_close_notify();
@@ -518,6 +524,62 @@ fn facts_shows_what_a_node_reported_and_warns_when_its_os_family_contradicts_its
     let none = run("converge-server", &["facts", "nobody", "--config", &f.config()]);
     assert_eq!(none.code, 1);
     assert!(none.stderr.contains("no node nobody"), "{}", none.stderr);
+}
+
+/// A server that lies about a blob (other bytes of the signed size, more, fewer) never has its
+/// bytes kept or written: the file stays as it was, the store stays empty, and the run says why.
+#[test]
+fn a_server_that_lies_about_a_blob_never_has_its_bytes_written() {
+    let f = Fleet::new(&[
+        ("site.yaml", "nodes:\n  \"agent*\": {roles: [tool]}\n"),
+        ("roles/tool.yaml", "resources:\n  - directory: /srv\n  - file: /srv/tool.bin\n    source: tool.bin\n"),
+    ]);
+    let v1: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::create_dir_all(f.repo().join("files")).unwrap();
+    std::fs::write(f.repo().join("files/tool.bin"), &v1).unwrap();
+    git(&f.repo(), &["add", "-A"]);
+    git(&f.repo(), &["commit", "-q", "-m", "tool"]);
+    let server = Server::start(&f.config());
+    let root = bootstrap(&f, &server, "agent1", &f.token);
+    assert_eq!(std::fs::read(root.join("srv/tool.bin")).unwrap(), v1);
+    drop(server);
+    let blob = root.join(format!("var/lib/converge/blobs/sha256/{}", converge_modules::hash::sha256_hex(&v1)));
+    let toml = std::fs::read_to_string(root.join("etc/converge/agent.toml")).unwrap();
+    let line = toml.lines().find(|l| l.starts_with("server")).unwrap().to_string();
+    // Each lie meets its own check: the hash, the size bound while reading, the length.
+    let lies: [(&str, Vec<u8>, &str); 3] = [
+        ("other bytes of the signed size", v1.iter().map(|b| b ^ 1).collect(), "not the signed one"),
+        ("more bytes than signed", [v1.as_slice(), b"trailing"].concat(), "more than the 100000 accepted"),
+        ("fewer bytes than signed", v1[..v1.len() / 2].to_vec(), "sent 50000 bytes of a 100000-byte blob"),
+    ];
+    for (what, body, why) in lies {
+        std::fs::remove_file(&blob).unwrap_or_default();
+        std::fs::write(root.join("srv/tool.bin"), b"drift").unwrap();
+        let url = fake_server_by(&f, move |request| {
+            let head = |status: &str, len: usize| {
+                format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n").into_bytes()
+            };
+            if request.contains("/blobs/sha256/") {
+                [head("200 OK", body.len()), body.clone()].concat()
+            } else if request.starts_with("GET") {
+                head("304 Not Modified", 0)
+            } else {
+                head("503 Service Unavailable", 0)
+            }
+        });
+        std::fs::write(root.join("etc/converge/agent.toml"), toml.replace(&line, &format!("server = \"{url}\"")))
+            .unwrap();
+        let out = converge_in(&root, &["run", "--once", "--detailed-exitcodes"]);
+        assert_eq!(out.code, 4, "{what}: {}{}", out.stdout, out.stderr);
+        let said = format!("{}{}", out.stdout, out.stderr);
+        assert!(said.contains("could not be fetched") && said.contains(why), "{what}: {said}");
+        assert_eq!(
+            std::fs::read(root.join("srv/tool.bin")).unwrap(),
+            b"drift",
+            "{what}: nothing unverified is written"
+        );
+        assert!(!blob.exists(), "{what}: nothing unverified is kept");
+    }
 }
 
 /// A binary file travels as a blob: fetched over mutual TLS, checked against the hash the
