@@ -123,7 +123,7 @@ pub fn read_catalog(file: &Path, aside: Option<Arc<dyn Store>>) -> Result<Loaded
         let bytes = signed::read_file_bounded(&base.join(src), trust::MAX_PAYLOAD as u64)?;
         String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8)
     };
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, Capped(open()?, max));
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, open()?);
     let head = reader.fill_buf().with_context(|| format!("cannot read catalog {name}"))?;
     if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
         let streamed = catalog_from_reader_each(reader, &mut aside::keeper(aside.clone())).ok();
@@ -135,27 +135,17 @@ pub fn read_catalog(file: &Path, aside: Option<Arc<dyn Store>>) -> Result<Loaded
     }
     // A catalog with problems (or that grew past the bound) is read again whole, for every
     // problem to be shown with its line.
-    let text = std::io::read_to_string(open()?).with_context(|| format!("cannot read catalog {name}"))?;
-    if text.len() as u64 > max {
-        bail!("refused {name}: more than the {max} bytes a catalog file can be; nothing was changed");
-    }
+    let text = std::io::read_to_string(open()?).map_err(|e| match e.kind() {
+        std::io::ErrorKind::FileTooLarge => {
+            anyhow!("refused {name}: more than the {max} bytes a catalog file can be; nothing was changed")
+        }
+        _ => anyhow!(e).context(format!("cannot read catalog {name}")),
+    })?;
     load_each(&name, &text, Some(&read_source), &mut aside::keeper(aside)).map(told_aside).map_err(|diags| {
         let n = diags.len();
         let s = if n == 1 { "" } else { "s" };
         anyhow!("{}\n\n{name}: {n} problem{s}; nothing was changed", diags.render(Some(&text)))
     })
-}
-
-/// A reader that fails once more than its bound has come: a file that grew while it was read
-/// is refused, never taken cut at the bound (a YAML text cut at a line is still YAML).
-struct Capped<R>(R, u64);
-
-impl<R: std::io::Read> std::io::Read for Capped<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.0.read(buf)?;
-        self.1 = self.1.checked_sub(n as u64).ok_or_else(|| std::io::Error::other("the file grew past its bound"))?;
-        Ok(n)
-    }
 }
 
 /// Says (at debug, and counts only then) how many contents were kept aside.
@@ -493,11 +483,11 @@ mod tests {
         let text = "format: 1\nresources:\n  - directory: /a\n  - directory: /b\n";
         let cut = text.find("  - directory: /b").unwrap() as u64;
         let mut whole = String::new();
-        let e = std::io::Read::read_to_string(&mut Capped(text.as_bytes(), cut), &mut whole).unwrap_err();
-        assert!(e.to_string().contains("grew past its bound"), "{e}");
-        let got = load_yaml_from("t.yaml", Capped(text.as_bytes(), cut), None, &mut |_| {});
+        let e = std::io::Read::read_to_string(&mut signed::bounded(text.as_bytes(), cut), &mut whole).unwrap_err();
+        assert!(e.to_string().contains("grew while it was read"), "{e}");
+        let got = load_yaml_from("t.yaml", signed::bounded(text.as_bytes(), cut), None, &mut |_| {});
         assert!(got.is_none(), "a catalog read past its bound is not loaded");
-        let all = load_yaml_from("t.yaml", Capped(text.as_bytes(), text.len() as u64), None, &mut |_| {});
+        let all = load_yaml_from("t.yaml", signed::bounded(text.as_bytes(), text.len() as u64), None, &mut |_| {});
         assert_eq!(all.map(|l| l.catalog.resources.len()), Some(2));
     }
 }

@@ -87,9 +87,9 @@ fn held_keys(root: &Root, explicit: Option<&Path>) -> Result<Held> {
 
 /// Opens a file of this machine (not of the root) for reading at most `max` bytes: without
 /// blocking (a fifo would wait for a writer for ever), a regular file only, no larger than
-/// `max` as it stands; the reader stops one byte past `max`, so a file that grows is caught.
-pub fn open_bounded(path: &Path, max: u64) -> std::io::Result<std::io::Take<std::fs::File>> {
-    use std::io::Read;
+/// `max` as it stands; reading past `max` (a file that grows) is an error, never an end, so a
+/// text is never taken cut at the bound (a YAML text cut at a line is still YAML).
+pub fn open_bounded(path: &Path, max: u64) -> std::io::Result<Bounded<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
     let meta = f.metadata()?;
@@ -99,7 +99,35 @@ pub fn open_bounded(path: &Path, max: u64) -> std::io::Result<std::io::Take<std:
     if meta.len() > max {
         return Err(std::io::Error::other(format!("{} bytes, more than the {max} accepted", meta.len())));
     }
-    Ok(f.take(max + 1))
+    Ok(bounded(f, max))
+}
+
+/// `inner`, failing once more than `max` bytes have come from it.
+pub fn bounded<R>(inner: R, max: u64) -> Bounded<R> {
+    Bounded { inner, left: max, max }
+}
+
+/// A reader that fails (`FileTooLarge`) once more than its bound has come.
+pub struct Bounded<R> {
+    inner: R,
+    left: u64,
+    max: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // One byte past the bound is asked for at most: enough to tell a file that grew.
+        let room = buf.len().min(usize::try_from(self.left.saturating_add(1)).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..room])?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            let max = self.max;
+            std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!("more than the {max} bytes accepted (it grew while it was read)"),
+            )
+        })?;
+        Ok(n)
+    }
 }
 
 /// A whole file of this machine, at most `max` bytes (see [`open_bounded`]): `/dev/zero` or a
@@ -108,9 +136,6 @@ pub fn read_file_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
     open_bounded(path, max)?.read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > max {
-        return Err(std::io::Error::other(format!("more than the {max} bytes accepted")));
-    }
     Ok(bytes)
 }
 
