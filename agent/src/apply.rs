@@ -130,8 +130,16 @@ pub fn read_catalog(file: &Path, aside: Option<Arc<dyn Store>>) -> Result<Loaded
         if let Some(Ok(loaded)) = streamed.map(|c| load_decoded(&name, c, Some(&read_source))) {
             return Ok(told_aside(loaded));
         }
-    } else if let Some(loaded) = load_yaml_from(&name, reader, Some(&read_source), &mut aside::keeper(aside.clone())) {
-        return Ok(told_aside(loaded));
+    } else {
+        // The reader already open first; again, should the catalog be beyond the block reader.
+        let mut first = Some(reader);
+        let mut again = || match first.take() {
+            Some(r) => Ok(r),
+            None => open().map(|f| std::io::BufReader::with_capacity(1 << 16, f)).map_err(std::io::Error::other),
+        };
+        if let Some(loaded) = load_yaml_from(&name, &mut again, Some(&read_source), &mut aside::keeper(aside.clone())) {
+            return Ok(told_aside(loaded));
+        }
     }
     // A catalog with problems (or that grew past the bound) is read again whole, for every
     // problem to be shown with its line.
@@ -485,9 +493,10 @@ mod tests {
         let mut whole = String::new();
         let e = std::io::Read::read_to_string(&mut signed::bounded(text.as_bytes(), cut), &mut whole).unwrap_err();
         assert!(e.to_string().contains("grew while it was read"), "{e}");
-        let got = load_yaml_from("t.yaml", signed::bounded(text.as_bytes(), cut), None, &mut |_| {});
+        let got = load_yaml_from("t.yaml", || Ok(signed::bounded(text.as_bytes(), cut)), None, &mut |_| {});
         assert!(got.is_none(), "a catalog read past its bound is not loaded");
-        let all = load_yaml_from("t.yaml", signed::bounded(text.as_bytes(), text.len() as u64), None, &mut |_| {});
+        let all =
+            load_yaml_from("t.yaml", || Ok(signed::bounded(text.as_bytes(), text.len() as u64)), None, &mut |_| {});
         assert_eq!(all.map(|l| l.catalog.resources.len()), Some(2));
     }
 }

@@ -408,7 +408,9 @@ fn large_content_kept_aside_is_compared_and_written_whole() {
         .map(|i| format!(r#"{{"file":"/srv/big/f{i:02}","content":{}}}"#, serde_json::json!(body(i, "catalog"))))
         .collect();
     let json = format!(r#"{{"format":1,"resources":[{{"directory":"/srv/big"}},{}]}}"#, files.join(","));
-    for (name, text) in [("big.yaml", &yaml), ("big.json", &json)] {
+    // Beyond the block YAML reader only at its end: read again, whole, by the full reader.
+    let late = format!("{yaml}  - file: /srv/big/zz\n    content: |\n      block scalar\n");
+    for (name, text) in [("big.yaml", &yaml), ("big.json", &json), ("late.yaml", &late)] {
         let s = Scratch::new();
         std::fs::create_dir_all(s.at("/var/lib/converge")).unwrap();
         std::fs::create_dir_all(s.at("/srv")).unwrap();
@@ -419,6 +421,8 @@ fn large_content_kept_aside_is_compared_and_written_whole() {
         let first = converge_env(&args(&["--detailed-exitcodes"]), &env);
         assert_eq!(first.code, 2, "{name}: {}{}", first.stdout, first.stderr);
         assert!(first.stderr.contains(&format!("kept={n}")), "{name}: every content kept aside: {}", first.stderr);
+        let again = first.stderr.contains("read again with the full one");
+        assert_eq!(again, name == "late.yaml", "{name}: {}", first.stderr);
         for i in 0..n {
             assert_eq!(s.read(&format!("/srv/big/f{i:02}")), body(i, "catalog"), "{name}: f{i:02}");
         }

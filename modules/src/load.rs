@@ -57,13 +57,28 @@ pub fn load_each(
 /// Loads a YAML catalog from a reader, its text never in memory whole. `None` when it has any
 /// problem at all: the caller then loads the text with [`load_each`], for every problem with
 /// its place and line.
-pub fn load_yaml_from(
+///
+/// The catalog is read by the block reader first ([`yaml::parse_block_from`]); a catalog
+/// beyond it is read again, from a second reader `open` gives, by saphyr.
+pub fn load_yaml_from<R: std::io::Read>(
     name: &str,
-    r: impl std::io::Read,
+    mut open: impl FnMut() -> std::io::Result<R>,
     read_source: Option<SourceReader>,
     each: &mut dyn FnMut(&mut Resource),
 ) -> Option<Loaded> {
-    let decoded = decode_located_with(name, each, |item| yaml::parse_streaming_from(r, "resources", item));
+    let unread = |e: std::io::Error| yaml::SyntaxError { problems: vec![(Mark::UNKNOWN, e.to_string())] };
+    let mut beyond = false;
+    let decoded = decode_located_with(name, each, |item| {
+        let parsed = open().map_err(unread).map(|r| yaml::parse_block_from(r, "resources", item));
+        beyond = matches!(parsed, Ok(None));
+        parsed.and_then(|p| p.unwrap_or_else(|| Err(yaml::SyntaxError { problems: Vec::new() })))
+    });
+    let decoded = if beyond {
+        tracing::debug!(catalog = name, "beyond the block YAML reader: read again with the full one");
+        decode_located_with(name, each, |item| yaml::parse_streaming_from(open().map_err(unread)?, "resources", item))
+    } else {
+        decoded
+    };
     if !decoded.diags.is_empty() || !decoded.broken.is_empty() {
         return None;
     }

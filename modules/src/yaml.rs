@@ -10,8 +10,10 @@
 //! as a string is the string `"0644"`, read as an integer it is 644. Quoted scalars are always
 //! strings. Anchors and aliases are expanded (with a bound); tags other than `!!str` are refused.
 
+mod block;
+
 use crate::diag::Mark;
-use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+use saphyr_parser::{Event, Parser, ScalarStyle, ScanError, Span};
 use serde::de::{self, DeserializeSeed, Visitor};
 use std::collections::HashMap;
 use std::fmt;
@@ -303,11 +305,49 @@ impl<R: std::io::Read> saphyr_parser::Input for Window<'_, R> {
     }
 }
 
-fn build<'a, 's, I: saphyr_parser::Input>(
-    parser: Parser<'a, I>,
+/// [`parse_streaming_from`] by the block reader (`block.rs`), much faster on the YAML catalogs
+/// are written in; `None` when the text goes beyond what it reads (or cannot be read): nothing
+/// is wrong with it then, but it must be read again with [`parse_streaming_from`], and
+/// whatever was handed to `item` is to be forgotten.
+pub fn parse_block_from<'s, R: std::io::Read>(
+    r: R,
+    key: &'s str,
+    item: &'s mut (dyn FnMut(Node) + 's),
+) -> Option<Result<Node, SyntaxError>> {
+    let bailed = std::cell::Cell::new(false);
+    let parsed = build(block::Block::new(r, &bailed), Some((key, item)));
+    if bailed.get() { None } else { Some(parsed) }
+}
+
+/// What the builder reads: saphyr's parser, or the block reader that gives the same events.
+trait Events<'a> {
+    fn next_event(&mut self) -> Option<Result<(Event<'a>, Span), ScanError>>;
+}
+
+impl<'a, I: saphyr_parser::Input> Events<'a> for Parser<'a, I> {
+    fn next_event(&mut self) -> Option<Result<(Event<'a>, Span), ScanError>> {
+        Parser::next_event(self)
+    }
+}
+
+impl<R: std::io::Read> Events<'static> for block::Block<'_, R> {
+    fn next_event(&mut self) -> Option<Result<(Event<'static>, Span), ScanError>> {
+        block::Block::next_event(self)
+    }
+}
+
+fn build<'a, 's, E: Events<'a>>(
+    parser: E,
     stream: Option<(&'s str, &'s mut (dyn FnMut(Node) + 's))>,
 ) -> Result<Node, SyntaxError> {
-    let mut b = Builder { parser, anchors: HashMap::new(), count: 0, dups: Vec::new(), stream };
+    let mut b = Builder {
+        parser,
+        _events: std::marker::PhantomData,
+        anchors: HashMap::new(),
+        count: 0,
+        dups: Vec::new(),
+        stream,
+    };
     let one = |m: Mark, s: String| SyntaxError { problems: vec![(m, s)] };
     let mut doc: Option<Node> = None;
     loop {
@@ -338,8 +378,9 @@ fn mark(span: &Span) -> Mark {
     Mark::new(span.start.line() as u32, span.start.col() as u32 + 1)
 }
 
-struct Builder<'a, 's, I: saphyr_parser::Input> {
-    parser: Parser<'a, I>,
+struct Builder<'a, 's, E: Events<'a>> {
+    parser: E,
+    _events: std::marker::PhantomData<Event<'a>>,
     anchors: HashMap<usize, Node>,
     count: usize,
     dups: Vec<(Mark, String)>,
@@ -348,7 +389,7 @@ struct Builder<'a, 's, I: saphyr_parser::Input> {
     stream: Option<(&'s str, &'s mut (dyn FnMut(Node) + 's))>,
 }
 
-impl<'a, I: saphyr_parser::Input> Builder<'a, '_, I> {
+impl<'a, E: Events<'a>> Builder<'a, '_, E> {
     fn next(&mut self) -> Result<(Event<'a>, Span), SyntaxError> {
         match self.parser.next_event() {
             Some(Ok(x)) => Ok(x),
@@ -412,7 +453,7 @@ impl<'a, I: saphyr_parser::Input> Builder<'a, '_, I> {
                     return Err(refuse_tag(&tag.to_string()));
                 }
                 let mut entries: Vec<(Node, Node)> = Vec::new();
-                let mut seen: HashMap<String, Mark> = HashMap::new();
+                let mut seen = Keys::default();
                 let mut stream = self.stream.take();
                 loop {
                     let (ev, span) = self.next()?;
@@ -423,7 +464,7 @@ impl<'a, I: saphyr_parser::Input> Builder<'a, '_, I> {
                     let (ev, span) = self.next()?;
                     let value = match (&mut stream, &ev) {
                         (Some((name, item)), Event::SequenceStart(0, None))
-                            if key.as_str() == Some(*name) && !seen.contains_key(*name) =>
+                            if key.as_str() == Some(*name) && seen.first(&entries, name).is_none() =>
                         {
                             self.bump(1, mark(&span))?;
                             loop {
@@ -439,10 +480,10 @@ impl<'a, I: saphyr_parser::Input> Builder<'a, '_, I> {
                         _ => self.node(ev, span)?,
                     };
                     if let Some(k) = key.as_str() {
-                        if let Some(first) = seen.get(k) {
+                        if let Some(first) = seen.first(&entries, k) {
                             self.dups.push((key.mark, format!("duplicate key `{k}` (first at line {})", first.line)));
                         } else {
-                            seen.insert(k.to_string(), key.mark);
+                            seen.add(k, key.mark);
                         }
                     }
                     entries.push((key, value));
@@ -465,6 +506,41 @@ impl<'a, I: saphyr_parser::Input> Builder<'a, '_, I> {
             self.anchors.insert(anchor, node.clone());
         }
         Ok(node)
+    }
+}
+
+/// The keys of a mapping read so far, for duplicates: looked for among its entries while it is
+/// small (most are: no hashing, no copies), in an index once it is not.
+#[derive(Default)]
+struct Keys {
+    index: Option<HashMap<String, Mark>>,
+}
+
+impl Keys {
+    const SCAN: usize = 16;
+
+    /// Where `k` was first a key among `entries`, the mapping's entries so far.
+    fn first(&mut self, entries: &[(Node, Node)], k: &str) -> Option<Mark> {
+        if entries.len() < Self::SCAN {
+            return entries.iter().find(|(e, _)| e.as_str() == Some(k)).map(|(e, _)| e.mark);
+        }
+        let index = self.index.get_or_insert_with(|| {
+            let mut index = HashMap::new();
+            for (e, _) in entries {
+                if let Some(s) = e.as_str() {
+                    index.entry(s.to_string()).or_insert(e.mark);
+                }
+            }
+            index
+        });
+        index.get(k).copied()
+    }
+
+    /// `k`, new, is now a key (at `at`).
+    fn add(&mut self, k: &str, at: Mark) {
+        if let Some(index) = &mut self.index {
+            index.insert(k.to_string(), at);
+        }
     }
 }
 
@@ -1014,6 +1090,105 @@ mod tests {
         }
     }
 
+    /// The block reader's tree and items for `text`, read `step` bytes at a time; `None` when
+    /// it leaves the text to saphyr. Whatever it reads, it reads as saphyr does.
+    fn by_block(text: &[u8], step: usize) -> Option<(Result<Node, SyntaxError>, Vec<Node>)> {
+        let mut got = Vec::new();
+        let r = Trickle { bytes: text, step, fail_at_end: false };
+        let root = parse_block_from(r, "resources", &mut |n| got.push(n))?;
+        let mut want = Vec::new();
+        let text = std::str::from_utf8(text).expect("the block reader reads UTF-8 only");
+        let want_root = parse_streaming(text, "resources", &mut |n| want.push(n));
+        assert_eq!((&root, &got), (&want_root, &want), "block reader and saphyr disagree on {text:?}");
+        Some((root, got))
+    }
+
+    #[test]
+    fn the_block_reader_reads_what_catalogs_are_written_in_as_saphyr_does() {
+        let read = [
+            "format: 1\nresources:\n  - file: /a\n    content: \"x\\n\\t\\\"q\\\" \\u00e9\\x41\\U0001D11E \\\\ \\/\"\n    mode: '0644'\n",
+            "# café ☕\n---\nformat: 1 # one\nresources:\n- directory: /é/ü\n  owner: root\n\n  # in between\n- package: nginx\n",
+            "resources:\n  -   file: /a\n      empty:\n      after: 'it''s'\n  - x\nz: a b  \nq: http://x:80/#frag\n",
+            "a:\n  b:\n    c: d\n  e:\n  - 1\n  - 2\nf: ~\n\"k y\": v\n'k''z' : v\n",
+            "just a scalar\n",
+            "",
+            "# only a comment\n\n",
+            "a: -1\nb: -x\nc: ?y\nd: :z\ne: a#b\nf: \"\"\ng: ''\n",
+            "dup: 1\ndup: 2\n",
+            "resources:\n  - a: 1\n    a: 2\n",
+            "a: b\n  # a comment indented deeper\nc: d",
+            "a:   # comment\nb:\n  v\n",
+            "  x: 1\n  y: 2\n",
+            "𝄞é: ünï\n  \ná: \"𝄞\"  # c\n",
+        ];
+        for text in read {
+            for step in [1, 2, 7, 1 << 16] {
+                assert!(by_block(text.as_bytes(), step).is_some(), "left to saphyr: {text:?} by {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_block_reader_leaves_the_rest_to_saphyr() {
+        let beyond = [
+            "a: |\n  x\n",
+            "a: >\n  x\n",
+            "a: [1, 2]\n",
+            "a: {b: c}\n",
+            "a: &x 1\nb: *x\n",
+            "a: !!str 1\n",
+            "a: \"two\n  lines\"\n",
+            "a: 'two\n  lines'\n",
+            "a: two\n  lines\n",
+            "a:\tb\n",
+            "a: b\r\n",
+            "\u{FEFF}a: b\n",
+            "a: b\n---\nc: d\n",
+            "a: b\n...\n",
+            "- - a\n",
+            "-\n  a: b\n",
+            "- \n",
+            "? a\n: b\n",
+            "a: b: c\n",
+            "a: b\n c: d\n",
+            "a: \"x\" y\n",
+            "a: \"x\"#c\n",
+            "a: \"\\q\"\n",
+            "a: \"\\x4\"\n",
+            "a: \"\\uD800\"\n",
+            "%YAML 1.2\n---\na: b\n",
+            "---\n",
+            "--- a\n",
+            "a:\n- b\n c\n",
+            "[a]\n",
+            "a: b\n- c\n",
+            "- a\nb: c\n",
+        ];
+        for text in beyond {
+            assert!(by_block(text.as_bytes(), 3).is_none(), "read by the block reader: {text:?}");
+        }
+        let long_key = format!("{}: v\n", "k".repeat(1001));
+        assert!(by_block(long_key.as_bytes(), 64).is_none(), "a key saphyr may refuse is left to it");
+        for bytes in [&b"a: \xff\n"[..], b"a: b\n\xc3", b"a: \x00\n", b"a: b\x7f\n"] {
+            assert!(by_block(bytes, 1).is_none(), "{bytes:?}");
+        }
+        let failing = Trickle { bytes: b"resources:\n  - a: b\n", step: 4, fail_at_end: true };
+        assert!(parse_block_from(failing, "resources", &mut |_| {}).is_none(), "a failed read is left to saphyr");
+    }
+
+    #[test]
+    fn the_block_reader_crosses_its_window_and_grows_for_a_long_line() {
+        let mut text = String::from("format: 1\nresources:\n");
+        for i in 0..2000 {
+            text.push_str(&format!("  - file: /srv/é{i}\n    content: \"ünï {i} 𝄞\\n\"\n    mode: '0644'\n"));
+        }
+        text.push_str(&format!("  - file: /long\n    content: \"{}\"\n", "x\\n".repeat(100_000)));
+        let (_, items) = by_block(text.as_bytes(), 1 << 16).expect("read by the block reader");
+        assert_eq!(items.len(), 2001);
+        let (root, _) = by_block(text.as_bytes(), 4093).expect("read by the block reader");
+        assert!(root.is_ok());
+    }
+
     #[test]
     fn a_reader_that_is_not_utf8_or_fails_is_a_syntax_error() {
         let cases: [(&[u8], bool, &str); 4] = [
@@ -1093,6 +1268,17 @@ mod tests {
     fn duplicate_keys_are_syntax_errors() {
         let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(e.problems, vec![(Mark::new(3, 1), "duplicate key `a` (first at line 1)".to_string())]);
+        // Past the size where keys are looked for among the entries, and across it.
+        let mut big: Vec<String> = (0..40).map(|i| format!("k{i}: {i}")).collect();
+        for (at, dup) in [(5, 1), (30, 2), (35, 20), (38, 10)] {
+            big[at] = format!("k{dup}: again");
+        }
+        let e = parse(&(big.join("\n") + "\nz:\n  a: 1\n  a: 2\n")).unwrap_err();
+        let said: Vec<(u32, String)> = e.problems.into_iter().map(|(m, s)| (m.line, s)).collect();
+        let want = [(6, "k1", 2), (31, "k2", 3), (36, "k20", 21), (39, "k10", 11), (43, "a", 42)];
+        let want: Vec<(u32, String)> =
+            want.iter().map(|&(l, k, f)| (l, format!("duplicate key `{k}` (first at line {f})"))).collect();
+        assert_eq!(said, want);
     }
 
     #[test]
@@ -1143,5 +1329,185 @@ mod tests {
         assert!(similar_name("modes", "mode"));
         assert!(similar_name("node", "mode"));
         assert!(!similar_name("owner", "mode"));
+    }
+}
+
+/// The block reader against saphyr on documents made from the subset's grammar: every one it
+/// reads (the clean ones all), it reads as saphyr does; and so with noise put into them.
+#[cfg(test)]
+mod block_equals_saphyr {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Doc {
+        /// A scalar and how it is spelled: plain, single- or double-quoted.
+        Scalar(String, u8),
+        Map(Vec<(String, u8, Doc)>),
+        Seq(Vec<Doc>),
+    }
+
+    fn scalar_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z/][a-z0-9 ./_-]{0,12}",
+            proptest::collection::vec(
+                prop_oneof![
+                    Just('a'),
+                    Just(' '),
+                    Just(':'),
+                    Just('#'),
+                    Just('-'),
+                    Just('\''),
+                    Just('"'),
+                    Just('\\'),
+                    Just('é'),
+                    Just('𝄞'),
+                    Just('?'),
+                    Just(','),
+                    Just('['),
+                    Just('{'),
+                    Just('&'),
+                    Just('*'),
+                    Just('!'),
+                    Just('|'),
+                    Just('>'),
+                    Just('%'),
+                    Just('@'),
+                    Just('\n'),
+                    Just('~'),
+                    Just('0'),
+                ],
+                0..10
+            )
+            .prop_map(|v| v.into_iter().collect()),
+        ]
+    }
+
+    fn doc() -> impl Strategy<Value = Doc> {
+        let leaf = (scalar_text(), 0u8..3).prop_map(|(s, st)| Doc::Scalar(s, st));
+        leaf.prop_recursive(4, 40, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec((scalar_text(), 0u8..3, inner.clone()), 0..5).prop_map(Doc::Map),
+                proptest::collection::vec(inner, 0..5).prop_map(Doc::Seq),
+            ]
+        })
+    }
+
+    /// Spelled safely, a scalar is read by the block reader: plain only when plainly plain.
+    fn spell(s: &str, style: u8, clean: bool) -> String {
+        let plain_ok = s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '/')
+            && !s.contains(": ")
+            && !s.contains(" #")
+            && !s.ends_with(' ')
+            && !s.ends_with(':')
+            && !s.contains('\n');
+        match style {
+            0 if plain_ok || !clean => s.to_string(),
+            1 if !s.contains('\n') || !clean => format!("'{}'", s.replace('\'', "''")),
+            _ => format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")),
+        }
+    }
+
+    fn render(d: &Doc, indent: usize, out: &mut String, clean: bool) {
+        let pad = " ".repeat(indent);
+        match d {
+            Doc::Scalar(s, st) => {
+                out.push_str(&pad);
+                out.push_str(&spell(s, *st, clean));
+                out.push('\n');
+            }
+            Doc::Map(entries) if entries.is_empty() => out.push_str(&format!("{pad}~\n")),
+            Doc::Seq(items) if items.is_empty() => out.push_str(&format!("{pad}~\n")),
+            Doc::Map(entries) => {
+                for (i, (k, st, v)) in entries.iter().enumerate() {
+                    // A key is spelled so that it stays one (and unique keys stay unique).
+                    let key = spell(&format!("{k}{i}"), *st, true);
+                    out.push_str(&format!("{pad}{key}:"));
+                    match v {
+                        Doc::Scalar(s, st) => out.push_str(&format!(" {}  # note\n", spell(s, *st, clean))),
+                        Doc::Seq(items) if !items.is_empty() && i % 2 == 0 => {
+                            out.push('\n');
+                            render(v, indent, out, clean);
+                        }
+                        _ => {
+                            out.push_str("\n\n");
+                            render(v, indent + 2, out, clean);
+                        }
+                    }
+                }
+            }
+            Doc::Seq(items) => {
+                for v in items {
+                    match v {
+                        Doc::Scalar(s, st) => out.push_str(&format!("{pad}-   {}\n", spell(s, *st, clean))),
+                        Doc::Map(entries) if !entries.is_empty() => {
+                            let mut inner = String::new();
+                            render(v, indent + 2, &mut inner, clean);
+                            out.push_str(&format!("{pad}- {}", &inner[indent + 2..]));
+                        }
+                        _ => {
+                            out.push_str(&format!("{pad}- # below\n"));
+                            render(v, indent + 2, out, clean);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// What saphyr reads of `text`, and what the block reader does (if it reads it).
+    fn both(text: &str) -> (Result<Node, SyntaxError>, Option<Result<Node, SyntaxError>>) {
+        (parse(text), parse_block_from(text.as_bytes(), "none", &mut |_| {}))
+    }
+
+    fn reads_nested_items(d: &Doc) -> bool {
+        match d {
+            Doc::Scalar(..) => true,
+            Doc::Map(entries) => entries.iter().all(|(_, _, v)| reads_nested_items(v)),
+            Doc::Seq(items) => {
+                items.iter().all(|v| matches!(v, Doc::Scalar(..) | Doc::Map(_)) && reads_nested_items(v))
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn clean_documents_are_read_as_saphyr_reads_them(d in doc()) {
+            let mut text = String::from("# made\n");
+            render(&d, 0, &mut text, true);
+            let (saphyr, block) = both(&text);
+            if let Some(block) = &block {
+                prop_assert_eq!(block, &saphyr, "{}", text);
+            }
+            // An item that is itself a collection other than a mapping, or is empty, is left to saphyr.
+            let items_inline = reads_nested_items(&d) && !text.contains("- # below");
+            if items_inline {
+                prop_assert!(block.is_some(), "left to saphyr: {}", text);
+                prop_assert!(saphyr.is_ok(), "{}", text);
+            }
+        }
+
+        #[test]
+        fn noisy_documents_are_read_as_saphyr_reads_them_or_left_to_it(
+            d in doc(),
+            noise in proptest::collection::vec((any::<usize>(), prop_oneof![
+                Just(" "), Just("  "), Just("\n"), Just(":"), Just(": "), Just("#"), Just(" #"), Just("-"), Just("- "),
+                Just("'"), Just("\""), Just("\\"), Just("é"), Just("---"), Just("..."), Just("\t"), Just("x"),
+            ]), 1..4),
+        ) {
+            let mut text = String::new();
+            render(&d, 0, &mut text, false);
+            for (at, s) in noise {
+                let mut at = at % (text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text.insert_str(at, s);
+            }
+            let (saphyr, block) = both(&text);
+            if let Some(block) = block {
+                prop_assert_eq!(block, saphyr, "{}", text);
+            }
+        }
     }
 }
