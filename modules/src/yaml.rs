@@ -84,6 +84,11 @@ pub struct SyntaxError {
 /// The most nodes a document may expand to (aliases included): a bound against alias bombs.
 pub const MAX_NODES: usize = 5_000_000;
 
+/// How deep collections may nest: far beyond any catalog or role, and well within the stack
+/// that building, decoding and dropping the tree take a level at a time (`- - - …` on one line
+/// nests a level every two bytes).
+pub const MAX_DEPTH: usize = 256;
+
 /// Reads one YAML document. An empty document is a null scalar.
 pub fn parse(src: &str) -> Result<Node, SyntaxError> {
     parse_document(src).map_err(|e| tab_hint(src, e))
@@ -345,6 +350,7 @@ fn build<'a, 's, E: Events<'a>>(
         _events: std::marker::PhantomData,
         anchors: HashMap::new(),
         count: 0,
+        depth: 0,
         dups: Vec::new(),
         stream,
     };
@@ -383,6 +389,8 @@ struct Builder<'a, 's, E: Events<'a>> {
     _events: std::marker::PhantomData<Event<'a>>,
     anchors: HashMap<usize, Node>,
     count: usize,
+    /// Collections open around the node being built.
+    depth: usize,
     dups: Vec<(Mark, String)>,
     /// The root key whose sequence items are handed over as read, and where to (taken when
     /// the root mapping starts: only the root's key streams).
@@ -422,6 +430,14 @@ impl<'a, E: Events<'a>> Builder<'a, '_, E> {
             problems: vec![(at, format!("YAML tags are not supported here (found {what}); remove the tag"))],
         };
         self.bump(1, at)?;
+        let nests = matches!(ev, Event::SequenceStart(..) | Event::MappingStart(..));
+        if nests {
+            self.depth += 1;
+            if self.depth > MAX_DEPTH {
+                let msg = format!("lists and mappings nest more than {MAX_DEPTH} deep here; flatten this");
+                return Err(SyntaxError { problems: vec![(at, msg)] });
+            }
+        }
         let (node, anchor) = match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let mut plain = style == ScalarStyle::Plain;
@@ -505,6 +521,7 @@ impl<'a, E: Events<'a>> Builder<'a, '_, E> {
         if anchor > 0 {
             self.anchors.insert(anchor, node.clone());
         }
+        self.depth -= usize::from(nests);
         Ok(node)
     }
 }
@@ -1279,6 +1296,20 @@ mod tests {
         let want: Vec<(u32, String)> =
             want.iter().map(|&(l, k, f)| (l, format!("duplicate key `{k}` (first at line {f})"))).collect();
         assert_eq!(said, want);
+    }
+
+    #[test]
+    fn nesting_past_the_bound_is_an_error_not_a_stack_overflow() {
+        let deep = format!("format: 1\nresources:\n  - file: /x\n    content:\n      {}a\n", "- ".repeat(200_000));
+        let e = parse(&deep).unwrap_err();
+        assert_eq!(e.problems[0].0.line, 5, "{:?}", e.problems);
+        assert!(e.problems[0].1.contains("nest more than 256 deep"), "{:?}", e.problems);
+        let e = parse_streaming_from(deep.as_bytes(), "resources", &mut |_| {}).unwrap_err();
+        assert!(e.problems[0].1.contains("nest more than 256 deep"), "{:?}", e.problems);
+        let blocks: String = (0..300).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        assert!(parse_block_from(blocks.as_bytes(), "resources", &mut |_| {}).unwrap().is_err());
+        let ok: String = (0..MAX_DEPTH).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        assert!(parse(&ok).is_ok(), "{MAX_DEPTH} levels are read");
     }
 
     #[test]
