@@ -69,9 +69,14 @@ pub fn load_yaml_from<R: std::io::Read>(
     let unread = |e: std::io::Error| yaml::SyntaxError { problems: vec![(Mark::UNKNOWN, e.to_string())] };
     let mut beyond = false;
     let decoded = decode_located_with(name, each, |item| {
-        let parsed = open().map_err(unread).map(|r| yaml::parse_block_from(r, "resources", item));
-        beyond = matches!(parsed, Ok(None));
-        parsed.and_then(|p| p.unwrap_or_else(|| Err(yaml::SyntaxError { problems: Vec::new() })))
+        match yaml::parse_block_from(open().map_err(unread)?, "resources", item) {
+            Some(parsed) => parsed,
+            None => {
+                // Not an error: this pass is set aside below.
+                beyond = true;
+                Err(yaml::SyntaxError { problems: Vec::new() })
+            }
+        }
     });
     let decoded = if beyond {
         tracing::debug!(catalog = name, "beyond the block YAML reader: read again with the full one");
